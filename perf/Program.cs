@@ -1,0 +1,1 @@
+return await KvFabric.Bench.BenchCli.RunAsync(args);

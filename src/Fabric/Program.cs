@@ -1,0 +1,1 @@
+return await KvFabric.Cli.KvFabricCli.RunAsync(args);
