@@ -1,0 +1,118 @@
+using KvFabric.Native;
+
+namespace KvFabric.Memory;
+
+/// <summary>
+/// A file mapped MAP_SHARED into this process: a /dev/shm segment (<see cref="SharedMemorySegment"/>) or a regular
+/// file (<see cref="MemoryKind.File"/>). One mapping implementation serves both, and the peer side opens the same way.
+/// </summary>
+public sealed unsafe class MappedMemory : INativeMemory, IDisposable
+{
+    private nint _address;
+    private readonly bool _unlinkOnDispose;
+
+    public nint Address => _address != 0 ? _address : throw new ObjectDisposedException(nameof(MappedMemory), $"mapping of {MappedPath} was disposed");
+    public long Length { get; }
+    public MemoryKind Kind { get; }
+    public string MappedPath { get; }
+    public bool IsLocked { get; }
+
+    private MappedMemory(nint address, long length, MemoryKind kind, string path, bool unlinkOnDispose, bool locked)
+    {
+        _address = address;
+        Length = length;
+        Kind = kind;
+        MappedPath = path;
+        _unlinkOnDispose = unlinkOnDispose;
+        IsLocked = locked;
+    }
+
+    /// <summary>Creates a new file of <paramref name="length"/> bytes (it must not exist) and maps it.</summary>
+    public static MappedMemory Create(string path, long length, MemoryKind kind, bool unlinkOnDispose, bool lockInRam = false)
+    {
+        if (length <= 0)
+            throw new ArgumentOutOfRangeException(nameof(length), length, "a mapping needs a positive length in bytes");
+        int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CREAT | Libc.O_EXCL | Libc.O_CLOEXEC, 0x180 /* 0600: only this user */);
+        if (fd < 0)
+            throw new IOException($"cannot create '{path}' ({Libc.LastError()}); if it is a stale segment of a dead process, remove it or run 'kvfabric shm-clean'");
+        try
+        {
+            if (Libc.Ftruncate(fd, length) != 0)
+                throw new IOException($"cannot size '{path}' to {length} bytes ({Libc.LastError()}); is the file system (or /dev/shm) full?");
+            return MapFd(fd, path, length, kind, unlinkOnDispose, lockInRam);
+        }
+        catch
+        {
+            File.Delete(path);
+            throw;
+        }
+        finally
+        {
+            Libc.Close(fd);
+        }
+    }
+
+    /// <summary>Maps an existing file, refusing it unless it is exactly <paramref name="expectedLength"/> bytes.</summary>
+    public static MappedMemory Open(string path, long expectedLength, MemoryKind kind)
+    {
+        var info = new FileInfo(path);
+        if (!info.Exists)
+            throw new FileNotFoundException($"shared memory '{path}' does not exist: the peer is gone or not on this host", path);
+        if (info.Length != expectedLength)
+            throw new IOException($"'{path}' is {info.Length} bytes, but the peer's metadata says {expectedLength}: stale metadata or a different segment");
+        int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CLOEXEC, 0);
+        if (fd < 0)
+            throw new IOException($"cannot open '{path}' ({Libc.LastError()})");
+        try
+        {
+            return MapFd(fd, path, expectedLength, kind, unlinkOnDispose: false, lockInRam: false);
+        }
+        finally
+        {
+            Libc.Close(fd);
+        }
+    }
+
+    private static MappedMemory MapFd(int fd, string path, long length, MemoryKind kind, bool unlinkOnDispose, bool lockInRam)
+    {
+        nint addr = Libc.Mmap(0, (nuint)length, Libc.PROT_READ | Libc.PROT_WRITE, Libc.MAP_SHARED, fd, 0);
+        if (addr == Libc.MapFailed)
+            throw new IOException($"cannot map {length} bytes of '{path}' ({Libc.LastError()})");
+        bool locked = false;
+        if (lockInRam)
+        {
+            if (Libc.Mlock(addr, (nuint)length) != 0)
+            {
+                string err = Libc.LastError();
+                Libc.Munmap(addr, (nuint)length);
+                throw new IOException($"cannot lock {length} bytes of '{path}' in RAM ({err}); raise 'ulimit -l' or run without locking");
+            }
+            locked = true;
+        }
+        return new MappedMemory(addr, length, kind, path, unlinkOnDispose, locked);
+    }
+
+    public Span<byte> GetSpan(long offset, int length)
+    {
+        if (offset < 0 || length < 0 || offset + length > Length)
+            throw new ArgumentOutOfRangeException(nameof(offset), $"[{offset}, +{length}) is outside the {Length}-byte mapping of {MappedPath}");
+        return new Span<byte>((byte*)Address + offset, length);
+    }
+
+    /// <summary>Writes dirty pages of a file mapping to the file (no-op cost for /dev/shm).</summary>
+    public void Flush()
+    {
+        if (Libc.Msync(Address, (nuint)Length, Libc.MS_SYNC) != 0)
+            throw new IOException($"msync of '{MappedPath}' failed ({Libc.LastError()})");
+    }
+
+    public void Dispose()
+    {
+        nint addr = Interlocked.Exchange(ref _address, 0);
+        if (addr == 0)
+            return;
+        Libc.Munmap(addr, (nuint)Length);
+        if (_unlinkOnDispose)
+            File.Delete(MappedPath);
+    }
+}

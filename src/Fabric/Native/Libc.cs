@@ -1,0 +1,45 @@
+using System.Runtime.InteropServices;
+
+namespace KvFabric.Native;
+
+/// <summary>The few libc calls the memory layer needs (Linux x86-64/arm64 values).</summary>
+internal static partial class Libc
+{
+    internal const int O_RDWR = 0x2, O_CREAT = 0x40, O_EXCL = 0x80, O_CLOEXEC = 0x80000;
+    internal const int PROT_READ = 0x1, PROT_WRITE = 0x2;
+    internal const int MAP_SHARED = 0x1, MAP_PRIVATE = 0x2, MAP_ANONYMOUS = 0x20;
+    internal const int MADV_HUGEPAGE = 14;
+    internal static readonly nint MapFailed = -1;
+
+    [LibraryImport("libc", EntryPoint = "open", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    internal static partial int Open(string path, int flags, int mode);
+
+    [LibraryImport("libc", EntryPoint = "close", SetLastError = true)]
+    internal static partial int Close(int fd);
+
+    [LibraryImport("libc", EntryPoint = "ftruncate", SetLastError = true)]
+    internal static partial int Ftruncate(int fd, long length);
+
+    [LibraryImport("libc", EntryPoint = "mmap", SetLastError = true)]
+    internal static partial nint Mmap(nint addr, nuint length, int prot, int flags, int fd, long offset);
+
+    [LibraryImport("libc", EntryPoint = "munmap", SetLastError = true)]
+    internal static partial int Munmap(nint addr, nuint length);
+
+    [LibraryImport("libc", EntryPoint = "mlock", SetLastError = true)]
+    internal static partial int Mlock(nint addr, nuint length);
+
+    [LibraryImport("libc", EntryPoint = "madvise", SetLastError = true)]
+    internal static partial int Madvise(nint addr, nuint length, int advice);
+
+    [LibraryImport("libc", EntryPoint = "msync", SetLastError = true)]
+    internal static partial int Msync(nint addr, nuint length, int flags);
+
+    internal const int MS_SYNC = 4;
+
+    internal static string LastError()
+    {
+        int errno = Marshal.GetLastPInvokeError();
+        return $"errno {errno}: {Marshal.GetPInvokeErrorMessage(errno)}";
+    }
+}

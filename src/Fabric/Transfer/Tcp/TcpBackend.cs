@@ -1,0 +1,173 @@
+using System.Collections.Concurrent;
+using System.Net;
+using System.Net.Sockets;
+using KvFabric.Memory;
+
+namespace KvFabric.Transfer.Tcp;
+
+/// <summary>
+/// Transfers over TCP: reaches any peer with a routable endpoint, host memory of any kind on both sides. Large requests
+/// are striped chunk by chunk over several connections. Also the agent's control channel (notifications, fences).
+/// </summary>
+internal sealed class TcpBackend : ITransferBackend
+{
+    private readonly Socket _listener;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly ConcurrentDictionary<Task, byte> _sessions = new();
+    private readonly Task _acceptLoop;
+
+    public TcpBackend(TransferAgent agent)
+    {
+        Agent = agent;
+        var options = agent.Options;
+        _listener = new Socket(options.ListenAddress.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+        try
+        {
+            _listener.Bind(new IPEndPoint(options.ListenAddress, options.ListenPort));
+            _listener.Listen(512);
+        }
+        catch (SocketException e)
+        {
+            _listener.Dispose();
+            throw new TransferException($"cannot listen on {options.ListenAddress}:{options.ListenPort} ({e.SocketErrorCode}): pick another port or 0 for any free one");
+        }
+        LocalEndPoint = (IPEndPoint)_listener.LocalEndPoint!;
+        _acceptLoop = Task.Run(AcceptLoopAsync);
+    }
+
+    public TransferAgent Agent { get; }
+    public IPEndPoint LocalEndPoint { get; }
+    public BackendKind Kind => BackendKind.Tcp;
+
+    public bool CanReach(RemoteAgent remote, ReadOnlySpan<int> remoteRegions, out string? why)
+    {
+        foreach (int r in remoteRegions)
+        {
+            if (remote.Metadata.Regions[r].Kind == MemoryKind.Device)
+            {
+                why = $"remote region {remote.Metadata.Regions[r].Id} is device memory, which the TCP backend cannot address (needs a CUDA-aware backend)";
+                return false;
+            }
+        }
+        why = null;
+        return true;
+    }
+
+    private TcpPeer Peer(RemoteAgent remote)
+    {
+        if (remote.TcpState is TcpPeer p)
+            return p;
+        var created = new TcpPeer(this, remote);
+        return Interlocked.CompareExchange(ref remote.TcpState, created, null) as TcpPeer ?? created;
+    }
+
+    public async Task StartAsync(TransferRequest request, CancellationToken ct)
+    {
+        var peer = Peer(request.Remote);
+        int streams = Math.Min(request.Streams, request.Chunks.Length);
+        request.BackendState = streams;
+        peer.Track(request);
+        var connections = new TcpConnection[streams];
+        for (int s = 0; s < streams; s++)
+        {
+            try
+            {
+                connections[s] = await peer.GetConnectionAsync(s, ct).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (ct.IsCancellationRequested)
+            {
+                return;
+            }
+            catch (Exception e) when (e is SocketException or IOException or TransferException or InvalidDataException or OperationCanceledException)
+            {
+                string why = e is OperationCanceledException
+                    ? $"connecting to '{request.Remote.Name}' at {request.Remote.Metadata.TcpHost}:{request.Remote.Metadata.TcpPort} timed out"
+                    : $"cannot connect to '{request.Remote.Name}' at {request.Remote.Metadata.TcpHost}:{request.Remote.Metadata.TcpPort}: {e.Message}";
+                request.SettleAllPending(DescriptorStatus.PeerDisconnected, why);
+                return;
+            }
+        }
+        var senders = new Task[streams];
+        for (int s = 0; s < streams; s++)
+            senders[s] = connections[s].SendStripeAsync(request, streams, ct);
+        await Task.WhenAll(senders).ConfigureAwait(false);
+    }
+
+    public void Finish(TransferRequest request)
+    {
+        if (request.Remote.TcpState is TcpPeer peer)
+            peer.Untrack(request);
+    }
+
+    public async Task AbortAsync(TransferRequest request)
+    {
+        if (request.Remote.TcpState is TcpPeer peer)
+            await peer.AbortAsync(request.BackendState is int s ? s : TcpPeer.MaxStreams, "the request's deadline passed or it was cancelled").ConfigureAwait(false);
+    }
+
+    /// <summary>Sends a control frame to a peer over its first connection and waits for the acknowledgement.</summary>
+    public async Task<(WireStatus Status, string? Error)> ControlAsync(RemoteAgent remote, FrameType type, ReadOnlyMemory<byte> payload, CancellationToken ct)
+    {
+        TcpConnection conn;
+        try
+        {
+            conn = await Peer(remote).GetConnectionAsync(0, ct).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is SocketException or IOException or TransferException or InvalidDataException)
+        {
+            return (WireStatus.Internal, $"cannot reach '{remote.Name}': {e.Message}");
+        }
+        return await conn.ControlAsync(type, payload, ct).ConfigureAwait(false);
+    }
+
+    /// <summary>Sends a payload frame from native memory; the fault injector may swap in a corrupted copy (tests only).</summary>
+    public async ValueTask SendPayloadAsync(FrameChannel channel, FrameHeader h, nint payload, CancellationToken ct, bool holdsLock)
+    {
+        _ = holdsLock; // documents the caller's locking; server sessions own their channel outright
+        if (Agent.Options.Faults?.ShouldCorrupt() == true)
+        {
+            byte[] copy = new byte[h.Length];
+            unsafe { new ReadOnlySpan<byte>((void*)payload, copy.Length).CopyTo(copy); }
+            copy[copy.Length / 2] ^= 0x5A;
+            await channel.SendAsync(h, copy, ct).ConfigureAwait(false);
+            return;
+        }
+        await channel.SendAsync(h, payload, (int)h.Length, ct).ConfigureAwait(false);
+    }
+
+    public async ValueTask ForgetAsync(RemoteAgent remote)
+    {
+        if (Interlocked.Exchange(ref remote.TcpState, null) is TcpPeer peer)
+            await peer.DisposeAsync().ConfigureAwait(false);
+    }
+
+    private async Task AcceptLoopAsync()
+    {
+        while (!_stop.IsCancellationRequested)
+        {
+            Socket socket;
+            try
+            {
+                socket = await _listener.AcceptAsync(_stop.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            {
+                if (_stop.IsCancellationRequested)
+                    return;
+                continue;
+            }
+            var session = new TcpServerSession(this, socket);
+            Task run = Task.Run(() => session.RunAsync(_stop.Token));
+            _sessions[run] = 0;
+            _ = run.ContinueWith(t => _sessions.TryRemove(t, out _), TaskScheduler.Default);
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync().ConfigureAwait(false);
+        _listener.Dispose();
+        await _acceptLoop.ConfigureAwait(false);
+        await Task.WhenAll(_sessions.Keys).WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(false);
+    }
+}

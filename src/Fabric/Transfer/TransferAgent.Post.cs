@@ -1,0 +1,232 @@
+using KvFabric.Memory;
+using KvFabric.Transfer.Tcp;
+
+namespace KvFabric.Transfer;
+
+public sealed partial class TransferAgent
+{
+    private const int MaxNotificationBytes = 1 << 20;
+    private static readonly TransferOptions DefaultOptions = new();
+
+    /// <summary>
+    /// Validates a READ or WRITE of <paramref name="local"/> against <paramref name="remoteDescriptors"/> once, and returns
+    /// a request that can be posted many times. Every misuse is refused here, before a byte moves: mismatched counts or
+    /// lengths, zero lengths, ranges outside registered or exported regions, overlapping destinations.
+    /// </summary>
+    public TransferRequest Prepare(TransferOp op, ReadOnlySpan<MemoryDescriptor> local, RemoteAgent remote,
+        ReadOnlySpan<MemoryDescriptor> remoteDescriptors, TransferOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(remote);
+        options ??= DefaultOptions;
+        if (op is not (TransferOp.Read or TransferOp.Write))
+            throw new TransferException($"unknown transfer op {(byte)op}: use Read or Write");
+        lock (_remotesLock)
+        {
+            if (remote.Unloaded || !_remotes.TryGetValue(remote.AgentId, out var current) || current != remote)
+                throw new TransferException($"remote agent '{remote.Name}' is not loaded (unloaded or replaced by a reload): use the RemoteAgent LoadRemoteAsync returned last");
+        }
+        if (local.Length != remoteDescriptors.Length)
+            throw new TransferException($"{local.Length} local descriptors but {remoteDescriptors.Length} remote ones: they pair up one to one");
+        if (local.Length == 0)
+            throw new TransferException("a transfer needs at least one descriptor");
+        if (local.Length > Options.MaxDescriptors)
+            throw new TransferException($"{local.Length} descriptors exceed this agent's limit of {Options.MaxDescriptors}: split the transfer");
+        if (options.Deadline <= TimeSpan.Zero)
+            throw new TransferException($"deadline {options.Deadline} must be positive");
+        if (options.Notification is { Length: > MaxNotificationBytes } big)
+            throw new TransferException($"a {big.Length}-byte notification exceeds the {MaxNotificationBytes}-byte limit: send bulk data as a transfer");
+        Checksums.EnsureAvailable(options.Checksum);
+
+        int[] remoteRegion = new int[local.Length];
+        ulong total = 0;
+        int chunkCount = 0;
+        for (int i = 0; i < local.Length; i++)
+        {
+            var l = local[i];
+            var r = remoteDescriptors[i];
+            if (l.Length == 0 || r.Length == 0)
+                throw new TransferException($"descriptor {i} has zero length: every descriptor must move at least one byte");
+            if (l.Length != r.Length)
+                throw new TransferException($"descriptor {i}: local {l} and remote {r} differ in length");
+            var region = _registry.Find(l.Address, l.Length)
+                ?? throw new TransferException($"local descriptor {i} {l} is not inside any region registered with agent '{Name}': register that memory first");
+            if (region.Kind == MemoryKind.Device)
+                throw new TransferException($"local descriptor {i} is in device memory, which no enabled backend can move");
+            remoteRegion[i] = remote.FindRegion(r.Address, r.Length);
+            if (remoteRegion[i] < 0)
+                throw new TransferException($"remote descriptor {i} {r} is not inside any region agent '{remote.Name}' exported to us: we hold no key for it (ask the peer to export that region)");
+            total += l.Length;
+            chunkCount += (int)((l.Length + (ulong)Options.MaxChunkBytes - 1) / (ulong)Options.MaxChunkBytes);
+        }
+        CheckNoOverlap(op == TransferOp.Read ? local : remoteDescriptors, op == TransferOp.Read ? "local" : "remote");
+
+        var backend = ChooseBackend(options.Backend, remote, remoteRegion);
+        int streams = options.Streams > 0 ? options.Streams : backend == BackendKind.Tcp ? Options.TcpStreams : Options.ShmStreams;
+        if (streams > TcpPeer.MaxStreams)
+            throw new TransferException($"{streams} streams exceed the limit of {TcpPeer.MaxStreams}");
+
+        var chunks = new Chunk[chunkCount];
+        int k = 0;
+        for (int i = 0; i < local.Length; i++)
+        {
+            var info = remote.Metadata.Regions[remoteRegion[i]];
+            ulong baseOffset = remoteDescriptors[i].Address - info.Address;
+            for (ulong done = 0; done < local[i].Length; done += (ulong)Options.MaxChunkBytes)
+            {
+                int len = (int)Math.Min((ulong)Options.MaxChunkBytes, local[i].Length - done);
+                chunks[k++] = new Chunk(i, (nint)(local[i].Address + done), remoteRegion[i], baseOffset + done, len);
+            }
+        }
+        return new TransferRequest(this, op, remote, chunks, local.Length, total, options, backend, streams);
+    }
+
+    private static void CheckNoOverlap(ReadOnlySpan<MemoryDescriptor> destinations, string side)
+    {
+        if (destinations.Length < 2)
+            return;
+        var sorted = destinations.ToArray();
+        Array.Sort(sorted, (a, b) => a.Address.CompareTo(b.Address));
+        for (int i = 1; i < sorted.Length; i++)
+        {
+            if (sorted[i].Address < sorted[i - 1].End)
+                throw new TransferException($"{side} destination descriptors {sorted[i - 1]} and {sorted[i]} overlap: the result would depend on arrival order");
+        }
+    }
+
+    private BackendKind ChooseBackend(BackendKind wanted, RemoteAgent remote, int[] remoteRegions)
+    {
+        if (wanted == BackendKind.Auto)
+            return _shm.CanReach(remote, remoteRegions, out _) ? BackendKind.SharedMemory : BackendKind.Tcp;
+        if (!Backend(wanted).CanReach(remote, remoteRegions, out string? why))
+            throw new TransferException($"the {wanted} backend cannot reach '{remote.Name}': {why}");
+        return wanted;
+    }
+
+    /// <summary>
+    /// Posts a prepared request. Completes when every descriptor is settled: Success means all bytes are at the
+    /// destination (verified, when a checksum was asked for) and the peer acknowledged them, and the notification, if
+    /// any, was queued at the target. Failures are reported in the result, never thrown.
+    /// </summary>
+    public async Task<TransferResult> PostAsync(TransferRequest request, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        if (request.Agent != this)
+            throw new TransferException("this request was prepared by another agent");
+        ObjectDisposedException.ThrowIf(_disposed != 0, this);
+        if (!request.TryBeginPost(NextPostId()))
+            throw new InvalidOperationException("this request is already posted: wait for that post to finish before posting it again");
+        Interlocked.Increment(ref Stats.Posts);
+        var held = AcquireLocalRegions(request, out string? closed);
+        if (closed is not null)
+            return Finish(request, new TransferResult(TransferStatus.Failed, closed), held);
+
+        var backend = Backend(request.Backend);
+        using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        deadline.CancelAfter(request.Options.Deadline);
+        Task io = Task.CompletedTask;
+        TransferResult result;
+        try
+        {
+            io = backend.StartAsync(request, deadline.Token);
+            await request.AllSettled.WaitAsync(deadline.Token).ConfigureAwait(false);
+            await io.WaitAsync(deadline.Token).ConfigureAwait(false);
+            if (request.AllDone())
+                await ConfirmAsync(request, deadline.Token).ConfigureAwait(false);
+            result = request.AllDone()
+                ? new TransferResult(TransferStatus.Success, null)
+                : new TransferResult(TransferStatus.Failed, request.FirstError);
+        }
+        catch (OperationCanceledException) when (deadline.IsCancellationRequested)
+        {
+            await backend.AbortAsync(request).ConfigureAwait(false);
+            await io.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            bool cancelled = cancellationToken.IsCancellationRequested;
+            var status = cancelled ? DescriptorStatus.Cancelled : DescriptorStatus.TimedOut;
+            string why = cancelled
+                ? "cancelled by the caller"
+                : $"the deadline of {request.Options.Deadline.TotalMilliseconds:0} ms passed before '{request.Remote.Name}' completed it";
+            request.SettleAllPending(status, why);
+            request.FailDone(status, why);
+            result = new TransferResult(cancelled ? TransferStatus.Cancelled : TransferStatus.TimedOut, why);
+        }
+        finally
+        {
+            _tcp.Finish(request);
+        }
+        return Finish(request, result, held);
+    }
+
+    private TransferResult Finish(TransferRequest request, TransferResult result, List<RegisteredRegion> held)
+    {
+        foreach (var r in held)
+            r.Release();
+        if (!result.IsSuccess)
+            Interlocked.Increment(ref Stats.Failures);
+        request.EndPost(result);
+        return result;
+    }
+
+    private List<RegisteredRegion> AcquireLocalRegions(TransferRequest request, out string? closed)
+    {
+        var held = new List<RegisteredRegion>(2);
+        closed = null;
+        RegisteredRegion? last = null;
+        foreach (var c in request.Chunks)
+        {
+            if (last is not null && (ulong)c.Local >= last.Address && (ulong)c.Local < last.Address + last.Length)
+                continue;
+            var region = _registry.Find((ulong)c.Local, (ulong)c.Length);
+            if (region is null || !region.TryAcquire())
+            {
+                closed = $"local memory at 0x{c.Local:x} was deregistered after the request was prepared: prepare it again";
+                return held;
+            }
+            if (!held.Contains(region))
+                held.Add(region);
+            else
+                region.Release();
+            last = region;
+        }
+        return held;
+    }
+
+    /// <summary>
+    /// The last step of a successful data phase: deliver the notification, or (shared memory without one) fence, so the
+    /// peer has acknowledged the transfer while alive. For TCP writes every chunk was already acknowledged.
+    /// </summary>
+    private async Task ConfirmAsync(TransferRequest request, CancellationToken ct)
+    {
+        (WireStatus Status, string? Error) reply;
+        if (request.Options.Notification is { } message)
+            reply = await _tcp.ControlAsync(request.Remote, FrameType.Notify, message, ct).ConfigureAwait(false);
+        else if (request.Backend == BackendKind.SharedMemory)
+            reply = await _tcp.ControlAsync(request.Remote, FrameType.Fence, ReadOnlyMemory<byte>.Empty, ct).ConfigureAwait(false);
+        else
+            return;
+        if (reply.Status != WireStatus.Ok)
+        {
+            var status = reply.Status == WireStatus.QueueFull ? DescriptorStatus.Failed : DescriptorStatus.PeerDisconnected;
+            request.FailDone(status, $"'{request.Remote.Name}' did not confirm the transfer: {reply.Error}");
+        }
+    }
+
+    /// <summary>Sends a notification with no transfer (NIXL's genNotif).</summary>
+    public async Task<TransferResult> SendNotificationAsync(RemoteAgent remote, ReadOnlyMemory<byte> message, TimeSpan? deadline = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(remote);
+        if (message.Length > MaxNotificationBytes)
+            throw new TransferException($"a {message.Length}-byte notification exceeds the {MaxNotificationBytes}-byte limit");
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        cts.CancelAfter(deadline ?? DefaultOptions.Deadline);
+        try
+        {
+            var (status, error) = await _tcp.ControlAsync(remote, FrameType.Notify, message, cts.Token).ConfigureAwait(false);
+            return status == WireStatus.Ok ? new TransferResult(TransferStatus.Success, null) : new TransferResult(TransferStatus.Failed, error);
+        }
+        catch (OperationCanceledException) when (cts.IsCancellationRequested)
+        {
+            return new TransferResult(cancellationToken.IsCancellationRequested ? TransferStatus.Cancelled : TransferStatus.TimedOut,
+                $"notification to '{remote.Name}' not acknowledged in time");
+        }
+    }
+}

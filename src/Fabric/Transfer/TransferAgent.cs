@@ -1,0 +1,176 @@
+using System.Threading.Channels;
+using KvFabric.Memory;
+using KvFabric.Transfer.SharedMemory;
+using KvFabric.Transfer.Tcp;
+
+namespace KvFabric.Transfer;
+
+/// <summary>
+/// A NIXL-style transfer agent: register memory, export metadata, load peers' metadata, prepare READ/WRITE requests
+/// of local descriptors against remote ones, post them asynchronously with a deadline, and receive notifications that
+/// arrive only once the data they announce is in place. Backend choice is per request: same host with mappable
+/// regions uses shared memory, anything else TCP; either can be forced.
+/// </summary>
+public sealed partial class TransferAgent : IAsyncDisposable
+{
+    private readonly LocalRegistry _registry = new();
+    private readonly TcpBackend _tcp;
+    private readonly ShmBackend _shm;
+    private readonly Channel<Notification> _notifications;
+    private readonly Dictionary<Guid, RemoteAgent> _remotes = new();
+    private readonly Lock _remotesLock = new();
+    private long _nextPostId;
+    private int _disposed;
+
+    public TransferAgent(TransferAgentOptions? options = null)
+    {
+        Options = options ?? new TransferAgentOptions();
+        if (Options.MaxChunkBytes is < 4096 or > 256 << 20)
+            throw new ArgumentOutOfRangeException(nameof(options), Options.MaxChunkBytes, "MaxChunkBytes must be within 4 KiB..256 MiB");
+        if (Options.TcpStreams is < 1 or > TcpPeer.MaxStreams || Options.ShmStreams is < 1 or > TcpPeer.MaxStreams)
+            throw new ArgumentOutOfRangeException(nameof(options), $"streams must be within 1..{TcpPeer.MaxStreams}");
+        AgentId = Guid.NewGuid();
+        _notifications = Channel.CreateBounded<Notification>(new BoundedChannelOptions(Options.NotificationQueueCapacity)
+        {
+            SingleWriter = false,
+            FullMode = BoundedChannelFullMode.Wait,
+        });
+        SharedMemorySegment.RemoveStale();
+        _tcp = new TcpBackend(this);
+        _shm = new ShmBackend(this);
+    }
+
+    public TransferAgentOptions Options { get; }
+    public string Name => Options.Name;
+    public Guid AgentId { get; }
+    public System.Net.IPEndPoint TcpEndpoint => _tcp.LocalEndPoint;
+    public TransferStats Stats { get; } = new();
+    /// <summary>Notifications from peers, each delivered after the bytes of its transfer were in place and verified.</summary>
+    public ChannelReader<Notification> Notifications => _notifications.Reader;
+    internal LocalRegistry Registry => _registry;
+    public IReadOnlyList<RegisteredRegion> Regions => _registry.All;
+
+    // ---- registration ----
+
+    /// <summary>Registers native memory (anonymous, a shared segment, or a mapped file) for transfers.</summary>
+    public RegisteredRegion Register(INativeMemory memory)
+    {
+        ArgumentNullException.ThrowIfNull(memory);
+        return _registry.Add(memory, memory.Kind, (ulong)memory.Address, (ulong)memory.Length, 0, memory.MappedPath);
+    }
+
+    /// <summary>Registers every backing region of a block pool (shared pools become reachable over shared memory).</summary>
+    public IReadOnlyList<RegisteredRegion> Register(HostBlockPool pool)
+    {
+        ArgumentNullException.ThrowIfNull(pool);
+        return pool.Regions.Select(Register).ToArray();
+    }
+
+    /// <summary>Registers raw memory the caller owns and keeps alive (private host memory, or device memory).</summary>
+    public RegisteredRegion Register(nint address, long length, MemoryKind kind = MemoryKind.Host, int deviceId = 0)
+    {
+        if (kind == MemoryKind.Device)
+            throw new TransferException("device memory needs a CUDA device backend, which this build has not enabled (see issue 8); register host memory");
+        if (kind is MemoryKind.SharedHost or MemoryKind.File)
+            throw new TransferException($"{kind} memory must be registered through its mapping (Register(INativeMemory)) so peers learn its path");
+        return _registry.Add(null, kind, (ulong)address, (ulong)length, deviceId, null);
+    }
+
+    /// <summary>Closes a region to new transfers and waits (bounded) for those in flight on it to finish.</summary>
+    public async Task DeregisterAsync(RegisteredRegion region, TimeSpan? timeout = null)
+    {
+        ArgumentNullException.ThrowIfNull(region);
+        _registry.Remove(region);
+        await region.CloseAsync(timeout ?? TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+    }
+
+    // ---- metadata ----
+
+    /// <summary>This agent's metadata with all regions, or only those given (a peer can only touch what it gets keys for).</summary>
+    public AgentMetadata GetMetadata(IEnumerable<RegisteredRegion>? only = null)
+    {
+        var regions = (only ?? _registry.All).Select(r =>
+        {
+            if (_registry.ById(r.Id) != r)
+                throw new TransferException($"{r} is not registered with agent '{Name}'");
+            return new RemoteRegionInfo(r.Id, r.Kind, r.Address, r.Length, r.DeviceId, r.Key, r.MappedPath);
+        }).ToArray();
+        string host = Options.AdvertiseHost ?? TcpEndpoint.Address.ToString();
+        return new AgentMetadata(Name, AgentId, HostIdentity.Current, Environment.ProcessId, host, TcpEndpoint.Port, Options.LayoutFingerprint, regions);
+    }
+
+    public byte[] ExportMetadata(IEnumerable<RegisteredRegion>? only = null) => GetMetadata(only).ToBytes();
+
+    /// <summary>Loads (or reloads) a peer's metadata. A reload replaces the old view and drops its connections.</summary>
+    public async Task<RemoteAgent> LoadRemoteAsync(ReadOnlyMemory<byte> metadata)
+    {
+        var md = AgentMetadata.Parse(metadata.Span);
+        if (md.AgentId == AgentId)
+            throw new TransferException("this is our own metadata: load the peer's");
+        if (!md.LayoutFingerprint.IsEmpty && !Options.LayoutFingerprint.IsEmpty && !md.LayoutFingerprint.Span.SequenceEqual(Options.LayoutFingerprint.Span))
+            throw new TransferException($"agent '{md.Name}' uses KV layout {Convert.ToHexStringLower(md.LayoutFingerprint.Span)}, this agent {Convert.ToHexStringLower(Options.LayoutFingerprint.Span)}: both sides must serve the same model layout");
+        var remote = new RemoteAgent(md, md.HostId == HostIdentity.Current);
+        RemoteAgent? old;
+        lock (_remotesLock)
+        {
+            _remotes.TryGetValue(md.AgentId, out old);
+            _remotes[md.AgentId] = remote;
+        }
+        if (old is not null)
+            await ForgetAsync(old).ConfigureAwait(false);
+        return remote;
+    }
+
+    public async Task UnloadRemoteAsync(RemoteAgent remote)
+    {
+        ArgumentNullException.ThrowIfNull(remote);
+        lock (_remotesLock)
+        {
+            if (_remotes.TryGetValue(remote.AgentId, out var current) && current == remote)
+                _remotes.Remove(remote.AgentId);
+        }
+        await ForgetAsync(remote).ConfigureAwait(false);
+    }
+
+    private async Task ForgetAsync(RemoteAgent remote)
+    {
+        remote.Unloaded = true;
+        await _tcp.ForgetAsync(remote).ConfigureAwait(false);
+        await _shm.ForgetAsync(remote).ConfigureAwait(false);
+    }
+
+    internal ITransferBackend Backend(BackendKind kind) => kind == BackendKind.SharedMemory ? _shm : _tcp;
+
+    // ---- target-side hooks used by the backends ----
+
+    internal bool Deliver(Notification n) => _notifications.Writer.TryWrite(n);
+    internal void CountRefused() => Interlocked.Increment(ref Stats.Refused);
+    internal void CountMalformed() => Interlocked.Increment(ref Stats.Malformed);
+
+    internal void CountBytes(BackendKind backend, uint bytes, bool received)
+    {
+        ref long counter = ref backend == BackendKind.Tcp
+            ? ref (received ? ref Stats.TcpReceived : ref Stats.TcpSent)
+            : ref (received ? ref Stats.ShmRead : ref Stats.ShmWritten);
+        Interlocked.Add(ref counter, bytes);
+    }
+
+    internal ulong NextPostId() => (ulong)Interlocked.Increment(ref _nextPostId);
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
+        RemoteAgent[] remotes;
+        lock (_remotesLock)
+        {
+            remotes = [.. _remotes.Values];
+            _remotes.Clear();
+        }
+        foreach (var r in remotes)
+            await ForgetAsync(r).ConfigureAwait(false);
+        await _tcp.DisposeAsync().ConfigureAwait(false);
+        await _shm.DisposeAsync().ConfigureAwait(false);
+        _notifications.Writer.TryComplete();
+    }
+}

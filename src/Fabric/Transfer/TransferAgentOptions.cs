@@ -1,0 +1,52 @@
+using System.Net;
+
+namespace KvFabric.Transfer;
+
+public sealed record TransferAgentOptions
+{
+    public string Name { get; init; } = "agent";
+    /// <summary>Where the TCP backend listens. Loopback by default; bind a NIC address for multi-node use.</summary>
+    public IPAddress ListenAddress { get; init; } = IPAddress.Loopback;
+    public int ListenPort { get; init; }
+    /// <summary>The host peers should dial (defaults to the listen address).</summary>
+    public string? AdvertiseHost { get; init; }
+    /// <summary>TCP connections a request is striped over by default.</summary>
+    public int TcpStreams { get; init; } = 2;
+    /// <summary>Copy threads per shared-memory request by default.</summary>
+    public int ShmStreams { get; init; } = 1;
+    /// <summary>The unit of striping and of checksums; descriptors larger than this are split.</summary>
+    public int MaxChunkBytes { get; init; } = 4 << 20;
+    public int MaxDescriptors { get; init; } = 1 << 16;
+    /// <summary>Notifications waiting to be read; when full, senders get a clear QueueFull failure.</summary>
+    public int NotificationQueueCapacity { get; init; } = 4096;
+    public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(5);
+    /// <summary>The KV layout fingerprint; peers with a different non-empty one are refused at load time.</summary>
+    public ReadOnlyMemory<byte> LayoutFingerprint { get; init; }
+    /// <summary>Fault injection for tests: never set in production.</summary>
+    public TransferFaults? Faults { get; init; }
+}
+
+/// <summary>Deliberate faults for tests (FASTER's flaky-device idea, for the wire).</summary>
+public sealed class TransferFaults
+{
+    private int _payloads;
+
+    /// <summary>Corrupts one byte of the Nth payload this agent sends or copies (1-based; 0 never).</summary>
+    public int CorruptNthPayload { get; init; }
+
+    internal bool ShouldCorrupt() => CorruptNthPayload > 0 && Interlocked.Increment(ref _payloads) == CorruptNthPayload;
+}
+
+/// <summary>Counters of what an agent moved and refused (exported as metrics by the sidecar).</summary>
+public sealed class TransferStats
+{
+    internal long TcpSent, TcpReceived, ShmWritten, ShmRead, Refused, Malformed, Posts, Failures;
+    public long TcpBytesSent => Interlocked.Read(ref TcpSent);
+    public long TcpBytesReceived => Interlocked.Read(ref TcpReceived);
+    public long ShmBytesWritten => Interlocked.Read(ref ShmWritten);
+    public long ShmBytesRead => Interlocked.Read(ref ShmRead);
+    public long RefusedFrames => Interlocked.Read(ref Refused);
+    public long MalformedFrames => Interlocked.Read(ref Malformed);
+    public long PostedRequests => Interlocked.Read(ref Posts);
+    public long FailedRequests => Interlocked.Read(ref Failures);
+}
