@@ -31,10 +31,18 @@ internal sealed class TcpConnection
     {
         var md = peer.Remote.Metadata;
         var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
-        var conn = new TcpConnection(peer, index, socket);
         try
         {
             await socket.ConnectAsync(md.TcpHost, md.TcpPort, ct).ConfigureAwait(false);
+        }
+        catch
+        {
+            socket.Dispose();
+            throw;
+        }
+        var conn = new TcpConnection(peer, index, socket);
+        try
+        {
             var agent = peer.Backend.Agent;
             byte[] name = Encoding.UTF8.GetBytes(agent.Name);
             byte[] hello = new byte[32 + name.Length];
