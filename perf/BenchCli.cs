@@ -2,11 +2,15 @@ using System.CommandLine;
 
 namespace KvFabric.Bench;
 
+/// <summary>kvfabric-bench: parses options and runs one suite; the measuring lives in the suite classes.</summary>
 public static class BenchCli
 {
     public static async Task<int> RunAsync(string[] args)
     {
-        var root = new RootCommand("kvfabric-bench: KvFabric's throughput perf suite.");
+        var root = new RootCommand("kvfabric-bench: KvFabric's throughput perf suite; every figure next to a reference measured in the same run.")
+        {
+            Transfer.TransferCommand.Create(),
+        };
         return await root.Parse(args).InvokeAsync();
     }
 }

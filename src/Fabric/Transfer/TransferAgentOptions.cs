@@ -20,6 +20,8 @@ public sealed record TransferAgentOptions
     /// <summary>Notifications waiting to be read; when full, senders get a clear QueueFull failure.</summary>
     public int NotificationQueueCapacity { get; init; } = 4096;
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(5);
+    /// <summary>Inbound connections served at once (each has a receive thread); more are refused.</summary>
+    public int MaxInboundConnections { get; init; } = 256;
     /// <summary>The KV layout fingerprint; peers with a different non-empty one are refused at load time.</summary>
     public ReadOnlyMemory<byte> LayoutFingerprint { get; init; }
     /// <summary>Fault injection for tests: never set in production.</summary>
@@ -35,6 +37,15 @@ public sealed class TransferFaults
     public int CorruptNthPayload { get; init; }
 
     internal bool ShouldCorrupt() => CorruptNthPayload > 0 && Interlocked.Increment(ref _payloads) == CorruptNthPayload;
+
+    /// <summary>A copy of the payload with one byte flipped: what a bad NIC or a torn buffer would deliver.</summary>
+    internal static unsafe byte[] Corrupted(nint payload, int length)
+    {
+        byte[] copy = new byte[length];
+        new ReadOnlySpan<byte>((void*)payload, length).CopyTo(copy);
+        copy[length / 2] ^= 0x5A;
+        return copy;
+    }
 }
 
 /// <summary>Counters of what an agent moved and refused (exported as metrics by the sidecar).</summary>

@@ -30,7 +30,7 @@ public sealed class MultiProcessTransferTests
     }
 
     /// <summary>Remote block i goes to local slot (n-1-i): a block landing at the wrong offset cannot go unnoticed.</summary>
-    private static (MemoryDescriptor[] Local, MemoryDescriptor[] Remote) Pair(HostBlockPool pool, PeerProcess peer, int n)
+    private static (MemoryDescriptor[] Local, MemoryDescriptor[] Remote) Pair(HostBlockPool pool, TransferPeerProcess peer, int n)
     {
         var local = new MemoryDescriptor[n];
         var remote = new MemoryDescriptor[n];
@@ -46,7 +46,7 @@ public sealed class MultiProcessTransferTests
     [MemberData(nameof(Cases))]
     public async Task Blocks_arrive_byte_for_byte(BackendKind backend, TransferOp op, int blocks)
     {
-        await using var peer = await PeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
+        await using var peer = await TransferPeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
         await using var agent = new TransferAgent(new TransferAgentOptions { Name = "test" });
         agent.Register(pool);
@@ -84,8 +84,8 @@ public sealed class MultiProcessTransferTests
     [Fact]
     public async Task Auto_backend_picks_shared_memory_for_a_local_segment_and_tcp_for_private_memory()
     {
-        await using var shmPeer = await PeerProcess.StartAsync(2, shm: true);
-        await using var tcpPeer = await PeerProcess.StartAsync(2, shm: false);
+        await using var shmPeer = await TransferPeerProcess.StartAsync(2, shm: true);
+        await using var tcpPeer = await TransferPeerProcess.StartAsync(2, shm: false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = 1 });
         await using var agent = new TransferAgent();
         agent.Register(pool);
@@ -107,7 +107,7 @@ public sealed class MultiProcessTransferTests
     public async Task Notifications_arrive_in_order_and_only_after_their_bytes_are_in_place(BackendKind backend)
     {
         const int blocks = 8;
-        await using var peer = await PeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
+        await using var peer = await TransferPeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
         await using var agent = new TransferAgent(new TransferAgentOptions { Name = "sender" });
         agent.Register(pool);
@@ -140,7 +140,7 @@ public sealed class MultiProcessTransferTests
     public async Task A_corrupted_write_fails_that_descriptor_only_and_sends_no_notification(BackendKind backend, ChecksumKind checksum)
     {
         const int blocks = 6;
-        await using var peer = await PeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
+        await using var peer = await TransferPeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
         // Corrupt the 3rd payload this agent sends: with one stream, that is descriptor 2.
         await using var agent = new TransferAgent(new TransferAgentOptions { Faults = new TransferFaults { CorruptNthPayload = 3 } });
@@ -166,7 +166,7 @@ public sealed class MultiProcessTransferTests
     public async Task A_read_corrupted_by_the_sender_is_caught_at_the_destination()
     {
         const int blocks = 4;
-        await using var peer = await PeerProcess.StartAsync(blocks * 2, shm: false, "--corrupt-nth-payload", "2");
+        await using var peer = await TransferPeerProcess.StartAsync(blocks * 2, shm: false, ["--corrupt-nth-payload", "2"]);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
         await using var agent = new TransferAgent();
         agent.Register(pool);
@@ -192,8 +192,8 @@ public sealed class MultiProcessTransferTests
     {
         const int blocks = 256;
         var deadline = TimeSpan.FromSeconds(20);
-        await using var victim = await PeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
-        await using var survivor = await PeerProcess.StartAsync(2, shm: false);
+        await using var victim = await TransferPeerProcess.StartAsync(blocks * 2, shm: backend == BackendKind.SharedMemory);
+        await using var survivor = await TransferPeerProcess.StartAsync(2, shm: false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
         await using var agent = new TransferAgent();
         var regions = agent.Register(pool);
@@ -228,7 +228,7 @@ public sealed class MultiProcessTransferTests
     [Fact]
     public async Task A_frozen_peer_times_out_at_the_deadline()
     {
-        await using var peer = await PeerProcess.StartAsync(64, shm: false);
+        await using var peer = await TransferPeerProcess.StartAsync(64, shm: false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = 32 });
         await using var agent = new TransferAgent();
         agent.Register(pool);
@@ -256,7 +256,7 @@ public sealed class MultiProcessTransferTests
     [Fact]
     public async Task Stale_metadata_after_the_peer_reregistered_is_refused_by_the_target_and_nothing_is_written()
     {
-        await using var peer = await PeerProcess.StartAsync(2, shm: false);
+        await using var peer = await TransferPeerProcess.StartAsync(2, shm: false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = 1 });
         await using var agent = new TransferAgent();
         agent.Register(pool);

@@ -13,7 +13,7 @@ internal sealed class TcpBackend : ITransferBackend
 {
     private readonly Socket _listener;
     private readonly CancellationTokenSource _stop = new();
-    private readonly ConcurrentDictionary<Task, byte> _sessions = new();
+    private readonly ConcurrentDictionary<TcpServerSession, Thread> _sessions = new();
     private readonly Task _acceptLoop;
 
     public TcpBackend(TransferAgent agent)
@@ -120,21 +120,6 @@ internal sealed class TcpBackend : ITransferBackend
         return await conn.ControlAsync(type, payload, ct).ConfigureAwait(false);
     }
 
-    /// <summary>Sends a payload frame from native memory; the fault injector may swap in a corrupted copy (tests only).</summary>
-    public async ValueTask SendPayloadAsync(FrameChannel channel, FrameHeader h, nint payload, CancellationToken ct, bool holdsLock)
-    {
-        _ = holdsLock; // documents the caller's locking; server sessions own their channel outright
-        if (Agent.Options.Faults?.ShouldCorrupt() == true)
-        {
-            byte[] copy = new byte[h.Length];
-            unsafe { new ReadOnlySpan<byte>((void*)payload, copy.Length).CopyTo(copy); }
-            copy[copy.Length / 2] ^= 0x5A;
-            await channel.SendAsync(h, copy, ct).ConfigureAwait(false);
-            return;
-        }
-        await channel.SendAsync(h, payload, (int)h.Length, ct).ConfigureAwait(false);
-    }
-
     public async ValueTask ForgetAsync(RemoteAgent remote)
     {
         if (Interlocked.Exchange(ref remote.TcpState, null) is TcpPeer peer)
@@ -156,10 +141,26 @@ internal sealed class TcpBackend : ITransferBackend
                     return;
                 continue;
             }
+            if (_sessions.Count >= Agent.Options.MaxInboundConnections)
+            {
+                socket.Dispose(); // the initiator sees a reset and reports it; the limit bounds our receive threads
+                continue;
+            }
             var session = new TcpServerSession(this, socket);
-            Task run = Task.Run(() => session.RunAsync(_stop.Token));
-            _sessions[run] = 0;
-            _ = run.ContinueWith(t => _sessions.TryRemove(t, out _), TaskScheduler.Default);
+            var thread = new Thread(() =>
+            {
+                try
+                {
+                    session.Run();
+                }
+                finally
+                {
+                    _sessions.TryRemove(session, out _);
+                }
+            })
+            { IsBackground = true, Name = $"kvf-session {Agent.Name}" };
+            _sessions[session] = thread;
+            thread.Start();
         }
     }
 
@@ -168,6 +169,10 @@ internal sealed class TcpBackend : ITransferBackend
         await _stop.CancelAsync().ConfigureAwait(false);
         _listener.Dispose();
         await _acceptLoop.ConfigureAwait(false);
-        await Task.WhenAll(_sessions.Keys).WaitAsync(TimeSpan.FromSeconds(5)).ConfigureAwait(false);
+        foreach (var (session, thread) in _sessions)
+        {
+            session.Abort();
+            thread.Join(TimeSpan.FromSeconds(5));
+        }
     }
 }

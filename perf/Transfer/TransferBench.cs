@@ -1,0 +1,133 @@
+using System.Diagnostics;
+using KvFabric.Bench.Reporting;
+using KvFabric.Memory;
+using KvFabric.Transfer;
+using KvFabric.Transfer.Diagnostics;
+
+namespace KvFabric.Bench.Transfer;
+
+public sealed record TransferBenchOptions
+{
+    public BackendKind Backend { get; init; } = BackendKind.Tcp;
+    public TransferOp Op { get; init; } = TransferOp.Write;
+    public long BlockBytes { get; init; } = 2 << 20;
+    public int Blocks { get; init; } = 256;
+    public int Batch { get; init; } = 32;
+    public int Streams { get; init; } = 1;
+    public int Runs { get; init; } = 5;
+    public int Warmups { get; init; } = 1;
+    public ChecksumKind Checksum { get; init; } = ChecksumKind.None;
+}
+
+public sealed record TransferBenchResult(
+    TransferBenchOptions Options,
+    Spread Gbps,
+    double MedianRunSeconds,
+    double BlocksPerSecond,
+    double BatchLatencyP50Us,
+    double BatchLatencyP99Us,
+    double InitiatorCpuSecondsPerGb,
+    double PeerCpuSecondsPerGb);
+
+/// <summary>
+/// Moves blocks between this process (the initiator) and a separate `kvfabric peer` process on loopback, like
+/// nixlbench: every run moves all blocks once in batches of prepared requests, warm-up runs are excluded.
+/// </summary>
+public static class TransferBench
+{
+    public static async Task<TransferBenchResult> RunAsync(TransferBenchOptions o, Action<string>? progress = null, CancellationToken ct = default)
+    {
+        if (o.BlockBytes > int.MaxValue || o.BlockBytes < 1)
+            throw new ArgumentOutOfRangeException(nameof(o), o.BlockBytes, "block size must be within 1 B..2 GiB");
+        if (o.Blocks < 1 || o.Batch < 1 || o.Runs < 1)
+            throw new ArgumentOutOfRangeException(nameof(o), "blocks, batch and runs must be positive");
+        long total = o.BlockBytes * o.Blocks;
+        long regionMib = Math.Max(1, (total + (1 << 20) - 1) >> 20);
+        await using var peer = await TransferPeerProcess.StartAsync(regionMib, shm: o.Backend == BackendKind.SharedMemory).ConfigureAwait(false);
+        using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = (int)o.BlockBytes, SlotCount = o.Blocks });
+        await using var agent = new TransferAgent(new TransferAgentOptions
+        {
+            Name = "bench",
+            MaxChunkBytes = (int)Math.Clamp(o.BlockBytes, 4096, 64 << 20),
+        });
+        agent.Register(pool);
+        var remote = await agent.LoadRemoteAsync(peer.Metadata).ConfigureAwait(false);
+        // Touch every page on both sides so page faults are not timed.
+        for (int i = 0; i < o.Blocks; i++)
+            DataPattern.Fill(pool.SlotAt(i).AsSpan(), 1, (long)i * o.BlockBytes);
+        Require(await peer.CommandAsync($"FILL 0 {total} 1").ConfigureAwait(false));
+
+        var requests = new List<TransferRequest>();
+        var options = new TransferOptions { Backend = o.Backend, Streams = o.Streams, Checksum = o.Checksum, Deadline = TimeSpan.FromMinutes(2) };
+        for (int first = 0; first < o.Blocks; first += o.Batch)
+        {
+            int n = Math.Min(o.Batch, o.Blocks - first);
+            var local = new MemoryDescriptor[n];
+            var remoteDescs = new MemoryDescriptor[n];
+            for (int k = 0; k < n; k++)
+            {
+                local[k] = MemoryDescriptor.Of(pool.SlotAt(first + k).Address, o.BlockBytes);
+                remoteDescs[k] = peer.Remote((first + k) * o.BlockBytes, o.BlockBytes);
+            }
+            requests.Add(agent.Prepare(o.Op, local, remote, remoteDescs, options));
+        }
+
+        var gbps = new List<double>();
+        var runSeconds = new List<double>();
+        var latencies = new List<double>();
+        double cpuSelf = 0, cpuPeer = 0;
+        for (int r = 0; r < o.Warmups + o.Runs; r++)
+        {
+            bool measured = r >= o.Warmups;
+            progress?.Invoke(measured ? $"run {r - o.Warmups + 1}/{o.Runs}" : $"warm-up {r + 1}/{o.Warmups}");
+            var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
+            double peer0 = CpuSeconds(peer.Pid);
+            long start = Stopwatch.GetTimestamp();
+            foreach (var request in requests)
+            {
+                long t0 = Stopwatch.GetTimestamp();
+                var result = await agent.PostAsync(request, ct).ConfigureAwait(false);
+                if (!result.IsSuccess)
+                    throw new InvalidOperationException($"transfer failed during the benchmark: {result}");
+                if (measured)
+                    latencies.Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
+            }
+            double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
+            if (!measured)
+                continue;
+            gbps.Add(total / seconds / 1e9);
+            runSeconds.Add(seconds);
+            cpuSelf += (Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds;
+            cpuPeer += CpuSeconds(peer.Pid) - peer0;
+        }
+        // The last run's bytes must be intact at the destination: a fast wrong answer is not a result.
+        if (o.Op == TransferOp.Write)
+            Require(await peer.CommandAsync($"VERIFY 0 {total} 1").ConfigureAwait(false));
+        else
+        {
+            for (int i = 0; i < o.Blocks; i++)
+            {
+                if (DataPattern.FindMismatch(pool.SlotAt(i).AsSpan(), 1, (long)i * o.BlockBytes) >= 0)
+                    throw new InvalidOperationException($"block {i} read back wrong");
+            }
+        }
+        var lat = latencies.Order().ToArray();
+        double gbMoved = total * o.Runs / 1e9;
+        return new TransferBenchResult(o, Spread.Of(gbps), Spread.Of(runSeconds).Median, o.Blocks / Spread.Of(runSeconds).Median,
+            Spread.Percentile(lat, 50), Spread.Percentile(lat, 99), cpuSelf / gbMoved, cpuPeer / gbMoved);
+    }
+
+    private static void Require(string reply)
+    {
+        if (reply != "OK")
+            throw new InvalidOperationException($"the peer answered '{reply}'");
+    }
+
+    /// <summary>User plus system CPU seconds of a process, from /proc (clock ticks of 1/100 s).</summary>
+    private static double CpuSeconds(int pid)
+    {
+        string stat = File.ReadAllText($"/proc/{pid}/stat");
+        var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
+        return (long.Parse(fields[11], System.Globalization.CultureInfo.InvariantCulture) + long.Parse(fields[12], System.Globalization.CultureInfo.InvariantCulture)) / 100.0;
+    }
+}
