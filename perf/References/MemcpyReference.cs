@@ -4,16 +4,19 @@ using KvFabric.Memory;
 namespace KvFabric.Bench.References;
 
 /// <summary>
-/// The shared-memory limit: one thread copying the same number of blocks of the same size from one region to another,
-/// both larger than the caches and pre-faulted, exactly what the shared-memory backend does per chunk.
+/// The shared-memory limit: one thread copying the same number of blocks of the same size between the same kinds of
+/// memory as the transfer (private pool memory and a /dev/shm segment), pre-faulted, exactly what the shared-memory
+/// backend does per chunk. With <c>sharedDestination: false</c> both sides are private anonymous memory (which may use
+/// transparent huge pages that tmpfs does not), reported alongside for context.
 /// </summary>
 public static class MemcpyReference
 {
-    public static unsafe IReadOnlyList<double> Measure(long blockBytes, int blocks, int runs, int warmups)
+    public static unsafe IReadOnlyList<double> Measure(long blockBytes, int blocks, int runs, int warmups, bool sharedDestination)
     {
         long total = blockBytes * blocks;
         using var src = new AnonymousMemory(total);
-        using var dst = new AnonymousMemory(total);
+        using var dstMemory = sharedDestination ? (IDisposable)SharedMemorySegment.Create(total, "memcpy-ref") : new AnonymousMemory(total);
+        var dst = (INativeMemory)dstMemory;
         new Span<byte>((void*)src.Address, (int)Math.Min(total, int.MaxValue)).Fill(1);
         for (long o = 0; o < total; o += 4096)
         {

@@ -15,6 +15,10 @@ public sealed record TransferBenchOptions
     public int Batch { get; init; } = 32;
     public int Streams { get; init; } = 1;
     public int Runs { get; init; } = 5;
+    /// <summary>Each run moves every block this many times (a small, cache-resident working set re-sent, as iperf3 does).</summary>
+    public int Repeat { get; init; } = 1;
+    /// <summary>Requests posted concurrently (each its own prepared request over the same blocks).</summary>
+    public int Inflight { get; init; } = 1;
     public int Warmups { get; init; } = 1;
     public ChecksumKind Checksum { get; init; } = ChecksumKind.None;
 }
@@ -39,11 +43,13 @@ public static class TransferBench
     {
         if (o.BlockBytes > int.MaxValue || o.BlockBytes < 1)
             throw new ArgumentOutOfRangeException(nameof(o), o.BlockBytes, "block size must be within 1 B..2 GiB");
-        if (o.Blocks < 1 || o.Batch < 1 || o.Runs < 1)
-            throw new ArgumentOutOfRangeException(nameof(o), "blocks, batch and runs must be positive");
+        if (o.Blocks < 1 || o.Batch < 1 || o.Runs < 1 || o.Repeat < 1 || o.Inflight < 1)
+            throw new ArgumentOutOfRangeException(nameof(o), "blocks, batch, runs, repeat and inflight must be positive");
         long total = o.BlockBytes * o.Blocks;
         long regionMib = Math.Max(1, (total + (1 << 20) - 1) >> 20);
-        await using var peer = await TransferPeerProcess.StartAsync(regionMib, shm: o.Backend == BackendKind.SharedMemory).ConfigureAwait(false);
+        // The peer runs steady-state code too (this process is built with tiered compilation off).
+        await using var peer = await TransferPeerProcess.StartAsync(regionMib, shm: o.Backend == BackendKind.SharedMemory,
+            environment: new Dictionary<string, string> { ["DOTNET_TieredCompilation"] = "0" }).ConfigureAwait(false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = (int)o.BlockBytes, SlotCount = o.Blocks });
         await using var agent = new TransferAgent(new TransferAgentOptions
         {
@@ -57,8 +63,9 @@ public static class TransferBench
             DataPattern.Fill(pool.SlotAt(i).AsSpan(), 1, (long)i * o.BlockBytes);
         Require(await peer.CommandAsync($"FILL 0 {total} 1").ConfigureAwait(false));
 
-        var requests = new List<TransferRequest>();
+        // One prepared request per batch and in-flight slot: a request is posted by one slot at a time.
         var options = new TransferOptions { Backend = o.Backend, Streams = o.Streams, Checksum = o.Checksum, Deadline = TimeSpan.FromMinutes(2) };
+        var batches = new List<TransferRequest[]>();
         for (int first = 0; first < o.Blocks; first += o.Batch)
         {
             int n = Math.Min(o.Batch, o.Blocks - first);
@@ -69,8 +76,10 @@ public static class TransferBench
                 local[k] = MemoryDescriptor.Of(pool.SlotAt(first + k).Address, o.BlockBytes);
                 remoteDescs[k] = peer.Remote((first + k) * o.BlockBytes, o.BlockBytes);
             }
-            requests.Add(agent.Prepare(o.Op, local, remote, remoteDescs, options));
+            batches.Add(Enumerable.Range(0, o.Inflight).Select(_ => agent.Prepare(o.Op, local, remote, remoteDescs, options)).ToArray());
         }
+        int posts = batches.Count * o.Repeat;
+        long moved = total * o.Repeat;
 
         var gbps = new List<double>();
         var runSeconds = new List<double>();
@@ -82,20 +91,31 @@ public static class TransferBench
             progress?.Invoke(measured ? $"run {r - o.Warmups + 1}/{o.Runs}" : $"warm-up {r + 1}/{o.Warmups}");
             var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
             double peer0 = CpuSeconds(peer.Pid);
+            var runLatencies = new List<double>[o.Inflight];
             long start = Stopwatch.GetTimestamp();
-            foreach (var request in requests)
+            var slots = new Task[o.Inflight];
+            for (int w = 0; w < o.Inflight; w++)
             {
-                long t0 = Stopwatch.GetTimestamp();
-                var result = await agent.PostAsync(request, ct).ConfigureAwait(false);
-                if (!result.IsSuccess)
-                    throw new InvalidOperationException($"transfer failed during the benchmark: {result}");
-                if (measured)
-                    latencies.Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
+                int slot = w;
+                runLatencies[slot] = [];
+                slots[slot] = Task.Run(async () =>
+                {
+                    for (int i = slot; i < posts; i += o.Inflight)
+                    {
+                        long t0 = Stopwatch.GetTimestamp();
+                        var result = await agent.PostAsync(batches[i % batches.Count][slot], ct).ConfigureAwait(false);
+                        if (!result.IsSuccess)
+                            throw new InvalidOperationException($"transfer failed during the benchmark: {result}");
+                        runLatencies[slot].Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
+                    }
+                }, ct);
             }
+            await Task.WhenAll(slots).ConfigureAwait(false);
             double seconds = Stopwatch.GetElapsedTime(start).TotalSeconds;
             if (!measured)
                 continue;
-            gbps.Add(total / seconds / 1e9);
+            latencies.AddRange(runLatencies.SelectMany(l => l));
+            gbps.Add(moved / seconds / 1e9);
             runSeconds.Add(seconds);
             cpuSelf += (Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds;
             cpuPeer += CpuSeconds(peer.Pid) - peer0;
@@ -112,8 +132,8 @@ public static class TransferBench
             }
         }
         var lat = latencies.Order().ToArray();
-        double gbMoved = total * o.Runs / 1e9;
-        return new TransferBenchResult(o, Spread.Of(gbps), Spread.Of(runSeconds).Median, o.Blocks / Spread.Of(runSeconds).Median,
+        double gbMoved = moved * o.Runs / 1e9;
+        return new TransferBenchResult(o, Spread.Of(gbps), Spread.Of(runSeconds).Median, (double)o.Blocks * o.Repeat / Spread.Of(runSeconds).Median,
             Spread.Percentile(lat, 50), Spread.Percentile(lat, 99), cpuSelf / gbMoved, cpuPeer / gbMoved);
     }
 

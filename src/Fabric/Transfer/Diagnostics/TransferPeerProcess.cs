@@ -28,7 +28,8 @@ public sealed class TransferPeerProcess : IAsyncDisposable
     /// <summary>The kvfabric.dll next to the running program (tests and the bench reference the Fabric project).</summary>
     public static string DefaultDll => Path.Combine(AppContext.BaseDirectory, "kvfabric.dll");
 
-    public static async Task<TransferPeerProcess> StartAsync(long regionMib, bool shm, IEnumerable<string>? extraArgs = null, TimeSpan? replyTimeout = null)
+    public static async Task<TransferPeerProcess> StartAsync(long regionMib, bool shm, IEnumerable<string>? extraArgs = null, TimeSpan? replyTimeout = null,
+        IReadOnlyDictionary<string, string>? environment = null)
     {
         string dll = DefaultDll;
         if (!File.Exists(dll))
@@ -44,6 +45,8 @@ public sealed class TransferPeerProcess : IAsyncDisposable
             psi.ArgumentList.Add(a);
         if (shm)
             psi.ArgumentList.Add("--shm");
+        foreach (var (key, value) in environment ?? new Dictionary<string, string>())
+            psi.Environment[key] = value;
         foreach (string a in extraArgs ?? [])
             psi.ArgumentList.Add(a);
         var timeout = replyTimeout ?? TimeSpan.FromSeconds(60);

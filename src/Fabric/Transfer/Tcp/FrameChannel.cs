@@ -8,8 +8,8 @@ namespace KvFabric.Transfer.Tcp;
 /// (0.33-0.36 vs 0.16 CPU-s/GB, docs/transfer.md), and the receiver is the bottleneck of a loopback transfer. Headers are
 /// parsed from a small buffer, so frames survive any split of the byte stream; a payload's first bytes may sit in that
 /// buffer and are copied out, the rest is received straight into registered memory. Sends go straight from registered
-/// memory: asynchronously from initiators (several requests share a connection), synchronously from a target session's
-/// own thread.
+/// memory, from the one thread that sends on the connection. The socket never runs an async operation, so it stays
+/// in the kernel's blocking mode and a blocked sender is woken by the kernel directly.
 /// </summary>
 internal sealed class FrameChannel : IDisposable
 {
@@ -18,7 +18,6 @@ internal sealed class FrameChannel : IDisposable
     private readonly byte[] _in = GC.AllocateUninitializedArray<byte>(InBufferBytes, pinned: true);
     private int _inStart, _inEnd;
     private readonly byte[] _sendHeader = GC.AllocateArray<byte>(FrameHeader.Size, pinned: true);
-    private readonly NativeMemoryManager _sendPayload = new();
     private byte[]? _drain;
     private int _aborted;
 
@@ -27,9 +26,6 @@ internal sealed class FrameChannel : IDisposable
         _socket = socket;
         _socket.NoDelay = true;
     }
-
-    /// <summary>Serializes async senders: a header and its payload must be contiguous on the wire.</summary>
-    public SemaphoreSlim SendLock { get; } = new(1, 1);
 
     /// <summary>Bounds blocking receives (the handshake); zero waits until data or abort.</summary>
     public TimeSpan ReceiveTimeout
@@ -105,34 +101,7 @@ internal sealed class FrameChannel : IDisposable
             return (nint)p; // allocated on the pinned object heap: the address never moves
     }
 
-    /// <summary>Sends a header and optional native payload. The caller holds <see cref="SendLock"/>.</summary>
-    public async ValueTask SendAsync(FrameHeader header, nint payload, int length, CancellationToken ct)
-    {
-        header.Write(_sendHeader);
-        await SendAllAsync(_sendHeader, ct).ConfigureAwait(false);
-        if (length > 0)
-            await SendAllAsync(_sendPayload.Reset(payload, length), ct).ConfigureAwait(false);
-    }
-
-    /// <summary>Sends a header with a managed payload (control frames, injected faults). The caller holds <see cref="SendLock"/>.</summary>
-    public async ValueTask SendAsync(FrameHeader header, ReadOnlyMemory<byte> payload, CancellationToken ct)
-    {
-        header.Write(_sendHeader);
-        await SendAllAsync(_sendHeader, ct).ConfigureAwait(false);
-        if (!payload.IsEmpty)
-            await SendAllAsync(payload, ct).ConfigureAwait(false);
-    }
-
-    private async ValueTask SendAllAsync(ReadOnlyMemory<byte> data, CancellationToken ct)
-    {
-        while (!data.IsEmpty)
-        {
-            int n = await _socket.SendAsync(data, SocketFlags.None, ct).ConfigureAwait(false);
-            data = data[n..];
-        }
-    }
-
-    /// <summary>Sends from the connection's own thread (target sessions, which are the only sender on theirs).</summary>
+    /// <summary>Sends a frame. Each connection has exactly one sending thread (a target session's, or an initiator's transmit thread).</summary>
     public unsafe void Send(FrameHeader header, nint payload, int length) =>
         Send(header, new ReadOnlySpan<byte>((void*)payload, length));
 
@@ -165,9 +134,5 @@ internal sealed class FrameChannel : IDisposable
         _socket.Dispose();
     }
 
-    public void Dispose()
-    {
-        Abort();
-        SendLock.Dispose();
-    }
+    public void Dispose() => Abort();
 }

@@ -18,17 +18,28 @@ internal sealed class TcpConnection
     private readonly TaskCompletionSource<string?> _hello = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly TaskCompletionSource _receiveStopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly TaskCompletionSource _transmitStopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
-    private readonly ConcurrentQueue<Stripe> _queue = new();
+    private readonly ConcurrentQueue<Job> _queue = new();
     private readonly SemaphoreSlim _queueSignal = new(0);
     private int _queued;
     private volatile string? _fault;
 
-    private sealed class Stripe(TransferRequest request, int streams, CancellationToken ct)
+    /// <summary>Work for the transmit thread, the only sender on this connection.</summary>
+    private abstract class Job
+    {
+        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    private sealed class Stripe(TransferRequest request, int streams, CancellationToken ct) : Job
     {
         public TransferRequest Request { get; } = request;
         public int Streams { get; } = streams;
         public CancellationToken Ct { get; } = ct;
-        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    private sealed class Control(FrameHeader header, ReadOnlyMemory<byte> payload) : Job
+    {
+        public FrameHeader Header { get; } = header;
+        public ReadOnlyMemory<byte> Payload { get; } = payload;
     }
 
     private TcpConnection(TcpPeer peer, int index, Socket socket)
@@ -45,27 +56,37 @@ internal sealed class TcpConnection
     public static async Task<TcpConnection> ConnectAsync(TcpPeer peer, int index, CancellationToken ct)
     {
         var md = peer.Remote.Metadata;
+        var agent = peer.Backend.Agent;
         var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
-        try
+        // Connect with a blocking call on a thread of its own: an async connect would switch the socket to .NET's
+        // emulated blocking mode for good. The token closes the socket to abort a connect that hangs.
+        using (ct.Register(socket.Dispose))
         {
-            await socket.ConnectAsync(md.TcpHost, md.TcpPort, ct).ConfigureAwait(false);
-        }
-        catch
-        {
-            socket.Dispose();
-            throw;
+            try
+            {
+                await Task.Factory.StartNew(() => socket.Connect(md.TcpHost, md.TcpPort), CancellationToken.None,
+                    TaskCreationOptions.LongRunning, TaskScheduler.Default).ConfigureAwait(false);
+            }
+            catch (Exception e) when (ct.IsCancellationRequested && e is SocketException or ObjectDisposedException)
+            {
+                throw new OperationCanceledException(ct);
+            }
+            catch
+            {
+                socket.Dispose();
+                throw;
+            }
         }
         var conn = new TcpConnection(peer, index, socket);
         new Thread(conn.ReceiveLoop) { IsBackground = true, Name = $"kvf-rx {md.Name}#{index}" }.Start();
         try
         {
-            var agent = peer.Backend.Agent;
             byte[] name = Encoding.UTF8.GetBytes(agent.Name);
             byte[] hello = new byte[32 + name.Length];
             md.AgentId.TryWriteBytes(hello.AsSpan(0, 16));
             agent.AgentId.TryWriteBytes(hello.AsSpan(16, 16));
             name.CopyTo(hello, 32);
-            await conn._channel.SendAsync(new FrameHeader { Type = FrameType.Hello, Length = (uint)hello.Length }, hello, ct).ConfigureAwait(false);
+            conn._channel.Send(new FrameHeader { Type = FrameType.Hello, Length = (uint)hello.Length }, hello); // small: never blocks
             if (await conn._hello.Task.WaitAsync(ct).ConfigureAwait(false) is { } refused)
                 throw new TransferException(refused);
         }
@@ -87,15 +108,24 @@ internal sealed class TcpConnection
             FailStripe(stripe, DescriptorStatus.PeerDisconnected, fault);
             return Task.CompletedTask;
         }
-        if (Interlocked.Increment(ref _queued) > MaxQueuedStripes)
+        if (!TryEnqueue(stripe))
         {
-            Interlocked.Decrement(ref _queued);
             FailStripe(stripe, DescriptorStatus.Failed, $"more than {MaxQueuedStripes} requests are queued on one connection to '{_peer.Remote.Name}': wait for some to finish");
             return Task.CompletedTask;
         }
-        _queue.Enqueue(stripe);
-        _queueSignal.Release();
         return stripe.Done.Task;
+    }
+
+    private bool TryEnqueue(Job job)
+    {
+        if (Interlocked.Increment(ref _queued) > MaxQueuedStripes)
+        {
+            Interlocked.Decrement(ref _queued);
+            return false;
+        }
+        _queue.Enqueue(job);
+        _queueSignal.Release();
+        return true;
     }
 
     private void TransmitLoop()
@@ -105,16 +135,19 @@ internal sealed class TcpConnection
             while (true)
             {
                 _queueSignal.Wait();
-                if (!_queue.TryDequeue(out var stripe))
+                if (!_queue.TryDequeue(out var job))
                     return; // woken by Break with nothing queued: the connection is done
                 try
                 {
-                    Transmit(stripe);
+                    if (job is Stripe stripe)
+                        Transmit(stripe);
+                    else
+                        Transmit((Control)job);
                 }
                 finally
                 {
                     Interlocked.Decrement(ref _queued);
-                    stripe.Done.TrySetResult();
+                    job.Done.TrySetResult();
                 }
             }
         }
@@ -162,7 +195,6 @@ internal sealed class TcpConnection
                 if (write)
                     h.Checksum = Checksums.Compute(checksum, c.Local, c.Length);
             }
-            _channel.SendLock.Wait();
             try
             {
                 if (!write)
@@ -179,10 +211,20 @@ internal sealed class TcpConnection
                 Break($"sending to '{_peer.Remote.Name}' failed: {e.Message}");
                 request.Settle(i, DescriptorStatus.PeerDisconnected, _fault);
             }
-            finally
-            {
-                _channel.SendLock.Release();
-            }
+        }
+    }
+
+    private void Transmit(Control control)
+    {
+        if (_fault is not null)
+            return; // Break already failed the pending control call
+        try
+        {
+            _channel.Send(control.Header, control.Payload.Span);
+        }
+        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
+        {
+            Break($"sending to '{_peer.Remote.Name}' failed: {e.Message}");
         }
     }
 
@@ -192,27 +234,17 @@ internal sealed class TcpConnection
             stripe.Request.Settle(i, status, why);
     }
 
-    /// <summary>Sends a control frame (notification, fence) and waits for its acknowledgement.</summary>
+    /// <summary>Sends a control frame (notification, fence) after what is already queued, and waits for its acknowledgement.</summary>
     public async Task<(WireStatus Status, string? Error)> ControlAsync(FrameType type, ReadOnlyMemory<byte> payload, CancellationToken ct)
     {
         var (id, pending) = _peer.NewControl(Index);
         try
         {
-            await _channel.SendLock.WaitAsync(ct).ConfigureAwait(false);
-            try
-            {
-                await _channel.SendAsync(new FrameHeader { Type = type, RequestId = id, Length = (uint)payload.Length }, payload, ct).ConfigureAwait(false);
-            }
-            finally
-            {
-                _channel.SendLock.Release();
-            }
+            if (_fault is { } fault)
+                return (WireStatus.Internal, fault);
+            if (!TryEnqueue(new Control(new FrameHeader { Type = type, RequestId = id, Length = (uint)payload.Length }, payload)))
+                return (WireStatus.Internal, $"more than {MaxQueuedStripes} requests are queued on one connection to '{_peer.Remote.Name}'");
             return await pending.Task.WaitAsync(ct).ConfigureAwait(false);
-        }
-        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
-        {
-            Break($"sending to '{_peer.Remote.Name}' failed: {e.Message}");
-            return (WireStatus.Internal, _fault);
         }
         finally
         {

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The main job, for now: move 2 MiB KV blocks between two processes over each backend and compare every figure
+# with its physical limit measured in the same run (iperf3 and a raw socket loop for TCP, memcpy for shared memory).
+# Later issues replace this with the full disaggregated prefill/decode demo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-prereqs.sh
+export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
+dotnet build KvFabric.sln -c Release -nologo -v q
+out=${1:-perf/results/demo}
+mkdir -p "$out"
+bench="dotnet perf/bin/Release/net10.0/kvfabric-bench.dll"
+$bench transfer --backend tcp --op write --json "$out/tcp-write.json"
+$bench transfer --backend tcp --op read --json "$out/tcp-read.json"
+$bench transfer --backend shm --op write --json "$out/shm-write.json"
+$bench transfer --backend shm --op read --json "$out/shm-read.json"
+echo "JSON results in $out/"

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the system packages KvFabric's tests and perf references need, when they are missing (Debian, as root).
+set -euo pipefail
+need=()
+command -v python3 >/dev/null 2>&1 || need+=(python3)              # the independent hash-spec implementation in the tests
+ldconfig -p 2>/dev/null | grep -q 'libxxhash.so.0' || need+=(libxxhash0) # XXH3 checksums
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)                # the TCP reference of the perf suite
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "missing packages: ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}" >&2
+  exit 1
+fi
+echo "installing: ${need[*]}"
+apt-get update -q
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}"

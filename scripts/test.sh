@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh machine: installs prerequisites, builds, runs the xunit suite (unit, property and
+# multi-process tests), then smoke-runs each perf suite command at tiny sizes so the suite never rots.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-prereqs.sh
+export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1
+dotnet build KvFabric.sln -c Release -warnaserror -nologo -v q
+
+log=$(mktemp)
+set +e
+dotnet test tests/KvFabric.Tests -c Release --no-build --nologo --blame-hang-timeout 5m 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+echo "== perf smoke (tiny sizes; no figure is asserted)"
+bench="dotnet perf/bin/Release/net10.0/kvfabric-bench.dll"
+smoke=$(mktemp -d)
+for backend in tcp shm; do
+  for op in write read; do
+    $bench transfer --quick --backend "$backend" --op "$op" --blocks 8 --batch 4 --runs 2 --json "$smoke/transfer-$backend-$op.json" >/dev/null
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['gbps']>0 and r['ratio']>0, r; print('smoke ok:', sys.argv[1].rsplit('/',1)[1], round(r['gbps'],2), 'GB/s')" "$smoke/transfer-$backend-$op.json"
+  done
+done
+
+# The plain closing line CI reads: counts from the xunit summary.
+summary=$(grep -E '(Passed|Failed)! +- +Failed: +[0-9]+, +Passed: +[0-9]+' "$log" | tail -n 1)
+failed=$(sed -E 's/.*Failed: +([0-9]+).*/\1/' <<<"$summary")
+passed=$(sed -E 's/.*Passed: +([0-9]+).*/\1/' <<<"$summary")
+echo "${passed:-0} passed, ${failed:-0} failed"
+exit "$status"
