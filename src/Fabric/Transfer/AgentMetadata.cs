@@ -6,8 +6,10 @@ namespace KvFabric.Transfer;
 
 /// <summary>One region as a peer sees it: where it is, how big, and the key that opens it.</summary>
 public sealed record RemoteRegionInfo(uint Id, MemoryKind Kind, ulong Address, ulong Length, int DeviceId, RegionKey Key, string? MappedPath)
+    : IAddressRange
 {
     public ulong End => Address + Length;
+    ulong IAddressRange.Start => Address;
 }
 
 /// <summary>

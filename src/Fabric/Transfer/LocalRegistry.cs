@@ -52,18 +52,7 @@ internal sealed class LocalRegistry
     public RegisteredRegion? Find(ulong address, ulong length)
     {
         var arr = _byAddress;
-        int lo = 0, hi = arr.Length - 1;
-        while (lo <= hi)
-        {
-            int mid = (lo + hi) >>> 1;
-            var r = arr[mid];
-            if (address < r.Address)
-                hi = mid - 1;
-            else if (address >= r.Address + r.Length)
-                lo = mid + 1;
-            else
-                return length <= r.Address + r.Length - address ? r : null;
-        }
-        return null;
+        int i = AddressRanges.Find(arr, address, length);
+        return i < 0 ? null : arr[i];
     }
 }

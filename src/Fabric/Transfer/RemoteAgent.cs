@@ -34,19 +34,8 @@ public sealed class RemoteAgent
     /// <summary>The index (in Metadata.Regions) of the region containing [address, address+length), or -1.</summary>
     internal int FindRegion(ulong address, ulong length)
     {
-        int lo = 0, hi = _byAddress.Length - 1;
-        while (lo <= hi)
-        {
-            int mid = (lo + hi) >>> 1;
-            var r = _byAddress[mid];
-            if (address < r.Address)
-                hi = mid - 1;
-            else if (address >= r.End)
-                lo = mid + 1;
-            else
-                return length <= r.End - address ? _indexOf[mid] : -1;
-        }
-        return -1;
+        int i = AddressRanges.Find(_byAddress, address, length);
+        return i < 0 ? -1 : _indexOf[i];
     }
 
     public override string ToString() => $"{Metadata.Name} ({Metadata.AgentId}) at {Metadata.TcpHost}:{Metadata.TcpPort}";

@@ -92,7 +92,7 @@ public sealed record Notification(string FromAgent, Guid FromAgentId, byte[] Mes
 public sealed class TransferException(string message) : Exception(message);
 
 /// <summary>A memory region this agent registered: transfers may touch only bytes inside such regions.</summary>
-public sealed class RegisteredRegion
+public sealed class RegisteredRegion : IAddressRange
 {
     internal RegisteredRegion(uint id, INativeMemory? memory, MemoryKind kind, ulong address, ulong length, int deviceId, RegionKey key, string? mappedPath)
     {
@@ -114,6 +114,8 @@ public sealed class RegisteredRegion
     public RegionKey Key { get; }
     public string? MappedPath { get; }
     internal INativeMemory? Memory { get; }
+    ulong IAddressRange.Start => Address;
+    ulong IAddressRange.End => Address + Length;
     public MemoryDescriptor Descriptor(ulong offset, ulong length) => new(Address + offset, length, DeviceId);
     public MemoryDescriptor Descriptor() => new(Address, Length, DeviceId);
 

@@ -198,7 +198,11 @@ public sealed class MultiProcessTransferTests
         await using var agent = new TransferAgent();
         var regions = agent.Register(pool);
         var remote = await agent.LoadRemoteAsync(victim.Metadata);
-        var (local, remoteDescs) = Pair(pool, victim, blocks);
+        // Rent every slot for the transfer, as a worker would, and give each back once the post has ended.
+        var slots = Enumerable.Range(0, blocks).Select(_ => pool.Rent()).ToArray();
+        Assert.Equal(blocks, pool.InUse);
+        var local = slots.Select(s => MemoryDescriptor.Of(s.Address, BlockBytes)).ToArray();
+        var remoteDescs = Enumerable.Range(0, blocks).Select(i => victim.Remote((long)i * BlockBytes, BlockBytes)).ToArray();
         var request = agent.Prepare(TransferOp.Write, local, remote, remoteDescs, new TransferOptions { Backend = backend, Deadline = deadline });
         // Warm the connection so the kill lands mid-stream, then kill while 512 MiB are moving.
         Assert.True((await agent.PostAsync(request)).IsSuccess);
@@ -220,9 +224,12 @@ public sealed class MultiProcessTransferTests
         Assert.True(ok.IsSuccess, ok.ToString());
         var again = await agent.PostAsync(request);
         Assert.NotEqual(TransferStatus.Success, again.Status);
+        foreach (var slot in slots)
+            pool.Return(slot); // throws on a slot returned twice or not from this pool
+        Assert.Equal(0, pool.InUse);
+        // No transfer still holds the memory: deregistration completes at once instead of waiting it out.
         foreach (var region in regions)
             await agent.DeregisterAsync(region, TimeSpan.FromSeconds(1));
-        Assert.Equal(0, pool.InUse);
     }
 
     [Fact]

@@ -148,17 +148,22 @@ public sealed class TransferValidationTests : IAsyncLifetime
         Assert.True((await first).IsSuccess);
     }
 
+    /// <summary>One large region on each side, registered, and a single-descriptor WRITE between them.</summary>
+    private async Task<TransferRequest> LargeWriteAsync(AnonymousMemory big, AnonymousMemory bigTarget, TransferOptions options)
+    {
+        _initiator.Register(big);
+        var region = _target.Register(bigTarget);
+        var remote = await _initiator.LoadRemoteAsync(_target.ExportMetadata());
+        return _initiator.Prepare(TransferOp.Write, [MemoryDescriptor.Of(big.Address, big.Length)], remote, [region.Descriptor()], options);
+    }
+
     [Fact]
     public async Task Large_descriptors_are_split_into_chunks_and_striped_over_streams()
     {
         using var big = new AnonymousMemory(20 << 20);
         using var bigTarget = new AnonymousMemory(20 << 20);
-        _initiator.Register(big);
-        var region = _target.Register(bigTarget);
-        var remote = await _initiator.LoadRemoteAsync(_target.ExportMetadata());
         DataPattern.Fill(big.GetSpan(0, 20 << 20), 77, 0);
-        var request = _initiator.Prepare(TransferOp.Write, [MemoryDescriptor.Of(big.Address, 20 << 20)], remote, [region.Descriptor()],
-            new TransferOptions { Backend = BackendKind.Tcp, Streams = 4, Checksum = ChecksumKind.Crc32C });
+        var request = await LargeWriteAsync(big, bigTarget, new TransferOptions { Backend = BackendKind.Tcp, Streams = 4, Checksum = ChecksumKind.Crc32C });
         Assert.True((await _initiator.PostAsync(request)).IsSuccess);
         Assert.Equal(-1, DataPattern.FindMismatch(bigTarget.GetSpan(0, 20 << 20), 77, 0));
         Assert.Equal(20L << 20, _target.Stats.TcpBytesReceived);
@@ -182,11 +187,7 @@ public sealed class TransferValidationTests : IAsyncLifetime
     {
         using var big = new AnonymousMemory(64 << 20);
         using var bigTarget = new AnonymousMemory(64 << 20);
-        _initiator.Register(big);
-        var region = _target.Register(bigTarget);
-        var remote = await _initiator.LoadRemoteAsync(_target.ExportMetadata());
-        var request = _initiator.Prepare(TransferOp.Write, [MemoryDescriptor.Of(big.Address, 64 << 20)], remote, [region.Descriptor()],
-            new TransferOptions { Backend = BackendKind.Tcp, Streams = 1 });
+        var request = await LargeWriteAsync(big, bigTarget, new TransferOptions { Backend = BackendKind.Tcp, Streams = 1 });
         using var cts = new CancellationTokenSource();
         await cts.CancelAsync();
         var result = await _initiator.PostAsync(request, cts.Token);
