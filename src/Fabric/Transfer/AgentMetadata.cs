@@ -23,6 +23,7 @@ public sealed record AgentMetadata(
     int ProcessId,
     string TcpHost,
     int TcpPort,
+    int MaxChunkBytes,
     ReadOnlyMemory<byte> LayoutFingerprint,
     IReadOnlyList<RemoteRegionInfo> Regions)
 {
@@ -30,6 +31,7 @@ public sealed record AgentMetadata(
     private const ushort Version = 1;
     private const int MaxRegions = 1 << 20;
     private const int MaxString = 4096;
+    internal const int MinChunkBytes = 4096, MaxChunkLimit = 256 << 20;
 
     public byte[] ToBytes()
     {
@@ -43,6 +45,7 @@ public sealed record AgentMetadata(
         w.Write(ProcessId);
         WriteString(w, TcpHost);
         w.Write((ushort)TcpPort);
+        w.Write(MaxChunkBytes);
         w.Write((byte)LayoutFingerprint.Length);
         w.Write(LayoutFingerprint.Span);
         w.Write(Regions.Count);
@@ -74,6 +77,9 @@ public sealed record AgentMetadata(
         int pid = r.I32();
         string tcpHost = r.Str();
         int tcpPort = r.U16();
+        int maxChunk = r.I32();
+        if (maxChunk is < MinChunkBytes or > MaxChunkLimit)
+            throw Malformed($"max chunk size {maxChunk} is out of range ({MinChunkBytes}..{MaxChunkLimit})");
         int fpLen = r.U8();
         byte[] fp = r.Bytes(fpLen).ToArray();
         int count = r.I32();
@@ -96,7 +102,7 @@ public sealed record AgentMetadata(
         }
         if (!r.AtEnd)
             throw Malformed($"{r.Remaining} unexpected bytes after the last region");
-        return new AgentMetadata(name, id, host, pid, tcpHost, tcpPort, fp, regions);
+        return new AgentMetadata(name, id, host, pid, tcpHost, tcpPort, maxChunk, fp, regions);
     }
 
     private static void WriteString(BinaryWriter w, string s)

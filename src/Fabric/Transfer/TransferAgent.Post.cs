@@ -37,6 +37,8 @@ public sealed partial class TransferAgent
             throw new TransferException($"a {big.Length}-byte notification exceeds the {MaxNotificationBytes}-byte limit: send bulk data as a transfer");
         Checksums.EnsureAvailable(options.Checksum);
 
+        // Chunks must fit both ends: the target refuses frames above the limit it advertised in its metadata.
+        int chunkBytes = Math.Min(Options.MaxChunkBytes, remote.Metadata.MaxChunkBytes);
         int[] remoteRegion = new int[local.Length];
         ulong total = 0;
         int chunkCount = 0;
@@ -56,7 +58,7 @@ public sealed partial class TransferAgent
             if (remoteRegion[i] < 0)
                 throw new TransferException($"remote descriptor {i} {r} is not inside any region agent '{remote.Name}' exported to us: we hold no key for it (ask the peer to export that region)");
             total += l.Length;
-            chunkCount += (int)((l.Length + (ulong)Options.MaxChunkBytes - 1) / (ulong)Options.MaxChunkBytes);
+            chunkCount += (int)((l.Length + (ulong)chunkBytes - 1) / (ulong)chunkBytes);
         }
         CheckNoOverlap(op == TransferOp.Read ? local : remoteDescriptors, op == TransferOp.Read ? "local" : "remote");
 
@@ -71,9 +73,9 @@ public sealed partial class TransferAgent
         {
             var info = remote.Metadata.Regions[remoteRegion[i]];
             ulong baseOffset = remoteDescriptors[i].Address - info.Address;
-            for (ulong done = 0; done < local[i].Length; done += (ulong)Options.MaxChunkBytes)
+            for (ulong done = 0; done < local[i].Length; done += (ulong)chunkBytes)
             {
-                int len = (int)Math.Min((ulong)Options.MaxChunkBytes, local[i].Length - done);
+                int len = (int)Math.Min((ulong)chunkBytes, local[i].Length - done);
                 chunks[k++] = new Chunk(i, (nint)(local[i].Address + done), remoteRegion[i], baseOffset + done, len);
             }
         }

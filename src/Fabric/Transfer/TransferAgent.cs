@@ -25,7 +25,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
     public TransferAgent(TransferAgentOptions? options = null)
     {
         Options = options ?? new TransferAgentOptions();
-        if (Options.MaxChunkBytes is < 4096 or > 256 << 20)
+        if (Options.MaxChunkBytes is < AgentMetadata.MinChunkBytes or > AgentMetadata.MaxChunkLimit)
             throw new ArgumentOutOfRangeException(nameof(options), Options.MaxChunkBytes, "MaxChunkBytes must be within 4 KiB..256 MiB");
         if (Options.TcpStreams is < 1 or > TcpPeer.MaxStreams || Options.ShmStreams is < 1 or > TcpPeer.MaxStreams)
             throw new ArgumentOutOfRangeException(nameof(options), $"streams must be within 1..{TcpPeer.MaxStreams}");
@@ -96,7 +96,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
             return new RemoteRegionInfo(r.Id, r.Kind, r.Address, r.Length, r.DeviceId, r.Key, r.MappedPath);
         }).ToArray();
         string host = Options.AdvertiseHost ?? TcpEndpoint.Address.ToString();
-        return new AgentMetadata(Name, AgentId, HostIdentity.Current, Environment.ProcessId, host, TcpEndpoint.Port, Options.LayoutFingerprint, regions);
+        return new AgentMetadata(Name, AgentId, HostIdentity.Current, Environment.ProcessId, host, TcpEndpoint.Port,
+            Options.MaxChunkBytes, Options.LayoutFingerprint, regions);
     }
 
     public byte[] ExportMetadata(IEnumerable<RegisteredRegion>? only = null) => GetMetadata(only).ToBytes();

@@ -26,6 +26,7 @@ public sealed class MetadataAndChecksumTests
         Assert.Equal(Environment.ProcessId, back.ProcessId);
         Assert.Equal("127.0.0.1", back.TcpHost);
         Assert.Equal(agent.TcpEndpoint.Port, back.TcpPort);
+        Assert.Equal(agent.Options.MaxChunkBytes, back.MaxChunkBytes);
         Assert.Equal(new byte[] { 9, 8, 7 }, back.LayoutFingerprint.ToArray());
         Assert.Equal(md.Regions, back.Regions);
         Assert.Contains(back.Regions, r => r.Kind == MemoryKind.SharedHost && r.MappedPath == shm.MappedPath);

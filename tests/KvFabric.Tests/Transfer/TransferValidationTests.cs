@@ -170,6 +170,25 @@ public sealed class TransferValidationTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Agents_with_different_chunk_limits_interoperate_at_the_smaller_one()
+    {
+        await using var bigChunks = new TransferAgent(new TransferAgentOptions { Name = "big-chunks", MaxChunkBytes = 16 << 20 });
+        using var src = new AnonymousMemory(16 << 20);
+        using var dst = new AnonymousMemory(16 << 20);
+        bigChunks.Register(src);
+        var region = _target.Register(dst); // the target keeps the default 4 MiB limit
+        var remote = await bigChunks.LoadRemoteAsync(_target.ExportMetadata());
+        Assert.Equal(4 << 20, remote.Metadata.MaxChunkBytes);
+        DataPattern.Fill(src.GetSpan(0, 16 << 20), 31, 0);
+        var request = bigChunks.Prepare(TransferOp.Write, [MemoryDescriptor.Of(src.Address, 16 << 20)], remote, [region.Descriptor()],
+            new TransferOptions { Backend = BackendKind.Tcp });
+        var result = await bigChunks.PostAsync(request);
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal(-1, DataPattern.FindMismatch(dst.GetSpan(0, 16 << 20), 31, 0));
+        Assert.Equal(0, _target.Stats.MalformedFrames);
+    }
+
+    [Fact]
     public async Task Deregistered_local_memory_fails_a_later_post_with_a_clear_error()
     {
         using var scratch = new AnonymousMemory(Block);
