@@ -35,7 +35,7 @@ public sealed class AnonymousMemory : INativeMemory, IDisposable
 
     public unsafe Span<byte> GetSpan(long offset, int length)
     {
-        if (offset < 0 || length < 0 || offset + length > Length)
+        if (offset < 0 || length < 0 || offset > Length || length > Length - offset)
             throw new ArgumentOutOfRangeException(nameof(offset), $"[{offset}, +{length}) is outside this {Length}-byte region");
         return new Span<byte>((byte*)Address + offset, length);
     }

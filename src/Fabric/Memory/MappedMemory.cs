@@ -60,7 +60,8 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
             throw new FileNotFoundException($"shared memory '{path}' does not exist: the peer is gone or not on this host", path);
         if (info.Length != expectedLength)
             throw new IOException($"'{path}' is {info.Length} bytes, but the peer's metadata says {expectedLength}: stale metadata or a different segment");
-        int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CLOEXEC, 0);
+        // The path comes from a peer's metadata: never follow a symbolic link planted in its place.
+        int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CLOEXEC | Libc.O_NOFOLLOW, 0);
         if (fd < 0)
             throw new IOException($"cannot open '{path}' ({Libc.LastError()})");
         try
@@ -94,7 +95,7 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
 
     public Span<byte> GetSpan(long offset, int length)
     {
-        if (offset < 0 || length < 0 || offset + length > Length)
+        if (offset < 0 || length < 0 || offset > Length || length > Length - offset)
             throw new ArgumentOutOfRangeException(nameof(offset), $"[{offset}, +{length}) is outside the {Length}-byte mapping of {MappedPath}");
         return new Span<byte>((byte*)Address + offset, length);
     }

@@ -52,9 +52,9 @@ public static class SharedMemorySegment
                 File.Delete(path);
                 removed++;
             }
-            catch (IOException)
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                // Another cleaner got there first; nothing to do.
+                // Another cleaner got there first, or it belongs to another user: not ours to remove.
             }
         }
         return removed;

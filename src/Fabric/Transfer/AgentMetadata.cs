@@ -28,7 +28,7 @@ public sealed record AgentMetadata(
     IReadOnlyList<RemoteRegionInfo> Regions)
 {
     private const uint Magic = 0x4146564B; // "KVFA"
-    private const ushort Version = 1;
+    private const ushort Version = 2; // 2: adds the max chunk size
     private const int MaxRegions = 1 << 20;
     private const int MaxString = 4096;
     internal const int MinChunkBytes = 4096, MaxChunkLimit = 256 << 20;

@@ -22,6 +22,8 @@ public static partial class Checksums
         unsafe { return Compute(kind, new ReadOnlySpan<byte>((void*)address, length)); }
     }
 
+    public static bool IsAvailable(ChecksumKind kind) => kind != ChecksumKind.XxHash3 || XxHashProblem.Value is null;
+
     /// <summary>Fails early, with the fix, when a checksum's native library is missing.</summary>
     public static void EnsureAvailable(ChecksumKind kind)
     {

@@ -26,6 +26,29 @@ public sealed class RemoteAgent
     /// <summary>Same boot of the same machine: shared memory may reach its mappable regions.</summary>
     public bool SameHost { get; }
     internal volatile bool Unloaded;
+    private int _inflight;
+
+    /// <summary>Counts a post in; false when the remote is being unloaded (its mappings and connections are going).</summary>
+    internal bool TryEnterPost()
+    {
+        Interlocked.Increment(ref _inflight);
+        if (!Unloaded)
+            return true;
+        Interlocked.Decrement(ref _inflight);
+        return false;
+    }
+
+    internal void ExitPost() => Interlocked.Decrement(ref _inflight);
+
+    /// <summary>Marks the remote unloaded and waits (bounded) until no post is using its connections or mappings.</summary>
+    internal async Task DrainAsync(TimeSpan timeout)
+    {
+        Unloaded = true;
+        Interlocked.MemoryBarrier();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (Volatile.Read(ref _inflight) > 0 && clock.Elapsed < timeout)
+            await Task.Delay(1).ConfigureAwait(false);
+    }
 
     // Per-backend peer state (connections, mappings), owned by the backends.
     internal object? TcpState;

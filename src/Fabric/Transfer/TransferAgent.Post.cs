@@ -118,10 +118,30 @@ public sealed partial class TransferAgent
         if (!request.TryBeginPost(NextPostId()))
             throw new InvalidOperationException("this request is already posted: wait for that post to finish before posting it again");
         Interlocked.Increment(ref Stats.Posts);
-        var held = AcquireLocalRegions(request, out string? closed);
-        if (closed is not null)
-            return Finish(request, new TransferResult(TransferStatus.Failed, closed), held);
+        if (!request.Remote.TryEnterPost())
+            return Finish(request, new TransferResult(TransferStatus.Failed, $"remote agent '{request.Remote.Name}' was unloaded or reloaded: prepare against the RemoteAgent LoadRemoteAsync returned last"), []);
+        List<RegisteredRegion> held = [];
+        try
+        {
+            held = AcquireLocalRegions(request, out string? closed);
+            var result = closed is not null
+                ? new TransferResult(TransferStatus.Failed, closed)
+                : await RunAsync(request, cancellationToken).ConfigureAwait(false);
+            return Finish(request, result, held);
+        }
+        catch (Exception e) when (e is not TransferException)
+        {
+            // Whatever went wrong, the request must not stay posted nor the regions held.
+            return Finish(request, new TransferResult(TransferStatus.Failed, $"internal error: {e.Message}"), held);
+        }
+        finally
+        {
+            request.Remote.ExitPost();
+        }
+    }
 
+    private async Task<TransferResult> RunAsync(TransferRequest request, CancellationToken cancellationToken)
+    {
         var backend = Backend(request.Backend);
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         deadline.CancelAfter(request.Options.Deadline);
@@ -151,11 +171,21 @@ public sealed partial class TransferAgent
             request.FailDone(status, why);
             result = new TransferResult(cancelled ? TransferStatus.Cancelled : TransferStatus.TimedOut, why);
         }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // A defect, not an I/O outcome: still stop all I/O on the request before reporting it.
+            await backend.AbortAsync(request).ConfigureAwait(false);
+            await io.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            string why = $"internal error: {e.GetType().Name}: {e.Message}";
+            request.SettleAllPending(DescriptorStatus.Failed, why);
+            request.FailDone(DescriptorStatus.Failed, why);
+            result = new TransferResult(TransferStatus.Failed, why);
+        }
         finally
         {
             _tcp.Finish(request);
         }
-        return Finish(request, result, held);
+        return result;
     }
 
     private TransferResult Finish(TransferRequest request, TransferResult result, List<RegisteredRegion> held)
@@ -175,7 +205,7 @@ public sealed partial class TransferAgent
         RegisteredRegion? last = null;
         foreach (var c in request.Chunks)
         {
-            if (last is not null && (ulong)c.Local >= last.Address && (ulong)c.Local < last.Address + last.Length)
+            if (last is not null && (ulong)c.Local >= last.Address && (ulong)c.Local + (ulong)c.Length <= last.Address + last.Length)
                 continue;
             var region = _registry.Find((ulong)c.Local, (ulong)c.Length);
             if (region is null || !region.TryAcquire())

@@ -135,7 +135,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
 
     private async Task ForgetAsync(RemoteAgent remote)
     {
-        remote.Unloaded = true;
+        // Posts in flight end by their deadline at the latest; only then may mappings be unmapped under them.
+        await remote.DrainAsync(TimeSpan.FromMinutes(2)).ConfigureAwait(false);
         await _tcp.ForgetAsync(remote).ConfigureAwait(false);
         await _shm.ForgetAsync(remote).ConfigureAwait(false);
     }

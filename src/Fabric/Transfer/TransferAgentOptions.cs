@@ -24,6 +24,11 @@ public sealed record TransferAgentOptions
     public int MaxInboundConnections { get; init; } = 256;
     /// <summary>The KV layout fingerprint; peers with a different non-empty one are refused at load time.</summary>
     public ReadOnlyMemory<byte> LayoutFingerprint { get; init; }
+    /// <summary>
+    /// The directory under which a peer's file regions may be mapped for shared-memory transfers. Null (the default):
+    /// a peer's file regions are reached over TCP only, so its metadata can never make this process map a file.
+    /// </summary>
+    public string? SharedFileDirectory { get; init; }
     /// <summary>Fault injection for tests: never set in production.</summary>
     public TransferFaults? Faults { get; init; }
 }

@@ -121,13 +121,13 @@ public sealed class RegisteredRegion : IAddressRange
 
     // Transfers in flight hold a reference so deregistration waits for them instead of pulling memory from under a copy.
     private int _users;
-    private volatile bool _closed;
-    internal bool IsClosed => _closed;
+    private int _closed;
+    internal bool IsClosed => Volatile.Read(ref _closed) != 0;
 
     internal bool TryAcquire()
     {
         Interlocked.Increment(ref _users);
-        if (!_closed)
+        if (Volatile.Read(ref _closed) == 0)
             return true;
         Interlocked.Decrement(ref _users);
         return false;
@@ -137,7 +137,7 @@ public sealed class RegisteredRegion : IAddressRange
 
     internal async Task CloseAsync(TimeSpan timeout)
     {
-        _closed = true;
+        Interlocked.Exchange(ref _closed, 1); // a full fence: no TryAcquire can miss it while we count users
         var until = DateTime.UtcNow + timeout;
         while (Volatile.Read(ref _users) > 0)
         {

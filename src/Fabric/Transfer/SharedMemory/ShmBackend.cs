@@ -27,9 +27,23 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
                 why = $"remote region {region.Id} ({region.Kind}) is not in a shared segment this process can map";
                 return false;
             }
+            if (region.Kind == MemoryKind.File && !InsideSharedFileDirectory(region.MappedPath))
+            {
+                why = $"remote file region {region.Id} ({region.MappedPath}) is outside SharedFileDirectory, so it is reached over TCP only";
+                return false;
+            }
         }
         why = null;
         return true;
+    }
+
+    private bool InsideSharedFileDirectory(string path)
+    {
+        if (agent.Options.SharedFileDirectory is not { } dir)
+            return false;
+        string full = Path.GetFullPath(path);
+        string root = Path.TrimEndingDirectorySeparator(Path.GetFullPath(dir)) + Path.DirectorySeparatorChar;
+        return full.StartsWith(root, StringComparison.Ordinal);
     }
 
     private sealed class PeerMaps(int count)

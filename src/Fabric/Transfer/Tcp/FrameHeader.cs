@@ -15,7 +15,7 @@ internal enum FrameType : byte
 internal enum WireStatus : byte
 {
     Ok = 0, UnknownRegion = 1, KeyMismatch = 2, OutOfRange = 3, ChecksumMismatch = 4, Malformed = 5,
-    QueueFull = 6, WrongAgent = 7, Internal = 8,
+    QueueFull = 6, WrongAgent = 7, Internal = 8, ChecksumUnsupported = 9,
 }
 
 /// <summary>
@@ -99,6 +99,7 @@ internal struct FrameHeader
         WireStatus.Malformed => "the target found the frame malformed",
         WireStatus.QueueFull => "the target's notification queue is full: it is not draining its notifications",
         WireStatus.WrongAgent => "the endpoint belongs to another agent (the peer restarted): reload its metadata",
+        WireStatus.ChecksumUnsupported => "the target cannot compute this checksum (libxxhash missing there): use Crc32C or install libxxhash0 on the target",
         _ => "the target failed internally",
     };
 }

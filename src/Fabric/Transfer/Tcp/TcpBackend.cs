@@ -113,6 +113,10 @@ internal sealed class TcpBackend : ITransferBackend
         {
             conn = await Peer(remote).GetConnectionAsync(0, ct).ConfigureAwait(false);
         }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            return (WireStatus.Internal, $"connecting to '{remote.Name}' timed out after {Agent.Options.ConnectTimeout.TotalSeconds:0.#} s");
+        }
         catch (Exception e) when (e is SocketException or IOException or TransferException or InvalidDataException)
         {
             return (WireStatus.Internal, $"cannot reach '{remote.Name}': {e.Message}");

@@ -20,7 +20,10 @@ internal sealed class TcpConnection
     private readonly TaskCompletionSource _transmitStopped = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly ConcurrentQueue<Job> _queue = new();
     private readonly SemaphoreSlim _queueSignal = new(0);
+    private readonly Lock _queueLock = new();
     private int _queued;
+    private bool _transmitExited;
+    private volatile bool _transmitStarted;
     private volatile string? _fault;
 
     /// <summary>Work for the transmit thread, the only sender on this connection.</summary>
@@ -95,6 +98,7 @@ internal sealed class TcpConnection
             await conn.AbortAsync("handshake failed").ConfigureAwait(false);
             throw;
         }
+        conn._transmitStarted = true;
         new Thread(conn.TransmitLoop) { IsBackground = true, Name = $"kvf-tx {md.Name}#{index}" }.Start();
         return conn;
     }
@@ -110,20 +114,23 @@ internal sealed class TcpConnection
         }
         if (!TryEnqueue(stripe))
         {
-            FailStripe(stripe, DescriptorStatus.Failed, $"more than {MaxQueuedStripes} requests are queued on one connection to '{_peer.Remote.Name}': wait for some to finish");
+            FailStripe(stripe, _fault is null ? DescriptorStatus.Failed : DescriptorStatus.PeerDisconnected,
+                _fault ?? $"more than {MaxQueuedStripes} requests are queued on one connection to '{_peer.Remote.Name}': wait for some to finish");
             return Task.CompletedTask;
         }
         return stripe.Done.Task;
     }
 
+    /// <summary>Queues a job unless the queue is full or the transmit thread has exited (it never strands a job).</summary>
     private bool TryEnqueue(Job job)
     {
-        if (Interlocked.Increment(ref _queued) > MaxQueuedStripes)
+        lock (_queueLock)
         {
-            Interlocked.Decrement(ref _queued);
-            return false;
+            if (_transmitExited || _queued >= MaxQueuedStripes)
+                return false;
+            _queued++;
+            _queue.Enqueue(job);
         }
-        _queue.Enqueue(job);
         _queueSignal.Release();
         return true;
     }
@@ -137,23 +144,41 @@ internal sealed class TcpConnection
                 _queueSignal.Wait();
                 if (!_queue.TryDequeue(out var job))
                     return; // woken by Break with nothing queued: the connection is done
-                try
-                {
-                    if (job is Stripe stripe)
-                        Transmit(stripe);
-                    else
-                        Transmit((Control)job);
-                }
-                finally
-                {
-                    Interlocked.Decrement(ref _queued);
-                    job.Done.TrySetResult();
-                }
+                Run(job);
             }
         }
         finally
         {
+            // Close the queue, then fail whatever is still in it, so no job's caller waits for a thread that is gone.
+            lock (_queueLock)
+                _transmitExited = true;
+            while (_queue.TryDequeue(out var left))
+                Run(left);
             _transmitStopped.TrySetResult();
+        }
+    }
+
+    private void Run(Job job)
+    {
+        try
+        {
+            if (job is Stripe stripe)
+                Transmit(stripe);
+            else
+                Transmit((Control)job);
+        }
+        catch (Exception e)
+        {
+            // A bug must not take the process down from a raw thread: fail the connection with the reason.
+            Break($"transmit thread failed: {e.Message}");
+            if (job is Stripe failed)
+                FailStripe(failed, DescriptorStatus.Failed, _fault!);
+        }
+        finally
+        {
+            lock (_queueLock)
+                _queued--;
+            job.Done.TrySetResult();
         }
     }
 
@@ -216,16 +241,19 @@ internal sealed class TcpConnection
 
     private void Transmit(Control control)
     {
-        if (_fault is not null)
-            return; // Break already failed the pending control call
-        try
+        if (_fault is null)
         {
-            _channel.Send(control.Header, control.Payload.Span);
+            try
+            {
+                _channel.Send(control.Header, control.Payload.Span);
+                return;
+            }
+            catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
+            {
+                Break($"sending to '{_peer.Remote.Name}' failed: {e.Message}");
+            }
         }
-        catch (Exception e) when (e is SocketException or IOException or ObjectDisposedException)
-        {
-            Break($"sending to '{_peer.Remote.Name}' failed: {e.Message}");
-        }
+        _peer.FailControl(control.Header.RequestId, _fault!);
     }
 
     private void FailStripe(Stripe stripe, DescriptorStatus status, string why)
@@ -243,7 +271,7 @@ internal sealed class TcpConnection
             if (_fault is { } fault)
                 return (WireStatus.Internal, fault);
             if (!TryEnqueue(new Control(new FrameHeader { Type = type, RequestId = id, Length = (uint)payload.Length }, payload)))
-                return (WireStatus.Internal, $"more than {MaxQueuedStripes} requests are queued on one connection to '{_peer.Remote.Name}'");
+                return (WireStatus.Internal, _fault ?? $"more than {MaxQueuedStripes} requests are queued on one connection to '{_peer.Remote.Name}'");
             return await pending.Task.WaitAsync(ct).ConfigureAwait(false);
         }
         finally
@@ -276,7 +304,11 @@ internal sealed class TcpConnection
                 switch (h.Type)
                 {
                     case FrameType.WriteAck:
-                        _peer.FindRequest(h.RequestId)?.Settle((int)h.Chunk, Map(h.Status), FrameHeader.Describe(h.Status));
+                        if (_peer.FindRequest(h.RequestId) is { } acked)
+                        {
+                            CheckReply(acked, h, TransferOp.Write);
+                            acked.Settle((int)h.Chunk, Map(h.Status), FrameHeader.Describe(h.Status));
+                        }
                         break;
                     case FrameType.ReadData:
                         OnReadData(h);
@@ -294,22 +326,27 @@ internal sealed class TcpConnection
                 }
             }
         }
-        catch (Exception e) when (e is EndOfStreamException or SocketException or IOException or ObjectDisposedException or InvalidDataException)
+        catch (Exception e)
         {
+            // Any failure, including a target that breaks the protocol, ends this connection, never the process.
             reason = _fault ?? $"connection to '{_peer.Remote.Name}' lost: {e.Message}";
         }
         finally
         {
-            _receiveStopped.TrySetResult();
+            _hello.TrySetResult(_fault ?? "the connection closed during the handshake");
         }
-        _hello.TrySetResult(reason);
         Break(reason);
+        // Only now, with this thread done writing into local memory, fail what was waiting on the connection.
+        _peer.OnConnectionBroken(this, _fault ?? reason);
+        _receiveStopped.TrySetResult();
     }
 
     private void OnReadData(FrameHeader h)
     {
         var request = _peer.FindRequest(h.RequestId);
-        if (request is null || h.Chunk >= (uint)request.Chunks.Length || request.IsSettled((int)h.Chunk))
+        if (request is not null)
+            CheckReply(request, h, TransferOp.Read);
+        if (request is null || request.IsSettled((int)h.Chunk))
         {
             // A reply to a post that already ended (timed out, cancelled): keep the stream in frame, touch nothing.
             _channel.Drain((int)h.Length);
@@ -332,6 +369,15 @@ internal sealed class TcpConnection
             request.Settle((int)h.Chunk, DescriptorStatus.Done);
     }
 
+    /// <summary>A reply must name a chunk of that request and match its direction, or the target is broken or hostile.</summary>
+    private static void CheckReply(TransferRequest request, in FrameHeader h, TransferOp expected)
+    {
+        if (request.Op != expected)
+            throw new InvalidDataException($"the target sent {h.Type} for a {request.Op} request");
+        if (h.Chunk >= (uint)request.Chunks.Length)
+            throw new InvalidDataException($"the target sent {h.Type} for chunk {h.Chunk} of a {request.Chunks.Length}-chunk request");
+    }
+
     private string ReadError(FrameHeader h)
     {
         if (h.Length is 0 or > 64 * 1024)
@@ -352,8 +398,7 @@ internal sealed class TcpConnection
     {
         if (Interlocked.CompareExchange(ref _fault, reason, null) != null)
             return;
-        _channel.Abort();
-        _peer.OnConnectionBroken(this, reason);
+        _channel.Abort(); // the receive thread wakes, exits, and then fails what waited on this connection
         _queueSignal.Release(); // wake the transmit thread: it fails what is queued and exits
     }
 
@@ -362,7 +407,7 @@ internal sealed class TcpConnection
     {
         Break(reason);
         await _receiveStopped.Task.ConfigureAwait(false);
-        if (_hello.Task.IsCompletedSuccessfully && _hello.Task.Result is null)
+        if (_transmitStarted)
             await _transmitStopped.Task.ConfigureAwait(false);
         _channel.Dispose();
     }

@@ -11,6 +11,7 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
     private readonly ConcurrentDictionary<ulong, TransferRequest> _inflight = new();
     private readonly ConcurrentDictionary<ulong, (int Connection, TaskCompletionSource<(WireStatus, string?)> Done)> _control = new();
     private long _nextControlId;
+    private bool _disposed;
 
     public TcpBackend Backend { get; } = backend;
     public RemoteAgent Remote { get; } = remote;
@@ -26,7 +27,7 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
                 return raced;
             if (_connections[index] is { } broken)
                 await broken.AbortAsync("replaced").ConfigureAwait(false);
-            if (Remote.Unloaded)
+            if (Remote.Unloaded || _disposed)
                 throw new TransferException($"remote agent '{Remote.Name}' was unloaded");
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
             timeout.CancelAfter(Backend.Agent.Options.ConnectTimeout);
@@ -53,6 +54,12 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
     }
 
     public void EndControl(ulong id) => _control.TryRemove(id, out _);
+
+    public void FailControl(ulong id, string reason)
+    {
+        if (_control.TryGetValue(id, out var c))
+            c.Done.TrySetResult((WireStatus.Internal, reason));
+    }
 
     public void CompleteControl(ulong id, WireStatus status)
     {
@@ -88,11 +95,21 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
 
     public async ValueTask DisposeAsync()
     {
-        for (int i = 0; i < _connections.Length; i++)
+        // Under the connect lock, so a connect in flight cannot install a connection after this.
+        await _connectLock.WaitAsync().ConfigureAwait(false);
+        try
         {
-            if (_connections[i] is { } conn)
-                await conn.AbortAsync("agent shutting down").ConfigureAwait(false);
-            _connections[i] = null;
+            _disposed = true;
+            for (int i = 0; i < _connections.Length; i++)
+            {
+                if (_connections[i] is { } conn)
+                    await conn.AbortAsync("agent shutting down").ConfigureAwait(false);
+                _connections[i] = null;
+            }
+        }
+        finally
+        {
+            _connectLock.Release();
         }
     }
 }

@@ -53,6 +53,11 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         {
             // The initiator went away or we are shutting down; its outstanding requests fail on its side.
         }
+        catch (Exception e)
+        {
+            // Never let one connection take the agent's process down from a raw thread.
+            Fail($"the target failed on this connection: {e.Message}");
+        }
         finally
         {
             _channel.Dispose();
@@ -88,6 +93,8 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         }
         if (region.Key.Value != h.RegionKey)
             status = WireStatus.KeyMismatch;
+        else if (h.HasChecksum && !Checksums.IsAvailable(h.ChecksumKind))
+            status = WireStatus.ChecksumUnsupported;
         else if (h.Length == 0 || h.Offset > region.Length || h.Length > region.Length - h.Offset)
             status = WireStatus.OutOfRange;
         else if (region.Kind == MemoryKind.Device)
