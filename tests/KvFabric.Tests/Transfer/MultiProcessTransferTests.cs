@@ -207,9 +207,25 @@ public sealed class MultiProcessTransferTests
         // Warm the connection so the kill lands mid-stream, then kill while 512 MiB are moving.
         Assert.True((await agent.PostAsync(request)).IsSuccess);
         var clock = Stopwatch.StartNew();
-        var post = agent.PostAsync(request);
-        await Task.Delay(30);
-        victim.Kill();
+        Task<TransferResult> post;
+        if (backend == BackendKind.Tcp)
+        {
+            // Kill once this post has sent 64 MiB of its 512: the rest cannot all be in flight in socket buffers.
+            long sentBefore = agent.Stats.TcpBytesSent;
+            post = agent.PostAsync(request);
+            while (agent.Stats.TcpBytesSent - sentBefore < 64 << 20 && !post.IsCompleted)
+                await Task.Delay(1);
+            Assert.False(post.IsCompleted, "the transfer finished before the kill: the test lost its race");
+            victim.Kill();
+        }
+        else
+        {
+            // Shared memory copies without the peer, into a mapping we still hold: the peer must be confirmed alive
+            // at the end, so a copy into a dead process's memory is never reported done.
+            victim.Kill();
+            await victim.WaitForExitAsync();
+            post = agent.PostAsync(request);
+        }
         var result = await post;
         clock.Stop();
 

@@ -91,6 +91,8 @@ public sealed class TransferPeerProcess : IAsyncDisposable
 
     public void Kill() => _process.Kill(entireProcessTree: true);
 
+    public Task WaitForExitAsync() => _process.WaitForExitAsync().WaitAsync(ReplyTimeout);
+
     /// <summary>Sends a POSIX signal (STOP, CONT, ...) to freeze or resume the peer.</summary>
     public void Signal(string signal)
     {
