@@ -122,7 +122,6 @@ public sealed class RegisteredRegion : IAddressRange
     // Transfers in flight hold a reference so deregistration waits for them instead of pulling memory from under a copy.
     private int _users;
     private int _closed;
-    internal bool IsClosed => Volatile.Read(ref _closed) != 0;
 
     internal bool TryAcquire()
     {

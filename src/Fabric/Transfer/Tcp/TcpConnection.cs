@@ -54,7 +54,6 @@ internal sealed class TcpConnection
 
     public int Index { get; }
     public bool IsHealthy => _fault is null;
-    public string? Fault => _fault;
 
     public static async Task<TcpConnection> ConnectAsync(TcpPeer peer, int index, CancellationToken ct)
     {
