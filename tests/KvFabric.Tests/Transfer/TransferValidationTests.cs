@@ -133,7 +133,7 @@ public sealed class TransferValidationTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task A_prepared_request_is_reposted_without_revalidation_and_not_twice_at_once()
+    public async Task A_prepared_request_is_reposted_without_revalidation()
     {
         var request = _initiator.Prepare(TransferOp.Read, [L(5)], _remote, [R(6)], new TransferOptions { Backend = BackendKind.Tcp });
         for (int round = 0; round < 3; round++)
@@ -142,10 +142,26 @@ public sealed class TransferValidationTests : IAsyncLifetime
             Assert.True((await _initiator.PostAsync(request)).IsSuccess);
             Assert.Equal(-1, DataPattern.FindMismatch(_localPool.SlotAt(5).AsSpan(), (ulong)(10 + round), 0));
         }
+    }
+
+    [Fact]
+    public async Task A_request_cannot_be_posted_again_while_its_post_is_in_flight()
+    {
+        // A target that accepts the connection but never answers the handshake holds the first post until its deadline.
+        using var silent = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        silent.Start();
+        var md = _target.GetMetadata() with { TcpPort = ((System.Net.IPEndPoint)silent.LocalEndpoint).Port };
+        var remote = await _initiator.LoadRemoteAsync(md.ToBytes());
+        var request = _initiator.Prepare(TransferOp.Write, [L(0)], remote, [R(0)],
+            new TransferOptions { Backend = BackendKind.Tcp, Deadline = TimeSpan.FromSeconds(2) });
+
         var first = _initiator.PostAsync(request);
-        if (!first.IsCompleted)
-            await Assert.ThrowsAsync<InvalidOperationException>(() => _initiator.PostAsync(request));
-        Assert.True((await first).IsSuccess);
+
+        Assert.True(request.IsPosted);
+        Assert.Contains("already posted", (await Assert.ThrowsAsync<InvalidOperationException>(() => _initiator.PostAsync(request))).Message);
+        Assert.NotEqual(TransferStatus.Success, (await first).Status);
+        Assert.False(request.IsPosted);
+        AssertTargetUntouched();
     }
 
     /// <summary>One large region on each side, registered, and a single-descriptor WRITE between them.</summary>
