@@ -1,4 +1,7 @@
 using System.CommandLine;
+using System.Globalization;
+using KvFabric.Sidecar;
+using Microsoft.Extensions.Configuration;
 using System.Net;
 using KvFabric.Memory;
 using KvFabric.Transfer.Diagnostics;
@@ -11,6 +14,7 @@ public static class KvFabricCli
     public static async Task<int> RunAsync(string[] args)
     {
         var root = new RootCommand("KvFabric: KV-cache transfer and tiered storage fabric for disaggregated LLM inference.");
+        root.Subcommands.Add(ServeCommand());
         root.Subcommands.Add(PeerCommand());
         root.Subcommands.Add(ShmCleanCommand());
         return await root.Parse(args).InvokeAsync();
@@ -43,6 +47,79 @@ public static class KvFabricCli
                 CorruptNthPayload = parse.GetValue(corrupt),
             });
             return await peer.RunAsync(Console.In, Console.Out);
+        });
+        return cmd;
+    }
+
+    private static Command ServeCommand()
+    {
+        var config = new Option<FileInfo?>("--config") { Description = "JSON configuration file (keys in docs/operations.md)" };
+        var port = new Option<int?>("--port") { Description = "gRPC port (h2c, or TLS with --tls-cert); 0 picks a free port" };
+        var metricsPort = new Option<int?>("--metrics-port") { Description = "Prometheus /metrics port; 0 picks a free port, -1 turns it off" };
+        var listen = new Option<string?>("--listen") { Description = "address to bind (default 127.0.0.1)" };
+        var dev = new Option<bool>("--dev") { Description = "development mode: tenant 'dev' with token 'dev'; binds loopback only" };
+        var node = new Option<string?>("--node") { Description = "this node's name (default: the host name)" };
+        var worker = new Option<string?>("--worker") { Description = "the inference worker this sidecar serves" };
+        var capacity = new Option<string?>("--host-capacity") { Description = "host tier capacity, e.g. 4GiB" };
+        var transferPort = new Option<int?>("--transfer-port") { Description = "TCP port of the transfer agent (0: any)" };
+        var tlsCert = new Option<string?>("--tls-cert") { Description = "PEM certificate: serve gRPC over TLS" };
+        var tlsKey = new Option<string?>("--tls-key") { Description = "PEM private key of --tls-cert" };
+        var cmd = new Command("serve", "Run the sidecar: gRPC API (kvfabric.v1 Fabric, Index, Transfer; grpc.health.v1), metrics, transfer agent.")
+        {
+            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey,
+        };
+        cmd.SetAction(async (parse, ct) =>
+        {
+            var flags = new Dictionary<string, string?>
+            {
+                ["port"] = parse.GetValue(port)?.ToString(CultureInfo.InvariantCulture),
+                ["metrics_port"] = parse.GetValue(metricsPort)?.ToString(CultureInfo.InvariantCulture),
+                ["listen"] = parse.GetValue(listen),
+                ["dev"] = parse.GetValue(dev) ? "true" : null,
+                ["node"] = parse.GetValue(node),
+                ["worker"] = parse.GetValue(worker),
+                ["host_capacity"] = parse.GetValue(capacity),
+                ["transfer_port"] = parse.GetValue(transferPort)?.ToString(CultureInfo.InvariantCulture),
+                ["tls:certificate"] = parse.GetValue(tlsCert),
+                ["tls:key"] = parse.GetValue(tlsKey),
+            };
+            var builder = new ConfigurationBuilder();
+            if (parse.GetValue(config) is { } file)
+            {
+                if (!file.Exists)
+                    throw new FileNotFoundException($"--config {file.FullName} does not exist", file.FullName);
+                builder.AddJsonFile(file.FullName, optional: false);
+            }
+
+            IConfiguration configuration = builder
+                .AddEnvironmentVariables("KVFABRIC_")
+                .AddInMemoryCollection(flags.Where(kv => kv.Value is not null))
+                .Build();
+            SidecarOptions options;
+            try
+            {
+                options = SidecarOptions.From(configuration).Validate();
+            }
+            catch (ArgumentException e)
+            {
+                await Console.Error.WriteLineAsync("kvfabric serve: " + e.Message);
+                return 2;
+            }
+
+            await using var host = new SidecarHost(options);
+            await host.StartAsync(ct);
+            // The line scripts and tests wait for: where everything listens.
+            Console.WriteLine($"READY grpc={(host.Tls ? "https" : "http")}://{host.GrpcEndpoint} metrics={host.MetricsEndpoint?.ToString() ?? "off"} transfer={host.Agent.TcpEndpoint}");
+            try
+            {
+                await Task.Delay(Timeout.Infinite, ct);
+            }
+            catch (OperationCanceledException)
+            {
+            }
+
+            await host.StopAsync();
+            return 0;
         });
         return cmd;
     }

@@ -136,6 +136,15 @@ public sealed class HostBlockPool : IDisposable
         return new BlockSlot(index, region.Address + (nint)((index % _slotsPerRegion) * _stride), SlotBytes);
     }
 
+    /// <summary>Where another local process finds a slot: the region's mapped file (null for a private pool) and the offset in it.</summary>
+    public (string? Path, long Offset) LocationOf(int index)
+    {
+        if ((uint)index >= (uint)Capacity)
+            throw new ArgumentOutOfRangeException(nameof(index), index, $"this pool has {Capacity} slots");
+        var region = _regions[index / _slotsPerRegion];
+        return (region.MappedPath, (long)(index % _slotsPerRegion) * _stride);
+    }
+
     [DoesNotReturn]
     private void ThrowExhausted() =>
         throw new InvalidOperationException($"host block pool exhausted: all {Capacity} slots of {SlotBytes} bytes are rented; return slots or size the pool larger");

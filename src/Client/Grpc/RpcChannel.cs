@@ -1,0 +1,150 @@
+using System.Net;
+using System.Net.Http.Headers;
+using System.Net.Security;
+using Google.Protobuf;
+
+namespace KvFabric.Client.Grpc;
+
+public sealed record RpcChannelOptions
+{
+    /// <summary>http://host:port for h2c (HTTP/2 with prior knowledge), https://host:port for TLS.</summary>
+    public required Uri Address { get; init; }
+    /// <summary>Sent as "authorization: Bearer ..." on every call.</summary>
+    public string? Token { get; init; }
+    /// <summary>Sent as "x-kvfabric-tenant" on every call.</summary>
+    public string? Tenant { get; init; }
+    public int MaxReceiveMessageBytes { get; init; } = 16 << 20;
+    /// <summary>Used for calls that give no deadline of their own; null means none.</summary>
+    public TimeSpan? DefaultDeadline { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Extra attempts for idempotent calls that failed with UNAVAILABLE before any response arrived.</summary>
+    public int MaxRetries { get; init; } = 3;
+    public TimeSpan RetryBackoff { get; init; } = TimeSpan.FromMilliseconds(50);
+    /// <summary>Accepts a server certificate that fails validation (a self-signed development certificate).</summary>
+    public RemoteCertificateValidationCallback? ServerCertificateValidation { get; init; }
+    /// <summary>A handler to use instead of the channel's own (tests, proxies); the channel does not dispose it.</summary>
+    public HttpMessageHandler? Handler { get; init; }
+}
+
+/// <summary>Per-call options: deadline, cancellation and extra metadata.</summary>
+public readonly record struct CallOptions(TimeSpan? Deadline = null, CancellationToken CancellationToken = default,
+    IReadOnlyList<KeyValuePair<string, string>>? Metadata = null);
+
+/// <summary>
+/// A gRPC client channel over HttpClient and HTTP/2: unary, client-streaming, server-streaming and bidirectional calls,
+/// deadlines sent as grpc-timeout and enforced locally, cancellation (RST_STREAM), retries of idempotent calls.
+/// Thread-safe; one channel multiplexes any number of concurrent calls.
+/// </summary>
+public sealed class RpcChannel : IDisposable
+{
+    private readonly HttpMessageInvoker _http;
+    private readonly bool _ownsHandler;
+
+    public RpcChannel(RpcChannelOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        if (options.Address.Scheme is not ("http" or "https"))
+            throw new ArgumentException($"gRPC address must be http://host:port (h2c) or https://host:port (TLS); got {options.Address}", nameof(options));
+        Options = options;
+        HttpMessageHandler handler;
+        if (options.Handler is not null)
+        {
+            handler = options.Handler;
+        }
+        else
+        {
+            var sockets = new SocketsHttpHandler
+            {
+                EnableMultipleHttp2Connections = true,
+                InitialHttp2StreamWindowSize = 16 << 20,
+                ConnectTimeout = TimeSpan.FromSeconds(5),
+                KeepAlivePingDelay = TimeSpan.FromSeconds(30),
+                KeepAlivePingTimeout = TimeSpan.FromSeconds(10),
+                KeepAlivePingPolicy = HttpKeepAlivePingPolicy.WithActiveRequests,
+                PooledConnectionIdleTimeout = TimeSpan.FromMinutes(5),
+                AutomaticDecompression = DecompressionMethods.None,
+                UseCookies = false,
+                UseProxy = false,
+            };
+            if (options.ServerCertificateValidation is not null)
+                sockets.SslOptions = new SslClientAuthenticationOptions { RemoteCertificateValidationCallback = options.ServerCertificateValidation };
+            handler = sockets;
+            _ownsHandler = true;
+        }
+
+        _http = new HttpMessageInvoker(handler, disposeHandler: _ownsHandler);
+    }
+
+    public RpcChannelOptions Options { get; }
+
+    internal HttpMessageInvoker Http => _http;
+
+    public async Task<TResponse> UnaryAsync<TRequest, TResponse>(string method, TRequest request, MessageParser<TResponse> parser,
+        CallOptions options = default, bool idempotent = false)
+        where TRequest : IMessage<TRequest> where TResponse : class, IMessage<TResponse>
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        DateTime started = DateTime.UtcNow;
+        for (int attempt = 0; ; attempt++)
+        {
+            await using var call = new GrpcCall<TRequest, TResponse>(this, method, parser, options, request);
+            try
+            {
+                TResponse? response = await call.ReadAsync().ConfigureAwait(false)
+                    ?? throw new RpcException(StatusCode.Internal, $"{method}: the server ended the call without a response message");
+                await call.ReadToEndAsync().ConfigureAwait(false);
+                return response;
+            }
+            catch (RpcException e) when (idempotent && e.Status == StatusCode.Unavailable && !call.ResponseStarted
+                                         && attempt < Options.MaxRetries && !options.CancellationToken.IsCancellationRequested)
+            {
+                TimeSpan backoff = Options.RetryBackoff * (1 << attempt);
+                TimeSpan? deadline = options.Deadline ?? Options.DefaultDeadline;
+                if (deadline is { } d && DateTime.UtcNow - started + backoff >= d)
+                    throw;
+                await Task.Delay(backoff, options.CancellationToken).ConfigureAwait(false);
+            }
+        }
+    }
+
+    /// <summary>A server-streaming call: read responses with ReadAsync until null.</summary>
+    public GrpcCall<TRequest, TResponse> ServerStreaming<TRequest, TResponse>(string method, TRequest request,
+        MessageParser<TResponse> parser, CallOptions options = default)
+        where TRequest : IMessage<TRequest> where TResponse : class, IMessage<TResponse>
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        return new GrpcCall<TRequest, TResponse>(this, method, parser, options, request);
+    }
+
+    /// <summary>A client-streaming or bidirectional call: WriteAsync requests, CompleteAsync, read responses.</summary>
+    public GrpcCall<TRequest, TResponse> Streaming<TRequest, TResponse>(string method, MessageParser<TResponse> parser,
+        CallOptions options = default)
+        where TRequest : IMessage<TRequest> where TResponse : class, IMessage<TResponse>
+        => new(this, method, parser, options, default);
+
+    internal HttpRequestMessage CreateRequest(string method, TimeSpan? deadline, IReadOnlyList<KeyValuePair<string, string>>? metadata)
+    {
+        var request = new HttpRequestMessage(HttpMethod.Post, new Uri(Options.Address, method))
+        {
+            Version = HttpVersion.Version20,
+            VersionPolicy = HttpVersionPolicy.RequestVersionExact,
+        };
+        request.Headers.TE.Add(new TransferCodingWithQualityHeaderValue("trailers"));
+        request.Headers.TryAddWithoutValidation("user-agent", "grpc-kvfabric-csharp/1.0");
+        request.Headers.TryAddWithoutValidation(GrpcProtocol.AcceptEncodingHeader, GrpcProtocol.SupportedEncodings);
+        if (deadline is { } d)
+            request.Headers.TryAddWithoutValidation(GrpcProtocol.TimeoutHeader, GrpcProtocol.FormatTimeout(d));
+        if (Options.Token is not null)
+            request.Headers.TryAddWithoutValidation("authorization", "Bearer " + Options.Token);
+        if (Options.Tenant is not null)
+            request.Headers.TryAddWithoutValidation(GrpcProtocol.TenantHeader, Options.Tenant);
+        if (metadata is not null)
+        {
+            foreach (var (key, value) in metadata)
+                request.Headers.TryAddWithoutValidation(key, value);
+        }
+
+        return request;
+    }
+
+    public void Dispose() => _http.Dispose();
+}

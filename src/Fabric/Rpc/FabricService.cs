@@ -1,0 +1,321 @@
+using Google.Protobuf;
+using KvFabric.Blocks;
+using KvFabric.Client.Grpc;
+using KvFabric.Rpc.V1;
+using KvFabric.Service;
+using KvFabric.Tiers;
+
+namespace KvFabric.Rpc;
+
+/// <summary>kvfabric.v1.Fabric: Lookup, Reserve/Release, Put, Get, Pin/Unpin, Delete, Stats over an IFabricStore.</summary>
+public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMetrics metrics, int maxSendMessageBytes)
+{
+    public const string Name = "kvfabric.v1.Fabric";
+    public static readonly TimeSpan DefaultLease = TimeSpan.FromSeconds(30);
+    public static readonly TimeSpan MaxLease = TimeSpan.FromHours(1);
+    private const int MaxReserve = 1024;
+
+    public void Register(GrpcRouter router)
+    {
+        router.Unary<LookupRequest, LookupResponse>($"/{Name}/Lookup", LookupRequest.Parser, (r, c) => Task.FromResult(Lookup(r, c)));
+        router.Unary<ReserveRequest, ReserveResponse>($"/{Name}/Reserve", ReserveRequest.Parser, (r, c) => Task.FromResult(Reserve(r, c)));
+        router.Unary<ReleaseRequest, ReleaseResponse>($"/{Name}/Release", ReleaseRequest.Parser,
+            (r, c) => Task.FromResult(new ReleaseResponse { Released = staging.Release(c.RequiredTenant.Id, r.ReservationId) }));
+        router.ClientStreaming($"/{Name}/Put", PutAsync);
+        router.ServerStreaming<GetRequest>($"/{Name}/Get", GetRequest.Parser, GetAsync);
+        router.Unary<PinRequest, PinResponse>($"/{Name}/Pin", PinRequest.Parser, (r, c) => Task.FromResult(Pin(r, c)));
+        router.Unary<UnpinRequest, UnpinResponse>($"/{Name}/Unpin", UnpinRequest.Parser,
+            (r, c) => Task.FromResult(new UnpinResponse { Released = store.Unpin(c.RequiredTenant.Id, r.LeaseId) }));
+        router.Unary<DeleteRequest, DeleteResponse>($"/{Name}/Delete", DeleteRequest.Parser, (r, c) => Task.FromResult(Delete(r, c)));
+        router.Unary<StatsRequest, StatsResponse>($"/{Name}/Stats", StatsRequest.Parser, (_, c) => Task.FromResult(Stats(c)));
+    }
+
+    private LookupResponse Lookup(LookupRequest request, ServerCall call)
+    {
+        BlockHash[] chain = Hashes.Parse(request.Hashes, "hashes", requireOne: false);
+        var tiers = new TierKind[chain.Length];
+        int matched = store.Lookup(call.RequiredTenant.Id, chain, tiers);
+        var response = new LookupResponse { MatchedBlocks = (uint)matched };
+        for (int i = 0; i < matched; i++)
+            response.Tiers.Add(Hashes.ToWire(tiers[i]));
+        return response;
+    }
+
+    private ReserveResponse Reserve(ReserveRequest request, ServerCall call)
+    {
+        if (request.Blocks is 0 or > MaxReserve)
+            throw new RpcException(StatusCode.InvalidArgument, $"blocks must be 1..{MaxReserve}; got {request.Blocks}");
+        TimeSpan lease = LeaseOf(request.LeaseMs);
+        try
+        {
+            var (id, slots, expires) = staging.Reserve(call.RequiredTenant.Id, (int)request.Blocks, lease);
+            var response = new ReserveResponse { ReservationId = id, ExpiresUnixMs = (ulong)expires.ToUnixTimeMilliseconds() };
+            foreach (StagingSlot s in slots)
+                response.Slots.Add(new Slot { Index = (uint)s.Index, Path = s.Path, Offset = (ulong)s.Offset, Length = (ulong)s.Length });
+            return response;
+        }
+        catch (StoreFullException e)
+        {
+            throw new RpcException(StatusCode.ResourceExhausted, e.Message);
+        }
+    }
+
+    private async Task<PutResponse> PutAsync(ServerCall call)
+    {
+        uint tenant = call.RequiredTenant.Id;
+        int blockBytes = store.BlockBytes;
+        using IPutBatch batch = store.BeginPut(tenant);
+        StagingArea.SlotScope? slots = null;
+        try
+        {
+            Memory<byte> current = default;
+            BlockHash currentHash = default;
+            int filled = 0, blocks = 0;
+            long received = 0;
+            while (await call.ReadAsync(PutRequest.Parser).ConfigureAwait(false) is { } message)
+            {
+                if (!message.Hash.IsEmpty)
+                {
+                    if (filled < current.Length)
+                        throw Incomplete(currentHash, filled, blockBytes, "the next block started");
+                    currentHash = Hashes.ParseOne(message.Hash, $"hash of block {blocks}");
+                    BlockHash? parent = message.ParentHash.IsEmpty ? null : Hashes.ParseOne(message.ParentHash, $"parent_hash of block {currentHash}");
+                    if (message.BlockLength != (ulong)blockBytes)
+                    {
+                        throw new RpcException(StatusCode.InvalidArgument,
+                            $"block {currentHash} has block_length {message.BlockLength}, but this node's layout ({store.Layout.Describe()}) makes every block exactly {blockBytes} bytes; nothing was stored");
+                    }
+
+                    if (parent is null && message.Depth != 0)
+                        throw new RpcException(StatusCode.InvalidArgument, $"block {currentHash} has depth {message.Depth} but no parent_hash; a chain's first block has depth 0");
+                    try
+                    {
+                        current = batch.Add(currentHash, parent, (int)message.Depth);
+                    }
+                    catch (StoreFullException e)
+                    {
+                        throw new RpcException(StatusCode.ResourceExhausted, e.Message + "; nothing from this Put was stored");
+                    }
+
+                    blocks++;
+                    filled = 0;
+                    if (message.ReservationId != 0)
+                    {
+                        if (!message.Data.IsEmpty)
+                            throw new RpcException(StatusCode.InvalidArgument, $"block {currentHash} names a reserved slot and also carries data; use one or the other");
+                        slots ??= UseSlots(tenant, message.ReservationId);
+                        Memory<byte> slot = SlotOf(slots, message.ReservationId, message.SlotIndex);
+                        slot.Span[..blockBytes].CopyTo(current.Span);
+                        filled = blockBytes;
+                        received += blockBytes;
+                        continue;
+                    }
+                }
+                else if (current.IsEmpty)
+                {
+                    throw new RpcException(StatusCode.InvalidArgument, "a Put message carried data before any block header (set hash and block_length on a block's first message)");
+                }
+
+                int n = message.Data.Length;
+                if (n == 0)
+                    continue;
+                if (filled + n > current.Length)
+                {
+                    throw new RpcException(StatusCode.InvalidArgument,
+                        $"block {currentHash} got {filled + n} bytes, more than its block_length of {blockBytes}; nothing was stored");
+                }
+
+                message.Data.Span.CopyTo(current.Span[filled..]);
+                filled += n;
+                received += n;
+            }
+
+            if (filled < current.Length)
+                throw Incomplete(currentHash, filled, blockBytes, "the stream ended");
+            PutOutcome outcome = await batch.CommitAsync(call.CancellationToken).ConfigureAwait(false);
+            metrics.BytesIn.Add(received, "put");
+            call.BytesReceived = received;
+            return new PutResponse { Stored = (uint)outcome.Stored, AlreadyPresent = (uint)outcome.AlreadyPresent, BytesReceived = (ulong)received };
+        }
+        finally
+        {
+            slots?.Dispose();
+        }
+    }
+
+    private static RpcException Incomplete(BlockHash hash, int filled, int expected, string what) =>
+        new(StatusCode.InvalidArgument, $"block {hash} got {filled} of its {expected} bytes before {what}; nothing was stored");
+
+    private StagingArea.SlotScope UseSlots(uint tenant, ulong reservation)
+    {
+        try
+        {
+            return staging.Use(tenant, reservation);
+        }
+        catch (BlockNotFoundException e)
+        {
+            throw new RpcException(StatusCode.FailedPrecondition, e.Message);
+        }
+    }
+
+    private static Memory<byte> SlotOf(StagingArea.SlotScope slots, ulong reservation, uint index)
+    {
+        if (index >= (uint)slots.Count)
+            throw new RpcException(StatusCode.InvalidArgument, $"slot_index {index} is outside reservation {reservation} (slots 0..{slots.Count - 1})");
+        return slots.Slot(index);
+    }
+
+    private async Task GetAsync(GetRequest request, ServerCall call)
+    {
+        uint tenant = call.RequiredTenant.Id;
+        BlockHash[] hashes = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
+        int chunk = request.ChunkBytes == 0 ? 1 << 20 : (int)Math.Min(request.ChunkBytes, (uint)(maxSendMessageBytes - 64));
+        if (chunk < 4096)
+            throw new RpcException(StatusCode.InvalidArgument, $"chunk_bytes must be 0 (default) or at least 4096; got {request.ChunkBytes}");
+
+        // Open every block first: the call either finds all of them (and they cannot change while streamed) or none is sent.
+        var leases = new ReadLease?[hashes.Length];
+        StagingArea.SlotScope? slots = null;
+        try
+        {
+            for (int i = 0; i < hashes.Length; i++)
+            {
+                leases[i] = await store.OpenReadAsync(tenant, hashes[i], call.CancellationToken).ConfigureAwait(false)
+                    ?? throw new RpcException(StatusCode.NotFound, $"block {hashes[i]} (index {i} of the request) is not cached on {store.Node}; nothing was sent");
+            }
+
+            if (request.ReservationId != 0)
+            {
+                slots = UseSlots(tenant, request.ReservationId);
+                if (slots.Count < hashes.Length)
+                    throw new RpcException(StatusCode.InvalidArgument, $"reservation {request.ReservationId} has {slots.Count} slots for {hashes.Length} blocks");
+            }
+
+            long sent = 0;
+            var response = new GetResponse();
+            for (int i = 0; i < hashes.Length; i++)
+            {
+                ReadLease lease = leases[i]!;
+                ReadOnlyMemory<byte> bytes = lease.Bytes;
+                response.Hash = Hashes.Pack(hashes[i]);
+                response.BlockLength = (ulong)bytes.Length;
+                response.Tier = Hashes.ToWire(lease.Tier);
+                if (slots is not null)
+                {
+                    bytes.Span.CopyTo(slots.Slot((uint)i).Span);
+                    response.InSlot = true;
+                    response.Offset = 0;
+                    response.Data = ByteString.Empty;
+                    call.Write(response);
+                }
+                else
+                {
+                    for (int offset = 0; offset < bytes.Length; offset += chunk)
+                    {
+                        int n = Math.Min(chunk, bytes.Length - offset);
+                        response.Offset = (ulong)offset;
+                        response.Data = UnsafeByteOperations.UnsafeWrap(bytes.Slice(offset, n));
+                        await call.WriteAsync(response).ConfigureAwait(false);
+                        response.Hash = ByteString.Empty;
+                        response.BlockLength = 0;
+                        response.Tier = Tier.Unspecified;
+                        sent += n;
+                    }
+                }
+
+                lease.Dispose();
+                leases[i] = null;
+            }
+
+            if (slots is not null)
+                await call.FlushAsync().ConfigureAwait(false);
+            metrics.BytesOut.Add(sent, "get");
+            call.BytesSent = sent;
+        }
+        finally
+        {
+            slots?.Dispose();
+            foreach (ReadLease? l in leases)
+                l?.Dispose();
+        }
+    }
+
+    private PinResponse Pin(PinRequest request, ServerCall call)
+    {
+        BlockHash[] hashes = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
+        try
+        {
+            PinLease lease = store.Pin(call.RequiredTenant.Id, hashes, LeaseOf(request.LeaseMs));
+            return new PinResponse { LeaseId = lease.LeaseId, Pinned = (uint)lease.Pinned, ExpiresUnixMs = (ulong)lease.Expires.ToUnixTimeMilliseconds() };
+        }
+        catch (BlockNotFoundException e)
+        {
+            throw new RpcException(StatusCode.NotFound, e.Message);
+        }
+    }
+
+    private DeleteResponse Delete(DeleteRequest request, ServerCall call)
+    {
+        BlockHash[] hashes = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
+        try
+        {
+            return new DeleteResponse { Deleted = (uint)store.Delete(call.RequiredTenant.Id, hashes) };
+        }
+        catch (BlockPinnedException e)
+        {
+            throw new RpcException(StatusCode.FailedPrecondition, e.Message);
+        }
+    }
+
+    private StatsResponse Stats(ServerCall call)
+    {
+        StoreStats s = store.GetStats(call.RequiredTenant.Id);
+        KvLayout l = store.Layout;
+        var response = new StatsResponse
+        {
+            Node = store.Node,
+            Layout = new Layout
+            {
+                ModelFingerprint = l.ModelFingerprint,
+                Layers = (uint)l.Layers,
+                KvHeads = (uint)l.KvHeads,
+                HeadDim = (uint)l.HeadDim,
+                Dtype = l.DType.WireName(),
+                TokensPerBlock = (uint)l.TokensPerBlock,
+                TpSize = (uint)l.TensorParallelSize,
+                TpRank = (uint)l.TensorParallelRank,
+                BlockBytes = (ulong)l.BlockBytes,
+            },
+            Lookups = (ulong)s.Lookups,
+            LookupHitBlocks = (ulong)s.LookupHitBlocks,
+            LookupMissBlocks = (ulong)s.LookupMissBlocks,
+            TenantBlocks = (ulong)s.TenantBlocks,
+            TenantBytes = (ulong)s.TenantBytes,
+        };
+        foreach (TierStatsSnapshot t in s.Tiers)
+        {
+            response.Tiers.Add(new TierStats
+            {
+                Tier = Hashes.ToWire(t.Tier),
+                CapacityBytes = (ulong)t.CapacityBytes,
+                UsedBytes = (ulong)t.UsedBytes,
+                Blocks = (ulong)t.Blocks,
+                Hits = (ulong)t.Hits,
+                Evictions = (ulong)t.Evictions,
+                Implementation = t.Implementation,
+            });
+        }
+
+        return response;
+    }
+
+    private static TimeSpan LeaseOf(uint ms)
+    {
+        if (ms == 0)
+            return DefaultLease;
+        var lease = TimeSpan.FromMilliseconds(ms);
+        return lease <= MaxLease
+            ? lease
+            : throw new RpcException(StatusCode.InvalidArgument, $"lease_ms {ms} is longer than the maximum of {MaxLease.TotalMilliseconds} (1 hour)");
+    }
+}

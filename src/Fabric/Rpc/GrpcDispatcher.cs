@@ -1,0 +1,141 @@
+using System.Diagnostics;
+using KvFabric.Client.Grpc;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Logging;
+
+namespace KvFabric.Rpc;
+
+/// <summary>
+/// Turns an HTTP/2 request into a gRPC call: checks the protocol, authenticates, applies grpc-timeout, runs the handler,
+/// and always ends with grpc-status/grpc-message (in headers for a trailers-only response, else in trailers). A handler
+/// that throws never drops the stream: RpcException keeps its status, cancellation becomes CANCELLED or
+/// DEADLINE_EXCEEDED, anything else INTERNAL (logged with the call).
+/// </summary>
+public sealed class GrpcDispatcher
+{
+    private static readonly double[] LatencyBuckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+    private readonly GrpcRouter _router;
+    private readonly TenantRegistry _tenants;
+    private readonly ILogger _log;
+    private readonly int _maxReceiveBytes;
+    private readonly MetricsRegistry.Counter _calls;
+    private readonly MetricsRegistry.Histogram _latency;
+
+    public GrpcDispatcher(GrpcRouter router, TenantRegistry tenants, MetricsRegistry metrics, ILogger log, int maxReceiveBytes)
+    {
+        _router = router;
+        _tenants = tenants;
+        _log = log;
+        _maxReceiveBytes = maxReceiveBytes;
+        _calls = metrics.CreateCounter("kvfabric_rpc_calls_total", "gRPC calls handled, by method and final status code.", "method", "code");
+        _latency = metrics.CreateHistogram("kvfabric_rpc_duration_seconds", "gRPC call duration from request headers to status, by method.", LatencyBuckets, "method");
+    }
+
+    public async Task HandleAsync(HttpContext http)
+    {
+        HttpRequest request = http.Request;
+        HttpResponse response = http.Response;
+        if (!HttpMethods.IsPost(request.Method) || !GrpcProtocol.IsGrpcContentType(request.ContentType))
+        {
+            response.StatusCode = StatusCodes.Status415UnsupportedMediaType;
+            response.Headers[GrpcProtocol.StatusHeader] = ((int)StatusCode.Internal).ToString(System.Globalization.CultureInfo.InvariantCulture);
+            response.Headers[GrpcProtocol.MessageHeader] = GrpcProtocol.EncodeMessage(
+                $"this endpoint speaks gRPC: POST with content-type application/grpc; got {request.Method} with '{request.ContentType}'");
+            return;
+        }
+
+        string path = request.Path.Value ?? string.Empty;
+        long started = Stopwatch.GetTimestamp();
+        response.ContentType = GrpcProtocol.ContentType;
+        response.Headers[GrpcProtocol.AcceptEncodingHeader] = GrpcProtocol.SupportedEncodings;
+
+        StatusCode status = StatusCode.OK;
+        string? detail = null;
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
+        bool deadlineHit = false;
+        try
+        {
+            if (!_router.TryGet(path, out var route))
+                throw new RpcException(StatusCode.Unimplemented, $"method {path} is not served here; served: {string.Join(", ", _router.Services)}");
+
+            string? timeout = request.Headers[GrpcProtocol.TimeoutHeader].FirstOrDefault();
+            DateTime? deadline = null;
+            if (timeout is not null)
+            {
+                if (!GrpcProtocol.TryParseTimeout(timeout, out TimeSpan t))
+                    throw new RpcException(StatusCode.InvalidArgument, $"malformed grpc-timeout '{timeout}' (expected e.g. 500m or 2S)");
+                deadline = DateTime.UtcNow + t;
+                if (t <= TimeSpan.Zero)
+                    throw new RpcException(StatusCode.DeadlineExceeded, "the call's deadline had already passed when it arrived");
+                cts.CancelAfter(t);
+            }
+
+            string? encoding = request.Headers[GrpcProtocol.EncodingHeader].FirstOrDefault();
+            if (encoding is not null && encoding != "identity" && !string.Equals(encoding, "gzip", StringComparison.OrdinalIgnoreCase))
+                throw new RpcException(StatusCode.Unimplemented, $"grpc-encoding '{encoding}' is not supported; supported: {GrpcProtocol.SupportedEncodings}");
+
+            Tenant? tenant = route.Authenticated
+                ? _tenants.Authenticate(request.Headers.Authorization.FirstOrDefault(), request.Headers[GrpcProtocol.TenantHeader].FirstOrDefault())
+                : null;
+            var call = new ServerCall(http, path, tenant, cts.Token, deadline, _maxReceiveBytes);
+            try
+            {
+                await route.Handler(call).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (cts.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
+            {
+                deadlineHit = true;
+            }
+            catch (RpcException) when (cts.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
+            {
+                deadlineHit = true;
+            }
+
+            if (deadlineHit)
+                throw new RpcException(StatusCode.DeadlineExceeded, $"{path}: the deadline ({timeout}) passed before the call completed");
+        }
+        catch (RpcException e)
+        {
+            status = e.Status;
+            detail = e.Detail;
+        }
+        catch (OperationCanceledException) when (http.RequestAborted.IsCancellationRequested)
+        {
+            status = StatusCode.Cancelled;
+            detail = "the client cancelled the call";
+        }
+        catch (Exception e) when (http.RequestAborted.IsCancellationRequested)
+        {
+            status = StatusCode.Cancelled;
+            detail = $"the client went away ({e.GetType().Name})";
+        }
+        catch (Exception e)
+        {
+            status = StatusCode.Internal;
+            detail = $"{path} failed inside the server: {e.GetType().Name}: {e.Message}";
+            _log.LogError(e, "gRPC {Method} from {Peer} failed", path, http.Connection.RemoteIpAddress);
+        }
+
+        string method = _router.TryGet(path, out _) ? path : "unknown";
+        _calls.Add(1, method, status.ToString());
+        _latency.Observe(Stopwatch.GetElapsedTime(started).TotalSeconds, method);
+        if (status != StatusCode.OK && status != StatusCode.Cancelled)
+            _log.LogInformation("gRPC {Method} from {Peer}: {Status} {Detail}", path, http.Connection.RemoteIpAddress, status, detail);
+        if (http.RequestAborted.IsCancellationRequested)
+            return;
+
+        string code = ((int)status).ToString(System.Globalization.CultureInfo.InvariantCulture);
+        if (!response.HasStarted)
+        {
+            // Trailers-only response: the status goes in the headers of a response without a body.
+            response.Headers[GrpcProtocol.StatusHeader] = code;
+            if (detail is not null)
+                response.Headers[GrpcProtocol.MessageHeader] = GrpcProtocol.EncodeMessage(detail);
+            return;
+        }
+
+        response.AppendTrailer(GrpcProtocol.StatusHeader, code);
+        if (detail is not null)
+            response.AppendTrailer(GrpcProtocol.MessageHeader, GrpcProtocol.EncodeMessage(detail));
+    }
+}

@@ -1,0 +1,67 @@
+using Google.Protobuf;
+using KvFabric.Client.Grpc;
+
+namespace KvFabric.Rpc;
+
+/// <summary>The method table: "/package.Service/Method" to a handler, for each of gRPC's four call shapes.</summary>
+public sealed class GrpcRouter
+{
+    private readonly Dictionary<string, Route> _routes = new(StringComparer.Ordinal);
+
+    internal sealed record Route(string Path, bool Authenticated, Func<ServerCall, Task> Handler);
+
+    public IEnumerable<string> Paths => _routes.Keys;
+
+    public IEnumerable<string> Services => _routes.Keys.Select(p => p.Split('/', StringSplitOptions.RemoveEmptyEntries)[0]).Distinct();
+
+    internal bool TryGet(string path, out Route route) => _routes.TryGetValue(path, out route!);
+
+    public void Unary<TReq, TResp>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task<TResp>> handler, bool authenticated = true)
+        where TReq : class, IMessage<TReq> where TResp : IMessage<TResp> =>
+        Add(path, authenticated, async call =>
+        {
+            TReq request = await ReadSingleAsync(call, parser).ConfigureAwait(false);
+            TResp response = await handler(request, call).ConfigureAwait(false);
+            await call.WriteAsync(response).ConfigureAwait(false);
+        });
+
+    public void ServerStreaming<TReq>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task> handler, bool authenticated = true)
+        where TReq : class, IMessage<TReq> =>
+        Add(path, authenticated, async call =>
+        {
+            TReq request = await ReadSingleAsync(call, parser).ConfigureAwait(false);
+            await handler(request, call).ConfigureAwait(false);
+        });
+
+    public void ClientStreaming<TResp>(string path, Func<ServerCall, Task<TResp>> handler, bool authenticated = true)
+        where TResp : IMessage<TResp> =>
+        Add(path, authenticated, async call =>
+        {
+            TResp response = await handler(call).ConfigureAwait(false);
+            await call.WriteAsync(response).ConfigureAwait(false);
+        });
+
+    public void Bidirectional(string path, Func<ServerCall, Task> handler, bool authenticated = true) =>
+        Add(path, authenticated, async call =>
+        {
+            await call.StartResponseAsync().ConfigureAwait(false);
+            await handler(call).ConfigureAwait(false);
+        });
+
+    private void Add(string path, bool authenticated, Func<ServerCall, Task> handler)
+    {
+        if (!path.StartsWith('/') || path.Count(c => c == '/') != 2)
+            throw new ArgumentException($"a gRPC method path looks like /package.Service/Method; got '{path}'", nameof(path));
+        if (!_routes.TryAdd(path, new Route(path, authenticated, handler)))
+            throw new ArgumentException($"{path} is registered twice", nameof(path));
+    }
+
+    private static async Task<TReq> ReadSingleAsync<TReq>(ServerCall call, MessageParser<TReq> parser) where TReq : class, IMessage<TReq>
+    {
+        TReq request = await call.ReadAsync(parser).ConfigureAwait(false)
+            ?? throw new RpcException(StatusCode.Internal, $"{call.Method} expects exactly one request message; the stream ended without one");
+        if (await call.ReadAsync(parser).ConfigureAwait(false) is not null)
+            throw new RpcException(StatusCode.Internal, $"{call.Method} expects exactly one request message; the client sent more");
+        return request;
+    }
+}

@@ -1,0 +1,196 @@
+using KvFabric.Blocks;
+using KvFabric.Client.Grpc;
+using KvFabric.Rpc.V1;
+using KvFabric.Service;
+using KvFabric.Tiers;
+
+namespace KvFabric.Rpc;
+
+/// <summary>A worker the router may send work to, with what it holds of a chain and its current load.</summary>
+public readonly record struct RouteCandidateInfo(string Node, string Worker, int GpuBlocks, int HostBlocks, int SsdBlocks, double Load);
+
+/// <summary>
+/// The routing cost (docs/api.md): blocks left to prefill after the overlap, where a block already on the GPU saves a
+/// whole block of prefill, one in host memory a little less (it must be loaded), one on SSD less again; plus the
+/// worker's load (queued blocks of work). Cheapest wins; ties go to the lexicographically smallest (node, worker).
+/// </summary>
+public static class RouteCost
+{
+    public const double GpuWeight = 1.0, HostWeight = 0.9, SsdWeight = 0.6;
+
+    public static double Of(in RouteCandidateInfo c, int chainLength) =>
+        chainLength - (GpuWeight * c.GpuBlocks + HostWeight * c.HostBlocks + SsdWeight * c.SsdBlocks) + c.Load;
+
+    /// <summary>Index into candidates of the chosen one: argmin cost at temperature 0, else softmax(-cost/T) drawn with seed.</summary>
+    public static int Choose(IReadOnlyList<RouteCandidateInfo> candidates, int chainLength, double temperature, ulong seed)
+    {
+        if (candidates.Count == 0)
+            throw new ArgumentException("no candidates", nameof(candidates));
+        int best = 0;
+        for (int i = 1; i < candidates.Count; i++)
+        {
+            double a = Of(candidates[i], chainLength), b = Of(candidates[best], chainLength);
+            if (a < b || (a == b && Compare(candidates[i], candidates[best]) < 0))
+                best = i;
+        }
+
+        if (temperature <= 0)
+            return best;
+        double min = Of(candidates[best], chainLength);
+        var weights = candidates.Select(c => Math.Exp(-(Of(c, chainLength) - min) / temperature)).ToArray();
+        double draw = new Random(unchecked((int)seed ^ (int)(seed >> 32))).NextDouble() * weights.Sum();
+        for (int i = 0; i < weights.Length; i++)
+        {
+            draw -= weights[i];
+            if (draw <= 0)
+                return i;
+        }
+
+        return weights.Length - 1;
+    }
+
+    private static int Compare(in RouteCandidateInfo a, in RouteCandidateInfo b)
+    {
+        int c = string.CompareOrdinal(a.Node, b.Node);
+        return c != 0 ? c : string.CompareOrdinal(a.Worker, b.Worker);
+    }
+}
+
+/// <summary>
+/// kvfabric.v1.Index on one node. Match and Route answer from what this node's store holds (the cluster-wide radix
+/// index feeds more candidates in when nodes are joined); SubscribeEvents streams this node's KV events per tenant.
+/// </summary>
+public sealed class IndexService(IFabricStore store, string worker, Func<double> load)
+{
+    public const string Name = "kvfabric.v1.Index";
+    private const int EventBatch = 256;
+
+    public void Register(GrpcRouter router)
+    {
+        router.Unary<MatchRequest, MatchResponse>($"/{Name}/Match", MatchRequest.Parser, (r, c) => Task.FromResult(Match(r, c)));
+        router.Unary<RouteRequest, RouteResponse>($"/{Name}/Route", RouteRequest.Parser, (r, c) => Task.FromResult(Route(r, c)));
+        router.ServerStreaming<SubscribeEventsRequest>($"/{Name}/SubscribeEvents", SubscribeEventsRequest.Parser, SubscribeAsync);
+    }
+
+    private List<RouteCandidateInfo> Candidates(uint tenant, BlockHash[] chain)
+    {
+        var tiers = new TierKind[chain.Length];
+        int matched = store.Lookup(tenant, chain, tiers);
+        int gpu = 0, host = 0, ssd = 0;
+        for (int i = 0; i < matched; i++)
+        {
+            switch (tiers[i])
+            {
+                case TierKind.Gpu: gpu++; break;
+                case TierKind.Host: host++; break;
+                default: ssd++; break;
+            }
+        }
+
+        return [new RouteCandidateInfo(store.Node, worker, gpu, host, ssd, load())];
+    }
+
+    private MatchResponse Match(MatchRequest request, ServerCall call)
+    {
+        BlockHash[] chain = Hashes.Parse(request.Hashes, "hashes", requireOne: false);
+        var response = new MatchResponse();
+        foreach (RouteCandidateInfo c in Candidates(call.RequiredTenant.Id, chain).OrderByDescending(c => c.GpuBlocks + c.HostBlocks + c.SsdBlocks))
+        {
+            uint matched = (uint)(c.GpuBlocks + c.HostBlocks + c.SsdBlocks);
+            if (matched > 0)
+            {
+                response.Matches.Add(new WorkerMatch
+                {
+                    Node = c.Node, Worker = c.Worker, MatchedBlocks = matched,
+                    GpuBlocks = (uint)c.GpuBlocks, HostBlocks = (uint)c.HostBlocks, SsdBlocks = (uint)c.SsdBlocks,
+                });
+            }
+        }
+
+        return response;
+    }
+
+    private RouteResponse Route(RouteRequest request, ServerCall call)
+    {
+        if (!double.IsFinite(request.Temperature) || request.Temperature < 0)
+            throw new RpcException(StatusCode.InvalidArgument, $"temperature must be a finite number >= 0; got {request.Temperature}");
+        BlockHash[] chain = Hashes.Parse(request.Hashes, "hashes", requireOne: false);
+        List<RouteCandidateInfo> candidates = Candidates(call.RequiredTenant.Id, chain);
+        int chosen = RouteCost.Choose(candidates, chain.Length, request.Temperature, request.Seed);
+        RouteCandidateInfo pick = candidates[chosen];
+        var response = new RouteResponse
+        {
+            Node = pick.Node,
+            Worker = pick.Worker,
+            ExpectedHitBlocks = (uint)(pick.GpuBlocks + pick.HostBlocks + pick.SsdBlocks),
+            Cost = RouteCost.Of(pick, chain.Length),
+        };
+        foreach (RouteCandidateInfo c in candidates.OrderBy(c => RouteCost.Of(c, chain.Length)).ThenBy(c => c.Node, StringComparer.Ordinal))
+        {
+            response.Candidates.Add(new V1.RouteCandidate
+            {
+                Node = c.Node, Worker = c.Worker, Cost = RouteCost.Of(c, chain.Length),
+                MatchedBlocks = (uint)(c.GpuBlocks + c.HostBlocks + c.SsdBlocks), Load = c.Load,
+            });
+        }
+
+        return response;
+    }
+
+    private async Task SubscribeAsync(SubscribeEventsRequest request, ServerCall call)
+    {
+        uint tenant = call.RequiredTenant.Id;
+        ulong next = Math.Max(1, request.FromSequence);
+        var batch = new List<Service.KvEvent>(EventBatch);
+        while (true)
+        {
+            batch.Clear();
+            if (!store.Events.TryRead(tenant, next, batch, EventBatch, out Task changed))
+            {
+                // The subscriber fell behind what the node retains: send a snapshot, then resume after it.
+                var (sequence, events) = store.Snapshot(tenant);
+                foreach (Service.KvEvent e in events)
+                    call.Write(ToWire(e));
+                await call.FlushAsync().ConfigureAwait(false);
+                next = sequence + 1;
+                continue;
+            }
+
+            if (batch.Count == 0)
+            {
+                await call.FlushAsync().ConfigureAwait(false);
+                await changed.WaitAsync(call.CancellationToken).ConfigureAwait(false);
+                continue;
+            }
+
+            foreach (Service.KvEvent e in batch)
+                call.Write(ToWire(e));
+            await call.FlushAsync().ConfigureAwait(false);
+            next = batch[^1].Sequence + 1;
+        }
+    }
+
+    private V1.KvEvent ToWire(Service.KvEvent e)
+    {
+        var wire = new V1.KvEvent { Sequence = e.Sequence, Node = store.Node, Snapshot = e.Snapshot };
+        switch (e.Kind)
+        {
+            case KvEventKind.Stored:
+                wire.Stored = new BlocksStored
+                {
+                    ParentHash = e.Parent is { } p ? Hashes.Pack(p) : Google.Protobuf.ByteString.Empty,
+                    Hashes = Hashes.Pack(e.Hashes),
+                    Tier = Hashes.ToWire(e.Tier),
+                };
+                break;
+            case KvEventKind.Removed:
+                wire.Removed = new BlocksRemoved { Hashes = Hashes.Pack(e.Hashes), Tier = Hashes.ToWire(e.Tier) };
+                break;
+            default:
+                wire.Cleared = new AllCleared();
+                break;
+        }
+
+        return wire;
+    }
+}

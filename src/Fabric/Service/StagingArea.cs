@@ -1,0 +1,158 @@
+using KvFabric.Memory;
+
+namespace KvFabric.Service;
+
+public readonly record struct StagingSlot(int Index, string Path, long Offset, int Length);
+
+/// <summary>
+/// Shared-memory slots a node-local client reserves to hand block bytes to the sidecar (Put) or take them (Get) without
+/// sending them through gRPC. Bounded: a fixed pool; reservations end on Release or when their lease expires (a slot in
+/// use by a running call is reclaimed only after that call finished with it).
+/// </summary>
+public sealed class StagingArea : IDisposable
+{
+    private readonly HostBlockPool _pool;
+    private readonly NativeMemoryManager[] _memory;
+    private readonly Dictionary<ulong, Reservation> _reservations = new();
+    private readonly Lock _lock = new();
+    private readonly Timer _timer;
+    private ulong _next;
+
+    internal sealed class Reservation(uint tenant, BlockSlot[] slots, DateTimeOffset expires)
+    {
+        public readonly uint Tenant = tenant;
+        public readonly BlockSlot[] Slots = slots;
+        public readonly DateTimeOffset Expires = expires;
+        public int Busy;
+        public bool Ended;
+    }
+
+    public StagingArea(int slotBytes, int slots)
+    {
+        _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = slotBytes, SlotCount = slots, Shared = true, Tag = "staging" });
+        _memory = new NativeMemoryManager[_pool.Capacity];
+        for (int i = 0; i < _memory.Length; i++)
+            _memory[i] = new NativeMemoryManager(_pool.SlotAt(i).Address, slotBytes);
+        _timer = new Timer(_ => Expire(), null, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(1));
+    }
+
+    public int SlotBytes => _pool.SlotBytes;
+    public int Capacity => _pool.Capacity;
+    public int Available => _pool.Available;
+
+    public (ulong Id, StagingSlot[] Slots, DateTimeOffset Expires) Reserve(uint tenant, int count, TimeSpan lease)
+    {
+        lock (_lock)
+        {
+            if (count > _pool.Available)
+            {
+                throw new StoreFullException(
+                    $"only {_pool.Available} of {_pool.Capacity} staging slots are free, {count} were asked for; release reservations or stream the bytes in the call");
+            }
+
+            var slots = new BlockSlot[count];
+            for (int i = 0; i < count; i++)
+                slots[i] = _pool.Rent();
+            ulong id = ++_next;
+            var r = new Reservation(tenant, slots, DateTimeOffset.UtcNow + lease);
+            _reservations[id] = r;
+            var described = new StagingSlot[count];
+            for (int i = 0; i < count; i++)
+            {
+                var (path, offset) = _pool.LocationOf(slots[i].Index);
+                described[i] = new StagingSlot(i, path!, offset, _pool.SlotBytes);
+            }
+
+            return (id, described, r.Expires);
+        }
+    }
+
+    public bool Release(uint tenant, ulong id)
+    {
+        lock (_lock)
+        {
+            if (!_reservations.TryGetValue(id, out Reservation? r) || r.Tenant != tenant)
+                return false;
+            End(id, r);
+            return true;
+        }
+    }
+
+    /// <summary>Uses slots of a reservation for the duration of one call (dispose the scope when done).</summary>
+    public SlotScope Use(uint tenant, ulong id)
+    {
+        lock (_lock)
+        {
+            if (!_reservations.TryGetValue(id, out Reservation? r) || r.Tenant != tenant || r.Ended)
+                throw new BlockNotFoundException($"reservation {id} does not exist (it was released, it expired, or it belongs to another tenant); call Reserve again");
+            r.Busy++;
+            return new SlotScope(this, id, r);
+        }
+    }
+
+    public sealed class SlotScope : IDisposable
+    {
+        private readonly StagingArea _area;
+        private readonly ulong _id;
+        private readonly Reservation _r;
+        private int _done;
+
+        internal SlotScope(StagingArea area, ulong id, Reservation r)
+        {
+            _area = area;
+            _id = id;
+            _r = r;
+        }
+
+        public int Count => _r.Slots.Length;
+
+        public Memory<byte> Slot(uint index)
+        {
+            if (index >= (uint)_r.Slots.Length)
+                throw new ArgumentOutOfRangeException(nameof(index), index, $"reservation {_id} has slots 0..{_r.Slots.Length - 1}");
+            return _area._memory[_r.Slots[index].Index].Memory;
+        }
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _done, 1) != 0)
+                return;
+            lock (_area._lock)
+            {
+                _r.Busy--;
+                if (_r.Ended && _r.Busy == 0)
+                    _area.ReturnSlots(_r);
+            }
+        }
+    }
+
+    private void End(ulong id, Reservation r)
+    {
+        _reservations.Remove(id);
+        r.Ended = true;
+        if (r.Busy == 0)
+            ReturnSlots(r);
+    }
+
+    private void ReturnSlots(Reservation r)
+    {
+        foreach (BlockSlot s in r.Slots)
+            _pool.Return(s);
+    }
+
+    private void Expire()
+    {
+        var now = DateTimeOffset.UtcNow;
+        lock (_lock)
+        {
+            foreach (var (id, r) in _reservations.Where(kv => kv.Value.Expires <= now).ToList())
+                End(id, r);
+        }
+    }
+
+    public void Dispose()
+    {
+        _timer.Dispose();
+        _pool.Dispose();
+    }
+}

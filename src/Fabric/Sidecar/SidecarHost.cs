@@ -1,0 +1,187 @@
+using System.Net;
+using System.Security.Cryptography.X509Certificates;
+using KvFabric.Rpc;
+using KvFabric.Service;
+using KvFabric.Transfer;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
+
+namespace KvFabric.Sidecar;
+
+/// <summary>
+/// The sidecar: the block store, the transfer agent, the gRPC services on Kestrel (HTTP/2: h2c, or TLS when a certificate
+/// is configured) and a Prometheus /metrics endpoint on its own port. Start, then Stop (health goes NOT_SERVING first).
+/// </summary>
+public sealed class SidecarHost : IAsyncDisposable
+{
+    private readonly SidecarOptions _options;
+    private readonly ILoggerFactory _logs;
+    private readonly ILogger _log;
+    private WebApplication? _grpc;
+    private WebApplication? _metrics;
+    private int _activeCalls;
+
+    public SidecarHost(SidecarOptions options, ILoggerFactory? logs = null)
+    {
+        _options = options.Validate();
+        _logs = logs ?? LoggerFactory.Create(b => b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; }));
+        _log = _logs.CreateLogger("kvfabric.sidecar");
+        Metrics = new MetricsRegistry();
+        RpcMetrics = new RpcMetrics(Metrics);
+        Store = new HostMemoryStore(new HostMemoryStoreOptions
+        {
+            Layout = options.Layout,
+            CapacityBytes = options.HostCapacityBytes,
+            Node = options.Node,
+            LockInRam = options.LockInRam,
+        });
+        Staging = new StagingArea((int)options.Layout.BlockBytes, options.StagingSlots);
+        Agent = new TransferAgent(new TransferAgentOptions { Name = options.Node, ListenAddress = options.Listen, ListenPort = options.TransferPort });
+        Router = new GrpcRouter();
+        new FabricService(Store, Staging, RpcMetrics, options.MaxSendMessageBytes).Register(Router);
+        new IndexService(Store, options.Worker, () => Volatile.Read(ref _activeCalls)).Register(Router);
+        new TransferService(Agent).Register(Router);
+        Health = new HealthService([FabricService.Name, IndexService.Name, TransferService.Name]);
+        Health.Register(Router);
+        RegisterGauges();
+    }
+
+    public IFabricStore Store { get; }
+    public StagingArea Staging { get; }
+    public TransferAgent Agent { get; }
+    public GrpcRouter Router { get; }
+    public HealthService Health { get; }
+    public MetricsRegistry Metrics { get; }
+    public RpcMetrics RpcMetrics { get; }
+    public IPEndPoint? GrpcEndpoint { get; private set; }
+    public IPEndPoint? MetricsEndpoint { get; private set; }
+    public bool Tls => _options.TlsCertificate is not null;
+
+    public async Task StartAsync(CancellationToken cancellationToken = default)
+    {
+        var dispatcher = new GrpcDispatcher(Router, new TenantRegistry(_options.EffectiveTenants), Metrics, _logs.CreateLogger("kvfabric.rpc"),
+            _options.MaxReceiveMessageBytes);
+        X509Certificate2? cert = Tls ? X509Certificate2.CreateFromPemFile(_options.TlsCertificate!, _options.TlsKey) : null;
+        _grpc = Build(_options.Port, HttpProtocols.Http2, cert);
+        _grpc.Run(async http =>
+        {
+            Interlocked.Increment(ref _activeCalls);
+            try
+            {
+                await dispatcher.HandleAsync(http).ConfigureAwait(false);
+            }
+            finally
+            {
+                Interlocked.Decrement(ref _activeCalls);
+            }
+        });
+        await _grpc.StartAsync(cancellationToken).ConfigureAwait(false);
+        GrpcEndpoint = BoundEndpoint(_grpc);
+
+        if (_options.MetricsPort >= 0)
+        {
+            _metrics = Build(_options.MetricsPort, HttpProtocols.Http1AndHttp2, null);
+            _metrics.Run(async http =>
+            {
+                if (http.Request.Path == "/metrics")
+                {
+                    http.Response.ContentType = "text/plain; version=0.0.4; charset=utf-8";
+                    await http.Response.WriteAsync(Metrics.Render(), http.RequestAborted).ConfigureAwait(false);
+                }
+                else
+                {
+                    http.Response.StatusCode = StatusCodes.Status404NotFound;
+                    await http.Response.WriteAsync("kvfabric: GET /metrics (Prometheus text format)\n", http.RequestAborted).ConfigureAwait(false);
+                }
+            });
+            await _metrics.StartAsync(cancellationToken).ConfigureAwait(false);
+            MetricsEndpoint = BoundEndpoint(_metrics);
+        }
+
+        _log.LogInformation("kvfabric node {Node} serving gRPC on {Scheme}://{Grpc}, metrics on {Metrics}, transfer agent on {Transfer}; layout {Layout}; host tier {Capacity} bytes{Dev}",
+            _options.Node, Tls ? "https" : "http (h2c)", GrpcEndpoint, MetricsEndpoint?.ToString() ?? "(off)", Agent.TcpEndpoint,
+            _options.Layout.Describe(), _options.HostCapacityBytes, _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
+    }
+
+    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert)
+    {
+        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.Services.AddSingleton(_logs);
+        builder.WebHost.ConfigureKestrel(k =>
+        {
+            k.AddServerHeader = false;
+            k.Limits.MaxRequestBodySize = null;            // streams are bounded per message, not per call
+            k.Limits.MinRequestBodyDataRate = null;        // long-lived streams (Watch, SubscribeEvents) sit idle
+            k.Limits.MinResponseDataRate = null;
+            k.Limits.Http2.MaxStreamsPerConnection = 1024;
+            k.Limits.Http2.InitialConnectionWindowSize = 32 << 20;
+            k.Limits.Http2.InitialStreamWindowSize = 16 << 20;
+            k.Limits.Http2.MaxFrameSize = (1 << 24) - 1;
+            k.Listen(_options.Listen, port, listen =>
+            {
+                listen.Protocols = protocols;
+                if (cert is not null)
+                    listen.UseHttps(cert);
+            });
+        });
+        builder.WebHost.UseShutdownTimeout(TimeSpan.FromSeconds(5));
+        return builder.Build();
+    }
+
+    private static IPEndPoint BoundEndpoint(WebApplication app)
+    {
+        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
+        var uri = new Uri(address.Replace("[::]", "127.0.0.1", StringComparison.Ordinal));
+        return new IPEndPoint(IPAddress.Parse(uri.Host.Trim('[', ']')), uri.Port);
+    }
+
+    private void RegisterGauges()
+    {
+        Metrics.AddGauge("kvfabric_tier_capacity_bytes", "Capacity of each tier in bytes.", ["tier"],
+            () => Store.GetStats(0).Tiers.Select(t => (new[] { t.Tier.ToString() }, (double)t.CapacityBytes)));
+        Metrics.AddGauge("kvfabric_tier_used_bytes", "Bytes held in each tier.", ["tier"],
+            () => Store.GetStats(0).Tiers.Select(t => (new[] { t.Tier.ToString() }, (double)t.UsedBytes)));
+        Metrics.AddGauge("kvfabric_tier_blocks", "Blocks held in each tier.", ["tier"],
+            () => Store.GetStats(0).Tiers.Select(t => (new[] { t.Tier.ToString() }, (double)t.Blocks)));
+        Metrics.AddGauge("kvfabric_lookup_blocks", "Blocks asked for by Lookup, by outcome (hit rate = hit / (hit + miss)).", ["outcome"], () =>
+        {
+            StoreStats s = Store.GetStats(0);
+            return [(["hit"], s.LookupHitBlocks), (["miss"], s.LookupMissBlocks)];
+        });
+        Metrics.AddGauge("kvfabric_transfer_bytes", "Bytes moved by the transfer agent, by backend and direction.", ["backend", "direction"], () =>
+        [
+            (["tcp", "sent"], Agent.Stats.TcpBytesSent), (["tcp", "received"], Agent.Stats.TcpBytesReceived),
+            (["shm", "written"], Agent.Stats.ShmBytesWritten), (["shm", "read"], Agent.Stats.ShmBytesRead),
+        ]);
+        Metrics.AddGauge("kvfabric_staging_slots_free", "Free shared-memory staging slots for Reserve.", [], () => [([], Staging.Available)]);
+        Metrics.AddGauge("kvfabric_rpc_active_calls", "gRPC calls in progress.", [], () => [([], Volatile.Read(ref _activeCalls))]);
+    }
+
+    public async Task StopAsync()
+    {
+        Health.SetAllNotServing();
+        if (_grpc is not null)
+            await _grpc.StopAsync().ConfigureAwait(false);
+        if (_metrics is not null)
+            await _metrics.StopAsync().ConfigureAwait(false);
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await StopAsync().ConfigureAwait(false);
+        if (_grpc is not null)
+            await _grpc.DisposeAsync().ConfigureAwait(false);
+        if (_metrics is not null)
+            await _metrics.DisposeAsync().ConfigureAwait(false);
+        await Agent.DisposeAsync().ConfigureAwait(false);
+        Staging.Dispose();
+        Store.Dispose();
+    }
+}

@@ -1,0 +1,145 @@
+using System.Globalization;
+using System.Net;
+using KvFabric.Blocks;
+using KvFabric.Rpc;
+using Microsoft.Extensions.Configuration;
+
+namespace KvFabric.Sidecar;
+
+/// <summary>
+/// Everything `kvfabric serve` is configured with. Sources, later ones winning: a JSON file (--config), environment
+/// variables prefixed KVFABRIC_ (KVFABRIC_PORT, KVFABRIC_LAYOUT__LAYERS, ...), then command-line flags. Keys are listed in
+/// docs/operations.md.
+/// </summary>
+public sealed record SidecarOptions
+{
+    public string Node { get; init; } = Environment.MachineName;
+    public string Worker { get; init; } = "worker-0";
+    public IPAddress Listen { get; init; } = IPAddress.Loopback;
+    /// <summary>gRPC port; 0 picks a free one (printed on the READY line).</summary>
+    public int Port { get; init; } = 50051;
+    /// <summary>Prometheus /metrics port; 0 picks a free one; -1 disables the endpoint.</summary>
+    public int MetricsPort { get; init; } = 9464;
+    public int TransferPort { get; init; }
+    public bool Dev { get; init; }
+    public string? TlsCertificate { get; init; }
+    public string? TlsKey { get; init; }
+    public IReadOnlyList<TenantConfig> Tenants { get; init; } = [];
+    public KvLayout Layout { get; init; } = DefaultLayout;
+    public long HostCapacityBytes { get; init; } = 1L << 30;
+    public int StagingSlots { get; init; } = 64;
+    public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
+    public int MaxSendMessageBytes { get; init; } = 4 << 20;
+    public bool LockInRam { get; init; }
+
+    /// <summary>A Llama-3-8B-like layout: 32 layers, 8 KV heads of 128, bf16, 16 tokens per block = 2 MiB blocks.</summary>
+    public static KvLayout DefaultLayout { get; } = new("llama-3-8b-like", 32, 8, 128, KvDType.BF16, 16);
+
+    public static readonly TenantConfig DevTenant = new("dev", "dev", Admin: true);
+
+    /// <summary>Checks the options as a whole; the message says what to change.</summary>
+    public SidecarOptions Validate()
+    {
+        if (Dev && !IPAddress.IsLoopback(Listen))
+            throw new ArgumentException($"--dev serves a tenant with the well-known token 'dev' and binds loopback only; got listen address {Listen}. Drop --dev and configure tenants to listen elsewhere.");
+        if (!Dev && Tenants.Count == 0)
+            throw new ArgumentException("no tenants are configured: add tenants (name, token) to the config file or KVFABRIC_TENANTS__0__NAME/TOKEN, or run with --dev");
+        if (Port is < 0 or > 65535)
+            throw new ArgumentException($"--port must be 0..65535; got {Port}");
+        if (MetricsPort is < -1 or > 65535)
+            throw new ArgumentException($"--metrics-port must be -1 (off) or 0..65535; got {MetricsPort}");
+        if (HostCapacityBytes < Layout.BlockBytes)
+            throw new ArgumentException($"host capacity ({HostCapacityBytes} bytes) must hold at least one block of {Layout.BlockBytes} bytes");
+        if (StagingSlots is < 1 or > 65536)
+            throw new ArgumentException($"staging slots must be 1..65536; got {StagingSlots}");
+        if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
+            throw new ArgumentException("max message sizes must be at least 64 KiB");
+        if ((TlsCertificate is null) != (TlsKey is null))
+            throw new ArgumentException("TLS needs both a certificate (tls:certificate) and its key (tls:key), PEM files");
+        return this;
+    }
+
+    public IReadOnlyList<TenantConfig> EffectiveTenants => Dev ? [DevTenant, .. Tenants] : Tenants;
+
+    /// <summary>Reads options from a configuration tree (file + environment + flags merged by the caller).</summary>
+    public static SidecarOptions From(IConfiguration c)
+    {
+        var d = new SidecarOptions();
+        var tenants = c.GetSection("tenants").GetChildren()
+            .Select(t => new TenantConfig(
+                t["name"] ?? throw new ArgumentException($"tenant entry {t.Path} has no name"),
+                t["token"] ?? throw new ArgumentException($"tenant '{t["name"]}' has no token"),
+                bool.TryParse(t["admin"], out bool admin) && admin))
+            .ToList();
+        IConfigurationSection l = c.GetSection("layout");
+        KvLayout layout = l.Exists()
+            ? new KvLayout(
+                l["model"] ?? d.Layout.ModelFingerprint,
+                Int(l, "layers", d.Layout.Layers),
+                Int(l, "kv_heads", d.Layout.KvHeads),
+                Int(l, "head_dim", d.Layout.HeadDim),
+                l["dtype"] is { } dt ? KvDTypeExtensions.ParseWireName(dt) : d.Layout.DType,
+                Int(l, "tokens_per_block", d.Layout.TokensPerBlock),
+                Int(l, "tp_size", 1),
+                Int(l, "tp_rank", 0))
+            : d.Layout;
+        return new SidecarOptions
+        {
+            Node = c["node"] ?? d.Node,
+            Worker = c["worker"] ?? d.Worker,
+            Listen = c["listen"] is { } listen
+                ? (IPAddress.TryParse(listen, out var ip) ? ip : throw new ArgumentException($"listen must be an IP address; got '{listen}'"))
+                : d.Listen,
+            Port = Int(c, "port", d.Port),
+            MetricsPort = Int(c, "metrics_port", d.MetricsPort),
+            TransferPort = Int(c, "transfer_port", d.TransferPort),
+            Dev = bool.TryParse(c["dev"], out bool dev) && dev,
+            TlsCertificate = c["tls:certificate"],
+            TlsKey = c["tls:key"],
+            Tenants = tenants,
+            Layout = layout,
+            HostCapacityBytes = c["host_capacity"] is { } cap ? ParseBytes(cap) : d.HostCapacityBytes,
+            StagingSlots = Int(c, "staging_slots", d.StagingSlots),
+            MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? (int)ParseBytes(r) : d.MaxReceiveMessageBytes,
+            MaxSendMessageBytes = c["max_send_message"] is { } s ? (int)ParseBytes(s) : d.MaxSendMessageBytes,
+            LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
+        };
+    }
+
+    private static int Int(IConfiguration c, string key, int fallback)
+    {
+        string? v = c[key];
+        if (v is null)
+            return fallback;
+        return int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out int n)
+            ? n
+            : throw new ArgumentException($"{PathOf(c)}{key} must be an integer; got '{v}'");
+    }
+
+    private static string PathOf(IConfiguration c)
+    {
+        string? path = (c as IConfigurationSection)?.Path;
+        return string.IsNullOrEmpty(path) ? string.Empty : path + ":";
+    }
+
+    /// <summary>Parses "1073741824", "512MiB", "4GiB", "64KiB", "2GB" (decimal) into bytes.</summary>
+    public static long ParseBytes(string text)
+    {
+        string t = text.Trim();
+        (string suffix, long factor)[] units =
+        [
+            ("KiB", 1L << 10), ("MiB", 1L << 20), ("GiB", 1L << 30), ("TiB", 1L << 40),
+            ("KB", 1000L), ("MB", 1000_000L), ("GB", 1000_000_000L), ("TB", 1000_000_000_000L), ("B", 1L),
+        ];
+        foreach (var (suffix, factor) in units)
+        {
+            if (t.EndsWith(suffix, StringComparison.OrdinalIgnoreCase)
+                && double.TryParse(t.AsSpan(0, t.Length - suffix.Length).Trim(), NumberStyles.Float, CultureInfo.InvariantCulture, out double v) && v >= 0)
+                return (long)(v * factor);
+        }
+
+        return long.TryParse(t, NumberStyles.Integer, CultureInfo.InvariantCulture, out long n) && n >= 0
+            ? n
+            : throw new ArgumentException($"'{text}' is not a byte size; write e.g. 1073741824, 512MiB or 4GiB");
+    }
+}
