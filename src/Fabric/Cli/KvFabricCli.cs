@@ -64,9 +64,10 @@ public static class KvFabricCli
         var transferPort = new Option<int?>("--transfer-port") { Description = "TCP port of the transfer agent (0: any)" };
         var tlsCert = new Option<string?>("--tls-cert") { Description = "PEM certificate: serve gRPC over TLS" };
         var tlsKey = new Option<string?>("--tls-key") { Description = "PEM private key of --tls-cert" };
+        var logFormat = new Option<string?>("--log-format") { Description = "text (default) or json (one object per line)" };
         var cmd = new Command("serve", "Run the sidecar: gRPC API (kvfabric.v1 Fabric, Index, Transfer; grpc.health.v1), metrics, transfer agent.")
         {
-            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey,
+            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey, logFormat,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -82,6 +83,7 @@ public static class KvFabricCli
                 ["transfer_port"] = parse.GetValue(transferPort)?.ToString(CultureInfo.InvariantCulture),
                 ["tls:certificate"] = parse.GetValue(tlsCert),
                 ["tls:key"] = parse.GetValue(tlsKey),
+                ["log_format"] = parse.GetValue(logFormat),
             };
             var builder = new ConfigurationBuilder();
             if (parse.GetValue(config) is { } file)

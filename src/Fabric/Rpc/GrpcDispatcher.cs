@@ -53,13 +53,13 @@ public sealed class GrpcDispatcher
         string? detail = null;
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
         bool deadlineHit = false;
+        DateTime? deadline = null;
         try
         {
             if (!_router.TryGet(path, out var route))
                 throw new RpcException(StatusCode.Unimplemented, $"method {path} is not served here; served: {string.Join(", ", _router.Services)}");
 
             string? timeout = request.Headers[GrpcProtocol.TimeoutHeader].FirstOrDefault();
-            DateTime? deadline = null;
             if (timeout is not null)
             {
                 if (!GrpcProtocol.TryParseTimeout(timeout, out TimeSpan t))
@@ -98,6 +98,12 @@ public sealed class GrpcDispatcher
         {
             status = e.Status;
             detail = e.Detail;
+        }
+        catch (Exception) when (http.RequestAborted.IsCancellationRequested && deadline <= DateTime.UtcNow)
+        {
+            // The client reset the stream because its deadline passed (it gives up at the same moment we would).
+            status = StatusCode.DeadlineExceeded;
+            detail = "the deadline passed";
         }
         catch (OperationCanceledException) when (http.RequestAborted.IsCancellationRequested)
         {

@@ -30,7 +30,14 @@ public sealed class SidecarHost : IAsyncDisposable
     public SidecarHost(SidecarOptions options, ILoggerFactory? logs = null)
     {
         _options = options.Validate();
-        _logs = logs ?? LoggerFactory.Create(b => b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; }));
+        _logs = logs ?? LoggerFactory.Create(b =>
+        {
+            b.AddFilter("Microsoft", LogLevel.Warning);
+            if (options.JsonLogs)
+                b.AddJsonConsole(o => o.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ");
+            else
+                b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; o.UseUtcTimestamp = true; });
+        });
         _log = _logs.CreateLogger("kvfabric.sidecar");
         Metrics = new MetricsRegistry();
         RpcMetrics = new RpcMetrics(Metrics);

@@ -31,6 +31,8 @@ public sealed record SidecarOptions
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
     public bool LockInRam { get; init; }
+    /// <summary>Structured logs as one JSON object per line (for log shippers) instead of text lines.</summary>
+    public bool JsonLogs { get; init; }
 
     /// <summary>A Llama-3-8B-like layout: 32 layers, 8 KV heads of 128, bf16, 16 tokens per block = 2 MiB blocks.</summary>
     public static KvLayout DefaultLayout { get; } = new("llama-3-8b-like", 32, 8, 128, KvDType.BF16, 16);
@@ -103,6 +105,7 @@ public sealed record SidecarOptions
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? (int)ParseBytes(r) : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? (int)ParseBytes(s) : d.MaxSendMessageBytes,
             LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
+            JsonLogs = string.Equals(c["log_format"], "json", StringComparison.OrdinalIgnoreCase),
         };
     }
 

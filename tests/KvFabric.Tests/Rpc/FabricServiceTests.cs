@@ -11,21 +11,21 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     public async Task Put_then_Lookup_and_Get_round_trip_bytes_exactly()
     {
         using var client = fx.Client();
-        var chain = Blocks.Chain("roundtrip", 4);
-        PutResponse put = await client.PutAsync(Blocks.ToPut(chain, fx.BlockBytes, 100));
+        var chain = TestBlocks.Chain("roundtrip", 4);
+        PutResponse put = await client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 100));
         Assert.Equal(4u, put.Stored);
         Assert.Equal((ulong)(4 * fx.BlockBytes), put.BytesReceived);
 
-        var longer = chain.Concat(Blocks.Chain("roundtrip-miss", 2)).ToArray();
-        LookupResponse lookup = await client.LookupAsync(Blocks.Packed(longer));
+        var longer = chain.Concat(TestBlocks.Chain("roundtrip-miss", 2)).ToArray();
+        LookupResponse lookup = await client.LookupAsync(TestBlocks.Packed(longer));
         Assert.Equal(4u, lookup.MatchedBlocks);
         Assert.All(lookup.Tiers, t => Assert.Equal(Tier.Host, t));
 
         var dest = new byte[4 * fx.BlockBytes];
-        Tier[] tiers = await client.GetAsync(Blocks.Packed(chain), dest, fx.BlockBytes, chunkBytes: 4096);
+        Tier[] tiers = await client.GetAsync(TestBlocks.Packed(chain), dest, fx.BlockBytes, chunkBytes: 4096);
         Assert.Equal(4, tiers.Length);
         for (int i = 0; i < 4; i++)
-            Assert.Equal(Blocks.Bytes(fx.BlockBytes, 100 + i), dest.AsSpan(i * fx.BlockBytes, fx.BlockBytes).ToArray());
+            Assert.Equal(TestBlocks.Bytes(fx.BlockBytes, 100 + i), dest.AsSpan(i * fx.BlockBytes, fx.BlockBytes).ToArray());
     }
 
     [Fact]
@@ -33,16 +33,16 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     {
         using var alpha = fx.Client("alpha");
         using var beta = fx.Client("beta");
-        var chain = Blocks.Chain("isolation", 2);
-        await alpha.PutAsync(Blocks.ToPut(chain, fx.BlockBytes, 7));
-        Assert.Equal(0u, (await beta.LookupAsync(Blocks.Packed(chain))).MatchedBlocks);
-        var notFound = await Assert.ThrowsAsync<RpcException>(() => beta.GetAsync(Blocks.Packed(chain), new byte[2 * fx.BlockBytes], fx.BlockBytes));
+        var chain = TestBlocks.Chain("isolation", 2);
+        await alpha.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 7));
+        Assert.Equal(0u, (await beta.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
+        var notFound = await Assert.ThrowsAsync<RpcException>(() => beta.GetAsync(TestBlocks.Packed(chain), new byte[2 * fx.BlockBytes], fx.BlockBytes));
         Assert.Equal(StatusCode.NotFound, notFound.Status);
 
         using var badToken = fx.Client("alpha", token: "wrong");
-        Assert.Equal(StatusCode.Unauthenticated, (await Assert.ThrowsAsync<RpcException>(() => badToken.LookupAsync(Blocks.Packed(chain)))).Status);
+        Assert.Equal(StatusCode.Unauthenticated, (await Assert.ThrowsAsync<RpcException>(() => badToken.LookupAsync(TestBlocks.Packed(chain)))).Status);
         using var crossTenant = fx.Client("beta", token: "alpha-token");
-        Assert.Equal(StatusCode.PermissionDenied, (await Assert.ThrowsAsync<RpcException>(() => crossTenant.LookupAsync(Blocks.Packed(chain)))).Status);
+        Assert.Equal(StatusCode.PermissionDenied, (await Assert.ThrowsAsync<RpcException>(() => crossTenant.LookupAsync(TestBlocks.Packed(chain)))).Status);
         using var unknownTenant = fx.Client("gamma", token: "alpha-token");
         var unknown = await Assert.ThrowsAsync<RpcException>(() => unknownTenant.StatsAsync());
         Assert.Equal(StatusCode.PermissionDenied, unknown.Status);
@@ -53,7 +53,7 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     public async Task Bad_input_gets_a_precise_status_and_stores_nothing()
     {
         using var client = fx.Client();
-        var chain = Blocks.Chain("bad-input", 2);
+        var chain = TestBlocks.Chain("bad-input", 2);
 
         var wrongHash = await Assert.ThrowsAsync<RpcException>(() => client.LookupAsync(new byte[17]));
         Assert.Equal(StatusCode.InvalidArgument, wrongHash.Status);
@@ -62,17 +62,17 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
         // One good block, then one of the wrong size: the whole Put fails and neither is stored.
         var blocks = new[]
         {
-            new BlockToPut(chain[0], ReadOnlyMemory<byte>.Empty, 0, Blocks.Bytes(fx.BlockBytes, 1)),
-            new BlockToPut(chain[1], chain[0], 1, Blocks.Bytes(fx.BlockBytes - 1, 2)),
+            new BlockToPut(chain[0], ReadOnlyMemory<byte>.Empty, 0, TestBlocks.Bytes(fx.BlockBytes, 1)),
+            new BlockToPut(chain[1], chain[0], 1, TestBlocks.Bytes(fx.BlockBytes - 1, 2)),
         };
         var wrongSize = await Assert.ThrowsAsync<RpcException>(() => client.PutAsync(blocks));
         Assert.Equal(StatusCode.InvalidArgument, wrongSize.Status);
         Assert.Contains($"exactly {fx.BlockBytes} bytes", wrongSize.Detail, StringComparison.Ordinal);
-        Assert.Equal(0u, (await client.LookupAsync(Blocks.Packed(chain))).MatchedBlocks);
+        Assert.Equal(0u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
 
-        var missing = await Assert.ThrowsAsync<RpcException>(() => client.GetAsync(Blocks.Packed(chain), new byte[2 * fx.BlockBytes], fx.BlockBytes));
+        var missing = await Assert.ThrowsAsync<RpcException>(() => client.GetAsync(TestBlocks.Packed(chain), new byte[2 * fx.BlockBytes], fx.BlockBytes));
         Assert.Equal(StatusCode.NotFound, missing.Status);
-        Assert.Equal(StatusCode.NotFound, (await Assert.ThrowsAsync<RpcException>(() => client.PinAsync(Blocks.Packed(chain)))).Status);
+        Assert.Equal(StatusCode.NotFound, (await Assert.ThrowsAsync<RpcException>(() => client.PinAsync(TestBlocks.Packed(chain)))).Status);
     }
 
     [Fact]
@@ -80,8 +80,8 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     {
         using var client = fx.Client("beta");
         var before = await client.StatsAsync();
-        var chain = Blocks.Chain("capacity", SidecarFixture.Capacity + 1);
-        var full = await Assert.ThrowsAsync<RpcException>(() => client.PutAsync(Blocks.ToPut(chain, fx.BlockBytes, 5)));
+        var chain = TestBlocks.Chain("capacity", SidecarFixture.Capacity + 1);
+        var full = await Assert.ThrowsAsync<RpcException>(() => client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 5)));
         Assert.Equal(StatusCode.ResourceExhausted, full.Status);
         var after = await client.StatsAsync();
         Assert.Equal(before.TenantBlocks, after.TenantBlocks);
@@ -92,34 +92,34 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     public async Task Concurrent_puts_of_the_same_block_are_idempotent()
     {
         using var client = fx.Client();
-        var chain = Blocks.Chain("concurrent", 1);
-        var puts = Enumerable.Range(0, 8).Select(_ => client.PutAsync(Blocks.ToPut(chain, fx.BlockBytes, 42))).ToArray();
+        var chain = TestBlocks.Chain("concurrent", 1);
+        var puts = Enumerable.Range(0, 8).Select(_ => client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 42))).ToArray();
         PutResponse[] results = await Task.WhenAll(puts);
         Assert.Equal(1u, (uint)results.Sum(r => r.Stored));
         Assert.Equal(7u, (uint)results.Sum(r => r.AlreadyPresent));
         var dest = new byte[fx.BlockBytes];
-        await client.GetAsync(Blocks.Packed(chain), dest, fx.BlockBytes);
-        Assert.Equal(Blocks.Bytes(fx.BlockBytes, 42), dest);
+        await client.GetAsync(TestBlocks.Packed(chain), dest, fx.BlockBytes);
+        Assert.Equal(TestBlocks.Bytes(fx.BlockBytes, 42), dest);
     }
 
     [Fact]
     public async Task Reserved_slots_carry_blocks_both_ways_through_shared_memory()
     {
         using var client = fx.Client();
-        var chain = Blocks.Chain("slots", 2);
+        var chain = TestBlocks.Chain("slots", 2);
         ReserveResponse r = await client.ReserveAsync(2);
         Assert.Equal(2, r.Slots.Count);
         for (int i = 0; i < 2; i++)
-            WriteSlot(r.Slots[i], Blocks.Bytes(fx.BlockBytes, 300 + i));
+            WriteSlot(r.Slots[i], TestBlocks.Bytes(fx.BlockBytes, 300 + i));
         var put = await client.PutFromSlotsAsync(r.ReservationId,
             chain.Select((h, i) => new SlotBlockToPut(h, i == 0 ? ReadOnlyMemory<byte>.Empty : chain[i - 1], (uint)i, (uint)i, (ulong)fx.BlockBytes)));
         Assert.Equal(2u, put.Stored);
 
         ReserveResponse back = await client.ReserveAsync(2);
-        Tier[] tiers = await client.GetIntoSlotsAsync(Blocks.Packed(chain), back.ReservationId);
+        Tier[] tiers = await client.GetIntoSlotsAsync(TestBlocks.Packed(chain), back.ReservationId);
         Assert.Equal(2, tiers.Length);
         for (int i = 0; i < 2; i++)
-            Assert.Equal(Blocks.Bytes(fx.BlockBytes, 300 + i), ReadSlot(back.Slots[i]));
+            Assert.Equal(TestBlocks.Bytes(fx.BlockBytes, 300 + i), ReadSlot(back.Slots[i]));
         Assert.True((await client.ReleaseAsync(back.ReservationId)).Released);
         Assert.False((await client.ReleaseAsync(back.ReservationId)).Released);
         await client.ReleaseAsync(r.ReservationId);
@@ -129,16 +129,16 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     public async Task Pinned_blocks_cannot_be_deleted_until_unpinned()
     {
         using var client = fx.Client();
-        var chain = Blocks.Chain("pin", 3);
-        await client.PutAsync(Blocks.ToPut(chain, fx.BlockBytes, 9));
-        PinResponse pin = await client.PinAsync(Blocks.Packed(chain[..1]), TimeSpan.FromMinutes(1));
+        var chain = TestBlocks.Chain("pin", 3);
+        await client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 9));
+        PinResponse pin = await client.PinAsync(TestBlocks.Packed(chain[..1]), TimeSpan.FromMinutes(1));
         Assert.Equal(1u, pin.Pinned);
-        var pinned = await Assert.ThrowsAsync<RpcException>(() => client.DeleteAsync(Blocks.Packed(chain[..1])));
+        var pinned = await Assert.ThrowsAsync<RpcException>(() => client.DeleteAsync(TestBlocks.Packed(chain[..1])));
         Assert.Equal(StatusCode.FailedPrecondition, pinned.Status);
-        Assert.Equal(3u, (await client.LookupAsync(Blocks.Packed(chain))).MatchedBlocks);
+        Assert.Equal(3u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
         Assert.True((await client.UnpinAsync(pin.LeaseId)).Released);
-        Assert.Equal(3u, (await client.DeleteAsync(Blocks.Packed(chain[..1]))).Deleted); // descendants go too
-        Assert.Equal(0u, (await client.LookupAsync(Blocks.Packed(chain))).MatchedBlocks);
+        Assert.Equal(3u, (await client.DeleteAsync(TestBlocks.Packed(chain[..1]))).Deleted); // descendants go too
+        Assert.Equal(0u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
     }
 
     [Fact]

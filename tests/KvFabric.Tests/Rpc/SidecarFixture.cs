@@ -48,7 +48,7 @@ public sealed class SidecarFixture : IAsyncLifetime
 }
 
 /// <summary>Deterministic chains and block bytes for the RPC tests.</summary>
-public static class Blocks
+public static class TestBlocks
 {
     public static byte[][] Chain(string seed, int n)
     {

@@ -1,0 +1,131 @@
+using System.Diagnostics;
+using System.Text;
+
+namespace KvFabric.Sidecar;
+
+/// <summary>
+/// Runs `kvfabric serve` as a separate process and waits for its READY line (integration tests, the perf suite, demos).
+/// Configuration goes in as flags and KVFABRIC_* environment variables, as an operator would give it.
+/// </summary>
+public sealed class SidecarProcess : IAsyncDisposable
+{
+    private readonly Process _process;
+    private readonly StringBuilder _log;
+
+    private SidecarProcess(Process process, StringBuilder log, string grpc, string metrics)
+    {
+        _process = process;
+        _log = log;
+        GrpcAddress = grpc;
+        MetricsAddress = metrics;
+    }
+
+    /// <summary>e.g. "http://127.0.0.1:41234".</summary>
+    public string GrpcAddress { get; }
+    /// <summary>e.g. "127.0.0.1:41235", or "off".</summary>
+    public string MetricsAddress { get; }
+    public int Pid => _process.Id;
+    public bool HasExited => _process.HasExited;
+
+    /// <summary>What the process wrote so far (stdout and stderr), for failure messages.</summary>
+    public string Log
+    {
+        get
+        {
+            lock (_log)
+                return _log.ToString();
+        }
+    }
+
+    public static async Task<SidecarProcess> StartAsync(IEnumerable<string> args, IReadOnlyDictionary<string, string>? environment = null,
+        TimeSpan? startTimeout = null)
+    {
+        string dll = Path.Combine(AppContext.BaseDirectory, "kvfabric.dll");
+        if (!File.Exists(dll))
+            throw new FileNotFoundException($"{dll} is missing: build the solution (the sidecar runs the kvfabric executable)", dll);
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(dll);
+        psi.ArgumentList.Add("serve");
+        foreach (string a in args)
+            psi.ArgumentList.Add(a);
+        foreach (var (k, v) in environment ?? new Dictionary<string, string>())
+            psi.Environment[k] = v;
+        var p = Process.Start(psi) ?? throw new InvalidOperationException("could not start 'dotnet' for the sidecar; is the .NET SDK on PATH?");
+        var ready = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var log = new StringBuilder();
+        p.OutputDataReceived += (_, e) =>
+        {
+            if (e.Data is null)
+            {
+                ready.TrySetResult("EOF");
+                return;
+            }
+
+            lock (log)
+                log.AppendLine(e.Data);
+            if (e.Data.StartsWith("READY ", StringComparison.Ordinal))
+                ready.TrySetResult(e.Data);
+        };
+        p.ErrorDataReceived += (_, e) =>
+        {
+            if (e.Data is null)
+                return;
+            lock (log)
+                log.AppendLine(e.Data);
+        };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        TimeSpan timeout = startTimeout ?? TimeSpan.FromSeconds(60);
+        string line;
+        try
+        {
+            line = await ready.Task.WaitAsync(timeout).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            line = $"no READY line within {timeout.TotalSeconds:0} s";
+        }
+
+        var fields = line.Split(' ').Skip(1).Select(f => f.Split('=', 2)).Where(f => f.Length == 2).ToDictionary(f => f[0], f => f[1]);
+        if (!fields.TryGetValue("grpc", out string? grpc))
+        {
+            if (!p.HasExited)
+                p.Kill(entireProcessTree: true);
+            await p.WaitForExitAsync().ConfigureAwait(false);
+            string text;
+            lock (log)
+                text = log.ToString();
+            p.Dispose();
+            throw new InvalidOperationException($"kvfabric serve did not start ({line}); its output:\n{text}");
+        }
+
+        return new SidecarProcess(p, log, grpc, fields.GetValueOrDefault("metrics", "off"));
+    }
+
+    /// <summary>Asks the sidecar to stop (SIGTERM) and waits, bounded; kills it if it does not exit in time.</summary>
+    public async Task<int> StopAsync(TimeSpan? timeout = null)
+    {
+        if (!_process.HasExited)
+        {
+            Native.Libc.Kill(_process.Id, Native.Libc.SIGTERM);
+            using var cts = new CancellationTokenSource(timeout ?? TimeSpan.FromSeconds(15));
+            try
+            {
+                await _process.WaitForExitAsync(cts.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+                _process.Kill(entireProcessTree: true);
+                await _process.WaitForExitAsync().ConfigureAwait(false);
+            }
+        }
+
+        return _process.ExitCode;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await StopAsync().ConfigureAwait(false);
+        _process.Dispose();
+    }
+}
