@@ -5,6 +5,9 @@ need=()
 command -v python3 >/dev/null 2>&1 || need+=(python3)              # the independent hash-spec implementation in the tests
 [ -n "$(ldconfig -p 2>/dev/null | grep libxxhash.so.0 || true)" ] || need+=(libxxhash0) # XXH3 checksums
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)                # the TCP reference of the perf suite
+# The gRPC interop peers (a grpcio client and server) run on Debian's python3, where these packages install.
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import grpc" >/dev/null 2>&1 || need+=(python3 python3-grpcio)
+[ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import grpc_tools" >/dev/null 2>&1 || need+=(python3-grpc-tools)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -23,6 +23,9 @@ for backend in tcp shm; do
   done
 done
 
+$bench rpc --quick --blocks 8 --blocks-per-call 4 --callers 8 --no-reference --json "$smoke/rpc.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['get_gbps']>0 and r['lookup_calls_per_second']>0, r; print('smoke ok: rpc', round(r['get_gbps'],2), 'GB/s get,', round(r['lookup_calls_per_second']), 'lookups/s')" "$smoke/rpc.json"
+
 # The plain closing line CI reads: counts from the xunit summary.
 summary=$(grep -E '(Passed|Failed)! +- +Failed: +[0-9]+, +Passed: +[0-9]+' "$log" | tail -n 1)
 failed=$(sed -E 's/.*Failed: +([0-9]+).*/\1/' <<<"$summary")

@@ -1,0 +1,136 @@
+using System.Diagnostics;
+using KvFabric.Client;
+using KvFabric.Client.Grpc;
+using KvFabric.Sidecar;
+
+namespace KvFabric.Bench.Rpc;
+
+public sealed record RpcBenchOptions
+{
+    public int BlockBytes { get; init; } = 2 << 20;
+    public int Blocks { get; init; } = 128;
+    /// <summary>Blocks per streamed Put / Get call.</summary>
+    public int BlocksPerCall { get; init; } = 8;
+    public int Runs { get; init; } = 5;
+    public int LookupCallers { get; init; } = 64;
+    public int LookupChain { get; init; } = 32;
+    public TimeSpan LookupDuration { get; init; } = TimeSpan.FromSeconds(3);
+}
+
+public sealed record RpcBenchResult(
+    Reporting.Spread PutGbps,
+    Reporting.Spread GetGbps,
+    double LookupCallsPerSecond,
+    double LookupP50Us,
+    double LookupP99Us,
+    long LookupCalls);
+
+/// <summary>
+/// Drives a `kvfabric serve` process over loopback with FabricClient: streamed Put and Get of whole blocks (GB/s) and
+/// unary Lookup from many concurrent callers (calls/s, latency percentiles).
+/// </summary>
+public static class RpcBench
+{
+    public static async Task<RpcBenchResult> RunAsync(RpcBenchOptions o, Action<string> progress, CancellationToken ct)
+    {
+        if (o.Blocks % o.BlocksPerCall != 0)
+            throw new ArgumentException($"--blocks ({o.Blocks}) must be a multiple of --blocks-per-call ({o.BlocksPerCall})");
+        long capacity = (long)(o.Blocks + 2 * o.BlocksPerCall + 16) * o.BlockBytes;
+        int units = o.BlockBytes / 8192;
+        if (o.BlockBytes % 8192 != 0 || (units > 1024 && units % 1024 != 0))
+            throw new ArgumentException($"block size {o.BlockBytes}: use a multiple of 8 KiB (and of 8 MiB above 8 MiB), e.g. 64KiB, 2MiB, 16MiB");
+        int layers = Math.Min(units, 1024), heads = units / layers;
+        var env = new Dictionary<string, string>
+        {
+            // A layout whose blocks are exactly BlockBytes: fp16, 16 tokens, head_dim 128 => 8 KiB per layer and KV head.
+            ["KVFABRIC_LAYOUT__MODEL"] = "rpc-bench",
+            ["KVFABRIC_LAYOUT__LAYERS"] = layers.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["KVFABRIC_LAYOUT__KV_HEADS"] = heads.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["KVFABRIC_LAYOUT__HEAD_DIM"] = "128",
+            ["KVFABRIC_LAYOUT__DTYPE"] = "fp16",
+            ["KVFABRIC_LAYOUT__TOKENS_PER_BLOCK"] = "16",
+            ["KVFABRIC_HOST_CAPACITY"] = capacity.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["DOTNET_TieredCompilation"] = "0",
+        };
+        progress("starting kvfabric serve");
+        await using var sidecar = await SidecarProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--log-format", "text"], env);
+        using var client = new FabricClient(new RpcChannelOptions
+        {
+            Address = new Uri(sidecar.GrpcAddress), Tenant = "dev", Token = "dev", DefaultDeadline = TimeSpan.FromMinutes(2),
+        });
+
+        // Distinct blocks, out of cache as a real working set would be.
+        byte[] data = new byte[(long)o.Blocks * o.BlockBytes is var total && total <= Array.MaxLength ? (int)total : throw new ArgumentException("blocks x block size must be under 2 GiB")];
+        new Random(1).NextBytes(data);
+        byte[][] hashes = Enumerable.Range(0, o.Blocks).Select(i => System.Security.Cryptography.SHA256.HashData(BitConverter.GetBytes(i))[..16]).ToArray();
+        byte[] packedAll = HashChain.Pack(hashes.Select(h => (ReadOnlyMemory<byte>)h));
+        int calls = o.Blocks / o.BlocksPerCall;
+        BlockToPut[][] perCall = Enumerable.Range(0, calls).Select(c => Enumerable.Range(c * o.BlocksPerCall, o.BlocksPerCall)
+            .Select(i => new BlockToPut(hashes[i], i == 0 ? ReadOnlyMemory<byte>.Empty : hashes[i - 1], (uint)i,
+                data.AsMemory(i * o.BlockBytes, o.BlockBytes))).ToArray()).ToArray();
+
+        var put = new List<double>();
+        for (int run = 0; run <= o.Runs; run++)
+        {
+            progress($"put run {run}/{o.Runs}" + (run == 0 ? " (warm-up)" : string.Empty));
+            await client.DeleteAsync(packedAll, new CallOptions(CancellationToken: ct));
+            long start = Stopwatch.GetTimestamp();
+            foreach (BlockToPut[] batch in perCall)
+                await client.PutAsync(batch, new CallOptions(CancellationToken: ct));
+            double s = Stopwatch.GetElapsedTime(start).TotalSeconds;
+            if (run > 0)
+                put.Add(data.Length / s / 1e9);
+        }
+
+        byte[] dest = new byte[o.BlocksPerCall * o.BlockBytes];
+        var get = new List<double>();
+        for (int run = 0; run <= o.Runs; run++)
+        {
+            progress($"get run {run}/{o.Runs}" + (run == 0 ? " (warm-up)" : string.Empty));
+            long start = Stopwatch.GetTimestamp();
+            for (int c = 0; c < calls; c++)
+            {
+                ReadOnlyMemory<byte> chain = packedAll.AsMemory(c * o.BlocksPerCall * HashChain.HashBytes, o.BlocksPerCall * HashChain.HashBytes);
+                await client.GetAsync(chain, dest, o.BlockBytes, options: new CallOptions(CancellationToken: ct));
+                if (run == 1 && c == 0 && !dest.AsSpan().SequenceEqual(data.AsSpan(0, dest.Length)))
+                    throw new InvalidOperationException("Get returned different bytes than were put: the benchmark would measure a broken path");
+            }
+
+            double s = Stopwatch.GetElapsedTime(start).TotalSeconds;
+            if (run > 0)
+                get.Add(data.Length / s / 1e9);
+        }
+
+        progress($"lookup: {o.LookupCallers} concurrent callers for {o.LookupDuration.TotalSeconds:0} s");
+        // Chains of LookupChain blocks whose first half is cached: a typical partial prefix hit.
+        int cachedHalf = Math.Min(o.LookupChain / 2, o.Blocks);
+        byte[] lookupChain = HashChain.Pack(hashes.Take(cachedHalf)
+            .Concat(Enumerable.Range(0, o.LookupChain - cachedHalf).Select(i => System.Security.Cryptography.SHA256.HashData(BitConverter.GetBytes(-1 - i))[..16]))
+            .Select(h => (ReadOnlyMemory<byte>)h));
+        var expected = (uint)cachedHalf;
+        for (int i = 0; i < 200; i++)
+            await client.LookupAsync(lookupChain, new CallOptions(CancellationToken: ct));
+        var latencies = new List<double>[o.LookupCallers];
+        long deadline = Stopwatch.GetTimestamp() + (long)(o.LookupDuration.TotalSeconds * Stopwatch.Frequency);
+        long lookupStart = Stopwatch.GetTimestamp();
+        await Task.WhenAll(Enumerable.Range(0, o.LookupCallers).Select(async caller =>
+        {
+            var mine = latencies[caller] = new List<double>(100_000);
+            while (Stopwatch.GetTimestamp() < deadline)
+            {
+                long t0 = Stopwatch.GetTimestamp();
+                var r = await client.LookupAsync(lookupChain, new CallOptions(CancellationToken: ct)).ConfigureAwait(false);
+                mine.Add(Stopwatch.GetElapsedTime(t0).TotalMicroseconds);
+                if (r.MatchedBlocks != expected)
+                    throw new InvalidOperationException($"Lookup matched {r.MatchedBlocks} blocks, expected {expected}");
+            }
+        }));
+        double lookupSeconds = Stopwatch.GetElapsedTime(lookupStart).TotalSeconds;
+        double[] all = latencies.SelectMany(l => l).Order().ToArray();
+        int code = await sidecar.StopAsync();
+        if (code != 0)
+            throw new InvalidOperationException($"kvfabric serve exited with {code}:\n{sidecar.Log}");
+        return new RpcBenchResult(Reporting.Spread.Of(put), Reporting.Spread.Of(get), all.Length / lookupSeconds,
+            Reporting.Spread.Percentile(all, 50), Reporting.Spread.Percentile(all, 99), all.Length);
+    }
+}

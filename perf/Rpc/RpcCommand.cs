@@ -1,0 +1,102 @@
+using System.CommandLine;
+using System.Text.Json.Nodes;
+using KvFabric.Bench.Reporting;
+using KvFabric.Bench.Transfer;
+using KvFabric.Transfer;
+using Spectre.Console;
+
+namespace KvFabric.Bench.Rpc;
+
+/// <summary>`kvfabric-bench rpc`: the gRPC service against the TCP transfer backend measured in the same run.</summary>
+public static class RpcCommand
+{
+    public static Command Create()
+    {
+        var blockSize = new Option<string>("--block-size") { Description = "bytes per block", DefaultValueFactory = _ => "2MiB" };
+        var blocks = new Option<int>("--blocks") { Description = "blocks put and got per run", DefaultValueFactory = _ => 128 };
+        var perCall = new Option<int>("--blocks-per-call") { Description = "blocks per streamed Put/Get call", DefaultValueFactory = _ => 8 };
+        var runs = new Option<int>("--runs") { Description = "measured runs (median reported)", DefaultValueFactory = _ => 5 };
+        var callers = new Option<int>("--callers") { Description = "concurrent Lookup callers", DefaultValueFactory = _ => 64 };
+        var seconds = new Option<double>("--lookup-seconds") { Description = "how long the Lookup load runs", DefaultValueFactory = _ => 3 };
+        var noReference = new Option<bool>("--no-reference") { Description = "skip the TCP transfer backend reference" };
+        var quick = new Option<bool>("--quick") { Description = "CI-sized run: 16 blocks, 2 runs, 1 s of Lookup" };
+        var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
+        var cmd = new Command("rpc", "The gRPC service over loopback: Lookup calls/s and latency with concurrent callers, streamed Put/Get GB/s vs the TCP transfer backend.")
+        {
+            blockSize, blocks, perCall, runs, callers, seconds, noReference, quick, json,
+        };
+        cmd.SetAction(async (p, ct) =>
+        {
+            bool isQuick = p.GetValue(quick);
+            var o = new RpcBenchOptions
+            {
+                BlockBytes = checked((int)Sizes.Parse(p.GetValue(blockSize)!)),
+                Blocks = isQuick && p.GetResult(blocks) is null ? 16 : p.GetValue(blocks),
+                BlocksPerCall = p.GetValue(perCall),
+                Runs = isQuick && p.GetResult(runs) is null ? 2 : p.GetValue(runs),
+                LookupCallers = p.GetValue(callers),
+                LookupDuration = TimeSpan.FromSeconds(isQuick && p.GetResult(seconds) is null ? 1 : p.GetValue(seconds)),
+            };
+            JsonReport.Write(p.GetValue(json), await RunAsync(o, !p.GetValue(noReference), ct));
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static async Task<JsonObject> RunAsync(RpcBenchOptions o, bool withReference, CancellationToken ct)
+    {
+        RpcBenchResult r = null!;
+        TransferBenchResult? tcp = null;
+        await AnsiConsole.Status().StartAsync("rpc", async ctx =>
+        {
+            r = await RpcBench.RunAsync(o, s => ctx.Status($"rpc: {s}"), ct);
+            if (withReference)
+            {
+                var t = new TransferBenchOptions { Backend = BackendKind.Tcp, Op = TransferOp.Write, BlockBytes = o.BlockBytes, Blocks = o.Blocks, Batch = o.BlocksPerCall, Runs = o.Runs };
+                tcp = await TransferBench.RunAsync(t, s => ctx.Status($"reference: tcp transfer backend: {s}"), ct);
+            }
+        });
+
+        var report = JsonReport.Header("rpc");
+        report["block_bytes"] = o.BlockBytes;
+        report["blocks"] = o.Blocks;
+        report["blocks_per_call"] = o.BlocksPerCall;
+        report["runs"] = o.Runs;
+        report["lookup_callers"] = o.LookupCallers;
+        report["lookup_chain_blocks"] = o.LookupChain;
+        report["lookup_calls"] = r.LookupCalls;
+        report["lookup_calls_per_second"] = JsonReport.Round(r.LookupCallsPerSecond);
+        report["lookup_p50_us"] = JsonReport.Round(r.LookupP50Us);
+        report["lookup_p99_us"] = JsonReport.Round(r.LookupP99Us);
+        report["put_gbps"] = JsonReport.Round(r.PutGbps.Median);
+        report["put_gbps_spread"] = JsonReport.Of(r.PutGbps);
+        report["get_gbps"] = JsonReport.Round(r.GetGbps.Median);
+        report["get_gbps_spread"] = JsonReport.Of(r.GetGbps);
+        var table = new Table().AddColumns("figure", "value");
+        table.AddRow($"Lookup ({o.LookupCallers} callers, {o.LookupChain}-block chain)", $"{r.LookupCallsPerSecond:F0} calls/s, p50 {r.LookupP50Us:F0} us, p99 {r.LookupP99Us:F0} us");
+        table.AddRow($"Put streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.PutGbps.Median:F2} GB/s (min {r.PutGbps.Min:F2}, max {r.PutGbps.Max:F2})");
+        table.AddRow($"Get streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.GetGbps.Median:F2} GB/s (min {r.GetGbps.Min:F2}, max {r.GetGbps.Max:F2})");
+        if (tcp is not null)
+        {
+            report["tcp_gbps"] = JsonReport.Round(tcp.Gbps.Median);
+            report["tcp_gbps_spread"] = JsonReport.Of(tcp.Gbps);
+            report["get_vs_tcp"] = JsonReport.Round(r.GetGbps.Median / tcp.Gbps.Median);
+            report["put_vs_tcp"] = JsonReport.Round(r.PutGbps.Median / tcp.Gbps.Median);
+            table.AddRow("reference: TCP transfer backend WRITE", $"{tcp.Gbps.Median:F2} GB/s");
+            table.AddRow("Get / TCP backend", $"{r.GetGbps.Median / tcp.Gbps.Median:P0}");
+            table.AddRow("Put / TCP backend", $"{r.PutGbps.Median / tcp.Gbps.Median:P0}");
+        }
+        else
+        {
+            report["reference_note"] = "TCP transfer backend reference skipped (--no-reference)";
+        }
+
+        report["targets"] = new JsonObject
+        {
+            ["lookup_p99_under_1ms"] = r.LookupP99Us < 1000,
+            ["get_at_least_60pct_of_tcp"] = tcp is null ? null : r.GetGbps.Median >= 0.6 * tcp.Gbps.Median,
+        };
+        AnsiConsole.Write(table);
+        return report;
+    }
+}
