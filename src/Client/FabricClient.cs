@@ -1,3 +1,4 @@
+using System.Buffers;
 using Google.Protobuf;
 using Grpc.Health.V1;
 using KvFabric.Client.Grpc;
@@ -107,19 +108,25 @@ public sealed class FabricClient : IDisposable
         await using var call = Channel.ServerStreaming(Fabric + "Get", new GetRequest { Hashes = Wrap(packedHashes), ChunkBytes = chunkBytes },
             GetResponse.Parser, options);
         int block = -1;
-        while (await call.ReadAsync().ConfigureAwait(false) is { } r)
+        // Each chunk is decoded from the wire bytes and copied once, straight to its place in destination.
+        Func<System.Buffers.ReadOnlySequence<byte>, object> place = message =>
         {
-            if (!r.Hash.IsEmpty)
+            var h = GetResponseDecoder.Decode(message, out var data);
+            if (h.StartsBlock)
             {
                 block++;
-                if (block >= count || (int)r.BlockLength != blockBytes)
-                    throw new RpcException(StatusCode.Internal, $"Get: the server sent block {block} of {r.BlockLength} bytes; expected {count} blocks of {blockBytes}");
-                tiers[block] = r.Tier;
+                if (block >= count || h.BlockLength != (ulong)blockBytes)
+                    throw new RpcException(StatusCode.Internal, $"Get: the server sent block {block} of {h.BlockLength} bytes; expected {count} blocks of {blockBytes}");
+                tiers[block] = (Tier)h.Tier;
             }
 
-            if (block < 0 || r.Offset + (ulong)r.Data.Length > (ulong)blockBytes)
-                throw new RpcException(StatusCode.Internal, $"Get: chunk at offset {r.Offset} of {r.Data.Length} bytes does not fit block {block}");
-            r.Data.Span.CopyTo(destination.Span[(block * blockBytes + (int)r.Offset)..]);
+            if (block < 0 || h.Offset + (ulong)h.DataLength > (ulong)blockBytes)
+                throw new RpcException(StatusCode.Internal, $"Get: chunk at offset {h.Offset} of {h.DataLength} bytes does not fit block {block}");
+            data.CopyTo(destination.Span[(block * blockBytes + (int)h.Offset)..]);
+            return tiers;
+        };
+        while (await call.ReadAsync(place).ConfigureAwait(false) is not null)
+        {
         }
 
         if (block != count - 1)

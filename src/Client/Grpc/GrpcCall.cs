@@ -107,7 +107,15 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
     }
 
     /// <summary>The next response message; null when the server ended the stream with OK.</summary>
-    public async ValueTask<TResponse?> ReadAsync()
+    public ValueTask<TResponse?> ReadAsync() => ReadAsync(_parse ??= payload => _parser.ParseFrom(payload));
+
+    private Func<System.Buffers.ReadOnlySequence<byte>, TResponse>? _parse;
+
+    /// <summary>
+    /// Reads the next response message with a custom decoder that sees the raw protobuf bytes (valid only during the
+    /// call), e.g. to copy a large bytes field straight to its destination. Null when the server ended the stream with OK.
+    /// </summary>
+    public async ValueTask<T?> ReadAsync<T>(Func<System.Buffers.ReadOnlySequence<byte>, T> decode) where T : class
     {
         if (_finished)
             return null;
@@ -124,8 +132,8 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
                 _reader = PipeReader.Create(body, new StreamPipeReaderOptions(bufferSize: 64 * 1024, minimumReadSize: 16 * 1024));
             }
 
-            TResponse? message = await GrpcFraming.ReadAsync(_reader, _parser, _channel.Options.MaxReceiveMessageBytes, _encoding, _cts.Token)
-                .ConfigureAwait(false);
+            T? message = await GrpcFraming.ReadAsync(_reader, payload => Decode(payload, decode), _channel.Options.MaxReceiveMessageBytes,
+                _encoding, _cts.Token).ConfigureAwait(false);
             if (message is null)
             {
                 _finished = true;
@@ -137,6 +145,18 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
         catch (Exception e) when (e is not RpcException)
         {
             throw await FailureAsync(e).ConfigureAwait(false);
+        }
+    }
+
+    private static T Decode<T>(System.Buffers.ReadOnlySequence<byte> payload, Func<System.Buffers.ReadOnlySequence<byte>, T> decode)
+    {
+        try
+        {
+            return decode(payload);
+        }
+        catch (InvalidProtocolBufferException e)
+        {
+            throw new RpcException(StatusCode.Internal, $"the server sent a malformed {typeof(TResponse).Name}: {e.Message}", e);
         }
     }
 

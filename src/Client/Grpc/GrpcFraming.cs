@@ -37,8 +37,16 @@ public static class GrpcFraming
     /// a message, a message over maxMessageBytes, a compressed message without a known encoding, and bytes that are not
     /// a valid protobuf message each throw an RpcException with the matching status.
     /// </summary>
-    public static async ValueTask<T?> ReadAsync<T>(PipeReader reader, MessageParser<T> parser, int maxMessageBytes,
-        string? encoding, CancellationToken cancellationToken) where T : class, IMessage<T>
+    public static ValueTask<T?> ReadAsync<T>(PipeReader reader, MessageParser<T> parser, int maxMessageBytes,
+        string? encoding, CancellationToken cancellationToken) where T : class, IMessage<T> =>
+        ReadAsync(reader, payload => Parse(payload, parser), maxMessageBytes, encoding, cancellationToken);
+
+    /// <summary>
+    /// Reads the next message and hands its (decompressed) bytes to decode, which must not keep them: they are only valid
+    /// during the call. Null at a clean end of stream. For decoders that place bytes straight where they belong.
+    /// </summary>
+    public static async ValueTask<T?> ReadAsync<T>(PipeReader reader, Func<ReadOnlySequence<byte>, T> decode, int maxMessageBytes,
+        string? encoding, CancellationToken cancellationToken) where T : class
     {
         while (true)
         {
@@ -66,7 +74,7 @@ public static class GrpcFraming
                     ReadOnlySequence<byte> payload = buffer.Slice(GrpcProtocol.MessagePrefixBytes, length);
                     try
                     {
-                        return flag == 1 ? ParseCompressed(payload, parser, maxMessageBytes, encoding) : Parse(payload, parser);
+                        return flag == 1 ? DecodeCompressed(payload, decode, maxMessageBytes, encoding) : decode(payload);
                     }
                     finally
                     {
@@ -119,8 +127,7 @@ public static class GrpcFraming
         }
     }
 
-    private static T ParseCompressed<T>(ReadOnlySequence<byte> payload, MessageParser<T> parser, int maxMessageBytes, string? encoding)
-        where T : IMessage<T>
+    private static T DecodeCompressed<T>(ReadOnlySequence<byte> payload, Func<ReadOnlySequence<byte>, T> decode, int maxMessageBytes, string? encoding)
     {
         if (!string.Equals(encoding, "gzip", StringComparison.OrdinalIgnoreCase))
         {
@@ -160,7 +167,7 @@ public static class GrpcFraming
 
             if (size > maxMessageBytes)
                 throw new RpcException(StatusCode.ResourceExhausted, $"decompressed message is larger than the limit of {maxMessageBytes} bytes");
-            return Parse(new ReadOnlySequence<byte>(rented, 0, size), parser);
+            return decode(new ReadOnlySequence<byte>(rented, 0, size));
         }
         catch (InvalidDataException e)
         {

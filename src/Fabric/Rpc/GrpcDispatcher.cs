@@ -20,6 +20,8 @@ public sealed class GrpcDispatcher
     private readonly int _maxReceiveBytes;
     private readonly MetricsRegistry.Counter _calls;
     private readonly MetricsRegistry.Histogram _latency;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<(string, StatusCode), MetricsRegistry.StrongBox> _callSeries = new();
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, object> _latencySeries = new(StringComparer.Ordinal);
 
     public GrpcDispatcher(GrpcRouter router, TenantRegistry tenants, MetricsRegistry metrics, ILogger log, int maxReceiveBytes)
     {
@@ -123,8 +125,8 @@ public sealed class GrpcDispatcher
         }
 
         string method = _router.TryGet(path, out _) ? path : "unknown";
-        _calls.Add(1, method, status.ToString());
-        _latency.Observe(Stopwatch.GetElapsedTime(started).TotalSeconds, method);
+        _callSeries.GetOrAdd((method, status), k => _calls.WithLabels(k.Item1, k.Item2.ToString())).Add(1);
+        _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Stopwatch.GetElapsedTime(started).TotalSeconds);
         if (status != StatusCode.OK && status != StatusCode.Cancelled)
             _log.LogInformation("gRPC {Method} from {Peer}: {Status} {Detail}", path, http.Connection.RemoteIpAddress, status, detail);
         if (http.RequestAborted.IsCancellationRequested)

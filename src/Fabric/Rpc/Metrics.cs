@@ -79,12 +79,10 @@ public sealed class MetricsRegistry
     {
         private readonly ConcurrentDictionary<string, (string[] Labels, StrongBox Box)> _series = new(StringComparer.Ordinal);
 
-        public void Add(double value, params string[] labels)
-        {
-            var box = _series.GetOrAdd(Key(labels), _ => (labels, new StrongBox())).Box;
-            lock (box)
-                box.Value += value;
-        }
+        public void Add(double value, params string[] labels) => WithLabels(labels).Add(value);
+
+        /// <summary>The series of one label set, to keep and add to without looking it up again (hot paths).</summary>
+        public StrongBox WithLabels(params string[] labels) => _series.GetOrAdd(Key(labels), _ => (labels, new StrongBox())).Box;
 
         public double Get(params string[] labels) => _series.TryGetValue(Key(labels), out var s) ? s.Box.Value : 0;
 
@@ -116,9 +114,14 @@ public sealed class MetricsRegistry
             public long Count;
         }
 
-        public void Observe(double value, params string[] labels)
+        public void Observe(double value, params string[] labels) => Observe(WithLabels(labels), value);
+
+        /// <summary>The series of one label set, to keep and observe into without looking it up again (hot paths).</summary>
+        public object WithLabels(params string[] labels) => _series.GetOrAdd(Key(labels), _ => (labels, new Series(_buckets.Length))).Series;
+
+        public void Observe(object series, double value)
         {
-            Series s = _series.GetOrAdd(Key(labels), _ => (labels, new Series(_buckets.Length))).Series;
+            var s = (Series)series;
             int i = 0;
             while (i < _buckets.Length && value > _buckets[i])
                 i++;
@@ -173,5 +176,11 @@ public sealed class MetricsRegistry
     public sealed class StrongBox
     {
         public double Value;
+
+        public void Add(double value)
+        {
+            lock (this)
+                Value += value;
+        }
     }
 }
