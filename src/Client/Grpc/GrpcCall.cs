@@ -26,9 +26,12 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
     private PipeReader? _reader;
     private string? _encoding;
     private bool _finished;
+    private readonly bool _single;
 
-    internal GrpcCall(RpcChannel channel, string method, MessageParser<TResponse> parser, CallOptions options, TRequest? single)
+    internal GrpcCall(RpcChannel channel, string method, MessageParser<TResponse> parser, CallOptions options, TRequest? single,
+        bool unary = false)
     {
+        _single = unary;
         _channel = channel;
         _method = method;
         _parser = parser;
@@ -129,7 +132,10 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
                     return null;
                 _encoding = _response.Headers.TryGetValues(GrpcProtocol.EncodingHeader, out var enc) ? enc.FirstOrDefault() : null;
                 Stream body = await _response.Content.ReadAsStreamAsync(_cts.Token).ConfigureAwait(false);
-                _reader = PipeReader.Create(body, new StreamPipeReaderOptions(bufferSize: 64 * 1024, minimumReadSize: 16 * 1024));
+                // Small buffers for unary answers; large ones where block bytes stream in.
+                _reader = PipeReader.Create(body, _push is null && _single
+                    ? new StreamPipeReaderOptions(bufferSize: 4096, minimumReadSize: 1024)
+                    : new StreamPipeReaderOptions(bufferSize: 64 * 1024, minimumReadSize: 16 * 1024));
             }
 
             T? message = await GrpcFraming.ReadAsync(_reader, payload => Decode(payload, decode), _channel.Options.MaxReceiveMessageBytes,

@@ -1,5 +1,4 @@
 using System.Net;
-using System.Net.Http.Headers;
 using System.Net.Security;
 using Google.Protobuf;
 
@@ -72,7 +71,10 @@ public sealed class RpcChannel : IDisposable
         }
 
         _http = new HttpMessageInvoker(handler, disposeHandler: _ownsHandler);
+        _authorization = options.Token is null ? null : "Bearer " + options.Token;
     }
+
+    private readonly string? _authorization;
 
     public RpcChannelOptions Options { get; }
 
@@ -86,7 +88,7 @@ public sealed class RpcChannel : IDisposable
         DateTime started = DateTime.UtcNow;
         for (int attempt = 0; ; attempt++)
         {
-            await using var call = new GrpcCall<TRequest, TResponse>(this, method, parser, options, request);
+            await using var call = new GrpcCall<TRequest, TResponse>(this, method, parser, options, request, unary: true);
             try
             {
                 TResponse? response = await call.ReadAsync().ConfigureAwait(false)
@@ -128,13 +130,13 @@ public sealed class RpcChannel : IDisposable
             Version = HttpVersion.Version20,
             VersionPolicy = HttpVersionPolicy.RequestVersionExact,
         };
-        request.Headers.TE.Add(new TransferCodingWithQualityHeaderValue("trailers"));
+        request.Headers.TryAddWithoutValidation("te", "trailers");
         request.Headers.TryAddWithoutValidation("user-agent", "grpc-kvfabric-csharp/1.0");
         request.Headers.TryAddWithoutValidation(GrpcProtocol.AcceptEncodingHeader, GrpcProtocol.SupportedEncodings);
         if (deadline is { } d)
             request.Headers.TryAddWithoutValidation(GrpcProtocol.TimeoutHeader, GrpcProtocol.FormatTimeout(d));
         if (Options.Token is not null)
-            request.Headers.TryAddWithoutValidation("authorization", "Bearer " + Options.Token);
+            request.Headers.TryAddWithoutValidation("authorization", _authorization);
         if (Options.Tenant is not null)
             request.Headers.TryAddWithoutValidation(GrpcProtocol.TenantHeader, Options.Tenant);
         if (metadata is not null)

@@ -1,3 +1,4 @@
+using System.Buffers;
 using Google.Protobuf;
 using KvFabric.Blocks;
 using KvFabric.Client.Grpc;
@@ -14,6 +15,8 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
     public static readonly TimeSpan DefaultLease = TimeSpan.FromSeconds(30);
     public static readonly TimeSpan MaxLease = TimeSpan.FromHours(1);
     private const int MaxReserve = 1024;
+
+    private IFabricStore Store => store;
 
     public void Register(GrpcRouter router)
     {
@@ -62,84 +65,136 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
 
     private async Task<PutResponse> PutAsync(ServerCall call)
     {
-        uint tenant = call.RequiredTenant.Id;
-        int blockBytes = store.BlockBytes;
-        using IPutBatch batch = store.BeginPut(tenant);
-        StagingArea.SlotScope? slots = null;
-        try
+        using var put = new PutStream(this, call.RequiredTenant.Id);
+        // Each message is decoded from its wire bytes and its data copied once, straight into the staged block.
+        Func<ReadOnlySequence<byte>, PutStream> process = put.Process;
+        while (await call.ReadAsync(process).ConfigureAwait(false) is not null)
         {
-            Memory<byte> current = default;
-            BlockHash currentHash = default;
-            int filled = 0, blocks = 0;
-            long received = 0;
-            while (await call.ReadAsync(PutRequest.Parser).ConfigureAwait(false) is { } message)
+        }
+
+        PutOutcome outcome = await put.CommitAsync(call.CancellationToken).ConfigureAwait(false);
+        metrics.BytesIn.Add(put.Received, "put");
+        call.BytesReceived = put.Received;
+        return new PutResponse { Stored = (uint)outcome.Stored, AlreadyPresent = (uint)outcome.AlreadyPresent, BytesReceived = (ulong)put.Received };
+    }
+
+    /// <summary>The state of one Put stream: blocks staged so far and the one being filled.</summary>
+    private sealed class PutStream(FabricService service, uint tenant) : IDisposable
+    {
+        private readonly IPutBatch _batch = service.Store.BeginPut(tenant);
+        private readonly int _blockBytes = service.Store.BlockBytes;
+        private StagingArea.SlotScope? _slots;
+        private Memory<byte> _current;
+        private BlockHash _hash;
+        private int _filled, _blocks;
+
+        public long Received { get; private set; }
+
+        // PutRequest fields (fabric.proto): 1 hash, 2 parent_hash, 3 depth, 4 block_length, 5 data, 6 reservation_id, 7 slot_index.
+        public PutStream Process(ReadOnlySequence<byte> message)
+        {
+            var wire = new ProtoWire(message, StatusCode.InvalidArgument, "PutRequest");
+            ReadOnlySequence<byte> hash = default, parent = default, data = default;
+            ulong depth = 0, length = 0, reservation = 0, slot = 0;
+            while (!wire.End)
             {
-                if (!message.Hash.IsEmpty)
+                var (field, type) = wire.Tag();
+                switch (field)
                 {
-                    if (filled < current.Length)
-                        throw Incomplete(currentHash, filled, blockBytes, "the next block started");
-                    currentHash = Hashes.ParseOne(message.Hash, $"hash of block {blocks}");
-                    BlockHash? parent = message.ParentHash.IsEmpty ? null : Hashes.ParseOne(message.ParentHash, $"parent_hash of block {currentHash}");
-                    if (message.BlockLength != (ulong)blockBytes)
-                    {
-                        throw new RpcException(StatusCode.InvalidArgument,
-                            $"block {currentHash} has block_length {message.BlockLength}, but this node's layout ({store.Layout.Describe()}) makes every block exactly {blockBytes} bytes; nothing was stored");
-                    }
-
-                    if (parent is null && message.Depth != 0)
-                        throw new RpcException(StatusCode.InvalidArgument, $"block {currentHash} has depth {message.Depth} but no parent_hash; a chain's first block has depth 0");
-                    try
-                    {
-                        current = batch.Add(currentHash, parent, (int)message.Depth);
-                    }
-                    catch (StoreFullException e)
-                    {
-                        throw new RpcException(StatusCode.ResourceExhausted, e.Message + "; nothing from this Put was stored");
-                    }
-
-                    blocks++;
-                    filled = 0;
-                    if (message.ReservationId != 0)
-                    {
-                        if (!message.Data.IsEmpty)
-                            throw new RpcException(StatusCode.InvalidArgument, $"block {currentHash} names a reserved slot and also carries data; use one or the other");
-                        slots ??= UseSlots(tenant, message.ReservationId);
-                        Memory<byte> slot = SlotOf(slots, message.ReservationId, message.SlotIndex);
-                        slot.Span[..blockBytes].CopyTo(current.Span);
-                        filled = blockBytes;
-                        received += blockBytes;
-                        continue;
-                    }
+                    case 1 when type == 2: hash = wire.Bytes(); break;
+                    case 2 when type == 2: parent = wire.Bytes(); break;
+                    case 3 when type == 0: depth = wire.Varint(); break;
+                    case 4 when type == 0: length = wire.Varint(); break;
+                    case 5 when type == 2: data = wire.Bytes(); break;
+                    case 6 when type == 0: reservation = wire.Varint(); break;
+                    case 7 when type == 0: slot = wire.Varint(); break;
+                    case >= 1 and <= 7: throw wire.WrongType(field, type);
+                    default: wire.Skip(type); break;
                 }
-                else if (current.IsEmpty)
-                {
-                    throw new RpcException(StatusCode.InvalidArgument, "a Put message carried data before any block header (set hash and block_length on a block's first message)");
-                }
-
-                int n = message.Data.Length;
-                if (n == 0)
-                    continue;
-                if (filled + n > current.Length)
-                {
-                    throw new RpcException(StatusCode.InvalidArgument,
-                        $"block {currentHash} got {filled + n} bytes, more than its block_length of {blockBytes}; nothing was stored");
-                }
-
-                message.Data.Span.CopyTo(current.Span[filled..]);
-                filled += n;
-                received += n;
             }
 
-            if (filled < current.Length)
-                throw Incomplete(currentHash, filled, blockBytes, "the stream ended");
-            PutOutcome outcome = await batch.CommitAsync(call.CancellationToken).ConfigureAwait(false);
-            metrics.BytesIn.Add(received, "put");
-            call.BytesReceived = received;
-            return new PutResponse { Stored = (uint)outcome.Stored, AlreadyPresent = (uint)outcome.AlreadyPresent, BytesReceived = (ulong)received };
+            if (!hash.IsEmpty)
+            {
+                StartBlock(hash, parent, depth, length);
+                if (reservation != 0)
+                {
+                    if (!data.IsEmpty)
+                        throw new RpcException(StatusCode.InvalidArgument, $"block {_hash} names a reserved slot and also carries data; use one or the other");
+                    _slots ??= service.UseSlots(tenant, reservation);
+                    SlotOf(_slots, reservation, slot > uint.MaxValue ? uint.MaxValue : (uint)slot).Span[.._blockBytes].CopyTo(_current.Span);
+                    _filled = _blockBytes;
+                    Received += _blockBytes;
+                    return this;
+                }
+            }
+            else if (_current.IsEmpty)
+            {
+                throw new RpcException(StatusCode.InvalidArgument, "a Put message carried data before any block header (set hash and block_length on a block's first message)");
+            }
+
+            if (data.IsEmpty)
+                return this;
+            if (_filled + data.Length > _current.Length)
+            {
+                throw new RpcException(StatusCode.InvalidArgument,
+                    $"block {_hash} got {_filled + data.Length} bytes, more than its block_length of {_blockBytes}; nothing was stored");
+            }
+
+            data.CopyTo(_current.Span[_filled..]);
+            _filled += (int)data.Length;
+            Received += data.Length;
+            return this;
         }
-        finally
+
+        private void StartBlock(ReadOnlySequence<byte> hash, ReadOnlySequence<byte> parent, ulong depth, ulong length)
         {
-            slots?.Dispose();
+            if (_filled < _current.Length)
+                throw Incomplete(_hash, _filled, _blockBytes, "the next block started");
+            _hash = HashOf(hash, $"hash of block {_blocks}");
+            BlockHash? parentHash = parent.IsEmpty ? null : HashOf(parent, $"parent_hash of block {_hash}");
+            if (length != (ulong)_blockBytes)
+            {
+                throw new RpcException(StatusCode.InvalidArgument,
+                    $"block {_hash} has block_length {length}, but this node's layout ({service.Store.Layout.Describe()}) makes every block exactly {_blockBytes} bytes; nothing was stored");
+            }
+
+            if (parentHash is null && depth != 0)
+                throw new RpcException(StatusCode.InvalidArgument, $"block {_hash} has depth {depth} but no parent_hash; a chain's first block has depth 0");
+            if (depth > int.MaxValue)
+                throw new RpcException(StatusCode.InvalidArgument, $"block {_hash} has depth {depth}; at most {int.MaxValue}");
+            try
+            {
+                _current = _batch.Add(_hash, parentHash, (int)depth);
+            }
+            catch (StoreFullException e)
+            {
+                throw new RpcException(StatusCode.ResourceExhausted, e.Message + "; nothing from this Put was stored");
+            }
+
+            _blocks++;
+            _filled = 0;
+        }
+
+        private static BlockHash HashOf(ReadOnlySequence<byte> bytes, string field)
+        {
+            if (bytes.Length != BlockHash.Size)
+                throw new RpcException(StatusCode.InvalidArgument, $"{field} must be a 16-byte block hash; got {bytes.Length} bytes");
+            Span<byte> h = stackalloc byte[BlockHash.Size];
+            bytes.CopyTo(h);
+            return BlockHash.FromBytes(h);
+        }
+
+        public ValueTask<PutOutcome> CommitAsync(CancellationToken cancellationToken)
+        {
+            if (_filled < _current.Length)
+                throw Incomplete(_hash, _filled, _blockBytes, "the stream ended");
+            return _batch.CommitAsync(cancellationToken);
+        }
+
+        public void Dispose()
+        {
+            _slots?.Dispose();
+            _batch.Dispose();
         }
     }
 

@@ -53,6 +53,10 @@ public sealed class ServerCall
     public ValueTask<T?> ReadAsync<T>(MessageParser<T> parser) where T : class, IMessage<T> =>
         GrpcFraming.ReadAsync(_http.Request.BodyReader, parser, _maxReceiveBytes, _encoding, CancellationToken);
 
+    /// <summary>Reads the next request message with a decoder that sees its raw bytes (valid only during the call); null at the end.</summary>
+    public ValueTask<T?> ReadAsync<T>(Func<System.Buffers.ReadOnlySequence<byte>, T> decode) where T : class =>
+        GrpcFraming.ReadAsync(_http.Request.BodyReader, decode, _maxReceiveBytes, _encoding, CancellationToken);
+
     /// <summary>Writes one response message and flushes it.</summary>
     public ValueTask WriteAsync(IMessage message) =>
         GrpcFraming.WriteAndFlushAsync(_http.Response.BodyWriter, message, CancellationToken);

@@ -13,6 +13,7 @@ public sealed record TenantConfig(string Name, string Token, bool Admin = false)
 public sealed class TenantRegistry
 {
     private readonly (Tenant Tenant, byte[] TokenHash)[] _tenants;
+    private readonly System.Collections.Concurrent.ConcurrentDictionary<string, Tenant> _known = new(StringComparer.Ordinal);
 
     public TenantRegistry(IEnumerable<TenantConfig> tenants)
     {
@@ -43,6 +44,9 @@ public sealed class TenantRegistry
     /// </summary>
     public Tenant Authenticate(string? authorization, string? tenantName)
     {
+        // Valid tokens are remembered (bounded by the number of tenants); invalid ones are hashed every time.
+        if (authorization is not null && tenantName is not null && _known.TryGetValue(authorization, out Tenant? known) && known.Name == tenantName)
+            return known;
         const string Bearer = "Bearer ";
         if (string.IsNullOrEmpty(authorization) || !authorization.StartsWith(Bearer, StringComparison.OrdinalIgnoreCase))
             throw new RpcException(StatusCode.Unauthenticated, "missing bearer token: send metadata 'authorization: Bearer <token>'");
@@ -62,6 +66,8 @@ public sealed class TenantRegistry
             throw new RpcException(StatusCode.PermissionDenied, $"tenant '{tenantName}' is not configured on this node; check the tenant name");
         if (!string.Equals(owner.Name, tenantName, StringComparison.Ordinal))
             throw new RpcException(StatusCode.PermissionDenied, $"this token does not grant access to tenant '{tenantName}'");
+        if (_known.Count < 4 * _tenants.Length)
+            _known.TryAdd(authorization, owner);
         return owner;
     }
 }

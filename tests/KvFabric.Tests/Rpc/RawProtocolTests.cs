@@ -92,6 +92,15 @@ public sealed class RawProtocolTests(SidecarFixture fx) : IClassFixture<SidecarF
     }
 
     [Fact]
+    public async Task A_malformed_put_message_is_invalid_argument()
+    {
+        var (response, _) = await SendAsync("/kvfabric.v1.Fabric/Put", Frame([(1 << 3) | 2, 200, 1, 2, 3]));
+        var (status, message) = StatusOf(response);
+        Assert.Equal((int)StatusCode.InvalidArgument, status);
+        Assert.Contains("malformed protobuf", message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public async Task Non_grpc_requests_get_415()
     {
         var (response, _) = await SendAsync("/kvfabric.v1.Fabric/Lookup", [1, 2, 3], contentType: "application/json");
