@@ -34,3 +34,10 @@ public static class JsonReport
         File.WriteAllText(path, report.ToJsonString(new JsonSerializerOptions { WriteIndented = true }) + "\n");
     }
 }
+
+/// <summary>Helpers for `--quick`: a flag the user did not give takes the CI-sized value instead of its default.</summary>
+public static class QuickDefaults
+{
+    public static T Pick<T>(System.CommandLine.ParseResult parse, System.CommandLine.Option<T> option, bool quick, T quickValue) =>
+        quick && parse.GetResult(option) is not { Implicit: false } ? quickValue : parse.GetValue(option)!;
+}

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using KvFabric.Bench.Reporting;
 using KvFabric.Client;
 using KvFabric.Client.Grpc;
 using KvFabric.Sidecar;
@@ -18,12 +19,16 @@ public sealed record RpcBenchOptions
 }
 
 public sealed record RpcBenchResult(
-    Reporting.Spread PutGbps,
-    Reporting.Spread GetGbps,
+    Spread PutGbps,
+    Spread GetGbps,
     double LookupCallsPerSecond,
     double LookupP50Us,
     double LookupP99Us,
-    long LookupCalls);
+    long LookupCalls,
+    double LookupClientCpuUsPerCall,
+    double LookupServerCpuUsPerCall,
+    double GetClientCpuSecondsPerGb,
+    double GetServerCpuSecondsPerGb);
 
 /// <summary>
 /// Drives a `kvfabric serve` process over loopback with FabricClient: streamed Put and Get of whole blocks (GB/s) and
@@ -84,9 +89,11 @@ public static class RpcBench
 
         byte[] dest = new byte[o.BlocksPerCall * o.BlockBytes];
         var get = new List<double>();
+        double getClientCpu = 0, getServerCpu = 0;
         for (int run = 0; run <= o.Runs; run++)
         {
             progress($"get run {run}/{o.Runs}" + (run == 0 ? " (warm-up)" : string.Empty));
+            double c0 = ProcessCpu.Self, s0 = ProcessCpu.Seconds(sidecar.Pid);
             long start = Stopwatch.GetTimestamp();
             for (int c = 0; c < calls; c++)
             {
@@ -98,7 +105,11 @@ public static class RpcBench
 
             double s = Stopwatch.GetElapsedTime(start).TotalSeconds;
             if (run > 0)
+            {
                 get.Add(data.Length / s / 1e9);
+                getClientCpu += ProcessCpu.Self - c0;
+                getServerCpu += ProcessCpu.Seconds(sidecar.Pid) - s0;
+            }
         }
 
         progress($"lookup: {o.LookupCallers} concurrent callers for {o.LookupDuration.TotalSeconds:0} s");
@@ -112,6 +123,7 @@ public static class RpcBench
             await client.LookupAsync(lookupChain, new CallOptions(CancellationToken: ct));
         var latencies = new List<double>[o.LookupCallers];
         long deadline = Stopwatch.GetTimestamp() + (long)(o.LookupDuration.TotalSeconds * Stopwatch.Frequency);
+        double lc0 = ProcessCpu.Self, ls0 = ProcessCpu.Seconds(sidecar.Pid);
         long lookupStart = Stopwatch.GetTimestamp();
         await Task.WhenAll(Enumerable.Range(0, o.LookupCallers).Select(async caller =>
         {
@@ -126,11 +138,14 @@ public static class RpcBench
             }
         }));
         double lookupSeconds = Stopwatch.GetElapsedTime(lookupStart).TotalSeconds;
+        double lookupClientCpu = ProcessCpu.Self - lc0, lookupServerCpu = ProcessCpu.Seconds(sidecar.Pid) - ls0;
         double[] all = latencies.SelectMany(l => l).Order().ToArray();
         int code = await sidecar.StopAsync();
         if (code != 0)
             throw new InvalidOperationException($"kvfabric serve exited with {code}:\n{sidecar.Log}");
-        return new RpcBenchResult(Reporting.Spread.Of(put), Reporting.Spread.Of(get), all.Length / lookupSeconds,
-            Reporting.Spread.Percentile(all, 50), Reporting.Spread.Percentile(all, 99), all.Length);
+        double gb = (double)data.Length * o.Runs / 1e9;
+        return new RpcBenchResult(Spread.Of(put), Spread.Of(get), all.Length / lookupSeconds,
+            Spread.Percentile(all, 50), Spread.Percentile(all, 99), all.Length,
+            lookupClientCpu / all.Length * 1e6, lookupServerCpu / all.Length * 1e6, getClientCpu / gb, getServerCpu / gb);
     }
 }

@@ -31,11 +31,11 @@ public static class RpcCommand
             var o = new RpcBenchOptions
             {
                 BlockBytes = checked((int)Sizes.Parse(p.GetValue(blockSize)!)),
-                Blocks = isQuick && p.GetResult(blocks) is null ? 16 : p.GetValue(blocks),
+                Blocks = QuickDefaults.Pick(p, blocks, isQuick, 16),
                 BlocksPerCall = p.GetValue(perCall),
-                Runs = isQuick && p.GetResult(runs) is null ? 2 : p.GetValue(runs),
+                Runs = QuickDefaults.Pick(p, runs, isQuick, 2),
                 LookupCallers = p.GetValue(callers),
-                LookupDuration = TimeSpan.FromSeconds(isQuick && p.GetResult(seconds) is null ? 1 : p.GetValue(seconds)),
+                LookupDuration = TimeSpan.FromSeconds(QuickDefaults.Pick(p, seconds, isQuick, 1.0)),
             };
             JsonReport.Write(p.GetValue(json), await RunAsync(o, !p.GetValue(noReference), ct));
             return 0;
@@ -68,12 +68,18 @@ public static class RpcCommand
         report["lookup_calls_per_second"] = JsonReport.Round(r.LookupCallsPerSecond);
         report["lookup_p50_us"] = JsonReport.Round(r.LookupP50Us);
         report["lookup_p99_us"] = JsonReport.Round(r.LookupP99Us);
+        report["lookup_client_cpu_us_per_call"] = JsonReport.Round(r.LookupClientCpuUsPerCall);
+        report["lookup_server_cpu_us_per_call"] = JsonReport.Round(r.LookupServerCpuUsPerCall);
+        report["get_client_cpu_seconds_per_gb"] = JsonReport.Round(r.GetClientCpuSecondsPerGb);
+        report["get_server_cpu_seconds_per_gb"] = JsonReport.Round(r.GetServerCpuSecondsPerGb);
         report["put_gbps"] = JsonReport.Round(r.PutGbps.Median);
         report["put_gbps_spread"] = JsonReport.Of(r.PutGbps);
         report["get_gbps"] = JsonReport.Round(r.GetGbps.Median);
         report["get_gbps_spread"] = JsonReport.Of(r.GetGbps);
         var table = new Table().AddColumns("figure", "value");
         table.AddRow($"Lookup ({o.LookupCallers} callers, {o.LookupChain}-block chain)", $"{r.LookupCallsPerSecond:F0} calls/s, p50 {r.LookupP50Us:F0} us, p99 {r.LookupP99Us:F0} us");
+        table.AddRow("Lookup CPU per call (client / server)", $"{r.LookupClientCpuUsPerCall:F0} / {r.LookupServerCpuUsPerCall:F0} us");
+        table.AddRow("Get CPU s per GB (client / server)", $"{r.GetClientCpuSecondsPerGb:F3} / {r.GetServerCpuSecondsPerGb:F3}");
         table.AddRow($"Put streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.PutGbps.Median:F2} GB/s (min {r.PutGbps.Min:F2}, max {r.PutGbps.Max:F2})");
         table.AddRow($"Get streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.GetGbps.Median:F2} GB/s (min {r.GetGbps.Min:F2}, max {r.GetGbps.Max:F2})");
         if (tcp is not null)

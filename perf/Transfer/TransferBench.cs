@@ -90,7 +90,7 @@ public static class TransferBench
             bool measured = r >= o.Warmups;
             progress?.Invoke(measured ? $"run {r - o.Warmups + 1}/{o.Runs}" : $"warm-up {r + 1}/{o.Warmups}");
             var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
-            double peer0 = CpuSeconds(peer.Pid);
+            double peer0 = ProcessCpu.Seconds(peer.Pid);
             var runLatencies = new List<double>[o.Inflight];
             long start = Stopwatch.GetTimestamp();
             var slots = new Task[o.Inflight];
@@ -118,7 +118,7 @@ public static class TransferBench
             gbps.Add(moved / seconds / 1e9);
             runSeconds.Add(seconds);
             cpuSelf += (Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds;
-            cpuPeer += CpuSeconds(peer.Pid) - peer0;
+            cpuPeer += ProcessCpu.Seconds(peer.Pid) - peer0;
         }
         // The last run's bytes must be intact at the destination: a fast wrong answer is not a result.
         if (o.Op == TransferOp.Write)
@@ -141,13 +141,5 @@ public static class TransferBench
     {
         if (reply != "OK")
             throw new InvalidOperationException($"the peer answered '{reply}'");
-    }
-
-    /// <summary>User plus system CPU seconds of a process, from /proc (clock ticks of 1/100 s).</summary>
-    private static double CpuSeconds(int pid)
-    {
-        string stat = File.ReadAllText($"/proc/{pid}/stat");
-        var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' ');
-        return (long.Parse(fields[11], System.Globalization.CultureInfo.InvariantCulture) + long.Parse(fields[12], System.Globalization.CultureInfo.InvariantCulture)) / 100.0;
     }
 }

@@ -48,7 +48,7 @@ public static class TransferCommand
                     var x => throw new ArgumentException($"--op {x}: use write or read"),
                 },
                 BlockBytes = Sizes.Parse(p.GetValue(blockSize)!),
-                Blocks = isQuick && p.GetResult(blocks) is null ? 64 : p.GetValue(blocks),
+                Blocks = QuickDefaults.Pick(p, blocks, isQuick, 64),
                 Batch = p.GetValue(batch),
                 Streams = p.GetValue(streams),
                 Runs = p.GetValue(runs),
