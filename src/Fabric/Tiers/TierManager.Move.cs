@@ -1,0 +1,248 @@
+using System.Buffers;
+
+namespace KvFabric.Tiers;
+
+// Room-making and movement. Everything here runs under the mover gate (one move at a time), taking the metadata lock
+// only for planning and committing; copies run outside it.
+public sealed partial class TierManager
+{
+    private enum Room : byte { Reserved, Refused, NoRoom }
+
+    // Reserves bytes for a block about to enter tier t, evicting (demoting) victims as needed. Forced placements (a
+    // parent that must stay at or above its children's tier) skip admission.
+    private async ValueTask<Room> ReserveAsync(int t, PolicyBlockInfo info, bool forced, CancellationToken ct)
+    {
+        var tier = _tiers[t];
+        lock (_lock)
+        {
+            if (!forced && tier.Admission is { } filter && !filter.Admit(info))
+            {
+                tier.AdmissionRefusals++;
+                return Room.Refused;
+            }
+            if (tier.Free >= info.Bytes)
+            {
+                tier.Reserved += info.Bytes;
+                return Room.Reserved;
+            }
+            Tick();
+            ExpireLeases();
+            // Not even evicting every evictable block would make room: say so without touching anything.
+            if (info.Bytes > tier.Capacity || tier.Free + tier.EvictableBytes < info.Bytes)
+                return Room.NoRoom;
+            if (!forced && !tier.Policy.ShouldAdmit(info))
+            {
+                tier.AdmissionRefusals++;
+                return Room.Refused;
+            }
+        }
+        return await MakeRoomAsync(t, info.Bytes, ct).ConfigureAwait(false) ? Room.Reserved : Room.NoRoom;
+    }
+
+    private void Unreserve(int t, int bytes)
+    {
+        lock (_lock)
+            _tiers[t].Reserved -= bytes;
+    }
+
+    private async ValueTask<bool> MakeRoomAsync(int t, int bytes, CancellationToken ct)
+    {
+        var tier = _tiers[t];
+        List<int>? stuck = null;
+        try
+        {
+            while (true)
+            {
+                int victim;
+                lock (_lock)
+                {
+                    if (tier.Free >= bytes)
+                    {
+                        tier.Reserved += bytes;
+                        return true;
+                    }
+                    if (!tier.Policy.TryPickVictim(out int h))
+                        return false;
+                    if ((uint)h >= (uint)tier.BlockOf.Length || tier.BlockOf[h] < 0 || !tier.Evictable[h])
+                        throw new InvalidOperationException($"eviction policy '{tier.Policy.Name}' of the {tier.Kind} tier picked handle {h}, which is not an evictable resident block; the policy's state is out of step with the tier manager");
+                    victim = tier.BlockOf[h];
+                    _moving[victim] |= (byte)(1 << t);
+                    RefreshEvictable(victim);
+                }
+                if (!await EvictAsync(victim, t, ct).ConfigureAwait(false))
+                    (stuck ??= []).Add(victim);
+            }
+        }
+        finally
+        {
+            if (stuck is not null)
+            {
+                lock (_lock)
+                {
+                    foreach (int b in stuck)
+                    {
+                        _moving[b] &= (byte)~(1 << t);
+                        RefreshEvictable(b);
+                    }
+                }
+            }
+        }
+    }
+
+    // Evicts block b from tier t: drops the copy if a slower tier already holds one (and no child sits between),
+    // otherwise copies it down to the first slower tier that takes it (forced at the tier of its fastest child, so the
+    // parent-not-slower-than-child invariant holds), otherwise drops it (only possible when it has no cached child).
+    // False when the block must stay (no tier could take it, a copy failed, or a reader grabbed it meanwhile).
+    private async ValueTask<bool> EvictAsync(int b, int t, CancellationToken ct)
+    {
+        PolicyBlockInfo info;
+        BlockMeta meta;
+        int childTier, slowerCopy = _n;
+        lock (_lock)
+        {
+            info = InfoOf(b);
+            meta = MetaOf(b);
+            childTier = FastestChildTier(b);
+            for (int s = t + 1; s < _n; s++)
+            {
+                if (Holds(b, s))
+                {
+                    slowerCopy = s;
+                    break;
+                }
+            }
+            if (slowerCopy < _n && slowerCopy <= childTier)
+                return CommitEviction(b, t);
+        }
+        for (int u = t + 1; u < _n && u <= childTier; u++)
+        {
+            bool forced = u == childTier;
+            var room = await ReserveAsync(u, info, forced, ct).ConfigureAwait(false);
+            if (room != Room.Reserved)
+            {
+                if (forced)
+                    return false;
+                continue;
+            }
+            var copied = await CopyAsync(info, meta, t, u, ct).ConfigureAwait(false);
+            if (copied == Copy.SourceCorrupt)
+            {
+                // The store dropped the victim as corrupt: it has left tier t all the same.
+                Unreserve(u, info.Bytes);
+                await DropCorruptAsync(b, t).ConfigureAwait(false);
+                return true;
+            }
+            lock (_lock)
+            {
+                _tiers[u].Reserved -= info.Bytes;
+                if (copied != Copy.Done)
+                {
+                    if (forced)
+                        return false;
+                    continue;
+                }
+                AddResidency(b, u);
+                _tiers[u].DemotionsIn++;
+                return CommitEviction(b, t);
+            }
+        }
+        if (childTier < _n)
+            return false;
+        lock (_lock)
+            return CommitEviction(b, t);
+    }
+
+    // Under _lock. Removes b from tier t unless a reader took it meanwhile; the store's bytes are freed right after.
+    private bool CommitEviction(int b, int t)
+    {
+        if (_inUse[b] > 0)
+            return false;
+        var key = _key[b];
+        RemoveResidency(b, t);
+        _tiers[t].Evictions++;
+        FreeBlockIfUnused(b);
+        RemoveFromStore(_tiers[t], key);
+        return true;
+    }
+
+    // Store removal after the metadata no longer names the block: no reader can reach these bytes any more, and the
+    // mover (the only writer) is the caller.
+    private static void RemoveFromStore(TierState tier, BlockKey key)
+    {
+        try
+        {
+            tier.Store.Remove(key);
+        }
+        catch (Exception e) when (e is TierException or IOException)
+        {
+            tier.StoreErrors++; // the bytes may linger in the store, but the tier no longer counts or serves them
+        }
+    }
+
+    private enum Copy : byte { Done, Failed, SourceCorrupt }
+
+    // Copies a block's bytes from tier `from` to tier `to` through a pooled staging buffer.
+    private async ValueTask<Copy> CopyAsync(PolicyBlockInfo info, BlockMeta meta, int from, int to, CancellationToken ct)
+    {
+        byte[] staging = ArrayPool<byte>.Shared.Rent(info.Bytes);
+        try
+        {
+            var buffer = staging.AsMemory(0, info.Bytes);
+            try
+            {
+                if (!await ReadTimedAsync(_tiers[from], info.Key, buffer, ct).ConfigureAwait(false))
+                    return Copy.Failed;
+            }
+            catch (BlockCorruptException)
+            {
+                return Copy.SourceCorrupt;
+            }
+            return await WriteAsync(_tiers[to], info.Key, meta, buffer, ct).ConfigureAwait(false) ? Copy.Done : Copy.Failed;
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(staging);
+        }
+    }
+
+    private async ValueTask<bool> WriteAsync(TierState tier, BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    {
+        try
+        {
+            if (await tier.Store.WriteAsync(key, meta, bytes, ct).ConfigureAwait(false))
+                return true;
+        }
+        catch (Exception e) when (e is TierException or IOException)
+        {
+            // A failing store (disk full, device error) loses this placement only; the manager keeps serving.
+        }
+        lock (_lock)
+            tier.StoreErrors++;
+        return false;
+    }
+
+    // A read whose duration refines the tier's bandwidth estimate. BlockCorruptException propagates (the store has
+    // dropped the block; the caller repairs the metadata); other store failures read as false.
+    private async ValueTask<bool> ReadTimedAsync(TierState tier, BlockKey key, Memory<byte> destination, CancellationToken ct)
+    {
+        long start = _time.GetTimestamp();
+        bool ok;
+        try
+        {
+            ok = await tier.Store.ReadAsync(key, destination, ct).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is TierException and not BlockCorruptException || e is IOException)
+        {
+            ok = false;
+        }
+        double elapsed = _time.GetElapsedTime(start).TotalSeconds;
+        lock (_lock)
+        {
+            if (ok)
+                tier.RecordRead(destination.Length, elapsed, _options.BandwidthSmoothing);
+            else
+                tier.StoreErrors++;
+        }
+        return ok;
+    }
+}

@@ -1,0 +1,176 @@
+using KvFabric.Blocks;
+
+namespace KvFabric.Tiers;
+
+public sealed partial class TierManager
+{
+    // Stores a chain segment: blocks[0]'s parent is `parent` (null: blocks[0] starts a chain), each later block's parent
+    // is the one before it. Blocks already cached are only touched. Each new block lands in the fastest tier that takes
+    // it, but never above its parent's fastest tier; with WritePolicy.WriteThrough it is also written to the slowest tier.
+    public async ValueTask<PutResult> PutAsync(uint tenant, BlockHash? parent, IReadOnlyList<BlockPut> blocks, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(blocks);
+        ValidateBlocks(blocks);
+        await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
+        int held = None;
+        try
+        {
+            int depth = 0;
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                Tick();
+                if (parent is { } p)
+                {
+                    if (!_index.TryGetValue(new BlockKey(tenant, p), out held) || _held[held] == 0)
+                    {
+                        held = None;
+                        return new PutResult(PutStatus.ParentMissing, 0, 0, blocks.Count,
+                            $"parent block {tenant}:{p} is not cached (evicted or never stored); put the chain from its first uncached block");
+                    }
+                    depth = _depth[held] + 1;
+                    AddUse(held); // the parent must not move while its child is placed
+                }
+            }
+            int stored = 0, present = 0;
+            for (int i = 0; i < blocks.Count; i++)
+            {
+                var key = new BlockKey(tenant, blocks[i].Hash);
+                int b;
+                lock (_lock)
+                {
+                    if (_index.TryGetValue(key, out b) && _held[b] != 0)
+                    {
+                        var tier = _tiers[Fastest(b)];
+                        tier.Policy.OnAccess(_handle[tier.Index][b]);
+                        present++;
+                    }
+                    else
+                    {
+                        b = None;
+                    }
+                }
+                if (b == None)
+                {
+                    (b, var status, string? detail) = await PlaceNewAsync(key, held, depth, blocks[i].Bytes, cancellationToken).ConfigureAwait(false);
+                    if (b == None)
+                        return new PutResult(status, stored, present, blocks.Count - i, detail);
+                    stored++;
+                }
+                lock (_lock)
+                {
+                    AddUse(b);
+                    if (held != None)
+                        DropUse(held);
+                    held = b;
+                    depth = _depth[b] + 1;
+                }
+            }
+            return new PutResult(PutStatus.Stored, stored, present, 0, null);
+        }
+        finally
+        {
+            if (held != None)
+            {
+                lock (_lock)
+                {
+                    Tick();
+                    DropUse(held);
+                }
+            }
+            _mover.Release();
+        }
+    }
+
+    private void ValidateBlocks(IReadOnlyList<BlockPut> blocks)
+    {
+        for (int i = 0; i < blocks.Count; i++)
+        {
+            int length = blocks[i].Bytes.Length;
+            if (length == 0)
+                throw new ArgumentException($"block {i} ({blocks[i].Hash}) is empty; a block carries its KV bytes", nameof(blocks));
+            foreach (var tier in _tiers)
+            {
+                if (tier.FixedBlockBytes != 0 && length != tier.FixedBlockBytes)
+                    throw new ArgumentException($"block {i} ({blocks[i].Hash}) has {length} bytes but the {tier.Kind} tier stores blocks of exactly {tier.FixedBlockBytes}; check the KV layout (tokens per block, dtype) against the sidecar's", nameof(blocks));
+                if (length > tier.Capacity)
+                    throw new ArgumentException($"block {i} ({blocks[i].Hash}) has {length} bytes, more than the whole {tier.Kind} tier ({tier.Capacity})", nameof(blocks));
+            }
+        }
+    }
+
+    private async ValueTask<(int Block, PutStatus Status, string? Detail)> PlaceNewAsync(
+        BlockKey key, int parent, int depth, ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    {
+        int start;
+        BlockMeta meta;
+        lock (_lock)
+        {
+            start = parent == None ? 0 : Fastest(parent);
+            meta = new BlockMeta(parent == None ? default : _key[parent].Hash, depth, bytes.Length);
+        }
+        var info = new PolicyBlockInfo(key, depth, bytes.Length);
+        var status = PutStatus.Refused;
+        for (int t = start; t < _n; t++)
+        {
+            var room = await ReserveAsync(t, info, forced: false, ct).ConfigureAwait(false);
+            if (room != Room.Reserved)
+            {
+                if (room == Room.NoRoom)
+                    status = PutStatus.ResourceExhausted;
+                continue;
+            }
+            bool written = await WriteAsync(_tiers[t], key, meta, bytes, ct).ConfigureAwait(false);
+            int b = None;
+            lock (_lock)
+            {
+                _tiers[t].Reserved -= bytes.Length;
+                if (written)
+                {
+                    b = NewBlock(key, parent, depth, bytes.Length);
+                    AddResidency(b, t);
+                }
+            }
+            if (!written)
+            {
+                status = status == PutStatus.ResourceExhausted ? status : PutStatus.StoreFailed;
+                continue;
+            }
+            if (_options.WritePolicy == WritePolicy.WriteThrough && t < _n - 1)
+                await WriteThroughAsync(b, info, meta, bytes, ct).ConfigureAwait(false);
+            return (b, PutStatus.Stored, null);
+        }
+        string detail = status switch
+        {
+            PutStatus.ResourceExhausted => $"no tier from {_tiers[start].Kind} down could make room for block {key} ({bytes.Length} bytes): every resident block is pinned, in use by a transfer, or a parent of a cached block; unpin or release blocks, or add capacity",
+            PutStatus.StoreFailed => $"every store from the {_tiers[start].Kind} tier down failed to write block {key}; see the tiers' StoreErrors",
+            _ => $"every tier from {_tiers[start].Kind} down refused block {key} by its admission policy",
+        };
+        return (None, status, detail);
+    }
+
+    // Best effort: a write-through copy that finds no room or fails leaves the block in its faster tier only.
+    private async ValueTask WriteThroughAsync(int b, PolicyBlockInfo info, BlockMeta meta, ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    {
+        int last = _n - 1;
+        lock (_lock)
+            AddUse(b);
+        try
+        {
+            if (await ReserveAsync(last, info, forced: false, ct).ConfigureAwait(false) != Room.Reserved)
+                return;
+            bool written = await WriteAsync(_tiers[last], info.Key, meta, bytes, ct).ConfigureAwait(false);
+            lock (_lock)
+            {
+                _tiers[last].Reserved -= info.Bytes;
+                if (written)
+                    AddResidency(b, last);
+            }
+        }
+        finally
+        {
+            lock (_lock)
+                DropUse(b);
+        }
+    }
+}
