@@ -116,7 +116,7 @@ public sealed partial class TierManager
             var room = await ReserveAsync(t, info, forced: false, ct).ConfigureAwait(false);
             if (room != Room.Reserved)
             {
-                if (room == Room.NoRoom)
+                if (room == Room.NoRoom && status != PutStatus.StoreFailed)
                     status = PutStatus.ResourceExhausted;
                 continue;
             }
@@ -133,7 +133,7 @@ public sealed partial class TierManager
             }
             if (!written)
             {
-                status = status == PutStatus.ResourceExhausted ? status : PutStatus.StoreFailed;
+                status = PutStatus.StoreFailed; // the more actionable cause when tiers also lacked room
                 continue;
             }
             if (_options.WritePolicy == WritePolicy.WriteThrough && t < _n - 1)
@@ -143,7 +143,7 @@ public sealed partial class TierManager
         string detail = status switch
         {
             PutStatus.ResourceExhausted => $"no tier from {_tiers[start].Kind} down could make room for block {key} ({bytes.Length} bytes): every resident block is pinned, in use by a transfer, or a parent of a cached block; unpin or release blocks, or add capacity",
-            PutStatus.StoreFailed => $"every store from the {_tiers[start].Kind} tier down failed to write block {key}; see the tiers' StoreErrors",
+            PutStatus.StoreFailed => $"no tier from {_tiers[start].Kind} down took block {key}: a store failed to write it (see the tiers' StoreErrors) and the others were full or refused it",
             _ => $"every tier from {_tiers[start].Kind} down refused block {key} by its admission policy",
         };
         return (None, status, detail);
