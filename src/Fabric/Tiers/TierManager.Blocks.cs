@@ -29,7 +29,7 @@ public sealed partial class TierManager
 
     private void InitBlockTable(int capacity)
     {
-        _index = new Dictionary<BlockKey, int>(capacity);
+        _index = new Dictionary<BlockKey, int>(capacity, BlockKeyComparer.Instance);
         _key = new BlockKey[capacity];
         _parent = new int[capacity];
         _depth = new int[capacity];
@@ -140,6 +140,29 @@ public sealed partial class TierManager
             _freeBlocks[_freeBlockCount++] = b;
             b = parent;
         }
+    }
+
+    // The block with this key whose parent is `parent` (None: any block, the start of the segment asked about), or None. Walking a chain, the next
+    // block is almost always one of few children of the previous one: comparing keys there is cheaper than hashing into
+    // the index, which remains the path for first blocks and for parents with many children.
+    private int FindInChain(BlockKey key, int parent)
+    {
+        if (parent != None)
+        {
+            int scanned = 0;
+            for (int c = _firstChild[parent]; c != None; c = _nextSibling[c])
+            {
+                if (BlockKeyComparer.Instance.Equals(_key[c], key))
+                    return c;
+                if (++scanned == 8)
+                    break;
+            }
+            if (scanned < 8)
+                return None;
+        }
+        if (!_index.TryGetValue(key, out int b) || (parent != None && _parent[b] != parent))
+            return None;
+        return b;
     }
 
     private int Fastest(int b) => _held[b] == 0 ? None : BitOperations.TrailingZeroCount(_held[b]);

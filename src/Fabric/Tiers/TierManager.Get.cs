@@ -22,7 +22,8 @@ public sealed partial class TierManager
             lock (_lock)
             {
                 ObjectDisposedException.ThrowIf(_disposed, this);
-                if (!_index.TryGetValue(key, out b) || _held[b] == 0 || (read > 0 && _parent[b] != prev))
+                b = FindInChain(key, prev);
+                if (b == None || _held[b] == 0)
                     break;
                 if (destination.Length < _length[b])
                     throw new ArgumentException($"destination {read} holds {destination.Length} bytes but block {key} has {_length[b]}", nameof(destinations));

@@ -115,7 +115,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             double load = 0, recompute = 0;
             for (int i = 0; i < chain.Length; i++)
             {
-                if (!_index.TryGetValue(new BlockKey(tenant, chain[i]), out int b) || _held[b] == 0 || (i > 0 && _parent[b] != prev))
+                int b = FindInChain(new BlockKey(tenant, chain[i]), prev);
+                if (b == None || _held[b] == 0)
                     break;
                 int t = Fastest(b);
                 if (!tiersOut.IsEmpty)
@@ -206,7 +207,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             int prev = -1;
             for (int i = 0; i < chain.Length; i++)
             {
-                if (!_index.TryGetValue(new BlockKey(tenant, chain[i]), out int b) || _held[b] == 0 || (i > 0 && _parent[b] != prev))
+                int b = FindInChain(new BlockKey(tenant, chain[i]), prev);
+                if (b == None || _held[b] == 0)
                     break;
                 AddUse(b);
                 ids[count++] = b;
