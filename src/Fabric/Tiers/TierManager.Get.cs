@@ -31,6 +31,7 @@ public sealed partial class TierManager
                 length = _length[b];
                 Tick();
                 AddUse(b);
+                _activeReads++;
             }
             bool ok = false, corrupt = false;
             try
@@ -55,6 +56,8 @@ public sealed partial class TierManager
                     }
                     Tick();
                     DropUse(b);
+                    if (--_activeReads == 0 && _readsDrained is { } drained)
+                        drained.TrySetResult();
                 }
             }
             if (corrupt)
@@ -137,7 +140,7 @@ public sealed partial class TierManager
                 await _mover.WaitAsync(ct).ConfigureAwait(false);
                 try
                 {
-                    await PromoteAsync(key, ct).ConfigureAwait(false);
+                    await PromoteAsync(key, CancellationToken.None).ConfigureAwait(false);
                 }
                 finally
                 {
@@ -187,14 +190,21 @@ public sealed partial class TierManager
             {
                 if (await ReserveAsync(u, info, forced: false, ct).ConfigureAwait(false) != Room.Reserved)
                     continue;
-                var copied = await CopyAsync(info, meta, from, u, ct).ConfigureAwait(false);
-                lock (_lock)
+                var copied = Copy.Failed;
+                try
                 {
-                    _tiers[u].Reserved -= info.Bytes;
-                    if (copied == Copy.Done)
+                    copied = await CopyAsync(info, meta, from, u, ct).ConfigureAwait(false);
+                }
+                finally
+                {
+                    lock (_lock)
                     {
-                        AddResidency(b, u);
-                        _tiers[u].PromotionsIn++;
+                        _tiers[u].Reserved -= info.Bytes;
+                        if (copied == Copy.Done)
+                        {
+                            AddResidency(b, u);
+                            _tiers[u].PromotionsIn++;
+                        }
                     }
                 }
                 if (copied == Copy.Done)

@@ -3,7 +3,8 @@ using System.Buffers;
 namespace KvFabric.Tiers;
 
 // Room-making and movement. Everything here runs under the mover gate (one move at a time), taking the metadata lock
-// only for planning and committing; copies run outside it.
+// only for planning and committing; copies run outside it. Callers pass CancellationToken.None once a block's placement
+// has begun: a move is finished or undone, never abandoned halfway; cancellation is honored between blocks.
 public sealed partial class TierManager
 {
     private enum Room : byte { Reserved, Refused, NoRoom }
@@ -69,8 +70,16 @@ public sealed partial class TierManager
                     _moving[victim] |= (byte)(1 << t);
                     RefreshEvictable(victim);
                 }
-                if (!await EvictAsync(victim, t, ct).ConfigureAwait(false))
-                    (stuck ??= []).Add(victim);
+                bool evicted = false;
+                try
+                {
+                    evicted = await EvictAsync(victim, t, ct).ConfigureAwait(false);
+                }
+                finally
+                {
+                    if (!evicted)
+                        (stuck ??= []).Add(victim); // also on an exception: the victim must not stay marked as moving
+                }
             }
         }
         finally
@@ -124,23 +133,31 @@ public sealed partial class TierManager
                     return false;
                 continue;
             }
-            var copied = await CopyAsync(info, meta, t, u, ct).ConfigureAwait(false);
+            var copied = Copy.Failed;
+            try
+            {
+                copied = await CopyAsync(info, meta, t, u, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                if (copied != Copy.Done)
+                    Unreserve(u, info.Bytes);
+            }
             if (copied == Copy.SourceCorrupt)
             {
                 // The store dropped the victim as corrupt: it has left tier t all the same.
-                Unreserve(u, info.Bytes);
                 await DropCorruptAsync(b, t).ConfigureAwait(false);
                 return true;
+            }
+            if (copied == Copy.Failed)
+            {
+                if (forced)
+                    return false;
+                continue;
             }
             lock (_lock)
             {
                 _tiers[u].Reserved -= info.Bytes;
-                if (copied != Copy.Done)
-                {
-                    if (forced)
-                        return false;
-                    continue;
-                }
                 AddResidency(b, u);
                 _tiers[u].DemotionsIn++;
                 return CommitEviction(b, t);

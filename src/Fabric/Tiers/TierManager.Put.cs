@@ -35,6 +35,7 @@ public sealed partial class TierManager
             int stored = 0, present = 0;
             for (int i = 0; i < blocks.Count; i++)
             {
+                cancellationToken.ThrowIfCancellationRequested();
                 var key = new BlockKey(tenant, blocks[i].Hash);
                 int b;
                 lock (_lock)
@@ -52,7 +53,7 @@ public sealed partial class TierManager
                 }
                 if (b == None)
                 {
-                    (b, var status, string? detail) = await PlaceNewAsync(key, held, depth, blocks[i].Bytes, cancellationToken).ConfigureAwait(false);
+                    (b, var status, string? detail) = await PlaceNewAsync(key, held, depth, blocks[i].Bytes, CancellationToken.None).ConfigureAwait(false);
                     if (b == None)
                         return new PutResult(status, stored, present, blocks.Count - i, detail);
                     stored++;
@@ -120,15 +121,22 @@ public sealed partial class TierManager
                     status = PutStatus.ResourceExhausted;
                 continue;
             }
-            bool written = await WriteAsync(_tiers[t], key, meta, bytes, ct).ConfigureAwait(false);
+            bool written = false;
             int b = None;
-            lock (_lock)
+            try
             {
-                _tiers[t].Reserved -= bytes.Length;
-                if (written)
+                written = await WriteAsync(_tiers[t], key, meta, bytes, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                lock (_lock)
                 {
-                    b = NewBlock(key, parent, depth, bytes.Length);
-                    AddResidency(b, t);
+                    _tiers[t].Reserved -= bytes.Length;
+                    if (written)
+                    {
+                        b = NewBlock(key, parent, depth, bytes.Length);
+                        AddResidency(b, t);
+                    }
                 }
             }
             if (!written)
@@ -159,12 +167,19 @@ public sealed partial class TierManager
         {
             if (await ReserveAsync(last, info, forced: false, ct).ConfigureAwait(false) != Room.Reserved)
                 return;
-            bool written = await WriteAsync(_tiers[last], info.Key, meta, bytes, ct).ConfigureAwait(false);
-            lock (_lock)
+            bool written = false;
+            try
             {
-                _tiers[last].Reserved -= info.Bytes;
-                if (written)
-                    AddResidency(b, last);
+                written = await WriteAsync(_tiers[last], info.Key, meta, bytes, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                lock (_lock)
+                {
+                    _tiers[last].Reserved -= info.Bytes;
+                    if (written)
+                        AddResidency(b, last);
+                }
             }
         }
         finally

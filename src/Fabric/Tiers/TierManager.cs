@@ -28,6 +28,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
     private readonly CancellationTokenSource _shutdown = new();
     private TaskCompletionSource? _idle;
     private int _pendingPromotions;
+    private int _activeReads;
+    private TaskCompletionSource? _readsDrained;
     private ulong _sequence;
     private long _misses, _promotionsQueued, _promotionsSkipped;
     private long _nowTicks;
@@ -313,13 +315,29 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         {
             // shutting down: queued promotions are abandoned
         }
-        if (_options.OwnsStores)
+        // Let the running move finish and in-flight reads drain before the stores (and their memory) go away. Later
+        // calls find _disposed set and throw ObjectDisposedException.
+        await _mover.WaitAsync().ConfigureAwait(false);
+        try
         {
-            foreach (var t in _tiers)
-                t.Store.Dispose();
+            Task drained = Task.CompletedTask;
+            lock (_lock)
+            {
+                if (_activeReads > 0)
+                    drained = (_readsDrained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+            }
+            await drained.ConfigureAwait(false);
+            if (_options.OwnsStores)
+            {
+                foreach (var t in _tiers)
+                    t.Store.Dispose();
+            }
+        }
+        finally
+        {
+            _mover.Release();
         }
         _shutdown.Dispose();
-        _mover.Dispose();
     }
 }
 
