@@ -204,6 +204,7 @@ public sealed partial class TierManager
                         {
                             AddResidency(b, u);
                             _tiers[u].PromotionsIn++;
+                            _tiers[u].BytesMovedIn += info.Bytes;
                         }
                     }
                 }

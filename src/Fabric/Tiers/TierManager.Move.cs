@@ -160,6 +160,7 @@ public sealed partial class TierManager
                 _tiers[u].Reserved -= info.Bytes;
                 AddResidency(b, u);
                 _tiers[u].DemotionsIn++;
+                _tiers[u].BytesMovedIn += info.Bytes;
                 return CommitEviction(b, t);
             }
         }

@@ -58,6 +58,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         _recomputePerBlock = options.RecomputeSecondsPerBlock;
         _recomputePerDepth = options.RecomputeSecondsPerBlockPerDepth;
         InitBlockTable(1024);
+        RecoverDurableTiers();
         if (options.PromoteOnHit && _n > 1)
         {
             _promotions = Channel.CreateBounded<BlockKey>(new BoundedChannelOptions(options.PromotionQueueCapacity)
@@ -85,8 +86,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             throw new ArgumentOutOfRangeException(nameof(o), capacity, $"the {kind} tier is configured for {capacity} bytes but its store holds only {o.Store.CapacityBytes}");
         if (o.ReadBandwidthBytesPerSecond <= 0 || o.ReadLatencySeconds < 0)
             throw new ArgumentOutOfRangeException(nameof(o), $"the {kind} tier needs a positive read bandwidth and a non-negative latency for the load-versus-recompute gate");
-        if (o.Store.Count != 0)
-            throw new ArgumentException($"the {kind} store already holds {o.Store.Count} blocks; start the tier manager on empty stores (recovery of durable tiers is not wired yet)", nameof(o));
+        if (o.Store.Count != 0 && o.Store is not IDurableBlockStore)
+            throw new ArgumentException($"the {kind} store already holds {o.Store.Count} blocks but is not durable, so nothing says how they chain; start the tier manager on an empty store", nameof(o));
         int fixedBytes = o.Store is IFixedSizeBlockStore f ? f.BlockBytes : 0;
         return new TierState(index, o, capacity, fixedBytes, o.ReadLatencySeconds, o.ReadBandwidthBytesPerSecond);
     }
@@ -246,7 +247,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             {
                 var t = _tiers[i];
                 tiers[i] = new TierStats(t.Kind, t.Policy.Name, t.Capacity, t.Used, t.Reserved, t.Count, t.Hits, t.Evictions,
-                    t.DemotionsIn, t.PromotionsIn, t.BytesIn, t.BytesOut, t.AdmissionRefusals, t.StoreErrors,
+                    t.DemotionsIn, t.PromotionsIn, t.BytesMovedIn, t.BytesIn, t.BytesOut, t.AdmissionRefusals, t.StoreErrors,
                     1.0 / t.SecondsPerByte, t.LatencySeconds);
             }
             return new TierManagerStats(tiers, _index.Count, _misses, _promotionsQueued, _promotionsSkipped, _sequence);

@@ -44,6 +44,8 @@ public readonly record struct LookupResult(int Matched, int Served);
 
 public readonly record struct DeleteResult(int Deleted, int KeptBusy);
 
+// Per tier. BytesIn/BytesOut count every block that entered or left the tier (puts, moves, deletes); BytesMovedIn
+// only what arrived by demotion or promotion from another tier. Evictions counts blocks evicted to make room.
 public sealed record TierStats(
     TierKind Kind,
     string Policy,
@@ -55,6 +57,7 @@ public sealed record TierStats(
     long Evictions,
     long DemotionsIn,
     long PromotionsIn,
+    long BytesMovedIn,
     long BytesIn,
     long BytesOut,
     long AdmissionRefusals,
@@ -62,6 +65,7 @@ public sealed record TierStats(
     double ReadBandwidthBytesPerSecond,
     double ReadLatencySeconds);
 
+// Misses counts requested blocks GetAsync could not read (absent, or after the first absent block of a chain).
 public sealed record TierManagerStats(
     IReadOnlyList<TierStats> Tiers,
     int Blocks,

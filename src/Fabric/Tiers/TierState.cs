@@ -36,7 +36,7 @@ internal sealed class TierState
     public int[] BlockOf = new int[64];
     public bool[] Evictable = new bool[64];
 
-    public long Hits, Evictions, DemotionsIn, PromotionsIn, BytesIn, BytesOut, AdmissionRefusals, StoreErrors;
+    public long Hits, Evictions, DemotionsIn, PromotionsIn, BytesMovedIn, BytesIn, BytesOut, AdmissionRefusals, StoreErrors;
     public double LatencySeconds;
     public double SecondsPerByte;
 

@@ -319,4 +319,49 @@ public sealed class TierManagerTests
         Assert.All(snapshot, e => Assert.Equal(3UL, e.Sequence));
         Assert.Equal(Hash(0), snapshot[0].Block);
     }
+
+    [Fact]
+    public async Task A_durable_last_tier_is_recovered_parents_first_and_orphans_are_removed()
+    {
+        const int size = TierRig.BlockBytes;
+        var ssd = new RecoveredTestStore(TierKind.Ssd, 16 * size);
+        // Chain 0-1-2 survived; 7's parent 6 did not.
+        ssd.Seed(new BlockKey(0, Hash(2)), new BlockMeta(Hash(1), 2, size), Bytes(2, size));
+        ssd.Seed(new BlockKey(0, Hash(0)), new BlockMeta(default, 0, size), Bytes(0, size));
+        ssd.Seed(new BlockKey(0, Hash(1)), new BlockMeta(Hash(0), 1, size), Bytes(1, size));
+        ssd.Seed(new BlockKey(0, Hash(7)), new BlockMeta(Hash(6), 1, size), Bytes(7, size));
+        var sink = new RecordingSink();
+        await using var manager = new TierManager(new TierManagerOptions
+        {
+            Tiers =
+            [
+                new TierOptions { Store = new InMemoryTestStore(TierKind.Host, 4 * size), Policy = new TestLruPolicy() },
+                new TierOptions { Store = ssd, Policy = new TestLruPolicy() },
+            ],
+            Events = sink,
+        });
+        var tiers = new TierKind[3];
+        Assert.Equal(new LookupResult(3, 3), manager.Lookup(0, Hashes(0, 3), tiers));
+        Assert.All(tiers, t => Assert.Equal(TierKind.Ssd, t));
+        Assert.False(ssd.Contains(new BlockKey(0, Hash(7))));
+        Assert.Equal(3 * size, manager.Stats().Tiers[1].UsedBytes);
+        Assert.Equal([Hash(0), Hash(1), Hash(2)], sink.Events.Select(e => e.Block));
+        var buffer = new byte[size];
+        Assert.Equal(1, await manager.GetAsync(0, Hashes(2, 1), [buffer]));
+        Assert.Equal(Bytes(2, size), buffer);
+    }
+
+    [Fact]
+    public async Task Stats_count_bytes_moved_between_tiers_apart_from_puts()
+    {
+        await using var rig = new TierRig([1, 4]);
+        await rig.Put(0, 1);
+        await rig.Put(1, 1); // 0 demoted
+        var stats = rig.Manager.Stats();
+        Assert.Equal(2 * TierRig.BlockBytes, stats.Tiers[0].BytesIn);
+        Assert.Equal(TierRig.BlockBytes, stats.Tiers[0].BytesOut);
+        Assert.Equal(TierRig.BlockBytes, stats.Tiers[1].BytesMovedIn);
+        Assert.Equal(1, stats.Tiers[1].DemotionsIn);
+        Assert.Equal(1, stats.Tiers[0].Evictions);
+    }
 }

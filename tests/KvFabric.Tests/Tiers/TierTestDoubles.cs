@@ -64,7 +64,7 @@ internal sealed class TestLruPolicy : IEvictionPolicy
 }
 
 // Test double standing in for the SSD tier (or any tier): blocks in a dictionary, with fault injection.
-internal sealed class InMemoryTestStore : IBlockStore
+internal class InMemoryTestStore : IBlockStore
 {
     private readonly Dictionary<BlockKey, byte[]> _blocks = [];
     private readonly Lock _lock = new();
@@ -129,6 +129,20 @@ internal sealed class InMemoryTestStore : IBlockStore
     }
 
     public void Dispose() { }
+}
+
+// Test double for a durable tier after a restart: blocks seeded before the manager starts are reported as recovered.
+internal sealed class RecoveredTestStore(TierKind kind, long capacityBytes) : InMemoryTestStore(kind, capacityBytes), IDurableBlockStore
+{
+    private readonly Dictionary<BlockKey, BlockMeta> _recovered = [];
+
+    public IReadOnlyCollection<KeyValuePair<BlockKey, BlockMeta>> Recovered => _recovered;
+
+    public void Seed(BlockKey key, BlockMeta meta, byte[] bytes)
+    {
+        WriteAsync(key, meta, bytes).AsTask().GetAwaiter().GetResult();
+        _recovered[key] = meta;
+    }
 }
 
 // Test double: a clock the test moves by hand.
