@@ -86,7 +86,7 @@ public sealed partial class TierManager
                 if (!_index.TryGetValue(key, out int now) || now != b || !Holds(b, t))
                     return;
             }
-            await DropCorruptAsync(b, t).ConfigureAwait(false);
+            DropCorrupt(b, t);
         }
         finally
         {
@@ -96,7 +96,7 @@ public sealed partial class TierManager
 
     // Under the mover gate. The store has already dropped the block from tier t. If no other tier holds it, its cached
     // descendants are unreachable now and are dropped too (those in use by a transfer stay until released).
-    private ValueTask DropCorruptAsync(int b, int t)
+    private void DropCorrupt(int b, int t)
     {
         List<(BlockKey, TierState)> removals = [];
         lock (_lock)
@@ -110,7 +110,6 @@ public sealed partial class TierManager
         }
         foreach (var (key, tier) in removals)
             RemoveFromStore(tier, key);
-        return ValueTask.CompletedTask;
     }
 
     private void QueuePromotion(BlockKey key)
@@ -140,7 +139,13 @@ public sealed partial class TierManager
                 await _mover.WaitAsync(ct).ConfigureAwait(false);
                 try
                 {
-                    await PromoteAsync(key, CancellationToken.None).ConfigureAwait(false);
+                    await PromoteAsync(key).ConfigureAwait(false);
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    // A promotion is an optimization: a failing one must not stop the ones behind it.
+                    lock (_lock)
+                        _promotionsFailed++;
                 }
                 finally
                 {
@@ -160,7 +165,7 @@ public sealed partial class TierManager
 
     // Copies the block into the fastest tier it may occupy (its parent's fastest tier; the first block of a chain may go
     // to the top), keeping the slower copy: eviction of the promoted copy then costs no write.
-    private async ValueTask PromoteAsync(BlockKey key, CancellationToken ct)
+    private async ValueTask PromoteAsync(BlockKey key)
     {
         int b, parent, from, target;
         lock (_lock)
@@ -188,12 +193,12 @@ public sealed partial class TierManager
             }
             for (int u = target; u < from; u++)
             {
-                if (await ReserveAsync(u, info, forced: false, ct).ConfigureAwait(false) != Room.Reserved)
+                if (await ReserveAsync(u, info, forced: false).ConfigureAwait(false) != Room.Reserved)
                     continue;
                 var copied = Copy.Failed;
                 try
                 {
-                    copied = await CopyAsync(info, meta, from, u, ct).ConfigureAwait(false);
+                    copied = await CopyAsync(info, meta, from, u).ConfigureAwait(false);
                 }
                 finally
                 {
@@ -212,7 +217,7 @@ public sealed partial class TierManager
                     return;
                 if (copied == Copy.SourceCorrupt)
                 {
-                    await DropCorruptAsync(b, from).ConfigureAwait(false);
+                    DropCorrupt(b, from);
                     return;
                 }
             }

@@ -3,15 +3,15 @@ using System.Buffers;
 namespace KvFabric.Tiers;
 
 // Room-making and movement. Everything here runs under the mover gate (one move at a time), taking the metadata lock
-// only for planning and committing; copies run outside it. Callers pass CancellationToken.None once a block's placement
-// has begun: a move is finished or undone, never abandoned halfway; cancellation is honored between blocks.
+// only for planning and committing; copies run outside it. Moves take no cancellation token: a move is finished or
+// undone, never abandoned halfway; public operations honor cancellation between blocks.
 public sealed partial class TierManager
 {
     private enum Room : byte { Reserved, Refused, NoRoom }
 
     // Reserves bytes for a block about to enter tier t, evicting (demoting) victims as needed. Forced placements (a
     // parent that must stay at or above its children's tier) skip admission.
-    private async ValueTask<Room> ReserveAsync(int t, PolicyBlockInfo info, bool forced, CancellationToken ct)
+    private async ValueTask<Room> ReserveAsync(int t, PolicyBlockInfo info, bool forced)
     {
         var tier = _tiers[t];
         lock (_lock)
@@ -37,7 +37,7 @@ public sealed partial class TierManager
                 return Room.Refused;
             }
         }
-        return await MakeRoomAsync(t, info.Bytes, ct).ConfigureAwait(false) ? Room.Reserved : Room.NoRoom;
+        return await MakeRoomAsync(t, info.Bytes).ConfigureAwait(false) ? Room.Reserved : Room.NoRoom;
     }
 
     private void Unreserve(int t, int bytes)
@@ -46,7 +46,7 @@ public sealed partial class TierManager
             _tiers[t].Reserved -= bytes;
     }
 
-    private async ValueTask<bool> MakeRoomAsync(int t, int bytes, CancellationToken ct)
+    private async ValueTask<bool> MakeRoomAsync(int t, int bytes)
     {
         var tier = _tiers[t];
         List<int>? stuck = null;
@@ -73,7 +73,7 @@ public sealed partial class TierManager
                 bool evicted = false;
                 try
                 {
-                    evicted = await EvictAsync(victim, t, ct).ConfigureAwait(false);
+                    evicted = await EvictAsync(victim, t).ConfigureAwait(false);
                 }
                 finally
                 {
@@ -102,7 +102,7 @@ public sealed partial class TierManager
     // otherwise copies it down to the first slower tier that takes it (forced at the tier of its fastest child, so the
     // parent-not-slower-than-child invariant holds), otherwise drops it (only possible when it has no cached child).
     // False when the block must stay (no tier could take it, a copy failed, or a reader grabbed it meanwhile).
-    private async ValueTask<bool> EvictAsync(int b, int t, CancellationToken ct)
+    private async ValueTask<bool> EvictAsync(int b, int t)
     {
         PolicyBlockInfo info;
         BlockMeta meta;
@@ -126,7 +126,7 @@ public sealed partial class TierManager
         for (int u = t + 1; u < _n && u <= childTier; u++)
         {
             bool forced = u == childTier;
-            var room = await ReserveAsync(u, info, forced, ct).ConfigureAwait(false);
+            var room = await ReserveAsync(u, info, forced).ConfigureAwait(false);
             if (room != Room.Reserved)
             {
                 if (forced)
@@ -136,7 +136,7 @@ public sealed partial class TierManager
             var copied = Copy.Failed;
             try
             {
-                copied = await CopyAsync(info, meta, t, u, ct).ConfigureAwait(false);
+                copied = await CopyAsync(info, meta, t, u).ConfigureAwait(false);
             }
             finally
             {
@@ -146,7 +146,7 @@ public sealed partial class TierManager
             if (copied == Copy.SourceCorrupt)
             {
                 // The store dropped the victim as corrupt: it has left tier t all the same.
-                await DropCorruptAsync(b, t).ConfigureAwait(false);
+                DropCorrupt(b, t);
                 return true;
             }
             if (copied == Copy.Failed)
@@ -200,7 +200,7 @@ public sealed partial class TierManager
     private enum Copy : byte { Done, Failed, SourceCorrupt }
 
     // Copies a block's bytes from tier `from` to tier `to` through a pooled staging buffer.
-    private async ValueTask<Copy> CopyAsync(PolicyBlockInfo info, BlockMeta meta, int from, int to, CancellationToken ct)
+    private async ValueTask<Copy> CopyAsync(PolicyBlockInfo info, BlockMeta meta, int from, int to)
     {
         byte[] staging = ArrayPool<byte>.Shared.Rent(info.Bytes);
         try
@@ -208,14 +208,14 @@ public sealed partial class TierManager
             var buffer = staging.AsMemory(0, info.Bytes);
             try
             {
-                if (!await ReadTimedAsync(_tiers[from], info.Key, buffer, ct).ConfigureAwait(false))
+                if (!await ReadTimedAsync(_tiers[from], info.Key, buffer, CancellationToken.None).ConfigureAwait(false))
                     return Copy.Failed;
             }
             catch (BlockCorruptException)
             {
                 return Copy.SourceCorrupt;
             }
-            return await WriteAsync(_tiers[to], info.Key, meta, buffer, ct).ConfigureAwait(false) ? Copy.Done : Copy.Failed;
+            return await WriteAsync(_tiers[to], info.Key, meta, buffer).ConfigureAwait(false) ? Copy.Done : Copy.Failed;
         }
         finally
         {
@@ -223,11 +223,11 @@ public sealed partial class TierManager
         }
     }
 
-    private async ValueTask<bool> WriteAsync(TierState tier, BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    private async ValueTask<bool> WriteAsync(TierState tier, BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> bytes)
     {
         try
         {
-            if (await tier.Store.WriteAsync(key, meta, bytes, ct).ConfigureAwait(false))
+            if (await tier.Store.WriteAsync(key, meta, bytes, CancellationToken.None).ConfigureAwait(false))
                 return true;
         }
         catch (Exception e) when (e is TierException or IOException)

@@ -53,7 +53,7 @@ public sealed partial class TierManager
                 }
                 if (b == None)
                 {
-                    (b, var status, string? detail) = await PlaceNewAsync(key, held, depth, blocks[i].Bytes, CancellationToken.None).ConfigureAwait(false);
+                    (b, var status, string? detail) = await PlaceNewAsync(key, held, depth, blocks[i].Bytes).ConfigureAwait(false);
                     if (b == None)
                         return new PutResult(status, stored, present, blocks.Count - i, detail);
                     stored++;
@@ -101,7 +101,7 @@ public sealed partial class TierManager
     }
 
     private async ValueTask<(int Block, PutStatus Status, string? Detail)> PlaceNewAsync(
-        BlockKey key, int parent, int depth, ReadOnlyMemory<byte> bytes, CancellationToken ct)
+        BlockKey key, int parent, int depth, ReadOnlyMemory<byte> bytes)
     {
         int start;
         BlockMeta meta;
@@ -114,7 +114,7 @@ public sealed partial class TierManager
         var status = PutStatus.Refused;
         for (int t = start; t < _n; t++)
         {
-            var room = await ReserveAsync(t, info, forced: false, ct).ConfigureAwait(false);
+            var room = await ReserveAsync(t, info, forced: false).ConfigureAwait(false);
             if (room != Room.Reserved)
             {
                 if (room == Room.NoRoom && status != PutStatus.StoreFailed)
@@ -125,7 +125,7 @@ public sealed partial class TierManager
             int b = None;
             try
             {
-                written = await WriteAsync(_tiers[t], key, meta, bytes, ct).ConfigureAwait(false);
+                written = await WriteAsync(_tiers[t], key, meta, bytes).ConfigureAwait(false);
             }
             finally
             {
@@ -145,7 +145,7 @@ public sealed partial class TierManager
                 continue;
             }
             if (_options.WritePolicy == WritePolicy.WriteThrough && t < _n - 1)
-                await WriteThroughAsync(b, info, meta, bytes, ct).ConfigureAwait(false);
+                await WriteThroughAsync(b, info, meta, bytes).ConfigureAwait(false);
             return (b, PutStatus.Stored, null);
         }
         string detail = status switch
@@ -158,19 +158,19 @@ public sealed partial class TierManager
     }
 
     // Best effort: a write-through copy that finds no room or fails leaves the block in its faster tier only.
-    private async ValueTask WriteThroughAsync(int b, PolicyBlockInfo info, BlockMeta meta, ReadOnlyMemory<byte> bytes, CancellationToken ct)
+    private async ValueTask WriteThroughAsync(int b, PolicyBlockInfo info, BlockMeta meta, ReadOnlyMemory<byte> bytes)
     {
         int last = _n - 1;
         lock (_lock)
             AddUse(b);
         try
         {
-            if (await ReserveAsync(last, info, forced: false, ct).ConfigureAwait(false) != Room.Reserved)
+            if (await ReserveAsync(last, info, forced: false).ConfigureAwait(false) != Room.Reserved)
                 return;
             bool written = false;
             try
             {
-                written = await WriteAsync(_tiers[last], info.Key, meta, bytes, ct).ConfigureAwait(false);
+                written = await WriteAsync(_tiers[last], info.Key, meta, bytes).ConfigureAwait(false);
             }
             finally
             {

@@ -31,7 +31,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
     private int _activeReads;
     private TaskCompletionSource? _readsDrained;
     private ulong _sequence;
-    private long _misses, _promotionsQueued, _promotionsSkipped;
+    private long _misses, _promotionsQueued, _promotionsSkipped, _promotionsFailed;
     private long _nowTicks;
     private bool _disposed;
 
@@ -250,7 +250,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
                     t.DemotionsIn, t.PromotionsIn, t.BytesMovedIn, t.BytesIn, t.BytesOut, t.AdmissionRefusals, t.StoreErrors,
                     1.0 / t.SecondsPerByte, t.LatencySeconds);
             }
-            return new TierManagerStats(tiers, _index.Count, _misses, _promotionsQueued, _promotionsSkipped, _sequence);
+            return new TierManagerStats(tiers, _index.Count, _misses, _promotionsQueued, _promotionsSkipped, _promotionsFailed, _sequence);
         }
     }
 

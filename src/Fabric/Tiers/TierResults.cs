@@ -72,4 +72,5 @@ public sealed record TierManagerStats(
     long Misses,
     long PromotionsQueued,
     long PromotionsSkipped,
+    long PromotionsFailed,
     ulong LastEventSequence);
