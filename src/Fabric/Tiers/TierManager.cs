@@ -53,6 +53,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         _tiers = new TierState[_n];
         for (int i = 0; i < _n; i++)
             _tiers[i] = CreateTier(i, options.Tiers[i], i > 0 ? options.Tiers[i - 1].Store?.Kind : null);
+        Tiers = Array.ConvertAll(_tiers, t => t.Kind);
         _time = options.Time ?? TimeProvider.System;
         _events = options.Events;
         _recomputePerBlock = options.RecomputeSecondsPerBlock;
@@ -92,7 +93,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         return new TierState(index, o, capacity, fixedBytes, o.ReadLatencySeconds, o.ReadBandwidthBytesPerSecond);
     }
 
-    public IReadOnlyList<TierKind> Tiers => Array.ConvertAll(_tiers, t => t.Kind);
+    // Fastest first; bit i of Residency() is Tiers[i].
+    public IReadOnlyList<TierKind> Tiers { get; }
 
     public IBlockStore GetStore(TierKind kind) => _tiers[TierIndex(kind)].Store;
 
