@@ -364,4 +364,31 @@ public sealed class TierManagerTests
         Assert.Equal(1, stats.Tiers[1].DemotionsIn);
         Assert.Equal(1, stats.Tiers[0].Evictions);
     }
+
+    [Fact]
+    public async Task Lookup_and_touching_puts_allocate_nothing_per_call()
+    {
+        await using var rig = new TierRig([64, 64]);
+        await rig.Put(0, 64);
+        var chain = Hashes(0, 64);
+        var tiers = new TierKind[64];
+        var touch = Chain(0, 64, TierRig.BlockBytes);
+        rig.Manager.Lookup(0, chain, tiers);
+        await rig.Manager.PutAsync(0, null, touch);
+
+        // Assertions stay outside the measured loops: xunit's Assert.Equal allocates.
+        int matched = 0, present = 0;
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 100; i++)
+            matched += rig.Manager.Lookup(0, chain, tiers).Matched;
+        long lookupBytes = GC.GetAllocatedBytesForCurrentThread() - before;
+
+        before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 100; i++)
+            present += (await rig.Manager.PutAsync(0, null, touch)).AlreadyPresent;
+        long putBytes = GC.GetAllocatedBytesForCurrentThread() - before;
+
+        Assert.Equal((6400, 6400), (matched, present));
+        Assert.Equal((0L, 0L), (lookupBytes, putBytes));
+    }
 }
