@@ -169,7 +169,7 @@ public sealed partial class TierManager
 
     private bool Holds(int b, int t) => (_held[b] & (1 << t)) != 0;
 
-    private bool IsPinned(int b) => _pins[b] > 0 && _leaseUntil[b] > _nowTicks;
+    private bool IsPinned(int b) => _pins[b] > 0 && _leaseUntil[b] > _now;
 
     private PolicyBlockInfo InfoOf(int b) => new(_key[b], _depth[b], _length[b]);
 
@@ -287,7 +287,7 @@ public sealed partial class TierManager
     // Leases that lapsed make their blocks evictable again; stale queue entries (a lease extended since) are skipped.
     private void ExpireLeases()
     {
-        while (_leases.TryPeek(out int b, out long until) && until <= _nowTicks)
+        while (_leases.TryPeek(out int b, out long until) && until <= _now)
         {
             _leases.Dequeue();
             if (_leaseUntil[b] == until)

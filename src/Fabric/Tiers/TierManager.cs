@@ -32,7 +32,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
     private TaskCompletionSource? _readsDrained;
     private ulong _sequence;
     private long _misses, _promotionsQueued, _promotionsSkipped, _promotionsFailed;
-    private long _nowTicks;
+    private long _now;
     private bool _disposed;
 
     public TierManager(TierManagerOptions options)
@@ -159,7 +159,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         lock (_lock)
         {
             Tick();
-            long until = _nowTicks + lease.Ticks;
+            double add = lease.TotalSeconds * _time.TimestampFrequency;
+            long until = add >= long.MaxValue - _now ? long.MaxValue : _now + (long)add;
             int pinned = 0;
             foreach (var hash in chain)
             {
@@ -296,7 +297,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         }
     }
 
-    private void Tick() => _nowTicks = _time.GetUtcNow().UtcTicks;
+    // Leases run on the monotonic timestamp, so a wall-clock step neither expires nor extends them.
+    private void Tick() => _now = _time.GetTimestamp();
 
     public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
 
