@@ -40,8 +40,6 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         ArgumentNullException.ThrowIfNull(options);
         if (options.Tiers is null || options.Tiers.Count == 0)
             throw new ArgumentException("a tier manager needs at least one tier (Gpu, Host or Ssd, fastest first)", nameof(options));
-        if (options.Tiers.Count > 8)
-            throw new ArgumentException($"{options.Tiers.Count} tiers configured; at most 8 are supported (one per TierKind)", nameof(options));
         if (options.PromotionQueueCapacity <= 0)
             throw new ArgumentOutOfRangeException(nameof(options), options.PromotionQueueCapacity, "PromotionQueueCapacity must be positive");
         if (options.BandwidthSmoothing is <= 0 or > 1)
@@ -71,26 +69,26 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         }
     }
 
-    private static TierState CreateTier(int index, TierOptions? o, TierKind? previous)
+    private static TierState CreateTier(int index, TierOptions? options, TierKind? previous)
     {
-        if (o?.Store is null || o.Policy is null)
-            throw new ArgumentException($"tier {index} needs both a Store and a Policy", nameof(o));
-        var kind = o.Store.Kind;
+        if (options?.Store is null || options.Policy is null)
+            throw new ArgumentException($"tier {index} needs both a Store and a Policy", nameof(options));
+        var kind = options.Store.Kind;
         if (!Enum.IsDefined(kind))
-            throw new ArgumentException($"tier {index}: the store reports unknown tier kind {(int)kind}; use Gpu, Host or Ssd", nameof(o));
+            throw new ArgumentException($"tier {index}: the store reports unknown tier kind {(int)kind}; use Gpu, Host or Ssd", nameof(options));
         if (previous is { } p && kind <= p)
-            throw new ArgumentException($"tier {index} is {kind} after {p}: list tiers fastest first (Gpu, Host, Ssd), each at most once", nameof(o));
-        long capacity = o.CapacityBytes ?? o.Store.CapacityBytes;
+            throw new ArgumentException($"tier {index} is {kind} after {p}: list tiers fastest first (Gpu, Host, Ssd), each at most once", nameof(options));
+        long capacity = options.CapacityBytes ?? options.Store.CapacityBytes;
         if (capacity <= 0)
-            throw new ArgumentOutOfRangeException(nameof(o), capacity, $"the {kind} tier has a capacity of {capacity} bytes; give it a positive capacity or leave it out");
-        if (capacity > o.Store.CapacityBytes)
-            throw new ArgumentOutOfRangeException(nameof(o), capacity, $"the {kind} tier is configured for {capacity} bytes but its store holds only {o.Store.CapacityBytes}");
-        if (o.ReadBandwidthBytesPerSecond <= 0 || o.ReadLatencySeconds < 0)
-            throw new ArgumentOutOfRangeException(nameof(o), $"the {kind} tier needs a positive read bandwidth and a non-negative latency for the load-versus-recompute gate");
-        if (o.Store.Count != 0 && o.Store is not IDurableBlockStore)
-            throw new ArgumentException($"the {kind} store already holds {o.Store.Count} blocks but is not durable, so nothing says how they chain; start the tier manager on an empty store", nameof(o));
-        int fixedBytes = o.Store is IFixedSizeBlockStore f ? f.BlockBytes : 0;
-        return new TierState(index, o, capacity, fixedBytes, o.ReadLatencySeconds, o.ReadBandwidthBytesPerSecond);
+            throw new ArgumentOutOfRangeException(nameof(options), capacity, $"the {kind} tier has a capacity of {capacity} bytes; give it a positive capacity or leave it out");
+        if (capacity > options.Store.CapacityBytes)
+            throw new ArgumentOutOfRangeException(nameof(options), capacity, $"the {kind} tier is configured for {capacity} bytes but its store holds only {options.Store.CapacityBytes}");
+        if (options.ReadBandwidthBytesPerSecond <= 0 || options.ReadLatencySeconds < 0)
+            throw new ArgumentOutOfRangeException(nameof(options), $"the {kind} tier needs a positive read bandwidth and a non-negative latency for the load-versus-recompute gate");
+        if (options.Store.Count != 0 && options.Store is not IDurableBlockStore)
+            throw new ArgumentException($"the {kind} store already holds {options.Store.Count} blocks but is not durable, so nothing says how they chain; start the tier manager on an empty store", nameof(options));
+        int fixedBytes = options.Store is IFixedSizeBlockStore f ? f.BlockBytes : 0;
+        return new TierState(index, options, capacity, fixedBytes, options.ReadLatencySeconds, options.ReadBandwidthBytesPerSecond);
     }
 
     // Fastest first; bit i of Residency() is Tiers[i].
