@@ -37,35 +37,31 @@ public sealed partial class TierManager
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 var key = new BlockKey(tenant, blocks[i].Hash);
-                int b;
+                int start;
+                BlockMeta meta;
                 lock (_lock)
                 {
-                    if (_index.TryGetValue(key, out b) && _held[b] != 0)
+                    if (_index.TryGetValue(key, out int b) && _held[b] != 0)
                     {
                         var tier = _tiers[Fastest(b)];
                         tier.Policy.OnAccess(_handle[tier.Index][b]);
                         present++;
+                        AddUse(b);
+                        if (held != None)
+                            DropUse(held);
+                        held = b;
+                        depth = _depth[b] + 1;
+                        continue;
                     }
-                    else
-                    {
-                        b = None;
-                    }
+                    start = held == None ? 0 : Fastest(held);
+                    meta = new BlockMeta(held == None ? default : _key[held].Hash, depth, blocks[i].Bytes.Length);
                 }
-                if (b == None)
-                {
-                    (b, var status, string? detail) = await PlaceNewAsync(key, held, depth, blocks[i].Bytes).ConfigureAwait(false);
-                    if (b == None)
-                        return new PutResult(status, stored, present, blocks.Count - i, detail);
-                    stored++;
-                }
-                lock (_lock)
-                {
-                    AddUse(b);
-                    if (held != None)
-                        DropUse(held);
-                    held = b;
-                    depth = _depth[b] + 1;
-                }
+                (int placed, var status, string? detail) = await PlaceNewAsync(key, held, start, meta, blocks[i].Bytes).ConfigureAwait(false);
+                if (placed == None)
+                    return new PutResult(status, stored, present, blocks.Count - i, detail);
+                held = placed; // PlaceNewAsync moved the in-use mark from the parent to the new block
+                depth++;
+                stored++;
             }
             return new PutResult(PutStatus.Stored, stored, present, 0, null);
         }
@@ -100,16 +96,12 @@ public sealed partial class TierManager
         }
     }
 
+    // Places a new block in the first tier from `start` down that takes it. On success the block is in use (held by the
+    // put, so it cannot be evicted before its child is placed) and the parent's in-use mark is released, in the commit.
     private async ValueTask<(int Block, PutStatus Status, string? Detail)> PlaceNewAsync(
-        BlockKey key, int parent, int depth, ReadOnlyMemory<byte> bytes)
+        BlockKey key, int parent, int start, BlockMeta meta, ReadOnlyMemory<byte> bytes)
     {
-        int start;
-        BlockMeta meta;
-        lock (_lock)
-        {
-            start = parent == None ? 0 : Fastest(parent);
-            meta = new BlockMeta(parent == None ? default : _key[parent].Hash, depth, bytes.Length);
-        }
+        int depth = meta.Depth;
         var info = new PolicyBlockInfo(key, depth, bytes.Length);
         var status = PutStatus.Refused;
         for (int t = start; t < _n; t++)
@@ -136,6 +128,9 @@ public sealed partial class TierManager
                     {
                         b = NewBlock(key, parent, depth, bytes.Length);
                         AddResidency(b, t);
+                        AddUse(b);
+                        if (parent != None)
+                            DropUse(parent);
                     }
                 }
             }
@@ -157,35 +152,26 @@ public sealed partial class TierManager
         return (None, status, detail);
     }
 
-    // Best effort: a write-through copy that finds no room or fails leaves the block in its faster tier only.
+    // Best effort: a write-through copy that finds no room or fails leaves the block in its faster tier only. The block
+    // is in use by the put meanwhile, so making room below cannot evict it.
     private async ValueTask WriteThroughAsync(int b, PolicyBlockInfo info, BlockMeta meta, ReadOnlyMemory<byte> bytes)
     {
         int last = _n - 1;
-        lock (_lock)
-            AddUse(b);
+        if (await ReserveAsync(last, info, forced: false).ConfigureAwait(false) != Room.Reserved)
+            return;
+        bool written = false;
         try
         {
-            if (await ReserveAsync(last, info, forced: false).ConfigureAwait(false) != Room.Reserved)
-                return;
-            bool written = false;
-            try
-            {
-                written = await WriteAsync(_tiers[last], info.Key, meta, bytes).ConfigureAwait(false);
-            }
-            finally
-            {
-                lock (_lock)
-                {
-                    _tiers[last].Reserved -= info.Bytes;
-                    if (written)
-                        AddResidency(b, last);
-                }
-            }
+            written = await WriteAsync(_tiers[last], info.Key, meta, bytes).ConfigureAwait(false);
         }
         finally
         {
             lock (_lock)
-                DropUse(b);
+            {
+                _tiers[last].Reserved -= info.Bytes;
+                if (written)
+                    AddResidency(b, last);
+            }
         }
     }
 }
