@@ -60,30 +60,34 @@ public static class TiersMetaCommand
                 puts[c][i] = new BlockPut(hashes[c][i], payload);
             }
         }
-        var lookups = new List<double>();
-        var reference = new List<double>();
-        var putRates = new List<double>();
-        var evictRates = new List<double>();
+        var rates = new Dictionary<string, (List<double> Wall, List<double> Cpu)>();
+        void Record(string name, double operations, Interval interval)
+        {
+            if (!rates.TryGetValue(name, out var lists))
+                rates[name] = lists = ([], []);
+            lists.Wall.Add(operations / interval.WallSeconds);
+            lists.Cpu.Add(operations / interval.CpuSeconds);
+        }
         var tiers = new TierKind[chainLength];
         for (int run = -1; run < runs; run++) // run -1 warms up
         {
             // Put with room: every block is new, nothing is evicted.
             using var manager = NewManager(residentBlocks, blockBytes);
-            long t0 = Stopwatch.GetTimestamp();
+            var clock = Interval.Start();
             for (int c = 0; c < chains; c++)
                 await manager.PutAsync(0, null, puts[c]);
-            double putSeconds = Stopwatch.GetElapsedTime(t0).TotalSeconds;
+            var put = clock.Stop();
 
             // Lookup of whole chains, all hits.
             int rounds = Math.Max(1, 2_000_000 / residentBlocks);
-            t0 = Stopwatch.GetTimestamp();
             long found = 0;
+            clock = Interval.Start();
             for (int r = 0; r < rounds; r++)
             {
                 for (int c = 0; c < chains; c++)
                     found += manager.Lookup(0, hashes[c], tiers).Matched;
             }
-            double lookupSeconds = Stopwatch.GetElapsedTime(t0).TotalSeconds;
+            var lookup = clock.Stop();
             if (found != (long)rounds * chains * chainLength)
                 throw new InvalidOperationException($"lookup found {found} blocks, expected {(long)rounds * chains * chainLength}");
 
@@ -94,8 +98,8 @@ public static class TiersMetaCommand
                 for (int i = 0; i < chainLength; i++)
                     dict[new BlockKey(0, hashes[c][i])] = c * chainLength + i;
             }
-            t0 = Stopwatch.GetTimestamp();
             long sum = 0;
+            clock = Interval.Start();
             for (int r = 0; r < rounds; r++)
             {
                 for (int c = 0; c < chains; c++)
@@ -105,33 +109,47 @@ public static class TiersMetaCommand
                         sum += dict.TryGetValue(new BlockKey(0, h[i]), out int v) ? v : 0;
                 }
             }
-            double dictSeconds = Stopwatch.GetElapsedTime(t0).TotalSeconds;
+            var probes = clock.Stop();
             GC.KeepAlive(sum);
 
             // Put with eviction: a tier of half the blocks, so in steady state every new block evicts one (a leaf, dropped).
             using var small = NewManager(residentBlocks / 2, blockBytes);
-            t0 = Stopwatch.GetTimestamp();
+            clock = Interval.Start();
             for (int c = 0; c < chains; c++)
                 await small.PutAsync(0, null, puts[c]);
-            double evictSeconds = Stopwatch.GetElapsedTime(t0).TotalSeconds;
-            if (small.Stats().Tiers[0].Evictions != residentBlocks / 2 + (chains * chainLength - residentBlocks))
-                throw new InvalidOperationException($"expected {chains * chainLength - residentBlocks / 2} evictions, got {small.Stats().Tiers[0].Evictions}");
+            var evict = clock.Stop();
+            long expected = (long)chains * chainLength - residentBlocks / 2;
+            if (small.Stats().Tiers[0].Evictions != expected)
+                throw new InvalidOperationException($"expected {expected} evictions, got {small.Stats().Tiers[0].Evictions}");
 
             if (run < 0)
                 continue;
             double blocks = (double)chains * chainLength;
-            putRates.Add(blocks / putSeconds);
-            lookups.Add(rounds * (double)chains / lookupSeconds);
-            reference.Add(rounds * (double)chains / dictSeconds);
-            evictRates.Add(blocks / evictSeconds);
+            Record($"lookup_{chainLength}_block_chains", rounds * (double)chains, lookup);
+            Record("lookup_blocks", rounds * blocks, lookup);
+            Record($"reference_dictionary_{chainLength}_probes", rounds * (double)chains, probes);
+            Record("put_blocks_metadata", blocks, put);
+            Record("put_blocks_with_eviction", blocks, evict);
         }
-        return
-        [
-            ($"lookup_{chainLength}_block_chains", Spread.Of(lookups)),
-            ($"lookup_blocks", Spread.Of(lookups.Select(x => x * chainLength).ToList())),
-            ($"reference_dictionary_{chainLength}_probes", Spread.Of(reference)),
-            ("put_blocks_metadata", Spread.Of(putRates)),
-            ("put_blocks_with_eviction", Spread.Of(evictRates)),
-        ];
+        var result = new List<(string, Spread)>();
+        foreach (var (name, (wall, cpu)) in rates)
+        {
+            result.Add((name, Spread.Of(wall)));
+            result.Add((name + "_per_cpu_second", Spread.Of(cpu)));
+        }
+        return result;
+    }
+
+    // Wall time and this process's CPU time over one phase: on a shared machine the second shows what one core does
+    // when it runs, the first what this run got.
+    private readonly record struct Interval(long Start0, TimeSpan Cpu0, double WallSeconds, double CpuSeconds)
+    {
+        public static Interval Start() => new(Stopwatch.GetTimestamp(), Process.GetCurrentProcess().TotalProcessorTime, 0, 0);
+
+        public Interval Stop() => this with
+        {
+            WallSeconds = Stopwatch.GetElapsedTime(Start0).TotalSeconds,
+            CpuSeconds = Math.Max(1e-9, (Process.GetCurrentProcess().TotalProcessorTime - Cpu0).TotalSeconds),
+        };
     }
 }

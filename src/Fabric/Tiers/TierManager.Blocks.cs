@@ -26,6 +26,8 @@ public sealed partial class TierManager
     private int _freeBlockCount, _nextBlock;
     private bool _muted;
     private readonly PriorityQueue<int, long> _leases = new();
+    // Store removals the mover owes once it leaves the lock (FlushRemovals); only the mover adds to it.
+    private readonly List<(BlockKey Key, TierState Tier)> _removals = [];
 
     private void InitBlockTable(int capacity)
     {

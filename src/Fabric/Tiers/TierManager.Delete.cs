@@ -11,7 +11,6 @@ public sealed partial class TierManager
         await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
-            List<(BlockKey, TierState)> removals = [];
             int deleted, kept;
             lock (_lock)
             {
@@ -19,10 +18,9 @@ public sealed partial class TierManager
                 if (!_index.TryGetValue(new BlockKey(tenant, hash), out int b))
                     return default;
                 Tick();
-                (deleted, kept) = DropSubtree(b, honorPins: true, removals);
+                (deleted, kept) = DropSubtree(b, honorPins: true);
             }
-            foreach (var (key, tier) in removals)
-                RemoveFromStore(tier, key);
+            FlushRemovals();
             return new DeleteResult(deleted, kept);
         }
         finally
@@ -32,8 +30,9 @@ public sealed partial class TierManager
     }
 
     // Drops every cached block in b's subtree, children before parents. A block in use by a transfer (or pinned, when
-    // honorPins) is kept, and so is every ancestor of a kept block. Under _lock and the mover gate.
-    private (int Dropped, int Kept) DropSubtree(int root, bool honorPins, List<(BlockKey, TierState)> removals)
+    // honorPins) is kept, and so is every ancestor of a kept block. Under _lock and the mover gate; the caller flushes the
+    // store removals after the lock.
+    private (int Dropped, int Kept) DropSubtree(int root, bool honorPins)
     {
         int dropped = 0, kept = 0;
         // Iterative post-order walk: visit children first, then the block itself.
@@ -66,7 +65,7 @@ public sealed partial class TierManager
                 if (Holds(b, t))
                 {
                     RemoveResidency(b, t);
-                    removals.Add((key, _tiers[t]));
+                    _removals.Add((key, _tiers[t]));
                 }
             }
             dropped++;
@@ -81,7 +80,6 @@ public sealed partial class TierManager
         await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
-            List<(BlockKey, TierState)> removals = [];
             lock (_lock)
             {
                 ObjectDisposedException.ThrowIf(_disposed, this);
@@ -100,7 +98,7 @@ public sealed partial class TierManager
                             roots.Add(b);
                     }
                     foreach (int root in roots)
-                        DropSubtree(root, honorPins: false, removals);
+                        DropSubtree(root, honorPins: false);
                 }
                 finally
                 {
@@ -112,8 +110,7 @@ public sealed partial class TierManager
                     _events?.OnEvent(new KvEvent(_sequence, KvEventKind.Cleared, 0, tier.Kind, default, default, 0));
                 }
             }
-            foreach (var (key, tier) in removals)
-                RemoveFromStore(tier, key);
+            FlushRemovals();
         }
         finally
         {

@@ -98,18 +98,16 @@ public sealed partial class TierManager
     // descendants are unreachable now and are dropped too (those in use by a transfer stay until released).
     private void DropCorrupt(int b, int t)
     {
-        List<(BlockKey, TierState)> removals = [];
         lock (_lock)
         {
             Tick();
             RemoveResidency(b, t);
             _tiers[t].StoreErrors++;
             if (_held[b] == 0)
-                DropSubtree(b, honorPins: false, removals);
+                DropSubtree(b, honorPins: false);
             FreeBlockIfUnused(b);
         }
-        foreach (var (key, tier) in removals)
-            RemoveFromStore(tier, key);
+        FlushRemovals();
     }
 
     private void QueuePromotion(BlockKey key)

@@ -55,6 +55,7 @@ public sealed partial class TierManager
             while (true)
             {
                 int victim;
+                bool inPlace;
                 lock (_lock)
                 {
                     if (tier.Free >= bytes)
@@ -67,8 +68,17 @@ public sealed partial class TierManager
                     if ((uint)h >= (uint)tier.BlockOf.Length || tier.BlockOf[h] < 0 || !tier.Evictable[h])
                         throw new InvalidOperationException($"eviction policy '{tier.Policy.Name}' of the {tier.Kind} tier picked handle {h}, which is not an evictable resident block; the policy's state is out of step with the tier manager");
                     victim = tier.BlockOf[h];
-                    _moving[victim] |= (byte)(1 << t);
-                    RefreshEvictable(victim);
+                    inPlace = TryEvictInPlace(victim, t);
+                    if (!inPlace)
+                    {
+                        _moving[victim] |= (byte)(1 << t);
+                        RefreshEvictable(victim);
+                    }
+                }
+                if (inPlace)
+                {
+                    FlushRemovals();
+                    continue;
                 }
                 bool evicted = false;
                 try
@@ -77,6 +87,7 @@ public sealed partial class TierManager
                 }
                 finally
                 {
+                    FlushRemovals();
                     if (!evicted)
                         (stuck ??= []).Add(victim); // also on an exception: the victim must not stay marked as moving
                 }
@@ -98,30 +109,20 @@ public sealed partial class TierManager
         }
     }
 
-    // Evicts block b from tier t: drops the copy if a slower tier already holds one (and no child sits between),
-    // otherwise copies it down to the first slower tier that takes it (forced at the tier of its fastest child, so the
-    // parent-not-slower-than-child invariant holds), otherwise drops it (only possible when it has no cached child).
+    // Evicts block b from tier t when that needs a copy (TryEvictInPlace has handled the cases that do not): copies it
+    // down to the first slower tier that takes it, forced at the tier of its fastest child so that the
+    // parent-not-slower-than-child invariant holds; a block with no cached child that no tier takes is dropped.
     // False when the block must stay (no tier could take it, a copy failed, or a reader grabbed it meanwhile).
     private async ValueTask<bool> EvictAsync(int b, int t)
     {
         PolicyBlockInfo info;
         BlockMeta meta;
-        int childTier, slowerCopy = _n;
+        int childTier;
         lock (_lock)
         {
             info = InfoOf(b);
             meta = MetaOf(b);
             childTier = FastestChildTier(b);
-            for (int s = t + 1; s < _n; s++)
-            {
-                if (Holds(b, s))
-                {
-                    slowerCopy = s;
-                    break;
-                }
-            }
-            if (slowerCopy < _n && slowerCopy <= childTier)
-                return CommitEviction(b, t);
         }
         for (int u = t + 1; u < _n && u <= childTier; u++)
         {
@@ -170,7 +171,8 @@ public sealed partial class TierManager
             return CommitEviction(b, t);
     }
 
-    // Under _lock. Removes b from tier t unless a reader took it meanwhile; the store's bytes are freed right after.
+    // Under _lock. Removes b from tier t unless a reader took it meanwhile; the store's bytes are freed by the caller's
+    // FlushRemovals once the lock is released.
     private bool CommitEviction(int b, int t)
     {
         if (_inUse[b] > 0)
@@ -179,22 +181,40 @@ public sealed partial class TierManager
         RemoveResidency(b, t);
         _tiers[t].Evictions++;
         FreeBlockIfUnused(b);
-        RemoveFromStore(_tiers[t], key);
+        _removals.Add((key, _tiers[t]));
         return true;
     }
 
-    // Store removal after the metadata no longer names the block: no reader can reach these bytes any more, and the
-    // mover (the only writer) is the caller.
-    private static void RemoveFromStore(TierState tier, BlockKey key)
+    // Evicts without I/O when possible (a slower copy already serves, or the last tier drops a leaf): under _lock, in
+    // the same section that picked the victim.
+    private bool TryEvictInPlace(int b, int t)
     {
-        try
+        int childTier = FastestChildTier(b);
+        for (int s = t + 1; s < _n; s++)
         {
-            tier.Store.Remove(key);
+            if (Holds(b, s))
+                return s <= childTier && CommitEviction(b, t);
         }
-        catch (Exception e) when (e is TierException or IOException)
+        return t == _n - 1 && childTier == _n && CommitEviction(b, t);
+    }
+
+    // Removes from the stores what the metadata no longer names. Called by the mover (the only writer) outside _lock,
+    // before its next store write: no reader can reach these bytes any more, and nothing can have rewritten the key.
+    private void FlushRemovals()
+    {
+        foreach (var (key, tier) in _removals)
         {
-            tier.StoreErrors++; // the bytes may linger in the store, but the tier no longer counts or serves them
+            try
+            {
+                tier.Store.Remove(key);
+            }
+            catch (Exception e) when (e is TierException or IOException)
+            {
+                lock (_lock)
+                    tier.StoreErrors++; // the bytes may linger in the store, but the tier no longer counts or serves them
+            }
         }
+        _removals.Clear();
     }
 
     private enum Copy : byte { Done, Failed, SourceCorrupt }

@@ -26,7 +26,7 @@ public sealed partial class TierManager
                         || tier.Used + meta.Length > tier.Capacity || _index.ContainsKey(key);
                     if (orphan || misfit)
                     {
-                        RemoveFromStore(tier, key);
+                        _removals.Add((key, tier));
                         continue;
                     }
                     int b = NewBlock(key, parent, meta.Depth, meta.Length);
@@ -34,6 +34,7 @@ public sealed partial class TierManager
                     tier.BytesIn -= meta.Length; // recovered, not written
                 }
             }
+            FlushRemovals();
         }
     }
 }
