@@ -391,4 +391,31 @@ public sealed class TierManagerTests
         Assert.Equal((6400, 6400), (matched, present));
         Assert.Equal((0L, 0L), (lookupBytes, putBytes));
     }
+
+    [Fact]
+    public async Task A_victim_found_corrupt_while_being_demoted_is_dropped_and_the_put_goes_on()
+    {
+        await using var rig = new TierRig([1, 4]);
+        await rig.Put(0, 1);
+        rig.Stores[0].CorruptOnRead.Add(new BlockKey(0, Hash(0)));
+        Assert.Equal(PutStatus.Stored, (await rig.Put(1, 1)).Status);
+        Assert.Equal([0, Gpu], new[] { 0, 1 }.Select(rig.Residency));
+        var stats = rig.Manager.Stats();
+        Assert.Equal(TierRig.BlockBytes, stats.Tiers[0].UsedBytes);
+        Assert.Equal((0L, 0L), (stats.Tiers[1].UsedBytes, stats.Tiers[1].ReservedBytes));
+        Assert.Equal([KvEventKind.Stored, KvEventKind.Removed, KvEventKind.Stored], rig.Sink.Events.Select(e => e.Kind));
+    }
+
+    [Fact]
+    public async Task A_cancelled_put_changes_nothing()
+    {
+        await using var rig = new TierRig([4]);
+        using var cancelled = new CancellationTokenSource();
+        await cancelled.CancelAsync();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () =>
+            await rig.Manager.PutAsync(0, null, Chain(0, 2, TierRig.BlockBytes), cancelled.Token));
+        Assert.Equal(0, rig.Manager.Stats().Blocks);
+        Assert.Empty(rig.Sink.Events);
+        Assert.Equal(PutStatus.Stored, (await rig.Put(0, 2)).Status); // the mover gate was released
+    }
 }
