@@ -62,7 +62,7 @@ public sealed partial class TierManager
             }
             if (corrupt)
             {
-                await DropCorruptGatedAsync(b, key, t, cancellationToken).ConfigureAwait(false);
+                await DropCorruptGatedAsync(b, key, t).ConfigureAwait(false);
                 continue; // retry this block from another tier, if one still holds it
             }
             if (!ok)
@@ -75,9 +75,10 @@ public sealed partial class TierManager
         return read;
     }
 
-    private async ValueTask DropCorruptGatedAsync(int b, BlockKey key, int t, CancellationToken ct)
+    // Not cancellable: the store has already dropped the bytes, so the metadata must follow.
+    private async ValueTask DropCorruptGatedAsync(int b, BlockKey key, int t)
     {
-        await _mover.WaitAsync(ct).ConfigureAwait(false);
+        await _mover.WaitAsync().ConfigureAwait(false);
         try
         {
             lock (_lock)
