@@ -11,6 +11,7 @@ public static class BenchCli
         {
             Transfer.TransferCommand.Create(),
             Rpc.RpcCommand.Create(),
+            Tiers.TiersMetaCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };
         return await root.Parse(args).InvokeAsync();

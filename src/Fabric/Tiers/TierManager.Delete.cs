@@ -1,0 +1,120 @@
+using KvFabric.Blocks;
+
+namespace KvFabric.Tiers;
+
+public sealed partial class TierManager
+{
+    // Deletes the block and every cached descendant (a descendant without its parent could never be looked up again).
+    // Blocks that are pinned or in use by a transfer are kept, and so are their ancestors (leaf-first); KeptBusy counts them.
+    public async ValueTask<DeleteResult> DeleteAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken = default)
+    {
+        await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            int deleted, kept;
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                if (!_index.TryGetValue(new BlockKey(tenant, hash), out int b))
+                    return default;
+                Tick();
+                (deleted, kept) = DropSubtree(b, honorPins: true);
+            }
+            FlushRemovals();
+            return new DeleteResult(deleted, kept);
+        }
+        finally
+        {
+            _mover.Release();
+        }
+    }
+
+    // Drops every cached block in b's subtree, children before parents. A block in use by a transfer (or pinned, when
+    // honorPins) is kept, and so is every ancestor of a kept block. Under _lock and the mover gate; the caller flushes the
+    // store removals after the lock.
+    private (int Dropped, int Kept) DropSubtree(int root, bool honorPins)
+    {
+        int dropped = 0, kept = 0;
+        // Iterative post-order walk: visit children first, then the block itself.
+        var stack = new Stack<(int Block, bool Expanded)>();
+        stack.Push((root, false));
+        while (stack.Count > 0)
+        {
+            var (b, expanded) = stack.Pop();
+            if (!expanded)
+            {
+                stack.Push((b, true));
+                for (int c = _firstChild[b]; c != None; c = _nextSibling[c])
+                    stack.Push((c, false));
+                continue;
+            }
+            if (_inUse[b] > 0 || (honorPins && IsPinned(b)) || _firstChild[b] != None)
+            {
+                if (_held[b] != 0)
+                    kept++;
+                continue;
+            }
+            if (_held[b] == 0)
+            {
+                FreeBlockIfUnused(b);
+                continue;
+            }
+            var key = _key[b];
+            for (int t = _n - 1; t >= 0; t--)
+            {
+                if (Holds(b, t))
+                {
+                    RemoveResidency(b, t);
+                    _removals.Add((key, _tiers[t]));
+                }
+            }
+            dropped++;
+            FreeBlockIfUnused(b);
+        }
+        return (dropped, kept);
+    }
+
+    // Drops every block of every tier, with a Cleared event per tier. Refused while any block is in use by a transfer.
+    public async ValueTask ClearAsync(CancellationToken cancellationToken = default)
+    {
+        await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                foreach (var (key, b) in _index)
+                {
+                    if (_inUse[b] > 0)
+                        throw new TierException($"cannot clear: block {key} is in use by a transfer; dispose its BlockUseScope (or wait for the read) and retry");
+                }
+                _muted = true; // one Cleared per tier instead of a Removed per block
+                try
+                {
+                    var roots = new List<int>();
+                    foreach (var (_, b) in _index)
+                    {
+                        if (_parent[b] == None)
+                            roots.Add(b);
+                    }
+                    foreach (int root in roots)
+                        DropSubtree(root, honorPins: false);
+                }
+                finally
+                {
+                    _muted = false;
+                }
+                foreach (var tier in _tiers)
+                {
+                    ++_sequence;
+                    _events?.OnEvent(new KvEvent(_sequence, KvEventKind.Cleared, 0, tier.Kind, default, default, 0));
+                }
+            }
+            FlushRemovals();
+        }
+        finally
+        {
+            _mover.Release();
+        }
+    }
+}

@@ -1,0 +1,235 @@
+using KvFabric.Blocks;
+
+namespace KvFabric.Tiers;
+
+public sealed partial class TierManager
+{
+    // Reads the cached prefix of chain into destinations (one per block, each at least the block's length), each block
+    // from the fastest tier holding it. Returns how many leading blocks were read; the rest count as misses. A hit in a
+    // slower tier queues a promotion. A block whose bytes fail their checksum is dropped and the read falls back to
+    // another tier holding it, or ends there.
+    public async ValueTask<int> GetAsync(uint tenant, ReadOnlyMemory<BlockHash> chain, IReadOnlyList<Memory<byte>> destinations, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(destinations);
+        if (destinations.Count < chain.Length)
+            throw new ArgumentException($"{destinations.Count} destination buffers for a chain of {chain.Length} blocks; pass one per block", nameof(destinations));
+        int read = 0, prev = None;
+        while (read < chain.Length)
+        {
+            var key = new BlockKey(tenant, chain.Span[read]);
+            var destination = destinations[read];
+            int b, t, length;
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                b = FindInChain(key, prev);
+                if (b == None || _held[b] == 0)
+                    break;
+                if (destination.Length < _length[b])
+                    throw new ArgumentException($"destination {read} holds {destination.Length} bytes but block {key} has {_length[b]}", nameof(destinations));
+                t = Fastest(b);
+                length = _length[b];
+                Tick();
+                AddUse(b);
+                _activeReads++;
+            }
+            bool ok = false, corrupt = false;
+            try
+            {
+                ok = await ReadTimedAsync(_tiers[t], key, destination[..length], cancellationToken).ConfigureAwait(false);
+            }
+            catch (BlockCorruptException)
+            {
+                corrupt = true;
+            }
+            finally
+            {
+                lock (_lock)
+                {
+                    if (ok && Holds(b, t))
+                    {
+                        var tier = _tiers[t];
+                        tier.Hits++;
+                        tier.Policy.OnAccess(_handle[t][b]);
+                        if (t > 0)
+                            QueuePromotion(key);
+                    }
+                    Tick();
+                    DropUse(b);
+                    if (--_activeReads == 0 && _readsDrained is { } drained)
+                        drained.TrySetResult();
+                }
+            }
+            if (corrupt)
+            {
+                await DropCorruptGatedAsync(b, key, t).ConfigureAwait(false);
+                continue; // retry this block from another tier, if one still holds it
+            }
+            if (!ok)
+                break;
+            prev = b;
+            read++;
+        }
+        lock (_lock)
+            _misses += chain.Length - read;
+        return read;
+    }
+
+    // Not cancellable: the store has already dropped the bytes, so the metadata must follow.
+    private async ValueTask DropCorruptGatedAsync(int b, BlockKey key, int t)
+    {
+        await _mover.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            lock (_lock)
+            {
+                // The block may have moved or been dropped while we waited for the gate.
+                if (!_index.TryGetValue(key, out int now) || now != b || !Holds(b, t))
+                    return;
+            }
+            DropCorrupt(b, t);
+        }
+        finally
+        {
+            _mover.Release();
+        }
+    }
+
+    // Under the mover gate. The store has already dropped the block from tier t. If no other tier holds it, its cached
+    // descendants are unreachable now and are dropped too (those in use by a transfer stay until released).
+    private void DropCorrupt(int b, int t)
+    {
+        lock (_lock)
+        {
+            Tick();
+            RemoveResidency(b, t);
+            _tiers[t].StoreErrors++;
+            if (_held[b] == 0)
+                DropSubtree(b, honorPins: false);
+            FreeBlockIfUnused(b);
+        }
+        FlushRemovals();
+    }
+
+    private void QueuePromotion(BlockKey key)
+    {
+        if (_promotions is null)
+            return;
+        _pendingPromotions++;
+        if (_promotions.Writer.TryWrite(key))
+        {
+            _promotionsQueued++;
+        }
+        else
+        {
+            _pendingPromotions--;
+            _promotionsSkipped++;
+        }
+    }
+
+    private async Task PromoteLoopAsync()
+    {
+        var reader = _promotions!.Reader;
+        var ct = _shutdown.Token;
+        while (await reader.WaitToReadAsync(ct).ConfigureAwait(false))
+        {
+            while (reader.TryRead(out var key))
+            {
+                await _mover.WaitAsync(ct).ConfigureAwait(false);
+                try
+                {
+                    await PromoteAsync(key).ConfigureAwait(false);
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    // A promotion is an optimization: a failing one must not stop the ones behind it.
+                    lock (_lock)
+                        _promotionsFailed++;
+                }
+                finally
+                {
+                    _mover.Release();
+                    lock (_lock)
+                    {
+                        if (--_pendingPromotions == 0 && _idle is { } idle)
+                        {
+                            _idle = null;
+                            idle.SetResult();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // Copies the block into the fastest tier it may occupy (its parent's fastest tier; the first block of a chain may go
+    // to the top), keeping the slower copy: eviction of the promoted copy then costs no write.
+    private async ValueTask PromoteAsync(BlockKey key)
+    {
+        int b, parent, from, target;
+        lock (_lock)
+        {
+            if (!_index.TryGetValue(key, out b) || _held[b] == 0)
+                return;
+            parent = _parent[b];
+            from = Fastest(b);
+            target = parent == None ? 0 : Math.Max(0, Fastest(parent));
+            if (target >= from)
+                return;
+            Tick();
+            AddUse(b);
+            if (parent != None)
+                AddUse(parent);
+        }
+        try
+        {
+            PolicyBlockInfo info;
+            BlockMeta meta;
+            lock (_lock)
+            {
+                info = InfoOf(b);
+                meta = MetaOf(b);
+            }
+            for (int u = target; u < from; u++)
+            {
+                if (await ReserveAsync(u, info, forced: false).ConfigureAwait(false) != Room.Reserved)
+                    continue;
+                var copied = Copy.Failed;
+                try
+                {
+                    copied = await CopyAsync(info, meta, from, u).ConfigureAwait(false);
+                }
+                finally
+                {
+                    lock (_lock)
+                    {
+                        _tiers[u].Reserved -= info.Bytes;
+                        if (copied == Copy.Done)
+                        {
+                            AddResidency(b, u);
+                            _tiers[u].PromotionsIn++;
+                            _tiers[u].BytesMovedIn += info.Bytes;
+                        }
+                    }
+                }
+                if (copied == Copy.Done)
+                    return;
+                if (copied == Copy.SourceCorrupt)
+                {
+                    DropCorrupt(b, from);
+                    return;
+                }
+            }
+        }
+        finally
+        {
+            lock (_lock)
+            {
+                Tick();
+                if (parent != None)
+                    DropUse(parent);
+                DropUse(b);
+            }
+        }
+    }
+}

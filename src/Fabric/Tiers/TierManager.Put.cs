@@ -1,0 +1,177 @@
+using KvFabric.Blocks;
+
+namespace KvFabric.Tiers;
+
+public sealed partial class TierManager
+{
+    // Stores a chain segment: blocks[0]'s parent is `parent` (null: blocks[0] starts a chain), each later block's parent
+    // is the one before it. Blocks already cached are only touched. Each new block lands in the fastest tier that takes
+    // it, but never above its parent's fastest tier; with WritePolicy.WriteThrough it is also written to the slowest tier.
+    public async ValueTask<PutResult> PutAsync(uint tenant, BlockHash? parent, IReadOnlyList<BlockPut> blocks, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(blocks);
+        ValidateBlocks(blocks);
+        await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
+        int held = None;
+        try
+        {
+            int depth = 0;
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                Tick();
+                if (parent is { } p)
+                {
+                    if (!_index.TryGetValue(new BlockKey(tenant, p), out held) || _held[held] == 0)
+                    {
+                        held = None;
+                        return new PutResult(PutStatus.ParentMissing, 0, 0, blocks.Count,
+                            $"parent block {tenant}:{p} is not cached (evicted or never stored); put the chain from its first uncached block");
+                    }
+                    depth = _depth[held] + 1;
+                    AddUse(held); // the parent must not move while its child is placed
+                }
+            }
+            int stored = 0, present = 0;
+            for (int i = 0; i < blocks.Count; i++)
+            {
+                cancellationToken.ThrowIfCancellationRequested();
+                var key = new BlockKey(tenant, blocks[i].Hash);
+                int start;
+                BlockMeta meta;
+                lock (_lock)
+                {
+                    if (_index.TryGetValue(key, out int b) && _held[b] != 0)
+                    {
+                        var tier = _tiers[Fastest(b)];
+                        tier.Policy.OnAccess(_handle[tier.Index][b]);
+                        present++;
+                        AddUse(b);
+                        if (held != None)
+                            DropUse(held);
+                        held = b;
+                        depth = _depth[b] + 1;
+                        continue;
+                    }
+                    start = held == None ? 0 : Fastest(held);
+                    meta = new BlockMeta(held == None ? default : _key[held].Hash, depth, blocks[i].Bytes.Length);
+                }
+                (int placed, var status, string? detail) = await PlaceNewAsync(key, held, start, meta, blocks[i].Bytes).ConfigureAwait(false);
+                if (placed == None)
+                    return new PutResult(status, stored, present, blocks.Count - i, detail);
+                held = placed; // PlaceNewAsync moved the in-use mark from the parent to the new block
+                depth++;
+                stored++;
+            }
+            return new PutResult(PutStatus.Stored, stored, present, 0, null);
+        }
+        finally
+        {
+            if (held != None)
+            {
+                lock (_lock)
+                {
+                    Tick();
+                    DropUse(held);
+                }
+            }
+            _mover.Release();
+        }
+    }
+
+    private void ValidateBlocks(IReadOnlyList<BlockPut> blocks)
+    {
+        for (int i = 0; i < blocks.Count; i++)
+        {
+            int length = blocks[i].Bytes.Length;
+            if (length == 0)
+                throw new ArgumentException($"block {i} ({blocks[i].Hash}) is empty; a block carries its KV bytes", nameof(blocks));
+            foreach (var tier in _tiers)
+            {
+                if (tier.FixedBlockBytes != 0 && length != tier.FixedBlockBytes)
+                    throw new ArgumentException($"block {i} ({blocks[i].Hash}) has {length} bytes but the {tier.Kind} tier stores blocks of exactly {tier.FixedBlockBytes}; check the KV layout (tokens per block, dtype) against the sidecar's", nameof(blocks));
+                if (length > tier.Capacity)
+                    throw new ArgumentException($"block {i} ({blocks[i].Hash}) has {length} bytes, more than the whole {tier.Kind} tier ({tier.Capacity})", nameof(blocks));
+            }
+        }
+    }
+
+    // Places a new block in the first tier from `start` down that takes it. On success the block is in use (held by the
+    // put, so it cannot be evicted before its child is placed) and the parent's in-use mark is released, in the commit.
+    private async ValueTask<(int Block, PutStatus Status, string? Detail)> PlaceNewAsync(
+        BlockKey key, int parent, int start, BlockMeta meta, ReadOnlyMemory<byte> bytes)
+    {
+        int depth = meta.Depth;
+        var info = new PolicyBlockInfo(key, depth, bytes.Length);
+        var status = PutStatus.Refused;
+        for (int t = start; t < _n; t++)
+        {
+            var room = await ReserveAsync(t, info, forced: false).ConfigureAwait(false);
+            if (room != Room.Reserved)
+            {
+                if (room == Room.NoRoom && status != PutStatus.StoreFailed)
+                    status = PutStatus.ResourceExhausted;
+                continue;
+            }
+            bool written = false;
+            int b = None;
+            try
+            {
+                written = await WriteAsync(_tiers[t], key, meta, bytes).ConfigureAwait(false);
+            }
+            finally
+            {
+                lock (_lock)
+                {
+                    _tiers[t].Reserved -= bytes.Length;
+                    if (written)
+                    {
+                        b = NewBlock(key, parent, depth, bytes.Length);
+                        AddResidency(b, t);
+                        AddUse(b);
+                        if (parent != None)
+                            DropUse(parent);
+                    }
+                }
+            }
+            if (!written)
+            {
+                status = PutStatus.StoreFailed; // the more actionable cause when tiers also lacked room
+                continue;
+            }
+            if (_options.WritePolicy == WritePolicy.WriteThrough && t < _n - 1)
+                await WriteThroughAsync(b, info, meta, bytes).ConfigureAwait(false);
+            return (b, PutStatus.Stored, null);
+        }
+        string detail = status switch
+        {
+            PutStatus.ResourceExhausted => $"no tier from {_tiers[start].Kind} down could make room for block {key} ({bytes.Length} bytes): every resident block is pinned, in use by a transfer, or a parent of a cached block; unpin or release blocks, or add capacity",
+            PutStatus.StoreFailed => $"no tier from {_tiers[start].Kind} down took block {key}: a store failed to write it (see the tiers' StoreErrors) and the others were full or refused it",
+            _ => $"every tier from {_tiers[start].Kind} down refused block {key} by its admission policy",
+        };
+        return (None, status, detail);
+    }
+
+    // Best effort: a write-through copy that finds no room or fails leaves the block in its faster tier only. The block
+    // is in use by the put meanwhile, so making room below cannot evict it.
+    private async ValueTask WriteThroughAsync(int b, PolicyBlockInfo info, BlockMeta meta, ReadOnlyMemory<byte> bytes)
+    {
+        int last = _n - 1;
+        if (await ReserveAsync(last, info, forced: false).ConfigureAwait(false) != Room.Reserved)
+            return;
+        bool written = false;
+        try
+        {
+            written = await WriteAsync(_tiers[last], info.Key, meta, bytes).ConfigureAwait(false);
+        }
+        finally
+        {
+            lock (_lock)
+            {
+                _tiers[last].Reserved -= info.Bytes;
+                if (written)
+                    AddResidency(b, last);
+            }
+        }
+    }
+}
