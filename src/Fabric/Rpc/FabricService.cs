@@ -349,7 +349,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         };
         foreach (TierStatsSnapshot t in s.Tiers)
         {
-            response.Tiers.Add(new TierStats
+            response.Tiers.Add(new V1.TierStats
             {
                 Tier = Hashes.ToWire(t.Tier),
                 CapacityBytes = (ulong)t.CapacityBytes,

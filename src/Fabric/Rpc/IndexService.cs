@@ -175,7 +175,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
         var wire = new V1.KvEvent { Sequence = e.Sequence, Node = store.Node, Snapshot = e.Snapshot };
         switch (e.Kind)
         {
-            case KvEventKind.Stored:
+            case Service.KvEventKind.Stored:
                 wire.Stored = new BlocksStored
                 {
                     ParentHash = e.Parent is { } p ? Hashes.Pack(p) : Google.Protobuf.ByteString.Empty,
@@ -183,7 +183,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
                     Tier = Hashes.ToWire(e.Tier),
                 };
                 break;
-            case KvEventKind.Removed:
+            case Service.KvEventKind.Removed:
                 wire.Removed = new BlocksRemoved { Hashes = Hashes.Pack(e.Hashes), Tier = Hashes.ToWire(e.Tier) };
                 break;
             default:
