@@ -29,7 +29,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         router.Unary<PinRequest, PinResponse>($"/{Name}/Pin", PinRequest.Parser, (r, c) => Task.FromResult(Pin(r, c)));
         router.Unary<UnpinRequest, UnpinResponse>($"/{Name}/Unpin", UnpinRequest.Parser,
             (r, c) => Task.FromResult(new UnpinResponse { Released = store.Unpin(c.RequiredTenant.Id, r.LeaseId) }));
-        router.Unary<DeleteRequest, DeleteResponse>($"/{Name}/Delete", DeleteRequest.Parser, (r, c) => Task.FromResult(Delete(r, c)));
+        router.Unary<DeleteRequest, DeleteResponse>($"/{Name}/Delete", DeleteRequest.Parser, DeleteAsync);
         router.Unary<StatsRequest, StatsResponse>($"/{Name}/Stats", StatsRequest.Parser, (_, c) => Task.FromResult(Stats(c)));
     }
 
@@ -72,7 +72,23 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         {
         }
 
-        PutOutcome outcome = await put.CommitAsync(call.CancellationToken).ConfigureAwait(false);
+        PutOutcome outcome;
+        try
+        {
+            outcome = await put.CommitAsync(call.CancellationToken).ConfigureAwait(false);
+        }
+        catch (StoreFullException e)
+        {
+            throw new RpcException(StatusCode.ResourceExhausted, e.Message);
+        }
+        catch (BlockNotFoundException e)
+        {
+            throw new RpcException(StatusCode.FailedPrecondition, e.Message);
+        }
+        catch (TierException e)
+        {
+            throw new RpcException(StatusCode.Unavailable, $"the node could not store the blocks: {e.Message}; nothing from this Put was stored; retry later or on another node");
+        }
         metrics.BytesIn.Add(put.Received, "put");
         call.BytesReceived = put.Received;
         return new PutResponse { Stored = (uint)outcome.Stored, AlreadyPresent = (uint)outcome.AlreadyPresent, BytesReceived = (ulong)put.Received };
@@ -309,12 +325,12 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         }
     }
 
-    private DeleteResponse Delete(DeleteRequest request, ServerCall call)
+    private async Task<DeleteResponse> DeleteAsync(DeleteRequest request, ServerCall call)
     {
         BlockHash[] hashes = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
         try
         {
-            return new DeleteResponse { Deleted = (uint)store.Delete(call.RequiredTenant.Id, hashes) };
+            return new DeleteResponse { Deleted = (uint)await store.DeleteAsync(call.RequiredTenant.Id, hashes).ConfigureAwait(false) };
         }
         catch (BlockPinnedException e)
         {

@@ -140,7 +140,9 @@ public sealed class HostMemoryStore : IFabricStore
         }
     }
 
-    public int Delete(uint tenant, ReadOnlySpan<BlockHash> hashes)
+    public ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes) => ValueTask.FromResult(Delete(tenant, hashes));
+
+    private int Delete(uint tenant, ReadOnlySpan<BlockHash> hashes)
     {
         lock (_lock)
         {

@@ -30,8 +30,11 @@ public interface IFabricStore : IDisposable
 
     bool Unpin(uint tenant, ulong leaseId);
 
-    /// <summary>Deletes the blocks and their cached descendants; returns how many blocks went.</summary>
-    int Delete(uint tenant, ReadOnlySpan<BlockHash> hashes);
+    /// <summary>
+    /// Deletes the blocks and their cached descendants; returns how many blocks went. Pinned or in-use blocks stay;
+    /// when nothing could go because of them, BlockPinnedException.
+    /// </summary>
+    ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes);
 
     StoreStats GetStats(uint tenant);
 

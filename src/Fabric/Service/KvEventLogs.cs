@@ -49,6 +49,16 @@ public sealed class KvEventLogs(int capacity = 65536)
         return seq;
     }
 
+    /// <summary>Appends the same event to every tenant's log (a tier cleared for everyone).</summary>
+    public void AppendToAll(KvEventKind kind, TierKind tier)
+    {
+        uint[] tenants;
+        lock (_lock)
+            tenants = _logs.Keys.ToArray();
+        foreach (uint t in tenants)
+            Append(t, kind, null, [], tier);
+    }
+
     public ulong LastSequence(uint tenant)
     {
         lock (_lock)

@@ -1,0 +1,291 @@
+using System.Buffers;
+using KvFabric.Blocks;
+using KvFabric.Tiers;
+
+namespace KvFabric.Service;
+
+/// <summary>
+/// The sidecar's storage: the API's view (IFabricStore) of a TierManager. Lookups go through the load-versus-recompute
+/// gate; Put stages a call's blocks in pooled buffers and hands each chain to the manager when the stream ends (undoing
+/// what it stored if a later part fails); Get reads a block from its fastest tier into a pooled buffer held while it is
+/// streamed. The manager's per-node events are re-sequenced into per-tenant logs for SubscribeEvents.
+/// </summary>
+public sealed class TieredFabricStore : IFabricStore, IKvEventSink
+{
+    private readonly TierManager _tiers;
+    private readonly Dictionary<ulong, (uint Tenant, BlockHash[] Hashes, DateTimeOffset Expires)> _leases = new();
+    private readonly Lock _lock = new();
+    private readonly int _maxStagedBlocks;
+    private int _staged;
+    private ulong _nextLease;
+    private long _lookups, _hitBlocks, _missBlocks;
+
+    /// <param name="build">Builds the manager with this store as its event sink.</param>
+    public TieredFabricStore(KvLayout layout, string node, int maxStagedBlocks, Func<IKvEventSink, TierManager> build)
+    {
+        ArgumentNullException.ThrowIfNull(layout);
+        ArgumentNullException.ThrowIfNull(build);
+        if (layout.BlockBytes > Array.MaxLength)
+            throw new ArgumentException($"blocks of {layout.BlockBytes} bytes are too large (at most {Array.MaxLength})");
+        if (maxStagedBlocks < 1)
+            throw new ArgumentOutOfRangeException(nameof(maxStagedBlocks), maxStagedBlocks, "Put needs at least one staging buffer");
+        Layout = layout;
+        BlockBytes = (int)layout.BlockBytes;
+        Node = node;
+        _maxStagedBlocks = maxStagedBlocks;
+        _tiers = build(this);
+    }
+
+    public KvLayout Layout { get; }
+    public int BlockBytes { get; }
+    public string Node { get; }
+    public KvEventLogs Events { get; } = new();
+    public TierManager Manager => _tiers;
+
+    void IKvEventSink.OnEvent(in Tiers.KvEvent e)
+    {
+        switch (e.Kind)
+        {
+            case Tiers.KvEventKind.Stored:
+                Events.Append(e.Tenant, KvEventKind.Stored, e.HasParent ? e.Parent : null, [e.Block], e.Tier);
+                break;
+            case Tiers.KvEventKind.Removed:
+                Events.Append(e.Tenant, KvEventKind.Removed, null, [e.Block], e.Tier);
+                break;
+            default:
+                Events.AppendToAll(KvEventKind.Cleared, e.Tier);
+                break;
+        }
+    }
+
+    public int Lookup(uint tenant, ReadOnlySpan<BlockHash> chain, Span<TierKind> tiers)
+    {
+        Span<TierKind> found = tiers.Length >= chain.Length ? tiers : new TierKind[chain.Length];
+        LookupResult r = _tiers.Lookup(tenant, chain, found);
+        Interlocked.Increment(ref _lookups);
+        Interlocked.Add(ref _hitBlocks, r.Served);
+        Interlocked.Add(ref _missBlocks, chain.Length - r.Served);
+        return r.Served; // a hit slower to load than to recompute is reported as a miss
+    }
+
+    public IPutBatch BeginPut(uint tenant) => new PutBatch(this, tenant);
+
+    public async ValueTask<ReadLease?> OpenReadAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken)
+    {
+        int held = _tiers.Residency(new BlockKey(tenant, hash));
+        if (held == 0)
+            return null;
+        TierKind tier = _tiers.Tiers[System.Numerics.BitOperations.TrailingZeroCount(held)];
+        byte[] buffer = ArrayPool<byte>.Shared.Rent(BlockBytes);
+        try
+        {
+            int read = await _tiers.GetAsync(tenant, new[] { hash }, [buffer.AsMemory(0, BlockBytes)], cancellationToken).ConfigureAwait(false);
+            if (read == 0)
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+                return null;
+            }
+
+            return new BufferLease(buffer, BlockBytes, tier);
+        }
+        catch
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            throw;
+        }
+    }
+
+    public PinLease Pin(uint tenant, ReadOnlySpan<BlockHash> hashes, TimeSpan lease)
+    {
+        var copy = hashes.ToArray();
+        foreach (BlockHash h in copy)
+        {
+            if (_tiers.Residency(new BlockKey(tenant, h)) == 0)
+                throw new BlockNotFoundException($"block {h} is not cached; nothing was pinned");
+        }
+
+        int pinned = _tiers.Pin(tenant, copy, lease);
+        if (pinned < copy.Length)
+        {
+            _tiers.Unpin(tenant, copy);
+            throw new BlockNotFoundException($"{copy.Length - pinned} of the blocks left the cache while being pinned; nothing was pinned");
+        }
+
+        lock (_lock)
+        {
+            ExpireLeases();
+            ulong id = ++_nextLease;
+            var expires = DateTimeOffset.UtcNow + lease;
+            _leases[id] = (tenant, copy, expires);
+            return new PinLease(id, pinned, expires);
+        }
+    }
+
+    public bool Unpin(uint tenant, ulong leaseId)
+    {
+        BlockHash[] hashes;
+        lock (_lock)
+        {
+            ExpireLeases();
+            if (!_leases.TryGetValue(leaseId, out var lease) || lease.Tenant != tenant)
+                return false;
+            _leases.Remove(leaseId);
+            hashes = lease.Hashes;
+        }
+
+        _tiers.Unpin(tenant, hashes);
+        return true;
+    }
+
+    // The manager lapses expired pins itself; here only the lease ids are forgotten.
+    private void ExpireLeases()
+    {
+        var now = DateTimeOffset.UtcNow;
+        foreach (var (id, l) in _leases.Where(kv => kv.Value.Expires <= now).ToList())
+            _leases.Remove(id);
+    }
+
+    public async ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes)
+    {
+        int deleted = 0, kept = 0;
+        foreach (BlockHash h in hashes)
+        {
+            DeleteResult r = await _tiers.DeleteAsync(tenant, h).ConfigureAwait(false);
+            deleted += r.Deleted;
+            kept += r.KeptBusy;
+        }
+
+        if (kept > 0 && deleted == 0)
+            throw new BlockPinnedException($"{kept} block(s) are pinned or in use; unpin them (or wait for the lease to end) before deleting; nothing was deleted");
+        return deleted;
+    }
+
+    public StoreStats GetStats(uint tenant)
+    {
+        TierManagerStats s = _tiers.Stats();
+        var tiers = s.Tiers.Select(t => new TierStatsSnapshot(t.Kind, t.CapacityBytes, t.UsedBytes, t.Blocks, t.Hits, t.Evictions,
+            $"{_tiers.GetStore(t.Kind)}; policy {t.Policy}")).ToList();
+        long tenantBlocks = _tiers.SnapshotEvents().Where(e => e.Tenant == tenant).Select(e => e.Block).Distinct().LongCount();
+        return new StoreStats(tiers, Interlocked.Read(ref _lookups), Interlocked.Read(ref _hitBlocks), Interlocked.Read(ref _missBlocks),
+            tenantBlocks, tenantBlocks * BlockBytes);
+    }
+
+    public (ulong Sequence, IReadOnlyList<KvEvent> Events) Snapshot(uint tenant)
+    {
+        // Optimistic: the snapshot is consistent with the log when no event arrived while it was taken.
+        for (int attempt = 0; ; attempt++)
+        {
+            ulong before = Events.LastSequence(tenant);
+            IReadOnlyList<Tiers.KvEvent> all = _tiers.SnapshotEvents();
+            if (Events.LastSequence(tenant) == before || attempt == 16)
+            {
+                return (before, all.Where(e => e.Tenant == tenant)
+                    .Select(e => new KvEvent(before, KvEventKind.Stored, e.HasParent ? e.Parent : null, [e.Block], e.Tier, Snapshot: true))
+                    .ToList());
+            }
+        }
+    }
+
+    public void Dispose() => _tiers.Dispose();
+
+    private sealed class BufferLease(byte[] buffer, int length, TierKind tier) : ReadLease
+    {
+        private byte[]? _buffer = buffer;
+
+        public override ReadOnlyMemory<byte> Bytes => (_buffer ?? throw new ObjectDisposedException(nameof(ReadLease))).AsMemory(0, length);
+        public override TierKind Tier => tier;
+
+        public override void Dispose()
+        {
+            byte[]? b = Interlocked.Exchange(ref _buffer, null);
+            if (b is not null)
+                ArrayPool<byte>.Shared.Return(b);
+        }
+    }
+
+    private sealed class PutBatch(TieredFabricStore store, uint tenant) : IPutBatch
+    {
+        private readonly List<(BlockHash Hash, BlockHash? Parent, byte[] Buffer)> _staged = new();
+        private bool _done;
+
+        public Memory<byte> Add(BlockHash hash, BlockHash? parent, int depth)
+        {
+            ObjectDisposedException.ThrowIf(_done, this);
+            if (Interlocked.Increment(ref store._staged) > store._maxStagedBlocks)
+            {
+                Interlocked.Decrement(ref store._staged);
+                throw new StoreFullException(
+                    $"{store._maxStagedBlocks} blocks are already staged by Puts in progress on this node; send fewer blocks per Put (or fewer Puts at once), or raise put_staging_blocks");
+            }
+
+            byte[] buffer = ArrayPool<byte>.Shared.Rent(store.BlockBytes);
+            _staged.Add((hash, parent, buffer));
+            return buffer.AsMemory(0, store.BlockBytes);
+        }
+
+        public async ValueTask<PutOutcome> CommitAsync(CancellationToken cancellationToken)
+        {
+            ObjectDisposedException.ThrowIf(_done, this);
+            // Blocks cached before this call are not this call's to undo.
+            var before = new HashSet<BlockHash>(_staged.Where(s => store._tiers.Residency(new BlockKey(tenant, s.Hash)) != 0).Select(s => s.Hash));
+            var newlyStored = new List<BlockHash>();
+            int stored = 0, present = 0;
+            try
+            {
+                int i = 0;
+                while (i < _staged.Count)
+                {
+                    // One run: consecutive staged blocks each the child of the one before.
+                    int end = i + 1;
+                    while (end < _staged.Count && _staged[end].Parent == _staged[end - 1].Hash)
+                        end++;
+                    var run = new List<BlockPut>(end - i);
+                    for (int k = i; k < end; k++)
+                        run.Add(new BlockPut(_staged[k].Hash, _staged[k].Buffer.AsMemory(0, store.BlockBytes)));
+                    PutResult r = await store._tiers.PutAsync(tenant, _staged[i].Parent, run, cancellationToken).ConfigureAwait(false);
+                    for (int k = i; k < i + r.Stored + r.AlreadyPresent && k < end; k++)
+                    {
+                        if (!before.Contains(_staged[k].Hash))
+                            newlyStored.Add(_staged[k].Hash);
+                    }
+
+                    if (r.Status == PutStatus.ParentMissing)
+                    {
+                        throw new BlockNotFoundException(
+                            $"the parent {_staged[i].Parent} of block {_staged[i].Hash} is not cached on this node; Put the chain from its first uncached block; nothing was stored");
+                    }
+
+                    if (r.Status == PutStatus.ResourceExhausted)
+                        throw new StoreFullException($"{r.Detail}; nothing from this Put was stored");
+                    r.ThrowIfIncomplete();
+                    stored += r.Stored;
+                    present += r.AlreadyPresent;
+                    i = end;
+                }
+
+                newlyStored.Clear();
+                return new PutOutcome(stored, present);
+            }
+            finally
+            {
+                // All or nothing: a failure undoes what this call stored (children before parents).
+                for (int k = newlyStored.Count - 1; k >= 0; k--)
+                    await store._tiers.DeleteAsync(tenant, newlyStored[k], CancellationToken.None).ConfigureAwait(false);
+                Release();
+            }
+        }
+
+        public void Dispose() => Release();
+
+        private void Release()
+        {
+            if (_done)
+                return;
+            _done = true;
+            foreach (var s in _staged)
+                ArrayPool<byte>.Shared.Return(s.Buffer);
+            Interlocked.Add(ref store._staged, -_staged.Count);
+            _staged.Clear();
+        }
+    }
+}
