@@ -1,0 +1,168 @@
+namespace KvFabric.Tiers.Policies;
+
+// Settings of the cost-aware policy. The defaults are model- and workload-neutral; docs/tiers-policies.md says why.
+public sealed record CostAwareOptions
+{
+    // How many blocks the tier holds: sizes the frequency sketch and its ageing period.
+    public required int ExpectedBlocks { get; init; }
+
+    // Tokens in one block (the recompute cost is counted in tokens of prefill).
+    public int TokensPerBlock { get; init; } = 512;
+
+    // The context length at which a token's attention FLOPs equal its dense-layer FLOPs. Per token, the dense layers
+    // cost about 2·P FLOPs and attention about 4·layers·d_model·context, so this is P / (2·layers·d_model): about 30k
+    // tokens for Llama-3-8B, 53k for Llama-3-70B (GQA does not shrink the score and value FLOPs). Deeper blocks attend
+    // over a longer prefix, so they cost more to recompute.
+    public int AttentionCrossoverTokens { get; init; } = 32768;
+
+    // The sketch forgets by halving after SampleFactor × ExpectedBlocks sightings (TinyLFU uses 10).
+    public int SampleFactor { get; init; } = 10;
+
+    // Refuse a new block whose priority would be below the block it would displace (TinyLFU-style admission).
+    public bool Admission { get; init; } = true;
+}
+
+// Greedy-Dual-Size-Frequency (Cherkasova 1998) with the frequency taken from a decaying sketch that outlives
+// residency, and TinyLFU-style admission.
+//
+//   priority(b) = L + f(b) · cost(depth) / MiB(b)
+//   cost(d)     = T · (1 + (d + ½) · T / A)        [T = tokens per block, A = AttentionCrossoverTokens]
+//
+// cost is the prefill work, in dense-token equivalents, of recomputing block d given its prefix: T tokens of dense
+// layers plus attention over (d + ½)·T tokens on average. f is the sketch's estimate of how often the key was seen
+// (puts, hits and admission requests, decayed). L is the clock: it is raised to the priority of each victim, so blocks
+// that stop being used age out behind newer ones (GDSF's inflation). The victim is the evictable block of least
+// priority (the oldest on ties); ShouldAdmit refuses a block whose priority now would be below that victim's, so a
+// one-shot block cannot push out a block with a history of reuse.
+public sealed class CostAwarePolicy : IEvictionPolicy
+{
+    private const double BytesPerMiB = 1 << 20;
+
+    private readonly CostAwareOptions _options;
+    private readonly FrequencySketch _sketch;
+    private readonly HandleHeap _heap;
+    private BlockKey[] _key;
+    private int[] _depth;
+    private int[] _bytes;
+    private bool[] _resident;
+    private double _clockL;
+    private long _tick;
+    // ShouldAdmit and the OnAdmit that follows it are one sighting of the block, counted once.
+    private BlockKey _countedByAdmission;
+    private bool _hasCountedByAdmission;
+
+    public CostAwarePolicy(CostAwareOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.ExpectedBlocks, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.TokensPerBlock, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(options.AttentionCrossoverTokens, 1);
+        _options = options;
+        _sketch = new FrequencySketch(options.ExpectedBlocks, options.SampleFactor);
+        _heap = new HandleHeap(options.ExpectedBlocks);
+        int n = HandleTable.InitialSize(options.ExpectedBlocks);
+        _key = new BlockKey[n];
+        _depth = new int[n];
+        _bytes = new int[n];
+        _resident = new bool[n];
+    }
+
+    public string Name => _options.Admission ? "cost" : "cost-noadmit";
+
+    public CostAwareOptions Options => _options;
+
+    // The ageing clock L (for tests and diagnostics).
+    public double Clock => _clockL;
+
+    public int EvictableCount => _heap.Count;
+
+    // Recompute cost of a block at this depth, in dense-token equivalents.
+    public double RecomputeCost(int depth) =>
+        _options.TokensPerBlock * (1.0 + (depth + 0.5) * _options.TokensPerBlock / _options.AttentionCrossoverTokens);
+
+    // The priority a block would get now with this frequency estimate.
+    public double PriorityOf(int frequency, int depth, int bytes) =>
+        _clockL + frequency * RecomputeCost(depth) / (Math.Max(bytes, 1) / BytesPerMiB);
+
+    public double PriorityOf(int handle)
+    {
+        CheckResident(handle);
+        return _heap.PriorityOf(handle);
+    }
+
+    public int EstimatedFrequency(in BlockKey key) => _sketch.Estimate(key);
+
+    public bool ShouldAdmit(in PolicyBlockInfo info)
+    {
+        int f = _sketch.Increment(info.Key);
+        _countedByAdmission = info.Key;
+        _hasCountedByAdmission = true;
+        if (!_options.Admission || !_heap.TryPeek(out int victim))
+            return true;
+        return PriorityOf(f, info.Depth, info.Bytes) >= _heap.PriorityOf(victim);
+    }
+
+    public void OnAdmit(int handle, in PolicyBlockInfo info)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(handle);
+        if (handle >= _resident.Length)
+            GrowTo(handle);
+        if (_resident[handle])
+            throw HandleTable.AlreadyResident(Name, handle);
+        int f = _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : _sketch.Increment(info.Key);
+        _hasCountedByAdmission = false;
+        _resident[handle] = true;
+        _key[handle] = info.Key;
+        _depth[handle] = info.Depth;
+        _bytes[handle] = info.Bytes;
+        _heap.SetKey(handle, PriorityOf(f, info.Depth, info.Bytes), ++_tick);
+    }
+
+    public void OnAccess(int handle)
+    {
+        CheckResident(handle);
+        _hasCountedByAdmission = false;
+        int f = _sketch.Increment(_key[handle]);
+        _heap.SetKey(handle, PriorityOf(f, _depth[handle], _bytes[handle]), ++_tick);
+    }
+
+    public void OnRemove(int handle)
+    {
+        CheckResident(handle);
+        _heap.Remove(handle);
+        _resident[handle] = false;
+    }
+
+    public void SetEvictable(int handle, bool evictable)
+    {
+        CheckResident(handle);
+        if (evictable)
+            _heap.Insert(handle);
+        else
+            _heap.Remove(handle);
+    }
+
+    public bool TryPickVictim(out int handle)
+    {
+        if (!_heap.TryPeek(out handle))
+            return false;
+        // GDSF: the clock rises to the victim's priority, so what stays must keep being used to stay ahead.
+        _clockL = Math.Max(_clockL, _heap.PriorityOf(handle));
+        return true;
+    }
+
+    private void CheckResident(int handle)
+    {
+        if ((uint)handle >= (uint)_resident.Length || !_resident[handle])
+            throw HandleTable.NotResident(Name, handle);
+    }
+
+    private void GrowTo(int handle)
+    {
+        int size = HandleTable.GrownSize(_resident.Length, handle);
+        HandleTable.Grow(ref _key, size, default);
+        HandleTable.Grow(ref _depth, size, 0);
+        HandleTable.Grow(ref _bytes, size, 0);
+        HandleTable.Grow(ref _resident, size, false);
+    }
+}
