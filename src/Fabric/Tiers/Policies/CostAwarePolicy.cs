@@ -15,25 +15,27 @@ public sealed record CostAwareOptions
     // over a longer prefix, so they cost more to recompute.
     public int AttentionCrossoverTokens { get; init; } = 32768;
 
-    // The sketch forgets by halving after SampleFactor × ExpectedBlocks sightings (TinyLFU uses 10).
-    public int SampleFactor { get; init; } = 10;
+    // Sightings between two halvings of the frequency sketch: how far back frequency remembers. Null: TinyLFU's
+    // 10 × ExpectedBlocks. docs/tiers-policies.md shows how much the best value depends on the workload.
+    public int? HistorySightings { get; init; }
 
-    // Refuse a new block whose priority would be below the block it would displace (TinyLFU-style admission).
+    // Refuse, at the door, a block worth less (frequency × cost) than the victim it would displace.
     public bool Admission { get; init; } = true;
 }
 
-// Greedy-Dual-Size-Frequency (Cherkasova 1998) with the frequency taken from a decaying sketch that outlives
-// residency, and TinyLFU-style admission.
+// Greedy-Dual-Size-Frequency (Cao & Irani 1997; Cherkasova 1998) over the evictable blocks of a tier, with the
+// frequency taken from a decaying sketch that outlives residency, and TinyLFU-style admission (Einziger et al. 2017):
 //
 //   priority(b) = L + f(b) · cost(depth) / MiB(b)
-//   cost(d)     = T · (1 + (d + ½) · T / A)        [T = tokens per block, A = AttentionCrossoverTokens]
+//   cost(d)     = T · (1 + (d + ½) · T / A)          [T = tokens per block, A = AttentionCrossoverTokens]
 //
 // cost is the prefill work, in dense-token equivalents, of recomputing block d given its prefix: T tokens of dense
-// layers plus attention over (d + ½)·T tokens on average. f is the sketch's estimate of how often the key was seen
-// (puts, hits and admission requests, decayed). L is the clock: it is raised to the priority of each victim, so blocks
-// that stop being used age out behind newer ones (GDSF's inflation). The victim is the evictable block of least
-// priority (the oldest on ties); ShouldAdmit refuses a block whose priority now would be below that victim's, so a
-// one-shot block cannot push out a block with a history of reuse.
+// layers plus attention over (d + ½)·T tokens on average. f is the sketch's decayed count of sightings of the key
+// (puts, hits, admission requests). L is the clock, raised to the priority of each victim, so blocks that stop being
+// used age out behind newer ones. The victim is the evictable block of least priority (the oldest on ties).
+// ShouldAdmit refuses a block worth less (f × cost per MiB, without the clock) than the victim it would displace, so a
+// one-shot block never pushes out one with a history of reuse. Every operation is O(log n) in the handles (an indexed
+// binary heap); memory is fixed by the tier's size; nothing allocates after warm-up.
 public sealed class CostAwarePolicy : IEvictionPolicy
 {
     private const double BytesPerMiB = 1 << 20;
@@ -58,7 +60,9 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         ArgumentOutOfRangeException.ThrowIfLessThan(options.TokensPerBlock, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.AttentionCrossoverTokens, 1);
         _options = options;
-        _sketch = new FrequencySketch(options.ExpectedBlocks, options.SampleFactor);
+        if (options.HistorySightings is < 1)
+            throw new ArgumentOutOfRangeException(nameof(options), options.HistorySightings, "HistorySightings is positive.");
+        _sketch = new FrequencySketch(options.ExpectedBlocks, options.HistorySightings ?? 10L * options.ExpectedBlocks);
         _heap = new HandleHeap(options.ExpectedBlocks);
         int n = HandleTable.InitialSize(options.ExpectedBlocks);
         _key = new BlockKey[n];
@@ -80,10 +84,10 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     public double RecomputeCost(int depth) =>
         _options.TokensPerBlock * (1.0 + (depth + 0.5) * _options.TokensPerBlock / _options.AttentionCrossoverTokens);
 
-    // The priority a block would get now with this frequency estimate.
-    public double PriorityOf(int frequency, int depth, int bytes) =>
-        _clockL + frequency * RecomputeCost(depth) / (Math.Max(bytes, 1) / BytesPerMiB);
+    // Cost per MiB of a block: its priority above the clock for each sighting counted.
+    public double Value(int depth, int bytes) => RecomputeCost(depth) / (Math.Max(bytes, 1) / BytesPerMiB);
 
+    // The priority a resident block has now (for tests and diagnostics).
     public double PriorityOf(int handle)
     {
         CheckResident(handle);
@@ -99,7 +103,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         _hasCountedByAdmission = true;
         if (!_options.Admission || !_heap.TryPeek(out int victim))
             return true;
-        return PriorityOf(f, info.Depth, info.Bytes) >= _heap.PriorityOf(victim);
+        return f * Value(info.Depth, info.Bytes) > _sketch.Estimate(_key[victim]) * Value(_depth[victim], _bytes[victim]);
     }
 
     public void OnAdmit(int handle, in PolicyBlockInfo info)
@@ -115,7 +119,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         _key[handle] = info.Key;
         _depth[handle] = info.Depth;
         _bytes[handle] = info.Bytes;
-        _heap.SetKey(handle, PriorityOf(f, info.Depth, info.Bytes), ++_tick);
+        _heap.SetKey(handle, _clockL + f * Value(info.Depth, info.Bytes), ++_tick);
     }
 
     public void OnAccess(int handle)
@@ -123,7 +127,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         CheckResident(handle);
         _hasCountedByAdmission = false;
         int f = _sketch.Increment(_key[handle]);
-        _heap.SetKey(handle, PriorityOf(f, _depth[handle], _bytes[handle]), ++_tick);
+        _heap.SetKey(handle, _clockL + f * Value(_depth[handle], _bytes[handle]), ++_tick);
     }
 
     public void OnRemove(int handle)

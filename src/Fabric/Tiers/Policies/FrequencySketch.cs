@@ -7,10 +7,9 @@ namespace KvFabric.Tiers.Policies;
 // what lets a policy tell a block that comes back from one that was seen once.
 //
 // Four rows of saturating 4-bit counts (kept one per byte for speed); width = the next power of two at or above
-// 8 × expected items, so the period's distinct keys (at most SampleFactor × expected, typically far fewer) collide
-// little. After SampleFactor × expected increments every counter is halved, so a count is an exponentially decayed
-// frequency over roughly the last SampleFactor tier-fulls of traffic. Conservative update: only the rows holding the
-// current minimum are incremented, which keeps over-estimates down.
+// 8 × expected items. After samplePeriod increments every counter is halved, so a count is an exponentially decayed
+// frequency over roughly the last samplePeriod sightings (TinyLFU: 10 × the cache's size). Conservative update: only
+// the rows holding the current minimum are incremented, which keeps over-estimates down.
 public sealed class FrequencySketch
 {
     public const int MaxCount = 15;
@@ -22,15 +21,15 @@ public sealed class FrequencySketch
     private readonly long _samplePeriod;
     private long _increments;
 
-    public FrequencySketch(int expectedItems, int sampleFactor = 10)
+    public FrequencySketch(int expectedItems, long samplePeriod)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(expectedItems, 1);
-        ArgumentOutOfRangeException.ThrowIfLessThan(sampleFactor, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(samplePeriod, 1);
         long width = BitOperations.RoundUpToPowerOf2((uint)Math.Clamp(8L * expectedItems, 64, 1L << 26));
         _rowShift = BitOperations.Log2((ulong)width);
         _mask = (int)width - 1;
         _counts = new byte[Rows * width];
-        _samplePeriod = (long)sampleFactor * expectedItems;
+        _samplePeriod = samplePeriod;
     }
 
     public int Width => _mask + 1;

@@ -11,11 +11,13 @@ public sealed class SeenTwiceAdmission : IEvictionPolicy
     private readonly IEvictionPolicy _inner;
     private readonly FrequencySketch _seen;
 
-    public SeenTwiceAdmission(IEvictionPolicy inner, int expectedBlocks, int sampleFactor = 10)
+    public SeenTwiceAdmission(IEvictionPolicy inner, int expectedBlocks)
     {
         ArgumentNullException.ThrowIfNull(inner);
+        ArgumentOutOfRangeException.ThrowIfLessThan(expectedBlocks, 1);
         _inner = inner;
-        _seen = new FrequencySketch(expectedBlocks, sampleFactor);
+        // Remembers about ten tier-fulls of sightings, like TinyLFU's door.
+        _seen = new FrequencySketch(expectedBlocks, 10L * expectedBlocks);
     }
 
     public string Name => _inner.Name + "+seen-twice";

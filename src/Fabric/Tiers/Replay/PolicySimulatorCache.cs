@@ -13,7 +13,8 @@ public sealed record SimulatedTier(TierKind Kind, int CapacityBlocks, IEvictionP
 //    evicts blocks 0..i-1 of the same request.
 //  * A new block goes to the fastest tier at or below its parent's tier that takes it: a tier with room, or a full
 //    tier whose policy admits it and has a victim. A block no tier takes is not stored, and neither is the rest of its
-//    chain (unreachable by any prefix lookup).
+//    chain (unreachable by any prefix lookup); the rest of the chain is still offered to that tier's ShouldAdmit, so
+//    the policy's history sees it.
 //  * A hit in a slower tier is promoted to its parent's tier (the fastest allowed) when that tier takes it.
 //  * A victim is demoted to the next tier down. A demoted block with resident children must stay (they are in slower
 //    tiers and need their parent); one without may be refused by the lower tier's policy and go further down, and the
@@ -125,6 +126,7 @@ public sealed class PolicySimulatorCache : IReplayCache
                 else if (!TryPlaceNew(n, minTier))
                 {
                     Stats.BlocksNotStored++;
+                    OfferUnstorable(chain, i + 1, minTier);
                     break;
                 }
                 parent = n;
@@ -196,6 +198,20 @@ public sealed class PolicySimulatorCache : IReplayCache
         _tier[n] = Absent;
         _nodes.Add(key, n);
         return n;
+    }
+
+    // The rest of a chain whose block could not be stored cannot be stored either (no parent), but the fastest tier it
+    // could have gone to still sees each block offered, so that its policy's history counts the sighting: a history
+    // that skipped them would learn a refused chain one block per request. The answers are moot.
+    private void OfferUnstorable(ReadOnlySpan<BlockKey> chain, int from, int tier)
+    {
+        if (_used[tier] < _tiers[tier].CapacityBlocks)
+            return;
+        for (int j = from; j < chain.Length; j++)
+        {
+            _ = NodeFor(chain[j], j == 0 ? Absent : _nodes[chain[j - 1]], j);
+            _ = _tiers[tier].Policy.ShouldAdmit(new PolicyBlockInfo(chain[j], j, _blockBytes));
+        }
     }
 
     private PolicyBlockInfo InfoOf(int n) => new(_key[n], _depth[n], _blockBytes);

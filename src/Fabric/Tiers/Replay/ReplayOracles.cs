@@ -19,7 +19,7 @@ public static class ReplayOracles
             while (matched < chain.Length && cached[chain[matched]])
                 matched++;
             result.Count(trace, trace[r], matched, tierOfMatched: null);
-            foreach (int b in chain)
+            foreach (int b in chain[..trace.FullBlocks(r)])
                 cached[b] = true;
         }
         return result;
@@ -52,6 +52,7 @@ public static class ReplayOracles
         {
             var req = trace[r];
             var chain = trace.DenseChain(r);
+            // A use is a lookup that could match the block: any position of the chain, the partial last one included.
             for (int i = 0; i < chain.Length; i++)
             {
                 nextUse[req.ChainStart + i] = following[chain[i]];
@@ -69,6 +70,7 @@ public static class ReplayOracles
             while (matched < chain.Length && heap.Contains(chain[matched]))
                 matched++;
             result.Count(trace, req, matched, tierOfMatched: null);
+            int full = trace.FullBlocks(r);
             for (int i = 0; i < chain.Length; i++)
             {
                 int b = chain[i];
@@ -78,7 +80,7 @@ public static class ReplayOracles
                     heap.Update(b, next, i);
                     continue;
                 }
-                if (next == Never)
+                if (next == Never || i >= full)
                     break;
                 if (heap.Count >= capacityBlocks)
                 {

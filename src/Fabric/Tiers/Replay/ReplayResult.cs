@@ -58,7 +58,8 @@ public static class ReplayRunner
             for (int i = 0; i < matched; i++)
                 tierIndex[i] = IndexOf(cache.Tiers, kinds[i]);
             result.Count(trace, trace[r], matched, tierIndex.AsSpan(0, matched));
-            cache.Put(chain);
+            // Partial blocks are never shared (docs/architecture.md): a worker offloads only the full blocks.
+            cache.Put(chain[..trace.FullBlocks(r)]);
             afterRequest?.Invoke(r);
         }
         return result;

@@ -73,6 +73,9 @@ public sealed class ReplayTrace
 
     public ReadOnlySpan<int> DenseChain(int index) => _dense.AsSpan(_requests[index].ChainStart, _requests[index].ChainLength);
 
+    // Blocks of request `index` that hold tokens_per_block tokens: only these are ever stored.
+    public int FullBlocks(int index) => _requests[index].InputLength / TokensPerBlock;
+
     // Tokens of block `position` that a request of this input length actually holds (the last block may be partial).
     public int TokensOfBlock(int inputLength, int position) => Math.Clamp(inputLength - position * TokensPerBlock, 0, TokensPerBlock);
 
