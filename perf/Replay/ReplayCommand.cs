@@ -162,6 +162,10 @@ public static class ReplayCommand
         report["vs_lru"] = JsonReport.Round(tested.TokenHitRate / lru.TokenHitRate);
         report["vs_belady"] = JsonReport.Round(tested.TokenHitRate / belady.TokenHitRate);
         report["vs_infinite"] = JsonReport.Round(tested.TokenHitRate / infinite.TokenHitRate);
+        report["compute_hit_rate"] = JsonReport.Round(tested.ComputeHitRate);
+        report["lru_compute_hit_rate"] = JsonReport.Round(lru.ComputeHitRate);
+        report["belady_compute_hit_rate"] = JsonReport.Round(belady.ComputeHitRate);
+        report["infinite_compute_hit_rate"] = JsonReport.Round(infinite.ComputeHitRate);
         report["requests_with_hit"] = tested.RequestsWithHit;
         var perTier = new JsonObject();
         var moved = new JsonObject();
@@ -193,18 +197,18 @@ public static class ReplayCommand
         if (micro.Count > 0)
             report["policy_microbench"] = microJson;
 
-        var table = new Table().AddColumns("cache", "token hit rate", $"vs {tested.Name}");
-        void Row(string name, ReplayResult r) => table.AddRow(name, $"{r.TokenHitRate:P2}", $"{tested.TokenHitRate / r.TokenHitRate:F2}x");
+        var table = new Table().AddColumns("cache", "token hit rate", $"{tested.Name} / this", "prefill compute saved");
+        void Row(string name, ReplayResult r) => table.AddRow(name, $"{r.TokenHitRate:P2}", $"{tested.TokenHitRate / r.TokenHitRate:F2}x", $"{r.ComputeHitRate:P2}");
         Row(tested.Name, tested);
         if (!ReferenceEquals(lru, tested))
             Row("lru", lru);
         Row("belady (MIN, bypass)", belady);
         Row("infinite", infinite);
         for (int t = 0; t < cache.Tiers.Count && cache.Tiers.Count > 1; t++)
-            table.AddRow($"  {tested.Name} hits in {cache.Tiers[t]}", $"{(double)tested.HitTokensByTier[t] / tested.InputTokens:P2}", "");
-        table.AddRow("replay", $"{tested.Requests} requests in {seconds:F2} s, {calls / seconds / 1e6:F2} M policy calls/s (with the simulator)", "");
+            table.AddRow($"  {tested.Name} hits in {cache.Tiers[t]}", $"{(double)tested.HitTokensByTier[t] / tested.InputTokens:P2}", "", "");
+        table.AddRow("replay", $"{tested.Requests} requests in {seconds:F2} s, {calls / seconds / 1e6:F2} M policy calls/s (with the simulator)", "", "");
         foreach (var m in micro)
-            table.AddRow($"micro-bench {m.Policy}", $"{m.OpsPerSecond / 1e6:F2} M ops/s", "");
+            table.AddRow($"micro-bench {m.Policy}", $"{m.OpsPerSecond / 1e6:F2} M ops/s", "", "");
         AnsiConsole.Write(new Rule($"replay: {Path.GetFileName(o.TracePath)}, {label(o)}"));
         AnsiConsole.Write(table);
         return report;

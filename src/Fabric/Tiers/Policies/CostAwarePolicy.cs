@@ -1,5 +1,16 @@
 namespace KvFabric.Tiers.Policies;
 
+// The prefill work of one block, in dense-token equivalents: its tokens through the dense layers, plus attention over
+// its prefix. Block d of T-token blocks holding n tokens attends, on average, over (d·T + n/2) earlier tokens, and a
+// token attending over A tokens (the attention crossover) costs as much again as its dense layers.
+public static class PrefillCost
+{
+    public const int DefaultAttentionCrossoverTokens = 32768;
+
+    public static double OfBlock(int depth, int tokens, int tokensPerBlock, int attentionCrossoverTokens) =>
+        tokens * (1.0 + (depth * (double)tokensPerBlock + tokens / 2.0) / attentionCrossoverTokens);
+}
+
 // Settings of the cost-aware policy. The defaults are model- and workload-neutral; docs/tiers-policies.md says why.
 public sealed record CostAwareOptions
 {
@@ -13,7 +24,7 @@ public sealed record CostAwareOptions
     // cost about 2·P FLOPs and attention about 4·layers·d_model·context, so this is P / (2·layers·d_model): about 30k
     // tokens for Llama-3-8B, 53k for Llama-3-70B (GQA does not shrink the score and value FLOPs). Deeper blocks attend
     // over a longer prefix, so they cost more to recompute.
-    public int AttentionCrossoverTokens { get; init; } = 32768;
+    public int AttentionCrossoverTokens { get; init; } = PrefillCost.DefaultAttentionCrossoverTokens;
 
     // Sightings between two halvings of the frequency sketch: how far back frequency remembers. Null: TinyLFU's
     // 10 × ExpectedBlocks. docs/tiers-policies.md shows how much the best value depends on the workload.
@@ -82,7 +93,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
 
     // Recompute cost of a block at this depth, in dense-token equivalents.
     public double RecomputeCost(int depth) =>
-        _options.TokensPerBlock * (1.0 + (depth + 0.5) * _options.TokensPerBlock / _options.AttentionCrossoverTokens);
+        PrefillCost.OfBlock(depth, _options.TokensPerBlock, _options.TokensPerBlock, _options.AttentionCrossoverTokens);
 
     // Cost per MiB of a block: its priority above the clock for each sighting counted.
     public double Value(int depth, int bytes) => RecomputeCost(depth) / (Math.Max(bytes, 1) / BytesPerMiB);

@@ -1,3 +1,5 @@
+using KvFabric.Tiers.Policies;
+
 namespace KvFabric.Tiers.Replay;
 
 // Token hits of one replay under prefix semantics: a request reuses only its longest cached prefix; each matched
@@ -23,6 +25,12 @@ public sealed class ReplayResult
 
     public double TokenHitRate => InputTokens == 0 ? 0 : (double)HitTokens / InputTokens;
 
+    // The same hits weighted by prefill work (PrefillCost, default attention crossover): the share of prefill compute
+    // the cache saved. Deeper blocks weigh more, as they cost more to recompute.
+    public double PrefillSaved { get; private set; }
+    public double PrefillTotal { get; private set; }
+    public double ComputeHitRate => PrefillTotal == 0 ? 0 : PrefillSaved / PrefillTotal;
+
     public void Count(ReplayTrace trace, in TraceRequest request, int matched, ReadOnlySpan<int> tierOfMatched)
     {
         ArgumentNullException.ThrowIfNull(trace);
@@ -32,10 +40,16 @@ public sealed class ReplayResult
         HitBlocks += matched;
         if (matched > 0)
             RequestsWithHit++;
-        for (int i = 0; i < matched; i++)
+        for (int i = 0; i < request.ChainLength; i++)
         {
+            int tokens = trace.TokensOfBlock(request.InputLength, i);
+            double work = PrefillCost.OfBlock(i, tokens, trace.TokensPerBlock, PrefillCost.DefaultAttentionCrossoverTokens);
+            PrefillTotal += work;
+            if (i >= matched)
+                continue;
+            PrefillSaved += work;
             int tier = tierOfMatched.IsEmpty ? 0 : tierOfMatched[i];
-            HitTokensByTier[tier] += trace.TokensOfBlock(request.InputLength, i);
+            HitTokensByTier[tier] += tokens;
         }
     }
 }
