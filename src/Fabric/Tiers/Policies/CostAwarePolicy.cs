@@ -30,34 +30,52 @@ public sealed record CostAwareOptions
     // 10 × ExpectedBlocks. docs/tiers-policies.md shows how much the best value depends on the workload.
     public int? HistorySightings { get; init; }
 
-    // Refuse, at the door, a block worth less (frequency × cost) than the victim it would displace.
+    // Refuse, at the door, a first sighting worth less (frequency × cost) than the protected victim it would displace,
+    // when the probation segment has adapted to nothing. False: every block is admitted.
     public bool Admission { get; init; } = true;
 }
 
-// Greedy-Dual-Size-Frequency (Cao & Irani 1997; Cherkasova 1998) over the evictable blocks of a tier, with the
-// frequency taken from a decaying sketch that outlives residency, and TinyLFU-style admission (Einziger et al. 2017):
+// A segmented Greedy-Dual-Size-Frequency policy over the evictable blocks of a tier: a probation segment for blocks
+// seen for the first time and a protected segment for blocks with a history of reuse, whose split adapts as in ARC
+// (Megiddo & Modha 2003), with the history taken from a decaying frequency sketch (TinyLFU, Einziger et al. 2017).
 //
-//   priority(b) = L + f(b) · cost(depth) / MiB(b)
-//   cost(d)     = T · (1 + (d + ½) · T / A)          [T = tokens per block, A = AttentionCrossoverTokens]
+//   protected priority(b) = L + f(b) · cost(depth) / MiB(b)        (GDSF, Cherkasova 1998)
+//   probation priority(b) = L + cost(depth) / MiB(b)               (GDS: cost-weighted LRU, Cao & Irani 1997)
+//   cost(d)               = PrefillCost.OfBlock(d, T, T, A) = T · (1 + (d + ½) · T / A)
 //
-// cost is the prefill work, in dense-token equivalents, of recomputing block d given its prefix: T tokens of dense
-// layers plus attention over (d + ½)·T tokens on average. f is the sketch's decayed count of sightings of the key
-// (puts, hits, admission requests). L is the clock, raised to the priority of each victim, so blocks that stop being
-// used age out behind newer ones. The victim is the evictable block of least priority (the oldest on ties).
-// ShouldAdmit refuses a block worth less (f × cost per MiB, without the clock) than the victim it would displace, so a
-// one-shot block never pushes out one with a history of reuse. Every operation is O(log n) in the handles (an indexed
-// binary heap); memory is fixed by the tier's size; nothing allocates after warm-up.
+// cost is the prefill work, in dense-token equivalents, of recomputing block d given its prefix, so deeper blocks are
+// worth more. f is the sketch's decayed count of sightings of the key (puts, hits, admission requests), which outlives
+// residency. L is the clock, raised to the priority of each victim, so blocks that stop being used age out.
+//
+// A block enters probation when the sketch has seen it once (this sighting), protected when it has been seen before;
+// a hit in probation moves it to protected. The victim is the least-priority evictable block of probation while
+// probation holds more than its target share p, else of protected. p adapts to the misses the split caused: a miss on
+// a block that probation evicted recently (its ghost) means probation was too small (p grows), a miss on a block that
+// protected evicted means protected was (p shrinks), each by ARC's ratio of the two ghosts' sizes. Small tiers drift to
+// p ≈ 0 (only blocks with a history stay: TinyLFU-like), large ones to the share their first reuses need (LRU-like).
+// When p < 1 block and admission is on, ShouldAdmit refuses a first sighting worth less than the protected victim.
+// Every operation is O(log n) (indexed binary heaps); memory is fixed by the tier's size; nothing allocates after
+// warm-up.
 public sealed class CostAwarePolicy : IEvictionPolicy
 {
     private const double BytesPerMiB = 1 << 20;
+    private const byte Absent = 0;
+    private const byte Probation = 1;
+    private const byte Protected = 2;
 
     private readonly CostAwareOptions _options;
     private readonly FrequencySketch _sketch;
-    private readonly HandleHeap _heap;
+    private readonly HandleHeap _probation;
+    private readonly HandleHeap _protected;
+    private readonly GhostSet _probationGhost;
+    private readonly GhostSet _protectedGhost;
+    private readonly int _capacity;
     private BlockKey[] _key;
     private int[] _depth;
     private int[] _bytes;
-    private bool[] _resident;
+    private byte[] _segment;
+    private int _probationCount;
+    private double _probationTarget;
     private double _clockL;
     private long _tick;
     // ShouldAdmit and the OnAdmit that follows it are one sighting of the block, counted once.
@@ -70,26 +88,31 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         ArgumentOutOfRangeException.ThrowIfLessThan(options.ExpectedBlocks, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.TokensPerBlock, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.AttentionCrossoverTokens, 1);
-        _options = options;
         if (options.HistorySightings is < 1)
             throw new ArgumentOutOfRangeException(nameof(options), options.HistorySightings, "HistorySightings is positive.");
-        _sketch = new FrequencySketch(options.ExpectedBlocks, options.HistorySightings ?? 10L * options.ExpectedBlocks);
-        _heap = new HandleHeap(options.ExpectedBlocks);
+        _options = options;
+        _capacity = options.ExpectedBlocks;
+        _sketch = new FrequencySketch(options.HistorySightings ?? 10L * options.ExpectedBlocks);
+        _probation = new HandleHeap(options.ExpectedBlocks);
+        _protected = new HandleHeap(options.ExpectedBlocks);
+        _probationGhost = new GhostSet(options.ExpectedBlocks);
+        _protectedGhost = new GhostSet(options.ExpectedBlocks);
         int n = HandleTable.InitialSize(options.ExpectedBlocks);
         _key = new BlockKey[n];
         _depth = new int[n];
         _bytes = new int[n];
-        _resident = new bool[n];
+        _segment = new byte[n];
     }
 
     public string Name => _options.Admission ? "cost" : "cost-noadmit";
 
     public CostAwareOptions Options => _options;
 
-    // The ageing clock L (for tests and diagnostics).
+    // The ageing clock L, the probation target p and the segment sizes (for tests and diagnostics).
     public double Clock => _clockL;
-
-    public int EvictableCount => _heap.Count;
+    public double ProbationTarget => _probationTarget;
+    public int ProbationCount => _probationCount;
+    public int EvictableCount => _probation.Count + _protected.Count;
 
     // Recompute cost of a block at this depth, in dense-token equivalents.
     public double RecomputeCost(int depth) =>
@@ -101,18 +124,20 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     // The priority a resident block has now (for tests and diagnostics).
     public double PriorityOf(int handle)
     {
-        CheckResident(handle);
-        return _heap.PriorityOf(handle);
+        byte seg = SegmentOf(handle);
+        return (seg == Probation ? _probation : _protected).PriorityOf(handle);
     }
+
+    public bool IsProtected(int handle) => SegmentOf(handle) == Protected;
 
     public int EstimatedFrequency(in BlockKey key) => _sketch.Estimate(key);
 
     public bool ShouldAdmit(in PolicyBlockInfo info)
     {
-        int f = _sketch.Increment(info.Key);
+        int f = Sighting(info.Key);
         _countedByAdmission = info.Key;
         _hasCountedByAdmission = true;
-        if (!_options.Admission || !_heap.TryPeek(out int victim))
+        if (!_options.Admission || f >= 2 || _probationTarget >= 1 || !_protected.TryPeek(out int victim))
             return true;
         return f * Value(info.Depth, info.Bytes) > _sketch.Estimate(_key[victim]) * Value(_depth[victim], _bytes[victim]);
     }
@@ -120,64 +145,110 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     public void OnAdmit(int handle, in PolicyBlockInfo info)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(handle);
-        if (handle >= _resident.Length)
+        if (handle >= _segment.Length)
             GrowTo(handle);
-        if (_resident[handle])
+        if (_segment[handle] != Absent)
             throw HandleTable.AlreadyResident(Name, handle);
-        int f = _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : _sketch.Increment(info.Key);
+        int f = _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : Sighting(info.Key);
         _hasCountedByAdmission = false;
-        _resident[handle] = true;
         _key[handle] = info.Key;
         _depth[handle] = info.Depth;
         _bytes[handle] = info.Bytes;
-        _heap.SetKey(handle, _clockL + f * Value(info.Depth, info.Bytes), ++_tick);
+        if (f >= 2)
+        {
+            _segment[handle] = Protected;
+            _protected.SetKey(handle, _clockL + f * Value(info.Depth, info.Bytes), ++_tick);
+        }
+        else
+        {
+            _segment[handle] = Probation;
+            _probationCount++;
+            _probation.SetKey(handle, _clockL + Value(info.Depth, info.Bytes), ++_tick);
+        }
     }
 
     public void OnAccess(int handle)
     {
-        CheckResident(handle);
+        byte seg = SegmentOf(handle);
         _hasCountedByAdmission = false;
         int f = _sketch.Increment(_key[handle]);
-        _heap.SetKey(handle, _clockL + f * Value(_depth[handle], _bytes[handle]), ++_tick);
+        double priority = _clockL + f * Value(_depth[handle], _bytes[handle]);
+        if (seg == Probation)
+        {
+            // A hit proves reuse: the block moves to protected.
+            bool evictable = _probation.Contains(handle);
+            _probation.Remove(handle);
+            _probationCount--;
+            _segment[handle] = Protected;
+            _protected.SetKey(handle, priority, ++_tick);
+            if (evictable)
+                _protected.Insert(handle);
+        }
+        else
+        {
+            _protected.SetKey(handle, priority, ++_tick);
+        }
     }
 
     public void OnRemove(int handle)
     {
-        CheckResident(handle);
-        _heap.Remove(handle);
-        _resident[handle] = false;
+        byte seg = SegmentOf(handle);
+        if (seg == Probation)
+        {
+            _probation.Remove(handle);
+            _probationCount--;
+        }
+        else
+        {
+            _protected.Remove(handle);
+        }
+        _segment[handle] = Absent;
     }
 
     public void SetEvictable(int handle, bool evictable)
     {
-        CheckResident(handle);
+        var heap = SegmentOf(handle) == Probation ? _probation : _protected;
         if (evictable)
-            _heap.Insert(handle);
+            heap.Insert(handle);
         else
-            _heap.Remove(handle);
+            heap.Remove(handle);
     }
 
     public bool TryPickVictim(out int handle)
     {
-        if (!_heap.TryPeek(out handle))
+        bool fromProbation = _probation.Count > 0 && (_probationCount > _probationTarget || _protected.Count == 0);
+        var heap = fromProbation ? _probation : _protected;
+        if (!heap.TryPeek(out handle))
             return false;
+        (fromProbation ? _probationGhost : _protectedGhost).Add(_key[handle]);
         // GDSF: the clock rises to the victim's priority, so what stays must keep being used to stay ahead.
-        _clockL = Math.Max(_clockL, _heap.PriorityOf(handle));
+        _clockL = Math.Max(_clockL, heap.PriorityOf(handle));
         return true;
     }
 
-    private void CheckResident(int handle)
+    // Counts a sighting of a block that is not resident, and adapts the split if a segment evicted it recently.
+    private int Sighting(in BlockKey key)
     {
-        if ((uint)handle >= (uint)_resident.Length || !_resident[handle])
+        if (_probationGhost.TryTake(key))
+            _probationTarget = Math.Min(_capacity, _probationTarget + Math.Max(1.0, (double)_protectedGhost.Count / Math.Max(1, _probationGhost.Count)));
+        else if (_protectedGhost.TryTake(key))
+            _probationTarget = Math.Max(0, _probationTarget - Math.Max(1.0, (double)_probationGhost.Count / Math.Max(1, _protectedGhost.Count)));
+        return _sketch.Increment(key);
+    }
+
+    private byte SegmentOf(int handle)
+    {
+        if ((uint)handle >= (uint)_segment.Length || _segment[handle] == Absent)
             throw HandleTable.NotResident(Name, handle);
+        return _segment[handle];
     }
 
     private void GrowTo(int handle)
     {
-        int size = HandleTable.GrownSize(_resident.Length, handle);
+        int size = HandleTable.GrownSize(_segment.Length, handle);
         HandleTable.Grow(ref _key, size, default);
         HandleTable.Grow(ref _depth, size, 0);
         HandleTable.Grow(ref _bytes, size, 0);
-        HandleTable.Grow(ref _resident, size, false);
+        HandleTable.Grow(ref _segment, size, (byte)0);
     }
 }

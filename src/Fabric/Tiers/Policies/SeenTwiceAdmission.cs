@@ -17,7 +17,7 @@ public sealed class SeenTwiceAdmission : IEvictionPolicy
         ArgumentOutOfRangeException.ThrowIfLessThan(expectedBlocks, 1);
         _inner = inner;
         // Remembers about ten tier-fulls of sightings, like TinyLFU's door.
-        _seen = new FrequencySketch(expectedBlocks, 10L * expectedBlocks);
+        _seen = new FrequencySketch(10L * expectedBlocks);
     }
 
     public string Name => _inner.Name + "+seen-twice";

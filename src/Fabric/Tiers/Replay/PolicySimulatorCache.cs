@@ -91,6 +91,9 @@ public sealed class PolicySimulatorCache : IReplayCache
 
     public int ResidentBlocks(int tier) => _used[tier];
 
+    // The handle of key in its tier, or -1.
+    public int HandleOf(BlockKey key) => _nodes.TryGetValue(key, out int n) && _tier[n] != Absent ? _handle[n] : Absent;
+
     // The tier index holding key, or -1.
     public int TierOf(BlockKey key) => _nodes.TryGetValue(key, out int n) ? _tier[n] : Absent;
 
