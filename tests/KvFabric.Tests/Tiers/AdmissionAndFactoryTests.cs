@@ -63,5 +63,11 @@ public sealed class AdmissionAndFactoryTests
         Assert.Contains("Unknown eviction policy 'fifo'", Assert.Throws<ArgumentException>(() => PolicyFactory.Create("fifo", 16, 512)).Message, StringComparison.Ordinal);
         Assert.Throws<ArgumentException>(() => PolicyFactory.Create("lru:history=5", 16, 512));
         Assert.Throws<ArgumentException>(() => PolicyFactory.Create("cost:history=0", 16, 512));
+        var fixedShare = Assert.IsType<CostAwarePolicy>(PolicyFactory.Create("cost:history=99:probation=0.25", 16, 512));
+        Assert.Equal(0.25, fixedShare.Options.ProbationShare);
+        Assert.Equal(99, fixedShare.Options.HistorySightings);
+        Assert.Equal(4, fixedShare.ProbationTarget);
+        Assert.Throws<ArgumentException>(() => PolicyFactory.Create("cost:probation=1.5", 16, 512));
+        Assert.Throws<ArgumentException>(() => PolicyFactory.Create("cost:depth=3", 16, 512));
     }
 }

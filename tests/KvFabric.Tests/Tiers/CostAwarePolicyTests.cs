@@ -106,6 +106,30 @@ public sealed class CostAwarePolicyTests
     }
 
     [Fact]
+    public void A_miss_on_a_block_protected_evicted_shrinks_probation_by_its_frequency_and_a_fixed_share_does_not_move()
+    {
+        var p = Policy(4);
+        p.AdmitLeaf(0, 1);
+        p.Victim();
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));            // probation's ghost hit: p = 1, and key 1 (seen twice) is protected
+        p.SetEvictable(0, true);
+        double grown = p.ProbationTarget;
+        Assert.True(grown >= 1);
+        Assert.Equal(0, p.Victim());      // probation is empty: protected gives its victim, remembered in its ghost
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));            // a miss on it: protected was too small
+        Assert.True(p.ProbationTarget < grown);
+
+        var fixedShare = new CostAwarePolicy(new CostAwareOptions { ExpectedBlocks = 4, ProbationShare = 0.5 });
+        fixedShare.AdmitLeaf(0, 1);
+        fixedShare.Victim();
+        fixedShare.OnRemove(0);
+        fixedShare.OnAdmit(0, Info(1));
+        Assert.Equal(2, fixedShare.ProbationTarget);
+    }
+
+    [Fact]
     public void Only_evictable_blocks_are_victims_and_handles_are_reused()
     {
         var p = Policy(4);

@@ -30,6 +30,10 @@ public sealed record CostAwareOptions
     // 10 × ExpectedBlocks. docs/tiers-policies.md shows how much the best value depends on the workload.
     public int? HistorySightings { get; init; }
 
+    // Probation's share of the tier, fixed (0 = no probation: every first sighting must win the door duel, as in
+    // TinyLFU; 1 = everything may be probation). Null: adapted online as in ARC (the default).
+    public double? ProbationShare { get; init; }
+
     // Refuse, at the door, a first sighting worth less (frequency × cost) than the protected victim it would displace,
     // when the probation segment has adapted to nothing. False: every block is admitted.
     public bool Admission { get; init; } = true;
@@ -50,10 +54,11 @@ public sealed record CostAwareOptions
 // A block enters probation when the sketch has seen it once (this sighting), protected when it has been seen before;
 // a hit in probation moves it to protected. The victim is the least-priority evictable block of probation while
 // probation holds more than its target share p, else of protected. p adapts to the misses the split caused: a miss on
-// a block that probation evicted recently (its ghost) means probation was too small (p grows), a miss on a block that
-// protected evicted means protected was (p shrinks), each by ARC's ratio of the two ghosts' sizes. Small tiers drift to
-// p ≈ 0 (only blocks with a history stay: TinyLFU-like), large ones to the share their first reuses need (LRU-like).
-// When p < 1 block and admission is on, ShouldAdmit refuses a first sighting worth less than the protected victim.
+// a block that probation evicted (or refused) recently means probation was too small (p grows), a miss on a block that
+// protected evicted means protected was (p shrinks, weighted by the block's frequency; see Sighting). Small tiers
+// drift toward p ≈ 0 (only blocks with a history stay: TinyLFU-like), large ones toward the share their first reuses
+// need (LRU-like). While p < 1 block and admission is on, ShouldAdmit refuses a first sighting worth less
+// (frequency × cost) than the protected victim it would displace.
 // Every operation is O(log n) (indexed binary heaps); memory is fixed by the tier's size; nothing allocates after
 // warm-up.
 public sealed class CostAwarePolicy : IEvictionPolicy
@@ -88,6 +93,8 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         ArgumentOutOfRangeException.ThrowIfLessThan(options.ExpectedBlocks, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.TokensPerBlock, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.AttentionCrossoverTokens, 1);
+        if (options.ProbationShare is < 0 or > 1 || (options.ProbationShare is double share && double.IsNaN(share)))
+            throw new ArgumentOutOfRangeException(nameof(options), options.ProbationShare, "ProbationShare is in [0, 1].");
         if (options.HistorySightings is < 1)
             throw new ArgumentOutOfRangeException(nameof(options), options.HistorySightings, "HistorySightings is positive.");
         _options = options;
@@ -95,6 +102,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         _sketch = new FrequencySketch(options.HistorySightings ?? 10L * options.ExpectedBlocks);
         _probation = new HandleHeap(options.ExpectedBlocks);
         _protected = new HandleHeap(options.ExpectedBlocks);
+        _probationTarget = (options.ProbationShare ?? 0) * options.ExpectedBlocks;
         _probationGhost = new GhostSet(options.ExpectedBlocks);
         _protectedGhost = new GhostSet(options.ExpectedBlocks);
         int n = HandleTable.InitialSize(options.ExpectedBlocks);
@@ -139,7 +147,11 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         _hasCountedByAdmission = true;
         if (!_options.Admission || f >= 2 || _probationTarget >= 1 || !_protected.TryPeek(out int victim))
             return true;
-        return f * Value(info.Depth, info.Bytes) > _sketch.Estimate(_key[victim]) * Value(_depth[victim], _bytes[victim]);
+        if (f * Value(info.Depth, info.Bytes) > _sketch.Estimate(_key[victim]) * Value(_depth[victim], _bytes[victim]))
+            return true;
+        // Refused: as if evicted at once from a probation of size zero, which is what its ghost records.
+        _probationGhost.Add(info.Key);
+        return false;
     }
 
     public void OnAdmit(int handle, in PolicyBlockInfo info)
@@ -226,14 +238,20 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         return true;
     }
 
-    // Counts a sighting of a block that is not resident, and adapts the split if a segment evicted it recently.
+    // Counts a sighting of a block that is not resident, and adapts the split if a segment evicted it recently. Steps
+    // are ARC's (the other ghost's size over this one's, at least 1), except that a miss on a block protected evicted
+    // weighs its frequency f: probation would have given a first-sighting block one hit before it moved to protected
+    // anyway, while a protected block that was evicted loses the hits its history predicts (the LFU assumption).
     private int Sighting(in BlockKey key)
     {
+        int f = _sketch.Increment(key);
+        if (_options.ProbationShare is not null)
+            return f;
         if (_probationGhost.TryTake(key))
             _probationTarget = Math.Min(_capacity, _probationTarget + Math.Max(1.0, (double)_protectedGhost.Count / Math.Max(1, _probationGhost.Count)));
         else if (_protectedGhost.TryTake(key))
-            _probationTarget = Math.Max(0, _probationTarget - Math.Max(1.0, (double)_probationGhost.Count / Math.Max(1, _protectedGhost.Count)));
-        return _sketch.Increment(key);
+            _probationTarget = Math.Max(0, _probationTarget - f * Math.Max(1.0, (double)_probationGhost.Count / Math.Max(1, _protectedGhost.Count)));
+        return f;
     }
 
     private byte SegmentOf(int handle)
