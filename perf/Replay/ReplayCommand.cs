@@ -205,7 +205,7 @@ public static class ReplayCommand
         Row("belady (MIN, bypass)", belady);
         Row("infinite", infinite);
         for (int t = 0; t < cache.Tiers.Count && cache.Tiers.Count > 1; t++)
-            table.AddRow($"  {tested.Name} hits in {cache.Tiers[t]}", $"{(double)tested.HitTokensByTier[t] / tested.InputTokens:P2}", "", "");
+            table.AddRow($"  hits in {cache.Tiers[t]}", $"{(double)tested.HitTokensByTier[t] / tested.InputTokens:P2}", "", "");
         table.AddRow("replay", $"{tested.Requests} requests in {seconds:F2} s, {calls / seconds / 1e6:F2} M policy calls/s (with the simulator)", "", "");
         foreach (var m in micro)
             table.AddRow($"micro-bench {m.Policy}", $"{m.OpsPerSecond / 1e6:F2} M ops/s", "", "");
