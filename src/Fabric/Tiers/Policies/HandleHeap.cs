@@ -26,6 +26,8 @@ internal sealed class HandleHeap
 
     public double PriorityOf(int handle) => _priority[handle];
 
+    public long TieOf(int handle) => _tie[handle];
+
     // Sets a handle's key whether or not it is in the heap; a member moves to its new place.
     public void SetKey(int handle, double priority, long tie)
     {

@@ -1,3 +1,5 @@
+using KvFabric.Tiers.Policies;
+
 namespace KvFabric.Tiers.Replay;
 
 // Offline references for a replay, with the same prefix semantics and the same counting as the cache under test.
@@ -60,7 +62,8 @@ public static class ReplayOracles
             }
         }
 
-        var heap = new FarthestFirstHeap(trace.DistinctBlocks);
+        // Resident blocks, farthest next use first (deeper first on ties): a min-heap on (-next use, -depth).
+        var heap = new HandleHeap(trace.DistinctBlocks);
         var result = new ReplayResult($"belady-{capacityBlocks}", 1);
         for (int r = 0; r < requests; r++)
         {
@@ -77,120 +80,24 @@ public static class ReplayOracles
                 int next = nextUse[req.ChainStart + i];
                 if (heap.Contains(b))
                 {
-                    heap.Update(b, next, i);
+                    heap.SetKey(b, -(double)next, -i);
                     continue;
                 }
                 if (next == Never || i >= full)
                     break;
                 if (heap.Count >= capacityBlocks)
                 {
-                    heap.PeekFarthest(out int victim, out int victimNext, out int victimDepth);
+                    heap.TryPeek(out int victim);
+                    double victimNext = -heap.PriorityOf(victim);
+                    long victimDepth = -heap.TieOf(victim);
                     if (next > victimNext || (next == victimNext && i >= victimDepth))
                         break;
                     heap.Remove(victim);
                 }
-                heap.Insert(b, next, i);
+                heap.SetKey(b, -(double)next, -i);
+                heap.Insert(b);
             }
         }
         return result;
-    }
-
-    // Max-heap of resident blocks by (next use, depth), indexed by dense block id.
-    private sealed class FarthestFirstHeap
-    {
-        private readonly int[] _heap;
-        private readonly int[] _position;
-        private readonly int[] _next;
-        private readonly int[] _depth;
-
-        public FarthestFirstHeap(int blocks)
-        {
-            _heap = new int[blocks];
-            _position = new int[blocks];
-            _position.AsSpan().Fill(-1);
-            _next = new int[blocks];
-            _depth = new int[blocks];
-        }
-
-        public int Count { get; private set; }
-
-        public bool Contains(int b) => _position[b] >= 0;
-
-        public void PeekFarthest(out int block, out int next, out int depth)
-        {
-            block = _heap[0];
-            next = _next[block];
-            depth = _depth[block];
-        }
-
-        public void Insert(int b, int next, int depth)
-        {
-            _next[b] = next;
-            _depth[b] = depth;
-            _heap[Count] = b;
-            _position[b] = Count;
-            Count++;
-            SiftUp(Count - 1);
-        }
-
-        public void Update(int b, int next, int depth)
-        {
-            _next[b] = next;
-            _depth[b] = depth;
-            SiftUp(_position[b]);
-            SiftDown(_position[b]);
-        }
-
-        public void Remove(int b)
-        {
-            int i = _position[b];
-            _position[b] = -1;
-            Count--;
-            if (i == Count)
-                return;
-            int last = _heap[Count];
-            _heap[i] = last;
-            _position[last] = i;
-            SiftUp(i);
-            SiftDown(_position[last]);
-        }
-
-        private bool Farther(int a, int b) => _next[a] > _next[b] || (_next[a] == _next[b] && _depth[a] > _depth[b]);
-
-        private void SiftUp(int i)
-        {
-            int b = _heap[i];
-            while (i > 0)
-            {
-                int parent = (i - 1) >> 1;
-                if (!Farther(b, _heap[parent]))
-                    break;
-                _heap[i] = _heap[parent];
-                _position[_heap[i]] = i;
-                i = parent;
-            }
-            _heap[i] = b;
-            _position[b] = i;
-        }
-
-        private void SiftDown(int i)
-        {
-            int b = _heap[i];
-            while (true)
-            {
-                int child = 2 * i + 1;
-                if (child >= Count)
-                    break;
-                if (child + 1 < Count && Farther(_heap[child + 1], _heap[child]))
-                    child++;
-                if (!Farther(_heap[child], b))
-                    break;
-                _heap[i] = _heap[child];
-                _position[_heap[i]] = i;
-                i = child;
-            }
-            _heap[i] = b;
-            _position[b] = i;
-        }
     }
 }
