@@ -23,6 +23,12 @@ for backend in tcp shm; do
   done
 done
 
+trace=../shared/traces/conversation_trace.jsonl
+if [ -f "$trace" ]; then
+  $bench replay --quick --trace "$trace" --capacity-blocks 200 --policy cost --no-microbench --json "$smoke/replay.json" >/dev/null
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert 0 < r['lru_token_hit_rate'] <= r['belady_token_hit_rate'] <= r['infinite_token_hit_rate'] and r['token_hit_rate'] > 0, r; print('smoke ok: replay', r['token_hit_rate'], 'token hit rate')" "$smoke/replay.json"
+fi
+
 # The plain closing line CI reads: counts from the xunit summary.
 summary=$(grep -E '(Passed|Failed)! +- +Failed: +[0-9]+, +Passed: +[0-9]+' "$log" | tail -n 1)
 failed=$(sed -E 's/.*Failed: +([0-9]+).*/\1/' <<<"$summary")
