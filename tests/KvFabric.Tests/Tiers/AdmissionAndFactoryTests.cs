@@ -71,3 +71,25 @@ public sealed class AdmissionAndFactoryTests
         Assert.Throws<ArgumentException>(() => PolicyFactory.Create("cost:depth=3", 16, 512));
     }
 }
+
+public sealed class GhostSetTests
+{
+    [Fact]
+    public void Remembers_the_last_capacity_keys_in_fifo_order_and_forgets_a_taken_key()
+    {
+        var ghost = new GhostSet(3);
+        for (ulong k = 1; k <= 4; k++)
+            ghost.Add(Key(k));
+        Assert.False(ghost.Contains(Key(1)));
+        Assert.True(ghost.Contains(Key(2)) && ghost.Contains(Key(4)));
+        Assert.True(ghost.TryTake(Key(3)));
+        Assert.False(ghost.TryTake(Key(3)));
+
+        // Key 3's old slot must not evict key 3 when it is added again elsewhere.
+        ghost.Add(Key(3));   // reuses key 2's slot (the oldest)
+        ghost.Add(Key(5));   // reuses key 3's old slot
+        Assert.True(ghost.Contains(Key(3)));
+        Assert.False(ghost.Contains(Key(2)));
+        Assert.Equal(3, ghost.Count);
+    }
+}
