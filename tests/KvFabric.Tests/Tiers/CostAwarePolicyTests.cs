@@ -130,6 +130,23 @@ public sealed class CostAwarePolicyTests
     }
 
     [Fact]
+    public void A_first_sighting_cannot_displace_a_protected_block_while_probation_holds_only_pinned_blocks()
+    {
+        var p = Policy(4);
+        p.AdmitLeaf(0, 1);
+        p.Victim();
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));            // a probation ghost hit: p = 1; key 1 is protected
+        p.SetEvictable(0, true);
+        p.OnAccess(0);                    // seen three times
+        p.OnAdmit(1, Info(2));            // probation, pinned by the put in flight
+        Assert.True(p.ProbationTarget >= 1);
+        Assert.False(p.ShouldAdmit(Info(3)));
+        p.SetEvictable(1, true);          // the put ended: probation has its own victim again
+        Assert.True(p.ShouldAdmit(Info(4)));
+    }
+
+    [Fact]
     public void Only_evictable_blocks_are_victims_and_handles_are_reused()
     {
         var p = Policy(4);

@@ -60,8 +60,9 @@ public sealed record CostAwareOptions
 // a block that probation evicted (or refused) recently means probation was too small (p grows), a miss on a block that
 // protected evicted means protected was (p shrinks, weighted by the block's frequency; see Sighting). Small tiers
 // drift toward p ≈ 0 (only blocks with a history stay: TinyLFU-like), large ones toward the share their first reuses
-// need (LRU-like). While p < 1 block and admission is on, ShouldAdmit refuses a first sighting worth less
-// (frequency × cost) than the protected victim it would displace.
+// need (LRU-like). With admission on, ShouldAdmit refuses a first sighting worth less (frequency × cost) than the
+// protected victim it would displace, whenever it would displace one: probation has no share (p < 1), or is at its
+// share with nothing evictable (a long put in flight pins its own new blocks).
 // Every operation is O(log n) (indexed binary heaps); memory is fixed by the tier's size; nothing allocates after
 // warm-up.
 public sealed class CostAwarePolicy : IEvictionPolicy
@@ -149,7 +150,11 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         int f = Sighting(info.Key);
         _countedByAdmission = info.Key;
         _hasCountedByAdmission = true;
-        if (!_options.Admission || f >= 2 || _probationTarget >= 1 || !_protected.TryPeek(out int victim))
+        // A first sighting may displace a protected block only while probation is under its share: when probation has
+        // no share (p < 1), or is at its share with nothing evictable (its blocks are the put in flight, pinned), the
+        // block must be worth more than the protected victim.
+        bool displacesProtected = _probationTarget < 1 || (_probationCount >= _probationTarget && _probation.Count == 0);
+        if (!_options.Admission || f >= 2 || !displacesProtected || !_protected.TryPeek(out int victim))
             return true;
         if (f * Value(info.Depth, info.Bytes) > _sketch.Estimate(_key[victim]) * Value(_depth[victim], _bytes[victim]))
             return true;
