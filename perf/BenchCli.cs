@@ -12,6 +12,7 @@ public static class BenchCli
             Transfer.TransferCommand.Create(),
             Rpc.RpcCommand.Create(),
             Tiers.TiersMetaCommand.Create(),
+            Replay.ReplayCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };
         return await root.Parse(args).InvokeAsync();

@@ -1,0 +1,51 @@
+using System.Globalization;
+
+namespace KvFabric.Tiers.Policies;
+
+// Builds a tier's policy from its name, as written in configuration and on the command line:
+//   lru | cost | cost-noadmit, then for the cost policy optional :history=N (its frequency horizon, in sightings) and
+//   :probation=F (a fixed probation share in [0, 1] instead of the adaptive one), then optionally +seen-twice (the
+//   admission filter for a write-averse tier). Example: cost:history=40000:probation=0+seen-twice.
+public static class PolicyFactory
+{
+    public const string Names = "lru, cost, cost-noadmit (cost takes :history=N and :probation=F), each optionally +seen-twice";
+
+    private const string SeenTwiceSuffix = "+seen-twice";
+
+    public static IEvictionPolicy Create(string spec, int capacityBlocks, int tokensPerBlock)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(spec);
+        ArgumentOutOfRangeException.ThrowIfLessThan(capacityBlocks, 1);
+        string name = spec.Trim().ToLowerInvariant();
+        if (name.EndsWith(SeenTwiceSuffix, StringComparison.Ordinal))
+            return new SeenTwiceAdmission(Create(name[..^SeenTwiceSuffix.Length], capacityBlocks, tokensPerBlock), capacityBlocks);
+        int? history = null;
+        double? probation = null;
+        string[] parts = name.Split(':');
+        name = parts[0];
+        foreach (string parameter in parts.AsSpan(1))
+        {
+            string[] kv = parameter.Split('=', 2);
+            bool ok = kv.Length == 2;
+            if (ok && kv[0] == "history" && int.TryParse(kv[1], NumberStyles.None, CultureInfo.InvariantCulture, out int h) && h > 0)
+                history = h;
+            else if (ok && kv[0] == "probation" && double.TryParse(kv[1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double f) && f is >= 0 and <= 1)
+                probation = f;
+            else
+                throw new ArgumentException($"Eviction policy '{spec}': '{parameter}' is not history=N (N > 0) or probation=F (0 <= F <= 1).", nameof(spec));
+        }
+        return name switch
+        {
+            "lru" when history is null && probation is null => new LruPolicy(capacityBlocks),
+            "cost" or "cost-noadmit" => new CostAwarePolicy(new CostAwareOptions
+            {
+                ExpectedBlocks = capacityBlocks,
+                TokensPerBlock = tokensPerBlock,
+                HistorySightings = history,
+                ProbationShare = probation,
+                Admission = name == "cost",
+            }),
+            _ => throw new ArgumentException($"Unknown eviction policy '{spec}': use {Names}.", nameof(spec)),
+        };
+    }
+}

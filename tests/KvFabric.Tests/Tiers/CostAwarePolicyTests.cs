@@ -1,0 +1,166 @@
+using KvFabric.Tiers.Policies;
+using Xunit;
+using static KvFabric.Tests.Tiers.PolicyTestSupport;
+
+namespace KvFabric.Tests.Tiers;
+
+public sealed class CostAwarePolicyTests
+{
+    private static CostAwarePolicy Policy(int blocks, bool admission = true) =>
+        new(new CostAwareOptions { ExpectedBlocks = blocks, TokensPerBlock = 512, Admission = admission });
+
+    [Fact]
+    public void Recompute_cost_grows_with_depth_as_documented()
+    {
+        var p = Policy(4);
+        // T · (1 + (d + ½) · T / A) with T = 512, A = 32768.
+        Assert.Equal(512 * (1 + 0.5 * 512 / 32768.0), p.RecomputeCost(0), 9);
+        Assert.Equal(512 * (1 + 10.5 * 512 / 32768.0), p.RecomputeCost(10), 9);
+        Assert.True(p.RecomputeCost(100) > p.RecomputeCost(10));
+        Assert.Equal(p.RecomputeCost(3) / (BlockBytes / (double)(1 << 20)), p.Value(3, BlockBytes), 9);
+    }
+
+    [Fact]
+    public void A_block_seen_before_enters_protected_and_a_hit_moves_a_first_sighting_there()
+    {
+        var p = Policy(8);
+        p.AdmitLeaf(0, 1);
+        Assert.False(p.IsProtected(0));
+        Assert.Equal(1, p.ProbationCount);
+        p.OnAccess(0);
+        Assert.True(p.IsProtected(0));
+        Assert.Equal(0, p.ProbationCount);
+
+        // History outlives residency: the same key admitted again (after leaving) is protected at once.
+        p.AdmitLeaf(1, 2);
+        p.OnRemove(1);
+        p.AdmitLeaf(1, 2);
+        Assert.True(p.IsProtected(1));
+        Assert.Equal(2, p.EstimatedFrequency(Key(2)));
+    }
+
+    [Fact]
+    public void Probation_goes_first_while_it_is_over_its_target_then_the_least_valuable_protected_block()
+    {
+        var p = Policy(8);
+        p.AdmitLeaf(0, 10, depth: 0);   // protected, seen 3 times
+        p.OnAccess(0);
+        p.OnAccess(0);
+        p.AdmitLeaf(1, 11, depth: 0);   // protected, seen twice
+        p.OnAccess(1);
+        p.AdmitLeaf(2, 12, depth: 40);  // protected, seen twice, deeper: costs more to recompute
+        p.OnAccess(2);
+        p.AdmitLeaf(3, 13);             // probation
+        Assert.Equal(0.0, p.ProbationTarget);
+
+        Assert.Equal(3, p.Victim());
+        p.OnRemove(3);
+        Assert.Equal(1, p.Victim());
+        double clock = p.Clock;
+        Assert.True(clock > 0, "the clock rises to the victim's priority");
+        p.OnRemove(1);
+        // Seen three times at depth 0 (3 · 516 per MiB) is worth less than twice at depth 40 (2 · 835): depth outweighs
+        // one extra sighting here.
+        Assert.Equal(0, p.Victim());
+        Assert.True(p.Clock >= clock);
+    }
+
+    [Fact]
+    public void A_first_sighting_worth_less_than_the_protected_victim_is_refused_while_probation_has_no_share()
+    {
+        var p = Policy(2);
+        p.AdmitLeaf(0, 1);
+        p.OnAccess(0);
+        p.AdmitLeaf(1, 2);
+        p.OnAccess(1);
+        Assert.False(p.ShouldAdmit(Info(3)));
+        // Seen before now: it has a history, so it enters (protected).
+        Assert.True(p.ShouldAdmit(Info(3)));
+        // Without admission everything enters.
+        var open = Policy(2, admission: false);
+        open.AdmitLeaf(0, 1);
+        open.OnAccess(0);
+        Assert.True(open.ShouldAdmit(Info(4)));
+    }
+
+    [Fact]
+    public void Should_admit_and_the_admit_that_follows_count_one_sighting()
+    {
+        var p = Policy(4);
+        Assert.True(p.ShouldAdmit(Info(5)));
+        p.OnAdmit(0, Info(5));
+        Assert.Equal(1, p.EstimatedFrequency(Key(5)));
+        Assert.False(p.IsProtected(0));
+    }
+
+    [Fact]
+    public void A_miss_on_a_block_probation_evicted_grows_its_share()
+    {
+        var p = Policy(4);
+        p.AdmitLeaf(0, 1);
+        Assert.Equal(0, p.Victim());   // probation's ghost now holds key 1
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));         // it came back: probation was too small
+        Assert.True(p.ProbationTarget >= 1);
+        Assert.True(p.IsProtected(0));
+    }
+
+    [Fact]
+    public void A_miss_on_a_block_protected_evicted_shrinks_probation_by_its_frequency_and_a_fixed_share_does_not_move()
+    {
+        var p = Policy(4);
+        p.AdmitLeaf(0, 1);
+        p.Victim();
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));            // probation's ghost hit: p = 1, and key 1 (seen twice) is protected
+        p.SetEvictable(0, true);
+        double grown = p.ProbationTarget;
+        Assert.True(grown >= 1);
+        Assert.Equal(0, p.Victim());      // probation is empty: protected gives its victim, remembered in its ghost
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));            // a miss on it: protected was too small
+        Assert.True(p.ProbationTarget < grown);
+
+        var fixedShare = new CostAwarePolicy(new CostAwareOptions { ExpectedBlocks = 4, ProbationShare = 0.5 });
+        fixedShare.AdmitLeaf(0, 1);
+        fixedShare.Victim();
+        fixedShare.OnRemove(0);
+        fixedShare.OnAdmit(0, Info(1));
+        Assert.Equal(2, fixedShare.ProbationTarget);
+    }
+
+    [Fact]
+    public void A_first_sighting_cannot_displace_a_protected_block_while_probation_holds_only_pinned_blocks()
+    {
+        var p = Policy(4);
+        p.AdmitLeaf(0, 1);
+        p.Victim();
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));            // a probation ghost hit: p = 1; key 1 is protected
+        p.SetEvictable(0, true);
+        p.OnAccess(0);                    // seen three times
+        p.OnAdmit(1, Info(2));            // probation, pinned by the put in flight
+        Assert.True(p.ProbationTarget >= 1);
+        Assert.False(p.ShouldAdmit(Info(3)));
+        p.SetEvictable(1, true);          // the put ended: probation has its own victim again
+        Assert.True(p.ShouldAdmit(Info(4)));
+    }
+
+    [Fact]
+    public void Only_evictable_blocks_are_victims_and_handles_are_reused()
+    {
+        var p = Policy(4);
+        p.OnAdmit(0, Info(0));
+        p.OnAdmit(1, Info(1));
+        Assert.False(p.TryPickVictim(out _));
+        p.SetEvictable(1, true);
+        p.SetEvictable(1, false);
+        p.SetEvictable(1, true);
+        Assert.Equal(1, p.Victim());
+        p.OnRemove(1);
+        p.AdmitLeaf(1, 9);
+        Assert.Equal(1, p.EvictableCount);
+        Assert.Throws<InvalidOperationException>(() => p.OnAdmit(1, Info(10)));
+        Assert.Throws<InvalidOperationException>(() => p.OnAccess(3));
+    }
+}
