@@ -76,16 +76,7 @@ public static class KvFabricCli
         cmd.Hidden = true;
         cmd.SetAction((parse, ct) =>
         {
-            int bytes = parse.GetValue(blockBytes);
-            var options = new SsdBlockStoreOptions
-            {
-                Directory = parse.GetValue(dir)!,
-                CapacityBytes = parse.GetValue(capacityMib) << 20,
-                BlockBytes = bytes,
-                MaxBlockBytes = Math.Max(bytes, 1),
-                LogPageBytes = (int)System.Numerics.BitOperations.RoundUpToPowerOf2((uint)Math.Max(4 << 20, 2 * (bytes + 256))),
-                SegmentBytes = 16 << 20,
-            };
+            var options = SsdWriterTool.Options(parse.GetValue(dir)!, parse.GetValue(blockBytes), parse.GetValue(capacityMib) << 20);
             return SsdWriterTool.RunAsync(options, parse.GetValue(first), parse.GetValue(blocks), parse.GetValue(concurrency), Console.Out, ct);
         });
         return cmd;

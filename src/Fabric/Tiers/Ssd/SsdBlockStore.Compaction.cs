@@ -36,6 +36,13 @@ public sealed partial class SsdBlockStore
         });
     }
 
+    /// <summary>Tests and shutdown: waits until no compaction is running.</summary>
+    internal async Task WaitForCompactionAsync()
+    {
+        while (Volatile.Read(ref _compacting) != 0 && _compaction is { } running)
+            await running.ConfigureAwait(false);
+    }
+
     private bool NeedsCompaction()
     {
         long live;

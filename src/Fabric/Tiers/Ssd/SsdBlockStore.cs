@@ -84,6 +84,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         FasterLog? log = null;
         try
         {
+            SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
             string logPath = Path.Combine(dir, LogFileName);
             // O_DIRECT | O_DSYNC (FASTER's WriteThrough + no buffering): a write completes once it is on stable storage,
             // so a commit needs no separate fsync, and reads do not fill the page cache the inference engine wants.
@@ -104,7 +105,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
             return new SsdBlockStore(options, lockFile, device, log);
         }
-        catch (Exception e) when (e is not TierException and not OperationCanceledException)
+        catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
         {
             log?.Dispose();
             device?.Dispose();

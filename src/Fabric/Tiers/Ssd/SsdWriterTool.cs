@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Numerics;
 using KvFabric.Blocks;
 using KvFabric.Transfer.Diagnostics;
 
@@ -11,6 +12,17 @@ namespace KvFabric.Tiers.Ssd;
 public static class SsdWriterTool
 {
     public const uint Tenant = 7;
+
+    /// <summary>The options the writer opens its store with; a test reopening the directory must use the same geometry.</summary>
+    public static SsdBlockStoreOptions Options(string dir, int blockBytes, long capacityBytes) => new()
+    {
+        Directory = dir,
+        CapacityBytes = capacityBytes,
+        BlockBytes = blockBytes,
+        MaxBlockBytes = blockBytes,
+        LogPageBytes = (int)BitOperations.RoundUpToPowerOf2((uint)Math.Max(1 << 20, 2 * (blockBytes + 256))),
+        SegmentBytes = 16 << 20,
+    };
 
     public static BlockKey KeyOf(int i) => new(Tenant, new BlockHash(0x5eed, (ulong)i));
 
