@@ -10,6 +10,7 @@ public static class BenchCli
         var root = new RootCommand("kvfabric-bench: KvFabric's throughput perf suite; every figure next to a reference measured in the same run.")
         {
             Transfer.TransferCommand.Create(),
+            Tiers.TiersCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };
         return await root.Parse(args).InvokeAsync();

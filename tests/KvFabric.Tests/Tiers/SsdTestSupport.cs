@@ -29,8 +29,7 @@ internal static class Ssd
     };
 
     public static IDevice RealDevice(string logPath) =>
-        new ManagedLocalStorageDevice(logPath, preallocateFile: false, deleteOnClose: false, disableFileBuffering: true,
-            capacity: Devices.CAPACITY_UNSPECIFIED, recoverDevice: true, osReadBuffering: false);
+        new DirectFileDevice(logPath, 4096);
 
     public static BlockKey Key(int i) => SsdWriterTool.KeyOf(i);
 

@@ -16,10 +16,14 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 {
     private const string LogFileName = "blocks.log";
     private const string LockFileName = "kvfabric-ssd.lock";
+    private const string CommitFileName = "commits.slots";
+    // O_DIRECT alignment: 4 KiB covers disks with 512-byte and 4 KiB logical sectors alike.
+    private const uint SectorBytes = 4096;
 
     private readonly SsdBlockStoreOptions _options;
     private readonly FileStream _lockFile;
     private readonly IDevice _device;
+    private readonly SsdCommitFile _commits;
     private readonly FasterLog _log;
     private readonly object _lock = new();
     private readonly Dictionary<BlockKey, Entry> _index = [];
@@ -35,8 +39,9 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         public int RecordLength => SsdRecordHeader.Size + StoredLength;
     }
 
-    private SsdBlockStore(SsdBlockStoreOptions options, FileStream lockFile, IDevice device, FasterLog log)
+    private SsdBlockStore(SsdBlockStoreOptions options, FileStream lockFile, IDevice device, SsdCommitFile commits, FasterLog log)
     {
+        _commits = commits;
         _options = options;
         _lockFile = lockFile;
         _device = device;
@@ -81,20 +86,17 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         string dir = Path.GetFullPath(options.Directory);
         var lockFile = TakeDirectory(dir);
         IDevice? device = null;
+        SsdCommitFile? commits = null;
         FasterLog? log = null;
         try
         {
             SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
             string logPath = Path.Combine(dir, LogFileName);
-            // O_DIRECT | O_DSYNC (FASTER's WriteThrough + no buffering): a write completes once it is on stable storage,
-            // so a commit needs no separate fsync, and reads do not fill the page cache the inference engine wants.
-            device = options.DeviceFactory?.Invoke(logPath)
-                ?? new ManagedLocalStorageDevice(logPath, preallocateFile: false, deleteOnClose: false, disableFileBuffering: true,
-                    capacity: Devices.CAPACITY_UNSPECIFIED, recoverDevice: true, osReadBuffering: false);
+            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes);
             var settings = new FasterLogSettings
             {
                 LogDevice = device,
-                LogCommitDir = Path.Combine(dir, "commits"),
+                LogCommitManager = commits = new SsdCommitFile(Path.Combine(dir, CommitFileName)),
                 PageSizeBits = BitOperations.Log2((uint)options.LogPageBytes),
                 MemorySizeBits = BitOperations.Log2((ulong)options.LogPageBytes * (ulong)options.LogMemoryPages),
                 SegmentSizeBits = BitOperations.Log2((ulong)options.SegmentBytes),
@@ -103,12 +105,13 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 AutoRefreshSafeTailAddress = false,
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
-            return new SsdBlockStore(options, lockFile, device, log);
+            return new SsdBlockStore(options, lockFile, device, commits, log);
         }
         catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
         {
             log?.Dispose();
             device?.Dispose();
+            commits?.Dispose();
             lockFile.Dispose();
             throw new TierException($"Could not open the SSD tier's log in {dir}: {e.Message}. Check that the directory is on a local file system "
                 + "that supports O_DIRECT (not tmpfs on old kernels) and that its files are not damaged; move the directory aside to start empty.", e);
@@ -117,6 +120,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         {
             log?.Dispose();
             device?.Dispose();
+            commits?.Dispose();
             lockFile.Dispose();
             throw;
         }
@@ -186,9 +190,12 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
 
+    // FASTER reports a device error as a bare code; the device keeps the message with the file and the errno text.
+    private string DeviceError(Exception e) => _device is DirectFileDevice { LastError: { } detail } ? $"{e.Message}: {detail}" : e.Message;
+
     [DoesNotReturn]
     private void ThrowFaulted(Exception fault) =>
-        throw new TierException($"The SSD tier in {Directory} stopped accepting writes after a device error ({fault.Message}). Blocks written "
+        throw new TierException($"The SSD tier in {Directory} stopped accepting writes after a device error ({DeviceError(fault)}). Blocks written "
             + "before it stay readable. Free space on that file system or replace the device, then reopen the store.", fault);
 
     public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
@@ -205,6 +212,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             await compaction.ConfigureAwait(false);
         _log.Dispose();
         _device.Dispose();
+        _commits.Dispose();
         _lockFile.Dispose();
         _commitSignal.Dispose();
     }
