@@ -119,6 +119,9 @@ public sealed class SsdBlockStoreTests
         var small = await Assert.ThrowsAsync<ArgumentException>(async () => await store.ReadAsync(Ssd.Key(1), new byte[10]));
         Assert.Contains("too small", small.Message);
 
+        var huge = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(Path.Combine(dir.Path, "huge"), capacity: 1L << 60)));
+        Assert.Contains("lower CapacityBytes or free space", huge.Message);
+
         var second = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)));
         Assert.Contains("in use by another process", second.Message);
         Assert.Contains(dir.Path, second.Message);

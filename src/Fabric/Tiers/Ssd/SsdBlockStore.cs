@@ -91,6 +91,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         try
         {
             SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
+            CheckFreeSpace(dir, options);
             string logPath = Path.Combine(dir, LogFileName);
             device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes);
             var settings = new FasterLogSettings
@@ -151,6 +152,19 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             throw new TierException($"The SSD tier directory {dir} is in use by another process (lock {path} is held: {e.Message}); "
                 + "stop that process, or give each sidecar its own directory.", e);
         }
+    }
+
+    // The log may grow to capacity x (1 + slack) plus a segment before compaction frees one: refuse a capacity the file
+    // system cannot hold, rather than fail with ENOSPC hours later.
+    private static void CheckFreeSpace(string dir, SsdBlockStoreOptions options)
+    {
+        long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Sum(f => new FileInfo(f).Length);
+        long available = new DriveInfo(dir).AvailableFreeSpace + existing;
+        long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack)) + options.SegmentBytes;
+        if (available < needed)
+            throw new TierException($"The SSD tier in {dir} needs up to {needed >> 20} MiB of disk (CapacityBytes {options.CapacityBytes >> 20} MiB "
+                + $"x (1 + CompactionSlack {options.CompactionSlack}) + one segment), but only {available >> 20} MiB is free there; "
+                + "lower CapacityBytes or free space on that file system.");
     }
 
     private (int Corrupt, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
