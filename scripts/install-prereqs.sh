@@ -5,6 +5,8 @@ need=()
 command -v python3 >/dev/null 2>&1 || need+=(python3)              # the independent hash-spec implementation in the tests
 [ -n "$(ldconfig -p 2>/dev/null | grep libxxhash.so.0 || true)" ] || need+=(libxxhash0) # XXH3 checksums
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)                # the TCP reference of the perf suite
+command -v fio >/dev/null 2>&1 || need+=(fio)                      # the disk reference of `kvfabric-bench tiers`
+[ -n "$(ldconfig -p 2>/dev/null | grep libzstd.so.1 || true)" ] || need+=(libzstd1) # the SSD tier's zstd codec
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

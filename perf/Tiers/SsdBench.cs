@@ -15,7 +15,7 @@ public sealed record SsdBenchOptions
     public int Runs { get; init; } = 3;
 }
 
-public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds);
+public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds, Spread BlocksPerCommit);
 
 /// <summary>
 /// The SSD tier end to end: N writers put distinct 2 MiB blocks of noise (what fp16 KV looks like to zstd) until the set is
@@ -37,6 +37,7 @@ public static class SsdBench
         var read = new List<double>();
         var randomRead = new List<double>();
         var open = new List<double>();
+        var blocksPerCommit = new List<double>();
         status("warm-up (untimed): FASTER's page buffers, the JIT, the device threads");
         await WarmUpAsync(o, sources, ct);
         for (int run = 0; run < o.Runs; run++)
@@ -61,6 +62,8 @@ public static class SsdBench
                     {
                         double s = await ParallelAsync(o, i => store.WriteAsync(Key(i), new BlockMeta(default, 0, o.BlockBytes), sources[i % sources.Length], ct), ct);
                         (compression ? writeCompressed : write).Add(total / s / 1e9);
+                        if (!compression)
+                            blocksPerCommit.Add((double)o.Blocks / Math.Max(1, store.Commits));
                     }
                     if (compression)
                         continue;
@@ -84,7 +87,7 @@ public static class SsdBench
                 }
             }
         }
-        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open));
+        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(blocksPerCommit));
     }
 
     private static async Task WarmUpAsync(SsdBenchOptions o, byte[][] sources, CancellationToken ct)

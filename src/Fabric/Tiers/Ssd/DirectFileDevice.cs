@@ -21,7 +21,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
 
     // Blocking pread/pwrite run on the device's own threads: on the thread pool they starved the commit and writer
     // continuations (2 cores here), adding 10-20 ms to each group commit.
-    private const int IoThreads = 4;
+    private const int IoThreads = 8;
     private readonly Thread[] _threads;
     private readonly BlockingCollection<Queued> _work = new(boundedCapacity: 1024);
 

@@ -12,9 +12,15 @@ public sealed partial class SsdBlockStore
     private readonly Task _committer;
     private TaskCompletionSource _batch = NewBatch();
     private int _signalled;
+    private long _commitCount;
+    private int _appending;     // writers between reserving room and joining a batch (under _lock)
+    private long _batchBytes;   // record bytes in the open batch (under _lock)
     private bool _dirty;
     private volatile bool _stopping;
     private volatile Exception? _fault;
+
+    /// <summary>Group commits completed since opening (blocks written / commits = the batching achieved).</summary>
+    public long Commits => Interlocked.Read(ref _commitCount);
 
     private static TaskCompletionSource NewBatch() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 
@@ -57,6 +63,7 @@ public sealed partial class SsdBlockStore
                 _reserved += payload.Length;
                 done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
                 _pending.Add(key, done);
+                _appending++;
             }
             return await AppendAndCommitAsync(key, meta, payload, codec, done, cancellationToken).ConfigureAwait(false);
 
@@ -73,7 +80,7 @@ public sealed partial class SsdBlockStore
     private async ValueTask<bool> AppendAndCommitAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> payload, SsdCodec codec,
         TaskCompletionSource<bool> done, CancellationToken cancellationToken)
     {
-        bool appended = false;
+        bool appended = false, joined = false;
         try
         {
             var header = new SsdRecordHeader(SsdRecordKind.Block, codec, key, meta, payload.Length);
@@ -83,7 +90,9 @@ public sealed partial class SsdBlockStore
             if (!_log.TryEnqueue(entry, out long address))
                 address = await _log.EnqueueAsync(entry, cancellationToken).ConfigureAwait(false);
             appended = true;
-            await JoinCommit().ConfigureAwait(false);
+            var commit = JoinCommit(SsdRecordHeader.Size + payload.Length);
+            joined = true;
+            await commit.ConfigureAwait(false);
             lock (_lock)
             {
                 _pending.Remove(key);
@@ -98,11 +107,15 @@ public sealed partial class SsdBlockStore
         }
         catch (Exception e)
         {
+            bool last;
             lock (_lock)
             {
                 _pending.Remove(key);
                 _reserved -= payload.Length;
+                last = !joined && --_appending == 0;
             }
+            if (last)
+                Signal();
             if (e is OperationCanceledException && !appended)
             {
                 done.TrySetCanceled(cancellationToken);
@@ -170,6 +183,24 @@ public sealed partial class SsdBlockStore
         return batch;
     }
 
+    // A writer that appended joins the open batch. The commit starts when no other append is under way (they would join
+    // in microseconds and otherwise wait a whole commit), or when the batch already holds a log page of data. Starting
+    // on the first joiner made commits alternate between one block and the rest (traced: 2 MiB, 12 MiB, 2 MiB, ...).
+    private Task JoinCommit(int recordBytes)
+    {
+        Task batch;
+        bool start;
+        lock (_lock)
+        {
+            batch = _batch.Task;
+            _batchBytes += recordBytes;
+            start = --_appending == 0 || _batchBytes >= _options.LogPageBytes;
+        }
+        if (start)
+            Signal();
+        return batch;
+    }
+
     private void Signal()
     {
         if (Interlocked.Exchange(ref _signalled, 1) == 0)
@@ -190,6 +221,7 @@ public sealed partial class SsdBlockStore
             {
                 batch = _batch;
                 _batch = NewBatch();
+                _batchBytes = 0;
                 _dirty = false;
                 // Every record of this batch was appended before its writer joined the batch, so it lies below this tail.
                 tail = _log.TailAddress;
@@ -219,6 +251,7 @@ public sealed partial class SsdBlockStore
             // The batch's coverage is checked, not assumed: FASTER may complete a commit call on an earlier commit.
             if (_log.CommittedUntilAddress < tail)
                 await _log.WaitForCommitAsync(tail).ConfigureAwait(false);
+            Interlocked.Increment(ref _commitCount);
             batch.TrySetResult();
         }
         catch (Exception e)
