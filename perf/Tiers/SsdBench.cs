@@ -15,7 +15,8 @@ public sealed record SsdBenchOptions
     public int Runs { get; init; } = 3;
 }
 
-public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds, Spread BlocksPerCommit);
+public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds, Spread BlocksPerCommit,
+    Spread WriteCpuSecondsPerGb, Spread ReadCpuSecondsPerGb);
 
 /// <summary>
 /// The SSD tier end to end: N writers put distinct 2 MiB blocks of noise (what fp16 KV looks like to zstd) until the set is
@@ -38,6 +39,8 @@ public static class SsdBench
         var randomRead = new List<double>();
         var open = new List<double>();
         var blocksPerCommit = new List<double>();
+        var writeCpu = new List<double>();
+        var readCpu = new List<double>();
         status("warm-up (untimed): FASTER's page buffers, the JIT, the device threads");
         await WarmUpAsync(o, sources, ct);
         for (int run = 0; run < o.Runs; run++)
@@ -58,12 +61,16 @@ public static class SsdBench
                 try
                 {
                     status($"run {run + 1}/{o.Runs}: write {Sizes.Format(total)}{(compression ? " (zstd on)" : "")}");
+                    var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
                     await using (var store = await SsdBlockStore.OpenAsync(options, ct))
                     {
                         double s = await ParallelAsync(o, i => store.WriteAsync(Key(i), new BlockMeta(default, 0, o.BlockBytes), sources[i % sources.Length], ct), ct);
                         (compression ? writeCompressed : write).Add(total / s / 1e9);
                         if (!compression)
+                        {
                             blocksPerCommit.Add((double)o.Blocks / Math.Max(1, store.Commits));
+                            writeCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds / (total / 1e9));
+                        }
                     }
                     if (compression)
                         continue;
@@ -75,7 +82,9 @@ public static class SsdBench
                         if (store.Count != o.Blocks)
                             throw new InvalidOperationException($"reopened store holds {store.Count} blocks, {o.Blocks} were written");
                         var buffers = new ThreadLocal<byte[]>(() => new byte[o.BlockBytes]);
+                        var cpu1 = Process.GetCurrentProcess().TotalProcessorTime;
                         read.Add(total / await ParallelAsync(o, i => ReadAsync(store, i, buffers.Value!, ct), ct) / 1e9);
+                        readCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu1).TotalSeconds / (total / 1e9));
                         int[] order = Enumerable.Range(0, o.Blocks).ToArray();
                         new Random(run).Shuffle(order);
                         randomRead.Add(total / await ParallelAsync(o, i => ReadAsync(store, order[i], buffers.Value!, ct), ct) / 1e9);
@@ -87,7 +96,7 @@ public static class SsdBench
                 }
             }
         }
-        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(blocksPerCommit));
+        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(blocksPerCommit), Spread.Of(writeCpu), Spread.Of(readCpu));
     }
 
     private static async Task WarmUpAsync(SsdBenchOptions o, byte[][] sources, CancellationToken ct)

@@ -105,12 +105,15 @@ public static class TiersCommand
         report["ssd_randread_gbps_spread"] = JsonReport.Of(r.RandomReadGbps);
         report["ssd_reopen_seconds"] = JsonReport.Round(r.OpenSeconds.Median);
         report["ssd_blocks_per_commit"] = JsonReport.Round(r.BlocksPerCommit.Median);
+        report["ssd_write_cpu_seconds_per_gb"] = JsonReport.Round(r.WriteCpuSecondsPerGb.Median);
+        report["ssd_read_cpu_seconds_per_gb"] = JsonReport.Round(r.ReadCpuSecondsPerGb.Median);
         var table = new Table().AddColumns("figure", "value");
         table.AddRow("SSD tier write (durable)", Row(r.WriteGbps));
         table.AddRow("SSD tier write, zstd on (noise)", Row(r.WriteCompressedGbps));
         table.AddRow("SSD tier sequential read", Row(r.ReadGbps));
         table.AddRow("SSD tier random read", Row(r.RandomReadGbps));
         table.AddRow("blocks per group commit", $"{r.BlocksPerCommit.Median:F1}");
+        table.AddRow("CPU s per GB (write / read)", $"{r.WriteCpuSecondsPerGb.Median:F3} / {r.ReadCpuSecondsPerGb.Median:F3}");
         table.AddRow("reopen (recovery scan)", $"{r.OpenSeconds.Median:F2} s for {Sizes.Format(total)}");
         if (fio.Count > 0)
         {
