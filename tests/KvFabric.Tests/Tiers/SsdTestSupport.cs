@@ -29,7 +29,7 @@ internal static class Ssd
     };
 
     public static IDevice RealDevice(string logPath) =>
-        new DirectFileDevice(logPath, 4096);
+        new DirectFileDevice(logPath, 4096, BlockBytes + 256);
 
     public static BlockKey Key(int i) => SsdWriterTool.KeyOf(i);
 

@@ -33,11 +33,15 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     private readonly record struct Queued(IoWork Work, int Part);
 
     private readonly ConcurrentDictionary<int, SafeFileHandle> _handles = new();
+    private readonly ConcurrentBag<AlignedBuffer> _buffers = [];
+    private readonly int _readBufferBytes;
+    private const int PooledBuffers = 32;
     private readonly object _openLock = new();
     private volatile string? _lastError;
 
-    public DirectFileDevice(string fileName, uint sectorSize) : base(fileName, sectorSize, Devices.CAPACITY_UNSPECIFIED)
+    public DirectFileDevice(string fileName, uint sectorSize, int readBufferBytes) : base(fileName, sectorSize, Devices.CAPACITY_UNSPECIFIED)
     {
+        _readBufferBytes = (int)((readBufferBytes + 2L * sectorSize + sectorSize - 1) / sectorSize * sectorSize);
         string dir = Path.GetDirectoryName(fileName)!;
         string prefix = Path.GetFileName(fileName) + ".";
         var segments = System.IO.Directory.EnumerateFiles(dir, prefix + "*")
@@ -165,6 +169,67 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         }
     }
 
+    /// <summary>
+    /// Reads [offset, offset + length) of a segment (sector-aligned) into a pooled aligned buffer, on the device threads.
+    /// The store's read path: one pread into memory it verifies in place, instead of FASTER's read (which clears a
+    /// staging buffer and copies twice; 10% of the CPU of a read-heavy profile).
+    /// </summary>
+    public Task ReadAlignedAsync(int segment, long offset, AlignedBuffer buffer, int length)
+    {
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        unsafe
+        {
+            _work.Add(new Queued(new ReadOp(this, segment, (ulong)offset, (nint)buffer.Pointer, (uint)length, static (error, _, context) =>
+            {
+                var (device, tcs) = ((DirectFileDevice, TaskCompletionSource))context;
+                if (error == 0)
+                    tcs.TrySetResult();
+                else
+                    tcs.TrySetException(new IOException(device.LastError ?? $"read failed with error {error}"));
+            }, (this, done)), 0));
+        }
+        return done.Task;
+    }
+
+    public AlignedBuffer RentBuffer(int length)
+    {
+        if (length <= _readBufferBytes && _buffers.TryTake(out var b))
+            return b;
+        return new AlignedBuffer(this, Math.Max(length, _readBufferBytes), SectorSize);
+    }
+
+    private void Return(AlignedBuffer b)
+    {
+        if (b.Capacity == _readBufferBytes && _buffers.Count < PooledBuffers && !_work.IsAddingCompleted)
+            _buffers.Add(b);
+        else
+            b.Free();
+    }
+
+    /// <summary>Native memory aligned for O_DIRECT; Dispose gives it back to the device's small pool.</summary>
+    internal sealed unsafe class AlignedBuffer : IDisposable
+    {
+        private readonly DirectFileDevice _device;
+
+        public AlignedBuffer(DirectFileDevice device, int capacity, uint alignment)
+        {
+            _device = device;
+            Capacity = capacity;
+            Pointer = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)capacity, alignment);
+        }
+
+        public byte* Pointer { get; private set; }
+        public int Capacity { get; }
+        public ReadOnlySpan<byte> Span(int start, int length) => new(Pointer + start, length);
+        public void Dispose() => _device.Return(this);
+
+        internal void Free()
+        {
+            System.Runtime.InteropServices.NativeMemory.AlignedFree(Pointer);
+            Pointer = null;
+        }
+    }
+
     public override void RemoveSegmentAsync(int segment, AsyncCallback callback, IAsyncResult result)
     {
         RemoveSegment(segment);
@@ -190,6 +255,8 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         foreach (var t in _threads)
             t.Join();
         _work.Dispose();
+        while (_buffers.TryTake(out var b))
+            b.Free();
         foreach (var h in _handles.Values)
             h.Dispose();
         _handles.Clear();

@@ -9,6 +9,9 @@ public sealed partial class SsdBlockStore
     private Task? _compaction;
     private int _compacting;
 
+    /// <summary>Why the last compaction stopped early, if it did; null when every run finished.</summary>
+    public string? LastCompactionError { get; private set; }
+
     /// <summary>Segments freed by compaction since opening.</summary>
     public int CompactedSegments => Volatile.Read(ref _compactedSegments);
     private int _compactedSegments;
@@ -16,7 +19,7 @@ public sealed partial class SsdBlockStore
     // Starts a background compaction when dead records exceed the slack and the oldest segment can be freed.
     private void MaybeStartCompaction()
     {
-        if (!NeedsCompaction() || Interlocked.Exchange(ref _compacting, 1) != 0)
+        if (_stopping || !NeedsCompaction() || Interlocked.Exchange(ref _compacting, 1) != 0)
             return;
         _compaction = Task.Run(async () =>
         {
@@ -25,9 +28,11 @@ public sealed partial class SsdBlockStore
                 while (NeedsCompaction() && !_stopping && _fault is null)
                     await CompactOldestSegmentAsync().ConfigureAwait(false);
             }
-            catch (Exception e) when (e is TierException or InvalidOperationException or IOException)
+            catch (Exception e) when (e is not OutOfMemoryException)
             {
-                // Compaction is an optimization: a failure leaves every block where it was. Device errors fault writes.
+                // A failure leaves every block where it was (the index moves only after a commit); the log stays longer
+                // than it should, which LastCompactionError tells an operator. Device errors also fault writes.
+                LastCompactionError = $"{e.GetType().Name}: {e.Message}";
             }
             finally
             {

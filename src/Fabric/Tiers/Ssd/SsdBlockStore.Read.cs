@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Buffers.Binary;
 using KvFabric.Compression;
 
 namespace KvFabric.Tiers.Ssd;
@@ -25,48 +26,63 @@ public sealed partial class SsdBlockStore
         while (true)
         {
             string problem;
-            IMemoryOwner<byte>? owner = null;
             try
             {
-                int length;
-                try
-                {
-                    (owner, length) = await _log.ReadAsync(entry.Address, MemoryPool<byte>.Shared, entry.RecordLength, cancellationToken).ConfigureAwait(false);
-                }
-                catch (Exception e) when (e is not OperationCanceledException)
-                {
-                    if (Moved(key, entry, out var now))
-                    {
-                        if (now is not { } next)
-                            return false;
-                        entry = next;
-                        continue;
-                    }
-                    throw new TierException($"Reading block {key} from the SSD tier in {Directory} failed ({e.Message}); check the device. "
-                        + "The block stays indexed; a later read may succeed.", e);
-                }
-                problem = owner is null ? "the log returned no record" : Decode(key, entry, owner.Memory.Span[..length], destination.Span);
+                problem = await ReadRecordAsync(entry, key, destination, cancellationToken).ConfigureAwait(false);
                 if (problem.Length == 0)
                     return true;
             }
-            finally
+            catch (Exception e) when (e is not OperationCanceledException)
             {
-                owner?.Dispose();
+                if (Moved(key, entry, out var now))
+                {
+                    if (now is not { } next)
+                        return false;
+                    entry = next;
+                    continue;
+                }
+                throw new TierException($"Reading block {key} from the SSD tier in {Directory} failed ({DeviceError(e)}); check the device. "
+                    + "The block stays indexed; a later read may succeed.", e);
             }
             // A bad record: unless compaction moved the block meanwhile (then read the new copy), drop it.
             lock (_lock)
             {
-                if (_index.TryGetValue(key, out var now) && now != entry)
+                if (!_index.TryGetValue(key, out var now))
+                    return false; // removed meanwhile
+                if (now != entry)
                 {
                     entry = now;
                     continue;
                 }
-                if (now == entry)
-                    DropLocked(key, entry);
+                DropLocked(key, entry);
             }
             Signal();
             throw new BlockCorruptException(key, TierKind.Ssd, $"record at log address {entry.Address} in {Directory}: {problem}");
         }
+    }
+
+    // Flushed records are read straight from their segment file (one aligned pread, verified in place); records still
+    // only in FASTER's memory tail go through FasterLog.ReadAsync. Returns "" or what was wrong with the record.
+    private async ValueTask<string> ReadRecordAsync(Entry entry, BlockKey key, Memory<byte> destination, CancellationToken cancellationToken)
+    {
+        int header = _log.HeaderSize;
+        if (_device is DirectFileDevice direct && entry.Address + header + entry.RecordLength <= _log.FlushedUntilAddress)
+        {
+            int segment = (int)(entry.Address / _options.SegmentBytes);
+            long offset = entry.Address % _options.SegmentBytes;
+            long start = offset & ~(long)(SectorBytes - 1);
+            int length = (int)((offset - start + header + entry.RecordLength + SectorBytes - 1) & ~(long)(SectorBytes - 1));
+            using var buffer = direct.RentBuffer(length);
+            await direct.ReadAlignedAsync(segment, start, buffer, length).ConfigureAwait(false);
+            var raw = buffer.Span((int)(offset - start), header + entry.RecordLength);
+            // FASTER's entry header is the payload length (LogChecksumType.None); the record's own checksum covers the rest.
+            int logged = BinaryPrimitives.ReadInt32LittleEndian(raw);
+            return logged == entry.RecordLength ? Decode(key, entry, raw[header..], destination.Span)
+                : $"log entry length {logged} at address {entry.Address}, the index expects {entry.RecordLength}";
+        }
+        var (owner, read) = await _log.ReadAsync(entry.Address, MemoryPool<byte>.Shared, entry.RecordLength, cancellationToken).ConfigureAwait(false);
+        using (owner)
+            return owner is null ? "the log returned no record" : Decode(key, entry, owner.Memory.Span[..read], destination.Span);
     }
 
     private bool Moved(BlockKey key, Entry entry, out Entry? now)

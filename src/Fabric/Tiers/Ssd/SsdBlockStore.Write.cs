@@ -16,7 +16,8 @@ public sealed partial class SsdBlockStore
     private int _appending;     // writers between reserving room and joining a batch (under _lock)
     private long _batchBytes;   // record bytes in the open batch (under _lock)
     private bool _dirty;
-    private volatile bool _stopping;
+    private volatile bool _stopping;          // no new compaction
+    private volatile bool _stopCommitter;     // set once compaction is idle: the last commit, then the committer ends
     private volatile Exception? _fault;
 
     /// <summary>Group commits completed since opening (blocks written / commits = the batching achieved).</summary>
@@ -48,27 +49,24 @@ public sealed partial class SsdBlockStore
                 payload = compressed.AsMemory(0, compressedLength);
             }
 
-            TaskCompletionSource<bool> done;
+            TaskCompletionSource<bool>? sameKey, done = null;
             lock (_lock)
             {
                 if (_index.ContainsKey(key))
                     return true;
-                if (_pending.TryGetValue(key, out var other))
+                if (!_pending.TryGetValue(key, out sameKey))
                 {
-                    done = other;
-                    goto SameKeyInFlight;
+                    if (_used + _reserved + payload.Length > _options.CapacityBytes)
+                        return false;
+                    _reserved += payload.Length;
+                    done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+                    _pending.Add(key, done);
+                    _appending++;
                 }
-                if (_used + _reserved + payload.Length > _options.CapacityBytes)
-                    return false;
-                _reserved += payload.Length;
-                done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-                _pending.Add(key, done);
-                _appending++;
             }
-            return await AppendAndCommitAsync(key, meta, payload, codec, done, cancellationToken).ConfigureAwait(false);
-
-        SameKeyInFlight:
-            return await done.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+            if (sameKey is not null)
+                return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+            return await AppendAndCommitAsync(key, meta, payload, codec, done!, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -227,7 +225,7 @@ public sealed partial class SsdBlockStore
                 tail = _log.TailAddress;
             }
             await CommitAsync(batch, tail).ConfigureAwait(false);
-            if (_stopping)
+            if (_stopCommitter)
             {
                 bool more;
                 lock (_lock)

@@ -93,7 +93,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
             CheckFreeSpace(dir, options);
             string logPath = Path.Combine(dir, LogFileName);
-            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes);
+            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, options.MaxRecordBytes);
             var settings = new FasterLogSettings
             {
                 LogDevice = device,
@@ -218,12 +218,13 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
-        // Stop the committer after one last commit, so tombstones of the last removals are durable.
+        // Compaction first (it needs the committer for the segment it is on), then one last commit, so that the
+        // tombstones of the last removals are durable, then the committer ends.
         _stopping = true;
+        await WaitForCompactionAsync().ConfigureAwait(false);
+        _stopCommitter = true;
         _commitSignal.Release();
         await _committer.ConfigureAwait(false);
-        if (_compaction is { } compaction)
-            await compaction.ConfigureAwait(false);
         _log.Dispose();
         _device.Dispose();
         _commits.Dispose();
