@@ -8,6 +8,8 @@ command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)                # the TCP ref
 # The gRPC interop peers (a grpcio client and server) run on Debian's python3, where these packages install.
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import grpc" >/dev/null 2>&1 || need+=(python3 python3-grpcio)
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import grpc_tools" >/dev/null 2>&1 || need+=(python3-grpc-tools)
+command -v fio >/dev/null 2>&1 || need+=(fio)                      # the disk reference of `kvfabric-bench tiers`
+[ -n "$(ldconfig -p 2>/dev/null | grep libzstd.so.1 || true)" ] || need+=(libzstd1) # the SSD tier's zstd codec
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -30,6 +30,9 @@ if [ -f "$trace" ]; then
   $bench replay --quick --trace "$trace" --capacity-blocks 200 --policy cost --no-microbench --json "$smoke/replay.json" >/dev/null
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert 0 < r['lru_token_hit_rate'] <= r['belady_token_hit_rate'] <= r['infinite_token_hit_rate'] and r['token_hit_rate'] > 0, r; print('smoke ok: replay', r['token_hit_rate'], 'token hit rate')" "$smoke/replay.json"
 fi
+# On the repository's disk, not /tmp: the tier and fio use O_DIRECT, which tmpfs lacks on older kernels.
+$bench tiers --quick --blocks 8 --runs 1 --dir perf/bin/tiers-smoke --json "$smoke/tiers-ssd.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['ssd_write_gbps']>0 and r['ssd_read_gbps']>0 and r['ratios']['ssd_write_vs_fio']>0, r; print('smoke ok: tiers-ssd.json write', round(r['ssd_write_gbps'],2), 'read', round(r['ssd_read_gbps'],2), 'GB/s')" "$smoke/tiers-ssd.json"
 
 # The plain closing line CI reads: counts from the xunit summary.
 summary=$(grep -E '(Passed|Failed)! +- +Failed: +[0-9]+, +Passed: +[0-9]+' "$log" | tail -n 1)

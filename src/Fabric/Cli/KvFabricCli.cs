@@ -4,6 +4,7 @@ using KvFabric.Sidecar;
 using Microsoft.Extensions.Configuration;
 using System.Net;
 using KvFabric.Memory;
+using KvFabric.Tiers.Ssd;
 using KvFabric.Transfer.Diagnostics;
 
 namespace KvFabric.Cli;
@@ -17,6 +18,7 @@ public static class KvFabricCli
         root.Subcommands.Add(ServeCommand());
         root.Subcommands.Add(PeerCommand());
         root.Subcommands.Add(ShmCleanCommand());
+        root.Subcommands.Add(SsdWriterCommand());
         return await root.Parse(args).InvokeAsync();
     }
 
@@ -133,6 +135,28 @@ public static class KvFabricCli
         {
             Console.WriteLine($"removed {SharedMemorySegment.RemoveStale()} stale segment(s) from {SharedMemorySegment.Directory}");
             return 0;
+        });
+        return cmd;
+    }
+
+    // Hidden: the child process of the SSD crash tests (tests/KvFabric.Tests/Tiers/SsdCrashTests.cs).
+    private static Command SsdWriterCommand()
+    {
+        var dir = new Option<string>("--dir") { Description = "the SSD tier's directory", Required = true };
+        var first = new Option<int>("--first") { Description = "number of the first block written" };
+        var blocks = new Option<int>("--blocks") { Description = "blocks to write", DefaultValueFactory = _ => 1000 };
+        var blockBytes = new Option<int>("--block-bytes") { Description = "bytes per block", DefaultValueFactory = _ => 64 << 10 };
+        var capacityMib = new Option<long>("--capacity-mib") { Description = "tier capacity in MiB", DefaultValueFactory = _ => 1024 };
+        var concurrency = new Option<int>("--concurrency") { Description = "concurrent writers (group commit)", DefaultValueFactory = _ => 4 };
+        var cmd = new Command("ssd-writer", "Write numbered pattern blocks to an SSD tier, printing DURABLE i per acknowledged block (crash tests).")
+        {
+            dir, first, blocks, blockBytes, capacityMib, concurrency,
+        };
+        cmd.Hidden = true;
+        cmd.SetAction((parse, ct) =>
+        {
+            var options = SsdWriterTool.Options(parse.GetValue(dir)!, parse.GetValue(blockBytes), parse.GetValue(capacityMib) << 20);
+            return SsdWriterTool.RunAsync(options, parse.GetValue(first), parse.GetValue(blocks), parse.GetValue(concurrency), Console.Out, ct);
         });
         return cmd;
     }

@@ -37,6 +37,13 @@ public static partial class Checksums
             return XXH3_64bits(p, (nuint)data.Length);
     }
 
+    /// <summary>XXH3-64 with a seed: lets a record checksum chain a header hash into its payload hash without a copy.</summary>
+    public static unsafe ulong XxHash3(ReadOnlySpan<byte> data, ulong seed)
+    {
+        fixed (byte* p = data)
+            return XXH3_64bits_withSeed(p, (nuint)data.Length, seed);
+    }
+
     public static uint Crc32C(ReadOnlySpan<byte> data)
     {
         uint crc = ~0u;
@@ -90,4 +97,7 @@ public static partial class Checksums
 
     [LibraryImport("libxxhash.so.0")]
     private static unsafe partial ulong XXH3_64bits(byte* input, nuint length);
+
+    [LibraryImport("libxxhash.so.0")]
+    private static unsafe partial ulong XXH3_64bits_withSeed(byte* input, nuint length, ulong seed);
 }

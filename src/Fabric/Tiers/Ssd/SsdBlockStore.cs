@@ -1,0 +1,234 @@
+using System.Buffers;
+using System.Diagnostics.CodeAnalysis;
+using System.Numerics;
+using FASTER.core;
+using KvFabric.Compression;
+using KvFabric.Transfer;
+
+namespace KvFabric.Tiers.Ssd;
+
+/// <summary>
+/// The crash-safe SSD tier: every block is one record appended to a FASTER log (<see cref="FasterLog"/>), found through an
+/// in-memory index (key to log address) that opening rebuilds by scanning the committed log. A write is acknowledged
+/// only after the group commit that covers it; every read is checksum-verified. docs/tiers-ssd.md has the whole design.
+/// </summary>
+public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
+{
+    private const string LogFileName = "blocks.log";
+    private const string LockFileName = "kvfabric-ssd.lock";
+    private const string CommitFileName = "commits.slots";
+    // O_DIRECT alignment: 4 KiB covers disks with 512-byte and 4 KiB logical sectors alike.
+    private const uint SectorBytes = 4096;
+
+    private readonly SsdBlockStoreOptions _options;
+    private readonly FileStream _lockFile;
+    private readonly IDevice _device;
+    private readonly SsdCommitFile _commits;
+    private readonly FasterLog _log;
+    private readonly object _lock = new();
+    private readonly Dictionary<BlockKey, Entry> _index = [];
+    private readonly Dictionary<BlockKey, TaskCompletionSource<bool>> _pending = [];
+    private readonly KeyValuePair<BlockKey, BlockMeta>[] _recovered;
+    private long _used;
+    private long _reserved;
+    private int _disposed;
+
+    // Where a live block's record is: its log address and what its header says (kept so a read needs one I/O).
+    private readonly record struct Entry(long Address, int StoredLength, SsdCodec Codec, BlockMeta Meta)
+    {
+        public int RecordLength => SsdRecordHeader.Size + StoredLength;
+    }
+
+    private SsdBlockStore(SsdBlockStoreOptions options, FileStream lockFile, IDevice device, SsdCommitFile commits, FasterLog log)
+    {
+        _commits = commits;
+        _options = options;
+        _lockFile = lockFile;
+        _device = device;
+        _log = log;
+        Directory = Path.GetFullPath(options.Directory);
+        (RecoveredCorruptRecords, _recovered) = Recover();
+        _committer = Task.Run(CommitLoopAsync);
+    }
+
+    public TierKind Kind => TierKind.Ssd;
+    public long CapacityBytes => _options.CapacityBytes;
+    public string Directory { get; }
+
+    /// <summary>Stored bytes of the live blocks (compressed length where compressed); the 64-byte record headers are not counted.</summary>
+    public long UsedBytes { get { lock (_lock) return _used; } }
+
+    public int Count { get { lock (_lock) return _index.Count; } }
+
+    /// <summary>Every block readable when the store was opened, with the metadata it was written with.</summary>
+    public IReadOnlyCollection<KeyValuePair<BlockKey, BlockMeta>> Recovered => _recovered;
+
+    /// <summary>Committed records that failed verification while opening (skipped: their blocks are absent).</summary>
+    public int RecoveredCorruptRecords { get; }
+
+    /// <summary>Bytes the log occupies on disk between its head and tail, dead records included.</summary>
+    public long LogBytes => _log.TailAddress - _log.BeginAddress;
+
+    public bool Contains(BlockKey key)
+    {
+        lock (_lock)
+            return _index.ContainsKey(key);
+    }
+
+    /// <summary>Opens (creating or recovering) the store in <see cref="SsdBlockStoreOptions.Directory"/>.</summary>
+    public static async Task<SsdBlockStore> OpenAsync(SsdBlockStoreOptions options, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        Checksums.EnsureAvailable(ChecksumKind.XxHash3);
+        if (options.Compression)
+            Zstd.EnsureAvailable();
+        string dir = Path.GetFullPath(options.Directory);
+        var lockFile = TakeDirectory(dir);
+        IDevice? device = null;
+        SsdCommitFile? commits = null;
+        FasterLog? log = null;
+        try
+        {
+            SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
+            CheckFreeSpace(dir, options);
+            string logPath = Path.Combine(dir, LogFileName);
+            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, options.MaxRecordBytes);
+            var settings = new FasterLogSettings
+            {
+                LogDevice = device,
+                LogCommitManager = commits = new SsdCommitFile(Path.Combine(dir, CommitFileName)),
+                PageSizeBits = BitOperations.Log2((uint)options.LogPageBytes),
+                MemorySizeBits = BitOperations.Log2((ulong)options.LogPageBytes * (ulong)options.LogMemoryPages),
+                SegmentSizeBits = BitOperations.Log2((ulong)options.SegmentBytes),
+                TryRecoverLatest = true,
+                RemoveOutdatedCommits = true,
+                AutoRefreshSafeTailAddress = false,
+            };
+            log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
+            return new SsdBlockStore(options, lockFile, device, commits, log);
+        }
+        catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
+        {
+            log?.Dispose();
+            device?.Dispose();
+            commits?.Dispose();
+            lockFile.Dispose();
+            throw new TierException($"Could not open the SSD tier's log in {dir}: {e.Message}. Check that the directory is on a local file system "
+                + "that supports O_DIRECT (not tmpfs on old kernels) and that its files are not damaged; move the directory aside to start empty.", e);
+        }
+        catch
+        {
+            log?.Dispose();
+            device?.Dispose();
+            commits?.Dispose();
+            lockFile.Dispose();
+            throw;
+        }
+    }
+
+    // One process per directory: two writers appending to one log would destroy it. FileShare.None takes flock(LOCK_EX).
+    private static FileStream TakeDirectory(string dir)
+    {
+        try
+        {
+            System.IO.Directory.CreateDirectory(dir);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new TierException($"The SSD tier directory {dir} cannot be created ({e.Message}); create it, or give a directory this process may write.", e);
+        }
+        string path = Path.Combine(dir, LockFileName);
+        try
+        {
+            return new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None, 1, FileOptions.None);
+        }
+        catch (UnauthorizedAccessException e)
+        {
+            throw new TierException($"The SSD tier directory {dir} is not writable by this process ({e.Message}); fix its permissions or choose another directory.", e);
+        }
+        catch (IOException e)
+        {
+            throw new TierException($"The SSD tier directory {dir} is in use by another process (lock {path} is held: {e.Message}); "
+                + "stop that process, or give each sidecar its own directory.", e);
+        }
+    }
+
+    // The log may grow to capacity x (1 + slack) plus a segment before compaction frees one: refuse a capacity the file
+    // system cannot hold, rather than fail with ENOSPC hours later.
+    private static void CheckFreeSpace(string dir, SsdBlockStoreOptions options)
+    {
+        long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Sum(f => new FileInfo(f).Length);
+        long available = new DriveInfo(dir).AvailableFreeSpace + existing;
+        long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack)) + options.SegmentBytes;
+        if (available < needed)
+            throw new TierException($"The SSD tier in {dir} needs up to {needed >> 20} MiB of disk (CapacityBytes {options.CapacityBytes >> 20} MiB "
+                + $"x (1 + CompactionSlack {options.CompactionSlack}) + one segment), but only {available >> 20} MiB is free there; "
+                + "lower CapacityBytes or free space on that file system.");
+    }
+
+    private (int Corrupt, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
+    {
+        int corrupt = 0;
+        long end = _log.TailAddress;
+        using (var iterator = _log.Scan(_log.BeginAddress, end))
+        {
+            while (iterator.GetNext(MemoryPool<byte>.Shared, out var owner, out int length, out long address, out _))
+            {
+                using (owner)
+                {
+                    var header = SsdRecordHeader.TryParse(owner.Memory.Span[..length], out _);
+                    if (header is not { } h)
+                    {
+                        corrupt++;
+                        continue;
+                    }
+                    if (h.Kind == SsdRecordKind.Tombstone)
+                        _index.Remove(h.Key);
+                    else
+                        _index[h.Key] = new Entry(address, h.StoredLength, h.Codec, h.Meta);
+                }
+                if (iterator.NextAddress >= end)
+                    break;
+            }
+        }
+        foreach (var entry in _index.Values)
+            _used += entry.StoredLength;
+        _liveRecordBytes = _used + (long)_index.Count * SsdRecordHeader.Size;
+        var recovered = new KeyValuePair<BlockKey, BlockMeta>[_index.Count];
+        int i = 0;
+        foreach (var (key, entry) in _index)
+            recovered[i++] = new(key, entry.Meta);
+        return (corrupt, recovered);
+    }
+
+    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+
+    // FASTER reports a device error as a bare code; the device keeps the message with the file and the errno text.
+    private string DeviceError(Exception e) => _device is DirectFileDevice { LastError: { } detail } ? $"{e.Message}: {detail}" : e.Message;
+
+    [DoesNotReturn]
+    private void ThrowFaulted(Exception fault) =>
+        throw new TierException($"The SSD tier in {Directory} stopped accepting writes after a device error ({DeviceError(fault)}). Blocks written "
+            + "before it stay readable. Free space on that file system or replace the device, then reopen the store.", fault);
+
+    public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
+
+    public async ValueTask DisposeAsync()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
+        // Compaction first (it needs the committer for the segment it is on), then one last commit, so that the
+        // tombstones of the last removals are durable, then the committer ends.
+        _stopping = true;
+        await WaitForCompactionAsync().ConfigureAwait(false);
+        _stopCommitter = true;
+        _commitSignal.Release();
+        await _committer.ConfigureAwait(false);
+        _log.Dispose();
+        _device.Dispose();
+        _commits.Dispose();
+        _lockFile.Dispose();
+        _commitSignal.Dispose();
+    }
+}

@@ -1,0 +1,72 @@
+using System.Numerics;
+using FASTER.core;
+
+namespace KvFabric.Tiers.Ssd;
+
+public sealed record SsdBlockStoreOptions
+{
+    /// <summary>Directory holding the log segments, FASTER's commit records and the lock file; created when missing.</summary>
+    public required string Directory { get; init; }
+
+    /// <summary>Live bytes the store may hold, counted as stored (after compression), headers excluded.</summary>
+    public required long CapacityBytes { get; init; }
+
+    /// <summary>When positive, every block must be exactly this long (a layout's block size); 0 accepts 1..MaxBlockBytes.</summary>
+    public int BlockBytes { get; init; }
+
+    /// <summary>The largest block accepted; a log page must hold one whole record, so this sizes the pages.</summary>
+    public int MaxBlockBytes { get; init; } = 16 << 20;
+
+    /// <summary>Try zstd on each block; it is kept only when it saves at least <see cref="MinCompressionSaving"/>.</summary>
+    public bool Compression { get; init; } = true;
+
+    public int CompressionLevel { get; init; } = 1;
+
+    /// <summary>Fraction of a block compression must save to be stored compressed (0.125: at most 7/8 of the raw size).</summary>
+    public double MinCompressionSaving { get; init; } = 0.125;
+
+    /// <summary>FASTER log page size: writes reach the disk in pieces of at most this; a power of two, at least 2x a record.</summary>
+    public int LogPageBytes { get; init; } = 32 << 20;
+
+    /// <summary>Pages of the in-memory log tail (the write buffer between the writers and the disk); at least 2.</summary>
+    public int LogMemoryPages { get; init; } = 4;
+
+    /// <summary>Log segment file size (a power of two): compaction frees disk space one segment at a time.</summary>
+    public long SegmentBytes { get; init; } = 256L << 20;
+
+    /// <summary>
+    /// Dead bytes (removed or superseded records) the log may carry, as a fraction of the capacity, before compaction copies
+    /// the live records out of the oldest segments and deletes them. Bounds the disk footprint near capacity x (1 + this).
+    /// </summary>
+    public double CompactionSlack { get; init; } = 0.5;
+
+    /// <summary>Tests: wraps or replaces the log device (fault injection).</summary>
+    internal Func<string, IDevice>? DeviceFactory { get; init; }
+
+    internal int MaxRecordBytes => checked(SsdRecordHeader.Size + MaxBlockBytes + 64);
+
+    internal void Validate()
+    {
+        if (string.IsNullOrWhiteSpace(Directory))
+            throw new ArgumentException("SsdBlockStoreOptions.Directory is empty: give the directory the SSD tier keeps its log in.", nameof(Directory));
+        if (CapacityBytes <= 0)
+            throw new ArgumentOutOfRangeException(nameof(CapacityBytes), CapacityBytes, "SsdBlockStoreOptions.CapacityBytes must be positive: the bytes of blocks the SSD tier may hold.");
+        if (MaxBlockBytes <= 0 || MaxBlockBytes > 1 << 28)
+            throw new ArgumentOutOfRangeException(nameof(MaxBlockBytes), MaxBlockBytes, "SsdBlockStoreOptions.MaxBlockBytes must be in 1..256 MiB.");
+        if (BlockBytes < 0 || BlockBytes > MaxBlockBytes)
+            throw new ArgumentOutOfRangeException(nameof(BlockBytes), BlockBytes, $"SsdBlockStoreOptions.BlockBytes must be 0 (any length) or in 1..MaxBlockBytes ({MaxBlockBytes}).");
+        if (!BitOperations.IsPow2(LogPageBytes) || LogPageBytes < 2L * MaxRecordBytes)
+            throw new ArgumentOutOfRangeException(nameof(LogPageBytes), LogPageBytes,
+                $"SsdBlockStoreOptions.LogPageBytes must be a power of two of at least twice the largest record ({2L * MaxRecordBytes} bytes for MaxBlockBytes {MaxBlockBytes}); raise it or lower MaxBlockBytes.");
+        if (LogMemoryPages < 2 || !BitOperations.IsPow2(LogMemoryPages))
+            throw new ArgumentOutOfRangeException(nameof(LogMemoryPages), LogMemoryPages, "SsdBlockStoreOptions.LogMemoryPages must be a power of two, at least 2.");
+        if (!BitOperations.IsPow2(SegmentBytes) || SegmentBytes < LogPageBytes)
+            throw new ArgumentOutOfRangeException(nameof(SegmentBytes), SegmentBytes, $"SsdBlockStoreOptions.SegmentBytes must be a power of two, at least LogPageBytes ({LogPageBytes}).");
+        if (CompressionLevel < -7 || CompressionLevel > 22)
+            throw new ArgumentOutOfRangeException(nameof(CompressionLevel), CompressionLevel, "SsdBlockStoreOptions.CompressionLevel must be a zstd level in -7..22 (1 is fast, 3 is zstd's default).");
+        if (MinCompressionSaving is < 0 or >= 1 || double.IsNaN(MinCompressionSaving))
+            throw new ArgumentOutOfRangeException(nameof(MinCompressionSaving), MinCompressionSaving, "SsdBlockStoreOptions.MinCompressionSaving must be in [0, 1).");
+        if (CompactionSlack is <= 0 || double.IsNaN(CompactionSlack))
+            throw new ArgumentOutOfRangeException(nameof(CompactionSlack), CompactionSlack, "SsdBlockStoreOptions.CompactionSlack must be positive (0.5: up to half the capacity again in dead records).");
+    }
+}

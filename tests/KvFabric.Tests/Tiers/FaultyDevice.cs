@@ -1,0 +1,46 @@
+using FASTER.core;
+
+namespace KvFabric.Tests.Tiers;
+
+// A fault-injection double (after FASTER's SimulatedFlakyDevice): passes I/O to a real device until told to fail writes,
+// then completes every write with ENOSPC, as a full file system would.
+internal sealed class FaultyDevice : StorageDeviceBase
+{
+    private const uint ENOSPC = 28;
+    private readonly IDevice _inner;
+    private volatile bool _failWrites;
+
+    public FaultyDevice(IDevice inner) : base(inner.FileName, inner.SectorSize, inner.Capacity) => _inner = inner;
+
+    public int FailedWrites;
+
+    public bool FailWrites { get => _failWrites; set => _failWrites = value; }
+
+    public override void Initialize(long segmentSize, LightEpoch? epoch = null, bool omitSegmentIdFromFilename = false)
+    {
+        base.Initialize(segmentSize, epoch, omitSegmentIdFromFilename);
+        _inner.Initialize(segmentSize, epoch, omitSegmentIdFromFilename);
+    }
+
+    public override void WriteAsync(IntPtr sourceAddress, int segmentId, ulong destinationAddress, uint numBytesToWrite, DeviceIOCompletionCallback callback, object context)
+    {
+        if (_failWrites)
+        {
+            Interlocked.Increment(ref FailedWrites);
+            callback(ENOSPC, 0, context);
+            return;
+        }
+        _inner.WriteAsync(sourceAddress, segmentId, destinationAddress, numBytesToWrite, callback, context);
+    }
+
+    public override void ReadAsync(int segmentId, ulong sourceAddress, IntPtr destinationAddress, uint readLength, DeviceIOCompletionCallback callback, object context) =>
+        _inner.ReadAsync(segmentId, sourceAddress, destinationAddress, readLength, callback, context);
+
+    public override void RemoveSegmentAsync(int segment, AsyncCallback callback, IAsyncResult result) => _inner.RemoveSegmentAsync(segment, callback, result);
+
+    public override long GetFileSize(int segment) => _inner.GetFileSize(segment);
+
+    public override bool TryComplete() => _inner.TryComplete();
+
+    public override void Dispose() => _inner.Dispose();
+}

@@ -1,0 +1,212 @@
+using KvFabric.Blocks;
+using KvFabric.Tiers;
+using KvFabric.Tiers.Ssd;
+using Xunit;
+
+namespace KvFabric.Tests.Tiers;
+
+public sealed class SsdBlockStoreTests
+{
+    [Fact]
+    public async Task Blocks_round_trip_and_survive_a_restart_with_their_meta()
+    {
+        using var dir = new TempDir();
+        long used;
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(TierKind.Ssd, store.Kind);
+            Assert.Empty(store.Recovered);
+            for (int i = 0; i < 20; i++)
+                Assert.True(await Ssd.Write(store, i));
+            Assert.Equal(20, store.Count);
+            for (int i = 0; i < 20; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+            used = store.UsedBytes;
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(20, store.Count);
+            Assert.Equal(used, store.UsedBytes);
+            Assert.Equal(0, store.RecoveredCorruptRecords);
+            var recovered = store.Recovered.ToDictionary(kv => kv.Key, kv => kv.Value);
+            for (int i = 0; i < 20; i++)
+            {
+                Assert.Equal(Ssd.Meta(i), recovered[Ssd.Key(i)]);
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+            }
+        }
+    }
+
+    [Fact]
+    public async Task Compressible_blocks_are_stored_smaller_and_noise_is_stored_raw()
+    {
+        using var dir = new TempDir();
+        await using var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path));
+        Assert.True(await Ssd.Write(store, 0)); // noise
+        Assert.Equal(Ssd.BlockBytes, store.UsedBytes);
+        Assert.True(await Ssd.Write(store, 2)); // a 256-byte run repeated
+        Assert.InRange(store.UsedBytes - Ssd.BlockBytes, 1, Ssd.BlockBytes / 8);
+        Assert.Equal(Ssd.Block(2), await Ssd.Read(store, 2));
+
+        await using var raw = await SsdBlockStore.OpenAsync(Ssd.Options(Path.Combine(dir.Path, "off"), compression: false));
+        Assert.True(await Ssd.Write(raw, 2));
+        Assert.Equal(Ssd.BlockBytes, raw.UsedBytes);
+    }
+
+    [Fact]
+    public async Task Capacity_is_exact_and_a_full_store_declines_until_space_is_freed()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, capacity: 3L * Ssd.BlockBytes, compression: false)))
+        {
+            for (int i = 0; i < 3; i++)
+                Assert.True(await Ssd.Write(store, i));
+            Assert.Equal(3L * Ssd.BlockBytes, store.UsedBytes);
+            Assert.False(await Ssd.Write(store, 3));
+            Assert.False(store.Contains(Ssd.Key(3)));
+            Assert.True(await Ssd.Write(store, 1)); // already stored: not written twice, no room needed
+            Assert.True(store.Remove(Ssd.Key(1)));
+            Assert.False(store.Remove(Ssd.Key(1)));
+            Assert.Equal(2L * Ssd.BlockBytes, store.UsedBytes);
+            Assert.True(await Ssd.Write(store, 3));
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, capacity: 3L * Ssd.BlockBytes, compression: false)))
+        {
+            Assert.Equal(3L * Ssd.BlockBytes, store.UsedBytes);
+            Assert.Equal(3, store.Count);
+            Assert.Null(await Ssd.Read(store, 1)); // the removal is durable
+            Assert.False(await Ssd.Write(store, 4));
+        }
+    }
+
+    [Fact]
+    public async Task Concurrent_writers_share_commits_and_every_block_reads_back()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            var writes = Enumerable.Range(0, 64).Select(i => Task.Run(() => Ssd.Write(store, i))).ToArray();
+            Assert.All(await Task.WhenAll(writes), Assert.True);
+            // The same key from many writers at once: one record, one charge.
+            long before = store.UsedBytes;
+            var same = Enumerable.Range(0, 8).Select(_ => Task.Run(() => Ssd.Write(store, 100))).ToArray();
+            Assert.All(await Task.WhenAll(same), Assert.True);
+            Assert.Equal(before + Ssd.BlockBytes, store.UsedBytes);
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(65, store.Count);
+            foreach (int i in Enumerable.Range(0, 64).Append(100))
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
+    public async Task Bad_input_is_refused_with_what_to_do()
+    {
+        using var dir = new TempDir();
+        var zero = Assert.Throws<ArgumentOutOfRangeException>(() => SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, capacity: 0)).GetAwaiter().GetResult());
+        Assert.Contains("CapacityBytes must be positive", zero.Message);
+
+        await using var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path));
+        var wrongLength = await Assert.ThrowsAsync<ArgumentException>(async () =>
+            await store.WriteAsync(Ssd.Key(1), new BlockMeta(default, 0, 1000), new byte[1000]));
+        Assert.Contains("configured for exactly 65536-byte blocks", wrongLength.Message);
+        var metaMismatch = await Assert.ThrowsAsync<ArgumentException>(async () =>
+            await store.WriteAsync(Ssd.Key(1), new BlockMeta(default, 0, 5), Ssd.Block(1)));
+        Assert.Contains("BlockMeta.Length", metaMismatch.Message);
+        Assert.True(await Ssd.Write(store, 1));
+        var small = await Assert.ThrowsAsync<ArgumentException>(async () => await store.ReadAsync(Ssd.Key(1), new byte[10]));
+        Assert.Contains("too small", small.Message);
+
+        var huge = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(Path.Combine(dir.Path, "huge"), capacity: 1L << 60)));
+        Assert.Contains("lower CapacityBytes or free space", huge.Message);
+
+        var second = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)));
+        Assert.Contains("in use by another process", second.Message);
+        Assert.Contains(dir.Path, second.Message);
+    }
+
+    [Fact]
+    public async Task Reopening_with_another_log_geometry_is_refused_before_anything_is_read()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+            Assert.True(await Ssd.Write(store, 0));
+        var e = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with { LogPageBytes = 2 << 20 }));
+        Assert.Contains("different log geometry", e.Message);
+        Assert.Contains("log_page_bytes=1048576", e.Message);
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+            Assert.Equal(Ssd.Block(0), await Ssd.Read(store, 0));
+    }
+
+    [Fact]
+    public async Task A_directory_that_cannot_be_created_is_named_in_the_error()
+    {
+        using var dir = new TempDir();
+        string file = Path.Combine(dir.Path, "a-file");
+        await File.WriteAllTextAsync(file, "x");
+        var e = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(Path.Combine(file, "tier"))));
+        Assert.Contains(Path.Combine(file, "tier"), e.Message);
+        Assert.Contains("cannot be created", e.Message);
+    }
+
+    [Fact]
+    public async Task A_failing_device_faults_writes_with_a_clear_error_and_keeps_serving_what_it_has()
+    {
+        using var dir = new TempDir();
+        FaultyDevice? device = null;
+        var options = Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)));
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 5; i++)
+                Assert.True(await Ssd.Write(store, i));
+            device!.FailWrites = true;
+            var e = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 5));
+            Assert.Contains(dir.Path, e.Message);
+            Assert.Contains("Free space", e.Message + (e.InnerException?.Message ?? ""), StringComparison.OrdinalIgnoreCase);
+            Assert.False(store.Contains(Ssd.Key(5)));
+            device.FailWrites = false;
+            var again = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 6));
+            Assert.Contains("stopped accepting writes", again.Message);
+            for (int i = 0; i < 5; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+            Assert.Equal(5, store.Count);
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(5, store.Count);
+            Assert.Null(await Ssd.Read(store, 5));
+            for (int i = 0; i < 5; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
+    public async Task Compaction_frees_old_segments_and_keeps_every_live_block()
+    {
+        using var dir = new TempDir();
+        // Capacity 2 MiB, slack 0.5: churn through 6x the capacity; the log must stay bounded and live blocks intact.
+        var options = Ssd.Options(dir.Path, capacity: 2L << 20, compression: false) with { CompactionSlack = 0.5 };
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 192; i++)
+            {
+                Assert.True(await Ssd.Write(store, i));
+                if (i >= 16)
+                    Assert.True(store.Remove(Ssd.Key(i - 16)));
+            }
+            await store.WaitForCompactionAsync();
+            Assert.True(store.CompactedSegments > 0, $"no segment compacted; log holds {store.LogBytes} bytes");
+            Assert.InRange(store.LogBytes, 0, 3 * (2L << 20) + options.SegmentBytes + options.LogPageBytes);
+            for (int i = 176; i < 192; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            Assert.Equal(16, store.Count);
+            for (int i = 176; i < 192; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+}
