@@ -67,9 +67,13 @@ public static class KvFabricCli
         var tlsCert = new Option<string?>("--tls-cert") { Description = "PEM certificate: serve gRPC over TLS" };
         var tlsKey = new Option<string?>("--tls-key") { Description = "PEM private key of --tls-cert" };
         var logFormat = new Option<string?>("--log-format") { Description = "text (default) or json (one object per line)" };
+        var gpuCapacity = new Option<string?>("--gpu-capacity") { Description = "GPU tier capacity (emulated in host memory when no GPU is present); default none" };
+        var ssdDir = new Option<string?>("--ssd-dir") { Description = "directory of the SSD tier (survives restarts); default none" };
+        var ssdCapacity = new Option<string?>("--ssd-capacity") { Description = "SSD tier capacity, e.g. 64GiB" };
+        var policy = new Option<string?>("--policy") { Description = "eviction policy of the GPU and host tiers: lru or cost (default)" };
         var cmd = new Command("serve", "Run the sidecar: gRPC API (kvfabric.v1 Fabric, Index, Transfer; grpc.health.v1), metrics, transfer agent.")
         {
-            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey, logFormat,
+            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey, logFormat, gpuCapacity, ssdDir, ssdCapacity, policy,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -86,6 +90,10 @@ public static class KvFabricCli
                 ["tls:certificate"] = parse.GetValue(tlsCert),
                 ["tls:key"] = parse.GetValue(tlsKey),
                 ["log_format"] = parse.GetValue(logFormat),
+                ["gpu_capacity"] = parse.GetValue(gpuCapacity),
+                ["ssd_dir"] = parse.GetValue(ssdDir),
+                ["ssd_capacity"] = parse.GetValue(ssdCapacity),
+                ["policy"] = parse.GetValue(policy),
             };
             var builder = new ConfigurationBuilder();
             if (parse.GetValue(config) is { } file)

@@ -41,25 +41,19 @@ public sealed class SidecarHost : IAsyncDisposable
         _log = _logs.CreateLogger("kvfabric.sidecar");
         Metrics = new MetricsRegistry();
         RpcMetrics = new RpcMetrics(Metrics);
-        Store = new HostMemoryStore(new HostMemoryStoreOptions
-        {
-            Layout = options.Layout,
-            CapacityBytes = options.HostCapacityBytes,
-            Node = options.Node,
-            LockInRam = options.LockInRam,
-        });
         Staging = new StagingArea((int)options.Layout.BlockBytes, options.StagingSlots);
         Agent = new TransferAgent(new TransferAgentOptions { Name = options.Node, ListenAddress = options.Listen, ListenPort = options.TransferPort });
         Router = new GrpcRouter();
-        new FabricService(Store, Staging, RpcMetrics, options.MaxSendMessageBytes).Register(Router);
-        new IndexService(Store, options.Worker, () => Volatile.Read(ref _activeCalls)).Register(Router);
-        new TransferService(Agent).Register(Router);
         Health = new HealthService([FabricService.Name, IndexService.Name, TransferService.Name]);
         Health.Register(Router);
         RegisterGauges();
     }
 
-    public IFabricStore Store { get; }
+    /// <summary>The node's block storage (the tier manager); set by StartAsync.</summary>
+    public IFabricStore Store => _store ?? throw new InvalidOperationException("the sidecar is not started: call StartAsync first");
+
+    private IFabricStore? _store;
+    private SidecarTiers? _tiers;
     public StagingArea Staging { get; }
     public TransferAgent Agent { get; }
     public GrpcRouter Router { get; }
@@ -72,6 +66,11 @@ public sealed class SidecarHost : IAsyncDisposable
 
     public async Task StartAsync(CancellationToken cancellationToken = default)
     {
+        _tiers = await SidecarTiers.OpenAsync(_options, _log, cancellationToken).ConfigureAwait(false);
+        _store = _tiers.Store;
+        new FabricService(Store, Staging, RpcMetrics, _options.MaxSendMessageBytes).Register(Router);
+        new IndexService(Store, _options.Worker, () => Volatile.Read(ref _activeCalls)).Register(Router);
+        new TransferService(Agent).Register(Router);
         var dispatcher = new GrpcDispatcher(Router, new TenantRegistry(_options.EffectiveTenants), Metrics, _logs.CreateLogger("kvfabric.rpc"),
             _options.MaxReceiveMessageBytes);
         X509Certificate2? cert = Tls ? X509Certificate2.CreateFromPemFile(_options.TlsCertificate!, _options.TlsKey) : null;
@@ -111,9 +110,9 @@ public sealed class SidecarHost : IAsyncDisposable
             MetricsEndpoint = BoundEndpoint(_metrics);
         }
 
-        _log.LogInformation("kvfabric node {Node} serving gRPC on {Scheme}://{Grpc}, metrics on {Metrics}, transfer agent on {Transfer}; layout {Layout}; host tier {Capacity} bytes{Dev}",
+        _log.LogInformation("kvfabric node {Node} serving gRPC on {Scheme}://{Grpc}, metrics on {Metrics}, transfer agent on {Transfer}; layout {Layout}; tiers: {Tiers}{Dev}",
             _options.Node, Tls ? "https" : "http (h2c)", GrpcEndpoint, MetricsEndpoint?.ToString() ?? "(off)", Agent.TcpEndpoint,
-            _options.Layout.Describe(), _options.HostCapacityBytes, _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
+            _options.Layout.Describe(), _tiers.Describe(), _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
     }
 
     private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert)
@@ -152,15 +151,15 @@ public sealed class SidecarHost : IAsyncDisposable
     private void RegisterGauges()
     {
         Metrics.AddGauge("kvfabric_tier_capacity_bytes", "Capacity of each tier in bytes.", ["tier"],
-            () => Store.GetStats(0).Tiers.Select(t => (new[] { t.Tier.ToString() }, (double)t.CapacityBytes)));
+            () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.CapacityBytes)));
         Metrics.AddGauge("kvfabric_tier_used_bytes", "Bytes held in each tier.", ["tier"],
-            () => Store.GetStats(0).Tiers.Select(t => (new[] { t.Tier.ToString() }, (double)t.UsedBytes)));
+            () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.UsedBytes)));
         Metrics.AddGauge("kvfabric_tier_blocks", "Blocks held in each tier.", ["tier"],
-            () => Store.GetStats(0).Tiers.Select(t => (new[] { t.Tier.ToString() }, (double)t.Blocks)));
+            () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.Blocks)));
         Metrics.AddGauge("kvfabric_lookup_blocks", "Blocks asked for by Lookup, by outcome (hit rate = hit / (hit + miss)).", ["outcome"], () =>
         {
-            StoreStats s = Store.GetStats(0);
-            return [(["hit"], s.LookupHitBlocks), (["miss"], s.LookupMissBlocks)];
+            StoreStats? s = _store?.GetStats(0);
+            return s is null ? [] : [(["hit"], s.LookupHitBlocks), (["miss"], s.LookupMissBlocks)];
         });
         Metrics.AddGauge("kvfabric_transfer_bytes", "Bytes moved by the transfer agent, by backend and direction.", ["backend", "direction"], () =>
         [
@@ -189,6 +188,6 @@ public sealed class SidecarHost : IAsyncDisposable
             await _metrics.DisposeAsync().ConfigureAwait(false);
         await Agent.DisposeAsync().ConfigureAwait(false);
         Staging.Dispose();
-        Store.Dispose();
+        _tiers?.Dispose();
     }
 }

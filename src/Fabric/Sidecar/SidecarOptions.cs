@@ -27,6 +27,22 @@ public sealed record SidecarOptions
     public IReadOnlyList<TenantConfig> Tenants { get; init; } = [];
     public KvLayout Layout { get; init; } = DefaultLayout;
     public long HostCapacityBytes { get; init; } = 1L << 30;
+    /// <summary>GPU tier bytes (CUDA device memory, or emulated in host memory when there is no GPU); 0: no GPU tier.</summary>
+    public long GpuCapacityBytes { get; init; }
+    public int GpuDevice { get; init; }
+    /// <summary>Directory of the SSD tier's log; null: no SSD tier.</summary>
+    public string? SsdDirectory { get; init; }
+    public long SsdCapacityBytes { get; init; } = 16L << 30;
+    /// <summary>Eviction policy of the GPU and host tiers (PolicyFactory names: lru, cost, ...).</summary>
+    public string Policy { get; init; } = "cost";
+    /// <summary>Eviction policy of the SSD tier; "+seen-twice" makes it admit a block only the second time it is offered.</summary>
+    public string SsdPolicy { get; init; } = "lru";
+    public bool WriteThrough { get; init; }
+    /// <summary>Recompute cost for the load-versus-recompute gate (milliseconds per block, plus per block per depth); null: gate off.</summary>
+    public double? RecomputeMsPerBlock { get; init; }
+    public double? RecomputeMsPerBlockPerDepth { get; init; }
+    /// <summary>Blocks all Puts in progress may stage at once (each a block-sized buffer).</summary>
+    public int PutStagingBlocks { get; init; } = 64;
     public int StagingSlots { get; init; } = 64;
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
@@ -52,6 +68,14 @@ public sealed record SidecarOptions
             throw new ArgumentException($"--metrics-port must be -1 (off) or 0..65535; got {MetricsPort}");
         if (HostCapacityBytes < Layout.BlockBytes)
             throw new ArgumentException($"host capacity ({HostCapacityBytes} bytes) must hold at least one block of {Layout.BlockBytes} bytes");
+        if (GpuCapacityBytes < 0 || (GpuCapacityBytes > 0 && GpuCapacityBytes < Layout.BlockBytes))
+            throw new ArgumentException($"gpu capacity ({GpuCapacityBytes} bytes) must be 0 (no GPU tier) or hold at least one block of {Layout.BlockBytes} bytes");
+        if (SsdDirectory is not null && SsdCapacityBytes < Layout.BlockBytes)
+            throw new ArgumentException($"ssd capacity ({SsdCapacityBytes} bytes) must hold at least one block of {Layout.BlockBytes} bytes");
+        if (PutStagingBlocks is < 1 or > 65536)
+            throw new ArgumentException($"put_staging_blocks must be 1..65536; got {PutStagingBlocks}");
+        foreach (string policy in new[] { Policy, SsdPolicy })
+            _ = KvFabric.Tiers.Policies.PolicyFactory.Create(policy, 1, Layout.TokensPerBlock); // fails with the list of names
         if (StagingSlots is < 1 or > 65536)
             throw new ArgumentException($"staging slots must be 1..65536; got {StagingSlots}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
@@ -101,6 +125,16 @@ public sealed record SidecarOptions
             Tenants = tenants,
             Layout = layout,
             HostCapacityBytes = c["host_capacity"] is { } cap ? ParseBytes(cap) : d.HostCapacityBytes,
+            GpuCapacityBytes = c["gpu_capacity"] is { } gpu ? ParseBytes(gpu) : d.GpuCapacityBytes,
+            GpuDevice = Int(c, "gpu_device", d.GpuDevice),
+            SsdDirectory = c["ssd_dir"] ?? d.SsdDirectory,
+            SsdCapacityBytes = c["ssd_capacity"] is { } ssd ? ParseBytes(ssd) : d.SsdCapacityBytes,
+            Policy = c["policy"] ?? d.Policy,
+            SsdPolicy = c["ssd_policy"] ?? d.SsdPolicy,
+            WriteThrough = bool.TryParse(c["write_through"], out bool wt) && wt,
+            RecomputeMsPerBlock = Double(c, "recompute_ms_per_block"),
+            RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),
+            PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? (int)ParseBytes(r) : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? (int)ParseBytes(s) : d.MaxSendMessageBytes,
@@ -118,6 +152,11 @@ public sealed record SidecarOptions
             ? n
             : throw new ArgumentException($"{PathOf(c)}{key} must be an integer; got '{v}'");
     }
+
+    private static double? Double(IConfiguration c, string key) =>
+        c[key] is not { } v ? null
+        : double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out double d) && d >= 0 ? d
+        : throw new ArgumentException($"{PathOf(c)}{key} must be a number >= 0; got '{v}'");
 
     private static string PathOf(IConfiguration c)
     {
