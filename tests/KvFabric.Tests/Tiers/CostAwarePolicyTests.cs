@@ -9,6 +9,16 @@ public sealed class CostAwarePolicyTests
     private static CostAwarePolicy Policy(int blocks, bool admission = true) =>
         new(new CostAwareOptions { ExpectedBlocks = blocks, TokensPerBlock = 512, Admission = admission });
 
+    // Key 1 enters probation under handle 0, is evicted from it, and comes back: a probation ghost hit (p grows by at
+    // least one block), after which key 1, seen twice, is protected under handle 0 (not yet evictable).
+    private static void MissOnProbationGhost(CostAwarePolicy p)
+    {
+        p.AdmitLeaf(0, 1);
+        Assert.Equal(0, p.Victim());
+        p.OnRemove(0);
+        p.OnAdmit(0, Info(1));
+    }
+
     [Fact]
     public void Recompute_cost_grows_with_depth_as_documented()
     {
@@ -97,10 +107,7 @@ public sealed class CostAwarePolicyTests
     public void A_miss_on_a_block_probation_evicted_grows_its_share()
     {
         var p = Policy(4);
-        p.AdmitLeaf(0, 1);
-        Assert.Equal(0, p.Victim());   // probation's ghost now holds key 1
-        p.OnRemove(0);
-        p.OnAdmit(0, Info(1));         // it came back: probation was too small
+        MissOnProbationGhost(p);
         Assert.True(p.ProbationTarget >= 1);
         Assert.True(p.IsProtected(0));
     }
@@ -109,10 +116,7 @@ public sealed class CostAwarePolicyTests
     public void A_miss_on_a_block_protected_evicted_shrinks_probation_by_its_frequency_and_a_fixed_share_does_not_move()
     {
         var p = Policy(4);
-        p.AdmitLeaf(0, 1);
-        p.Victim();
-        p.OnRemove(0);
-        p.OnAdmit(0, Info(1));            // probation's ghost hit: p = 1, and key 1 (seen twice) is protected
+        MissOnProbationGhost(p);
         p.SetEvictable(0, true);
         double grown = p.ProbationTarget;
         Assert.True(grown >= 1);
@@ -122,10 +126,7 @@ public sealed class CostAwarePolicyTests
         Assert.True(p.ProbationTarget < grown);
 
         var fixedShare = new CostAwarePolicy(new CostAwareOptions { ExpectedBlocks = 4, ProbationShare = 0.5 });
-        fixedShare.AdmitLeaf(0, 1);
-        fixedShare.Victim();
-        fixedShare.OnRemove(0);
-        fixedShare.OnAdmit(0, Info(1));
+        MissOnProbationGhost(fixedShare);
         Assert.Equal(2, fixedShare.ProbationTarget);
     }
 
@@ -133,10 +134,7 @@ public sealed class CostAwarePolicyTests
     public void A_first_sighting_cannot_displace_a_protected_block_while_probation_holds_only_pinned_blocks()
     {
         var p = Policy(4);
-        p.AdmitLeaf(0, 1);
-        p.Victim();
-        p.OnRemove(0);
-        p.OnAdmit(0, Info(1));            // a probation ghost hit: p = 1; key 1 is protected
+        MissOnProbationGhost(p);
         p.SetEvictable(0, true);
         p.OnAccess(0);                    // seen three times
         p.OnAdmit(1, Info(2));            // probation, pinned by the put in flight

@@ -16,9 +16,9 @@ public sealed record SimulatedTier(TierKind Kind, int CapacityBlocks, IEvictionP
 //    chain (unreachable by any prefix lookup); the rest of the chain is still offered to that tier's ShouldAdmit, so
 //    the policy's history sees it.
 //  * A hit in a slower tier is promoted to its parent's tier (the fastest allowed) when that tier takes it.
-//  * A victim is demoted to the next tier down. A demoted block with resident children must stay (they are in slower
-//    tiers and need their parent); one without may be refused by the lower tier's policy and go further down, and the
-//    last tier drops it.
+//  * A victim is demoted to the next tier down, which takes it without asking its policy, except the last tier: its
+//    policy may refuse a demoted block (an SSD admission filter), which is then dropped, unless the block has resident
+//    children (they are in slower tiers and need their parent).
 public sealed class PolicySimulatorCache : IReplayCache
 {
     private const int Absent = -1;
@@ -249,13 +249,14 @@ public sealed class PolicySimulatorCache : IReplayCache
         return false;
     }
 
-    // Room for one block in tier t: free space, or (if the policy admits it, or it must be taken) a victim evicted.
+    // Room for one block in tier t: free space, or a victim evicted if the policy admits the block (not asked when the
+    // block must be taken).
     private bool TryMakeRoom(int t, in PolicyBlockInfo info, bool mustTake)
     {
         if (_used[t] < _tiers[t].CapacityBlocks)
             return true;
         var policy = _tiers[t].Policy;
-        if (!policy.ShouldAdmit(info) && !mustTake)
+        if (!mustTake && !policy.ShouldAdmit(info))
         {
             Stats.Bypassed[t]++;
             return false;
@@ -279,9 +280,10 @@ public sealed class PolicySimulatorCache : IReplayCache
         Leave(v);
         for (int t = from + 1; t < _tierCount; t++)
         {
-            // Children live in slower tiers only (v was evictable), so the next tier is always allowed; a block with
-            // children must be taken there, or its children would lose their parent.
-            if (TryMakeRoom(t, info, mustTake: hasChildren))
+            // Children live in slower tiers only (v was evictable), so the next tier is always allowed. A middle tier
+            // takes every demoted block (eviction demotes; only the last tier drops); the last tier's policy may refuse
+            // one (e.g. an SSD admission filter) unless it has children there, which would lose their parent.
+            if (TryMakeRoom(t, info, mustTake: hasChildren || t < _tierCount - 1))
             {
                 Enter(v, t, info);
                 Stats.BytesDemotedFrom[from] += _blockBytes;
