@@ -226,6 +226,14 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
         public async ValueTask<PutOutcome> CommitAsync(CancellationToken cancellationToken)
         {
             ObjectDisposedException.ThrowIf(_done, this);
+            // A chain longer than every tier together can never be stored: refuse before anything moves.
+            long capacityBlocks = store._tiers.Stats().Tiers.Sum(t => t.CapacityBytes / store.BlockBytes);
+            if (_staged.Count > capacityBlocks)
+            {
+                throw new StoreFullException(
+                    $"this Put carries {_staged.Count} blocks but all tiers together hold {capacityBlocks}; nothing was stored");
+            }
+
             // Blocks cached before this call are not this call's to undo.
             var before = new HashSet<BlockHash>(_staged.Where(s => store._tiers.Residency(new BlockKey(tenant, s.Hash)) != 0).Select(s => s.Hash));
             var newlyStored = new List<BlockHash>();

@@ -126,18 +126,22 @@ public sealed class FabricServiceTests(SidecarFixture fx) : IClassFixture<Sideca
     }
 
     [Fact]
-    public async Task Pinned_blocks_cannot_be_deleted_until_unpinned()
+    public async Task Pinned_blocks_survive_delete_until_unpinned()
     {
         using var client = fx.Client();
         var chain = TestBlocks.Chain("pin", 3);
         await client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 9));
         PinResponse pin = await client.PinAsync(TestBlocks.Packed(chain[..1]), TimeSpan.FromMinutes(1));
         Assert.Equal(1u, pin.Pinned);
+        // Deleting the pinned root removes its unpinned descendants and keeps the root.
+        Assert.Equal(2u, (await client.DeleteAsync(TestBlocks.Packed(chain[..1]))).Deleted);
+        Assert.Equal(1u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
+        // Now nothing can go: the call says so and changes nothing.
         var pinned = await Assert.ThrowsAsync<RpcException>(() => client.DeleteAsync(TestBlocks.Packed(chain[..1])));
         Assert.Equal(StatusCode.FailedPrecondition, pinned.Status);
-        Assert.Equal(3u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
+        Assert.Equal(1u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
         Assert.True((await client.UnpinAsync(pin.LeaseId)).Released);
-        Assert.Equal(3u, (await client.DeleteAsync(TestBlocks.Packed(chain[..1]))).Deleted); // descendants go too
+        Assert.Equal(1u, (await client.DeleteAsync(TestBlocks.Packed(chain[..1]))).Deleted);
         Assert.Equal(0u, (await client.LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
     }
 

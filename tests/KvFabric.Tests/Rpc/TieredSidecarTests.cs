@@ -1,0 +1,95 @@
+using KvFabric.Client;
+using KvFabric.Client.Grpc;
+using KvFabric.Rpc.V1;
+using KvFabric.Sidecar;
+using Microsoft.Extensions.Logging.Abstractions;
+using Xunit;
+
+namespace KvFabric.Tests.Rpc;
+
+/// <summary>The sidecar over three tiers (an emulated GPU, host memory, an SSD log): what users see through the API.</summary>
+public sealed class TieredSidecarTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("kvfabric-sidecar-ssd-").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private SidecarOptions Options => new()
+    {
+        Node = "tiered", Port = 0, MetricsPort = -1, Dev = true, Layout = SidecarFixture.SmallLayout, StagingSlots = 2,
+        GpuCapacityBytes = 4 * SidecarFixture.SmallLayout.BlockBytes,
+        HostCapacityBytes = 8 * SidecarFixture.SmallLayout.BlockBytes,
+        SsdDirectory = _dir,
+        SsdCapacityBytes = 256 * SidecarFixture.SmallLayout.BlockBytes,
+        Policy = "lru",
+    };
+
+    private static FabricClient Client(SidecarHost host) =>
+        new(new RpcChannelOptions { Address = new Uri($"http://{host.GrpcEndpoint}"), Tenant = "dev", Token = "dev" });
+
+    [Fact]
+    public async Task Blocks_demote_to_ssd_are_served_from_there_and_survive_a_restart()
+    {
+        int blockBytes = (int)SidecarFixture.SmallLayout.BlockBytes;
+        var chains = Enumerable.Range(0, 6).Select(c => TestBlocks.Chain($"tiered-{c}", 4)).ToArray(); // 24 blocks > 4 + 8
+        await using (var host = new SidecarHost(Options, NullLoggerFactory.Instance))
+        {
+            await host.StartAsync();
+            using var client = Client(host);
+            for (int c = 0; c < chains.Length; c++)
+                Assert.Equal(4u, (await client.PutAsync(TestBlocks.ToPut(chains[c], blockBytes, 1000 * c))).Stored);
+
+            StatsResponse stats = await client.StatsAsync();
+            Assert.Equal([Tier.Gpu, Tier.Host, Tier.Ssd], stats.Tiers.Select(t => t.Tier));
+            Assert.Contains("emulated", stats.Tiers[0].Implementation, StringComparison.OrdinalIgnoreCase);
+            Assert.True(stats.Tiers[2].Blocks > 0, "nothing was demoted to the SSD tier");
+            Assert.All(stats.Tiers, t => Assert.True(t.UsedBytes <= t.CapacityBytes));
+
+            // The oldest chain went down; it is still whole, served byte-exact.
+            LookupResponse first = await client.LookupAsync(TestBlocks.Packed(chains[0]));
+            Assert.Equal(4u, first.MatchedBlocks);
+            Assert.Contains(Tier.Ssd, first.Tiers);
+            var dest = new byte[4 * blockBytes];
+            await client.GetAsync(TestBlocks.Packed(chains[0]), dest, blockBytes);
+            for (int i = 0; i < 4; i++)
+                Assert.Equal(TestBlocks.Bytes(blockBytes, i), dest.AsSpan(i * blockBytes, blockBytes).ToArray());
+        }
+
+        // A new sidecar on the same SSD directory finds what was there (GPU and host memory start empty).
+        await using (var host = new SidecarHost(Options, NullLoggerFactory.Instance))
+        {
+            await host.StartAsync();
+            using var client = Client(host);
+            int recovered = 0;
+            for (int c = 0; c < chains.Length; c++)
+            {
+                LookupResponse r = await client.LookupAsync(TestBlocks.Packed(chains[c]));
+                Assert.All(r.Tiers, t => Assert.Equal(Tier.Ssd, t));
+                recovered += (int)r.MatchedBlocks;
+                if (r.MatchedBlocks == 0)
+                    continue;
+                var dest = new byte[(int)r.MatchedBlocks * blockBytes];
+                await client.GetAsync(TestBlocks.Packed(chains[c][..(int)r.MatchedBlocks]), dest, blockBytes);
+                for (int i = 0; i < r.MatchedBlocks; i++)
+                    Assert.Equal(TestBlocks.Bytes(blockBytes, 1000 * c + i), dest.AsSpan(i * blockBytes, blockBytes).ToArray());
+            }
+
+            Assert.True(recovered > 0, "no block came back from the SSD tier after the restart");
+        }
+    }
+
+    [Fact]
+    public async Task A_put_larger_than_every_tier_together_is_refused_before_anything_moves()
+    {
+        var o = Options with { GpuCapacityBytes = 0, SsdDirectory = null };
+        await using var host = new SidecarHost(o, NullLoggerFactory.Instance);
+        await host.StartAsync();
+        using var client = Client(host);
+        int blockBytes = (int)SidecarFixture.SmallLayout.BlockBytes;
+        var kept = TestBlocks.Chain("kept", 2);
+        await client.PutAsync(TestBlocks.ToPut(kept, blockBytes, 1));
+        var e = await Assert.ThrowsAsync<RpcException>(() => client.PutAsync(TestBlocks.ToPut(TestBlocks.Chain("huge", 9), blockBytes, 2)));
+        Assert.Equal(StatusCode.ResourceExhausted, e.Status);
+        Assert.Equal(2u, (await client.LookupAsync(TestBlocks.Packed(kept))).MatchedBlocks);
+    }
+}
