@@ -28,6 +28,8 @@ public static class ReplayCommand
         public int BlockBytes { get; init; } = 64 << 20;
         public int MaxRequests { get; init; } = int.MaxValue;
         public bool MicroBench { get; init; } = true;
+        /// <summary>tier-manager: the real TierManager over key-only stores; simulator: PolicySimulatorCache.</summary>
+        public string Engine { get; init; } = "tier-manager";
     }
 
     public static Command Create()
@@ -42,9 +44,10 @@ public static class ReplayCommand
         var noMicro = new Option<bool>("--no-microbench") { Description = "skip the policy ops/s micro-benchmark" };
         var quick = new Option<bool>("--quick") { Description = $"CI-sized run: the first {QuickRequests} requests" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
+        var engine = new Option<string>("--engine") { Description = "tier-manager (the real TierManager, default) or simulator (the block-count simulator)", DefaultValueFactory = _ => "tier-manager" };
         var cmd = new Command("replay", "Token hit rate of an eviction policy on a request trace (prefix semantics), against LRU, Belady's MIN and an infinite cache.")
         {
-            trace, tpb, capacity, policy, ssdPolicy, blockBytes, requests, noMicro, quick, json,
+            trace, tpb, capacity, policy, ssdPolicy, blockBytes, requests, noMicro, quick, json, engine,
         };
         cmd.SetAction(p =>
         {
@@ -59,6 +62,7 @@ public static class ReplayCommand
                 BlockBytes = checked((int)Sizes.Parse(p.GetValue(blockBytes)!)),
                 MaxRequests = max,
                 MicroBench = !p.GetValue(noMicro),
+                Engine = p.GetValue(engine) is "tier-manager" or "simulator" ? p.GetValue(engine)! : throw new ArgumentException($"--engine {p.GetValue(engine)}: use tier-manager or simulator"),
             };
             JsonReport.Write(p.GetValue(json), Run(o));
             return 0;
@@ -81,7 +85,7 @@ public static class ReplayCommand
     }
 
     // The hierarchy under test: one DRAM tier, or GPU, DRAM and SSD; every tier's policy counted for ops/s.
-    public static (PolicySimulatorCache Cache, CountingPolicy[] Counters) Build(Options o, string policySpec)
+    public static (IReplayCache Cache, CountingPolicy[] Counters) Build(Options o, string policySpec)
     {
         TierKind[] kinds = o.CapacityBlocks.Length == 1 ? [TierKind.Host] : [TierKind.Gpu, TierKind.Host, TierKind.Ssd];
         var counters = new CountingPolicy[kinds.Length];
@@ -93,14 +97,16 @@ public static class ReplayCommand
             tiers[t] = new SimulatedTier(kinds[t], o.CapacityBlocks[t], counters[t]);
         }
         string name = string.Join(",", counters.Select(c => c.Name).Distinct());
-        return (new PolicySimulatorCache(tiers, o.BlockBytes, name), counters);
+        return (o.Engine == "simulator"
+            ? new PolicySimulatorCache(tiers, o.BlockBytes, name)
+            : new TierManagerReplayCache(tiers, o.BlockBytes, name), counters);
     }
 
     public static JsonObject Run(Options o)
     {
         ReplayTrace trace = null!;
         ReplayResult tested = null!, lru = null!, belady = null!, infinite = null!;
-        PolicySimulatorCache testedCache = null!;
+        IReplayCache testedCache = null!;
         double testedSeconds = 0;
         long testedCalls = 0;
         var micro = new List<PolicyMicroBench.Result>();
@@ -142,12 +148,13 @@ public static class ReplayCommand
         return Report(o, trace, tested, testedCache, testedSeconds, testedCalls, lru, belady, infinite, micro);
     }
 
-    private static JsonObject Report(Options o, ReplayTrace trace, ReplayResult tested, PolicySimulatorCache cache, double seconds, long calls,
+    private static JsonObject Report(Options o, ReplayTrace trace, ReplayResult tested, IReplayCache cache, double seconds, long calls,
         ReplayResult lru, ReplayResult belady, ReplayResult infinite, List<PolicyMicroBench.Result> micro)
     {
         var report = JsonReport.Header("replay");
         report["trace"] = Path.GetFileName(o.TracePath);
         report["policy"] = tested.Name;
+        report["engine"] = o.Engine;
         report["tokens_per_block"] = o.TokensPerBlock;
         report["block_bytes"] = o.BlockBytes;
         report["capacity_blocks"] = new JsonArray([.. o.CapacityBlocks.Select(c => (JsonNode)c)]);
@@ -206,7 +213,7 @@ public static class ReplayCommand
         Row("infinite", infinite);
         for (int t = 0; t < cache.Tiers.Count && cache.Tiers.Count > 1; t++)
             table.AddRow($"  hits in {cache.Tiers[t]}", $"{(double)tested.HitTokensByTier[t] / tested.InputTokens:P2}", "", "");
-        table.AddRow("replay", $"{tested.Requests} requests in {seconds:F2} s, {calls / seconds / 1e6:F2} M policy calls/s (with the simulator)", "", "");
+        table.AddRow("replay", $"{tested.Requests} requests in {seconds:F2} s, {calls / seconds / 1e6:F2} M policy calls/s ({o.Engine})", "", "");
         foreach (var m in micro)
             table.AddRow($"micro-bench {m.Policy}", $"{m.OpsPerSecond / 1e6:F2} M ops/s", "", "");
         AnsiConsole.Write(new Rule($"replay: {Path.GetFileName(o.TracePath)}, {label(o)}"));

@@ -91,7 +91,11 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         }
         metrics.BytesIn.Add(put.Received, "put");
         call.BytesReceived = put.Received;
-        return new PutResponse { Stored = (uint)outcome.Stored, AlreadyPresent = (uint)outcome.AlreadyPresent, BytesReceived = (ulong)put.Received };
+        return new PutResponse
+        {
+            Stored = (uint)outcome.Stored, AlreadyPresent = (uint)outcome.AlreadyPresent, NotAdmitted = (uint)outcome.NotAdmitted,
+            BytesReceived = (ulong)put.Received,
+        };
     }
 
     /// <summary>The state of one Put stream: blocks staged so far and the one being filled.</summary>

@@ -51,7 +51,8 @@ public interface IPutBatch : IDisposable
     ValueTask<PutOutcome> CommitAsync(CancellationToken cancellationToken);
 }
 
-public readonly record struct PutOutcome(int Stored, int AlreadyPresent);
+/// <summary>NotAdmitted: blocks the tiers' admission policies declined (a caching decision, not an error).</summary>
+public readonly record struct PutOutcome(int Stored, int AlreadyPresent, int NotAdmitted = 0);
 
 public readonly record struct PinLease(ulong LeaseId, int Pinned, DateTimeOffset Expires);
 

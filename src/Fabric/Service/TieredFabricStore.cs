@@ -237,7 +237,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
             // Blocks cached before this call are not this call's to undo.
             var before = new HashSet<BlockHash>(_staged.Where(s => store._tiers.Residency(new BlockKey(tenant, s.Hash)) != 0).Select(s => s.Hash));
             var newlyStored = new List<BlockHash>();
-            int stored = 0, present = 0;
+            int stored = 0, present = 0, notAdmitted = 0;
             try
             {
                 int i = 0;
@@ -265,14 +265,17 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
 
                     if (r.Status == PutStatus.ResourceExhausted)
                         throw new StoreFullException($"{r.Detail}; nothing from this Put was stored");
-                    r.ThrowIfIncomplete();
+                    if (r.Status == PutStatus.Refused)
+                        notAdmitted += r.NotStored; // the stored prefix stays: a whole, findable chain
+                    else
+                        r.ThrowIfIncomplete();
                     stored += r.Stored;
                     present += r.AlreadyPresent;
                     i = end;
                 }
 
                 newlyStored.Clear();
-                return new PutOutcome(stored, present);
+                return new PutOutcome(stored, present, notAdmitted);
             }
             finally
             {

@@ -58,7 +58,11 @@ public sealed partial class TierManager
                 }
                 (int placed, var status, string? detail) = await PlaceNewAsync(key, held, start, meta, blocks[i].Bytes).ConfigureAwait(false);
                 if (placed == None)
+                {
+                    if (status == PutStatus.Refused)
+                        OfferRest(tenant, blocks, i + 1, depth + 1, start);
                     return new PutResult(status, stored, present, blocks.Count - i, detail);
+                }
                 held = placed; // PlaceNewAsync moved the in-use mark from the parent to the new block
                 depth++;
                 stored++;
@@ -76,6 +80,17 @@ public sealed partial class TierManager
                 }
             }
             _mover.Release();
+        }
+    }
+
+    // A chain refused at block i is not stored past it, but the policy still sees the rest of it (answers ignored): a
+    // frequency-based policy must learn a whole chain's reuse from one request, not one block per request.
+    private void OfferRest(uint tenant, IReadOnlyList<BlockPut> blocks, int from, int depth, int tier)
+    {
+        lock (_lock)
+        {
+            for (int j = from; j < blocks.Count; j++, depth++)
+                _tiers[tier].Policy.ShouldAdmit(new PolicyBlockInfo(new BlockKey(tenant, blocks[j].Hash), depth, blocks[j].Bytes.Length));
         }
     }
 
