@@ -4,6 +4,8 @@ using System.Text.Json.Nodes;
 using KvFabric.Bench.Reporting;
 using KvFabric.Blocks;
 using KvFabric.Tiers;
+using KvFabric.Tiers.Policies;
+using KvFabric.Tiers.Replay;
 
 namespace KvFabric.Bench.Tiers;
 
@@ -37,7 +39,7 @@ public static class TiersMetaCommand
 
     private static TierManager NewManager(long capacityBlocks, int blockBytes) => new(new TierManagerOptions
     {
-        Tiers = [new TierOptions { Store = new NullBlockStore(TierKind.Host, capacityBlocks * blockBytes), Policy = new ArrayLruPolicy() }],
+        Tiers = [new TierOptions { Store = new KeyOnlyBlockStore(TierKind.Host, capacityBlocks * blockBytes), Policy = new LruPolicy((int)capacityBlocks) }],
         PromoteOnHit = false,
     });
 

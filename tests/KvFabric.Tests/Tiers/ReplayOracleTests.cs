@@ -94,4 +94,19 @@ public sealed class ReplayOracleTests
         Assert.True(belady.TokenHitRate <= infinite.TokenHitRate);
         Assert.Equal(infinite.InputTokens, lru.InputTokens);
     }
+
+    [Fact]
+    public void The_real_tier_manager_and_the_simulator_agree_on_one_tier()
+    {
+        var trace = ReplayTrace.Load(ConversationTrace(), 512, maxRequests: 1500);
+        const int blocks = 400;
+        foreach (string policy in new[] { "lru", "cost" })
+        {
+            var simulated = ReplayRunner.Run(trace, OneTier(policy, blocks, 512));
+            using var manager = new TierManagerReplayCache([new SimulatedTier(TierKind.Host, blocks, PolicyFactory.Create(policy, blocks, 512))], BlockBytes);
+            var real = ReplayRunner.Run(trace, manager);
+            Assert.Equal(simulated.HitTokens, real.HitTokens);
+            Assert.True(manager.Manager.Stats().Tiers[0].UsedBytes <= (long)blocks * BlockBytes);
+        }
+    }
 }
