@@ -230,5 +230,6 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         _commits.Dispose();
         _lockFile.Dispose();
         _commitSignal.Dispose();
+        _commitSlots.Dispose();
     }
 }
