@@ -183,6 +183,44 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task A_device_failing_under_concurrent_writers_loses_no_acknowledged_block()
+    {
+        using var dir = new TempDir();
+        FaultyDevice? device = null;
+        var acknowledged = new System.Collections.Concurrent.ConcurrentBag<int>();
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)))))
+        {
+            int next = -1;
+            var writers = Enumerable.Range(0, 16).Select(_ => Task.Run(async () =>
+            {
+                int i;
+                while ((i = Interlocked.Increment(ref next)) < 400)
+                {
+                    if (i == 120)
+                        device!.FailWrites = true; // mid-stream, with commits in flight
+                    try
+                    {
+                        if (await Ssd.Write(store, i))
+                            acknowledged.Add(i);
+                    }
+                    catch (TierException)
+                    {
+                    }
+                }
+            })).ToArray();
+            await Task.WhenAll(writers).WaitAsync(TimeSpan.FromSeconds(120)); // every write finishes: none hangs on the failure
+            Assert.True(device!.FailedWrites > 0);
+        }
+        Assert.NotEmpty(acknowledged);
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(0, store.RecoveredCorruptRecords);
+            foreach (int i in acknowledged)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
     public async Task Compaction_frees_old_segments_and_keeps_every_live_block()
     {
         using var dir = new TempDir();
