@@ -38,6 +38,20 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task Default_options_take_a_2_MiB_block()
+    {
+        using var dir = new TempDir();
+        var block = new byte[2 << 20];
+        block.AsSpan(0, 4096).Fill(7);
+        await using var store = await SsdBlockStore.OpenAsync(new SsdBlockStoreOptions { Directory = dir.Path, CapacityBytes = 64L << 20 });
+        Assert.True(await store.WriteAsync(Ssd.Key(1), new BlockMeta(default, 0, block.Length), block));
+        var back = new byte[block.Length];
+        Assert.True(await store.ReadAsync(Ssd.Key(1), back));
+        Assert.Equal(block, back);
+        Assert.InRange(store.UsedBytes, 1, block.Length / 8); // mostly zeros: stored compressed
+    }
+
+    [Fact]
     public async Task Compressible_blocks_are_stored_smaller_and_noise_is_stored_raw()
     {
         using var dir = new TempDir();
