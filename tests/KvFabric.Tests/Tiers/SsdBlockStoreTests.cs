@@ -38,6 +38,20 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task Default_options_take_a_2_MiB_block()
+    {
+        using var dir = new TempDir();
+        var block = new byte[2 << 20];
+        block.AsSpan(0, 4096).Fill(7);
+        await using var store = await SsdBlockStore.OpenAsync(new SsdBlockStoreOptions { Directory = dir.Path, CapacityBytes = 64L << 20 });
+        Assert.True(await store.WriteAsync(Ssd.Key(1), new BlockMeta(default, 0, block.Length), block));
+        var back = new byte[block.Length];
+        Assert.True(await store.ReadAsync(Ssd.Key(1), back));
+        Assert.Equal(block, back);
+        Assert.InRange(store.UsedBytes, 1, block.Length / 8); // mostly zeros: stored compressed
+    }
+
+    [Fact]
     public async Task Compressible_blocks_are_stored_smaller_and_noise_is_stored_raw()
     {
         using var dir = new TempDir();
@@ -178,6 +192,44 @@ public sealed class SsdBlockStoreTests
             Assert.Equal(5, store.Count);
             Assert.Null(await Ssd.Read(store, 5));
             for (int i = 0; i < 5; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
+    public async Task A_device_failing_under_concurrent_writers_loses_no_acknowledged_block()
+    {
+        using var dir = new TempDir();
+        FaultyDevice? device = null;
+        var acknowledged = new System.Collections.Concurrent.ConcurrentBag<int>();
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)))))
+        {
+            int next = -1;
+            var writers = Enumerable.Range(0, 16).Select(_ => Task.Run(async () =>
+            {
+                int i;
+                while ((i = Interlocked.Increment(ref next)) < 400)
+                {
+                    if (i == 120)
+                        device!.FailWrites = true; // mid-stream, with commits in flight
+                    try
+                    {
+                        if (await Ssd.Write(store, i))
+                            acknowledged.Add(i);
+                    }
+                    catch (TierException)
+                    {
+                    }
+                }
+            })).ToArray();
+            await Task.WhenAll(writers).WaitAsync(TimeSpan.FromSeconds(120)); // every write finishes: none hangs on the failure
+            Assert.True(device!.FailedWrites > 0);
+        }
+        Assert.NotEmpty(acknowledged);
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(0, store.RecoveredCorruptRecords);
+            foreach (int i in acknowledged)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
     }

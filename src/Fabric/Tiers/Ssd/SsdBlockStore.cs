@@ -106,7 +106,9 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 AutoRefreshSafeTailAddress = false,
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
-            return new SsdBlockStore(options, lockFile, device, commits, log);
+            // The recovery scan reads the whole log: off the caller's thread.
+            var (d, c, l) = (device, commits, log);
+            return await Task.Run(() => new SsdBlockStore(options, lockFile, d, c, l), cancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
         {
@@ -230,5 +232,6 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         _commits.Dispose();
         _lockFile.Dispose();
         _commitSignal.Dispose();
+        _commitSlots.Dispose();
     }
 }

@@ -14,8 +14,8 @@ public sealed record SsdBlockStoreOptions
     /// <summary>When positive, every block must be exactly this long (a layout's block size); 0 accepts 1..MaxBlockBytes.</summary>
     public int BlockBytes { get; init; }
 
-    /// <summary>The largest block accepted; a log page must hold one whole record, so this sizes the pages.</summary>
-    public int MaxBlockBytes { get; init; } = 16 << 20;
+    /// <summary>The largest block accepted (8 MiB covers vLLM/SGLang page sizes); LogPageBytes must be at least twice a record.</summary>
+    public int MaxBlockBytes { get; init; } = 8 << 20;
 
     /// <summary>Try zstd on each block; it is kept only when it saves at least <see cref="MinCompressionSaving"/>.</summary>
     public bool Compression { get; init; } = true;
