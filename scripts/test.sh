@@ -25,7 +25,7 @@ done
 
 $bench rpc --quick --blocks 8 --blocks-per-call 4 --callers 8 --no-reference --json "$smoke/rpc.json" >/dev/null
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['get_gbps']>0 and r['lookup_calls_per_second']>0, r; print('smoke ok: rpc', round(r['get_gbps'],2), 'GB/s get,', round(r['lookup_calls_per_second']), 'lookups/s')" "$smoke/rpc.json"
-trace=../shared/traces/conversation_trace.jsonl
+trace=tests/KvFabric.Tests/Tiers/data/conversation_trace_first1500.jsonl
 if [ -f "$trace" ]; then
   $bench replay --quick --trace "$trace" --capacity-blocks 200 --policy cost --no-microbench --json "$smoke/replay.json" >/dev/null
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert 0 < r['lru_token_hit_rate'] <= r['belady_token_hit_rate'] <= r['infinite_token_hit_rate'] and r['token_hit_rate'] > 0, r; print('smoke ok: replay', r['token_hit_rate'], 'token hit rate')" "$smoke/replay.json"

@@ -30,24 +30,12 @@ internal static class PolicyTestSupport
         new(tokensPerBlock, [.. chains.Select((c, i) => (TimestampMs: (long)i, InputLength: c.Length * tokensPerBlock, OutputLength: 1, HashIds: c))]);
 
     // The real trace of the FAST'25 Mooncake release, from shared/ beside the repository (or KVFABRIC_SHARED).
+    // The first 1,500 requests of Mooncake's conversation trace, kept with the tests (Tiers/data/README.md).
     public static string ConversationTrace()
     {
-        string? root = Environment.GetEnvironmentVariable("KVFABRIC_SHARED");
-        if (root is null)
-        {
-            for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
-            {
-                string candidate = Path.Combine(dir.FullName, "shared");
-                if (File.Exists(Path.Combine(candidate, "traces", "conversation_trace.jsonl")))
-                {
-                    root = candidate;
-                    break;
-                }
-            }
-        }
-        string path = Path.Combine(root ?? "shared", "traces", "conversation_trace.jsonl");
+        string path = Path.Combine(AppContext.BaseDirectory, "Tiers", "data", "conversation_trace_first1500.jsonl");
         if (!File.Exists(path))
-            throw new FileNotFoundException($"The conversation trace is not at {path}: put shared/ beside the repository or set KVFABRIC_SHARED.", path);
+            throw new FileNotFoundException($"The trace slice is not at {path}: it is copied next to the tests by the test project; rebuild.", path);
         return path;
     }
 }
