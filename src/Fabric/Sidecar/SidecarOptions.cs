@@ -37,6 +37,9 @@ public sealed record SidecarOptions
     public string Policy { get; init; } = "cost";
     /// <summary>Eviction policy of the SSD tier; "+seen-twice" makes it admit a block only the second time it is offered.</summary>
     public string SsdPolicy { get; init; } = "lru";
+    /// <summary>"seen-twice": the SSD tier takes a block only the second time it is offered (asked on every entry, so it
+    /// saves writes even while the SSD has room); "always" (default): every block the tiers above let go.</summary>
+    public string SsdAdmission { get; init; } = "always";
     public bool WriteThrough { get; init; }
     /// <summary>Recompute cost for the load-versus-recompute gate (milliseconds per block, plus per block per depth); null: gate off.</summary>
     public double? RecomputeMsPerBlock { get; init; }
@@ -72,6 +75,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"gpu capacity ({GpuCapacityBytes} bytes) must be 0 (no GPU tier) or hold at least one block of {Layout.BlockBytes} bytes");
         if (SsdDirectory is not null && SsdCapacityBytes < Layout.BlockBytes)
             throw new ArgumentException($"ssd capacity ({SsdCapacityBytes} bytes) must hold at least one block of {Layout.BlockBytes} bytes");
+        if (SsdAdmission is not ("always" or "seen-twice"))
+            throw new ArgumentException($"ssd_admission must be 'always' or 'seen-twice'; got '{SsdAdmission}'");
         if (PutStagingBlocks is < 1 or > 65536)
             throw new ArgumentException($"put_staging_blocks must be 1..65536; got {PutStagingBlocks}");
         foreach (string policy in new[] { Policy, SsdPolicy })
@@ -131,6 +136,7 @@ public sealed record SidecarOptions
             SsdCapacityBytes = c["ssd_capacity"] is { } ssd ? ParseBytes(ssd) : d.SsdCapacityBytes,
             Policy = c["policy"] ?? d.Policy,
             SsdPolicy = c["ssd_policy"] ?? d.SsdPolicy,
+            SsdAdmission = c["ssd_admission"] ?? d.SsdAdmission,
             WriteThrough = bool.TryParse(c["write_through"], out bool wt) && wt,
             RecomputeMsPerBlock = Double(c, "recompute_ms_per_block"),
             RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),

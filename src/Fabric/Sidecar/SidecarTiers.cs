@@ -79,10 +79,11 @@ public sealed class SidecarTiers : IDisposable
                 {
                     Store = ssd,
                     Policy = PolicyFactory.Create(o.SsdPolicy, ssdSlots, o.Layout.TokensPerBlock),
+                    Admission = o.SsdAdmission == "seen-twice" ? new SeenTwiceAdmissionFilter() : null,
                     ReadBandwidthBytesPerSecond = 1e9,
                     ReadLatencySeconds = 200e-6,
                 });
-                described.Add($"ssd {ssdSlots} blocks in {o.SsdDirectory} ({ssd.Count} recovered, policy {o.SsdPolicy})");
+                described.Add($"ssd {ssdSlots} blocks in {o.SsdDirectory} ({ssd.Count} recovered, policy {o.SsdPolicy}, admission {o.SsdAdmission})");
             }
 
             var options = tiers.ToArray();
