@@ -16,6 +16,8 @@ public sealed record RpcBenchOptions
     public int LookupCallers { get; init; } = 64;
     public int LookupChain { get; init; } = 32;
     public TimeSpan LookupDuration { get; init; } = TimeSpan.FromSeconds(3);
+    /// <summary>Largest data chunk per Get response message; 0: the server's default (1 MiB).</summary>
+    public uint GetChunkBytes { get; init; }
 }
 
 public sealed record RpcBenchResult(
@@ -98,7 +100,7 @@ public static class RpcBench
             for (int c = 0; c < calls; c++)
             {
                 ReadOnlyMemory<byte> chain = packedAll.AsMemory(c * o.BlocksPerCall * HashChain.HashBytes, o.BlocksPerCall * HashChain.HashBytes);
-                await client.GetAsync(chain, dest, o.BlockBytes, options: new CallOptions(CancellationToken: ct));
+                await client.GetAsync(chain, dest, o.BlockBytes, o.GetChunkBytes, new CallOptions(CancellationToken: ct));
                 if (run == 1 && c == 0 && !dest.AsSpan().SequenceEqual(data.AsSpan(0, dest.Length)))
                     throw new InvalidOperationException("Get returned different bytes than were put: the benchmark would measure a broken path");
             }

@@ -19,11 +19,12 @@ public static class RpcCommand
         var callers = new Option<int>("--callers") { Description = "concurrent Lookup callers", DefaultValueFactory = _ => 64 };
         var seconds = new Option<double>("--lookup-seconds") { Description = "how long the Lookup load runs", DefaultValueFactory = _ => 3 };
         var noReference = new Option<bool>("--no-reference") { Description = "skip the TCP transfer backend reference" };
+        var chunk = new Option<string>("--get-chunk") { Description = "largest data chunk per Get response message (0: the server's 1 MiB default)", DefaultValueFactory = _ => "0" };
         var quick = new Option<bool>("--quick") { Description = "CI-sized run: 16 blocks, 2 runs, 1 s of Lookup" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("rpc", "The gRPC service over loopback: Lookup calls/s and latency with concurrent callers, streamed Put/Get GB/s vs the TCP transfer backend.")
         {
-            blockSize, blocks, perCall, runs, callers, seconds, noReference, quick, json,
+            blockSize, blocks, perCall, runs, callers, seconds, noReference, quick, json, chunk,
         };
         cmd.SetAction(async (p, ct) =>
         {
@@ -36,6 +37,7 @@ public static class RpcCommand
                 Runs = QuickDefaults.Pick(p, runs, isQuick, 2),
                 LookupCallers = p.GetValue(callers),
                 LookupDuration = TimeSpan.FromSeconds(QuickDefaults.Pick(p, seconds, isQuick, 1.0)),
+                GetChunkBytes = p.GetValue(chunk) is "0" ? 0 : checked((uint)Sizes.Parse(p.GetValue(chunk)!)),
             };
             JsonReport.Write(p.GetValue(json), await RunAsync(o, !p.GetValue(noReference), ct));
             return 0;
@@ -61,6 +63,7 @@ public static class RpcCommand
         report["block_bytes"] = o.BlockBytes;
         report["blocks"] = o.Blocks;
         report["blocks_per_call"] = o.BlocksPerCall;
+        report["get_chunk_bytes"] = o.GetChunkBytes;
         report["runs"] = o.Runs;
         report["lookup_callers"] = o.LookupCallers;
         report["lookup_chain_blocks"] = o.LookupChain;

@@ -72,6 +72,9 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
 
     public async ValueTask<ReadLease?> OpenReadAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken)
     {
+        // Host memory serves in place; other tiers (device memory, SSD) are read into a pooled buffer.
+        if (_tiers.TryOpenInPlace(tenant, hash, out ReadOnlyMemory<byte> inPlace, out TierKind inPlaceTier) is { } scope)
+            return new InPlaceLease(scope, inPlace, inPlaceTier);
         int held = _tiers.Residency(new BlockKey(tenant, hash));
         if (held == 0)
             return null;
@@ -187,6 +190,13 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     }
 
     public void Dispose() => _tiers.Dispose();
+
+    private sealed class InPlaceLease(BlockUseScope scope, ReadOnlyMemory<byte> bytes, TierKind tier) : ReadLease
+    {
+        public override ReadOnlyMemory<byte> Bytes => bytes;
+        public override TierKind Tier => tier;
+        public override void Dispose() => scope.Dispose();
+    }
 
     private sealed class BufferLease(byte[] buffer, int length, TierKind tier) : ReadLease
     {

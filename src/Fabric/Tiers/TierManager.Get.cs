@@ -75,6 +75,35 @@ public sealed partial class TierManager
         return read;
     }
 
+    // Opens a block to be read in place (no copy) from its fastest tier, when that tier's store can expose its bytes
+    // (IInPlaceBlockStore): counts the hit and touches the policy as GetAsync does, queues a promotion for a hit below the
+    // top tier, and keeps the block in use (not evicted, moved out or deleted) until the scope is disposed. Null when the
+    // block is absent or its fastest tier cannot serve in place (read it with GetAsync then).
+    public BlockUseScope? TryOpenInPlace(uint tenant, BlockHash hash, out ReadOnlyMemory<byte> bytes, out TierKind tier)
+    {
+        var key = new BlockKey(tenant, hash);
+        bytes = default;
+        tier = default;
+        lock (_lock)
+        {
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            if (!_index.TryGetValue(key, out int b) || _held[b] == 0)
+                return null;
+            int t = Fastest(b);
+            var state = _tiers[t];
+            if (state.Store is not IInPlaceBlockStore inPlace || !inPlace.TryGetBytes(key, out bytes))
+                return null;
+            Tick();
+            AddUse(b);
+            state.Hits++;
+            state.Policy.OnAccess(_handle[t][b]);
+            if (t > 0)
+                QueuePromotion(key);
+            tier = state.Kind;
+            return new BlockUseScope(this, [b], 1);
+        }
+    }
+
     // Not cancellable: the store has already dropped the bytes, so the metadata must follow.
     private async ValueTask DropCorruptGatedAsync(int b, BlockKey key, int t)
     {

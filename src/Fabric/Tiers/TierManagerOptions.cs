@@ -53,3 +53,10 @@ public interface IFixedSizeBlockStore
 {
     int BlockBytes { get; }
 }
+
+// A store that can hand out a resident block's bytes in place (no copy): valid while the tier manager keeps the block in
+// use (TierManager.TryOpenInPlace), since only then can the slot not be evicted, moved out or reused.
+public interface IInPlaceBlockStore
+{
+    bool TryGetBytes(BlockKey key, out ReadOnlyMemory<byte> bytes);
+}

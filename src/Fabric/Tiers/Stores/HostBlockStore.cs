@@ -8,9 +8,10 @@ public readonly record struct SharedBlockLocation(string SegmentPath, long Segme
 
 // The DRAM tier: one HostBlockPool slot per block. With Shared, the pool lives in /dev/shm segments, so a node-local
 // engine can read a block in place instead of receiving a copy.
-public sealed class HostBlockStore : SlottedBlockStore
+public sealed class HostBlockStore : SlottedBlockStore, IInPlaceBlockStore
 {
     private readonly HostBlockPool _pool;
+    private readonly NativeMemoryManager?[] _inPlace;
 
     public HostBlockStore(int blockBytes, int slotCount, bool shared = false, bool lockInRam = false)
         : base(TierKind.Host, blockBytes, slotCount)
@@ -23,6 +24,23 @@ public sealed class HostBlockStore : SlottedBlockStore
             LockInRam = lockInRam,
             Tag = "host-tier",
         });
+        _inPlace = new NativeMemoryManager?[slotCount];
+    }
+
+    public bool TryGetBytes(BlockKey key, out ReadOnlyMemory<byte> bytes)
+    {
+        bytes = default;
+        if (!TryGetSlot(key, out int index))
+            return false;
+        NativeMemoryManager? view = Volatile.Read(ref _inPlace[index]);
+        if (view is null)
+        {
+            var slot = _pool.SlotAt(index);
+            view = Interlocked.CompareExchange(ref _inPlace[index], new NativeMemoryManager(slot.Address, slot.Length), null) ?? _inPlace[index]!;
+        }
+
+        bytes = view.Memory;
+        return true;
     }
 
     public bool IsShared => _pool.Regions.Count > 0 && _pool.Regions[0].MappedPath is not null;

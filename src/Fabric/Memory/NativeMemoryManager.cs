@@ -1,6 +1,6 @@
 using System.Buffers;
 
-namespace KvFabric.Service;
+namespace KvFabric.Memory;
 
 /// <summary>A Memory&lt;byte&gt; view of native memory the owner keeps alive (a pool slot); created once per slot, not per use.</summary>
 internal sealed unsafe class NativeMemoryManager(nint address, int length) : MemoryManager<byte>
