@@ -42,17 +42,35 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     public KvEventLogs Events { get; } = new();
     public TierManager Manager => _tiers;
 
+    // Block copies per (tenant, tier), kept from the events so Stats never walks the index.
+    private readonly Dictionary<(uint Tenant, TierKind Tier), long> _copies = new();
+
+    private void CountCopy(uint tenant, TierKind tier, long delta)
+    {
+        lock (_copies)
+            _copies[(tenant, tier)] = _copies.GetValueOrDefault((tenant, tier)) + delta;
+    }
+
     void IKvEventSink.OnEvent(in Tiers.KvEvent e)
     {
         switch (e.Kind)
         {
             case Tiers.KvEventKind.Stored:
+                CountCopy(e.Tenant, e.Tier, 1);
                 Events.Append(e.Tenant, KvEventKind.Stored, e.HasParent ? e.Parent : null, [e.Block], e.Tier);
                 break;
             case Tiers.KvEventKind.Removed:
+                CountCopy(e.Tenant, e.Tier, -1);
                 Events.Append(e.Tenant, KvEventKind.Removed, null, [e.Block], e.Tier);
                 break;
             default:
+                TierKind cleared = e.Tier;
+                lock (_copies)
+                {
+                    foreach (var k in _copies.Keys.Where(k => k.Tier == cleared).ToList())
+                        _copies[k] = 0;
+                }
+
                 Events.AppendToAll(KvEventKind.Cleared, e.Tier);
                 break;
         }
@@ -168,7 +186,9 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
         TierManagerStats s = _tiers.Stats();
         var tiers = s.Tiers.Select(t => new TierStatsSnapshot(t.Kind, t.CapacityBytes, t.UsedBytes, t.Blocks, t.Hits, t.Evictions,
             $"{_tiers.GetStore(t.Kind)}; policy {t.Policy}")).ToList();
-        long tenantBlocks = _tiers.SnapshotEvents().Where(e => e.Tenant == tenant).Select(e => e.Block).Distinct().LongCount();
+        long tenantBlocks;
+        lock (_copies)
+            tenantBlocks = _copies.Where(kv => kv.Key.Tenant == tenant).Sum(kv => kv.Value);
         return new StoreStats(tiers, Interlocked.Read(ref _lookups), Interlocked.Read(ref _hitBlocks), Interlocked.Read(ref _missBlocks),
             tenantBlocks, tenantBlocks * BlockBytes);
     }
