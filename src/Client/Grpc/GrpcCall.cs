@@ -232,6 +232,12 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
             return new RpcException(StatusCode.Cancelled, $"{_method}: cancelled by the caller", e);
         if (_cts.IsCancellationRequested)
             return new RpcException(StatusCode.DeadlineExceeded, $"{_method}: deadline of {_deadline} expired before the call completed", e);
+        // The server may have ended the call already (e.g. it refused a client stream's first message): its status is the
+        // reason this side failed, not the broken write. Its answer can trail the reset that broke the write: wait a little.
+        if (!_send.IsCompleted)
+            await Task.WhenAny(_send, Task.Delay(TimeSpan.FromSeconds(2), CancellationToken.None)).ConfigureAwait(false);
+        if (_send.IsCompletedSuccessfully && await ServerStatusAsync(_send.Result).ConfigureAwait(false) is { } serverStatus)
+            return serverStatus;
         if (_send.IsCompleted || _push is null)
         {
             try
@@ -253,6 +259,38 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
         if (e is IOException or HttpIOException)
             return new RpcException(StatusCode.Unavailable, $"{_method}: the connection to {_channel.Options.Address} broke: {e.Message}", e);
         return new RpcException(StatusCode.Internal, $"{_method}: {e.GetType().Name}: {e.Message}", e);
+    }
+
+    private async ValueTask<RpcException?> ServerStatusAsync(HttpResponseMessage response)
+    {
+        HttpHeaders? source = response.Headers.Contains(GrpcProtocol.StatusHeader) ? response.Headers : null;
+        if (source is null)
+        {
+            try
+            {
+                // Drain what is left of the body (bounded) so the trailers are there to read.
+                using var drain = new CancellationTokenSource(TimeSpan.FromSeconds(2));
+                await response.Content.CopyToAsync(Stream.Null, drain.Token).ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                return null;
+            }
+
+            if (!response.TrailingHeaders.Contains(GrpcProtocol.StatusHeader))
+                return null;
+            source = response.TrailingHeaders;
+        }
+
+        try
+        {
+            CheckStatus(source, trailersOnly: false);
+            return null;
+        }
+        catch (RpcException e)
+        {
+            return e;
+        }
     }
 
     public async ValueTask DisposeAsync()

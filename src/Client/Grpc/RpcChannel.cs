@@ -86,9 +86,17 @@ public sealed class RpcChannel : IDisposable
     {
         ArgumentNullException.ThrowIfNull(request);
         DateTime started = DateTime.UtcNow;
+        TimeSpan? total = options.Deadline ?? Options.DefaultDeadline;
+        if (total == Timeout.InfiniteTimeSpan)
+            total = null;
         for (int attempt = 0; ; attempt++)
         {
-            await using var call = new GrpcCall<TRequest, TResponse>(this, method, parser, options, request, unary: true);
+            // Retries share the call's deadline: each attempt gets what is left of it.
+            TimeSpan? left = total - (DateTime.UtcNow - started);
+            if (left <= TimeSpan.Zero)
+                throw new RpcException(StatusCode.DeadlineExceeded, $"{method}: deadline of {total} expired before the call completed");
+            await using var call = new GrpcCall<TRequest, TResponse>(this, method, parser,
+                options with { Deadline = left ?? Timeout.InfiniteTimeSpan }, request, unary: true);
             try
             {
                 TResponse? response = await call.ReadAsync().ConfigureAwait(false)
@@ -100,8 +108,7 @@ public sealed class RpcChannel : IDisposable
                                          && attempt < Options.MaxRetries && !options.CancellationToken.IsCancellationRequested)
             {
                 TimeSpan backoff = Options.RetryBackoff * (1 << attempt);
-                TimeSpan? deadline = options.Deadline ?? Options.DefaultDeadline;
-                if (deadline is { } d && DateTime.UtcNow - started + backoff >= d)
+                if (total is { } d && DateTime.UtcNow - started + backoff >= d)
                     throw;
                 await Task.Delay(backoff, options.CancellationToken).ConfigureAwait(false);
             }

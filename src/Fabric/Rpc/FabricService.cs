@@ -15,6 +15,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
     public static readonly TimeSpan DefaultLease = TimeSpan.FromSeconds(30);
     public static readonly TimeSpan MaxLease = TimeSpan.FromHours(1);
     private const int MaxReserve = 1024;
+    public const int MaxGetBlocks = 1024;
 
     private IFabricStore Store => store;
 
@@ -104,6 +105,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         private readonly IPutBatch _batch = service.Store.BeginPut(tenant);
         private readonly int _blockBytes = service.Store.BlockBytes;
         private StagingArea.SlotScope? _slots;
+        private ulong _reservation;
         private Memory<byte> _current;
         private BlockHash _hash;
         private int _filled, _blocks;
@@ -140,7 +142,10 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
                 {
                     if (!data.IsEmpty)
                         throw new RpcException(StatusCode.InvalidArgument, $"block {_hash} names a reserved slot and also carries data; use one or the other");
+                    if (_slots is not null && reservation != _reservation)
+                        throw new RpcException(StatusCode.InvalidArgument, $"block {_hash} names reservation {reservation}, but this Put already uses reservation {_reservation}; one Put takes slots from one reservation");
                     _slots ??= service.UseSlots(tenant, reservation);
+                    _reservation = reservation;
                     SlotOf(_slots, reservation, slot > uint.MaxValue ? uint.MaxValue : (uint)slot).Span[.._blockBytes].CopyTo(_current.Span);
                     _filled = _blockBytes;
                     Received += _blockBytes;
@@ -244,7 +249,9 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
     {
         uint tenant = call.RequiredTenant.Id;
         BlockHash[] hashes = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
-        int chunk = request.ChunkBytes == 0 ? 1 << 20 : (int)Math.Min(request.ChunkBytes, (uint)(maxSendMessageBytes - 64));
+        if (hashes.Length > MaxGetBlocks)
+            throw new RpcException(StatusCode.InvalidArgument, $"a Get asks for {hashes.Length} blocks; at most {MaxGetBlocks} per call (every block is held while the call streams): split it");
+        int chunk = (int)Math.Min(request.ChunkBytes == 0 ? 1u << 20 : request.ChunkBytes, (uint)(maxSendMessageBytes - 64));
         if (chunk < 4096)
             throw new RpcException(StatusCode.InvalidArgument, $"chunk_bytes must be 0 (default) or at least 4096; got {request.ChunkBytes}");
 
@@ -334,7 +341,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         BlockHash[] hashes = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
         try
         {
-            return new DeleteResponse { Deleted = (uint)await store.DeleteAsync(call.RequiredTenant.Id, hashes).ConfigureAwait(false) };
+            return new DeleteResponse { Deleted = (uint)await store.DeleteAsync(call.RequiredTenant.Id, hashes, call.CancellationToken).ConfigureAwait(false) };
         }
         catch (BlockPinnedException e)
         {

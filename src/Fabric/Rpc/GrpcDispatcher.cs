@@ -14,6 +14,7 @@ namespace KvFabric.Rpc;
 public sealed class GrpcDispatcher
 {
     private static readonly double[] LatencyBuckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+    private static readonly TimeSpan MaxTimer = TimeSpan.FromDays(30);
     private readonly GrpcRouter _router;
     private readonly TenantRegistry _tenants;
     private readonly ILogger _log;
@@ -66,10 +67,13 @@ public sealed class GrpcDispatcher
             {
                 if (!GrpcProtocol.TryParseTimeout(timeout, out TimeSpan t))
                     throw new RpcException(StatusCode.InvalidArgument, $"malformed grpc-timeout '{timeout}' (expected e.g. 500m or 2S)");
-                deadline = DateTime.UtcNow + t;
                 if (t <= TimeSpan.Zero)
                     throw new RpcException(StatusCode.DeadlineExceeded, "the call's deadline had already passed when it arrived");
-                cts.CancelAfter(t);
+                if (t < MaxTimer) // longer deadlines (grpc-timeout allows years) are no deadline in practice
+                {
+                    deadline = DateTime.UtcNow + t;
+                    cts.CancelAfter(t);
+                }
             }
 
             string? encoding = request.Headers[GrpcProtocol.EncodingHeader].FirstOrDefault();

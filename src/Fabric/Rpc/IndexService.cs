@@ -149,8 +149,13 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
             {
                 // The subscriber fell behind what the node retains: send a snapshot, then resume after it.
                 var (sequence, events) = store.Snapshot(tenant);
-                foreach (Service.KvEvent e in events)
-                    call.Write(ToWire(e));
+                for (int i = 0; i < events.Count; i++)
+                {
+                    call.Write(ToWire(events[i]));
+                    if (i % EventBatch == EventBatch - 1)
+                        await call.FlushAsync().ConfigureAwait(false); // a lagging subscriber's backlog stays bounded
+                }
+
                 await call.FlushAsync().ConfigureAwait(false);
                 next = sequence + 1;
                 continue;

@@ -20,6 +20,8 @@ public sealed class TenantRegistry
         ArgumentNullException.ThrowIfNull(tenants);
         var list = new List<(Tenant, byte[])>();
         var names = new HashSet<string>(StringComparer.Ordinal);
+        var ids = new Dictionary<uint, string>();
+        var tokens = new HashSet<string>(StringComparer.Ordinal);
         foreach (TenantConfig t in tenants)
         {
             if (string.IsNullOrWhiteSpace(t.Name) || t.Name.Length > 128)
@@ -28,7 +30,13 @@ public sealed class TenantRegistry
                 throw new ArgumentException($"tenant '{t.Name}' has no token; give every tenant a token");
             if (!names.Add(t.Name))
                 throw new ArgumentException($"tenant '{t.Name}' is configured twice");
-            list.Add((new Tenant((uint)list.Count + 1, t.Name, t.Admin), SHA256.HashData(Encoding.UTF8.GetBytes(t.Token))));
+            if (!tokens.Add(t.Token))
+                throw new ArgumentException($"tenant '{t.Name}' has the same token as another tenant; give every tenant its own token");
+            uint id = IdOf(t.Name);
+            if (ids.TryGetValue(id, out string? other))
+                throw new ArgumentException($"tenants '{other}' and '{t.Name}' hash to the same id {id}; rename one of them");
+            ids[id] = t.Name;
+            list.Add((new Tenant(id, t.Name, t.Admin), SHA256.HashData(Encoding.UTF8.GetBytes(t.Token))));
         }
 
         if (list.Count == 0)
@@ -37,6 +45,16 @@ public sealed class TenantRegistry
     }
 
     public IEnumerable<Tenant> All => _tenants.Select(t => t.Tenant);
+
+    /// <summary>
+    /// A tenant's id: the first 4 bytes of SHA-256 of its name, never 0. Stable across restarts and config reorderings,
+    /// because durable tiers (SSD) keep blocks under it: a tenant must find its own blocks again, and only its own.
+    /// </summary>
+    public static uint IdOf(string name)
+    {
+        uint id = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(SHA256.HashData(Encoding.UTF8.GetBytes("kvfabric-tenant:" + name)));
+        return id == 0 ? 1 : id;
+    }
 
     /// <summary>
     /// The tenant a call may act as. No or unknown token: UNAUTHENTICATED. No tenant header: INVALID_ARGUMENT.

@@ -34,7 +34,7 @@ public interface IFabricStore : IDisposable
     /// Deletes the blocks and their cached descendants; returns how many blocks went. Pinned or in-use blocks stay;
     /// when nothing could go because of them, BlockPinnedException.
     /// </summary>
-    ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes);
+    ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes, CancellationToken cancellationToken);
 
     StoreStats GetStats(uint tenant);
 

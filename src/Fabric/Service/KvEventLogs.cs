@@ -67,7 +67,7 @@ public sealed class KvEventLogs(int capacity = 65536)
 
     /// <summary>
     /// Copies the retained events with sequence >= from (up to max) into output. Returns false when `from` is older than
-    /// the oldest retained event (the caller needs a snapshot). `changed` completes at the next append.
+    /// the oldest retained event or beyond the next one (the caller needs a snapshot). `changed` completes at the next append.
     /// </summary>
     public bool TryRead(uint tenant, ulong from, List<KvEvent> output, int max, out Task changed)
     {
@@ -76,7 +76,9 @@ public sealed class KvEventLogs(int capacity = 65536)
             Log log = LogOf(tenant);
             changed = log.Changed.Task;
             ulong oldest = log.Last >= (ulong)Capacity ? log.Last - (ulong)Capacity + 1 : 1;
-            if (from < oldest)
+            // Older than what is kept, or newer than anything sent (a subscriber that saw another incarnation of this node,
+            // whose sequence numbers restarted): either way only a snapshot brings it back in line.
+            if (from < oldest || from > log.Last + 1)
                 return false;
             for (ulong s = from; s <= log.Last && output.Count < max; s++)
                 output.Add(log.Ring[(int)(s % (ulong)Capacity)]!);

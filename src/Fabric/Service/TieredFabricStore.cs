@@ -166,12 +166,12 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
             _leases.Remove(id);
     }
 
-    public async ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes)
+    public async ValueTask<int> DeleteAsync(uint tenant, BlockHash[] hashes, CancellationToken cancellationToken)
     {
         int deleted = 0, kept = 0;
         foreach (BlockHash h in hashes)
         {
-            DeleteResult r = await _tiers.DeleteAsync(tenant, h).ConfigureAwait(false);
+            DeleteResult r = await _tiers.DeleteAsync(tenant, h, cancellationToken).ConfigureAwait(false);
             deleted += r.Deleted;
             kept += r.KeptBusy;
         }
@@ -200,7 +200,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
         {
             ulong before = Events.LastSequence(tenant);
             IReadOnlyList<Tiers.KvEvent> all = _tiers.SnapshotEvents();
-            if (Events.LastSequence(tenant) == before || attempt == 16)
+            if (Events.LastSequence(tenant) == before || attempt == 3)
             {
                 return (before, all.Where(e => e.Tenant == tenant)
                     .Select(e => new KvEvent(before, KvEventKind.Stored, e.HasParent ? e.Parent : null, [e.Block], e.Tier, Snapshot: true))
@@ -264,9 +264,8 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                     $"this Put carries {_staged.Count} blocks but all tiers together hold {capacityBlocks}; nothing was stored");
             }
 
-            // Blocks cached before this call are not this call's to undo.
-            var before = new HashSet<BlockHash>(_staged.Where(s => store._tiers.Residency(new BlockKey(tenant, s.Hash)) != 0).Select(s => s.Hash));
             var newlyStored = new List<BlockHash>();
+            var declined = new HashSet<BlockHash>();
             int stored = 0, present = 0, notAdmitted = 0;
             try
             {
@@ -280,11 +279,22 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                     var run = new List<BlockPut>(end - i);
                     for (int k = i; k < end; k++)
                         run.Add(new BlockPut(_staged[k].Hash, _staged[k].Buffer.AsMemory(0, store.BlockBytes)));
-                    PutResult r = await store._tiers.PutAsync(tenant, _staged[i].Parent, run, cancellationToken).ConfigureAwait(false);
-                    for (int k = i; k < i + r.Stored + r.AlreadyPresent && k < end; k++)
+                    var mine = new bool[run.Count];
+                    PutResult r = await store._tiers.PutAsync(tenant, _staged[i].Parent, run, mine, cancellationToken).ConfigureAwait(false);
+                    for (int k = 0; k < mine.Length; k++)
                     {
-                        if (!before.Contains(_staged[k].Hash))
-                            newlyStored.Add(_staged[k].Hash);
+                        if (mine[k])
+                            newlyStored.Add(run[k].Hash);
+                    }
+
+                    if (r.Status == PutStatus.ParentMissing && _staged[i].Parent is { } p && declined.Contains(p))
+                    {
+                        // A branch off a block the cache declined earlier in this call: declined with it.
+                        notAdmitted += run.Count;
+                        foreach (BlockPut b in run)
+                            declined.Add(b.Hash);
+                        i = end;
+                        continue;
                     }
 
                     if (r.Status == PutStatus.ParentMissing)
@@ -296,9 +306,16 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                     if (r.Status == PutStatus.ResourceExhausted)
                         throw new StoreFullException($"{r.Detail}; nothing from this Put was stored");
                     if (r.Status == PutStatus.Refused)
+                    {
                         notAdmitted += r.NotStored; // the stored prefix stays: a whole, findable chain
+                        for (int k = run.Count - r.NotStored; k < run.Count; k++)
+                            declined.Add(run[k].Hash);
+                    }
                     else
+                    {
                         r.ThrowIfIncomplete();
+                    }
+
                     stored += r.Stored;
                     present += r.AlreadyPresent;
                     i = end;
@@ -309,9 +326,10 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
             }
             finally
             {
-                // All or nothing: a failure undoes what this call stored (children before parents).
+                // An error stores nothing: undo what this call stored, children first. A block another call has built on
+                // (it has a cached child) or is using meanwhile stays: it is theirs now too.
                 for (int k = newlyStored.Count - 1; k >= 0; k--)
-                    await store._tiers.DeleteAsync(tenant, newlyStored[k], CancellationToken.None).ConfigureAwait(false);
+                    await store._tiers.RemoveLeafAsync(tenant, newlyStored[k], CancellationToken.None).ConfigureAwait(false);
                 Release();
             }
         }

@@ -29,6 +29,31 @@ public sealed partial class TierManager
         }
     }
 
+    // Removes the block only if nothing depends on it: no cached child, not pinned, not in use. What a failed put uses to
+    // undo its own blocks (children first) without taking along blocks another caller has since built on.
+    public async ValueTask<bool> RemoveLeafAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken = default)
+    {
+        await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            int dropped;
+            lock (_lock)
+            {
+                ObjectDisposedException.ThrowIf(_disposed, this);
+                if (!_index.TryGetValue(new BlockKey(tenant, hash), out int b) || _firstChild[b] != None)
+                    return false;
+                Tick();
+                (dropped, _) = DropSubtree(b, honorPins: true);
+            }
+            FlushRemovals();
+            return dropped > 0;
+        }
+        finally
+        {
+            _mover.Release();
+        }
+    }
+
     // Drops every cached block in b's subtree, children before parents. A block in use by a transfer (or pinned, when
     // honorPins) is kept, and so is every ancestor of a kept block. Under _lock and the mover gate; the caller flushes the
     // store removals after the lock.

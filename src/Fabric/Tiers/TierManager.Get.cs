@@ -95,12 +95,13 @@ public sealed partial class TierManager
                 return null;
             Tick();
             AddUse(b);
+            _activeReads++; // DisposeAsync waits for it: the bytes live in the store's memory
             state.Hits++;
             state.Policy.OnAccess(_handle[t][b]);
             if (t > 0)
                 QueuePromotion(key);
             tier = state.Kind;
-            return new BlockUseScope(this, [b], 1);
+            return new BlockUseScope(this, [b], 1, read: true);
         }
     }
 

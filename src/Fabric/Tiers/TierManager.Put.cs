@@ -7,7 +7,12 @@ public sealed partial class TierManager
     // Stores a chain segment: blocks[0]'s parent is `parent` (null: blocks[0] starts a chain), each later block's parent
     // is the one before it. Blocks already cached are only touched. Each new block lands in the fastest tier that takes
     // it, but never above its parent's fastest tier; with WritePolicy.WriteThrough it is also written to the slowest tier.
-    public async ValueTask<PutResult> PutAsync(uint tenant, BlockHash? parent, IReadOnlyList<BlockPut> blocks, CancellationToken cancellationToken = default)
+    public ValueTask<PutResult> PutAsync(uint tenant, BlockHash? parent, IReadOnlyList<BlockPut> blocks, CancellationToken cancellationToken = default) =>
+        PutAsync(tenant, parent, blocks, null, cancellationToken);
+
+    // As above; storedByThisCall[i] is set when blocks[i] was newly stored by this call (not already present).
+    public async ValueTask<PutResult> PutAsync(uint tenant, BlockHash? parent, IReadOnlyList<BlockPut> blocks, bool[]? storedByThisCall,
+        CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(blocks);
         ValidateBlocks(blocks);
@@ -66,6 +71,8 @@ public sealed partial class TierManager
                 held = placed; // PlaceNewAsync moved the in-use mark from the parent to the new block
                 depth++;
                 stored++;
+                if (storedByThisCall is not null)
+                    storedByThisCall[i] = true;
             }
             return new PutResult(PutStatus.Stored, stored, present, 0, null);
         }

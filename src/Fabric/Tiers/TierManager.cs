@@ -222,13 +222,17 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         return new BlockUseScope(this, ids, count);
     }
 
-    internal void Release(int[] ids, int count)
+    internal static readonly TimeSpan DisposeReadDrainTimeout = TimeSpan.FromSeconds(30);
+
+    internal void Release(int[] ids, int count, bool read)
     {
         lock (_lock)
         {
             Tick();
             for (int i = 0; i < count; i++)
                 DropUse(ids[i]);
+            if (read && --_activeReads == 0 && _readsDrained is { } drained)
+                drained.TrySetResult();
         }
     }
 
@@ -329,8 +333,10 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
                 if (_activeReads > 0)
                     drained = (_readsDrained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
             }
-            await drained.ConfigureAwait(false);
-            if (_options.OwnsStores)
+            // Bounded: a reader that never lets go (a stuck client holding an in-place lease) must not hang shutdown. Then
+            // the stores stay undisposed (their memory leaks until the process ends) rather than freed under a reader.
+            bool readersDone = await Task.WhenAny(drained, Task.Delay(DisposeReadDrainTimeout)).ConfigureAwait(false) == drained;
+            if (_options.OwnsStores && readersDone)
             {
                 foreach (var t in _tiers)
                     t.Store.Dispose();
@@ -349,16 +355,19 @@ public sealed class BlockUseScope : IDisposable
 {
     private TierManager? _owner;
     private readonly int[] _ids;
+    private readonly bool _read;
 
-    internal BlockUseScope(TierManager owner, int[] ids, int count)
+    // read: the scope is an in-place read (TryOpenInPlace), which disposing the manager waits for.
+    internal BlockUseScope(TierManager owner, int[] ids, int count, bool read = false)
     {
         _owner = owner;
         _ids = ids;
         Count = count;
+        _read = read;
     }
 
     // How many leading blocks of the chain are held.
     public int Count { get; }
 
-    public void Dispose() => Interlocked.Exchange(ref _owner, null)?.Release(_ids, Count);
+    public void Dispose() => Interlocked.Exchange(ref _owner, null)?.Release(_ids, Count, _read);
 }
