@@ -28,24 +28,30 @@ public sealed class KvEventLogs(int capacity = 65536)
         public readonly KvEvent?[] Ring = new KvEvent?[capacity];
         public ulong Last;
         public TaskCompletionSource Changed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public bool Watched; // a reader holds Changed: the next append must complete it
     }
 
     public int Capacity { get; } = capacity > 0 ? capacity : throw new ArgumentOutOfRangeException(nameof(capacity), capacity, "event log capacity must be positive");
 
     public ulong Append(uint tenant, KvEventKind kind, BlockHash? parent, BlockHash[] hashes, TierKind tier)
     {
-        TaskCompletionSource changed;
+        TaskCompletionSource? changed = null;
         ulong seq;
         lock (_lock)
         {
             Log log = LogOf(tenant);
             seq = ++log.Last;
             log.Ring[(int)(seq % (ulong)Capacity)] = new KvEvent(seq, kind, parent, hashes, tier);
-            changed = log.Changed;
-            log.Changed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            if (log.Watched)
+            {
+                // Only when a subscriber waits: no signal object per event otherwise.
+                changed = log.Changed;
+                log.Changed = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+                log.Watched = false;
+            }
         }
 
-        changed.TrySetResult();
+        changed?.TrySetResult();
         return seq;
     }
 
@@ -75,6 +81,7 @@ public sealed class KvEventLogs(int capacity = 65536)
         {
             Log log = LogOf(tenant);
             changed = log.Changed.Task;
+            log.Watched = true;
             ulong oldest = log.Last >= (ulong)Capacity ? log.Last - (ulong)Capacity + 1 : 1;
             // Older than what is kept, or newer than anything sent (a subscriber that saw another incarnation of this node,
             // whose sequence numbers restarted): either way only a snapshot brings it back in line.

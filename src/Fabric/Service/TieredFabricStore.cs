@@ -95,7 +95,10 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
             return new InPlaceLease(scope, inPlace, inPlaceTier);
         int held = _tiers.Residency(new BlockKey(tenant, hash));
         if (held == 0)
+        {
+            Interlocked.Increment(ref _missBlocks);
             return null;
+        }
         TierKind tier = _tiers.Tiers[System.Numerics.BitOperations.TrailingZeroCount(held)];
         byte[] buffer = ArrayPool<byte>.Shared.Rent(BlockBytes);
         try
