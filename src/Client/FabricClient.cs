@@ -107,6 +107,26 @@ public sealed class FabricClient : IDisposable
         var tiers = new Tier[count];
         await using var call = Channel.ServerStreaming(Fabric + "Get", new GetRequest { Hashes = Wrap(packedHashes), ChunkBytes = chunkBytes },
             GetResponse.Parser, options);
+        // Fast path: parse the body as it arrives and read each chunk straight into place.
+        if (await call.OpenRawBodyAsync().ConfigureAwait(false) is { } body)
+        {
+            int blocks;
+            try
+            {
+                blocks = await new RawGetReader(body, Channel.Options.MaxReceiveMessageBytes, call.RawToken)
+                    .ReadAllAsync(destination, blockBytes, count, tiers).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is not RpcException)
+            {
+                throw await call.RawFailureAsync(e).ConfigureAwait(false);
+            }
+
+            call.EndRaw();
+            if (blocks != count)
+                throw new RpcException(StatusCode.Internal, $"Get: the server sent {blocks} blocks of the {count} asked for");
+            return tiers;
+        }
+
         int block = -1;
         // Each chunk is decoded from the wire bytes and copied once, straight to its place in destination.
         Func<System.Buffers.ReadOnlySequence<byte>, object> place = message =>

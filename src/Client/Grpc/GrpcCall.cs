@@ -166,6 +166,51 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// For a reader that parses the body itself (to put block bytes straight in place): the response body stream once the
+    /// headers were checked; null when the call already ended with OK (trailers-only) or when the messages are
+    /// compressed (then use ReadAsync). After the stream ended, call <see cref="EndRaw"/> for the final status. Not to be
+    /// mixed with ReadAsync on the same call.
+    /// </summary>
+    public async ValueTask<Stream?> OpenRawBodyAsync()
+    {
+        if (_finished || _reader is not null)
+            return null;
+        try
+        {
+            _response = await _send.WaitAsync(_cts.Token).ConfigureAwait(false);
+            CheckHeaders(_response);
+            if (_finished)
+                return null;
+            _encoding = _response.Headers.TryGetValues(GrpcProtocol.EncodingHeader, out var enc) ? enc.FirstOrDefault() : null;
+            if (_encoding is not null && _encoding != "identity")
+                return null;
+            _raw = true;
+            return await _response.Content.ReadAsStreamAsync(_cts.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not RpcException)
+        {
+            throw await FailureAsync(e).ConfigureAwait(false);
+        }
+    }
+
+    private bool _raw;
+
+    /// <summary>Cancelled with the call (deadline, caller); for the raw body's reads.</summary>
+    public CancellationToken RawToken => _cts.Token;
+
+    /// <summary>The raw body stream ended: checks the final status (throws RpcException unless OK).</summary>
+    public void EndRaw()
+    {
+        if (!_raw)
+            throw new InvalidOperationException("EndRaw without OpenRawBodyAsync");
+        _finished = true;
+        CheckStatus(_response!.TrailingHeaders, trailersOnly: false);
+    }
+
+    /// <summary>Turns a failure of a raw body read into the call's RpcException (caller, deadline, server, connection).</summary>
+    public ValueTask<RpcException> RawFailureAsync(Exception e) => FailureAsync(e);
+
     /// <summary>Reads (and drops) what is left and checks the final status.</summary>
     public async ValueTask ReadToEndAsync()
     {

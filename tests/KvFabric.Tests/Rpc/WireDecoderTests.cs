@@ -82,3 +82,48 @@ public sealed class WireDecoderTests
         return new ReadOnlySequence<byte>(first, 0, last, last.Memory.Length);
     }
 }
+
+/// <summary>The raw Get reader places chunks right whatever the field order, and refuses broken streams.</summary>
+public sealed class RawGetReaderTests
+{
+    private static byte[] Framed(params byte[][] messages) =>
+        messages.SelectMany(m => new byte[] { 0, (byte)(m.Length >> 24), (byte)(m.Length >> 16), (byte)(m.Length >> 8), (byte)m.Length }.Concat(m)).ToArray();
+
+    private static byte[] Field(int number, byte[] bytes) => [(byte)((number << 3) | 2), (byte)bytes.Length, .. bytes];
+
+    private static byte[] Varint(int number, byte value) => [(byte)(number << 3), value];
+
+    [Fact]
+    public async Task Chunks_land_at_their_offsets_even_when_the_offset_follows_the_data()
+    {
+        const int blockBytes = 8;
+        byte[] first = [.. Field(1, new byte[16]), .. Varint(2, blockBytes), .. Varint(3, 2), .. Field(5, [1, 2, 3, 4])];
+        byte[] second = [.. Field(5, [5, 6, 7, 8]), .. Varint(4, 4)]; // offset after data
+        using var body = new MemoryStream(Framed(first, second));
+        var dest = new byte[blockBytes];
+        var tiers = new Tier[1];
+        int blocks = await new RawGetReader(body, 1 << 20, CancellationToken.None).ReadAllAsync(dest, blockBytes, 1, tiers);
+        Assert.Equal(1, blocks);
+        Assert.Equal(new byte[] { 1, 2, 3, 4, 5, 6, 7, 8 }, dest);
+        Assert.Equal(Tier.Host, tiers[0]);
+    }
+
+    [Fact]
+    public async Task An_offset_after_the_data_that_disagrees_with_the_order_is_an_error()
+    {
+        byte[] first = [.. Field(1, new byte[16]), .. Varint(2, 8), .. Field(5, [1, 2, 3, 4])];
+        byte[] second = [.. Field(5, [5, 6]), .. Varint(4, 6)]; // the next chunk starts at 4, not 6
+        using var body = new MemoryStream(Framed(first, second));
+        await Assert.ThrowsAsync<KvFabric.Client.Grpc.RpcException>(async () =>
+            await new RawGetReader(body, 1 << 20, CancellationToken.None).ReadAllAsync(new byte[8], 8, 1, new Tier[1]));
+    }
+
+    [Fact]
+    public async Task A_stream_cut_inside_a_message_is_an_error()
+    {
+        byte[] framed = Framed([.. Field(1, new byte[16]), .. Varint(2, 8), .. Field(5, [1, 2, 3, 4])]);
+        using var body = new MemoryStream(framed[..^2]);
+        await Assert.ThrowsAnyAsync<Exception>(async () =>
+            await new RawGetReader(body, 1 << 20, CancellationToken.None).ReadAllAsync(new byte[8], 8, 1, new Tier[1]));
+    }
+}
