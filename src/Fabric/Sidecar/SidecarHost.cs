@@ -92,7 +92,7 @@ public sealed class SidecarHost : IAsyncDisposable
 
         if (_options.MetricsPort >= 0)
         {
-            _metrics = Build(_options.MetricsPort, HttpProtocols.Http1AndHttp2, null);
+            _metrics = Build(_options.MetricsPort, HttpProtocols.Http1, null); // Prometheus scrapes over HTTP/1.1
             _metrics.Run(async http =>
             {
                 if (http.Request.Path == "/metrics")
