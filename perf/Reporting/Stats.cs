@@ -28,19 +28,20 @@ public sealed record Spread(double Median, double Min, double Max, int Runs)
 
 public static class Sizes
 {
-    /// <summary>Parses 2MiB, 64KiB, 1GiB, 2M, 512K or a plain byte count.</summary>
+    /// <summary>Parses 2MiB, 64KiB, 1GiB, 2M, 512K or a plain byte count (positive).</summary>
     public static long Parse(string text)
     {
-        string t = text.Trim();
-        (string suffix, long mult)[] units = [("GiB", 1L << 30), ("MiB", 1L << 20), ("KiB", 1L << 10), ("G", 1L << 30), ("M", 1L << 20), ("K", 1L << 10), ("B", 1)];
-        foreach (var (suffix, mult) in units)
+        long bytes;
+        try
         {
-            if (t.EndsWith(suffix, StringComparison.OrdinalIgnoreCase) && long.TryParse(t[..^suffix.Length], out long n) && n > 0)
-                return n * mult;
+            bytes = KvFabric.Memory.ByteSize.Parse(text);
         }
-        if (long.TryParse(t, out long bytes) && bytes > 0)
-            return bytes;
-        throw new FormatException($"'{text}' is not a size: use a positive number with an optional KiB, MiB or GiB suffix");
+        catch (ArgumentException e)
+        {
+            throw new FormatException(e.Message, e);
+        }
+
+        return bytes > 0 ? bytes : throw new FormatException($"'{text}' is not a positive size");
     }
 
     public static string Format(long bytes) => bytes switch

@@ -170,24 +170,6 @@ public sealed record SidecarOptions
         return string.IsNullOrEmpty(path) ? string.Empty : path + ":";
     }
 
-    /// <summary>Parses "1073741824", "512MiB", "4GiB", "64KiB", "2GB" (decimal) into bytes.</summary>
-    public static long ParseBytes(string text)
-    {
-        string t = text.Trim();
-        (string suffix, long factor)[] units =
-        [
-            ("KiB", 1L << 10), ("MiB", 1L << 20), ("GiB", 1L << 30), ("TiB", 1L << 40),
-            ("KB", 1000L), ("MB", 1000_000L), ("GB", 1000_000_000L), ("TB", 1000_000_000_000L), ("B", 1L),
-        ];
-        foreach (var (suffix, factor) in units)
-        {
-            if (t.EndsWith(suffix, StringComparison.OrdinalIgnoreCase)
-                && double.TryParse(t.AsSpan(0, t.Length - suffix.Length).Trim(), NumberStyles.Float, CultureInfo.InvariantCulture, out double v) && v >= 0)
-                return (long)(v * factor);
-        }
-
-        return long.TryParse(t, NumberStyles.Integer, CultureInfo.InvariantCulture, out long n) && n >= 0
-            ? n
-            : throw new ArgumentException($"'{text}' is not a byte size; write e.g. 1073741824, 512MiB or 4GiB");
-    }
+    /// <summary>Parses a byte size as configuration writes it (see <see cref="Memory.ByteSize.Parse"/>).</summary>
+    public static long ParseBytes(string text) => Memory.ByteSize.Parse(text);
 }
