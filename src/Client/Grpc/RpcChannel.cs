@@ -110,7 +110,14 @@ public sealed class RpcChannel : IDisposable
                 TimeSpan backoff = Options.RetryBackoff * (1 << attempt);
                 if (total is { } d && DateTime.UtcNow - started + backoff >= d)
                     throw;
-                await Task.Delay(backoff, options.CancellationToken).ConfigureAwait(false);
+                try
+                {
+                    await Task.Delay(backoff, options.CancellationToken).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException oce)
+                {
+                    throw new RpcException(StatusCode.Cancelled, $"{method}: cancelled by the caller while waiting to retry", oce);
+                }
             }
         }
     }
