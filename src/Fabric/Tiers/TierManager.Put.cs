@@ -97,7 +97,13 @@ public sealed partial class TierManager
         lock (_lock)
         {
             for (int j = from; j < blocks.Count; j++, depth++)
-                _tiers[tier].Policy.ShouldAdmit(new PolicyBlockInfo(new BlockKey(tenant, blocks[j].Hash), depth, blocks[j].Bytes.Length));
+            {
+                var info = new PolicyBlockInfo(new BlockKey(tenant, blocks[j].Hash), depth, blocks[j].Bytes.Length);
+                _tiers[tier].Policy.ShouldAdmit(info);
+                // Admission filters below count sightings too (a seen-twice SSD filter must see the whole chain once).
+                for (int t = tier; t < _n; t++)
+                    _tiers[t].Admission?.Admit(info);
+            }
         }
     }
 
