@@ -140,7 +140,7 @@ public sealed class FabricClient : IDisposable
                 tiers[block] = (Tier)h.Tier;
             }
 
-            if (block < 0 || h.Offset + (ulong)h.DataLength > (ulong)blockBytes)
+            if (block < 0 || h.Offset > (ulong)blockBytes || (ulong)h.DataLength > (ulong)blockBytes - h.Offset)
                 throw new RpcException(StatusCode.Internal, $"Get: chunk at offset {h.Offset} of {h.DataLength} bytes does not fit block {block}");
             data.CopyTo(destination.Span[(block * blockBytes + (int)h.Offset)..]);
             return tiers;
@@ -188,8 +188,8 @@ public sealed class FabricClient : IDisposable
             RouteResponse.Parser, options, idempotent: true);
 
     /// <summary>The node's KV events from a sequence number on; read until the caller cancels (or the deadline).</summary>
-    public GrpcCall<SubscribeEventsRequest, KvEvent> SubscribeEvents(ulong fromSequence, CallOptions options = default) =>
-        Channel.ServerStreaming(Index + "SubscribeEvents", new SubscribeEventsRequest { FromSequence = fromSequence }, KvEvent.Parser,
+    public GrpcCall<SubscribeEventsRequest, KvEvent> SubscribeEvents(ulong fromSequence, CallOptions options = default, ulong incarnation = 0) =>
+        Channel.ServerStreaming(Index + "SubscribeEvents", new SubscribeEventsRequest { FromSequence = fromSequence, Incarnation = incarnation }, KvEvent.Parser,
             options with { Deadline = options.Deadline ?? Timeout.InfiniteTimeSpan });
 
     public Task<GetMetadataResponse> GetMetadataAsync(CallOptions options = default) =>

@@ -52,6 +52,17 @@ internal sealed class RawGetReader(Stream body, int maxMessageBytes, Cancellatio
                     continue;
                 }
 
+                if (wire is 1 or 5)
+                {
+                    // An unknown fixed-width field (a newer server's): skip it.
+                    int width = wire == 1 ? 8 : 4;
+                    if (remaining < width)
+                        throw Malformed("a fixed-width field runs past the end of its message");
+                    remaining -= width;
+                    await SkipAsync(width).ConfigureAwait(false);
+                    continue;
+                }
+
                 if (wire != 2)
                     throw Malformed($"field {field} has wire type {wire}");
                 (ulong n, remaining) = await VarintAsync(remaining).ConfigureAwait(false);
@@ -73,7 +84,7 @@ internal sealed class RawGetReader(Stream body, int maxMessageBytes, Cancellatio
 
                     // The offset field, when present, comes first in canonical encoding; without it the chunk is the next one.
                     placedAt = offsetSeen ? offset : next;
-                    if (block < 0 || placedAt + n > (ulong)blockBytes)
+                    if (block < 0 || placedAt > (ulong)blockBytes || n > (ulong)blockBytes - placedAt)
                         throw Malformed($"chunk at offset {placedAt} of {n} bytes does not fit block {block}");
                     await body.ReadExactlyAsync(destination.Slice(block * blockBytes + (int)placedAt, (int)n), cancellationToken).ConfigureAwait(false);
                     next = placedAt + n;

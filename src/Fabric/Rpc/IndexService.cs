@@ -141,12 +141,15 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
     {
         uint tenant = call.RequiredTenant.Id;
         ulong next = Math.Max(1, request.FromSequence);
+        // A subscriber that knew another incarnation of this node (it restarted) must start over from a snapshot.
+        bool snapshotFirst = request.Incarnation != 0 && request.Incarnation != store.Events.Incarnation;
         var batch = new List<Service.KvEvent>(EventBatch);
         while (true)
         {
             batch.Clear();
-            if (!store.Events.TryRead(tenant, next, batch, EventBatch, out Task changed))
+            if (!store.Events.TryRead(tenant, next, batch, EventBatch, out Task changed) || snapshotFirst)
             {
+                snapshotFirst = false;
                 // The subscriber fell behind what the node retains: send a snapshot, then resume after it.
                 var (sequence, events) = store.Snapshot(tenant);
                 for (int i = 0; i < events.Count; i++)
@@ -177,7 +180,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
 
     private V1.KvEvent ToWire(Service.KvEvent e)
     {
-        var wire = new V1.KvEvent { Sequence = e.Sequence, Node = store.Node, Snapshot = e.Snapshot };
+        var wire = new V1.KvEvent { Sequence = e.Sequence, Node = store.Node, Snapshot = e.Snapshot, Incarnation = store.Events.Incarnation };
         switch (e.Kind)
         {
             case Service.KvEventKind.Stored:

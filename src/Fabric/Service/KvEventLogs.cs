@@ -31,6 +31,9 @@ public sealed class KvEventLogs(int capacity = 65536)
         public bool Watched; // a reader holds Changed: the next append must complete it
     }
 
+    /// <summary>Random per start of the node: sequence numbers restart with each incarnation.</summary>
+    public ulong Incarnation { get; } = (ulong)Random.Shared.NextInt64(1, long.MaxValue);
+
     public int Capacity { get; } = capacity > 0 ? capacity : throw new ArgumentOutOfRangeException(nameof(capacity), capacity, "event log capacity must be positive");
 
     public ulong Append(uint tenant, KvEventKind kind, BlockHash? parent, BlockHash[] hashes, TierKind tier)

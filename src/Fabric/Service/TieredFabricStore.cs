@@ -283,11 +283,19 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                     for (int k = i; k < end; k++)
                         run.Add(new BlockPut(_staged[k].Hash, _staged[k].Buffer.AsMemory(0, store.BlockBytes)));
                     var mine = new bool[run.Count];
-                    PutResult r = await store._tiers.PutAsync(tenant, _staged[i].Parent, run, mine, cancellationToken).ConfigureAwait(false);
-                    for (int k = 0; k < mine.Length; k++)
+                    PutResult r;
+                    try
                     {
-                        if (mine[k])
-                            newlyStored.Add(run[k].Hash);
+                        r = await store._tiers.PutAsync(tenant, _staged[i].Parent, run, mine, cancellationToken).ConfigureAwait(false);
+                    }
+                    finally
+                    {
+                        // Also when the put threw (cancelled mid-run): what it placed is this call's to undo.
+                        for (int k = 0; k < mine.Length; k++)
+                        {
+                            if (mine[k])
+                                newlyStored.Add(run[k].Hash);
+                        }
                     }
 
                     if (r.Status == PutStatus.ParentMissing && _staged[i].Parent is { } p && declined.Contains(p))

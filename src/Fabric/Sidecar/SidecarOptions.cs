@@ -142,8 +142,8 @@ public sealed record SidecarOptions
             RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),
             PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
-            MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? (int)ParseBytes(r) : d.MaxReceiveMessageBytes,
-            MaxSendMessageBytes = c["max_send_message"] is { } s ? (int)ParseBytes(s) : d.MaxSendMessageBytes,
+            MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
+            MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
             JsonLogs = string.Equals(c["log_format"], "json", StringComparison.OrdinalIgnoreCase),
         };
@@ -157,6 +157,12 @@ public sealed record SidecarOptions
         return int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out int n)
             ? n
             : throw new ArgumentException($"{PathOf(c)}{key} must be an integer; got '{v}'");
+    }
+
+    private static int MessageSize(string text, string key)
+    {
+        long bytes = ParseBytes(text);
+        return bytes <= 1 << 30 ? (int)bytes : throw new ArgumentException($"{key} is {text}; gRPC messages here are at most 1GiB");
     }
 
     private static double? Double(IConfiguration c, string key) =>

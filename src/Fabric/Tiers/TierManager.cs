@@ -336,10 +336,14 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             // Bounded: a reader that never lets go (a stuck client holding an in-place lease) must not hang shutdown. Then
             // the stores stay undisposed (their memory leaks until the process ends) rather than freed under a reader.
             bool readersDone = await Task.WhenAny(drained, Task.Delay(DisposeReadDrainTimeout)).ConfigureAwait(false) == drained;
-            if (_options.OwnsStores && readersDone)
+            if (_options.OwnsStores)
             {
                 foreach (var t in _tiers)
-                    t.Store.Dispose();
+                {
+                    // Only stores read in place can be under a reader; the others (the SSD log's last commit) always close.
+                    if (readersDone || t.Store is not IInPlaceBlockStore)
+                        t.Store.Dispose();
+                }
             }
         }
         finally

@@ -120,3 +120,65 @@ public sealed class ReviewFixTests(SidecarFixture fx) : IClassFixture<SidecarFix
         Assert.Throws<ArgumentException>(() => new TenantRegistry([new TenantConfig("x", "same"), new TenantConfig("y", "same")]));
     }
 }
+
+/// <summary>Regressions for the second review: a Put cancelled while it commits, a subscriber from another incarnation.</summary>
+public sealed class SecondReviewFixTests(SidecarFixture fx) : IClassFixture<SidecarFixture>
+{
+    /// <summary>A key-only store that cancels a token after its first write: a client giving up mid-commit.</summary>
+    private sealed class CancellingStore(TierKind kind, long capacity, CancellationTokenSource cts) : IBlockStore
+    {
+        private readonly KeyOnlyBlockStore _inner = new(kind, capacity);
+        public TierKind Kind => kind;
+        public long CapacityBytes => capacity;
+        public long UsedBytes => _inner.UsedBytes;
+        public int Count => _inner.Count;
+        public bool Contains(BlockKey key) => _inner.Contains(key);
+
+        public async ValueTask<bool> WriteAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> block, CancellationToken cancellationToken = default)
+        {
+            bool ok = await _inner.WriteAsync(key, meta, block, cancellationToken);
+            await cts.CancelAsync();
+            return ok;
+        }
+
+        public ValueTask<bool> ReadAsync(BlockKey key, Memory<byte> destination, CancellationToken cancellationToken = default) =>
+            _inner.ReadAsync(key, destination, cancellationToken);
+
+        public bool Remove(BlockKey key) => _inner.Remove(key);
+        public void Dispose() => _inner.Dispose();
+    }
+
+    [Fact]
+    public async Task A_put_cancelled_while_it_commits_stores_nothing()
+    {
+        var layout = SidecarFixture.SmallLayout;
+        using var cts = new CancellationTokenSource();
+        using var store = new KvFabric.Service.TieredFabricStore(layout, "n", 8, sink => new TierManager(new TierManagerOptions
+        {
+            Tiers = [new TierOptions { Store = new CancellingStore(TierKind.Host, 16 * layout.BlockBytes, cts), Policy = new LruPolicy(16) }],
+            Events = sink,
+        }));
+        var chain = TestBlocks.Chain("cancel-mid-commit", 3).Select(h => BlockHash.FromBytes(h)).ToArray();
+        using (var batch = store.BeginPut(1))
+        {
+            for (int i = 0; i < chain.Length; i++)
+                batch.Add(chain[i], i == 0 ? null : chain[i - 1], i);
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await batch.CommitAsync(cts.Token));
+        }
+
+        Assert.Equal(0, store.Lookup(1, chain, new TierKind[chain.Length]));
+    }
+
+    [Fact]
+    public async Task A_subscriber_from_another_incarnation_starts_with_a_snapshot()
+    {
+        using var client = fx.Client("beta");
+        var chain = TestBlocks.Chain("other-incarnation", 1);
+        await client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 8));
+        await using var events = client.SubscribeEvents(1, new CallOptions(Deadline: TimeSpan.FromSeconds(20)), incarnation: 12345);
+        KvFabric.Rpc.V1.KvEvent? first = await events.ReadAsync();
+        Assert.NotNull(first);
+        Assert.True(first.Snapshot);
+        Assert.NotEqual(12345ul, first.Incarnation);
+    }
+}
