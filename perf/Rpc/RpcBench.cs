@@ -30,7 +30,9 @@ public sealed record RpcBenchResult(
     double LookupClientCpuUsPerCall,
     double LookupServerCpuUsPerCall,
     double GetClientCpuSecondsPerGb,
-    double GetServerCpuSecondsPerGb);
+    double GetServerCpuSecondsPerGb,
+    Spread PutSlotsGbps,
+    Spread GetSlotsGbps);
 
 /// <summary>
 /// Drives a `kvfabric serve` process over loopback with FabricClient: streamed Put and Get of whole blocks (GB/s) and
@@ -114,6 +116,8 @@ public static class RpcBench
             }
         }
 
+        var (putSlots, getSlots) = await SlotsAsync(client, o, data, hashes, packedAll, calls, progress, ct);
+
         progress($"lookup: {o.LookupCallers} concurrent callers for {o.LookupDuration.TotalSeconds:0} s");
         // Chains of LookupChain blocks whose first half is cached: a typical partial prefix hit.
         int cachedHalf = Math.Min(o.LookupChain / 2, o.Blocks);
@@ -148,6 +152,78 @@ public static class RpcBench
         double gb = (double)data.Length * o.Runs / 1e9;
         return new RpcBenchResult(Spread.Of(put), Spread.Of(get), all.Length / lookupSeconds,
             Spread.Percentile(all, 50), Spread.Percentile(all, 99), all.Length,
-            lookupClientCpu / all.Length * 1e6, lookupServerCpu / all.Length * 1e6, getClientCpu / gb, getServerCpu / gb);
+            lookupClientCpu / all.Length * 1e6, lookupServerCpu / all.Length * 1e6, getClientCpu / gb, getServerCpu / gb,
+            Spread.Of(putSlots), Spread.Of(getSlots));
+    }
+
+    /// <summary>
+    /// The node-local path: Reserve shared-memory slots, then Put from them (the engine writes each block into its slot
+    /// first: that copy is counted) and Get into them (the bytes land in the slots; the engine reads them in place).
+    /// </summary>
+    private static async Task<(List<double> Put, List<double> Get)> SlotsAsync(FabricClient client, RpcBenchOptions o, byte[] data,
+        byte[][] hashes, byte[] packedAll, int calls, Action<string> progress, CancellationToken ct)
+    {
+        var reservation = await client.ReserveAsync((uint)o.BlocksPerCall, TimeSpan.FromMinutes(10), new CallOptions(CancellationToken: ct));
+        var maps = new Dictionary<string, KvFabric.Memory.MappedMemory>(StringComparer.Ordinal);
+        try
+        {
+            var slots = reservation.Slots.Select(s =>
+            {
+                if (!maps.TryGetValue(s.Path, out var map))
+                    maps[s.Path] = map = KvFabric.Memory.SharedMemorySegment.Open(s.Path, new FileInfo(s.Path).Length);
+                return (Address: map.Address + (nint)s.Offset, Length: (int)s.Length);
+            }).ToArray();
+            var put = new List<double>();
+            var get = new List<double>();
+            for (int run = 0; run <= o.Runs; run++)
+            {
+                progress($"put via shared-memory slots, run {run}/{o.Runs}");
+                await client.DeleteAsync(packedAll, new CallOptions(CancellationToken: ct));
+                long start = Stopwatch.GetTimestamp();
+                for (int c = 0; c < calls; c++)
+                {
+                    var blocks = new SlotBlockToPut[o.BlocksPerCall];
+                    for (int k = 0; k < o.BlocksPerCall; k++)
+                    {
+                        int i = c * o.BlocksPerCall + k;
+                        data.AsSpan(i * o.BlockBytes, o.BlockBytes).CopyTo(SlotSpan(slots[k]));
+                        blocks[k] = new SlotBlockToPut(hashes[i], i == 0 ? ReadOnlyMemory<byte>.Empty : hashes[i - 1], (uint)i, (uint)k, (ulong)o.BlockBytes);
+                    }
+
+                    await client.PutFromSlotsAsync(reservation.ReservationId, blocks, new CallOptions(CancellationToken: ct));
+                }
+
+                double s = Stopwatch.GetElapsedTime(start).TotalSeconds;
+                if (run > 0)
+                    put.Add(data.Length / s / 1e9);
+            }
+
+            for (int run = 0; run <= o.Runs; run++)
+            {
+                progress($"get into shared-memory slots, run {run}/{o.Runs}");
+                long start = Stopwatch.GetTimestamp();
+                for (int c = 0; c < calls; c++)
+                {
+                    ReadOnlyMemory<byte> chain = packedAll.AsMemory(c * o.BlocksPerCall * HashChain.HashBytes, o.BlocksPerCall * HashChain.HashBytes);
+                    await client.GetIntoSlotsAsync(chain, reservation.ReservationId, new CallOptions(CancellationToken: ct));
+                    if (run == 1 && c == 0 && !SlotSpan(slots[0]).SequenceEqual(data.AsSpan(0, o.BlockBytes)))
+                        throw new InvalidOperationException("Get into a slot returned different bytes than were put: the benchmark would measure a broken path");
+                }
+
+                double s = Stopwatch.GetElapsedTime(start).TotalSeconds;
+                if (run > 0)
+                    get.Add(data.Length / s / 1e9);
+            }
+
+            return (put, get);
+        }
+        finally
+        {
+            await client.ReleaseAsync(reservation.ReservationId, new CallOptions(CancellationToken: ct));
+            foreach (var m in maps.Values)
+                m.Dispose();
+        }
+
+        static unsafe Span<byte> SlotSpan((nint Address, int Length) slot) => new((void*)slot.Address, slot.Length);
     }
 }

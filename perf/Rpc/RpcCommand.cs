@@ -78,6 +78,8 @@ public static class RpcCommand
         report["put_gbps"] = JsonReport.Round(r.PutGbps.Median);
         report["put_gbps_spread"] = JsonReport.Of(r.PutGbps);
         report["get_gbps"] = JsonReport.Round(r.GetGbps.Median);
+        report["put_slots_gbps"] = JsonReport.Round(r.PutSlotsGbps.Median);
+        report["get_slots_gbps"] = JsonReport.Round(r.GetSlotsGbps.Median);
         report["get_gbps_spread"] = JsonReport.Of(r.GetGbps);
         var table = new Table().AddColumns("figure", "value");
         table.AddRow($"Lookup ({o.LookupCallers} callers, {o.LookupChain}-block chain)", $"{r.LookupCallsPerSecond:F0} calls/s, p50 {r.LookupP50Us:F0} us, p99 {r.LookupP99Us:F0} us");
@@ -85,6 +87,8 @@ public static class RpcCommand
         table.AddRow("Get CPU s per GB (client / server)", $"{r.GetClientCpuSecondsPerGb:F3} / {r.GetServerCpuSecondsPerGb:F3}");
         table.AddRow($"Put streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.PutGbps.Median:F2} GB/s (min {r.PutGbps.Min:F2}, max {r.PutGbps.Max:F2})");
         table.AddRow($"Get streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.GetGbps.Median:F2} GB/s (min {r.GetGbps.Min:F2}, max {r.GetGbps.Max:F2})");
+        table.AddRow("Put via shared-memory slots (node-local)", $"{r.PutSlotsGbps.Median:F2} GB/s (min {r.PutSlotsGbps.Min:F2}, max {r.PutSlotsGbps.Max:F2})");
+        table.AddRow("Get into shared-memory slots (node-local)", $"{r.GetSlotsGbps.Median:F2} GB/s (min {r.GetSlotsGbps.Min:F2}, max {r.GetSlotsGbps.Max:F2})");
         if (tcp is not null)
         {
             report["tcp_gbps"] = JsonReport.Round(tcp.Gbps.Median);
