@@ -188,9 +188,25 @@ public sealed class FabricClient : IDisposable
             RouteResponse.Parser, options, idempotent: true);
 
     /// <summary>The node's KV events from a sequence number on; read until the caller cancels (or the deadline).</summary>
-    public GrpcCall<SubscribeEventsRequest, KvEvent> SubscribeEvents(ulong fromSequence, CallOptions options = default, ulong incarnation = 0) =>
-        Channel.ServerStreaming(Index + "SubscribeEvents", new SubscribeEventsRequest { FromSequence = fromSequence, Incarnation = incarnation }, KvEvent.Parser,
-            options with { Deadline = options.Deadline ?? Timeout.InfiniteTimeSpan });
+    /// <param name="tenant">Admin tenants only: another tenant's events (the cluster's index replicas); null: the caller's own.</param>
+    public GrpcCall<SubscribeEventsRequest, KvEvent> SubscribeEvents(ulong fromSequence, CallOptions options = default, ulong incarnation = 0, string? tenant = null) =>
+        Channel.ServerStreaming(Index + "SubscribeEvents", new SubscribeEventsRequest { FromSequence = fromSequence, Incarnation = incarnation, Tenant = tenant ?? string.Empty },
+            KvEvent.Parser, options with { Deadline = options.Deadline ?? Timeout.InfiniteTimeSpan });
+
+    /// <summary>Makes the longest prefix of the chain cached anywhere in the cluster local to this node (see Fabric.Fetch).</summary>
+    public Task<FetchResponse> FetchAsync(ReadOnlyMemory<byte> packedHashes, CallOptions options = default) =>
+        Channel.UnaryAsync(Fabric + "Fetch", new FetchRequest { Hashes = Wrap(packedHashes) }, FetchResponse.Parser, options, idempotent: true);
+
+    /// <summary>Admin: copies a tenant's blocks into the node's registered staging memory for a peer to READ.</summary>
+    public Task<ExportResponse> ExportAsync(string tenant, ReadOnlyMemory<byte> packedHashes, TimeSpan? lease = null, CallOptions options = default) =>
+        Channel.UnaryAsync(TransferSvc + "Export", new ExportRequest
+        {
+            Tenant = tenant, Hashes = Wrap(packedHashes), LeaseMs = (uint)(lease ?? TimeSpan.Zero).TotalMilliseconds,
+        }, ExportResponse.Parser, options);
+
+    public Task<ReleaseExportResponse> ReleaseExportAsync(string tenant, ulong exportId, CallOptions options = default) =>
+        Channel.UnaryAsync(TransferSvc + "ReleaseExport", new ReleaseExportRequest { Tenant = tenant, ExportId = exportId },
+            ReleaseExportResponse.Parser, options, idempotent: true);
 
     public Task<GetMetadataResponse> GetMetadataAsync(CallOptions options = default) =>
         Channel.UnaryAsync(TransferSvc + "GetMetadata", new GetMetadataRequest(), GetMetadataResponse.Parser, options, idempotent: true);

@@ -52,4 +52,15 @@ internal static class Hashes
         TierKind.Ssd => V1.Tier.Ssd,
         _ => V1.Tier.Unspecified,
     };
+
+    public static bool TryFromWire(V1.Tier tier, out TierKind kind)
+    {
+        kind = tier switch
+        {
+            V1.Tier.Gpu => TierKind.Gpu,
+            V1.Tier.Host => TierKind.Host,
+            _ => TierKind.Ssd,
+        };
+        return tier is V1.Tier.Gpu or V1.Tier.Host or V1.Tier.Ssd;
+    }
 }

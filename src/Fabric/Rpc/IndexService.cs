@@ -60,10 +60,11 @@ public static class RouteCost
 /// kvfabric.v1.Index on one node. Match and Route answer from what this node's store holds (the cluster-wide radix
 /// index feeds more candidates in when nodes are joined); SubscribeEvents streams this node's KV events per tenant.
 /// </summary>
-public sealed class IndexService(IFabricStore store, string worker, Func<double> load)
+public sealed class IndexService(IFabricStore store, string worker, Func<double> load, TenantRegistry? tenants = null)
 {
     public const string Name = "kvfabric.v1.Index";
     private const int EventBatch = 256;
+    private const int MaxRun = 4096; // blocks per snapshot event: 64 KiB of hashes
 
     public void Register(GrpcRouter router)
     {
@@ -139,7 +140,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
 
     private async Task SubscribeAsync(SubscribeEventsRequest request, ServerCall call)
     {
-        uint tenant = call.RequiredTenant.Id;
+        uint tenant = SubscribedTenant(request, call);
         ulong next = Math.Max(1, request.FromSequence);
         // A subscriber that knew another incarnation of this node (it restarted) must start over from a snapshot.
         bool snapshotFirst = request.Incarnation != 0 && request.Incarnation != store.Events.Incarnation;
@@ -151,16 +152,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
             {
                 snapshotFirst = false;
                 // The subscriber fell behind what the node retains: send a snapshot, then resume after it.
-                var (sequence, events) = store.Snapshot(tenant);
-                for (int i = 0; i < events.Count; i++)
-                {
-                    call.Write(ToWire(events[i]));
-                    if (i % EventBatch == EventBatch - 1)
-                        await call.FlushAsync().ConfigureAwait(false); // a lagging subscriber's backlog stays bounded
-                }
-
-                await call.FlushAsync().ConfigureAwait(false);
-                next = sequence + 1;
+                next = await WriteSnapshotAsync(tenant, call).ConfigureAwait(false) + 1;
                 continue;
             }
 
@@ -178,9 +170,75 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
         }
     }
 
+    private uint SubscribedTenant(SubscribeEventsRequest request, ServerCall call)
+    {
+        if (request.Tenant.Length == 0 || request.Tenant == call.RequiredTenant.Name)
+            return call.RequiredTenant.Id;
+        if (!call.RequiredTenant.Admin)
+            throw new RpcException(StatusCode.PermissionDenied, $"tenant '{call.RequiredTenant.Name}' may only subscribe to its own events; subscribing for tenant '{request.Tenant}' needs an admin tenant");
+        if (tenants is not null && !tenants.All.Any(t => t.Name == request.Tenant))
+            throw new RpcException(StatusCode.NotFound, $"tenant '{request.Tenant}' is not configured on node {store.Node}; configure the same tenants on every node of a cluster");
+        return TenantRegistry.IdOf(request.Tenant);
+    }
+
+    /// <summary>
+    /// Sends everything the tenant holds as Stored events with snapshot = true, one per run of a chain in one tier, then
+    /// SnapshotEnd; returns the sequence number the snapshot stands for.
+    /// </summary>
+    private async Task<ulong> WriteSnapshotAsync(uint tenant, ServerCall call)
+    {
+        var (sequence, events) = store.Snapshot(tenant);
+        var run = new List<BlockHash>();
+        BlockHash? runParent = null;
+        TierKind runTier = TierKind.Gpu;
+        int sent = 0;
+
+        async ValueTask FlushRunAsync()
+        {
+            if (run.Count == 0)
+                return;
+            call.Write(new V1.KvEvent
+            {
+                Sequence = sequence, Node = store.Node, Worker = worker, Snapshot = true, Incarnation = store.Events.Incarnation,
+                Stored = new BlocksStored
+                {
+                    ParentHash = runParent is { } p ? Hashes.Pack(p) : Google.Protobuf.ByteString.Empty,
+                    Hashes = Hashes.Pack(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(run)),
+                    Tier = Hashes.ToWire(runTier),
+                },
+            });
+            run.Clear();
+            if (++sent % EventBatch == 0)
+                await call.FlushAsync().ConfigureAwait(false); // a lagging subscriber's backlog stays bounded
+        }
+
+        foreach (Service.KvEvent e in events)
+        {
+            // Events list parents before children, depth first: a block continues the run when it is the child of its last block.
+            bool continues = run.Count > 0 && e.Tier == runTier && e.Parent is { } parent && parent == run[^1] && run.Count < MaxRun;
+            if (!continues)
+            {
+                await FlushRunAsync().ConfigureAwait(false);
+                runParent = e.Parent;
+                runTier = e.Tier;
+            }
+
+            run.AddRange(e.Hashes);
+        }
+
+        await FlushRunAsync().ConfigureAwait(false);
+        call.Write(new V1.KvEvent
+        {
+            Sequence = sequence, Node = store.Node, Worker = worker, Snapshot = true, Incarnation = store.Events.Incarnation,
+            SnapshotEnd = new SnapshotEnd { Blocks = (ulong)events.Count },
+        });
+        await call.FlushAsync().ConfigureAwait(false);
+        return sequence;
+    }
+
     private V1.KvEvent ToWire(Service.KvEvent e)
     {
-        var wire = new V1.KvEvent { Sequence = e.Sequence, Node = store.Node, Snapshot = e.Snapshot, Incarnation = store.Events.Incarnation };
+        var wire = new V1.KvEvent { Sequence = e.Sequence, Node = store.Node, Worker = worker, Snapshot = e.Snapshot, Incarnation = store.Events.Incarnation };
         switch (e.Kind)
         {
             case Service.KvEventKind.Stored:
@@ -195,7 +253,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
                 wire.Removed = new BlocksRemoved { Hashes = Hashes.Pack(e.Hashes), Tier = Hashes.ToWire(e.Tier) };
                 break;
             default:
-                wire.Cleared = new AllCleared();
+                wire.Cleared = new AllCleared { Tier = Hashes.ToWire(e.Tier) };
                 break;
         }
 

@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using Google.Protobuf;
 using KvFabric.Client.Grpc;
 using KvFabric.Rpc.V1;
+using KvFabric.Service;
 using KvFabric.Transfer;
 
 namespace KvFabric.Rpc;
@@ -10,9 +11,11 @@ namespace KvFabric.Rpc;
 /// kvfabric.v1.Transfer: the sidecar's transfer agent seen through gRPC. Its metadata carries region access keys for the
 /// whole node, so only tenants configured as admin (the cluster's own sidecars and operators) may call it.
 /// </summary>
-public sealed class TransferService(TransferAgent agent)
+public sealed class TransferService(TransferAgent agent, IFabricStore? store = null, StagingArea? staging = null, TenantRegistry? tenants = null)
 {
     public const string Name = "kvfabric.v1.Transfer";
+    public const int MaxExportBlocks = 1024;
+    private static readonly TimeSpan DefaultExportLease = TimeSpan.FromSeconds(30), MaxExportLease = TimeSpan.FromMinutes(10);
     public const int MaxNotificationBytes = 64 * 1024;
     private readonly ConcurrentDictionary<Guid, RemoteAgent> _peers = new();
 
@@ -25,6 +28,81 @@ public sealed class TransferService(TransferAgent agent)
         });
         router.Unary<LoadMetadataRequest, LoadMetadataResponse>($"/{Name}/LoadMetadata", LoadMetadataRequest.Parser, LoadAsync);
         router.Unary<NotifyRequest, NotifyResponse>($"/{Name}/Notify", NotifyRequest.Parser, NotifyAsync);
+        router.Unary<ExportRequest, ExportResponse>($"/{Name}/Export", ExportRequest.Parser, ExportAsync);
+        router.Unary<ReleaseExportRequest, ReleaseExportResponse>($"/{Name}/ReleaseExport", ReleaseExportRequest.Parser, (r, c) =>
+        {
+            RequireAdmin(c);
+            return Task.FromResult(new ReleaseExportResponse { Released = Staging.Release(TenantIdOf(r.Tenant), r.ExportId) });
+        });
+    }
+
+    private StagingArea Staging => staging ?? throw new RpcException(StatusCode.Unimplemented, "this node serves no block store, so it exports nothing");
+
+    private uint TenantIdOf(string name)
+    {
+        if (tenants is null || !tenants.All.Any(t => t.Name == name))
+            throw new RpcException(StatusCode.NotFound, $"tenant '{name}' is not configured on this node; configure the same tenants on every node of a cluster");
+        return TenantRegistry.IdOf(name);
+    }
+
+    // Copies the longest present prefix of the chain (as much as free staging slots allow) into registered staging memory,
+    // held under the tenant until ReleaseExport or the lease's end, and describes where each block now is.
+    private async Task<ExportResponse> ExportAsync(ExportRequest request, ServerCall call)
+    {
+        RequireAdmin(call);
+        if (store is null)
+            throw new RpcException(StatusCode.Unimplemented, "this node serves no block store, so it exports nothing");
+        uint tenant = TenantIdOf(request.Tenant);
+        Blocks.BlockHash[] chain = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
+        if (chain.Length > MaxExportBlocks)
+            throw new RpcException(StatusCode.InvalidArgument, $"{chain.Length} blocks asked for; export at most {MaxExportBlocks} per call");
+        TimeSpan lease = request.LeaseMs == 0 ? DefaultExportLease : TimeSpan.FromMilliseconds(request.LeaseMs);
+        if (lease > MaxExportLease)
+            throw new RpcException(StatusCode.InvalidArgument, $"lease_ms {request.LeaseMs} is over the {MaxExportLease.TotalMilliseconds} ms limit");
+        var tiers = new Tiers.TierKind[chain.Length];
+        int present = store.Lookup(tenant, chain, tiers);
+        var response = new ExportResponse { AgentId = agent.AgentId.ToString() };
+        if (present == 0)
+            return response;
+        int n = Math.Min(present, Staging.Available);
+        if (n == 0)
+            throw new RpcException(StatusCode.ResourceExhausted, $"node {store.Node} has no free staging slot to export from (all {Staging.Capacity} in use); retry shortly");
+        ulong id;
+        DateTimeOffset expires;
+        try
+        {
+            (id, _, expires) = Staging.Reserve(tenant, n, lease);
+        }
+        catch (StoreFullException e)
+        {
+            throw new RpcException(StatusCode.ResourceExhausted, e.Message);
+        }
+
+        bool keep = false;
+        try
+        {
+            using (StagingArea.SlotScope slots = Staging.Use(tenant, id))
+            {
+                for (int i = 0; i < n; i++)
+                {
+                    using ReadLease? block = await store.OpenReadAsync(tenant, chain[i], call.CancellationToken).ConfigureAwait(false);
+                    if (block is null)
+                        break; // evicted since Lookup: the prefix ends here
+                    block.Bytes.Span.CopyTo(slots.Slot((uint)i).Span);
+                    response.Blocks.Add(new ExportedBlock { Address = (ulong)slots.Address((uint)i), Length = (ulong)block.Bytes.Length, Tier = Hashes.ToWire(block.Tier) });
+                }
+            }
+
+            keep = response.Blocks.Count > 0;
+            response.ExportId = keep ? id : 0;
+            response.ExpiresUnixMs = (ulong)expires.ToUnixTimeMilliseconds();
+            return response;
+        }
+        finally
+        {
+            if (!keep)
+                Staging.Release(tenant, id);
+        }
     }
 
     private static void RequireAdmin(ServerCall call)

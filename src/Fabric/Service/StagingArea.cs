@@ -36,6 +36,8 @@ public sealed class StagingArea : IDisposable
         _timer = new Timer(_ => Expire(), null, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(1));
     }
 
+    /// <summary>The slots' memory, to register with the transfer agent (peers READ exports from it; fetches land in it).</summary>
+    public HostBlockPool Pool => _pool;
     public int SlotBytes => _pool.SlotBytes;
     public int Capacity => _pool.Capacity;
     public int Available => _pool.Available;
@@ -111,6 +113,14 @@ public sealed class StagingArea : IDisposable
             if (index >= (uint)_r.Slots.Length)
                 throw new ArgumentOutOfRangeException(nameof(index), index, $"reservation {_id} has slots 0..{_r.Slots.Length - 1}");
             return _area._memory[_r.Slots[index].Index].Memory;
+        }
+
+        /// <summary>Where slot index lives in memory (inside Pool's regions), for transfer descriptors.</summary>
+        public nint Address(uint index)
+        {
+            if (index >= (uint)_r.Slots.Length)
+                throw new ArgumentOutOfRangeException(nameof(index), index, $"reservation {_id} has slots 0..{_r.Slots.Length - 1}");
+            return _r.Slots[index].Address;
         }
 
         public void Dispose()
