@@ -13,6 +13,7 @@ public static class BenchCli
             Rpc.RpcCommand.Create(),
             Tiers.TiersMetaCommand.Create(),
             Replay.ReplayCommand.Create(),
+            Route.RouteCommand.Create(),
             Tiers.TiersCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };

@@ -29,6 +29,8 @@ trace=tests/KvFabric.Tests/Tiers/data/conversation_trace_first1500.jsonl
 if [ -f "$trace" ]; then
   $bench replay --quick --trace "$trace" --capacity-blocks 200 --policy cost --no-microbench --json "$smoke/replay.json" >/dev/null
   python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert 0 < r['lru_token_hit_rate'] <= r['belady_token_hit_rate'] <= r['infinite_token_hit_rate'] and r['token_hit_rate'] > 0, r; print('smoke ok: replay', r['token_hit_rate'], 'token hit rate')" "$smoke/replay.json"
+  $bench route --quick --trace "$trace" --workers 4 --capacity-blocks 1000 --json "$smoke/route.json" >/dev/null
+  python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['policies']; assert p['kv-aware']['token_hit_rate'] > p['round-robin']['token_hit_rate'] > 0, p; print('smoke ok: route kv-aware', p['kv-aware']['token_hit_rate'], '> round-robin', p['round-robin']['token_hit_rate'])" "$smoke/route.json"
 fi
 # On the repository's disk, not /tmp: the tier and fio use O_DIRECT, which tmpfs lacks on older kernels.
 $bench tiers --quick --blocks 8 --runs 1 --dir perf/bin/tiers-smoke --json "$smoke/tiers-ssd.json" >/dev/null
