@@ -18,6 +18,7 @@ public static class KvFabricCli
         root.Subcommands.Add(ServeCommand());
         root.Subcommands.Add(PeerCommand());
         root.Subcommands.Add(ShmCleanCommand());
+        root.Subcommands.Add(ClientCommands.Create());
         root.Subcommands.Add(SsdWriterCommand());
         return await root.Parse(args).InvokeAsync();
     }
@@ -71,9 +72,12 @@ public static class KvFabricCli
         var ssdDir = new Option<string?>("--ssd-dir") { Description = "directory of the SSD tier (survives restarts); default none" };
         var ssdCapacity = new Option<string?>("--ssd-capacity") { Description = "SSD tier capacity, e.g. 64GiB" };
         var policy = new Option<string?>("--policy") { Description = "eviction policy of the GPU and host tiers: lru or cost (default)" };
+        var cluster = new Option<string?>("--cluster") { Description = "cluster store: none (standalone, default), inproc, or etcd" };
+        var etcd = new Option<string?>("--etcd") { Description = "etcd client URL, e.g. http://127.0.0.1:2379 (with --cluster etcd)" };
+        var leaseTtl = new Option<double?>("--lease-ttl") { Description = "seconds the node's cluster lease outlives its last keepalive (default 5)" };
         var cmd = new Command("serve", "Run the sidecar: gRPC API (kvfabric.v1 Fabric, Index, Transfer; grpc.health.v1), metrics, transfer agent.")
         {
-            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey, logFormat, gpuCapacity, ssdDir, ssdCapacity, policy,
+            config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey, logFormat, gpuCapacity, ssdDir, ssdCapacity, policy, cluster, etcd, leaseTtl,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -94,6 +98,9 @@ public static class KvFabricCli
                 ["ssd_dir"] = parse.GetValue(ssdDir),
                 ["ssd_capacity"] = parse.GetValue(ssdCapacity),
                 ["policy"] = parse.GetValue(policy),
+                ["cluster"] = parse.GetValue(cluster),
+                ["etcd_endpoint"] = parse.GetValue(etcd),
+                ["cluster_lease_ttl_s"] = parse.GetValue(leaseTtl)?.ToString(CultureInfo.InvariantCulture),
             };
             var builder = new ConfigurationBuilder();
             if (parse.GetValue(config) is { } file)

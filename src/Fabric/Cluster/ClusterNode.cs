@@ -35,8 +35,6 @@ public sealed record ClusterNodeOptions
 {
     public required string Node { get; init; }
     public required string Worker { get; init; }
-    /// <summary>The address other nodes call this node's gRPC services at, e.g. "http://127.0.0.1:50051".</summary>
-    public required string Advertise { get; init; }
     /// <summary>An admin tenant configured on every node: the nodes call each other as it.</summary>
     public required string ClusterTenant { get; init; }
     public required string ClusterToken { get; init; }
@@ -74,6 +72,7 @@ public sealed class ClusterNode : IAsyncDisposable
     private IClusterRegistration? _registration;
     private Task? _watch, _loadLoop;
     private double _publishedLoad;
+    private string _advertise = string.Empty;
 
     public ClusterNode(IClusterStore store, IClusterIndex index, ClusterNodeOptions options, TransferAgent agent, IFabricStore fabric,
         StagingArea staging, Func<double> load, ILogger log)
@@ -110,10 +109,12 @@ public sealed class ClusterNode : IAsyncDisposable
     public IReadOnlyList<NodeInfo> Members => _peers.Values.Select(p => p.Info).OrderBy(i => i.Node, StringComparer.Ordinal).ToList();
 
     private NodeInfo SelfInfo(double load) =>
-        new(_options.Node, _options.Worker, _options.Advertise, _agent.ExportMetadata(), load, _fabric.Events.Incarnation);
+        new(_options.Node, _options.Worker, _advertise, _agent.ExportMetadata(), load, _fabric.Events.Incarnation);
 
-    public async Task StartAsync(CancellationToken cancellationToken)
+    /// <param name="advertise">The address other nodes call this node's gRPC services at, e.g. "http://127.0.0.1:50051".</param>
+    public async Task StartAsync(string advertise, CancellationToken cancellationToken)
     {
+        _advertise = advertise;
         _registration = await _store.RegisterAsync(SelfInfo(0), _options.LeaseTtl, cancellationToken).ConfigureAwait(false);
         var selfSeen = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         _watch = Task.Run(() => WatchAsync(selfSeen));
@@ -512,6 +513,7 @@ public sealed class ClusterNode : IAsyncDisposable
         foreach (Peer p in _peers.Values)
             await StopPeerAsync(p).ConfigureAwait(false);
         _peers.Clear();
+        (_index as IDisposable)?.Dispose();
         _stop.Dispose();
         _membership.Dispose();
     }

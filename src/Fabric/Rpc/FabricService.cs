@@ -9,7 +9,7 @@ using KvFabric.Tiers;
 namespace KvFabric.Rpc;
 
 /// <summary>kvfabric.v1.Fabric: Lookup, Reserve/Release, Put, Get, Pin/Unpin, Delete, Stats over an IFabricStore.</summary>
-public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMetrics metrics, int maxSendMessageBytes)
+public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMetrics metrics, int maxSendMessageBytes, Cluster.ClusterNode? cluster = null)
 {
     public const string Name = "kvfabric.v1.Fabric";
     public static readonly TimeSpan DefaultLease = TimeSpan.FromSeconds(30);
@@ -26,6 +26,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         router.Unary<ReleaseRequest, ReleaseResponse>($"/{Name}/Release", ReleaseRequest.Parser,
             (r, c) => Task.FromResult(new ReleaseResponse { Released = staging.Release(c.RequiredTenant.Id, r.ReservationId) }));
         router.ClientStreaming($"/{Name}/Put", PutAsync);
+        router.Unary<FetchRequest, FetchResponse>($"/{Name}/Fetch", FetchRequest.Parser, FetchAsync);
         router.ServerStreaming<GetRequest>($"/{Name}/Get", GetRequest.Parser, GetAsync);
         router.Unary<PinRequest, PinResponse>($"/{Name}/Pin", PinRequest.Parser, (r, c) => Task.FromResult(Pin(r, c)));
         router.Unary<UnpinRequest, UnpinResponse>($"/{Name}/Unpin", UnpinRequest.Parser,
@@ -43,6 +44,22 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         for (int i = 0; i < matched; i++)
             response.Tiers.Add(Hashes.ToWire(tiers[i]));
         return response;
+    }
+
+    private async Task<FetchResponse> FetchAsync(FetchRequest request, ServerCall call)
+    {
+        BlockHash[] chain = Hashes.Parse(request.Hashes, "hashes", requireOne: true);
+        if (chain.Length > MaxGetBlocks)
+            throw new RpcException(StatusCode.InvalidArgument, $"{chain.Length} blocks asked for; fetch at most {MaxGetBlocks} per call");
+        Rpc.Tenant tenant = call.RequiredTenant;
+        if (cluster is null)
+        {
+            // Standalone: nothing to fetch from; say how much is here.
+            var tiers = new Tiers.TierKind[chain.Length];
+            return new FetchResponse { LocalBlocks = (uint)store.Lookup(tenant.Id, chain, tiers) };
+        }
+
+        return await cluster.FetchAsync(tenant.Id, tenant.Name, chain, call.Deadline, call.CancellationToken).ConfigureAwait(false);
     }
 
     private ReserveResponse Reserve(ReserveRequest request, ServerCall call)

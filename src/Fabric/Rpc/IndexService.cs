@@ -57,10 +57,10 @@ public static class RouteCost
 }
 
 /// <summary>
-/// kvfabric.v1.Index on one node. Match and Route answer from what this node's store holds (the cluster-wide radix
-/// index feeds more candidates in when nodes are joined); SubscribeEvents streams this node's KV events per tenant.
+/// kvfabric.v1.Index on one node. Standalone, Match and Route answer from what this node's store holds; in a cluster,
+/// from the cluster-wide radix index over every live member. SubscribeEvents streams this node's KV events per tenant.
 /// </summary>
-public sealed class IndexService(IFabricStore store, string worker, Func<double> load, TenantRegistry? tenants = null)
+public sealed class IndexService(IFabricStore store, string worker, Func<double> load, TenantRegistry? tenants = null, Cluster.ClusterNode? cluster = null)
 {
     public const string Name = "kvfabric.v1.Index";
     private const int EventBatch = 256;
@@ -75,6 +75,8 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
 
     private List<RouteCandidateInfo> Candidates(uint tenant, BlockHash[] chain)
     {
+        if (cluster is not null)
+            return cluster.Candidates(tenant, chain); // every live member, from the cluster index
         var tiers = new TierKind[chain.Length];
         int matched = store.Lookup(tenant, chain, tiers);
         int gpu = 0, host = 0, ssd = 0;

@@ -1,5 +1,7 @@
 using System.Net;
 using System.Security.Cryptography.X509Certificates;
+using KvFabric.Cluster;
+using KvFabric.Index;
 using KvFabric.Rpc;
 using KvFabric.Service;
 using KvFabric.Transfer;
@@ -61,6 +63,8 @@ public sealed class SidecarHost : IAsyncDisposable
     public MetricsRegistry Metrics { get; }
     public RpcMetrics RpcMetrics { get; }
     public IPEndPoint? GrpcEndpoint { get; private set; }
+    /// <summary>This node's part in the cluster; null when standalone (cluster = none).</summary>
+    public ClusterNode? Cluster { get; private set; }
     public IPEndPoint? MetricsEndpoint { get; private set; }
     public bool Tls => _options.TlsCertificate is not null;
 
@@ -68,11 +72,24 @@ public sealed class SidecarHost : IAsyncDisposable
     {
         _tiers = await SidecarTiers.OpenAsync(_options, _log, cancellationToken).ConfigureAwait(false);
         _store = _tiers.Store;
-        new FabricService(Store, Staging, RpcMetrics, _options.MaxSendMessageBytes).Register(Router);
-        new IndexService(Store, _options.Worker, () => Volatile.Read(ref _activeCalls)).Register(Router);
-        new TransferService(Agent).Register(Router);
-        var dispatcher = new GrpcDispatcher(Router, new TenantRegistry(_options.EffectiveTenants), Metrics, _logs.CreateLogger("kvfabric.rpc"),
-            _options.MaxReceiveMessageBytes);
+        // Staging memory is where exports are read from and fetches land: peers reach it through the agent.
+        Agent.Register(Staging.Pool);
+        var tenants = new TenantRegistry(_options.EffectiveTenants);
+        Func<double> load = () => Volatile.Read(ref _activeCalls);
+        if (_options.Clustered)
+        {
+            TenantConfig credentials = _options.ClusterCredentials;
+            Cluster = new ClusterNode(ClusterFactory.CreateStore(_options, _logs), ClusterFactory.CreateIndex(Metrics), new ClusterNodeOptions
+            {
+                Node = _options.Node, Worker = _options.Worker, ClusterTenant = credentials.Name, ClusterToken = credentials.Token,
+                Tenants = tenants.All.Select(t => t.Name).ToList(), LeaseTtl = _options.ClusterLeaseTtl,
+            }, Agent, Store, Staging, load, _logs.CreateLogger("kvfabric.cluster"));
+        }
+
+        new FabricService(Store, Staging, RpcMetrics, _options.MaxSendMessageBytes, Cluster).Register(Router);
+        new IndexService(Store, _options.Worker, load, tenants, Cluster).Register(Router);
+        new TransferService(Agent, Store, Staging, tenants).Register(Router);
+        var dispatcher = new GrpcDispatcher(Router, tenants, Metrics, _logs.CreateLogger("kvfabric.rpc"), _options.MaxReceiveMessageBytes);
         X509Certificate2? cert = Tls ? X509Certificate2.CreateFromPemFile(_options.TlsCertificate!, _options.TlsKey) : null;
         _grpc = Build(_options.Port, HttpProtocols.Http2, cert);
         _grpc.Run(async http =>
@@ -89,6 +106,12 @@ public sealed class SidecarHost : IAsyncDisposable
         });
         await _grpc.StartAsync(cancellationToken).ConfigureAwait(false);
         GrpcEndpoint = BoundEndpoint(_grpc);
+        if (Cluster is not null)
+        {
+            // After the server is up: the node's own events reach the index through its own SubscribeEvents stream.
+            string advertise = _options.Advertise ?? $"{(Tls ? "https" : "http")}://{GrpcEndpoint}";
+            await Cluster.StartAsync(advertise, cancellationToken).ConfigureAwait(false);
+        }
 
         if (_options.MetricsPort >= 0)
         {
@@ -167,12 +190,29 @@ public sealed class SidecarHost : IAsyncDisposable
             (["shm", "written"], Agent.Stats.ShmBytesWritten), (["shm", "read"], Agent.Stats.ShmBytesRead),
         ]);
         Metrics.AddGauge("kvfabric_staging_slots_free", "Free shared-memory staging slots for Reserve.", [], () => [([], Staging.Available)]);
+        Metrics.AddGauge("kvfabric_cluster_members", "Live members of the cluster this node knows (itself included); 0 when standalone.", [],
+            () => [([], Cluster?.Members.Count ?? 0)]);
+        Metrics.AddGauge("kvfabric_index_feed_events", "KV events of the cluster's nodes seen by this node's index feeds, by outcome.", ["outcome"], () =>
+        {
+            FeedCounters? f = Cluster?.Counters;
+            return f is null ? [] :
+            [
+                (["applied"], Interlocked.Read(ref f.Applied)), (["stale"], Interlocked.Read(ref f.Stale)), (["gap"], Interlocked.Read(ref f.Gaps)),
+                (["malformed"], Interlocked.Read(ref f.Malformed)), (["snapshot"], Interlocked.Read(ref f.Snapshots)),
+            ];
+        });
         Metrics.AddGauge("kvfabric_rpc_active_calls", "gRPC calls in progress.", [], () => [([], Volatile.Read(ref _activeCalls))]);
     }
 
     public async Task StopAsync()
     {
         Health.SetAllNotServing();
+        if (Cluster is not null)
+        {
+            await Cluster.DisposeAsync().ConfigureAwait(false); // leaves the cluster at once (revokes the lease)
+            Cluster = null;
+        }
+
         if (_grpc is not null)
             await _grpc.StopAsync().ConfigureAwait(false);
         if (_metrics is not null)

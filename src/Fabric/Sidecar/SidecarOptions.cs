@@ -52,6 +52,26 @@ public sealed record SidecarOptions
     public bool LockInRam { get; init; }
     /// <summary>Structured logs as one JSON object per line (for log shippers) instead of text lines.</summary>
     public bool JsonLogs { get; init; }
+    /// <summary>The cluster store: "none" (standalone, the default), "inproc" (a cluster of this process alone), "etcd".</summary>
+    public string Cluster { get; init; } = "none";
+    /// <summary>etcd's client URL (cluster = etcd).</summary>
+    public string EtcdEndpoint { get; init; } = "http://127.0.0.1:2379";
+    /// <summary>Names the cluster inside the store, so clusters can share one etcd.</summary>
+    public string ClusterName { get; init; } = "kvfabric";
+    public TimeSpan ClusterLeaseTtl { get; init; } = TimeSpan.FromSeconds(5);
+    /// <summary>The admin tenant nodes call each other as (configured on every node); null: the first admin tenant.</summary>
+    public string? ClusterTenant { get; init; }
+    /// <summary>The address peers reach this node's gRPC at; null: http(s)://listen:bound-port.</summary>
+    public string? Advertise { get; init; }
+
+    public bool Clustered => Cluster != "none";
+
+    /// <summary>The admin tenant the cluster's nodes call each other as.</summary>
+    public TenantConfig ClusterCredentials =>
+        (ClusterTenant is null ? EffectiveTenants.FirstOrDefault(t => t.Admin) : EffectiveTenants.FirstOrDefault(t => t.Name == ClusterTenant))
+        ?? throw new ArgumentException(ClusterTenant is null
+            ? "a clustered node needs an admin tenant (admin: true) for the nodes to call each other as; configure one on every node"
+            : $"cluster_tenant '{ClusterTenant}' is not a configured tenant");
 
     /// <summary>A Llama-3-8B-like layout: 32 layers, 8 KV heads of 128, bf16, 16 tokens per block = 2 MiB blocks.</summary>
     public static KvLayout DefaultLayout { get; } = new("llama-3-8b-like", 32, 8, 128, KvDType.BF16, 16);
@@ -85,6 +105,16 @@ public sealed record SidecarOptions
             throw new ArgumentException($"staging slots must be 1..65536; got {StagingSlots}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
             throw new ArgumentException("max message sizes must be at least 64 KiB");
+        if (Cluster is not ("none" or "inproc" or "etcd"))
+            throw new ArgumentException($"cluster must be 'none', 'inproc' or 'etcd'; got '{Cluster}'");
+        if (Clustered)
+        {
+            if (!ClusterCredentials.Admin)
+                throw new ArgumentException($"cluster_tenant '{ClusterCredentials.Name}' must be an admin tenant (admin: true): nodes read each other's events and memory as it");
+            if (ClusterLeaseTtl < TimeSpan.FromSeconds(1) || ClusterLeaseTtl > TimeSpan.FromMinutes(10))
+                throw new ArgumentException($"cluster_lease_ttl_s must be 1..600 seconds; got {ClusterLeaseTtl.TotalSeconds}");
+        }
+
         if ((TlsCertificate is null) != (TlsKey is null))
             throw new ArgumentException("TLS needs both a certificate (tls:certificate) and its key (tls:key), PEM files");
         return this;
@@ -146,6 +176,12 @@ public sealed record SidecarOptions
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
             JsonLogs = string.Equals(c["log_format"], "json", StringComparison.OrdinalIgnoreCase),
+            Cluster = c["cluster"] ?? d.Cluster,
+            EtcdEndpoint = c["etcd_endpoint"] ?? d.EtcdEndpoint,
+            ClusterName = c["cluster_name"] ?? d.ClusterName,
+            ClusterLeaseTtl = Double(c, "cluster_lease_ttl_s") is { } ttl ? TimeSpan.FromSeconds(ttl) : d.ClusterLeaseTtl,
+            ClusterTenant = c["cluster_tenant"],
+            Advertise = c["advertise"],
         };
     }
 

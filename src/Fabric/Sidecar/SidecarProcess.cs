@@ -123,6 +123,16 @@ public sealed class SidecarProcess : IAsyncDisposable
         return _process.ExitCode;
     }
 
+    /// <summary>Kills the sidecar at once (SIGKILL): no cleanup, no lease revoked, as in a crash.</summary>
+    public async Task KillAsync()
+    {
+        if (!_process.HasExited)
+        {
+            Native.Libc.Kill(_process.Id, Native.Libc.SIGKILL);
+            await _process.WaitForExitAsync().WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         await StopAsync().ConfigureAwait(false);

@@ -99,15 +99,25 @@ public sealed class ReviewFixTests(SidecarFixture fx) : IClassFixture<SidecarFix
         await client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 4));
         // As after the node restarted: the subscriber's sequence is ahead of this incarnation's.
         await using var events = client.SubscribeEvents(1_000_000, new CallOptions(Deadline: TimeSpan.FromSeconds(20)));
+        // Stored runs (a chain's blocks in one event), then SnapshotEnd counting them.
         var seen = new List<byte[]>();
-        while (seen.Count < 2 && await events.ReadAsync() is { } e)
+        ulong ended = ulong.MaxValue;
+        while (await events.ReadAsync() is { } e)
         {
             Assert.True(e.Snapshot);
-            if (e.Stored is { } s)
-                seen.Add(s.Hashes.ToByteArray());
+            if (e.SnapshotEnd is { } end)
+            {
+                ended = end.Blocks;
+                break;
+            }
+
+            for (int i = 0; i < e.Stored.Hashes.Length; i += 16)
+                seen.Add(e.Stored.Hashes.Span.Slice(i, 16).ToArray());
         }
 
+        Assert.Equal((ulong)seen.Count, ended);
         Assert.Contains(seen, h => h.SequenceEqual(chain[0]));
+        Assert.Contains(seen, h => h.SequenceEqual(chain[1]));
     }
 
     [Fact]
