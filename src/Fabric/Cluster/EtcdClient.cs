@@ -35,6 +35,9 @@ public sealed class EtcdClient : IDisposable
 
     public Uri Endpoint { get; }
 
+    /// <summary>The endpoint as people write it: "http://host:port".</summary>
+    public string EndpointText => Endpoint.GetLeftPart(UriPartial.Authority);
+
     public Task<RangeResponse> RangeAsync(RangeRequest request, CancellationToken cancellationToken = default) =>
         Call(Kv + "Range", request, RangeResponse.Parser, cancellationToken, idempotent: true);
 
@@ -73,7 +76,7 @@ public sealed class EtcdClient : IDisposable
         LeaseGrantResponse response = await Call(LeaseSvc + "LeaseGrant", request, LeaseGrantResponse.Parser, cancellationToken, idempotent: true)
             .ConfigureAwait(false);
         if (!string.IsNullOrEmpty(response.Error))
-            throw new InvalidOperationException($"etcd at {Endpoint} refused a lease of {request.TTL} s: {response.Error}");
+            throw new InvalidOperationException($"etcd at {EndpointText} refused a lease of {request.TTL} s: {response.Error}");
         return response;
     }
 
@@ -104,7 +107,7 @@ public sealed class EtcdClient : IDisposable
             await call.WriteAsync(new LeaseKeepAliveRequest { ID = lease }).ConfigureAwait(false);
             await call.CompleteAsync().ConfigureAwait(false);
             LeaseKeepAliveResponse response = await call.ReadAsync().ConfigureAwait(false)
-                ?? throw new RpcException(StatusCode.Internal, $"etcd at {Endpoint} ended LeaseKeepAlive without a response");
+                ?? throw new RpcException(StatusCode.Internal, $"etcd at {EndpointText} ended LeaseKeepAlive without a response");
             await call.ReadToEndAsync().ConfigureAwait(false);
             return response.TTL;
         }
@@ -124,9 +127,9 @@ public sealed class EtcdClient : IDisposable
 
     /// <summary>The error for an etcd that cannot be reached: names the endpoint and how to start one.</summary>
     public ClusterStoreUnavailableException Unavailable(string what, Exception inner) =>
-        new($"etcd at {Endpoint} cannot be reached ({what}: {inner.Message}). Start etcd there (Debian: apt-get install etcd-server; " +
-            $"e.g. etcd --data-dir /var/lib/kvfabric-etcd --listen-client-urls {Endpoint.GetLeftPart(UriPartial.Authority)} " +
-            $"--advertise-client-urls {Endpoint.GetLeftPart(UriPartial.Authority)}; see docs/cluster.md) or point KvFabric at a running etcd.", inner);
+        new($"etcd at {EndpointText} cannot be reached ({(inner is RpcException r ? r.Detail : what + ": " + inner.Message)}). " +
+            $"Start etcd there (Debian: apt-get install etcd-server; e.g. etcd --data-dir /var/lib/kvfabric-etcd --listen-client-urls {EndpointText} " +
+            $"--advertise-client-urls {EndpointText}; see docs/cluster.md) or point KvFabric at a running etcd.", inner);
 
     private async Task<TResponse> Call<TRequest, TResponse>(string method, TRequest request, MessageParser<TResponse> parser,
         CancellationToken cancellationToken, bool idempotent)

@@ -38,7 +38,7 @@ public sealed class EtcdClusterStore : IClusterStore
 
     public EtcdClient Client => _client;
 
-    public string Description => $"etcd at {_client.Endpoint} (cluster {Cluster})";
+    public string Description => $"etcd at {_client.EndpointText} (cluster {Cluster})";
 
     /// <summary>Test hook: runs after each listing of a watch, with the listed revision, before the watch stream is created.</summary>
     internal Func<long, CancellationToken, Task>? BeforeWatchCreate { get; set; }

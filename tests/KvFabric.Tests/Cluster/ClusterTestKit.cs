@@ -46,6 +46,10 @@ public sealed class WatchProbe : IAsyncDisposable
         {
             throw new TimeoutException($"{_what}: no membership change within {deadline} while expecting {expecting}");
         }
+        catch (ChannelClosedException e) when (e.InnerException is not null)
+        {
+            throw e.InnerException; // the watch failed: its own error
+        }
     }
 
     /// <summary>Skips changes until one matches; fails naming what was awaited and what came instead.</summary>
