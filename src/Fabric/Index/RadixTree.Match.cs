@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics.X86;
 using KvFabric.Blocks;
 
@@ -5,18 +6,19 @@ namespace KvFabric.Index;
 
 public sealed unsafe partial class RadixTree
 {
-    // How far ahead Match prefetches table slots: enough misses in flight to cover memory latency on a big table.
-    private const int PrefetchDistance = 12;
+    // Match's prefetch pipeline: blocks between its stages, and the ring of looked-up slots (a power of two >= 2 x Stage).
+    private const int Stage = 8;
+    private const int Ring = 16;
+    private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host
 
     // Per-thread Match state, indexed by worker id and stamped by a generation so that nothing is cleared per call.
     private sealed class MatchScratch
     {
-        public int[] State = new int[Stride * 64]; // per worker: stamp, matched, gpu, host
+        public int[] State = new int[Stride * 64];
         public int[] Candidates = new int[64];
+        public ulong[] Keys = new ulong[64];
         public int Generation;
     }
-
-    private const int Stride = 4;
 
     [ThreadStatic]
     private static MatchScratch? t_scratch;
@@ -39,81 +41,131 @@ public sealed unsafe partial class RadixTree
             scratch.Generation = 1;
         }
         int gen = scratch.Generation;
-        int[] state = scratch.State;
-        uint[] pool = _pool;
-
-        for (int k = 0; k < PrefetchDistance && k < chain.Length; k++)
-            Prefetch(chain[k].Hi);
-
-        int candidates = 0;
+        int n = chain.Length;
         int longest = 0;
-        for (int i = 0; i < chain.Length; i++)
+        int candidates = 0;
+
+        fixed (int* state = scratch.State)
+        fixed (uint* pool = _pool)
         {
-            if (i + PrefetchDistance < chain.Length)
-                Prefetch(chain[i + PrefetchDistance].Hi);
-            long slot = Find(chain[i].Hi, chain[i].Lo);
-            if (slot < 0)
-                break;
-            ref Entry e = ref _table[slot];
-            int extended = 0;
-            uint loc = e.Loc0;
-            if (loc != 0)
-                extended += Extend(state, loc, i, gen, scratch, ref candidates);
-            for (uint node = e.Overflow; node != 0; node = pool[node * NodeUints + NextField])
+            // A two-stage pipeline: the home slot of block i + 2 x Stage is prefetched; block i + Stage is looked up (its
+            // line has arrived by then) and its overflow node prefetched; block i is matched. Both misses of a block are
+            // in flight long before it is used.
+            long* ring = stackalloc long[Ring];
+            // The main loop starts at block 1, so the prologue covers what its iteration 0 would have.
+            for (int k = 0; k <= 2 * Stage && k < n; k++)
+                Prefetch(chain[k].Hi);
+            for (int k = 0; k <= Stage && k < n; k++)
+                ring[k] = Resolve(chain[k], pool);
+
+            // Block 0 enrols every worker that holds it.
+            if (ring[0] < 0)
+                return 0;
+            Entry* e = _table + ring[0];
+            if (e->Loc0 != 0)
+                Enrol(state, e->Loc0, gen, scratch, ref candidates);
+            for (uint node = e->Overflow; node != 0; node = pool[node * NodeUints + NextField])
             {
-                int b = (int)(node * NodeUints);
-                for (int f = 0; f < NextField; f++)
+                uint* f = pool + node * NodeUints;
+                for (int k = 0; k < NextField; k++)
                 {
-                    loc = pool[b + f];
-                    if (loc != 0)
-                        extended += Extend(state, loc, i, gen, scratch, ref candidates);
+                    if (f[k] != 0)
+                        Enrol(state, f[k], gen, scratch, ref candidates);
                 }
             }
-            if (extended == 0)
-                break;
-            longest = i + 1;
+            if (candidates == 0)
+                return 0;
+            longest = 1;
+
+            for (int i = 1; i < n; i++)
+            {
+                if (i + 2 * Stage < n)
+                    Prefetch(chain[i + 2 * Stage].Hi);
+                if (i + Stage < n)
+                    ring[(i + Stage) & (Ring - 1)] = Resolve(chain[i + Stage], pool);
+                long slot = ring[i & (Ring - 1)];
+                if (slot < 0)
+                    break;
+                e = _table + slot;
+                int extended = Extend(state, e->Loc0, i, gen);
+                for (uint node = e->Overflow; node != 0; node = pool[node * NodeUints + NextField])
+                {
+                    uint* f = pool + node * NodeUints;
+                    extended += Extend(state, f[0], i, gen) + Extend(state, f[1], i, gen) + Extend(state, f[2], i, gen);
+                }
+                if (extended == 0)
+                    break;
+                longest = i + 1;
+            }
         }
 
+        // Sorted as primitive keys (longest first, then worker id): several times faster than a comparison delegate when
+        // a shared prefix enrols a thousand workers.
         int[] list = scratch.Candidates;
+        if (scratch.Keys.Length < candidates)
+            scratch.Keys = new ulong[scratch.Candidates.Length];
+        var keys = scratch.Keys.AsSpan(0, candidates);
+        int[] st = scratch.State;
         for (int c = 0; c < candidates; c++)
         {
             int w = list[c];
+            keys[c] = (ulong)(uint)(int.MaxValue - st[w * Stride + 1]) << 32 | (uint)w;
+        }
+        keys.Sort();
+        if (output.Capacity < candidates)
+            output.Capacity = candidates;
+        foreach (ulong key in keys)
+        {
+            int w = (int)(uint)key;
             int s = w * Stride;
-            int matched = state[s + 1], gpu = state[s + 2], host = state[s + 3];
+            int matched = st[s + 1], gpu = st[s + 2], host = st[s + 3];
             output.Add(new MatchResult(w, matched, gpu, host, matched - gpu - host));
         }
-        output.Sort(static (a, b) => a.Matched != b.Matched ? b.Matched.CompareTo(a.Matched) : a.WorkerId.CompareTo(b.WorkerId));
         return longest;
     }
 
-    // Extends the worker's run if it held every earlier block; block 0 enrols the candidates.
-    private static int Extend(int[] state, uint loc, int i, int gen, MatchScratch scratch, ref int candidates)
+    private static void Enrol(int* state, uint loc, int gen, MatchScratch scratch, ref int candidates)
     {
         int w = (int)(loc >> 3) - 1;
-        int s = w * Stride;
-        if (i == 0)
-        {
-            state[s] = gen;
-            state[s + 1] = 0;
-            state[s + 2] = 0;
-            state[s + 3] = 0;
-            if (candidates == scratch.Candidates.Length)
-                Array.Resize(ref scratch.Candidates, 2 * candidates);
-            scratch.Candidates[candidates++] = w;
-        }
-        else if (state[s] != gen || state[s + 1] != i)
-        {
+        int* s = state + w * Stride;
+        s[0] = gen;
+        s[1] = 1;
+        s[2] = (loc & 1) != 0 ? 1 : 0;
+        s[3] = (loc & 3) == 2 ? 1 : 0;
+        if (candidates == scratch.Candidates.Length)
+            Array.Resize(ref scratch.Candidates, 2 * candidates);
+        scratch.Candidates[candidates++] = w;
+    }
+
+    // Extends the worker's run if it held every earlier block; 1 if it did. An empty location (0) is skipped first.
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int Extend(int* state, uint loc, int i, int gen)
+    {
+        if (loc == 0)
             return 0;
-        }
-        state[s + 1] = i + 1;
-        uint tiers = loc & 7;
-        if ((tiers & 1) != 0)
-            state[s + 2]++;
-        else if ((tiers & 2) != 0)
-            state[s + 3]++;
+        int* s = state + ((int)(loc >> 3) - 1) * Stride;
+        if (s[0] != gen || s[1] != i)
+            return 0;
+        s[1] = i + 1;
+        s[2] += (int)(loc & 1);
+        s[3] += (loc & 3) == 2 ? 1 : 0;
         return 1;
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private long Resolve(BlockHash h, uint* pool)
+    {
+        long slot = Find(h.Hi, h.Lo);
+        if (slot >= 0 && Sse.IsSupported)
+        {
+            uint node = _table[slot].Overflow;
+            if (node != 0)
+                Sse.Prefetch0(pool + node * NodeUints);
+        }
+        return slot;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private void Prefetch(ulong hi)
     {
         if (Sse.IsSupported)
