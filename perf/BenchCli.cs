@@ -12,6 +12,7 @@ public static class BenchCli
             Transfer.TransferCommand.Create(),
             Rpc.RpcCommand.Create(),
             Tiers.TiersMetaCommand.Create(),
+            Index.IndexCommand.Create(),
             Replay.ReplayCommand.Create(),
             Route.RouteCommand.Create(),
             Tiers.TiersCommand.Create(),

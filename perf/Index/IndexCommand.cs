@@ -1,0 +1,141 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using KvFabric.Bench.Reporting;
+using KvFabric.Index;
+
+namespace KvFabric.Bench.Index;
+
+// `kvfabric-bench index`: the global radix index on one writer thread. Block events applied per second (to the tree
+// directly and through RadixIndex's queue and writer), Match latency of a prompt-length chain fully held by three
+// workers (the longest walk), and the index's exact bytes per (block, location).
+public static class IndexCommand
+{
+    private const uint Tenant = 1;
+
+    public static Command Create()
+    {
+        var blocks = new Option<int>("--blocks") { Description = "distinct blocks in the index", DefaultValueFactory = _ => 1_000_000 };
+        var workers = new Option<int>("--workers") { Description = "workers holding them", DefaultValueFactory = _ => 1000 };
+        var prompt = new Option<int>("--prompt-blocks") { Description = "blocks per matched prompt chain", DefaultValueFactory = _ => 8192 };
+        var runs = new Option<int>("--runs") { Description = "measured build runs (the median is reported)", DefaultValueFactory = _ => 3 };
+        var matches = new Option<int>("--matches") { Description = "Match calls timed", DefaultValueFactory = _ => 1000 };
+        var quick = new Option<bool>("--quick") { Description = "CI-sized run: 100k blocks, 100 workers, 1024-block prompts, one run" };
+        var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
+        var cmd = new Command("index", "Global radix index: block events/s, Match p50/p99 of a prompt chain, bytes per (block, location).")
+        {
+            blocks, workers, prompt, runs, matches, quick, json,
+        };
+        cmd.SetAction(async (p, ct) =>
+        {
+            bool q = p.GetValue(quick);
+            var report = await RunAsync(
+                QuickDefaults.Pick(p, blocks, q, 100_000), QuickDefaults.Pick(p, workers, q, 100), QuickDefaults.Pick(p, prompt, q, 1024),
+                QuickDefaults.Pick(p, runs, q, 1), QuickDefaults.Pick(p, matches, q, 200), ct);
+            JsonReport.Write(p.GetValue(json), report);
+            return 0;
+        });
+        return cmd;
+    }
+
+    public static async Task<JsonObject> RunAsync(int blocks, int workers, int promptBlocks, int runs, int matches, CancellationToken ct)
+    {
+        if (runs <= 0 || matches <= 0)
+            throw new ArgumentException($"--runs {runs} --matches {matches}: both must be positive");
+        var setup = Stopwatch.StartNew();
+        var workload = new IndexWorkload(blocks, workers, promptBlocks);
+        Console.WriteLine($"workload: {blocks:N0} blocks, {workers} workers, {workload.Events.Count:N0} events, {workload.BlockEvents:N0} block events, " +
+                          $"{workload.MatchChains.Count} match chains of {promptBlocks} blocks (built in {setup.Elapsed.TotalSeconds:F1} s)");
+
+        // Straight into a RadixTree on this thread, table pre-sized for the blocks (no rehash inside the timing).
+        var treeRates = new List<double>();
+        for (int run = -1; run < runs; run++) // run -1 warms up (JIT, first page faults)
+        {
+            using var tree = new RadixTree(blocks);
+            var clock = Stopwatch.StartNew();
+            workload.ApplyTo(tree);
+            if (run >= 0)
+                treeRates.Add(workload.BlockEvents / clock.Elapsed.TotalSeconds);
+        }
+
+        // Through RadixIndex: this thread enqueues (awaiting back-pressure), the writer thread applies; FlushAsync ends it.
+        var queueRates = new List<double>();
+        RadixIndex? index = null;
+        for (int run = 0; run < runs; run++)
+        {
+            index?.Dispose();
+            index = new RadixIndex(new RadixIndexOptions { InitialBlocksPerTenant = blocks, QueueCapacity = 4096 });
+            var clock = Stopwatch.StartNew();
+            foreach (var e in workload.Events)
+                await index.EnqueueAsync(workload.ToIndexEvent(e, Tenant), ct);
+            await index.FlushAsync(ct);
+            queueRates.Add(workload.BlockEvents / clock.Elapsed.TotalSeconds);
+        }
+        using var built = index!;
+        var counters = built.Counters;
+        if (counters.RejectedTotal != 0 || counters.Blocks != blocks)
+            throw new InvalidOperationException($"the index rejected {counters.RejectedTotal} events and holds {counters.Blocks} blocks, expected 0 and {blocks}: {built.LastWriterError}");
+
+        // Match: the prompt chains round-robin, so at 10M blocks most walks miss the CPU caches as a cold prompt would.
+        var output = new List<MatchResult>(workers);
+        for (int i = 0; i < Math.Min(matches, 50); i++)
+            built.Match(Tenant, workload.MatchChains[i % workload.MatchChains.Count], output); // warm-up
+        var latencies = new double[matches];
+        var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
+        var wall = Stopwatch.StartNew();
+        for (int i = 0; i < matches; i++)
+        {
+            int c = i % workload.MatchChains.Count;
+            long t0 = Stopwatch.GetTimestamp();
+            int longest = built.Match(Tenant, workload.MatchChains[c], output);
+            latencies[i] = Stopwatch.GetElapsedTime(t0).TotalMicroseconds;
+            if (longest != promptBlocks || output.Count != workers || output[2].Matched != promptBlocks || output[3].Matched != workload.SharedBlocks)
+                throw new InvalidOperationException($"Match of chain {c} gave longest {longest} over {output.Count} workers; expected {promptBlocks} for 3 workers and {workload.SharedBlocks} for the rest");
+        }
+        double matchCpuMean = (Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalMicroseconds / matches;
+        double matchWallMean = wall.Elapsed.TotalMicroseconds / matches;
+        Array.Sort(latencies);
+
+        var tree1 = Spread.Of(treeRates);
+        var queue = Spread.Of(queueRates);
+        double p50 = Spread.Percentile(latencies, 50), p99 = Spread.Percentile(latencies, 99), max = latencies[^1];
+        double bytesPerLocation = (double)counters.BytesAllocated / counters.Locations;
+        double bytesPerBlock = (double)counters.BytesAllocated / counters.Blocks;
+
+        Console.WriteLine();
+        Console.WriteLine($"{"figure",-44} {"value",14}   target");
+        Console.WriteLine($"{"block events/s, through RadixIndex",-44} {queue.Median / 1e6,12:F2} M   >= 2 M  (min {queue.Min / 1e6:F2}, max {queue.Max / 1e6:F2})");
+        Console.WriteLine($"{"block events/s, RadixTree directly",-44} {tree1.Median / 1e6,12:F2} M   >= 2 M  (min {tree1.Min / 1e6:F2}, max {tree1.Max / 1e6:F2})");
+        Console.WriteLine($"{$"Match of {promptBlocks} blocks, p50",-44} {p50,12:F1} us");
+        Console.WriteLine($"{$"Match of {promptBlocks} blocks, p99",-44} {p99,12:F1} us   < 200 us (max {max:F1})");
+        Console.WriteLine($"{"Match mean, wall / process CPU",-44} {matchWallMean,12:F1} us / {matchCpuMean:F1} us (CPU: what a core does when it runs)");
+        Console.WriteLine($"{"bytes per (block, location)",-44} {bytesPerLocation,14:F1}   <= 100");
+        Console.WriteLine($"{"bytes per distinct block",-44} {bytesPerBlock,14:F1}");
+        Console.WriteLine($"{"blocks / locations / bytes",-44} {counters.Blocks:N0} / {counters.Locations:N0} / {counters.BytesAllocated:N0}");
+
+        var report = JsonReport.Header("index");
+        report["blocks"] = blocks;
+        report["workers"] = workers;
+        report["prompt_blocks"] = promptBlocks;
+        report["runs"] = runs;
+        report["matches"] = matches;
+        report["block_events"] = workload.BlockEvents;
+        report["events"] = workload.Events.Count;
+        report["events_per_second"] = JsonReport.Round(queue.Median);
+        report["events_per_second_runs"] = JsonReport.Of(queue);
+        report["events_per_second_tree"] = JsonReport.Round(tree1.Median);
+        report["events_per_second_tree_runs"] = JsonReport.Of(tree1);
+        report["match_p50_us"] = JsonReport.Round(p50);
+        report["match_p99_us"] = JsonReport.Round(p99);
+        report["match_max_us"] = JsonReport.Round(max);
+        report["match_mean_wall_us"] = JsonReport.Round(matchWallMean);
+        report["match_mean_cpu_us"] = JsonReport.Round(matchCpuMean);
+        report["match_chains"] = workload.MatchChains.Count;
+        report["bytes_per_block"] = JsonReport.Round(bytesPerLocation);
+        report["bytes_per_distinct_block"] = JsonReport.Round(bytesPerBlock);
+        report["locations"] = counters.Locations;
+        report["bytes_allocated"] = counters.BytesAllocated;
+        report["entry_bytes"] = RadixTree.EntryBytes;
+        return report;
+    }
+}

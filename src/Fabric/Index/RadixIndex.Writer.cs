@@ -1,0 +1,189 @@
+using System.Diagnostics;
+using KvFabric.Blocks;
+using KvFabric.Tiers;
+
+namespace KvFabric.Index;
+
+// The writer thread: drains the queue in batches, each under the write lock for at most MaxWriteHold. A bad event is
+// counted by reason and dropped; nothing an event carries can stop the thread.
+public sealed partial class RadixIndex
+{
+    private readonly long[] _rejected = new long[RejectReasons.Count];
+    private readonly List<TaskCompletionSource> _batchFlushes = [];
+    private BlockHash[] _hashScratch = new BlockHash[256];
+    private long _appliedEvents;
+    private long _appliedBlocks;
+    private long _removedNotHeldNoTenant;
+    private string? _lastError;
+
+    private void WriterLoop()
+    {
+        var reader = _queue.Reader;
+        while (!_stop.IsCancellationRequested)
+        {
+            if (reader.Count == 0 && !WaitForWork())
+                break;
+            ApplyBatch();
+        }
+    }
+
+    // Blocks until an item is queued; false once the index is disposed.
+    private bool WaitForWork()
+    {
+        try
+        {
+            var wait = _queue.Reader.WaitToReadAsync(_stop.Token);
+            return wait.IsCompletedSuccessfully ? wait.Result : wait.AsTask().GetAwaiter().GetResult();
+        }
+        catch (OperationCanceledException)
+        {
+            return false;
+        }
+    }
+
+    private void ApplyBatch()
+    {
+        if (!_lock.TryEnterWriteLock(_options.LockTimeout))
+            return; // readers held it past the deadline; try again, the events stay queued
+        long start = Stopwatch.GetTimestamp();
+        try
+        {
+            while (_queue.Reader.TryRead(out var item))
+            {
+                if (item.Flush is { } flush)
+                    _batchFlushes.Add(flush);
+                else if (item.RemoveNode is { } node)
+                    RemoveNodeNow(node);
+                else
+                    Apply(item.Event);
+                if (Stopwatch.GetElapsedTime(start) > _options.MaxWriteHold)
+                    break;
+            }
+        }
+        finally
+        {
+            _lock.ExitWriteLock();
+        }
+        foreach (var flush in _batchFlushes)
+            flush.TrySetResult();
+        _batchFlushes.Clear();
+    }
+
+    private void Apply(IndexEvent e)
+    {
+        try
+        {
+            var reason = ApplyOrReject(in e);
+            if (reason is { } r)
+                Interlocked.Increment(ref _rejected[(int)r]);
+        }
+#pragma warning disable CA1031 // a bad event must never stop the writer: count it, keep the message, carry on
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            Interlocked.Increment(ref _rejected[(int)RejectReason.Exception]);
+            Volatile.Write(ref _lastError, $"{e.Kind} event for tenant {e.Tenant}, worker {e.Worker}: {ex.GetType().Name}: {ex.Message}");
+        }
+    }
+
+    private RejectReason? ApplyOrReject(in IndexEvent e)
+    {
+        if ((uint)e.Worker > RadixTree.MaxWorkerId)
+            return RejectReason.Worker;
+        if (e.Tier is { } tier && (byte)tier > (byte)TierKind.Ssd)
+            return RejectReason.Tier;
+        if (e.Kind == IndexEventKind.Cleared)
+        {
+            if (_trees.TryGetValue(e.Tenant, out var cleared))
+                cleared.ClearWorker(e.Worker, e.Tier);
+            Counted(0);
+            return null;
+        }
+        if (e.Kind is not (IndexEventKind.Stored or IndexEventKind.Removed))
+            return RejectReason.Kind;
+        if (e.Tier is not { } t)
+            return RejectReason.Tier;
+        if (e.Hashes.Length == 0 || e.Hashes.Length % BlockHash.Size != 0)
+            return RejectReason.HashLength;
+        var hashes = Decode(e.Hashes.Span);
+        if (e.Kind == IndexEventKind.Removed)
+        {
+            if (_trees.TryGetValue(e.Tenant, out var tree))
+                tree.ApplyRemoved(e.Worker, hashes, t);
+            else
+                Interlocked.Add(ref _removedNotHeldNoTenant, hashes.Length);
+            Counted(hashes.Length);
+            return null;
+        }
+
+        BlockHash? parent = null;
+        if (e.Parent.Length == BlockHash.Size)
+            parent = BlockHash.FromBytes(e.Parent.Span);
+        else if (e.Parent.Length != 0)
+            return RejectReason.ParentLength;
+        if (!_trees.TryGetValue(e.Tenant, out var target))
+        {
+            if (parent is not null)
+                return RejectReason.UnknownParent;
+            _trees[e.Tenant] = target = new RadixTree(_options.InitialBlocksPerTenant);
+        }
+        switch (target.ApplyStored(e.Worker, parent, hashes, t))
+        {
+            case ApplyStatus.Applied:
+                Counted(hashes.Length);
+                return null;
+            case ApplyStatus.UnknownParent:
+                return RejectReason.UnknownParent;
+            case ApplyStatus.ParentMismatch:
+                return RejectReason.ParentMismatch;
+            default:
+                return RejectReason.Tier;
+        }
+    }
+
+    private void Counted(int blocks)
+    {
+        Interlocked.Increment(ref _appliedEvents);
+        Interlocked.Add(ref _appliedBlocks, blocks);
+    }
+
+    // The wire's big-endian digests to BlockHash, into a scratch array the writer reuses.
+    private ReadOnlySpan<BlockHash> Decode(ReadOnlySpan<byte> packed)
+    {
+        int n = packed.Length / BlockHash.Size;
+        if (_hashScratch.Length < n)
+            _hashScratch = new BlockHash[Math.Max(n, 2 * _hashScratch.Length)];
+        var span = _hashScratch.AsSpan(0, n);
+        for (int i = 0; i < n; i++)
+            span[i] = BlockHash.FromBytes(packed.Slice(i * BlockHash.Size, BlockHash.Size));
+        return span;
+    }
+
+    private void RemoveNodeNow(string node)
+    {
+        try
+        {
+            int[] workers = WorkersOfNode(node);
+            foreach (var tree in _trees.Values)
+            {
+                foreach (int w in workers)
+                    tree.ClearWorker(w, null);
+            }
+        }
+#pragma warning disable CA1031 // see Apply
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            Interlocked.Increment(ref _rejected[(int)RejectReason.Exception]);
+            Volatile.Write(ref _lastError, $"removing node '{node}': {ex.GetType().Name}: {ex.Message}");
+        }
+    }
+
+    private void FailPendingFlushes()
+    {
+        foreach (var flush in _batchFlushes)
+            flush.TrySetResult();
+        while (_queue.Reader.TryRead(out var item))
+            item.Flush?.TrySetException(new ObjectDisposedException(nameof(RadixIndex), "the index was disposed before this flush point was reached"));
+    }
+}

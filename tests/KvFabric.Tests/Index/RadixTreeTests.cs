@@ -1,0 +1,160 @@
+using KvFabric.Blocks;
+using KvFabric.Index;
+using KvFabric.Tiers;
+using Xunit;
+
+namespace KvFabric.Tests.Index;
+
+public class RadixTreeTests
+{
+    private static List<MatchResult> MatchOf(RadixTree tree, BlockHash[] chain)
+    {
+        var output = new List<MatchResult>();
+        tree.Match(chain, output);
+        return output;
+    }
+
+    [Fact]
+    public void Index_Match_EmptyChainAndUnknownFirstBlock_MatchNothing()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(4);
+        Assert.Empty(MatchOf(tree, chain));
+        tree.ApplyStored(1, null, chain, TierKind.Gpu);
+        Assert.Empty(MatchOf(tree, []));
+        Assert.Empty(MatchOf(tree, TestHashes.Chain(4, salt: 9)));
+        Assert.Equal([new MatchResult(1, 4, 4, 0, 0)], MatchOf(tree, chain));
+    }
+
+    [Fact]
+    public void Index_Match_IsThePrefixEachWorkerHoldsWhole_SortedByLengthThenWorker()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(5);
+        tree.ApplyStored(3, null, chain, TierKind.Ssd);
+        tree.ApplyStored(2, null, chain[..2], TierKind.Host);
+        tree.ApplyStored(7, null, chain[..2], TierKind.Gpu);
+        tree.ApplyRemoved(3, chain[3..4], TierKind.Ssd); // a hole: worker 3 keeps 0..2 and 4
+        tree.ApplyStored(1, null, chain, TierKind.Host);
+        Assert.Equal(
+            [new MatchResult(1, 5, 0, 5, 0), new MatchResult(3, 3, 0, 0, 3), new MatchResult(2, 2, 0, 2, 0), new MatchResult(7, 2, 2, 0, 0)],
+            MatchOf(tree, chain));
+    }
+
+    [Fact]
+    public void Index_Match_CountsEachBlockInItsFastestTier()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(3);
+        tree.ApplyStored(0, null, chain, TierKind.Ssd);
+        tree.ApplyStored(0, null, chain[..2], TierKind.Host);
+        tree.ApplyStored(0, null, chain[..1], TierKind.Gpu);
+        Assert.Equal([new MatchResult(0, 3, 1, 1, 1)], MatchOf(tree, chain));
+        Assert.Equal(3, tree.Locations); // one location per block, several tier bits
+    }
+
+    [Fact]
+    public void Index_RestoringWhatIsHeld_IsANoOp()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(3);
+        tree.ApplyStored(0, null, chain, TierKind.Gpu);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(0, null, chain, TierKind.Gpu));
+        Assert.Equal(3, tree.Blocks);
+        Assert.Equal(3, tree.Locations);
+        Assert.Equal(3, tree.StoredAlreadyHeld);
+    }
+
+    [Fact]
+    public void Index_UnknownParentOrMismatchedParent_RejectsTheWholeEventUnchanged()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(3);
+        tree.ApplyStored(0, null, chain[..2], TierKind.Gpu);
+        var orphan = TestHashes.Chain(TestHashes.Child(null, 77), 1, 2);
+        Assert.Equal(ApplyStatus.UnknownParent, tree.ApplyStored(1, TestHashes.Child(null, 77), orphan, TierKind.Gpu));
+        // chain[1] exists under chain[0]; claiming it as a root block is a mismatch, and chain[2] must not be added either.
+        Assert.Equal(ApplyStatus.ParentMismatch, tree.ApplyStored(1, null, [chain[1], chain[2]], TierKind.Gpu));
+        Assert.Equal(2, tree.Blocks);
+        Assert.Equal(2, tree.Locations);
+        Assert.Equal(1, tree.RejectedUnknownParent);
+        Assert.Equal(1, tree.RejectedParentMismatch);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(1, chain[1], chain[2..], TierKind.Host));
+        Assert.Equal(3, tree.Blocks);
+    }
+
+    [Fact]
+    public void Index_RemovingAMiddleBlock_StopsMatchThereAndFreesOnceTheSubtreeGoes()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(4);
+        tree.ApplyStored(0, null, chain, TierKind.Gpu);
+        tree.ApplyStored(1, null, chain[..1], TierKind.Gpu);
+        Assert.Equal(1, tree.ApplyRemoved(0, chain[1..2], TierKind.Gpu));
+        Assert.Equal(4, tree.Blocks); // chain[1] nobody holds, kept for the blocks below it
+        Assert.Equal([new MatchResult(0, 1, 1, 0, 0), new MatchResult(1, 1, 1, 0, 0)], MatchOf(tree, chain));
+        Assert.Equal(0, tree.ApplyRemoved(0, chain[1..2], TierKind.Gpu));
+        Assert.Equal(1, tree.RemovedNotHeld);
+        tree.ApplyRemoved(0, chain[2..], TierKind.Gpu);
+        Assert.Equal(1, tree.Blocks); // the holderless chain[1] went with its last child; chain[0] is held by 0 and 1
+        tree.ClearWorker(0, null);
+        tree.ClearWorker(1, TierKind.Gpu);
+        Assert.Equal(0, tree.Blocks);
+        Assert.Equal(0, tree.Locations);
+        Assert.Empty(MatchOf(tree, chain));
+    }
+
+    [Fact]
+    public void Index_AThousandHoldersOfOneBlock_UseThePoolAndComeBackOut()
+    {
+        using var tree = new RadixTree();
+        var prefix = TestHashes.Chain(2);
+        for (int w = 0; w < 1000; w++)
+            tree.ApplyStored(w, null, prefix, (TierKind)(w % 3));
+        Assert.Equal(2000, tree.Locations);
+        var output = MatchOf(tree, prefix);
+        Assert.Equal(1000, output.Count);
+        Assert.All(output, r => Assert.Equal(2, r.Matched));
+        Assert.Equal(Enumerable.Range(0, 1000), output.Select(r => r.WorkerId));
+        for (int w = 0; w < 1000; w += 2)
+            tree.ClearWorker(w, null);
+        output = MatchOf(tree, prefix);
+        Assert.Equal(Enumerable.Range(0, 500).Select(i => 2 * i + 1), output.Select(r => r.WorkerId));
+        for (int w = 1; w < 1000; w += 2)
+            tree.ApplyRemoved(w, prefix, (TierKind)(w % 3));
+        Assert.Equal(0, tree.Blocks);
+        Assert.Equal(0, tree.OverflowNodes);
+    }
+
+    [Fact]
+    public void Index_Growth_AcrossManyRehashes_KeepsEveryBlockAndTheAccountingExact()
+    {
+        using var tree = new RadixTree(initialBlocks: 1);
+        long firstCapacity = tree.Capacity;
+        var chains = new List<BlockHash[]>();
+        for (int c = 0; c < 200; c++)
+        {
+            var chain = TestHashes.Chain(100, salt: c);
+            chains.Add(chain);
+            Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(c % 7, null, chain, TierKind.Host));
+        }
+        Assert.Equal(20_000, tree.Blocks);
+        Assert.True(tree.Capacity >= 20_000 / 3 * 4 && tree.Capacity > firstCapacity);
+        Assert.Equal(48, RadixTree.EntryBytes);
+        Assert.Equal(tree.Capacity * RadixTree.EntryBytes + tree.OverflowPoolBytes, tree.BytesAllocated);
+        for (int c = 0; c < 200; c++)
+            Assert.Equal([new MatchResult(c % 7, 100, 0, 100, 0)], MatchOf(tree, chains[c]));
+        // Load stays at most 3/4, so a block costs at most 64 bytes of table here.
+        Assert.True(tree.BytesAllocated <= 100L * tree.Locations, $"{tree.BytesAllocated} bytes for {tree.Locations} locations");
+    }
+
+    [Fact]
+    public void Index_BadArguments_ThrowWithTheReason()
+    {
+        using var tree = new RadixTree();
+        var e = Assert.Throws<ArgumentOutOfRangeException>(() => tree.ApplyStored(-1, null, TestHashes.Chain(1), TierKind.Gpu));
+        Assert.Contains("WorkerIdOf", e.Message, StringComparison.Ordinal);
+        Assert.Equal(ApplyStatus.BadTier, tree.ApplyStored(0, null, TestHashes.Chain(1), (TierKind)9));
+        Assert.Throws<ArgumentNullException>(() => tree.Match(TestHashes.Chain(1), null!));
+    }
+}
