@@ -94,14 +94,19 @@ public sealed class SidecarHost : IAsyncDisposable
         _grpc = Build(_options.Port, HttpProtocols.Http2, cert);
         _grpc.Run(async http =>
         {
-            Interlocked.Increment(ref _activeCalls);
+            // Long-lived watch streams (the cluster's event feeds, health watchers) are not work: they stay out of the load.
+            string path = http.Request.Path.Value ?? string.Empty;
+            bool counted = !path.EndsWith("/SubscribeEvents", StringComparison.Ordinal) && !path.EndsWith("/Watch", StringComparison.Ordinal);
+            if (counted)
+                Interlocked.Increment(ref _activeCalls);
             try
             {
                 await dispatcher.HandleAsync(http).ConfigureAwait(false);
             }
             finally
             {
-                Interlocked.Decrement(ref _activeCalls);
+                if (counted)
+                    Interlocked.Decrement(ref _activeCalls);
             }
         });
         await _grpc.StartAsync(cancellationToken).ConfigureAwait(false);
@@ -201,7 +206,7 @@ public sealed class SidecarHost : IAsyncDisposable
                 (["malformed"], Interlocked.Read(ref f.Malformed)), (["snapshot"], Interlocked.Read(ref f.Snapshots)),
             ];
         });
-        Metrics.AddGauge("kvfabric_rpc_active_calls", "gRPC calls in progress.", [], () => [([], Volatile.Read(ref _activeCalls))]);
+        Metrics.AddGauge("kvfabric_rpc_active_calls", "gRPC calls in progress (watch streams not counted): the node's load in Route.", [], () => [([], Volatile.Read(ref _activeCalls))]);
     }
 
     public async Task StopAsync()
