@@ -21,7 +21,8 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     private long _lookups, _hitBlocks, _missBlocks;
 
     /// <param name="build">Builds the manager with this store as its event sink.</param>
-    public TieredFabricStore(KvLayout layout, string node, int maxStagedBlocks, Func<IKvEventSink, TierManager> build)
+    /// <param name="eventLogCapacity">Events kept per tenant for subscribers that fall behind (they get a snapshot beyond it).</param>
+    public TieredFabricStore(KvLayout layout, string node, int maxStagedBlocks, Func<IKvEventSink, TierManager> build, int eventLogCapacity = 65536)
     {
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentNullException.ThrowIfNull(build);
@@ -32,6 +33,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
         Layout = layout;
         BlockBytes = (int)layout.BlockBytes;
         Node = node;
+        Events = new KvEventLogs(eventLogCapacity);
         _maxStagedBlocks = maxStagedBlocks;
         _tiers = build(this);
     }
@@ -39,7 +41,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     public KvLayout Layout { get; }
     public int BlockBytes { get; }
     public string Node { get; }
-    public KvEventLogs Events { get; } = new();
+    public KvEventLogs Events { get; }
     public TierManager Manager => _tiers;
 
     // Block copies per (tenant, tier), kept from the events so Stats never walks the index.

@@ -47,6 +47,8 @@ public sealed record SidecarOptions
     /// <summary>Blocks all Puts in progress may stage at once (each a block-sized buffer).</summary>
     public int PutStagingBlocks { get; init; } = 64;
     public int StagingSlots { get; init; } = 64;
+    /// <summary>KV events kept per tenant for subscribers that fall behind; one further back gets a snapshot.</summary>
+    public int EventLogCapacity { get; init; } = 65536;
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
     public bool LockInRam { get; init; }
@@ -101,6 +103,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"put_staging_blocks must be 1..65536; got {PutStagingBlocks}");
         foreach (string policy in new[] { Policy, SsdPolicy })
             _ = KvFabric.Tiers.Policies.PolicyFactory.Create(policy, 1, Layout.TokensPerBlock); // fails with the list of names
+        if (EventLogCapacity is < 1 or > 1 << 24)
+            throw new ArgumentException($"event_log_capacity must be 1..{1 << 24}; got {EventLogCapacity}");
         if (StagingSlots is < 1 or > 65536)
             throw new ArgumentException($"staging slots must be 1..65536; got {StagingSlots}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
@@ -172,6 +176,7 @@ public sealed record SidecarOptions
             RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),
             PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
+            EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
