@@ -115,6 +115,24 @@ public abstract class ClusterStoreContractTests
     }
 
     [Fact]
+    public async Task Cluster_UpdateAfterTheLeaseWasLost_ReRegistersWithTheNewInfo()
+    {
+        await using IClusterStore store = await OpenAsync(UniqueCluster("update-lost"));
+        await using IClusterRegistration r = await store.RegisterAsync(Node("node-a"), ShortTtl, CancellationToken.None);
+        var leased = (LeasedRegistration)r;
+        await using var watch = new WatchProbe(store, store.Description);
+        Assert.Equal(MembershipChangeKind.Joined, (await watch.NextAsync(EventDeadline, "node-a Joined")).Kind);
+        leased.Suspend();
+        Assert.Equal(MembershipChangeKind.Left, (await watch.NextAsync(EventDeadline, "node-a Left once its lease expired")).Kind);
+
+        await r.UpdateAsync(r.Current with { Load = 0.99 }, CancellationToken.None); // finds the lease gone
+        MembershipChange back = await watch.NextAsync(EventDeadline, "node-a Joined again with the updated load");
+        Assert.Equal((MembershipChangeKind.Joined, "node-a", 0.99), (back.Kind, back.Node.Node, back.Node.Load));
+        Assert.Equal(1, leased.Reregistrations); // UpdateAsync counts before it returns
+        Assert.Equal(0.99, Assert.Single(await store.ListAsync(CancellationToken.None)).Load);
+    }
+
+    [Fact]
     public async Task Cluster_TwoStoresSeeEachOther()
     {
         await using IClusterStore one = await OpenAsync(UniqueCluster("pair"));
@@ -143,6 +161,21 @@ public abstract class ClusterStoreContractTests
         await rb.DisposeAsync();
         MembershipChange left = await watchOne.NextAsync(EventDeadline, "node-b Left (seen by the other store)");
         Assert.Equal((MembershipChangeKind.Left, "node-b"), (left.Kind, left.Node.Node));
+    }
+
+    [Fact]
+    public async Task Cluster_DisposingAStoreRevokesItsRegistrations()
+    {
+        await using IClusterStore one = await OpenAsync(UniqueCluster("store-dispose"));
+        IClusterStore two = await OpenPeerAsync(one);
+        IClusterRegistration r = await two.RegisterAsync(Node("node-b"), LongTtl, CancellationToken.None);
+        await using var watch = new WatchProbe(one, "store one");
+        Assert.Equal(MembershipChangeKind.Joined, (await watch.NextAsync(EventDeadline, "node-b Joined")).Kind);
+
+        await two.DisposeAsync();
+        Assert.Empty(await one.ListAsync(CancellationToken.None));
+        Assert.Equal(MembershipChangeKind.Left, (await watch.NextAsync(EventDeadline, "node-b Left when its store was disposed")).Kind);
+        await r.DisposeAsync(); // after its store: harmless
     }
 
     [Fact]
