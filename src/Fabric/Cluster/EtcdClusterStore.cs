@@ -109,14 +109,15 @@ public sealed class EtcdClusterStore : IClusterStore
                 try
                 {
                     RangeResponse range = await _client.RangePrefixAsync(_prefix, cancellationToken).ConfigureAwait(false);
-                    Reconcile(known, Decode(range.Kvs), writer);
-                    listedOnce = true;
-                    backoff = TimeSpan.FromMilliseconds(200);
                     if (outageLogged)
                     {
                         _log.LogInformation("cluster: watch of {Store} reconnected at revision {Revision}", Description, range.Header.Revision);
                         outageLogged = false;
                     }
+
+                    Reconcile(known, Decode(range.Kvs), writer);
+                    listedOnce = true;
+                    backoff = TimeSpan.FromMilliseconds(200);
 
                     if (BeforeWatchCreate is { } hook)
                         await hook(range.Header.Revision, cancellationToken).ConfigureAwait(false);

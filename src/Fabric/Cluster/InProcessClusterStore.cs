@@ -16,6 +16,7 @@ public sealed class InProcessClusterStore : IClusterStore
     private readonly ILogger _log;
     private readonly bool _ownsState;
     private readonly CancellationTokenSource _disposed = new();
+    private readonly HashSet<Registration> _registrations = [];
 
     public InProcessClusterStore(string cluster, TimeProvider? time = null, ILogger? log = null)
     {
@@ -41,8 +42,10 @@ public sealed class InProcessClusterStore : IClusterStore
     public async Task<IClusterRegistration> RegisterAsync(NodeInfo self, TimeSpan ttl, CancellationToken cancellationToken)
     {
         ObjectDisposedException.ThrowIf(_disposed.IsCancellationRequested, this);
-        var registration = new Registration(_state, self, ttl, _log, Description);
+        var registration = new Registration(this, self, ttl);
         await registration.StartAsync(cancellationToken).ConfigureAwait(false);
+        lock (_registrations)
+            _registrations.Add(registration);
         return registration;
     }
 
@@ -90,16 +93,19 @@ public sealed class InProcessClusterStore : IClusterStore
         }
     }
 
-    public ValueTask DisposeAsync()
+    /// <summary>Ends the watches and revokes the registrations made through this store; the first store also drops the members.</summary>
+    public async ValueTask DisposeAsync()
     {
-        if (!_disposed.IsCancellationRequested)
-        {
-            _disposed.Cancel();
-            if (_ownsState)
-                _state.Dispose();
-        }
-
-        return ValueTask.CompletedTask;
+        if (_disposed.IsCancellationRequested)
+            return;
+        await _disposed.CancelAsync().ConfigureAwait(false);
+        Registration[] open;
+        lock (_registrations)
+            open = [.. _registrations];
+        foreach (Registration r in open)
+            await r.DisposeAsync().ConfigureAwait(false);
+        if (_ownsState)
+            _state.Dispose();
     }
 
     private sealed record Member(NodeInfo Info, long Lease);
@@ -124,10 +130,13 @@ public sealed class InProcessClusterStore : IClusterStore
         public List<ChannelWriter<MembershipChange>> Watchers { get; } = [];
         private long _nextLease;
 
+        private bool _disposed;
+
         public long Grant(TimeSpan ttl)
         {
             lock (Lock)
             {
+                ObjectDisposedException.ThrowIf(_disposed, typeof(InProcessClusterStore));
                 var lease = new Lease(++_nextLease, ttl) { RenewedAt = Time.GetTimestamp() };
                 Leases.Add(lease.Id, lease);
                 lease.Timer = Time.CreateTimer(_ => Expire(lease.Id), null, ttl, Timeout.InfiniteTimeSpan);
@@ -209,6 +218,7 @@ public sealed class InProcessClusterStore : IClusterStore
         {
             lock (Lock)
             {
+                _disposed = true;
                 foreach (Lease lease in Leases.Values)
                     lease.Timer?.Dispose();
                 Leases.Clear();
@@ -217,24 +227,33 @@ public sealed class InProcessClusterStore : IClusterStore
         }
     }
 
-    private sealed class Registration(State state, NodeInfo self, TimeSpan ttl, ILogger log, string description)
-        : LeasedRegistration(self, ttl, log)
+    private sealed class Registration(InProcessClusterStore store, NodeInfo self, TimeSpan ttl)
+        : LeasedRegistration(self, ttl, store._log)
     {
-        protected override string StoreDescription => description;
+        private readonly State _state = store._state;
+
+        protected override string StoreDescription => store.Description;
 
         protected override Task<(long Lease, TimeSpan Ttl)> GrantAsync(TimeSpan ttl, CancellationToken cancellationToken) =>
-            Task.FromResult((state.Grant(ttl), ttl));
+            Task.FromResult((_state.Grant(ttl), ttl));
 
         protected override Task<bool> PutAsync(NodeInfo info, long lease, CancellationToken cancellationToken) =>
-            Task.FromResult(state.Put(info, lease));
+            Task.FromResult(_state.Put(info, lease));
 
         protected override Task<bool> KeepAliveAsync(long lease, CancellationToken cancellationToken) =>
-            Task.FromResult(state.KeepAlive(lease));
+            Task.FromResult(_state.KeepAlive(lease));
 
         protected override Task RevokeAsync(long lease, CancellationToken cancellationToken)
         {
-            state.Revoke(lease);
+            _state.Revoke(lease);
             return Task.CompletedTask;
+        }
+
+        protected override ValueTask DisposeCoreAsync()
+        {
+            lock (store._registrations)
+                store._registrations.Remove(this);
+            return ValueTask.CompletedTask;
         }
     }
 }

@@ -15,7 +15,10 @@ public abstract class ClusterStoreContractTests
     /// <summary>How long a change may take to reach a watcher (generous: a noisy 2-core VM).</summary>
     protected static readonly TimeSpan EventDeadline = TimeSpan.FromSeconds(15);
 
-    /// <summary>A store for a fresh cluster.</summary>
+    /// <summary>What the stores of a test logged.</summary>
+    protected ListLogger Log { get; } = new();
+
+    /// <summary>A store for a fresh cluster (logging to <see cref="Log"/>).</summary>
     protected abstract Task<IClusterStore> OpenAsync(string cluster);
 
     /// <summary>A second store on the same backend and cluster as <paramref name="first"/> (another node's view).</summary>
@@ -104,9 +107,29 @@ public abstract class ClusterStoreContractTests
         leased.Resume(); // the store says the lease is gone: a new lease, the node is back
         MembershipChange back = await watch.NextAsync(EventDeadline, "node-a Joined again under a new lease");
         Assert.Equal((MembershipChangeKind.Joined, "node-a"), (back.Kind, back.Node.Node));
-        Assert.Equal(1, leased.Reregistrations);
+        // The count and the log line follow the put that watchers see: give them a moment.
+        await ClusterNodes.EventuallyAsync(() => leased.Reregistrations == 1 && Log.Contains($"lease {firstLease} of node node-a was lost"),
+            EventDeadline, () => $"Reregistrations is {leased.Reregistrations}, not 1, or the loss was not logged; logged:\n{string.Join("\n", Log.Lines)}");
         Assert.NotEqual(firstLease, leased.LeaseId);
         Assert.Single(await store.ListAsync(CancellationToken.None));
+    }
+
+    [Fact]
+    public async Task Cluster_UpdateAfterTheLeaseWasLost_ReRegistersWithTheNewInfo()
+    {
+        await using IClusterStore store = await OpenAsync(UniqueCluster("update-lost"));
+        await using IClusterRegistration r = await store.RegisterAsync(Node("node-a"), ShortTtl, CancellationToken.None);
+        var leased = (LeasedRegistration)r;
+        await using var watch = new WatchProbe(store, store.Description);
+        Assert.Equal(MembershipChangeKind.Joined, (await watch.NextAsync(EventDeadline, "node-a Joined")).Kind);
+        leased.Suspend();
+        Assert.Equal(MembershipChangeKind.Left, (await watch.NextAsync(EventDeadline, "node-a Left once its lease expired")).Kind);
+
+        await r.UpdateAsync(r.Current with { Load = 0.99 }, CancellationToken.None); // finds the lease gone
+        MembershipChange back = await watch.NextAsync(EventDeadline, "node-a Joined again with the updated load");
+        Assert.Equal((MembershipChangeKind.Joined, "node-a", 0.99), (back.Kind, back.Node.Node, back.Node.Load));
+        Assert.Equal(1, leased.Reregistrations); // UpdateAsync counts before it returns
+        Assert.Equal(0.99, Assert.Single(await store.ListAsync(CancellationToken.None)).Load);
     }
 
     [Fact]
@@ -141,6 +164,21 @@ public abstract class ClusterStoreContractTests
     }
 
     [Fact]
+    public async Task Cluster_DisposingAStoreRevokesItsRegistrations()
+    {
+        await using IClusterStore one = await OpenAsync(UniqueCluster("store-dispose"));
+        IClusterStore two = await OpenPeerAsync(one);
+        IClusterRegistration r = await two.RegisterAsync(Node("node-b"), LongTtl, CancellationToken.None);
+        await using var watch = new WatchProbe(one, "store one");
+        Assert.Equal(MembershipChangeKind.Joined, (await watch.NextAsync(EventDeadline, "node-b Joined")).Kind);
+
+        await two.DisposeAsync();
+        Assert.Empty(await one.ListAsync(CancellationToken.None));
+        Assert.Equal(MembershipChangeKind.Left, (await watch.NextAsync(EventDeadline, "node-b Left when its store was disposed")).Kind);
+        await r.DisposeAsync(); // after its store: harmless
+    }
+
+    [Fact]
     public async Task Cluster_WatchEndsWhenCancelled()
     {
         await using IClusterStore store = await OpenAsync(UniqueCluster("cancel"));
@@ -165,7 +203,7 @@ public abstract class ClusterStoreContractTests
 
 public sealed class InProcessClusterStoreTests : ClusterStoreContractTests
 {
-    protected override Task<IClusterStore> OpenAsync(string cluster) => Task.FromResult<IClusterStore>(new InProcessClusterStore(cluster));
+    protected override Task<IClusterStore> OpenAsync(string cluster) => Task.FromResult<IClusterStore>(new InProcessClusterStore(cluster, log: Log));
 
     protected override Task<IClusterStore> OpenPeerAsync(IClusterStore first) =>
         Task.FromResult<IClusterStore>(((InProcessClusterStore)first).CreatePeer());

@@ -106,5 +106,45 @@ public static class ClusterNodes
     public static NodeInfo Node(string name, double load = 0.25, ulong incarnation = 1) =>
         new(name, "worker-" + name, "127.0.0.1:" + (50000 + (name.Length * 7) % 1000), [1, 2, 3, (byte)name.Length, 0xff], load, incarnation);
 
+    /// <summary>Waits until <paramref name="condition"/> holds; fails with <paramref name="what"/> after the deadline.</summary>
+    public static async Task EventuallyAsync(Func<bool> condition, TimeSpan deadline, Func<string> what)
+    {
+        var clock = Stopwatch.StartNew();
+        while (!condition())
+        {
+            if (clock.Elapsed > deadline)
+                throw new TimeoutException($"not within {deadline}: {what()}");
+            await Task.Delay(20);
+        }
+    }
+
     public static string UniqueCluster(string test) => test + "-" + Guid.NewGuid().ToString("N")[..8];
+}
+
+/// <summary>Keeps what was logged, to check that the stores say what happened.</summary>
+public sealed class ListLogger : Microsoft.Extensions.Logging.ILogger
+{
+    private readonly List<string> _lines = [];
+
+    public IReadOnlyList<string> Lines
+    {
+        get
+        {
+            lock (_lines)
+                return [.. _lines];
+        }
+    }
+
+    public bool Contains(string fragment) => Lines.Any(l => l.Contains(fragment, StringComparison.Ordinal));
+
+    public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+    public bool IsEnabled(Microsoft.Extensions.Logging.LogLevel logLevel) => true;
+
+    public void Log<TState>(Microsoft.Extensions.Logging.LogLevel logLevel, Microsoft.Extensions.Logging.EventId eventId, TState state,
+        Exception? exception, Func<TState, Exception?, string> formatter)
+    {
+        lock (_lines)
+            _lines.Add($"{logLevel}: {formatter(state, exception)}");
+    }
 }

@@ -82,6 +82,8 @@ public sealed class EtcdProcess : IAsyncDisposable
     {
         if (_process is { HasExited: false })
             throw new InvalidOperationException("etcd is still running; Kill it first");
+        _process?.Dispose();
+        _process = null;
         lock (_output)
             _output.Clear();
         string peer = $"http://127.0.0.1:{PeerPort}";
