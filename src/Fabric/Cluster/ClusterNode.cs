@@ -72,6 +72,9 @@ public sealed class ClusterNode : IAsyncDisposable
     private IClusterRegistration? _registration;
     private Task? _watch, _loadLoop;
     private double _publishedLoad;
+    // Requests this node routed to each member lately, decaying with the load publishing interval: the members' own
+    // load reaches the store at most once per interval, so a burst of Routes would otherwise all pick the same member.
+    private readonly ConcurrentDictionary<string, (double Value, long Ticks)> _routed = new(StringComparer.Ordinal);
     private string _advertise = string.Empty;
 
     public ClusterNode(IClusterStore store, IClusterIndex index, ClusterNodeOptions options, TransferAgent agent, IFabricStore fabric,
@@ -173,6 +176,7 @@ public sealed class ClusterNode : IAsyncDisposable
                     await StopPeerAsync(gone).ConfigureAwait(false);
                 foreach (var key in _sequencers.Keys.Where(k => k.Node == info.Node).ToList())
                     _sequencers.TryRemove(key, out _);
+                _routed.TryRemove(info.Node, out _);
                 // After its feeds stopped, so nothing of it is queued behind the removal.
                 await _index.RemoveNodeAsync(info.Node, _stop.Token).ConfigureAwait(false);
                 _log.LogWarning("node {Node} left the cluster (its lease ended or it stopped): its blocks left the index and no work is routed to it", info.Node);
@@ -338,11 +342,20 @@ public sealed class ClusterNode : IAsyncDisposable
         {
             NodeInfo info = p.Info;
             byLocation.TryGetValue((info.Node, info.Worker), out LocationMatch m);
-            candidates.Add(new RouteCandidateInfo(info.Node, info.Worker, m.Gpu, m.Host, m.Ssd, info.Load));
+            candidates.Add(new RouteCandidateInfo(info.Node, info.Worker, m.Gpu, m.Host, m.Ssd, info.Load + RoutedLately(info.Node)));
         }
 
         return candidates;
     }
+
+    /// <summary>Counts a request this node just routed to the member, until the member's published load can show it.</summary>
+    public void NoteRouted(string node) =>
+        _routed.AddOrUpdate(node, _ => (1, Environment.TickCount64), (_, old) => (Decayed(old) + 1, Environment.TickCount64));
+
+    private double RoutedLately(string node) => _routed.TryGetValue(node, out var routed) ? Decayed(routed) : 0;
+
+    private double Decayed((double Value, long Ticks) routed) =>
+        routed.Value * Math.Exp(-(Environment.TickCount64 - routed.Ticks) / _options.LoadInterval.TotalMilliseconds);
 
     /// <summary>
     /// Makes the longest prefix of the chain held anywhere local: the blocks this node lacks are exported by the member

@@ -121,6 +121,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
         List<RouteCandidateInfo> candidates = Candidates(call.RequiredTenant.Id, chain);
         int chosen = RouteCost.Choose(candidates, chain.Length, request.Temperature, request.Seed);
         RouteCandidateInfo pick = candidates[chosen];
+        cluster?.NoteRouted(pick.Node);
         var response = new RouteResponse
         {
             Node = pick.Node,
