@@ -96,11 +96,13 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
         RouteResponse route = await cb.RouteAsync(TestBlocks.Packed(chains[0]));
         Assert.Equal(("node-a", 4u), (route.Node, route.ExpectedHitBlocks));
         Assert.Equal(3, route.Candidates.Count);
-        // A burst of Routes for a chain nobody holds spreads over the members: each pick counts as load at once.
+        // A burst of Routes for a chain nobody holds spreads over the members: each pick counts as load at once, where
+        // published loads alone (a second old) would send the whole burst to the same member. (Not asserted as exactly
+        // three: a member may publish a busy moment's load meanwhile.)
         var picks = new List<string>();
         for (int i = 0; i < 3; i++)
             picks.Add((await ca.RouteAsync(TestBlocks.Packed(TestBlocks.Chain("cold-" + cluster, 4)))).Node);
-        Assert.Equal(3, picks.Distinct().Count());
+        Assert.True(picks.Distinct().Count() >= 2, string.Join(", ", picks));
 
         // Node C fetches A's chain through the transfer layer, then serves it itself, byte for byte.
         FetchResponse fetched = await cc.FetchAsync(TestBlocks.Packed(chains[0]), new CallOptions(Deadline: TimeSpan.FromSeconds(30)));
