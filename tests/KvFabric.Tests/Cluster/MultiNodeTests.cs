@@ -12,22 +12,18 @@ namespace KvFabric.Tests.Cluster;
 /// Real etcd and three real sidecar processes on loopback: the cluster index, KV-aware routing, cross-node Fetch through the
 /// transfer layer, a node killed with SIGKILL, and its return with the blocks that survived on its SSD.
 /// </summary>
+[Collection("multi-process")]
 public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture>
 {
     private const int BlockBytes = 4096; // the layout below: 2 layers x K,V x 16 tokens x 2 heads x 16 dims x fp16
     private const double LeaseTtlSeconds = 2;
 
-    private static Dictionary<string, string> Env(string cluster) => new()
+    private static Dictionary<string, string> Env(string cluster)
     {
-        ["KVFABRIC_LAYOUT__MODEL"] = "cluster-test-model",
-        ["KVFABRIC_LAYOUT__LAYERS"] = "2",
-        ["KVFABRIC_LAYOUT__KV_HEADS"] = "2",
-        ["KVFABRIC_LAYOUT__HEAD_DIM"] = "16",
-        ["KVFABRIC_LAYOUT__DTYPE"] = "fp16",
-        ["KVFABRIC_LAYOUT__TOKENS_PER_BLOCK"] = "16",
-        ["KVFABRIC_HOST_CAPACITY"] = "1MiB",
-        ["KVFABRIC_CLUSTER_NAME"] = cluster,
-    };
+        var env = TestBlocks.SmallLayoutEnv("cluster-test-model");
+        env["KVFABRIC_CLUSTER_NAME"] = cluster;
+        return env;
+    }
 
     private Task<SidecarProcess> StartNodeAsync(string cluster, string node, string? ssdDir = null)
     {

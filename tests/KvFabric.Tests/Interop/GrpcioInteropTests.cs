@@ -15,17 +15,13 @@ namespace KvFabric.Tests.Interop;
 [Collection("multi-process")]
 public sealed class GrpcioInteropTests
 {
-    private static readonly Dictionary<string, string> SmallLayoutEnv = new()
+    private static readonly Dictionary<string, string> SmallLayoutEnv = WithMaxReceive(TestBlocks.SmallLayoutEnv("interop-model"));
+
+    private static Dictionary<string, string> WithMaxReceive(Dictionary<string, string> env)
     {
-        ["KVFABRIC_LAYOUT__MODEL"] = "interop-model",
-        ["KVFABRIC_LAYOUT__LAYERS"] = "2",
-        ["KVFABRIC_LAYOUT__KV_HEADS"] = "2",
-        ["KVFABRIC_LAYOUT__HEAD_DIM"] = "16",
-        ["KVFABRIC_LAYOUT__DTYPE"] = "fp16",
-        ["KVFABRIC_LAYOUT__TOKENS_PER_BLOCK"] = "16",
-        ["KVFABRIC_HOST_CAPACITY"] = "1MiB",
-        ["KVFABRIC_MAX_RECEIVE_MESSAGE"] = "256KiB",
-    };
+        env["KVFABRIC_MAX_RECEIVE_MESSAGE"] = "256KiB";
+        return env;
+    }
 
     [Fact]
     public async Task Grpcio_client_drives_every_call_of_a_running_sidecar()

@@ -50,6 +50,18 @@ public sealed class SidecarFixture : IAsyncLifetime
 /// <summary>Deterministic chains and block bytes for the RPC tests.</summary>
 public static class TestBlocks
 {
+    /// <summary>Environment for a `kvfabric serve` process with SidecarFixture's 4 KiB-block layout.</summary>
+    public static Dictionary<string, string> SmallLayoutEnv(string model, string hostCapacity = "1MiB") => new()
+    {
+        ["KVFABRIC_LAYOUT__MODEL"] = model,
+        ["KVFABRIC_LAYOUT__LAYERS"] = "2",
+        ["KVFABRIC_LAYOUT__KV_HEADS"] = "2",
+        ["KVFABRIC_LAYOUT__HEAD_DIM"] = "16",
+        ["KVFABRIC_LAYOUT__DTYPE"] = "fp16",
+        ["KVFABRIC_LAYOUT__TOKENS_PER_BLOCK"] = "16",
+        ["KVFABRIC_HOST_CAPACITY"] = hostCapacity,
+    };
+
     public static byte[][] Chain(string seed, int n)
     {
         var hashes = new byte[n][];
