@@ -62,16 +62,17 @@ public sealed unsafe partial class RadixTree
             if (ring[0] < 0)
                 return 0;
             Entry* e = _table + ring[0];
-            if (e->Loc0 != 0)
-                Enrol(state, e->Loc0, gen, scratch, ref candidates);
-            for (uint node = e->Overflow; node != 0; node = pool[node * NodeUints + NextField])
+            for (int k = 0; k < InlineLocations; k++)
             {
-                uint* f = pool + node * NodeUints;
-                for (int k = 0; k < NextField; k++)
-                {
-                    if (f[k] != 0)
-                        Enrol(state, f[k], gen, scratch, ref candidates);
-                }
+                if (e->Loc[k] != 0)
+                    Enrol(state, e->Loc[k], gen, scratch, ref candidates);
+            }
+            if (e->Overflow != 0)
+            {
+                uint* f = pool + e->Overflow;
+                int count = VectorCount(f[0]);
+                for (int k = 1; k <= count; k++)
+                    Enrol(state, f[k], gen, scratch, ref candidates);
             }
             if (candidates == 0)
                 return 0;
@@ -87,11 +88,14 @@ public sealed unsafe partial class RadixTree
                 if (slot < 0)
                     break;
                 e = _table + slot;
-                int extended = Extend(state, e->Loc0, i, gen);
-                for (uint node = e->Overflow; node != 0; node = pool[node * NodeUints + NextField])
+                int extended = Extend(state, e->Loc[0], i, gen) + Extend(state, e->Loc[1], i, gen) + Extend(state, e->Loc[2], i, gen)
+                    + Extend(state, e->Loc[3], i, gen) + Extend(state, e->Loc[4], i, gen) + Extend(state, e->Loc[5], i, gen);
+                if (e->Overflow != 0)
                 {
-                    uint* f = pool + node * NodeUints;
-                    extended += Extend(state, f[0], i, gen) + Extend(state, f[1], i, gen) + Extend(state, f[2], i, gen);
+                    uint* f = pool + e->Overflow;
+                    int count = VectorCount(f[0]);
+                    for (int k = 1; k <= count; k++)
+                        extended += Extend(state, f[k], i, gen);
                 }
                 if (extended == 0)
                     break;
@@ -158,9 +162,9 @@ public sealed unsafe partial class RadixTree
         long slot = Find(h.Hi, h.Lo);
         if (slot >= 0 && Sse.IsSupported)
         {
-            uint node = _table[slot].Overflow;
-            if (node != 0)
-                Sse.Prefetch0(pool + node * NodeUints);
+            uint v = _table[slot].Overflow;
+            if (v != 0)
+                Sse.Prefetch0(pool + v);
         }
         return slot;
     }
