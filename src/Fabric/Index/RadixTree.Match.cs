@@ -45,6 +45,8 @@ public sealed unsafe partial class RadixTree
         int longest = 0;
         int candidates = 0;
 
+        // The table geometry in locals: stores through `state` could alias fields as far as the JIT knows.
+        var geo = new Geometry(_table, _mask, 64 - _bits);
         fixed (int* state = scratch.State)
         fixed (uint* pool = _pool)
         {
@@ -54,14 +56,14 @@ public sealed unsafe partial class RadixTree
             long* ring = stackalloc long[Ring];
             // The main loop starts at block 1, so the prologue covers what its iteration 0 would have.
             for (int k = 0; k <= 2 * Stage && k < n; k++)
-                Prefetch(chain[k].Hi);
+                geo.Prefetch(chain[k].Hi);
             for (int k = 0; k <= Stage && k < n; k++)
-                ring[k] = Resolve(chain[k], pool);
+                ring[k] = geo.Resolve(chain[k], pool);
 
             // Block 0 enrols every worker that holds it.
             if (ring[0] < 0)
                 return 0;
-            Entry* e = _table + ring[0];
+            Entry* e = geo.Table + ring[0];
             for (int k = 0; k < InlineLocations; k++)
             {
                 if (e->Loc[k] != 0)
@@ -81,13 +83,13 @@ public sealed unsafe partial class RadixTree
             for (int i = 1; i < n; i++)
             {
                 if (i + 2 * Stage < n)
-                    Prefetch(chain[i + 2 * Stage].Hi);
+                    geo.Prefetch(chain[i + 2 * Stage].Hi);
                 if (i + Stage < n)
-                    ring[(i + Stage) & (Ring - 1)] = Resolve(chain[i + Stage], pool);
+                    ring[(i + Stage) & (Ring - 1)] = geo.Resolve(chain[i + Stage], pool);
                 long slot = ring[i & (Ring - 1)];
                 if (slot < 0)
                     break;
-                e = _table + slot;
+                e = geo.Table + slot;
                 int extended = Extend(state, e->Loc[0], i, gen) + Extend(state, e->Loc[1], i, gen) + Extend(state, e->Loc[2], i, gen)
                     + Extend(state, e->Loc[3], i, gen) + Extend(state, e->Loc[4], i, gen) + Extend(state, e->Loc[5], i, gen);
                 if (e->Overflow != 0)
@@ -156,23 +158,36 @@ public sealed unsafe partial class RadixTree
         return 1;
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private long Resolve(BlockHash h, uint* pool)
+    private readonly struct Geometry(Entry* table, long mask, int shift)
     {
-        long slot = Find(h.Hi, h.Lo);
-        if (slot >= 0 && Sse.IsSupported)
-        {
-            uint v = _table[slot].Overflow;
-            if (v != 0)
-                Sse.Prefetch0(pool + v);
-        }
-        return slot;
-    }
+        public readonly Entry* Table = table;
+        private readonly long _mask = mask;
+        private readonly int _shift = shift;
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private void Prefetch(ulong hi)
-    {
-        if (Sse.IsSupported)
-            Sse.Prefetch0(_table + Home(hi));
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public long Resolve(BlockHash h, uint* pool)
+        {
+            long i = (long)((h.Hi * Fibonacci) >> _shift);
+            while (true)
+            {
+                Entry* e = Table + i;
+                if (e->IsEmpty)
+                    return -1;
+                if (e->Hi == h.Hi && e->Lo == h.Lo)
+                {
+                    if (e->Overflow != 0 && Sse.IsSupported)
+                        Sse.Prefetch0(pool + e->Overflow);
+                    return i;
+                }
+                i = (i + 1) & _mask;
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Prefetch(ulong hi)
+        {
+            if (Sse.IsSupported)
+                Sse.Prefetch0(Table + (long)((hi * Fibonacci) >> _shift));
+        }
     }
 }
