@@ -7,8 +7,8 @@ namespace KvFabric.Index;
 public sealed unsafe partial class RadixTree
 {
     // Match's prefetch pipeline: blocks between its stages, and the ring of looked-up slots (a power of two >= 2 x Stage).
-    private const int Stage = 8;
-    private const int Ring = 16;
+    private const int Stage = 16;
+    private const int Ring = 32;
     private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host
 
     // Per-thread Match state, indexed by worker id and stamped by a generation so that nothing is cleared per call.
