@@ -9,7 +9,10 @@ public sealed unsafe partial class RadixTree
     // Match's prefetch pipeline: blocks between its stages, and the ring of looked-up slots (a power of two >= 2 x Stage).
     private const int Stage = 16;
     private const int Ring = 32;
-    private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host
+    private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host (stamp and matched form one long)
+
+    // What a block adds to a worker's (gpu | host << 32) counters, by tier mask: the fastest tier held counts.
+    private static ReadOnlySpan<long> TierStep => [0, 1, 1L << 32, 1, 0, 1, 1L << 32, 1];
 
     // Per-thread Match state, indexed by worker id and stamped by a generation so that nothing is cleared per call.
     private sealed class MatchScratch
@@ -149,12 +152,12 @@ public sealed unsafe partial class RadixTree
     {
         if (loc == 0)
             return 0;
+        // Stamp and matched length compared as one 64-bit word; the GPU and host counts bumped as one (see TierStep).
         int* s = state + ((int)(loc >> 3) - 1) * Stride;
-        if (s[0] != gen || s[1] != i)
+        if (*(long*)s != ((long)i << 32 | (uint)gen))
             return 0;
         s[1] = i + 1;
-        s[2] += (int)(loc & 1);
-        s[3] += (loc & 3) == 2 ? 1 : 0;
+        *(long*)(s + 2) += TierStep[(int)(loc & 7)];
         return 1;
     }
 
