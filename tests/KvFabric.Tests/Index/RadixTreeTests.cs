@@ -150,6 +150,43 @@ public class RadixTreeTests
     }
 
     [Fact]
+    public void Index_Match_RunsOfIdenticallyHeldBlocks_CountLikeBlockByBlock()
+    {
+        // Ten holders (six inline, four in the vector) store one chain in the same order, so consecutive blocks have the
+        // same location list; then holes, a tier change and a late extra holder break the runs in different places.
+        using var tree = new RadixTree();
+        var model = new ReferenceIndex();
+        var chain = TestHashes.Chain(40);
+        void Stored(int w, int from, int to, TierKind tier)
+        {
+            BlockHash? parent = from == 0 ? null : chain[from - 1];
+            var part = chain[from..to];
+            Assert.Equal(model.Stored(w, parent, part, tier), tree.ApplyStored(w, parent, part, tier));
+        }
+        for (int w = 0; w < 10; w++)
+            Stored(w, 0, 40, (TierKind)(w % 3));
+        var output = new List<MatchResult>();
+        void Check(BlockHash[] query)
+        {
+            tree.Match(query, output);
+            Assert.Equal(model.Match(query), output);
+        }
+        Check(chain);
+        Check(chain[..1]);
+        Check([.. chain[..25], TestHashes.Child(null, 4242)]); // a run ended by a block nobody has
+        model.Removed(8, [chain[30]], TierKind.Host);
+        tree.ApplyRemoved(8, [chain[30]], TierKind.Host);
+        Check(chain);
+        Stored(4, 10, 20, TierKind.Gpu); // worker 4 (host) adds GPU on blocks 10-19: the masks change there
+        Check(chain);
+        Stored(11, 0, 15, TierKind.Ssd); // a new holder for a prefix: the lists change at block 15
+        Check(chain);
+        model.ClearWorker(0, null);
+        tree.ClearWorker(0, null);
+        Check(chain);
+    }
+
+    [Fact]
     public void Index_TheAllZeroHash_IsRejected()
     {
         using var tree = new RadixTree();
