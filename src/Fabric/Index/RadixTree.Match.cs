@@ -54,7 +54,7 @@ public sealed unsafe partial class RadixTree
         fixed (uint* pool = _pool)
         {
             // A two-stage pipeline: the home slot of block i + 2 x Stage is prefetched; block i + Stage is looked up (its
-            // line has arrived by then) and its overflow node prefetched; block i is matched. Both misses of a block are
+            // line has arrived by then) and its overflow vector prefetched; block i is matched. Both misses of a block are
             // in flight long before it is used.
             long* ring = stackalloc long[Ring];
             // The main loop starts at block 1, so the prologue covers what its iteration 0 would have.
