@@ -36,6 +36,9 @@ fi
 $bench tiers --quick --blocks 8 --runs 1 --dir perf/bin/tiers-smoke --json "$smoke/tiers-ssd.json" >/dev/null
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['ssd_write_gbps']>0 and r['ssd_read_gbps']>0 and r['ratios']['ssd_write_vs_fio']>0, r; print('smoke ok: tiers-ssd.json write', round(r['ssd_write_gbps'],2), 'read', round(r['ssd_read_gbps'],2), 'GB/s')" "$smoke/tiers-ssd.json"
 
+$bench index --quick --json "$smoke/index.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['events_per_second']>0 and r['match_p50_us']>0 and 0<r['bytes_per_block'], r; print('smoke ok: index', round(r['events_per_second']/1e6,2), 'M block events/s, match p50', r['match_p50_us'], 'us')" "$smoke/index.json"
+
 # The plain closing line CI reads: counts from the xunit summary.
 summary=$(grep -E '(Passed|Failed)! +- +Failed: +[0-9]+, +Passed: +[0-9]+' "$log" | tail -n 1)
 failed=$(sed -E 's/.*Failed: +([0-9]+).*/\1/' <<<"$summary")

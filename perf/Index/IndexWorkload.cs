@@ -21,7 +21,9 @@ public sealed class IndexWorkload
     public long BlockEvents { get; private set; }
     public int SharedBlocks { get; }
 
-    public IndexWorkload(int blocks, int workers, int promptBlocks, int seed = 1)
+    // mixedHolders: the prompt chains' three holders report each block in their own single-block event, in an order
+    // that rotates per block, so no two consecutive blocks have the same location list (Match's worst case).
+    public IndexWorkload(int blocks, int workers, int promptBlocks, bool mixedHolders = false, int seed = 1)
     {
         if (workers < 4 || promptBlocks < 2 || blocks < 2 * promptBlocks)
             throw new ArgumentException($"--blocks {blocks} --workers {workers} --prompt-blocks {promptBlocks}: need workers >= 4, prompt-blocks >= 2 and blocks >= 2 x prompt-blocks");
@@ -45,8 +47,22 @@ public sealed class IndexWorkload
             int length = promptBlocks - SharedBlocks;
             next += length;
             var holders = Enumerable.Range(0, 3).Select(k => (c * 3 + k) % workers).ToArray();
-            for (int k = 0; k < holders.Length; k++)
-                AddChain(holders[k], SharedBlocks - 1, start, length, (TierKind)k);
+            if (mixedHolders)
+            {
+                for (int j = 0; j < length; j++)
+                {
+                    for (int k = 0; k < holders.Length; k++)
+                    {
+                        int h = (k + j) % holders.Length;
+                        Add(holders[h], j == 0 ? SharedBlocks - 1 : start + j - 1, start + j, 1, (TierKind)h);
+                    }
+                }
+            }
+            else
+            {
+                for (int k = 0; k < holders.Length; k++)
+                    AddChain(holders[k], SharedBlocks - 1, start, length, (TierKind)k);
+            }
             MatchChains.Add([.. Hashes.AsSpan(0, SharedBlocks), .. Hashes.AsSpan(start, length)]);
             MatchHolders.Add(holders);
         }

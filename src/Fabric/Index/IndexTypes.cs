@@ -16,6 +16,7 @@ public enum ApplyStatus : byte
     UnknownParent = 1,   // the event's parent has no entry: the stored blocks would hang from nothing
     ParentMismatch = 2,  // a block already in the tree has a different parent than the event claims
     BadTier = 3,
+    ZeroHash = 4,        // the all-zero hash marks empty slots; no SHA-256 prefix is ever zero, so it is a broken producer
 }
 
 public enum IndexEventKind : byte
@@ -35,6 +36,7 @@ public enum RejectReason
     Tier,
     Worker,
     Kind,
+    ZeroHash,
     Exception,
 }
 
@@ -51,6 +53,7 @@ public static class RejectReasons
         RejectReason.Tier => "tier",
         RejectReason.Worker => "worker",
         RejectReason.Kind => "kind",
+        RejectReason.ZeroHash => "zero_hash",
         _ => "exception",
     };
 }

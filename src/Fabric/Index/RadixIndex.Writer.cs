@@ -136,6 +136,8 @@ public sealed partial class RadixIndex
                 return RejectReason.UnknownParent;
             case ApplyStatus.ParentMismatch:
                 return RejectReason.ParentMismatch;
+            case ApplyStatus.ZeroHash:
+                return RejectReason.ZeroHash;
             default:
                 return RejectReason.Tier;
         }

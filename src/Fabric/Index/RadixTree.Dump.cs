@@ -25,7 +25,7 @@ public sealed unsafe partial class RadixTree
         int next = 0;
         for (long s = 0; s < capacity; s++)
         {
-            if (_table[s].Depth != 0)
+            if (!_table[s].IsEmpty)
             {
                 ordinalOf[s] = next;
                 slotOf[next++] = s;
@@ -37,7 +37,7 @@ public sealed unsafe partial class RadixTree
         for (int o = 0; o < n; o++)
         {
             ref Entry e = ref _table[slotOf[o]];
-            if (e.Depth == 1)
+            if (e.IsRoot)
             {
                 parentOf[o] = -1;
                 roots.Add(o);
@@ -67,20 +67,20 @@ public sealed unsafe partial class RadixTree
         {
             int o = stack.Pop();
             ref Entry e = ref _table[slotOf[o]];
-            if (e.Loc0 == 0 && e.Overflow == 0)
+            if (!e.IsHeld)
                 continue; // nobody holds it: its subtree is unreachable
             var hash = new BlockHash(e.Hi, e.Lo);
-            BlockHash? parent = e.Depth > 1 ? new BlockHash(e.ParentHi, e.ParentLo) : null;
-            if (e.Loc0 != 0)
-                AddToRuns(e.Loc0, hash, parent, worker, open, runs);
-            for (uint node = e.Overflow; node != 0; node = _pool[node * NodeUints + NextField])
+            BlockHash? parent = e.IsRoot ? null : new BlockHash(e.ParentHi, e.ParentLo);
+            for (int k = 0; k < InlineLocations; k++)
             {
-                for (int f = 0; f < NextField; f++)
-                {
-                    uint loc = _pool[node * NodeUints + f];
-                    if (loc != 0)
-                        AddToRuns(loc, hash, parent, worker, open, runs);
-                }
+                if (e.Loc[k] != 0)
+                    AddToRuns(e.Loc[k], hash, parent, worker, open, runs);
+            }
+            if (e.Overflow != 0)
+            {
+                int count = VectorCount(_pool[e.Overflow]);
+                for (int k = 1; k <= count; k++)
+                    AddToRuns(_pool[e.Overflow + k], hash, parent, worker, open, runs);
             }
             for (int c = childStart[o + 1] - 1; c >= childStart[o]; c--)
                 stack.Push(children[c]);

@@ -7,9 +7,12 @@ namespace KvFabric.Index;
 public sealed unsafe partial class RadixTree
 {
     // Match's prefetch pipeline: blocks between its stages, and the ring of looked-up slots (a power of two >= 2 x Stage).
-    private const int Stage = 8;
-    private const int Ring = 16;
-    private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host
+    private const int Stage = 16;
+    private const int Ring = 32;
+    private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host (stamp and matched form one long)
+
+    // What a block adds to a worker's (gpu | host << 32) counters, by tier mask: the fastest tier held counts.
+    private static ReadOnlySpan<long> TierStep => [0, 1, 1L << 32, 1, 0, 1, 1L << 32, 1];
 
     // Per-thread Match state, indexed by worker id and stamped by a generation so that nothing is cleared per call.
     private sealed class MatchScratch
@@ -45,58 +48,92 @@ public sealed unsafe partial class RadixTree
         int longest = 0;
         int candidates = 0;
 
+        // The table geometry in locals: stores through `state` could alias fields as far as the JIT knows.
+        var geo = new Geometry(_table, _mask, 64 - _bits);
         fixed (int* state = scratch.State)
         fixed (uint* pool = _pool)
         {
             // A two-stage pipeline: the home slot of block i + 2 x Stage is prefetched; block i + Stage is looked up (its
-            // line has arrived by then) and its overflow node prefetched; block i is matched. Both misses of a block are
+            // line has arrived by then) and its overflow vector prefetched; block i is matched. Both misses of a block are
             // in flight long before it is used.
             long* ring = stackalloc long[Ring];
             // The main loop starts at block 1, so the prologue covers what its iteration 0 would have.
             for (int k = 0; k <= 2 * Stage && k < n; k++)
-                Prefetch(chain[k].Hi);
+                geo.Prefetch(chain[k].Hi);
             for (int k = 0; k <= Stage && k < n; k++)
-                ring[k] = Resolve(chain[k], pool);
+                ring[k] = geo.Resolve(chain[k], pool);
 
             // Block 0 enrols every worker that holds it.
             if (ring[0] < 0)
                 return 0;
-            Entry* e = _table + ring[0];
-            if (e->Loc0 != 0)
-                Enrol(state, e->Loc0, gen, scratch, ref candidates);
-            for (uint node = e->Overflow; node != 0; node = pool[node * NodeUints + NextField])
+            Entry* e = geo.Table + ring[0];
+            for (int k = 0; k < InlineLocations; k++)
             {
-                uint* f = pool + node * NodeUints;
-                for (int k = 0; k < NextField; k++)
-                {
-                    if (f[k] != 0)
-                        Enrol(state, f[k], gen, scratch, ref candidates);
-                }
+                if (e->Loc[k] != 0)
+                    Enrol(state, e->Loc[k], gen, scratch, ref candidates);
+            }
+            if (e->Overflow != 0)
+            {
+                uint* f = pool + e->Overflow;
+                int count = VectorCount(f[0]);
+                for (int k = 1; k <= count; k++)
+                    Enrol(state, f[k], gen, scratch, ref candidates);
             }
             if (candidates == 0)
                 return 0;
             longest = 1;
 
+            // Runs of blocks with the very same location list (same workers, same tiers, same order: a worker stored the
+            // chain in one go) are not extended block by block: when every holder of the previous block extended, the
+            // same holders extend again, so the run is counted and applied once when it ends. A system prefix held by a
+            // thousand workers then costs one 4 KiB compare per block instead of a thousand updates.
+            Entry* prev = e;
+            bool prevAll = true;
+            int run = 0;
             for (int i = 1; i < n; i++)
             {
                 if (i + 2 * Stage < n)
-                    Prefetch(chain[i + 2 * Stage].Hi);
+                    geo.Prefetch(chain[i + 2 * Stage].Hi);
                 if (i + Stage < n)
-                    ring[(i + Stage) & (Ring - 1)] = Resolve(chain[i + Stage], pool);
+                    ring[(i + Stage) & (Ring - 1)] = geo.Resolve(chain[i + Stage], pool);
                 long slot = ring[i & (Ring - 1)];
+                if (slot >= 0)
+                {
+                    e = geo.Table + slot;
+                    if (prevAll && SameLocations(prev, e, pool))
+                    {
+                        run++;
+                        longest = i + 1;
+                        continue;
+                    }
+                }
+                if (run > 0)
+                {
+                    ApplyRun(state, prev, pool, run);
+                    run = 0;
+                }
                 if (slot < 0)
                     break;
-                e = _table + slot;
-                int extended = Extend(state, e->Loc0, i, gen);
-                for (uint node = e->Overflow; node != 0; node = pool[node * NodeUints + NextField])
+                int extended = Extend(state, e->Loc[0], i, gen) + Extend(state, e->Loc[1], i, gen) + Extend(state, e->Loc[2], i, gen)
+                    + Extend(state, e->Loc[3], i, gen) + Extend(state, e->Loc[4], i, gen) + Extend(state, e->Loc[5], i, gen);
+                int total = (e->Loc[0] != 0 ? 1 : 0) + (e->Loc[1] != 0 ? 1 : 0) + (e->Loc[2] != 0 ? 1 : 0)
+                    + (e->Loc[3] != 0 ? 1 : 0) + (e->Loc[4] != 0 ? 1 : 0) + (e->Loc[5] != 0 ? 1 : 0);
+                if (e->Overflow != 0)
                 {
-                    uint* f = pool + node * NodeUints;
-                    extended += Extend(state, f[0], i, gen) + Extend(state, f[1], i, gen) + Extend(state, f[2], i, gen);
+                    uint* f = pool + e->Overflow;
+                    int count = VectorCount(f[0]);
+                    total += count;
+                    for (int k = 1; k <= count; k++)
+                        extended += Extend(state, f[k], i, gen);
                 }
                 if (extended == 0)
                     break;
                 longest = i + 1;
+                prev = e;
+                prevAll = extended == total;
             }
+            if (run > 0)
+                ApplyRun(state, prev, pool, run);
         }
 
         // Sorted as primitive keys (longest first, then worker id): several times faster than a comparison delegate when
@@ -124,6 +161,44 @@ public sealed unsafe partial class RadixTree
         return longest;
     }
 
+    // The same workers with the same tier masks in the same order, inline and in the vector.
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool SameLocations(Entry* a, Entry* b, uint* pool)
+    {
+        ulong* la = (ulong*)&a->Loc, lb = (ulong*)&b->Loc;
+        if (la[0] != lb[0] || la[1] != lb[1] || la[2] != lb[2])
+            return false;
+        if (a->Overflow == 0 || b->Overflow == 0)
+            return a->Overflow == b->Overflow;
+        uint* va = pool + a->Overflow, vb = pool + b->Overflow;
+        int count = VectorCount(va[0]);
+        return count == VectorCount(vb[0]) && new ReadOnlySpan<uint>(va + 1, count).SequenceEqual(new ReadOnlySpan<uint>(vb + 1, count));
+    }
+
+    // Applies `run` further blocks held exactly as `e` is to every holder of `e` (all of which extended through it).
+    private static void ApplyRun(int* state, Entry* e, uint* pool, int run)
+    {
+        for (int k = 0; k < InlineLocations; k++)
+            AddRun(state, e->Loc[k], run);
+        if (e->Overflow != 0)
+        {
+            uint* f = pool + e->Overflow;
+            int count = VectorCount(f[0]);
+            for (int k = 1; k <= count; k++)
+                AddRun(state, f[k], run);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void AddRun(int* state, uint loc, int run)
+    {
+        if (loc == 0)
+            return;
+        int* s = state + ((int)(loc >> 3) - 1) * Stride;
+        s[1] += run;
+        *(long*)(s + 2) += TierStep[(int)(loc & 7)] * run;
+    }
+
     private static void Enrol(int* state, uint loc, int gen, MatchScratch scratch, ref int candidates)
     {
         int w = (int)(loc >> 3) - 1;
@@ -143,32 +218,45 @@ public sealed unsafe partial class RadixTree
     {
         if (loc == 0)
             return 0;
+        // Stamp and matched length compared as one 64-bit word; the GPU and host counts bumped as one (see TierStep).
         int* s = state + ((int)(loc >> 3) - 1) * Stride;
-        if (s[0] != gen || s[1] != i)
+        if (*(long*)s != ((long)i << 32 | (uint)gen))
             return 0;
         s[1] = i + 1;
-        s[2] += (int)(loc & 1);
-        s[3] += (loc & 3) == 2 ? 1 : 0;
+        *(long*)(s + 2) += TierStep[(int)(loc & 7)];
         return 1;
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private long Resolve(BlockHash h, uint* pool)
+    private readonly struct Geometry(Entry* table, long mask, int shift)
     {
-        long slot = Find(h.Hi, h.Lo);
-        if (slot >= 0 && Sse.IsSupported)
-        {
-            uint node = _table[slot].Overflow;
-            if (node != 0)
-                Sse.Prefetch0(pool + node * NodeUints);
-        }
-        return slot;
-    }
+        public readonly Entry* Table = table;
+        private readonly long _mask = mask;
+        private readonly int _shift = shift;
 
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private void Prefetch(ulong hi)
-    {
-        if (Sse.IsSupported)
-            Sse.Prefetch0(_table + Home(hi));
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public long Resolve(BlockHash h, uint* pool)
+        {
+            long i = (long)((h.Hi * Fibonacci) >> _shift);
+            while (true)
+            {
+                Entry* e = Table + i;
+                if (e->IsEmpty)
+                    return -1;
+                if (e->Hi == h.Hi && e->Lo == h.Lo)
+                {
+                    if (e->Overflow != 0 && Sse.IsSupported)
+                        Sse.Prefetch0(pool + e->Overflow);
+                    return i;
+                }
+                i = (i + 1) & _mask;
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Prefetch(ulong hi)
+        {
+            if (Sse.IsSupported)
+                Sse.Prefetch0(Table + (long)((hi * Fibonacci) >> _shift));
+        }
     }
 }

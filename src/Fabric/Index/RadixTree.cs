@@ -12,18 +12,32 @@ namespace KvFabric.Index;
 // several threads at once (it only reads; its scratch is per thread). docs/index.md has the layout and the costs.
 public sealed unsafe partial class RadixTree : IDisposable
 {
-    // One table slot, 48 bytes. The fields Match reads come first so that they stay inside one cache line more often.
+    // One table slot: 64 bytes, one cache line (the table is page-aligned), so a probe that hits costs one miss and most
+    // blocks (up to six holders) need nothing outside it.
     [StructLayout(LayoutKind.Sequential)]
     private struct Entry
     {
-        public ulong Hi;
+        public ulong Hi;       // Hi = Lo = 0: an empty slot (ApplyStored refuses the all-zero hash)
         public ulong Lo;
-        public uint Loc0;      // first location: (worker + 1) << 3 | tier mask; 0 = none
-        public uint Overflow;  // first overflow node holding more locations; 0 = none
-        public uint Depth;     // 0 = empty slot, 1 = a root block (no parent), else parent depth + 1
+        public Inline Loc;     // locations: (worker + 1) << 3 | tier mask; 0 = none
+        public uint Overflow;  // offset of the vector of further locations in the pool; 0 = none
         public uint Children;  // entries whose parent is this one: keeps a holderless entry alive for its subtree
-        public ulong ParentHi;
+        public ulong ParentHi; // ParentHi = ParentLo = 0: a root block
         public ulong ParentLo;
+
+        public readonly bool IsEmpty => (Hi | Lo) == 0;
+
+        public readonly bool IsRoot => (ParentHi | ParentLo) == 0;
+
+        public readonly bool IsHeld => (Loc[0] | Loc[1] | Loc[2] | Loc[3] | Loc[4] | Loc[5] | Overflow) != 0;
+    }
+
+    private const int InlineLocations = 6;
+
+    [InlineArray(InlineLocations)]
+    private struct Inline
+    {
+        private uint _first;
     }
 
     public const int MaxWorkerId = (1 << 28) - 2;
@@ -59,6 +73,7 @@ public sealed unsafe partial class RadixTree : IDisposable
     public long OverflowPoolBytes => (long)_pool.Length * sizeof(uint);
     public long RejectedUnknownParent { get; private set; }
     public long RejectedParentMismatch { get; private set; }
+    public long RejectedZeroHash { get; private set; }
     public long RemovedNotHeld { get; private set; }
     public long StoredAlreadyHeld { get; private set; }
     public static int EntryBytes => sizeof(Entry);
@@ -81,16 +96,14 @@ public sealed unsafe partial class RadixTree : IDisposable
         // Validate before touching anything, so a rejected event changes nothing. The walk records each block's slot
         // (found, or the first free slot of its probe run) so that applying does not probe from the start again.
         long parentSlot = -1;
-        uint depth = 0;
         if (parent is { } p)
         {
-            parentSlot = Find(p.Hi, p.Lo);
+            parentSlot = (p.Hi | p.Lo) == 0 ? -1 : Find(p.Hi, p.Lo);
             if (parentSlot < 0)
             {
                 RejectedUnknownParent++;
                 return ApplyStatus.UnknownParent;
             }
-            depth = _table[parentSlot].Depth;
         }
         if (_slots.Length < hashes.Length)
             _slots = new long[Math.Max(hashes.Length, 2 * _slots.Length)];
@@ -99,6 +112,11 @@ public sealed unsafe partial class RadixTree : IDisposable
         for (int i = 0; i < hashes.Length; i++)
         {
             var h = hashes[i];
+            if ((h.Hi | h.Lo) == 0)
+            {
+                RejectedZeroHash++;
+                return ApplyStatus.ZeroHash;
+            }
             long slot = Probe(h.Hi, h.Lo, out bool found);
             _slots[i] = slot;
             if (!found)
@@ -108,8 +126,8 @@ public sealed unsafe partial class RadixTree : IDisposable
             }
             ref Entry e = ref _table[slot];
             bool parentOk = i == 0
-                ? (parent is { } q ? e.Depth > 1 && e.ParentHi == q.Hi && e.ParentLo == q.Lo : e.Depth == 1)
-                : e.Depth > 1 && e.ParentHi == hashes[i - 1].Hi && e.ParentLo == hashes[i - 1].Lo;
+                ? (parent is { } q ? e.ParentHi == q.Hi && e.ParentLo == q.Lo : e.IsRoot)
+                : e.ParentHi == hashes[i - 1].Hi && e.ParentLo == hashes[i - 1].Lo;
             if (!parentOk || !inKnownPrefix)
             {
                 RejectedParentMismatch++;
@@ -128,9 +146,9 @@ public sealed unsafe partial class RadixTree : IDisposable
             {
                 // New block: the recorded slot was free at validation; blocks inserted since may have taken it.
                 var h = hashes[i];
-                while (_table[slot].Depth != 0 && !(_table[slot].Hi == h.Hi && _table[slot].Lo == h.Lo))
+                while (!_table[slot].IsEmpty && !(_table[slot].Hi == h.Hi && _table[slot].Lo == h.Lo))
                     slot = (slot + 1) & _mask;
-                if (_table[slot].Depth == 0)
+                if (_table[slot].IsEmpty)
                 {
                     ref Entry n = ref _table[slot];
                     n.Hi = h.Hi;
@@ -140,12 +158,7 @@ public sealed unsafe partial class RadixTree : IDisposable
                         ref Entry pe = ref _table[prev];
                         n.ParentHi = pe.Hi;
                         n.ParentLo = pe.Lo;
-                        n.Depth = pe.Depth + 1;
                         pe.Children++;
-                    }
-                    else
-                    {
-                        n.Depth = 1;
                     }
                     _count++;
                 }
@@ -196,10 +209,10 @@ public sealed unsafe partial class RadixTree : IDisposable
         for (long s = 0; s < capacity; s++)
         {
             ref Entry e = ref _table[s];
-            if (e.Depth == 0 || !RemoveLocation(ref e, w1, bits))
+            if (e.IsEmpty || !RemoveLocation(ref e, w1, bits))
                 continue;
             removed++;
-            if (e.Loc0 == 0 && e.Overflow == 0 && e.Children == 0)
+            if (!e.IsHeld && e.Children == 0)
                 dead.Add(new BlockHash(e.Hi, e.Lo));
         }
         // Freeing moves entries (backward-shift deletion), so free by hash after the scan, not during it.
@@ -233,7 +246,7 @@ public sealed unsafe partial class RadixTree : IDisposable
         while (true)
         {
             ref Entry e = ref _table[i];
-            if (e.Depth == 0)
+            if (e.IsEmpty)
                 return -1;
             if (e.Hi == hi && e.Lo == lo)
                 return i;
@@ -248,7 +261,7 @@ public sealed unsafe partial class RadixTree : IDisposable
         while (true)
         {
             ref Entry e = ref _table[i];
-            if (e.Depth == 0)
+            if (e.IsEmpty)
             {
                 found = false;
                 return i;
@@ -268,9 +281,9 @@ public sealed unsafe partial class RadixTree : IDisposable
         while (slot >= 0)
         {
             ref Entry e = ref _table[slot];
-            if (e.Loc0 != 0 || e.Overflow != 0 || e.Children != 0)
+            if (e.IsHeld || e.Children != 0)
                 return;
-            bool hasParent = e.Depth > 1;
+            bool hasParent = !e.IsRoot;
             ulong phi = e.ParentHi, plo = e.ParentLo;
             RemoveSlot(slot);
             _count--;
@@ -289,7 +302,7 @@ public sealed unsafe partial class RadixTree : IDisposable
         while (true)
         {
             j = (j + 1) & _mask;
-            if (_table[j].Depth == 0)
+            if (_table[j].IsEmpty)
                 break;
             long home = Home(_table[j].Hi);
             if (((j - home) & _mask) >= ((j - hole) & _mask))
@@ -324,10 +337,10 @@ public sealed unsafe partial class RadixTree : IDisposable
         SetBits(bits);
         for (long s = 0; s < oldCapacity; s++)
         {
-            if (old[s].Depth == 0)
+            if (old[s].IsEmpty)
                 continue;
             long i = Home(old[s].Hi);
-            while (_table[i].Depth != 0)
+            while (!_table[i].IsEmpty)
                 i = (i + 1) & _mask;
             _table[i] = old[s];
         }

@@ -24,6 +24,7 @@ public class RadixIndexTests
         await index.EnqueueAsync(IndexEvent.Stored(1, w, default, packed, (TierKind)5), Deadline());
         await index.EnqueueAsync(IndexEvent.Stored(1, -3, default, packed, TierKind.Gpu), Deadline());
         await index.EnqueueAsync(new IndexEvent(1, w, (IndexEventKind)42, default, packed, TierKind.Gpu), Deadline());
+        await index.EnqueueAsync(IndexEvent.Stored(1, w, default, new byte[32], TierKind.Gpu), Deadline());
         await index.EnqueueAsync(IndexEvent.Stored(1, w, default, packed, TierKind.Host), Deadline());
         await index.EnqueueAsync(IndexEvent.Stored(1, w, default, IndexEvent.Pack(chain[1..]), TierKind.Host), Deadline()); // chain[1] is not a root
         await index.FlushAsync(Deadline());
@@ -36,6 +37,7 @@ public class RadixIndexTests
         Assert.Equal(1, counters.Rejected["tier"]);
         Assert.Equal(1, counters.Rejected["worker"]);
         Assert.Equal(1, counters.Rejected["kind"]);
+        Assert.Equal(1, counters.Rejected["zero_hash"]);
         Assert.Equal(0, counters.Rejected["exception"]);
         Assert.Equal(1, counters.AppliedEvents);
         Assert.Equal(3, counters.AppliedBlocks);

@@ -123,7 +123,7 @@ public class RadixTreeTests
         for (int w = 1; w < 1000; w += 2)
             tree.ApplyRemoved(w, prefix, (TierKind)(w % 3));
         Assert.Equal(0, tree.Blocks);
-        Assert.Equal(0, tree.OverflowNodes);
+        Assert.Equal(0, tree.OverflowVectors);
     }
 
     [Fact]
@@ -140,12 +140,63 @@ public class RadixTreeTests
         }
         Assert.Equal(20_000, tree.Blocks);
         Assert.True(tree.Capacity >= 20_000 / 3 * 4 && tree.Capacity > firstCapacity);
-        Assert.Equal(48, RadixTree.EntryBytes);
+        Assert.Equal(64, RadixTree.EntryBytes);
         Assert.Equal(tree.Capacity * RadixTree.EntryBytes + tree.OverflowPoolBytes, tree.BytesAllocated);
         for (int c = 0; c < 200; c++)
             Assert.Equal([new MatchResult(c % 7, 100, 0, 100, 0)], MatchOf(tree, chains[c]));
-        // Load stays at most 3/4, so a block costs at most 64 bytes of table here.
-        Assert.True(tree.BytesAllocated <= 100L * tree.Locations, $"{tree.BytesAllocated} bytes for {tree.Locations} locations");
+        // The table doubles only when needed: its load stays in (3/8, 3/4], which bounds the bytes per block.
+        Assert.InRange(tree.Blocks, tree.Capacity * 3 / 8 + 1, tree.Capacity * 3 / 4);
+        Assert.Equal(0, tree.OverflowVectors); // one holder per block: nothing outside the entries
+    }
+
+    [Fact]
+    public void Index_Match_RunsOfIdenticallyHeldBlocks_CountLikeBlockByBlock()
+    {
+        // Ten holders (six inline, four in the vector) store one chain in the same order, so consecutive blocks have the
+        // same location list; then holes, a tier change and a late extra holder break the runs in different places.
+        using var tree = new RadixTree();
+        var model = new ReferenceIndex();
+        var chain = TestHashes.Chain(40);
+        void Stored(int w, int from, int to, TierKind tier)
+        {
+            BlockHash? parent = from == 0 ? null : chain[from - 1];
+            var part = chain[from..to];
+            Assert.Equal(model.Stored(w, parent, part, tier), tree.ApplyStored(w, parent, part, tier));
+        }
+        for (int w = 0; w < 10; w++)
+            Stored(w, 0, 40, (TierKind)(w % 3));
+        var output = new List<MatchResult>();
+        void Check(BlockHash[] query)
+        {
+            tree.Match(query, output);
+            Assert.Equal(model.Match(query), output);
+        }
+        Check(chain);
+        Check(chain[..1]);
+        Check([.. chain[..25], TestHashes.Child(null, 4242)]); // a run ended by a block nobody has
+        model.Removed(8, [chain[30]], TierKind.Host);
+        tree.ApplyRemoved(8, [chain[30]], TierKind.Host);
+        Check(chain);
+        Stored(4, 10, 20, TierKind.Gpu); // worker 4 (host) adds GPU on blocks 10-19: the masks change there
+        Check(chain);
+        Stored(11, 0, 15, TierKind.Ssd); // a new holder for a prefix: the lists change at block 15
+        Check(chain);
+        model.ClearWorker(0, null);
+        tree.ClearWorker(0, null);
+        Check(chain);
+    }
+
+    [Fact]
+    public void Index_TheAllZeroHash_IsRejected()
+    {
+        using var tree = new RadixTree();
+        var chain = TestHashes.Chain(2);
+        Assert.Equal(ApplyStatus.ZeroHash, tree.ApplyStored(0, null, [chain[0], default, chain[1]], TierKind.Gpu));
+        Assert.Equal(0, tree.Blocks);
+        Assert.Equal(ApplyStatus.UnknownParent, tree.ApplyStored(0, default(BlockHash), chain, TierKind.Gpu));
+        Assert.Equal(1, tree.RejectedZeroHash);
+        Assert.Empty(MatchOf(tree, [default]));
+        Assert.Equal(0, tree.ApplyRemoved(0, [default], TierKind.Gpu));
     }
 
     [Fact]
