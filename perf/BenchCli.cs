@@ -14,6 +14,7 @@ public static class BenchCli
             Tiers.TiersMetaCommand.Create(),
             Index.IndexCommand.Create(),
             Replay.ReplayCommand.Create(),
+            Cluster.ClusterCommand.Create(),
             Route.RouteCommand.Create(),
             Tiers.TiersCommand.Create(),
             References.RawSocketReference.SinkCommand(),

@@ -32,6 +32,9 @@ if [ -f "$trace" ]; then
   $bench route --quick --trace "$trace" --workers 4 --capacity-blocks 1000 --json "$smoke/route.json" >/dev/null
   python3 -c "import json,sys; p=json.load(open(sys.argv[1]))['policies']; assert p['kv-aware']['token_hit_rate'] > p['round-robin']['token_hit_rate'] > 0, p; print('smoke ok: route kv-aware', p['kv-aware']['token_hit_rate'], '> round-robin', p['round-robin']['token_hit_rate'])" "$smoke/route.json"
 fi
+# etcd and three sidecar processes: index propagation, cross-node Fetch, Route.
+$bench cluster --quick --json "$smoke/cluster.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['fetch_gbps']['median']>0 and r['propagation_p50_ms']>0 and r['route_p50_us']>0, r; print('smoke ok: cluster fetch', round(r['fetch_gbps']['median'],2), 'GB/s over', r['fetch_backend'] + ', propagation p50', r['propagation_p50_ms'], 'ms')" "$smoke/cluster.json"
 # On the repository's disk, not /tmp: the tier and fio use O_DIRECT, which tmpfs lacks on older kernels.
 $bench tiers --quick --blocks 8 --runs 1 --dir perf/bin/tiers-smoke --json "$smoke/tiers-ssd.json" >/dev/null
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['ssd_write_gbps']>0 and r['ssd_read_gbps']>0 and r['ratios']['ssd_write_vs_fio']>0, r; print('smoke ok: tiers-ssd.json write', round(r['ssd_write_gbps'],2), 'read', round(r['ssd_read_gbps'],2), 'GB/s')" "$smoke/tiers-ssd.json"

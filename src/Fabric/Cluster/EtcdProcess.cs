@@ -3,13 +3,13 @@ using System.Net;
 using System.Net.Sockets;
 using System.Text;
 using KvFabric.Cluster;
-using Xunit;
 
-namespace KvFabric.Tests.Cluster;
+namespace KvFabric.Cluster;
 
 /// <summary>
-/// A real etcd server (Debian etcd-server, /usr/bin/etcd, or $KVFABRIC_ETCD) on loopback with free ports and a temporary
-/// data dir. A missing etcd is a failure, not a skip: install it with scripts/install-prereqs.sh.
+/// A private etcd server (Debian etcd-server, /usr/bin/etcd, or $KVFABRIC_ETCD) on loopback with free ports and a
+/// temporary data dir: for tests, the perf suite and one-machine deployments. A missing etcd is an error naming the fix
+/// (scripts/install-prereqs.sh installs it).
 /// </summary>
 public sealed class EtcdProcess : IAsyncDisposable
 {
@@ -49,7 +49,7 @@ public sealed class EtcdProcess : IAsyncDisposable
         }
 
         throw new InvalidOperationException(
-            "etcd is not installed (no /usr/bin/etcd, none on PATH, KVFABRIC_ETCD unset); the cluster tests need a real etcd: " +
+            "etcd is not installed (no /usr/bin/etcd, none on PATH, KVFABRIC_ETCD unset); a KvFabric cluster needs etcd: " +
             "run scripts/install-prereqs.sh as root (it installs the Debian package etcd-server) or set KVFABRIC_ETCD to an etcd binary");
     }
 
@@ -203,19 +203,5 @@ public sealed class EtcdProcess : IAsyncDisposable
         }
 
         return ValueTask.CompletedTask;
-    }
-}
-
-/// <summary>One etcd shared by the tests of a class (each test uses its own cluster name).</summary>
-public sealed class EtcdFixture : IAsyncLifetime
-{
-    public EtcdProcess Etcd { get; private set; } = null!;
-
-    public async Task InitializeAsync() => Etcd = await EtcdProcess.StartAsync();
-
-    public async Task DisposeAsync()
-    {
-        if (Etcd is not null)
-            await Etcd.DisposeAsync();
     }
 }
