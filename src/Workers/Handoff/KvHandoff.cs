@@ -1,0 +1,225 @@
+using System.Buffers.Binary;
+using KvFabric.Memory;
+using KvFabric.Transfer;
+
+namespace KvFabric.Workers.Handoff;
+
+/// <summary>Where the prefill side writes one request's blocks: slot addresses in the decode side's registered pool.</summary>
+public sealed record HandoffTicket(ulong RequestId, Guid ReceiverAgent, ulong[] Addresses, int BlockBytes, DateTimeOffset Expires);
+
+/// <summary>
+/// The decode side of the KV hand-off: block slots in a registered (shared) pool are reserved per request, the prefill
+/// side WRITEs the request's blocks into them with a notification, and the transfer layer delivers that notification
+/// only once every byte is in place and checksum-verified; then the request's slots are handed to the decoder.
+/// Bounded: a fixed pool; a reservation nobody completes is reclaimed after its lease plus a grace period (so a late
+/// WRITE, whose deadline the lease bounds, can never land in slots reused by another request).
+/// </summary>
+public sealed class HandoffReceiver : IAsyncDisposable
+{
+    public const int NotificationBytes = 16;
+    private static readonly byte[] Magic = "KVHO"u8.ToArray();
+    private static readonly TimeSpan Grace = TimeSpan.FromSeconds(2);
+    private readonly TransferAgent _agent;
+    private readonly HostBlockPool _pool;
+    private readonly Dictionary<ulong, Pending> _pending = new();
+    private readonly Lock _lock = new();
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _dispatch;
+    private long _unknown;
+
+    private sealed class Pending(BlockSlot[] slots, DateTimeOffset expires)
+    {
+        public readonly BlockSlot[] Slots = slots;
+        public readonly DateTimeOffset Expires = expires;
+        public readonly TaskCompletionSource<BlockSlot[]> Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    /// <param name="agent">The decode process's transfer agent; this receiver reads all of its notifications.</param>
+    public HandoffReceiver(TransferAgent agent, int blockBytes, int slots)
+    {
+        _agent = agent;
+        _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = slots, Shared = true, Tag = "handoff" });
+        agent.Register(_pool);
+        _dispatch = Task.Run(DispatchAsync);
+    }
+
+    public int BlockBytes => _pool.SlotBytes;
+    public int FreeSlots => _pool.Available;
+    /// <summary>Notifications that named no pending request (late, duplicated or foreign): counted and dropped.</summary>
+    public long UnknownNotifications => Interlocked.Read(ref _unknown);
+
+    /// <summary>Reserves slots for a request's blocks. The sender must finish its WRITE before <see cref="HandoffTicket.Expires"/>.</summary>
+    public HandoffTicket Reserve(ulong requestId, int blocks, TimeSpan lease)
+    {
+        if (blocks < 1)
+            throw new ArgumentOutOfRangeException(nameof(blocks), blocks, "a hand-off moves at least one block");
+        lock (_lock)
+        {
+            Reclaim();
+            if (_pending.ContainsKey(requestId))
+                throw new InvalidOperationException($"request {requestId} already has a hand-off reservation");
+            if (_pool.Available < blocks)
+                throw new InvalidOperationException($"only {_pool.Available} of {_pool.Capacity} hand-off slots are free, {blocks} asked for; retry when requests finish or give the decode worker more slots");
+            var slots = new BlockSlot[blocks];
+            for (int i = 0; i < blocks; i++)
+                slots[i] = _pool.Rent();
+            var pending = new Pending(slots, DateTimeOffset.UtcNow + lease);
+            _pending[requestId] = pending;
+            return new HandoffTicket(requestId, _agent.AgentId, slots.Select(s => (ulong)s.Address).ToArray(), _pool.SlotBytes, pending.Expires);
+        }
+    }
+
+    /// <summary>The request's slots, once its notification arrived (every byte in place); the caller returns them with <see cref="Release"/>.</summary>
+    public async Task<BlockSlot[]> WaitAsync(ulong requestId, CancellationToken cancellationToken)
+    {
+        Pending pending;
+        lock (_lock)
+        {
+            if (!_pending.TryGetValue(requestId, out pending!))
+                throw new InvalidOperationException($"request {requestId} has no hand-off reservation (never reserved, or it expired)");
+        }
+
+        TimeSpan left = pending.Expires - DateTimeOffset.UtcNow + Grace;
+        try
+        {
+            return await pending.Done.Task.WaitAsync(left > TimeSpan.Zero ? left : TimeSpan.Zero, cancellationToken).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            throw new TimeoutException($"the KV of request {requestId} did not arrive before its hand-off lease ended (at {pending.Expires:O}); the prefill worker failed or is too slow");
+        }
+    }
+
+    /// <summary>Returns a request's slots (after decoding, or to give up on it).</summary>
+    public void Release(ulong requestId)
+    {
+        lock (_lock)
+        {
+            if (!_pending.Remove(requestId, out Pending? pending))
+                return;
+            if (!pending.Done.Task.IsCompleted && DateTimeOffset.UtcNow < pending.Expires + Grace)
+            {
+                // A WRITE may still be on its way: keep the slots until the lease (which bounds its deadline) has passed.
+                _late.Add(pending);
+                pending.Done.TrySetCanceled();
+                return;
+            }
+
+            pending.Done.TrySetCanceled();
+            foreach (BlockSlot s in pending.Slots)
+                _pool.Return(s);
+        }
+    }
+
+    private readonly List<Pending> _late = [];
+
+    private void Reclaim()
+    {
+        DateTimeOffset now = DateTimeOffset.UtcNow;
+        for (int i = _late.Count - 1; i >= 0; i--)
+        {
+            if (now >= _late[i].Expires + Grace)
+            {
+                foreach (BlockSlot s in _late[i].Slots)
+                    _pool.Return(s);
+                _late.RemoveAt(i);
+            }
+        }
+
+        foreach (var (id, p) in _pending.Where(kv => now >= kv.Value.Expires + Grace && !kv.Value.Done.Task.IsCompleted).ToList())
+        {
+            _pending.Remove(id);
+            p.Done.TrySetException(new TimeoutException($"the KV of request {id} did not arrive before its hand-off lease ended"));
+            foreach (BlockSlot s in p.Slots)
+                _pool.Return(s);
+        }
+    }
+
+    public static byte[] Notification(ulong requestId, int blocks)
+    {
+        var message = new byte[NotificationBytes];
+        Magic.CopyTo(message, 0);
+        BinaryPrimitives.WriteInt32LittleEndian(message.AsSpan(4), blocks);
+        BinaryPrimitives.WriteUInt64LittleEndian(message.AsSpan(8), requestId);
+        return message;
+    }
+
+    private async Task DispatchAsync()
+    {
+        try
+        {
+            await foreach (Notification n in _agent.Notifications.ReadAllAsync(_stop.Token).ConfigureAwait(false))
+            {
+                byte[] m = n.Message;
+                if (m.Length != NotificationBytes || !m.AsSpan(0, 4).SequenceEqual(Magic))
+                {
+                    Interlocked.Increment(ref _unknown);
+                    continue;
+                }
+
+                int blocks = BinaryPrimitives.ReadInt32LittleEndian(m.AsSpan(4));
+                ulong id = BinaryPrimitives.ReadUInt64LittleEndian(m.AsSpan(8));
+                lock (_lock)
+                {
+                    if (_pending.TryGetValue(id, out Pending? p) && p.Slots.Length == blocks && p.Done.TrySetResult(p.Slots))
+                        continue;
+                }
+
+                Interlocked.Increment(ref _unknown);
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            // stopping
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync().ConfigureAwait(false);
+        await _dispatch.ConfigureAwait(false);
+        lock (_lock)
+        {
+            foreach (Pending p in _pending.Values)
+                p.Done.TrySetCanceled();
+            _pending.Clear();
+        }
+
+        _stop.Dispose();
+        _pool.Dispose();
+    }
+}
+
+/// <summary>The prefill side: WRITEs a request's blocks (in memory registered with its agent) into a ticket's slots, then the notification.</summary>
+public static class HandoffSender
+{
+    /// <param name="blocks">Addresses of the request's blocks, each ticket.BlockBytes long, inside regions registered with agent.</param>
+    public static async Task<TransferResult> SendAsync(TransferAgent agent, RemoteAgent receiver, HandoffTicket ticket, ReadOnlyMemory<nint> blocks,
+        ChecksumKind checksum = ChecksumKind.Crc32C, BackendKind backend = BackendKind.Auto, CancellationToken cancellationToken = default)
+    {
+        if (receiver.AgentId != ticket.ReceiverAgent)
+            throw new ArgumentException($"the ticket is for agent {ticket.ReceiverAgent}, not {receiver.Name} ({receiver.AgentId})", nameof(ticket));
+        if (blocks.Length != ticket.Addresses.Length)
+            throw new ArgumentException($"{blocks.Length} blocks to send but the ticket reserved {ticket.Addresses.Length} slots", nameof(blocks));
+        // Finish before the lease ends (less a margin), so the receiver never reclaims slots a WRITE is still filling.
+        TimeSpan deadline = ticket.Expires - DateTimeOffset.UtcNow - TimeSpan.FromMilliseconds(100);
+        if (deadline <= TimeSpan.Zero)
+            return new TransferResult(TransferStatus.TimedOut, $"the hand-off lease of request {ticket.RequestId} ended before the KV could be sent");
+        var local = new MemoryDescriptor[blocks.Length];
+        var remote = new MemoryDescriptor[blocks.Length];
+        for (int i = 0; i < local.Length; i++)
+        {
+            local[i] = MemoryDescriptor.Of(blocks.Span[i], ticket.BlockBytes);
+            remote[i] = new MemoryDescriptor(ticket.Addresses[i], (ulong)ticket.BlockBytes);
+        }
+
+        TransferRequest write = agent.Prepare(TransferOp.Write, local, receiver, remote, new TransferOptions
+        {
+            Notification = HandoffReceiver.Notification(ticket.RequestId, blocks.Length),
+            Checksum = checksum,
+            Deadline = deadline,
+            Backend = backend,
+        });
+        return await agent.PostAsync(write, cancellationToken).ConfigureAwait(false);
+    }
+}
