@@ -123,15 +123,21 @@ internal static unsafe class Kernels
     }
 
     // Splits across workers by rows (tokens) when there are enough, else by output columns; never inside a dot.
+    // A single row (one decode step) stays on the calling thread: no fork/join cost and no allocation.
     public static void MatMul(float* x, int rows, int k, float* w, int n, float* y, int workers)
     {
-        if (workers <= 1 || (long)rows * n * k < (1L << 18))
+        if (workers <= 1 || rows < 2 || (long)rows * n * k < (1L << 18))
         {
             MatMulRange(x, k, w, n, y, 0, rows, 0, n);
             return;
         }
 
-        nint xp = (nint)x, wp = (nint)w, yp = (nint)y;
+        MatMulParallel((nint)x, rows, k, (nint)w, n, (nint)y, workers);
+    }
+
+    // Kept apart from MatMul so that its closure is only allocated when work is really split.
+    private static void MatMulParallel(nint xp, int rows, int k, nint wp, int n, nint yp, int workers)
+    {
         if (rows >= 4 * workers)
         {
             int tiles = (rows + 3) / 4;

@@ -155,7 +155,7 @@ public sealed unsafe class Transformer
     public void DecodeStep(int token, KvCache cache, Span<float> logits)
     {
         ArgumentNullException.ThrowIfNull(cache);
-        DecodeBatch([token], [cache], logits);
+        DecodeBatch(new ReadOnlySpan<int>(in token), new ReadOnlySpan<KvCache>(in cache), logits);
     }
 
     public float[] DecodeStep(int token, KvCache cache)
@@ -377,7 +377,7 @@ public sealed unsafe class Transformer
             work += _rowPos[r] + 1L;
         }
 
-        if (workers <= 1 || work * _c.Heads * _c.HeadDim < (1L << 16))
+        if (workers <= 1 || rows < 2 || work * _c.Heads * _c.HeadDim < (1L << 16))
         {
             fixed (float* scores = _scores)
             {
@@ -390,7 +390,11 @@ public sealed unsafe class Transformer
             return;
         }
 
-        nint qp = (nint)q, ap = (nint)att;
+        AttentionParallel(layer, items, workers, (nint)q, (nint)att);
+    }
+
+    private void AttentionParallel(int layer, int items, int workers, nint qp, nint ap)
+    {
         Parallel.For(0, workers, w =>
         {
             fixed (float* scores = &_scores[(long)w * _c.GroupSize * _c.MaxPositions])
@@ -413,17 +417,25 @@ public sealed unsafe class Transformer
         int stride = cache.TokenStride;
         float* q0 = q + ((long)row * c.QDim) + ((long)g * group * hd);
         float* out0 = att + ((long)row * c.QDim) + ((long)g * group * hd);
+        float** keys = stackalloc float*[AttentionKernels.KeyTile];
 
-        for (int b = 0, i = 0; i < n; b++)
+        // Scores, 8 keys at a time (the tiling is by absolute key position, so it is the same for every query).
+        for (int b = 0, i = 0, filled = 0; i < n; b++)
         {
             float* ks = cache.Slab(b, layer, 0) + ((long)g * hd);
             int count = Math.Min(tpb, n - i);
             for (int t = 0; t < count; t++, i++)
             {
-                float* kp = ks + ((long)t * stride);
-                for (int h = 0; h < group; h++)
+                keys[filled++] = ks + ((long)t * stride);
+                if (filled == AttentionKernels.KeyTile || i == n - 1)
                 {
-                    scores[((long)h * maxPos) + i] = Kernels.Dot(q0 + (h * hd), kp, hd);
+                    int first = i + 1 - filled;
+                    for (int h = 0; h < group; h++)
+                    {
+                        AttentionKernels.Scores(q0 + (h * hd), keys, filled, hd, scores + ((long)h * maxPos) + first);
+                    }
+
+                    filled = 0;
                 }
             }
         }
@@ -431,26 +443,12 @@ public sealed unsafe class Transformer
         for (int h = 0; h < group; h++)
         {
             float* s = scores + ((long)h * maxPos);
-            Kernels.ExpShifted(s, Kernels.Max(s, n), n);
-            new Span<float>(out0 + (h * hd), hd).Clear();
-        }
-
-        for (int b = 0, i = 0; i < n; b++)
-        {
-            float* vs = cache.Slab(b, layer, 1) + ((long)g * hd);
-            int count = Math.Min(tpb, n - i);
-            for (int t = 0; t < count; t++, i++)
-            {
-                float* vp = vs + ((long)t * stride);
-                for (int h = 0; h < group; h++)
-                {
-                    Kernels.Axpy(scores[((long)h * maxPos) + i], vp, out0 + (h * hd), hd);
-                }
-            }
+            Kernels.ExpShifted(s, AttentionKernels.Max(s, n), n);
         }
 
         for (int h = 0; h < group; h++)
         {
+            AttentionKernels.WeightedSum(cache, layer, g, scores + ((long)h * maxPos), n, out0 + (h * hd), hd, tpb);
             Kernels.Scale(out0 + (h * hd), 1f / Kernels.Sum(scores + ((long)h * maxPos), n), hd);
         }
     }

@@ -17,12 +17,20 @@ internal static class ModelTestKit
         MaxPositions = 256, ChunkTokens = 7, Seed = 7, TiedEmbeddings = false,
     };
 
-    public static TheoryData<string> ConfigNames => new() { "tiny", "odd" };
+    // A head dimension of 42 runs attention's 32-wide, 8-wide and scalar paths; three tokens per block.
+    public static ModelConfig Wide => new()
+    {
+        Vocab = 50, DModel = 40, Layers = 1, Heads = 2, KvHeads = 1, HeadDim = 42, Ffn = 24, TokensPerBlock = 3,
+        MaxPositions = 128, ChunkTokens = 5, Seed = 11,
+    };
+
+    public static TheoryData<string> ConfigNames => new() { "tiny", "odd", "wide" };
 
     public static ModelConfig ByName(string name) => name switch
     {
         "tiny" => Tiny,
         "odd" => Odd,
+        "wide" => Wide,
         _ => throw new ArgumentException(name, nameof(name)),
     };
 

@@ -138,6 +138,29 @@ public sealed class TransformerModelTests
     }
 
     [Fact]
+    public void A_decode_step_allocates_nothing()
+    {
+        ModelConfig config = Tiny;
+        var model = new Transformer(config);
+        using var pool = Pool(model);
+        using var cache = model.CreateCache(pool);
+        var logits = new float[config.Vocab];
+        model.Prefill(Tokens(10, config.Vocab), cache, 0, logits);
+        for (int i = 0; i < 40; i++)
+        {
+            model.DecodeStep(Sampler.ArgMax(logits), cache, logits); // warm up (and cross block boundaries)
+        }
+
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 40; i++)
+        {
+            model.DecodeStep(Sampler.ArgMax(logits), cache, logits);
+        }
+
+        Assert.Equal(0, GC.GetAllocatedBytesForCurrentThread() - before);
+    }
+
+    [Fact]
     public void Misuse_is_refused_with_a_clear_error()
     {
         ModelConfig config = Tiny;
