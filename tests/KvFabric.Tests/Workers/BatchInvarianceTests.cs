@@ -78,6 +78,38 @@ public sealed class BatchInvarianceTests
         }
     }
 
+    [Fact]
+    public void Parallel_matmul_and_attention_paths_match_one_thread()
+    {
+        // Big enough that prefill really splits matmuls by tokens and attention by (token, head) across threads.
+        ModelConfig config = ModelConfig.Default with { Layers = 1, Vocab = 512, MaxPositions = 512, ChunkTokens = 128 };
+        int[] tokens = Tokens(300, config.Vocab, salt: 8);
+        byte[]? expectedBytes = null;
+        float[]? expectedLogits = null;
+        foreach (int threads in new[] { 1, 2, 3 })
+        {
+            var model = new Transformer(config, threads);
+            using var pool = Pool(model, blocks: 64);
+            using var cache = model.CreateCache(pool);
+            float[] logits = model.Prefill(tokens, cache);
+            expectedBytes ??= FullBlockBytes(cache);
+            expectedLogits ??= logits;
+            Assert.Equal(expectedBytes, FullBlockBytes(cache));
+            BitEqual(expectedLogits, logits);
+
+            // The last 40 tokens again, one decode step at a time on top of a shorter prefill.
+            using var stepped = model.CreateCache(pool);
+            model.Prefill(tokens.AsSpan(0, 260), stepped);
+            for (int i = 260; i < tokens.Length; i++)
+            {
+                logits = model.DecodeStep(tokens[i], stepped);
+            }
+
+            Assert.Equal(expectedBytes, FullBlockBytes(stepped));
+            BitEqual(expectedLogits, logits);
+        }
+    }
+
     [Theory]
     [MemberData(nameof(ConfigNames), MemberType = typeof(ModelTestKit))]
     public void Imported_blocks_continue_exactly_like_the_original(string name)
