@@ -20,8 +20,11 @@ public sealed record ModelConfig
     public ulong Seed { get; init; } = 1;
     public int TokensPerBlock { get; init; } = 16;
 
-    /// <summary>LM head shares the token embedding (scaled by 1/sqrt(DModel)) instead of having its own matrix.</summary>
-    public bool TiedEmbeddings { get; init; } = true;
+    /// <summary>
+    /// LM head shares the token embedding (scaled by 1/sqrt(DModel)) instead of having its own matrix. Off by default:
+    /// with random weights a tied head mostly predicts the input token again, so greedy decoding repeats one token.
+    /// </summary>
+    public bool TiedEmbeddings { get; init; }
 
     public float NormEpsilon { get; init; } = 1e-5f;
 
@@ -37,7 +40,7 @@ public sealed record ModelConfig
     public static ModelConfig Tiny { get; } = new()
     {
         Vocab = 97, DModel = 32, Layers = 2, Heads = 4, KvHeads = 2, HeadDim = 8, Ffn = 48, TokensPerBlock = 4, MaxPositions = 512,
-        ChunkTokens = 16,
+        ChunkTokens = 16, TiedEmbeddings = true,
     };
 
     public int GroupSize => Heads / KvHeads;

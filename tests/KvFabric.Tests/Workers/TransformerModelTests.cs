@@ -206,5 +206,6 @@ public sealed class TransformerModelTests
         Assert.Equal(32768, model.Layout.BlockBytes);
         int[] generated = model.Generate(Tokens(8, ModelConfig.Default.Vocab), 8, Sampler.Greedy(), cache);
         Assert.All(generated, t => Assert.InRange(t, 0, ModelConfig.Default.Vocab - 1));
+        Assert.True(generated.Distinct().Count() > 2, "greedy decoding of the default model should not repeat one token");
     }
 }
