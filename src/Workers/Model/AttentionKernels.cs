@@ -14,6 +14,7 @@ internal static unsafe class AttentionKernels
 {
     public const int KeyTile = 8;
 
+    [SkipLocalsInit]
     public static void Scores(float* q, float** keys, int count, int hd, float* dst)
     {
         Vector256<float>* p = stackalloc Vector256<float>[KeyTile];

@@ -47,20 +47,6 @@ internal static unsafe class Kernels
         return Tail(HSum(acc), a, b, k, n);
     }
 
-    public static float Dot(ReadOnlySpan<float> a, ReadOnlySpan<float> b)
-    {
-        if (a.Length != b.Length)
-        {
-            throw new ArgumentException("Dot needs spans of equal length.", nameof(b));
-        }
-
-        fixed (float* pa = a)
-        fixed (float* pb = b)
-        {
-            return Dot(pa, pb, a.Length);
-        }
-    }
-
     /// <summary>Sum with the dot recipe's order (8 lanes, fixed horizontal sum, in-order tail).</summary>
     public static float Sum(float* a, int n)
     {
@@ -293,33 +279,6 @@ internal static unsafe class Kernels
         {
             x[i] = Exp(x[i] - m);
         }
-    }
-
-    // y = fma(a, x, y) element-wise.
-    public static void Axpy(float a, float* x, float* y, int n)
-    {
-        var va = Vector256.Create(a);
-        int i = 0;
-        for (; i <= n - 8; i += 8)
-        {
-            Vector256.Store(Vector256.FusedMultiplyAdd(va, Vector256.Load(x + i), Vector256.Load(y + i)), y + i);
-        }
-
-        for (; i < n; i++)
-        {
-            y[i] = MathF.FusedMultiplyAdd(a, x[i], y[i]);
-        }
-    }
-
-    public static float Max(float* x, int n)
-    {
-        float m = float.NegativeInfinity;
-        for (int i = 0; i < n; i++)
-        {
-            m = Math.Max(m, x[i]);
-        }
-
-        return m;
     }
 
     // exp with our own polynomial so that the scalar and the vector versions agree bit for bit (and do not depend on

@@ -84,6 +84,13 @@ public sealed unsafe class Transformer
     public KvCache CreateCache(HostBlockPool pool) => new(Layout, pool, _c.MaxPositions);
 
     /// <summary>
+    /// The chained hashes (spec v1) of the full blocks of <paramref name="tokens"/> under this model's layout: what a
+    /// worker looks up in the fabric before prefilling, and what <see cref="KvCache.ComputeBlockHashes"/> gives after.
+    /// </summary>
+    public int ComputeBlockHashes(string tenantNamespace, ReadOnlySpan<int> tokens, Span<BlockHash> destination) =>
+        BlockHasher.ComputeChain(tenantNamespace, Layout, tokens, destination);
+
+    /// <summary>
     /// Computes positions <paramref name="startPosition"/> to tokens.Length - 1 of the sequence <paramref name="tokens"/>,
     /// reusing the K/V of positions before startPosition already in <paramref name="cache"/> (computed or imported;
     /// their tokens must match), and writes the last token's logits. Cache entries at or after startPosition are dropped.

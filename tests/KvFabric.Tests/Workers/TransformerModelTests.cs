@@ -104,6 +104,10 @@ public sealed class TransformerModelTests
         Assert.Equal(count, BlockHasher.ComputeChain("tenant-a", model.Layout, tokens, expected));
         Assert.Equal(expected.AsSpan(0, count).ToArray(), hashes.AsSpan(0, count).ToArray());
 
+        var before = new BlockHash[8];
+        Assert.Equal(count, model.ComputeBlockHashes("tenant-a", tokens, before));
+        Assert.Equal(expected, before);
+
         var otherSeed = new BlockHash[8];
         BlockHasher.ComputeChain("tenant-a", (config with { Seed = 5 }).ToKvLayout(), tokens, otherSeed);
         Assert.NotEqual(expected[0], otherSeed[0]);
