@@ -148,6 +148,36 @@ public sealed class BatchInvarianceTests
         Assert.Equal(FullBlockBytes(original), FullBlockBytes(imported));
     }
 
+    [Fact]
+    public void Adopted_pool_slots_work_like_imported_blocks()
+    {
+        ModelConfig config = Tiny;
+        var model = new Transformer(config);
+        int[] tokens = Tokens(22, config.Vocab, salt: 4);
+        int tpb = config.TokensPerBlock;
+        using var pool = Pool(model, blocks: 32);
+        using var original = model.CreateCache(pool);
+        float[] expected = model.Prefill(tokens, original);
+
+        using var adopted = model.CreateCache(pool);
+        int inUse = pool.InUse;
+        for (int b = 0; b < 3; b++)
+        {
+            var slot = pool.Rent(); // as a fabric fetch would fill it
+            original.ExportBlock(b, slot.AsSpan());
+            adopted.AdoptBlock(slot, tokens.AsSpan(b * tpb, tpb));
+        }
+
+        Assert.Equal(inUse + 3, pool.InUse);
+        BitEqual(expected, model.Prefill(tokens, adopted, adopted.Length));
+        Assert.Equal(FullBlockBytes(original), FullBlockBytes(adopted));
+
+        using var otherPool = Pool(model, blocks: 4);
+        Assert.Throws<ArgumentException>(() => adopted.AdoptBlock(otherPool.Rent(), tokens.AsSpan(0, tpb)));
+        adopted.Dispose();
+        Assert.Equal(inUse, pool.InUse);
+    }
+
     [Theory]
     [MemberData(nameof(ConfigNames), MemberType = typeof(ModelTestKit))]
     public void Generation_from_imported_prefix_matches_full_prefill(string name)
