@@ -89,7 +89,7 @@ public sealed class BatchInvarianceTests
         foreach (int threads in new[] { 1, 2, 3 })
         {
             var model = new Transformer(config, threads);
-            using var pool = Pool(model, blocks: 64);
+            using var pool = Pool(model, blocks: 128);
             using var cache = model.CreateCache(pool);
             float[] logits = model.Prefill(tokens, cache);
             expectedBytes ??= FullBlockBytes(cache);
@@ -107,6 +107,33 @@ public sealed class BatchInvarianceTests
 
             Assert.Equal(expectedBytes, FullBlockBytes(stepped));
             BitEqual(expectedLogits, logits);
+
+            // A decode batch of 3 splits its matmuls by output columns; each sequence must match its solo step.
+            var solo = new[] { model.CreateCache(pool), model.CreateCache(pool), model.CreateCache(pool) };
+            var batch = new[] { model.CreateCache(pool), model.CreateCache(pool), model.CreateCache(pool) };
+            try
+            {
+                for (int s = 0; s < 3; s++)
+                {
+                    model.Prefill(tokens.AsSpan(0, 20 + (40 * s)), solo[s]);
+                    model.Prefill(tokens.AsSpan(0, 20 + (40 * s)), batch[s]);
+                }
+
+                var batchLogits = new float[3 * config.Vocab];
+                int[] next = [5, 6, 7];
+                model.DecodeBatch(next, batch, batchLogits);
+                for (int s = 0; s < 3; s++)
+                {
+                    BitEqual(model.DecodeStep(next[s], solo[s]), batchLogits.AsSpan(s * config.Vocab, config.Vocab));
+                }
+            }
+            finally
+            {
+                foreach (KvCache c in solo.Concat(batch))
+                {
+                    c.Dispose();
+                }
+            }
         }
     }
 
