@@ -65,6 +65,12 @@ internal static unsafe class AttentionKernels
             return Avx.Permute2x128(u0, u1, 0x20) + Avx.Permute2x128(u0, u1, 0x31);
         }
 
+        return Reduce8Portable(p);
+    }
+
+    // The same tree without AVX (and what the AVX path is tested against).
+    internal static Vector256<float> Reduce8Portable(Vector256<float>* p)
+    {
         Span<float> r = stackalloc float[KeyTile];
         for (int j = 0; j < KeyTile; j++)
         {
@@ -75,6 +81,8 @@ internal static unsafe class AttentionKernels
 
         return Vector256.Create((ReadOnlySpan<float>)r);
     }
+
+    internal static Vector256<float> Reduce8ForTest(Vector256<float>* p) => Reduce8(p);
 
     public static float Max(float* x, int n)
     {

@@ -129,6 +129,43 @@ public sealed unsafe class KvCache : IDisposable
         _length = end;
     }
 
+    /// <summary>
+    /// Zero-copy import: appends a full block whose bytes are already in <paramref name="slot"/>, a slot rented from
+    /// this cache's pool (for example one a fabric fetch wrote into). The cache takes ownership of the slot and returns
+    /// it to the pool when the block is dropped. Same ordering rules as <see cref="ImportBlock"/> when appending.
+    /// </summary>
+    public void AdoptBlock(BlockSlot slot, ReadOnlySpan<int> blockTokens)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if ((uint)slot.Index >= (uint)_pool.Capacity || _pool.SlotAt(slot.Index).Address != slot.Address)
+        {
+            throw new ArgumentException($"Slot {slot.Index} does not belong to this cache's pool.", nameof(slot));
+        }
+
+        if (blockTokens.Length != TokensPerBlock)
+        {
+            throw new ArgumentException($"A block holds {TokensPerBlock} tokens; got {blockTokens.Length}.", nameof(blockTokens));
+        }
+
+        if (_length % TokensPerBlock != 0 || _length + TokensPerBlock > MaxTokens)
+        {
+            throw new InvalidOperationException(
+                $"A block can be adopted only when the cache ends on a block boundary with room left; it holds {_length} tokens.");
+        }
+
+        int index = _length / TokensPerBlock;
+        if (_blockCount > index)
+        {
+            // A spare slot left over from a truncation: give it back, the adopted one takes its place.
+            _pool.Return(_blocks[index]);
+            _blockCount = index;
+        }
+
+        _blocks[_blockCount++] = slot;
+        blockTokens.CopyTo(_tokens.AsSpan(_length));
+        _length += TokensPerBlock;
+    }
+
     /// <summary>Chained block hashes (spec v1, <see cref="BlockHasher"/>) of the full blocks, root bound to this layout.</summary>
     public int ComputeBlockHashes(string tenantNamespace, Span<BlockHash> destination) =>
         BlockHasher.ComputeChain(tenantNamespace, Layout, _tokens.AsSpan(0, FullBlocks * TokensPerBlock), destination);

@@ -125,29 +125,39 @@ public sealed unsafe class Transformer
 
         lock (_lock)
         {
-            cache.Truncate(startPosition);
-            int chunk = _c.ChunkTokens;
-            for (int s = startPosition; s < tokens.Length; s += chunk)
+            try
             {
-                int e = Math.Min(tokens.Length, s + chunk);
-                cache.Reserve(e);
-                for (int r = 0; r < e - s; r++)
-                {
-                    _rowCache[r] = cache;
-                    _rowPos[r] = s + r;
-                    _rowToken[r] = tokens[s + r];
-                }
+                PrefillLocked(tokens, cache, startPosition, logits);
+            }
+            finally
+            {
+                Array.Clear(_rowCache);
+            }
+        }
+    }
 
-                bool last = e == tokens.Length;
-                fixed (float* pl = logits)
-                {
-                    Forward(e - s, last ? e - s - 1 : -1, last ? pl : null);
-                }
-
-                cache.Commit(tokens[s..e], s);
+    private void PrefillLocked(ReadOnlySpan<int> tokens, KvCache cache, int startPosition, Span<float> logits)
+    {
+        cache.Truncate(startPosition);
+        int chunk = _c.ChunkTokens;
+        for (int s = startPosition; s < tokens.Length; s += chunk)
+        {
+            int e = Math.Min(tokens.Length, s + chunk);
+            cache.Reserve(e);
+            for (int r = 0; r < e - s; r++)
+            {
+                _rowCache[r] = cache;
+                _rowPos[r] = s + r;
+                _rowToken[r] = tokens[s + r];
             }
 
-            Array.Clear(_rowCache);
+            bool last = e == tokens.Length;
+            fixed (float* pl = logits)
+            {
+                Forward(e - s, last ? e - s - 1 : -1, last ? pl : null);
+            }
+
+            cache.Commit(tokens[s..e], s);
         }
     }
 
@@ -206,31 +216,41 @@ public sealed unsafe class Transformer
 
         lock (_lock)
         {
-            int chunk = _c.ChunkTokens;
-            for (int s = 0; s < tokens.Length; s += chunk)
+            try
             {
-                int e = Math.Min(tokens.Length, s + chunk);
-                for (int r = 0; r < e - s; r++)
-                {
-                    KvCache cache = caches[s + r];
-                    cache.Reserve(cache.Length + 1);
-                    _rowCache[r] = cache;
-                    _rowPos[r] = cache.Length;
-                    _rowToken[r] = tokens[s + r];
-                }
+                DecodeBatchLocked(tokens, caches, logits);
+            }
+            finally
+            {
+                Array.Clear(_rowCache);
+            }
+        }
+    }
 
-                fixed (float* pl = logits)
-                {
-                    Forward(e - s, -1, pl + ((long)s * _c.Vocab));
-                }
-
-                for (int r = 0; r < e - s; r++)
-                {
-                    caches[s + r].Commit(tokens.Slice(s + r, 1), _rowPos[r]);
-                }
+    private void DecodeBatchLocked(ReadOnlySpan<int> tokens, ReadOnlySpan<KvCache> caches, Span<float> logits)
+    {
+        int chunk = _c.ChunkTokens;
+        for (int s = 0; s < tokens.Length; s += chunk)
+        {
+            int e = Math.Min(tokens.Length, s + chunk);
+            for (int r = 0; r < e - s; r++)
+            {
+                KvCache cache = caches[s + r];
+                cache.Reserve(cache.Length + 1);
+                _rowCache[r] = cache;
+                _rowPos[r] = cache.Length;
+                _rowToken[r] = tokens[s + r];
             }
 
-            Array.Clear(_rowCache);
+            fixed (float* pl = logits)
+            {
+                Forward(e - s, -1, pl + ((long)s * _c.Vocab));
+            }
+
+            for (int r = 0; r < e - s; r++)
+            {
+                caches[s + r].Commit(tokens.Slice(s + r, 1), _rowPos[r]);
+            }
         }
     }
 

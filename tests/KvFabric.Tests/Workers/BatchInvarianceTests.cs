@@ -89,7 +89,7 @@ public sealed class BatchInvarianceTests
         foreach (int threads in new[] { 1, 2, 3 })
         {
             var model = new Transformer(config, threads);
-            using var pool = Pool(model, blocks: 64);
+            using var pool = Pool(model, blocks: 128);
             using var cache = model.CreateCache(pool);
             float[] logits = model.Prefill(tokens, cache);
             expectedBytes ??= FullBlockBytes(cache);
@@ -107,6 +107,33 @@ public sealed class BatchInvarianceTests
 
             Assert.Equal(expectedBytes, FullBlockBytes(stepped));
             BitEqual(expectedLogits, logits);
+
+            // A decode batch of 3 splits its matmuls by output columns; each sequence must match its solo step.
+            var solo = new[] { model.CreateCache(pool), model.CreateCache(pool), model.CreateCache(pool) };
+            var batch = new[] { model.CreateCache(pool), model.CreateCache(pool), model.CreateCache(pool) };
+            try
+            {
+                for (int s = 0; s < 3; s++)
+                {
+                    model.Prefill(tokens.AsSpan(0, 20 + (40 * s)), solo[s]);
+                    model.Prefill(tokens.AsSpan(0, 20 + (40 * s)), batch[s]);
+                }
+
+                var batchLogits = new float[3 * config.Vocab];
+                int[] next = [5, 6, 7];
+                model.DecodeBatch(next, batch, batchLogits);
+                for (int s = 0; s < 3; s++)
+                {
+                    BitEqual(model.DecodeStep(next[s], solo[s]), batchLogits.AsSpan(s * config.Vocab, config.Vocab));
+                }
+            }
+            finally
+            {
+                foreach (KvCache c in solo.Concat(batch))
+                {
+                    c.Dispose();
+                }
+            }
         }
     }
 
@@ -146,6 +173,36 @@ public sealed class BatchInvarianceTests
         }
 
         Assert.Equal(FullBlockBytes(original), FullBlockBytes(imported));
+    }
+
+    [Fact]
+    public void Adopted_pool_slots_work_like_imported_blocks()
+    {
+        ModelConfig config = Tiny;
+        var model = new Transformer(config);
+        int[] tokens = Tokens(22, config.Vocab, salt: 4);
+        int tpb = config.TokensPerBlock;
+        using var pool = Pool(model, blocks: 32);
+        using var original = model.CreateCache(pool);
+        float[] expected = model.Prefill(tokens, original);
+
+        using var adopted = model.CreateCache(pool);
+        int inUse = pool.InUse;
+        for (int b = 0; b < 3; b++)
+        {
+            var slot = pool.Rent(); // as a fabric fetch would fill it
+            original.ExportBlock(b, slot.AsSpan());
+            adopted.AdoptBlock(slot, tokens.AsSpan(b * tpb, tpb));
+        }
+
+        Assert.Equal(inUse + 3, pool.InUse);
+        BitEqual(expected, model.Prefill(tokens, adopted, adopted.Length));
+        Assert.Equal(FullBlockBytes(original), FullBlockBytes(adopted));
+
+        using var otherPool = Pool(model, blocks: 4);
+        Assert.Throws<ArgumentException>(() => adopted.AdoptBlock(otherPool.Rent(), tokens.AsSpan(0, tpb)));
+        adopted.Dispose();
+        Assert.Equal(inUse, pool.InUse);
     }
 
     [Theory]

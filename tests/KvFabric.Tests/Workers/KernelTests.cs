@@ -1,3 +1,4 @@
+using System.Runtime.Intrinsics;
 using KvFabric.Workers.Model;
 using Xunit;
 
@@ -66,6 +67,27 @@ public sealed unsafe class KernelTests
             {
                 double exact = Math.Exp(xs[i]);
                 Assert.True(Math.Abs(scalar - exact) <= 4e-7 * exact, $"exp({xs[i]}) = {scalar}, expected {exact}");
+            }
+        }
+    }
+
+    [Fact]
+    public void Attention_lane_reduction_is_the_same_tree_with_and_without_avx()
+    {
+        float[] data = Random(64 * 50, 5).Select((v, i) => v * (1 << (i % 20))).ToArray();
+        var p = stackalloc Vector256<float>[8];
+        for (int t = 0; t < 50; t++)
+        {
+            for (int j = 0; j < 8; j++)
+            {
+                p[j] = Vector256.Create(data.AsSpan((t * 64) + (j * 8), 8));
+            }
+
+            var fast = AttentionKernels.Reduce8ForTest(p);
+            var portable = AttentionKernels.Reduce8Portable(p);
+            for (int j = 0; j < 8; j++)
+            {
+                Assert.Equal(BitConverter.SingleToInt32Bits(portable.GetElement(j)), BitConverter.SingleToInt32Bits(fast.GetElement(j)));
             }
         }
     }
