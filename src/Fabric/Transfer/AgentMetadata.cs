@@ -12,6 +12,13 @@ public sealed record RemoteRegionInfo(uint Id, MemoryKind Kind, ulong Address, u
     ulong IAddressRange.Start => Address;
     /// <summary>The region's packed UCX rkey (ucp_rkey_pack), empty when the owner runs without UCX (metadata version 3).</summary>
     public ReadOnlyMemory<byte> UcxRkey { get; init; }
+
+    // Value equality includes the rkey's bytes (ReadOnlyMemory compares by reference).
+    public bool Equals(RemoteRegionInfo? other) =>
+        other is not null && Id == other.Id && Kind == other.Kind && Address == other.Address && Length == other.Length
+        && DeviceId == other.DeviceId && Key == other.Key && MappedPath == other.MappedPath && UcxRkey.Span.SequenceEqual(other.UcxRkey.Span);
+
+    public override int GetHashCode() => HashCode.Combine(Id, Address, Length, Key);
 }
 
 /// <summary>
