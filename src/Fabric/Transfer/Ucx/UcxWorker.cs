@@ -197,7 +197,17 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         while (!_stop)
         {
             while (_commands.TryDequeue(out var command))
-                command();
+            {
+                try
+                {
+                    command();
+                }
+                catch (Exception e) when (e is TransferException or InvalidOperationException or ArgumentException)
+                {
+                    // A failed command must not stop the thread every transfer of this agent depends on.
+                    Console.Error.WriteLine($"kvfabric: a UCX command on '{Name}' failed: {e.Message}");
+                }
+            }
             uint n = UcpNative.WorkerProgress(_worker);
             if (_replies.Count > 0)
                 SendReplies();
