@@ -183,6 +183,71 @@ public sealed class UcxTransferTests
     }
 
     [Fact]
+    public async Task A_peer_killed_mid_read_over_tcp_fails_the_in_flight_chunks_through_the_error_callback()
+    {
+        const int blocks = 192;
+        var deadline = TimeSpan.FromSeconds(30);
+        await using var victim = await StartPeerAsync("tcp", blocks + 1);
+        using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
+        await using var agent = NewAgent("tcp");
+        AssertUcx(agent);
+        agent.Register(pool);
+        var remote = await agent.LoadRemoteAsync(victim.Metadata);
+        var (local, remoteDescs) = Pair(pool, victim, blocks);
+        var request = agent.Prepare(TransferOp.Read, local, remote, remoteDescs, new TransferOptions { Backend = BackendKind.Ucx, Deadline = deadline });
+        Assert.True((await agent.PostAsync(request)).IsSuccess);
+        long before = agent.Stats.UcxBytesReceived;
+        var clock = Stopwatch.StartNew();
+        var post = agent.PostAsync(request);
+        while (agent.Stats.UcxBytesReceived - before < 8 * BlockBytes && !post.IsCompleted && clock.Elapsed < deadline)
+            await Task.Delay(1);
+        Assert.False(post.IsCompleted, "the read finished before the kill: the test lost its race");
+        victim.Kill();
+
+        var result = await post;
+
+        Assert.Equal(TransferStatus.Failed, result.Status);
+        Assert.True(clock.Elapsed < deadline, $"took {clock.Elapsed}, deadline {deadline}");
+        Assert.Contains("'child'", result.Error);
+        Assert.Contains(Enumerable.Range(0, blocks), i => request.GetStatus(i) == DescriptorStatus.PeerDisconnected);
+    }
+
+    [Theory]
+    [MemberData(nameof(Transports))]
+    public async Task A_frozen_peer_times_out_at_the_deadline_and_a_later_post_reconnects(string tls)
+    {
+        const int blocks = 32;
+        await using var peer = await StartPeerAsync(tls, blocks + 1);
+        using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
+        await using var agent = NewAgent(tls);
+        AssertUcx(agent);
+        agent.Register(pool);
+        var remote = await agent.LoadRemoteAsync(peer.Metadata);
+        var (local, remoteDescs) = Pair(pool, peer, blocks);
+        var request = agent.Prepare(TransferOp.Write, local, remote, remoteDescs, new TransferOptions { Backend = BackendKind.Ucx, Deadline = TimeSpan.FromMilliseconds(1500) });
+        Assert.True((await agent.PostAsync(request)).IsSuccess);
+        peer.Signal("STOP");
+        try
+        {
+            var clock = Stopwatch.StartNew();
+            var result = await agent.PostAsync(request);
+            Assert.Equal(TransferStatus.TimedOut, result.Status);
+            Assert.InRange(clock.Elapsed.TotalMilliseconds, 1400, 20_000);
+            Assert.Contains("deadline", result.Error);
+        }
+        finally
+        {
+            peer.Signal("CONT");
+        }
+        var again = agent.Prepare(TransferOp.Write, local, remote, remoteDescs, new TransferOptions { Backend = BackendKind.Ucx, Deadline = TimeSpan.FromSeconds(60) });
+        for (int i = 0; i < blocks; i++)
+            DataPattern.Fill(pool.SlotAt(blocks - 1 - i).AsSpan(), 77, (long)i * BlockBytes);
+        var ok = await agent.PostAsync(again);
+        Assert.True(ok.IsSuccess, ok.ToString());
+        Assert.Equal("OK", await peer.CommandAsync($"VERIFY 0 {(long)blocks * BlockBytes} 77"));
+    }
+
+    [Fact]
     public async Task Ucx_requested_where_it_is_not_available_is_refused_with_the_reason()
     {
         await using var plainPeer = await TransferPeerProcess.StartAsync(2, shm: false);
