@@ -13,6 +13,9 @@ command -v fio >/dev/null 2>&1 || need+=(fio)                      # the disk re
 # The cluster store's etcd tests start their own etcd (loopback, free ports, temp data dir); the package's own service,
 # if systemd runs it, is not used by them (docs/cluster.md).
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need+=(etcd-server)
+# The UCX transfer backend (libucp.so.0; its tests fail, not skip, without it) and ucx_perftest, its perf reference.
+[ -n "$(ldconfig -p 2>/dev/null | grep libucp.so.0 || true)" ] || need+=(libucx0)
+command -v ucx_perftest >/dev/null 2>&1 || need+=(ucx-utils)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

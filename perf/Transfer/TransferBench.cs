@@ -21,6 +21,8 @@ public sealed record TransferBenchOptions
     public int Inflight { get; init; } = 1;
     public int Warmups { get; init; } = 1;
     public ChecksumKind Checksum { get; init; } = ChecksumKind.None;
+    /// <summary>UCX_TLS of both processes with the UCX backend (tcp, posix,self, sm,self, ...).</summary>
+    public string UcxTls { get; init; } = "tcp";
 }
 
 public sealed record TransferBenchResult(
@@ -31,7 +33,11 @@ public sealed record TransferBenchResult(
     double BatchLatencyP50Us,
     double BatchLatencyP99Us,
     double InitiatorCpuSecondsPerGb,
-    double PeerCpuSecondsPerGb);
+    double PeerCpuSecondsPerGb)
+{
+    /// <summary>With the UCX backend: the transports the endpoint really used (ucp_ep_print_info lanes).</summary>
+    public IReadOnlyList<string> UcxTransports { get; init; } = [];
+}
 
 /// <summary>
 /// Moves blocks between this process (the initiator) and a separate `kvfabric peer` process on loopback, like
@@ -48,14 +54,22 @@ public static class TransferBench
         long total = o.BlockBytes * o.Blocks;
         long regionMib = Math.Max(1, (total + (1 << 20) - 1) >> 20);
         // The peer runs steady-state code too (this process is built with tiered compilation off).
+        bool ucx = o.Backend == BackendKind.Ucx;
+        var peerEnv = new Dictionary<string, string> { ["DOTNET_TieredCompilation"] = "0" };
+        if (ucx)
+            peerEnv["UCX_TLS"] = o.UcxTls;
         await using var peer = await TransferPeerProcess.StartAsync(regionMib, shm: o.Backend == BackendKind.SharedMemory,
-            environment: new Dictionary<string, string> { ["DOTNET_TieredCompilation"] = "0" }).ConfigureAwait(false);
+            ucx ? ["--ucx"] : null, environment: peerEnv).ConfigureAwait(false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = (int)o.BlockBytes, SlotCount = o.Blocks });
         await using var agent = new TransferAgent(new TransferAgentOptions
         {
             Name = "bench",
             MaxChunkBytes = (int)Math.Clamp(o.BlockBytes, 4096, 64 << 20),
+            EnableUcx = ucx,
+            UcxSettings = ucx ? new Dictionary<string, string> { ["TLS"] = o.UcxTls } : null,
         });
+        if (ucx && !agent.UcxAvailable)
+            throw new InvalidOperationException($"--backend ucx: {agent.UcxUnavailableReason}");
         agent.Register(pool);
         var remote = await agent.LoadRemoteAsync(peer.Metadata).ConfigureAwait(false);
         // Touch every page on both sides so page faults are not timed.
@@ -134,7 +148,8 @@ public static class TransferBench
         var lat = latencies.Order().ToArray();
         double gbMoved = moved * o.Runs / 1e9;
         return new TransferBenchResult(o, Spread.Of(gbps), Spread.Of(runSeconds).Median, (double)o.Blocks * o.Repeat / Spread.Of(runSeconds).Median,
-            Spread.Percentile(lat, 50), Spread.Percentile(lat, 99), cpuSelf / gbMoved, cpuPeer / gbMoved);
+            Spread.Percentile(lat, 50), Spread.Percentile(lat, 99), cpuSelf / gbMoved, cpuPeer / gbMoved)
+        { UcxTransports = remote.UcxTransports };
     }
 
     private static void Require(string reply)

@@ -12,7 +12,8 @@ public static class TransferCommand
 {
     public static Command Create()
     {
-        var backend = new Option<string>("--backend") { Description = "tcp or shm", DefaultValueFactory = _ => "tcp" };
+        var backend = new Option<string>("--backend") { Description = "tcp, shm or ucx", DefaultValueFactory = _ => "tcp" };
+        var ucxTls = new Option<string>("--ucx-tls") { Description = "UCX_TLS for --backend ucx (tcp, posix,self, sm,self, ...)", DefaultValueFactory = _ => "tcp" };
         var op = new Option<string>("--op") { Description = "write or read", DefaultValueFactory = _ => "write" };
         var blockSize = new Option<string>("--block-size") { Description = "bytes per block (64KiB..16MiB)", DefaultValueFactory = _ => "2MiB" };
         var blocks = new Option<int>("--blocks") { Description = "blocks moved per run", DefaultValueFactory = _ => 256 };
@@ -28,7 +29,7 @@ public static class TransferCommand
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("transfer", "Transfer throughput between two processes on loopback, against iperf3 (tcp) or memcpy (shm).")
         {
-            backend, op, blockSize, blocks, batch, streams, runs, repeat, inflight, checksum, noReference, install, quick, json,
+            backend, op, blockSize, blocks, batch, streams, runs, repeat, inflight, checksum, noReference, install, quick, json, ucxTls,
         };
         cmd.SetAction(async (p, ct) =>
         {
@@ -39,8 +40,10 @@ public static class TransferCommand
                 {
                     "tcp" => BackendKind.Tcp,
                     "shm" => BackendKind.SharedMemory,
-                    var b => throw new ArgumentException($"--backend {b}: use tcp or shm"),
+                    "ucx" => BackendKind.Ucx,
+                    var b => throw new ArgumentException($"--backend {b}: use tcp, shm or ucx"),
                 },
+                UcxTls = p.GetValue(ucxTls)!,
                 Op = p.GetValue(op) switch
                 {
                     "write" => TransferOp.Write,
@@ -76,14 +79,39 @@ public static class TransferCommand
         TransferBenchResult result = null!;
         var references = new List<(string Tool, Spread Gbps, string About)>();
         string? note = null;
-        string backendName = o.Backend == BackendKind.Tcp ? "tcp" : "shm";
-        string label = $"{backendName} {o.Op.ToString().ToLowerInvariant()} {Sizes.Format(o.BlockBytes)} x {o.Blocks}" + (o.Repeat > 1 ? $" x{o.Repeat}" : "");
+        string backendName = o.Backend switch { BackendKind.Tcp => "tcp", BackendKind.Ucx => "ucx", _ => "shm" };
+        string label = (o.Backend == BackendKind.Ucx ? $"ucx({o.UcxTls}) " : $"{backendName} ") + $"{o.Op.ToString().ToLowerInvariant()} {Sizes.Format(o.BlockBytes)} x {o.Blocks}" + (o.Repeat > 1 ? $" x{o.Repeat}" : "");
         int refRuns = Math.Max(5, o.Runs);
         await AnsiConsole.Status().StartAsync(label, async ctx =>
         {
             result = await TransferBench.RunAsync(o, s => ctx.Status($"{label}: {s}"), ct);
             if (!withReference)
                 return;
+            if (o.Backend == BackendKind.Ucx)
+            {
+                // Over shared memory the reference is memcpy; over the network ucx_perftest ucp_put_bw. Both are measured.
+                bool network = o.UcxTls.Contains("tcp", StringComparison.Ordinal) || o.UcxTls.Contains("rc", StringComparison.Ordinal) || o.UcxTls.Contains("ud", StringComparison.Ordinal);
+                (string, Spread, string)? perftest = null;
+                if (UcxPerftestReference.IsInstalled())
+                {
+                    int iterations = (int)Math.Clamp((long)o.Blocks * o.Repeat, 64, 4096);
+                    ctx.Status("reference: ucx_perftest ucp_put_bw");
+                    perftest = ("ucx_perftest", Spread.Of(await UcxPerftestReference.MeasureAsync(o.BlockBytes, iterations, o.UcxTls, refRuns, ct)),
+                        UcxPerftestReference.Command(o.BlockBytes, iterations, o.UcxTls));
+                }
+                else
+                {
+                    note = ReferenceTools.Missing("ucx_perftest", "ucx-utils");
+                }
+                if (network && perftest is { } p1)
+                    references.Add(p1);
+                ctx.Status("reference: single-thread memcpy of the same blocks");
+                references.Add(("memcpy_private", Spread.Of(MemcpyReference.Measure(o.BlockBytes, o.Blocks, refRuns, 1, sharedDestination: false)),
+                    "one thread, private to private memory: the memory kinds of the UCX transfer"));
+                if (!network && perftest is { } p2)
+                    references.Add(p2);
+                return;
+            }
             if (o.Backend == BackendKind.SharedMemory)
             {
                 ctx.Status("reference: single-thread memcpy of the same blocks");
@@ -127,6 +155,11 @@ public static class TransferCommand
         report["batch_latency_p99_us"] = JsonReport.Round(result.BatchLatencyP99Us);
         report["cpu_seconds_per_gb"] = JsonReport.Round(result.InitiatorCpuSecondsPerGb);
         report["peer_cpu_seconds_per_gb"] = JsonReport.Round(result.PeerCpuSecondsPerGb);
+        if (o.Backend == BackendKind.Ucx)
+        {
+            report["ucx_tls"] = o.UcxTls;
+            report["ucx_transports"] = new JsonArray(result.UcxTransports.Select(t => (JsonNode)JsonValue.Create(t)).ToArray());
+        }
         var table = new Table().AddColumns("figure", "value");
         table.AddRow("KvFabric", $"{result.Gbps.Median:F2} GB/s (min {result.Gbps.Min:F2}, max {result.Gbps.Max:F2}, {result.Gbps.Runs} runs)");
         table.AddRow("blocks/s", $"{result.BlocksPerSecond:F0}");

@@ -31,9 +31,10 @@ public static class KvFabricCli
         var listen = new Option<string>("--listen") { Description = "address the TCP backend binds", DefaultValueFactory = _ => "127.0.0.1" };
         var port = new Option<int>("--port") { Description = "TCP port (0: any free port)" };
         var corrupt = new Option<int>("--corrupt-nth-payload") { Description = "fault injection: corrupt one byte of the Nth payload sent (tests only)" };
+        var ucx = new Option<bool>("--ucx") { Description = "also start a UCX worker and advertise it (fails if libucp cannot be initialised)" };
         var cmd = new Command("peer", "Run a standalone transfer agent with one region, driven by a line protocol on stdin (see docs/transfer.md).")
         {
-            name, regionMib, shm, listen, port, corrupt,
+            name, regionMib, shm, listen, port, corrupt, ucx,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -48,6 +49,7 @@ public static class KvFabricCli
                 Listen = IPAddress.Parse(parse.GetValue(listen)!),
                 Port = parse.GetValue(port),
                 CorruptNthPayload = parse.GetValue(corrupt),
+                Ucx = parse.GetValue(ucx),
             });
             return await peer.RunAsync(Console.In, Console.Out);
         });

@@ -10,6 +10,15 @@ public sealed record RemoteRegionInfo(uint Id, MemoryKind Kind, ulong Address, u
 {
     public ulong End => Address + Length;
     ulong IAddressRange.Start => Address;
+    /// <summary>The region's packed UCX rkey (ucp_rkey_pack), empty when the owner runs without UCX (metadata version 3).</summary>
+    public ReadOnlyMemory<byte> UcxRkey { get; init; }
+
+    // Value equality includes the rkey's bytes (ReadOnlyMemory compares by reference).
+    public bool Equals(RemoteRegionInfo? other) =>
+        other is not null && Id == other.Id && Kind == other.Kind && Address == other.Address && Length == other.Length
+        && DeviceId == other.DeviceId && Key == other.Key && MappedPath == other.MappedPath && UcxRkey.Span.SequenceEqual(other.UcxRkey.Span);
+
+    public override int GetHashCode() => HashCode.Combine(Id, Address, Length, Key);
 }
 
 /// <summary>
@@ -29,6 +38,11 @@ public sealed record AgentMetadata(
 {
     private const uint Magic = 0x4146564B; // "KVFA"
     private const ushort Version = 2; // 2: adds the max chunk size
+    private const ushort UcxVersion = 3; // 3: version 2 followed by a UCX section (written only when UCX is enabled)
+    private const int MaxUcxBlob = 1 << 16;
+
+    /// <summary>The packed UCX worker address (ucp_worker_get_address); empty when the agent runs without UCX.</summary>
+    public ReadOnlyMemory<byte> UcxWorkerAddress { get; init; }
     private const int MaxRegions = 1 << 20;
     private const int MaxString = 4096;
     internal const int MinChunkBytes = 4096, MaxChunkLimit = 256 << 20;
@@ -38,7 +52,7 @@ public sealed record AgentMetadata(
         using var ms = new MemoryStream();
         using var w = new BinaryWriter(ms, Encoding.UTF8);
         w.Write(Magic);
-        w.Write(Version);
+        w.Write(UcxWorkerAddress.IsEmpty ? Version : UcxVersion);
         w.Write(AgentId.ToByteArray());
         WriteString(w, Name);
         WriteString(w, HostId);
@@ -59,6 +73,19 @@ public sealed record AgentMetadata(
             w.Write(r.Key.Value);
             WriteString(w, r.MappedPath ?? "");
         }
+        if (!UcxWorkerAddress.IsEmpty)
+        {
+            // Version 3: u32 length ‖ worker address, then per region (in the order above) u16 length ‖ packed rkey.
+            w.Write(UcxWorkerAddress.Length);
+            w.Write(UcxWorkerAddress.Span);
+            foreach (var r in Regions)
+            {
+                if (r.UcxRkey.Length > MaxUcxBlob - 1)
+                    throw new ArgumentException($"a {r.UcxRkey.Length}-byte UCX rkey exceeds {MaxUcxBlob - 1} bytes");
+                w.Write((ushort)r.UcxRkey.Length);
+                w.Write(r.UcxRkey.Span);
+            }
+        }
         w.Flush();
         return ms.ToArray();
     }
@@ -69,8 +96,8 @@ public sealed record AgentMetadata(
         if (r.U32() != Magic)
             throw Malformed("it does not start with the KvFabric agent-metadata magic (KVFA); is this metadata at all?");
         ushort version = r.U16();
-        if (version != Version)
-            throw Malformed($"version {version} is not supported (this build reads version {Version}); upgrade the older side");
+        if (version is not (Version or UcxVersion))
+            throw Malformed($"version {version} is not supported (this build reads versions {Version} and {UcxVersion}); upgrade the older side");
         var id = new Guid(r.Bytes(16));
         string name = r.Str();
         string host = r.Str();
@@ -100,9 +127,19 @@ public sealed record AgentMetadata(
             string path = r.Str();
             regions[i] = new RemoteRegionInfo(rid, kind, addr, len, dev, key, path.Length == 0 ? null : path);
         }
+        byte[] ucxAddress = [];
+        if (version == UcxVersion)
+        {
+            int addrLen = r.I32();
+            if (addrLen is <= 0 or > MaxUcxBlob)
+                throw Malformed($"UCX worker address length {addrLen} is out of range (1..{MaxUcxBlob})");
+            ucxAddress = r.Bytes(addrLen).ToArray();
+            for (int i = 0; i < count; i++)
+                regions[i] = regions[i] with { UcxRkey = r.Bytes(r.U16()).ToArray() };
+        }
         if (!r.AtEnd)
             throw Malformed($"{r.Remaining} unexpected bytes after the last region");
-        return new AgentMetadata(name, id, host, pid, tcpHost, tcpPort, maxChunk, fp, regions);
+        return new AgentMetadata(name, id, host, pid, tcpHost, tcpPort, maxChunk, fp, regions) { UcxWorkerAddress = ucxAddress };
     }
 
     private static void WriteString(BinaryWriter w, string s)

@@ -53,6 +53,10 @@ public sealed class RemoteAgent
     // Per-backend peer state (connections, mappings), owned by the backends.
     internal object? TcpState;
     internal object? ShmState;
+    internal object? UcxState;
+
+    /// <summary>The UCX transports ("tcp/lo", "posix/memory", "rc_mlx5/mlx5_0:1", ...) of the endpoint to this peer, once one exists.</summary>
+    public IReadOnlyList<string> UcxTransports { get; internal set; } = [];
 
     /// <summary>The index (in Metadata.Regions) of the region containing [address, address+length), or -1.</summary>
     internal int FindRegion(ulong address, ulong length)

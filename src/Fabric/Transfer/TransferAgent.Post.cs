@@ -63,6 +63,8 @@ public sealed partial class TransferAgent
         CheckNoOverlap(op == TransferOp.Read ? local : remoteDescriptors, op == TransferOp.Read ? "local" : "remote");
 
         var backend = ChooseBackend(options.Backend, remote, remoteRegion);
+        if (backend == BackendKind.Ucx && options.Checksum != ChecksumKind.None)
+            throw new TransferException($"per-chunk checksums are not supported over UCX (one-sided put/get leaves no place to verify at the destination): use ChecksumKind.None or the Tcp backend");
         int streams = options.Streams > 0 ? options.Streams : backend == BackendKind.Tcp ? Options.TcpStreams : Options.ShmStreams;
         if (streams > TcpPeer.MaxStreams)
             throw new TransferException($"{streams} streams exceed the limit of {TcpPeer.MaxStreams}");
@@ -97,6 +99,10 @@ public sealed partial class TransferAgent
 
     private BackendKind ChooseBackend(BackendKind wanted, RemoteAgent remote, int[] remoteRegions)
     {
+        if (wanted == BackendKind.Auto && Options.PreferUcx && _ucx is not null && _ucx.CanReach(remote, remoteRegions, out _))
+            return BackendKind.Ucx;
+        if (wanted == BackendKind.Ucx && _ucx is null)
+            throw new TransferException($"the Ucx backend was requested but agent '{Name}' runs without UCX: set TransferAgentOptions.EnableUcx (and install libucx0)");
         if (wanted == BackendKind.Auto)
             return _shm.CanReach(remote, remoteRegions, out _) ? BackendKind.SharedMemory : BackendKind.Tcp;
         if (!Backend(wanted).CanReach(remote, remoteRegions, out string? why))
@@ -229,7 +235,9 @@ public sealed partial class TransferAgent
     private async Task ConfirmAsync(TransferRequest request, CancellationToken ct)
     {
         (WireStatus Status, string? Error) reply;
-        if (request.Options.Notification is { } message)
+        if (request.Options.Notification is { } ucxMessage && request.Backend == BackendKind.Ucx)
+            reply = await _ucx!.NotifyAsync(request.Remote, ucxMessage, ct).ConfigureAwait(false); // sent after the flush
+        else if (request.Options.Notification is { } message)
             reply = await _tcp.ControlAsync(request.Remote, FrameType.Notify, message, ct).ConfigureAwait(false);
         else if (request.Backend == BackendKind.SharedMemory)
             reply = await _tcp.ControlAsync(request.Remote, FrameType.Fence, ReadOnlyMemory<byte>.Empty, ct).ConfigureAwait(false);

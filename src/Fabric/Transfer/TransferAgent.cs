@@ -2,6 +2,7 @@ using System.Threading.Channels;
 using KvFabric.Memory;
 using KvFabric.Transfer.SharedMemory;
 using KvFabric.Transfer.Tcp;
+using KvFabric.Transfer.Ucx;
 
 namespace KvFabric.Transfer;
 
@@ -16,6 +17,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
     private readonly LocalRegistry _registry = new();
     private readonly TcpBackend _tcp;
     private readonly ShmBackend _shm;
+    private readonly UcxBackend? _ucx;
     private readonly Channel<Notification> _notifications;
     private readonly Dictionary<Guid, RemoteAgent> _remotes = new();
     private readonly Lock _remotesLock = new();
@@ -38,6 +40,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
         SharedMemorySegment.RemoveStale();
         _tcp = new TcpBackend(this);
         _shm = new ShmBackend(this);
+        if (Options.EnableUcx)
+            _ucx = new UcxBackend(this);
     }
 
     public TransferAgentOptions Options { get; }
@@ -49,6 +53,27 @@ public sealed partial class TransferAgent : IAsyncDisposable
     public ChannelReader<Notification> Notifications => _notifications.Reader;
     internal LocalRegistry Registry => _registry;
     public IReadOnlyList<RegisteredRegion> Regions => _registry.All;
+    /// <summary>Whether this agent runs a UCX worker (EnableUcx was set and libucp initialised).</summary>
+    public bool UcxAvailable => _ucx?.Available == true;
+    /// <summary>Why UCX is not available: not enabled, libucp missing, or its initialisation failed; null when it is.</summary>
+    public string? UcxUnavailableReason => _ucx is null ? "TransferAgentOptions.EnableUcx is false" : _ucx.UnavailableReason;
+
+    private RegisteredRegion Added(RegisteredRegion region)
+    {
+        if (_ucx is not null)
+        {
+            try
+            {
+                _ucx.Map(region);
+            }
+            catch (TransferException)
+            {
+                _registry.Remove(region);
+                throw;
+            }
+        }
+        return region;
+    }
 
     // ---- registration ----
 
@@ -56,7 +81,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
     public RegisteredRegion Register(INativeMemory memory)
     {
         ArgumentNullException.ThrowIfNull(memory);
-        return _registry.Add(memory, memory.Kind, (ulong)memory.Address, (ulong)memory.Length, 0, memory.MappedPath);
+        return Added(_registry.Add(memory, memory.Kind, (ulong)memory.Address, (ulong)memory.Length, 0, memory.MappedPath));
     }
 
     /// <summary>Registers every backing region of a block pool (shared pools become reachable over shared memory).</summary>
@@ -73,7 +98,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
             throw new TransferException("device memory needs a CUDA device backend, which this build has not enabled (see issue 8); register host memory");
         if (kind is MemoryKind.SharedHost or MemoryKind.File)
             throw new TransferException($"{kind} memory must be registered through its mapping (Register(INativeMemory)) so peers learn its path");
-        return _registry.Add(null, kind, (ulong)address, (ulong)length, deviceId, null);
+        return Added(_registry.Add(null, kind, (ulong)address, (ulong)length, deviceId, null));
     }
 
     /// <summary>Closes a region to new transfers and waits (bounded) for those in flight on it to finish.</summary>
@@ -82,6 +107,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
         ArgumentNullException.ThrowIfNull(region);
         _registry.Remove(region);
         await region.CloseAsync(timeout ?? TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+        _ucx?.Unmap(region); // its rkey stops working (on RDMA hardware; see docs/transfer.md for emulated transports)
     }
 
     // ---- metadata ----
@@ -93,11 +119,11 @@ public sealed partial class TransferAgent : IAsyncDisposable
         {
             if (_registry.ById(r.Id) != r)
                 throw new TransferException($"{r} is not registered with agent '{Name}'");
-            return new RemoteRegionInfo(r.Id, r.Kind, r.Address, r.Length, r.DeviceId, r.Key, r.MappedPath);
+            return new RemoteRegionInfo(r.Id, r.Kind, r.Address, r.Length, r.DeviceId, r.Key, r.MappedPath) { UcxRkey = _ucx?.RkeyOf(r.Id) ?? [] };
         }).ToArray();
         string host = Options.AdvertiseHost ?? TcpEndpoint.Address.ToString();
         return new AgentMetadata(Name, AgentId, HostIdentity.Current, Environment.ProcessId, host, TcpEndpoint.Port,
-            Options.MaxChunkBytes, Options.LayoutFingerprint, regions);
+            Options.MaxChunkBytes, Options.LayoutFingerprint, regions) { UcxWorkerAddress = _ucx?.WorkerAddress ?? ReadOnlyMemory<byte>.Empty };
     }
 
     public byte[] ExportMetadata(IEnumerable<RegisteredRegion>? only = null) => GetMetadata(only).ToBytes();
@@ -139,9 +165,18 @@ public sealed partial class TransferAgent : IAsyncDisposable
         await remote.DrainAsync(TimeSpan.FromMinutes(2)).ConfigureAwait(false);
         await _tcp.ForgetAsync(remote).ConfigureAwait(false);
         await _shm.ForgetAsync(remote).ConfigureAwait(false);
+        if (_ucx is not null)
+            await _ucx.ForgetAsync(remote).ConfigureAwait(false);
     }
 
-    internal ITransferBackend Backend(BackendKind kind) => kind == BackendKind.SharedMemory ? _shm : _tcp;
+    internal ITransferBackend Backend(BackendKind kind) => kind switch
+    {
+        BackendKind.SharedMemory => _shm,
+        BackendKind.Ucx => _ucx ?? throw new TransferException($"the UCX backend is not enabled in agent '{Name}': set TransferAgentOptions.EnableUcx"),
+        _ => _tcp,
+    };
+
+    internal UcxBackend? Ucx => _ucx;
 
     // ---- target-side hooks used by the backends ----
 
@@ -153,6 +188,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
     {
         ref long counter = ref backend == BackendKind.Tcp
             ? ref (received ? ref Stats.TcpReceived : ref Stats.TcpSent)
+            : ref backend == BackendKind.Ucx
+            ? ref (received ? ref Stats.UcxReceived : ref Stats.UcxSent)
             : ref (received ? ref Stats.ShmRead : ref Stats.ShmWritten);
         Interlocked.Add(ref counter, bytes);
     }
@@ -173,6 +210,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
             await ForgetAsync(r).ConfigureAwait(false);
         await _tcp.DisposeAsync().ConfigureAwait(false);
         await _shm.DisposeAsync().ConfigureAwait(false);
+        if (_ucx is not null)
+            await _ucx.DisposeAsync().ConfigureAwait(false);
         _notifications.Writer.TryComplete();
     }
 }

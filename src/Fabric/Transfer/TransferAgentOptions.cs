@@ -29,6 +29,18 @@ public sealed record TransferAgentOptions
     /// a peer's file regions are reached over TCP only, so its metadata can never make this process map a file.
     /// </summary>
     public string? SharedFileDirectory { get; init; }
+    /// <summary>
+    /// Starts a UCX worker (libucp.so.0) and advertises it in the metadata, so peers can use the UCX backend. If libucp
+    /// is missing or UCX fails to initialise the agent still works; <see cref="TransferAgent.UcxUnavailableReason"/> says why.
+    /// </summary>
+    public bool EnableUcx { get; init; }
+    /// <summary>
+    /// UCX configuration applied on top of the UCX_* environment (ucp_config_modify), names without the prefix:
+    /// for example { ["TLS"] = "tcp" } is UCX_TLS=tcp for this agent only.
+    /// </summary>
+    public IReadOnlyDictionary<string, string>? UcxSettings { get; init; }
+    /// <summary>With <see cref="BackendKind.Auto"/>: use UCX for peers that advertise it (instead of shared memory or TCP).</summary>
+    public bool PreferUcx { get; init; }
     /// <summary>Fault injection for tests: never set in production.</summary>
     public TransferFaults? Faults { get; init; }
 }
@@ -57,6 +69,13 @@ public sealed class TransferFaults
 public sealed class TransferStats
 {
     internal long TcpSent, TcpReceived, ShmWritten, ShmRead, Refused, Malformed, Posts, Failures;
+    internal long UcxSent, UcxReceived, UcxEps, UcxTcpEps;
+    public long UcxBytesSent => Interlocked.Read(ref UcxSent);
+    public long UcxBytesReceived => Interlocked.Read(ref UcxReceived);
+    /// <summary>UCX endpoints this agent created to peers.</summary>
+    public long UcxEndpoints => Interlocked.Read(ref UcxEps);
+    /// <summary>UCX endpoints whose lanes include a tcp transport: a silent fallback from RDMA shows up here.</summary>
+    public long UcxTcpEndpoints => Interlocked.Read(ref UcxTcpEps);
     public long TcpBytesSent => Interlocked.Read(ref TcpSent);
     public long TcpBytesReceived => Interlocked.Read(ref TcpReceived);
     public long ShmBytesWritten => Interlocked.Read(ref ShmWritten);

@@ -16,6 +16,8 @@ public enum BackendKind : byte
     Auto = 0,
     Tcp = 1,
     SharedMemory = 2,
+    /// <summary>UCX (libucp): RDMA where a NIC exists, else whatever UCX_TLS allows (TCP, shared memory).</summary>
+    Ucx = 3,
 }
 
 public enum ChecksumKind : byte

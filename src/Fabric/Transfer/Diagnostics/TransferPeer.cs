@@ -12,6 +12,8 @@ public sealed record TransferPeerOptions
     public System.Net.IPAddress Listen { get; init; } = System.Net.IPAddress.Loopback;
     public int Port { get; init; }
     public int CorruptNthPayload { get; init; }
+    /// <summary>Start a UCX worker too (the agent's metadata then carries its address and rkeys).</summary>
+    public bool Ucx { get; init; }
 }
 
 /// <summary>
@@ -34,7 +36,10 @@ public sealed class TransferPeer : IAsyncDisposable
             ListenAddress = options.Listen,
             ListenPort = options.Port,
             Faults = options.CorruptNthPayload > 0 ? new TransferFaults { CorruptNthPayload = options.CorruptNthPayload } : null,
+            EnableUcx = options.Ucx,
         });
+        if (options.Ucx && !_agent.UcxAvailable)
+            throw new TransferException($"--ucx was given but UCX is not available: {_agent.UcxUnavailableReason}");
         _region = _agent.Register(_memory);
     }
 
@@ -92,7 +97,7 @@ public sealed class TransferPeer : IAsyncDisposable
                 return await WaitNotificationsAsync(int.Parse(a[1], CultureInfo.InvariantCulture), int.Parse(a[2], CultureInfo.InvariantCulture)).ConfigureAwait(false);
             case "STATS":
                 var s = _agent.Stats;
-                return $"OK tcp_rx={s.TcpBytesReceived} tcp_tx={s.TcpBytesSent} refused={s.RefusedFrames} malformed={s.MalformedFrames}";
+                return $"OK tcp_rx={s.TcpBytesReceived} tcp_tx={s.TcpBytesSent} refused={s.RefusedFrames} malformed={s.MalformedFrames} ucx_rx={s.UcxBytesReceived} ucx_tx={s.UcxBytesSent}";
             case "REREGISTER":
                 await _agent.DeregisterAsync(_region).ConfigureAwait(false);
                 _region = _agent.Register(_memory);

@@ -1,0 +1,520 @@
+using System.Buffers.Binary;
+using System.Text;
+using KvFabric.Memory;
+using KvFabric.Transfer.Tcp;
+
+namespace KvFabric.Transfer.Ucx;
+
+/// <summary>
+/// Transfers through UCX (libucp): READ is ucp_get_nbx and WRITE ucp_put_nbx per chunk, against the worker address and
+/// packed rkeys the peer put in its metadata. UCX picks the transport (verbs where a NIC exists, else TCP or shared
+/// memory; UCX_TLS chooses). A WRITE settles its chunks only after ucp_ep_flush_nbx completes, so Done means the bytes
+/// are at the target; notifications travel as active messages after that. Before any byte moves, the target confirms
+/// (one active-message round trip per post) that every region and key the request uses is still registered.
+/// </summary>
+internal sealed class UcxBackend : ITransferBackend
+{
+    private const byte KindNotify = 1, KindCheck = 2;
+    private readonly TransferAgent _agent;
+    private readonly UcxWorker? _worker;
+    private readonly Dictionary<uint, (nint Memh, byte[] Rkey)> _mapped = [];
+    private readonly Lock _lock = new();
+    private readonly Dictionary<ulong, (TaskCompletionSource<byte> Reply, int Endpoint)> _calls = [];
+    private long _nextSeq;
+
+    public UcxBackend(TransferAgent agent)
+    {
+        _agent = agent;
+        _worker = UcxWorker.TryCreate(agent.Name, agent.Options.UcxSettings, out string? why);
+        UnavailableReason = why;
+        if (_worker is null)
+            return;
+        _worker.OnRequest = OnRequest;
+        _worker.OnReply = OnReply;
+        _worker.OnEndpointError = OnEndpointError;
+    }
+
+    public BackendKind Kind => BackendKind.Ucx;
+    public bool Available => _worker is not null;
+    /// <summary>Why UCX could not be initialised (null when it was).</summary>
+    public string? UnavailableReason { get; }
+    public ReadOnlyMemory<byte> WorkerAddress => _worker?.Address ?? ReadOnlyMemory<byte>.Empty;
+
+    // ---- local regions ----
+
+    public void Map(RegisteredRegion region)
+    {
+        if (_worker is null)
+            return;
+        var (memh, rkey) = _worker.Invoke(() => _worker.MapMemory((nint)region.Address, region.Length), TimeSpan.FromSeconds(30));
+        lock (_lock)
+            _mapped[region.Id] = (memh, rkey);
+    }
+
+    public void Unmap(RegisteredRegion region)
+    {
+        if (_worker is null)
+            return;
+        (nint Memh, byte[] Rkey) m;
+        lock (_lock)
+        {
+            if (!_mapped.Remove(region.Id, out m))
+                return;
+        }
+        _worker.Invoke(() =>
+        {
+            _worker.UnmapMemory(m.Memh);
+            return 0;
+        }, TimeSpan.FromSeconds(30));
+    }
+
+    public byte[]? RkeyOf(uint regionId)
+    {
+        lock (_lock)
+            return _mapped.TryGetValue(regionId, out var m) ? m.Rkey : null;
+    }
+
+    // ---- reachability ----
+
+    public bool CanReach(RemoteAgent remote, ReadOnlySpan<int> remoteRegions, out string? why)
+    {
+        if (_worker is null)
+        {
+            why = $"UCX is not available in this agent: {UnavailableReason ?? "TransferAgentOptions.EnableUcx is false"}";
+            return false;
+        }
+        if (remote.Metadata.UcxWorkerAddress.IsEmpty)
+        {
+            why = $"agent '{remote.Name}' does not advertise UCX (its metadata has no worker address: it runs without EnableUcx or without libucp)";
+            return false;
+        }
+        foreach (int r in remoteRegions)
+        {
+            var region = remote.Metadata.Regions[r];
+            if (region.Kind == MemoryKind.Device)
+            {
+                why = $"remote region {region.Id} is device memory, which this UCX build does not address (CUDA is out of scope)";
+                return false;
+            }
+            if (region.UcxRkey.IsEmpty)
+            {
+                why = $"remote region {region.Id} of '{remote.Name}' has no UCX remote key in its metadata";
+                return false;
+            }
+        }
+        why = null;
+        return true;
+    }
+
+    // ---- per-peer state ----
+
+    private sealed class Peer
+    {
+        public UcxEndpoint? Endpoint;
+    }
+
+    private UcxEndpoint Endpoint(RemoteAgent remote)
+    {
+        var peer = remote.UcxState as Peer;
+        if (peer is null)
+        {
+            var created = new Peer();
+            peer = Interlocked.CompareExchange(ref remote.UcxState, created, null) as Peer ?? created;
+        }
+        var worker = _worker!;
+        return worker.Invoke(() =>
+        {
+            if (peer.Endpoint is { Closed: false, Failure: null } ready)
+                return ready;
+            if (peer.Endpoint is { } broken)
+                worker.Close(broken, TimeSpan.FromSeconds(2));
+            var ep = worker.Connect(remote.Metadata.UcxWorkerAddress.Span, remote.Name);
+            peer.Endpoint = ep;
+            remote.UcxTransports = ep.Transports;
+            Interlocked.Increment(ref _agent.Stats.UcxEps);
+            if (ep.Transports.Any(t => t.StartsWith("tcp/", StringComparison.Ordinal)))
+                Interlocked.Increment(ref _agent.Stats.UcxTcpEps);
+            // The transports UCX really chose, logged once per endpoint (KVFABRIC_UCX_LOG=1 adds the full lane table).
+            Console.Error.WriteLine($"kvfabric: UCX endpoint {_agent.Name} -> {remote.Name} uses {string.Join(", ", ep.Transports)}"
+                + (ep.PeerErrorHandling ? "" : " (no peer-failure handling: process liveness is checked instead)")
+                + (Environment.GetEnvironmentVariable("KVFABRIC_UCX_LOG") is "1" ? "\n" + ep.Info : ""));
+            return ep;
+        }, TimeSpan.FromSeconds(30));
+    }
+
+    // ---- request/reply over active messages ----
+
+    private byte[] Header(byte kind, ulong seq)
+    {
+        byte[] name = Encoding.UTF8.GetBytes(_agent.Name);
+        byte[] h = new byte[9 + 16 + 2 + name.Length];
+        BinaryPrimitives.WriteUInt64LittleEndian(h, seq);
+        h[8] = kind;
+        _agent.AgentId.TryWriteBytes(h.AsSpan(9));
+        BinaryPrimitives.WriteUInt16LittleEndian(h.AsSpan(25), (ushort)name.Length);
+        name.CopyTo(h, 27);
+        return h;
+    }
+
+    /// <summary>Sends a request AM and waits for the target's status byte (or the endpoint's failure).</summary>
+    private async Task<(WireStatus Status, string? Error)> CallAsync(RemoteAgent remote, UcxEndpoint ep, byte kind, byte[] data, CancellationToken ct)
+    {
+        ulong seq = (ulong)Interlocked.Increment(ref _nextSeq);
+        var tcs = new TaskCompletionSource<byte>(TaskCreationOptions.RunContinuationsAsynchronously);
+        lock (_lock)
+            _calls[seq] = (tcs, ep.Id);
+        byte[] header = Header(kind, seq);
+        var worker = _worker!;
+        worker.Post(() =>
+        {
+            if (ep.Failure is { } f)
+                Fail(seq, f);
+            else
+                worker.SendAm(ep, UcxWorker.AmRequest, header, data, new SendFailed(this, seq, ep), 0);
+        });
+        try
+        {
+            if (await WatchAsync(tcs.Task, remote, ep, ct).ConfigureAwait(false) is { } died)
+                Fail(seq, died);
+            byte status = await tcs.Task.WaitAsync(ct).ConfigureAwait(false);
+            return ((WireStatus)status, status == 0 ? null : Describe((WireStatus)status, remote));
+        }
+        catch (UcxCallFailed e)
+        {
+            return (WireStatus.Internal, e.Message);
+        }
+        finally
+        {
+            lock (_lock)
+                _calls.Remove(seq);
+        }
+    }
+
+    private static string Describe(WireStatus s, RemoteAgent remote) => s switch
+    {
+        WireStatus.UnknownRegion => $"'{remote.Name}' has no such region any more (it deregistered it): reload its metadata",
+        WireStatus.KeyMismatch => $"'{remote.Name}' refused the region key (stale or forged metadata): reload its metadata",
+        WireStatus.QueueFull => $"the notification queue of '{remote.Name}' is full",
+        _ => $"'{remote.Name}' answered {s}",
+    };
+
+    private sealed class UcxCallFailed(string message) : Exception(message);
+
+    private sealed class SendFailed(UcxBackend backend, ulong seq, UcxEndpoint ep) : IUcxCompletion
+    {
+        public void Complete(int tag, int status)
+        {
+            if (status != 0)
+                backend.Fail(seq, ep.Failure ?? $"sending to '{ep.PeerName}' failed: {UcpNative.Describe(status)}");
+        }
+    }
+
+    private void Fail(ulong seq, string why)
+    {
+        TaskCompletionSource<byte>? tcs = null;
+        lock (_lock)
+        {
+            if (_calls.TryGetValue(seq, out var c))
+                tcs = c.Reply;
+        }
+        tcs?.TrySetException(new UcxCallFailed(why));
+    }
+
+    private void OnReply(ulong seq, byte status)
+    {
+        TaskCompletionSource<byte>? tcs = null;
+        lock (_lock)
+        {
+            if (_calls.TryGetValue(seq, out var c))
+                tcs = c.Reply;
+        }
+        tcs?.TrySetResult(status);
+    }
+
+    private void OnEndpointError(UcxEndpoint ep, string why)
+    {
+        List<TaskCompletionSource<byte>> failed = [];
+        lock (_lock)
+        {
+            foreach (var (_, c) in _calls)
+            {
+                if (c.Endpoint == ep.Id)
+                    failed.Add(c.Reply);
+            }
+        }
+        foreach (var t in failed)
+            t.TrySetException(new UcxCallFailed(why));
+        // In-flight puts and gets complete with an error through their own callbacks (error mode PEER purges them).
+    }
+
+    /// <summary>Target side: a notification or a region check from a peer (progress thread).</summary>
+    private byte OnRequest(ReadOnlyMemory<byte> header, ReadOnlyMemory<byte> data)
+    {
+        var h = header.Span;
+        if (h.Length < 27)
+            return (byte)WireStatus.Malformed;
+        var from = new Guid(h.Slice(9, 16));
+        int nameLen = BinaryPrimitives.ReadUInt16LittleEndian(h[25..]);
+        if (h.Length < 27 + nameLen)
+            return (byte)WireStatus.Malformed;
+        string name = Encoding.UTF8.GetString(h.Slice(27, nameLen));
+        switch (h[8])
+        {
+            case KindNotify:
+                return _agent.Deliver(new Notification(name, from, data.ToArray())) ? (byte)WireStatus.Ok : (byte)WireStatus.QueueFull;
+            case KindCheck:
+                var d = data.Span;
+                if (d.Length % 12 != 0)
+                    return (byte)WireStatus.Malformed;
+                for (int i = 0; i < d.Length; i += 12)
+                {
+                    uint id = BinaryPrimitives.ReadUInt32LittleEndian(d[i..]);
+                    ulong key = BinaryPrimitives.ReadUInt64LittleEndian(d[(i + 4)..]);
+                    var region = _agent.Registry.ById(id);
+                    if (region is null || RkeyOf(id) is null)
+                    {
+                        _agent.CountRefused();
+                        return (byte)WireStatus.UnknownRegion;
+                    }
+                    if (region.Key.Value != key)
+                    {
+                        _agent.CountRefused();
+                        return (byte)WireStatus.KeyMismatch;
+                    }
+                }
+                return (byte)WireStatus.Ok;
+            default:
+                _agent.CountMalformed();
+                return (byte)WireStatus.Malformed;
+        }
+    }
+
+    public async Task<(WireStatus Status, string? Error)> NotifyAsync(RemoteAgent remote, ReadOnlyMemory<byte> message, CancellationToken ct)
+    {
+        UcxEndpoint ep;
+        try
+        {
+            ep = Endpoint(remote);
+        }
+        catch (TransferException e)
+        {
+            return (WireStatus.Internal, e.Message);
+        }
+        return await CallAsync(remote, ep, KindNotify, message.ToArray(), ct).ConfigureAwait(false);
+    }
+
+    // ---- posts ----
+
+    private sealed class Post(UcxBackend backend, TransferRequest request, UcxEndpoint ep) : IUcxCompletion
+    {
+        private readonly bool[] _failed = new bool[request.Chunks.Length];
+        private int _outstanding;
+        private bool _issuing;
+        public volatile bool Aborting;
+        public readonly TaskCompletionSource Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public UcxEndpoint Endpoint => ep;
+
+        public void Issue(UcxWorker worker)
+        {
+            _issuing = true;
+            var chunks = request.Chunks;
+            var regions = request.Remote.Metadata.Regions;
+            bool write = request.Op == TransferOp.Write;
+            for (int i = 0; i < chunks.Length && ep.Failure is null; i++)
+            {
+                var c = chunks[i];
+                var info = regions[c.RemoteRegion];
+                nint rkey;
+                try
+                {
+                    rkey = worker.Rkey(ep, c.RemoteRegion, info.UcxRkey.Span);
+                }
+                catch (TransferException e)
+                {
+                    _failed[i] = true;
+                    request.Settle(i, DescriptorStatus.Refused, $"remote region {info.Id}: {e.Message}");
+                    continue;
+                }
+                _outstanding++;
+                if (write)
+                    worker.Put(ep, c.Local, c.Length, info.Address + c.RemoteOffset, rkey, this, i);
+                else
+                    worker.Get(ep, c.Local, c.Length, info.Address + c.RemoteOffset, rkey, this, i);
+            }
+            if (ep.Failure is { } f)
+            {
+                for (int i = 0; i < chunks.Length; i++)
+                    request.Settle(i, DescriptorStatus.PeerDisconnected, f);
+            }
+            else if (write)
+            {
+                _outstanding++;
+                worker.Flush(ep, this, -1);
+            }
+            _issuing = false;
+            if (_outstanding == 0)
+                Done.TrySetResult();
+        }
+
+        public void Complete(int tag, int status)
+        {
+            _outstanding--;
+            if (!Aborting)
+            {
+                string Why() => ep.Failure ?? $"UCX {(request.Op == TransferOp.Write ? "put" : "get")} to '{ep.PeerName}' failed: {UcpNative.Describe(status)}";
+                if (tag >= 0)
+                {
+                    if (status != 0)
+                    {
+                        _failed[tag] = true;
+                        request.Settle(tag, DescriptorStatus.PeerDisconnected, Why());
+                    }
+                    else if (request.Op == TransferOp.Read)
+                    {
+                        backend._agent.CountBytes(BackendKind.Ucx, (uint)request.Chunks[tag].Length, received: true);
+                        request.Settle(tag, DescriptorStatus.Done);
+                    }
+                }
+                else
+                {
+                    // The flush completed: every put issued before it is visible at the target (or failed).
+                    for (int i = 0; i < _failed.Length; i++)
+                    {
+                        if (_failed[i])
+                            continue;
+                        if (status == 0)
+                        {
+                            backend._agent.CountBytes(BackendKind.Ucx, (uint)request.Chunks[i].Length, received: false);
+                            request.Settle(i, DescriptorStatus.Done);
+                        }
+                        else
+                        {
+                            request.Settle(i, DescriptorStatus.PeerDisconnected, ep.Failure ?? $"ucp_ep_flush_nbx to '{ep.PeerName}' failed: {UcpNative.Describe(status)}");
+                        }
+                    }
+                }
+            }
+            if (_outstanding == 0 && !_issuing)
+                Done.TrySetResult();
+        }
+    }
+
+    public async Task StartAsync(TransferRequest request, CancellationToken ct)
+    {
+        var remote = request.Remote;
+        UcxEndpoint ep;
+        try
+        {
+            ep = Endpoint(remote);
+        }
+        catch (TransferException e)
+        {
+            request.SettleAllPending(DescriptorStatus.PeerDisconnected, $"cannot reach '{remote.Name}' over UCX: {e.Message}");
+            return;
+        }
+        // Refuse stale or forged keys before a byte moves: the target checks every (region, key) of the request.
+        var pairs = new HashSet<int>();
+        foreach (var c in request.Chunks)
+            pairs.Add(c.RemoteRegion);
+        byte[] check = new byte[pairs.Count * 12];
+        int k = 0;
+        foreach (int r in pairs)
+        {
+            var info = remote.Metadata.Regions[r];
+            BinaryPrimitives.WriteUInt32LittleEndian(check.AsSpan(k), info.Id);
+            BinaryPrimitives.WriteUInt64LittleEndian(check.AsSpan(k + 4), info.Key.Value);
+            k += 12;
+        }
+        (WireStatus status, string? error) verdict;
+        try
+        {
+            verdict = await CallAsync(remote, ep, KindCheck, check, ct).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (ct.IsCancellationRequested)
+        {
+            return;
+        }
+        if (verdict.status != WireStatus.Ok)
+        {
+            var s = verdict.status is WireStatus.UnknownRegion or WireStatus.KeyMismatch or WireStatus.OutOfRange ? DescriptorStatus.Refused : DescriptorStatus.PeerDisconnected;
+            request.SettleAllPending(s, verdict.error ?? verdict.status.ToString());
+            return;
+        }
+        var post = new Post(this, request, ep);
+        request.BackendState = post;
+        var worker = _worker!;
+        worker.Post(() => post.Issue(worker));
+        if (await WatchAsync(post.Done.Task, remote, ep, ct).ConfigureAwait(false) is { } died)
+        {
+            // The endpoint cannot report the death itself: close it so every in-flight operation completes, with an error.
+            worker.Post(() => worker.Close(ep, TimeSpan.FromSeconds(5)));
+            _ = died;
+        }
+        await post.Done.Task.ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// Waits for <paramref name="work"/>; where the endpoint has no peer-failure handling and the peer is on this host,
+    /// checks every 100 ms that its process is alive, and returns why when it is not (null once the work ended).
+    /// </summary>
+    private static async Task<string?> WatchAsync(Task work, RemoteAgent remote, UcxEndpoint ep, CancellationToken ct)
+    {
+        if (ep.PeerErrorHandling || !remote.SameHost)
+        {
+            await work.WaitAsync(ct).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            return null;
+        }
+        while (!work.IsCompleted && !ct.IsCancellationRequested)
+        {
+            await Task.WhenAny(work, Task.Delay(100, CancellationToken.None)).ConfigureAwait(false);
+            if (!work.IsCompleted && !ProcessAlive(remote.Metadata.ProcessId))
+            {
+                string why = $"'{remote.Name}' (pid {remote.Metadata.ProcessId}) exited: its process is gone (detected by the shared-memory liveness check)";
+                ep.Failure ??= why;
+                return why;
+            }
+        }
+        return null;
+    }
+
+    private static bool ProcessAlive(int pid) =>
+        KvFabric.Native.Libc.Kill(pid, 0) == 0 || System.Runtime.InteropServices.Marshal.GetLastPInvokeError() == 1; // EPERM: alive, not ours
+
+    public async Task AbortAsync(TransferRequest request)
+    {
+        if (request.BackendState is not Post post)
+            return;
+        post.Aborting = true;
+        var worker = _worker!;
+        // Forcing the endpoint closed completes every in-flight operation (with an error) so none touches memory after.
+        worker.Post(() => worker.Close(post.Endpoint, TimeSpan.FromSeconds(5)));
+        try
+        {
+            await post.Done.Task.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            Console.Error.WriteLine($"kvfabric: UCX operations to '{request.Remote.Name}' did not complete 30 s after their endpoint was closed");
+        }
+    }
+
+    public ValueTask ForgetAsync(RemoteAgent remote)
+    {
+        if (Interlocked.Exchange(ref remote.UcxState, null) is Peer { } peer && _worker is { } worker)
+        {
+            worker.Invoke(() =>
+            {
+                if (peer.Endpoint is { } ep)
+                    worker.Close(ep, TimeSpan.FromSeconds(2));
+                return 0;
+            }, TimeSpan.FromSeconds(30));
+        }
+        return ValueTask.CompletedTask;
+    }
+
+    public ValueTask DisposeAsync()
+    {
+        _worker?.Dispose();
+        return ValueTask.CompletedTask;
+    }
+}
