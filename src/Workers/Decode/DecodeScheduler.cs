@@ -1,0 +1,166 @@
+using System.Threading.Channels;
+using KvFabric.Workers.Model;
+
+namespace KvFabric.Workers.Decode;
+
+/// <summary>A generated token as the scheduler streams it: its index in the output, and when it was made.</summary>
+public readonly record struct GeneratedToken(int Index, int Token, long TimestampTicks);
+
+/// <summary>
+/// Continuous batching for a decode worker: sequences join between steps, every step decodes all active sequences in
+/// one <see cref="Transformer.DecodeBatch"/> (bit-identical to decoding each alone), each sequence's tokens stream out
+/// on its own channel, and a finished or cancelled sequence leaves at the next step and its KV cache is disposed (its
+/// blocks go back to their pool). Bounded: at most MaxBatch active sequences and MaxWaiting queued; every token channel
+/// is bounded by the sequence's own length.
+/// </summary>
+public sealed class DecodeScheduler : IAsyncDisposable
+{
+    private readonly Transformer _model;
+    private readonly Channel<Sequence> _incoming;
+    private readonly List<Sequence> _active = [];
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _loop;
+    private long _steps, _batchedTokens;
+
+    private sealed class Sequence(KvCache cache, float[] logits, int maxNewTokens, Sampler sampler, CancellationToken cancellation)
+    {
+        public readonly KvCache Cache = cache;
+        public readonly float[] Logits = logits;
+        public readonly int MaxNewTokens = maxNewTokens;
+        public readonly Sampler Sampler = sampler;
+        public readonly CancellationToken Cancellation = cancellation;
+        public readonly Channel<GeneratedToken> Tokens = Channel.CreateBounded<GeneratedToken>(new BoundedChannelOptions(Math.Max(1, maxNewTokens))
+        {
+            SingleReader = true, SingleWriter = true,
+        });
+        public int Produced;
+        public int Next;
+    }
+
+    public DecodeScheduler(Transformer model, int maxBatch = 16, int maxWaiting = 256)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxBatch, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxWaiting, 1);
+        _model = model;
+        MaxBatch = maxBatch;
+        _incoming = Channel.CreateBounded<Sequence>(new BoundedChannelOptions(maxWaiting) { SingleReader = true });
+        _loop = Task.Factory.StartNew(RunAsync, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default).Unwrap();
+    }
+
+    public int MaxBatch { get; }
+    public long Steps => Interlocked.Read(ref _steps);
+    /// <summary>Mean sequences per step so far (how much batching happened).</summary>
+    public double MeanBatch => Steps == 0 ? 0 : (double)Interlocked.Read(ref _batchedTokens) / Steps;
+
+    /// <summary>
+    /// Adds a sequence whose prompt is in cache and whose last-prompt-token logits are given; the scheduler owns the
+    /// cache from now on (disposes it when the sequence ends). Tokens stream on the returned reader, which completes
+    /// after the last one (or with the cancellation's exception).
+    /// </summary>
+    public async ValueTask<ChannelReader<GeneratedToken>> StartAsync(KvCache cache, ReadOnlyMemory<float> logits, int maxNewTokens, Sampler sampler,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(maxNewTokens, 1);
+        if (logits.Length != _model.Config.Vocab)
+            throw new ArgumentException($"logits must have the vocabulary's {_model.Config.Vocab} entries; got {logits.Length}", nameof(logits));
+        var s = new Sequence(cache, logits.ToArray(), maxNewTokens, sampler, cancellationToken);
+        await _incoming.Writer.WriteAsync(s, cancellationToken).ConfigureAwait(false);
+        return s.Tokens.Reader;
+    }
+
+    private async Task RunAsync()
+    {
+        var tokens = new List<int>(MaxBatch);
+        var caches = new List<KvCache>(MaxBatch);
+        float[] logits = new float[MaxBatch * _model.Config.Vocab];
+        try
+        {
+            while (!_stop.IsCancellationRequested)
+            {
+                // Join whatever is waiting (up to the batch size); block only when nothing is active.
+                if (_active.Count == 0 && !await _incoming.Reader.WaitToReadAsync(_stop.Token).ConfigureAwait(false))
+                    return;
+                while (_active.Count < MaxBatch && _incoming.Reader.TryRead(out Sequence? joined))
+                    _active.Add(joined);
+
+                // Sample each active sequence's next token from its logits, stream it, retire the finished.
+                tokens.Clear();
+                caches.Clear();
+                for (int i = _active.Count - 1; i >= 0; i--)
+                {
+                    Sequence s = _active[i];
+                    if (s.Cancellation.IsCancellationRequested)
+                    {
+                        Retire(i, new OperationCanceledException(s.Cancellation));
+                        continue;
+                    }
+
+                    s.Next = s.Sampler.Sample(s.Logits);
+                    s.Tokens.Writer.TryWrite(new GeneratedToken(s.Produced, s.Next, DateTime.UtcNow.Ticks)); // bounded by MaxNewTokens: never full
+                    if (++s.Produced == s.MaxNewTokens)
+                        Retire(i, null);
+                }
+
+                if (_active.Count == 0)
+                    continue;
+                foreach (Sequence s in _active)
+                {
+                    tokens.Add(s.Next);
+                    caches.Add(s.Cache);
+                }
+
+                int n = _active.Count;
+                _model.DecodeBatch(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(tokens),
+                    System.Runtime.InteropServices.CollectionsMarshal.AsSpan(caches), logits.AsSpan(0, n * _model.Config.Vocab));
+                for (int i = 0; i < n; i++)
+                    logits.AsSpan(i * _model.Config.Vocab, _model.Config.Vocab).CopyTo(_active[i].Logits);
+                Interlocked.Increment(ref _steps);
+                Interlocked.Add(ref _batchedTokens, n);
+            }
+        }
+        catch (OperationCanceledException) when (_stop.IsCancellationRequested)
+        {
+            // stopping
+        }
+        catch (Exception e)
+        {
+            for (int i = _active.Count - 1; i >= 0; i--)
+                Retire(i, new InvalidOperationException($"the decode loop failed: {e.Message}", e));
+            throw;
+        }
+        finally
+        {
+            for (int i = _active.Count - 1; i >= 0; i--)
+                Retire(i, new OperationCanceledException("the decode scheduler stopped"));
+            while (_incoming.Reader.TryRead(out Sequence? waiting))
+            {
+                waiting.Tokens.Writer.TryComplete(new OperationCanceledException("the decode scheduler stopped"));
+                waiting.Cache.Dispose();
+            }
+        }
+    }
+
+    private void Retire(int index, Exception? error)
+    {
+        Sequence s = _active[index];
+        _active.RemoveAt(index);
+        s.Tokens.Writer.TryComplete(error);
+        s.Cache.Dispose(); // the blocks go back to their pool
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _incoming.Writer.TryComplete();
+        await _stop.CancelAsync().ConfigureAwait(false);
+        try
+        {
+            await _loop.ConfigureAwait(false);
+        }
+        catch (OperationCanceledException)
+        {
+            // stopped
+        }
+
+        _stop.Dispose();
+    }
+}

@@ -1,0 +1,100 @@
+using System.Threading.Channels;
+using KvFabric.Memory;
+using KvFabric.Workers.Decode;
+using KvFabric.Workers.Model;
+using Xunit;
+
+namespace KvFabric.Tests.Workers;
+
+public sealed class DecodeSchedulerTests
+{
+    private static readonly ModelConfig Config = ModelConfig.Tiny;
+
+    private static int[] Prompt(int seed, int length)
+    {
+        var rng = new Random(seed);
+        return Enumerable.Range(0, length).Select(_ => 1 + rng.Next(Config.Vocab - 1)).ToArray();
+    }
+
+    private static async Task<int[]> ReadAllAsync(ChannelReader<GeneratedToken> reader)
+    {
+        var tokens = new List<int>();
+        await foreach (GeneratedToken t in reader.ReadAllAsync())
+        {
+            Assert.Equal(tokens.Count, t.Index);
+            tokens.Add(t.Token);
+        }
+
+        return [.. tokens];
+    }
+
+    [Fact]
+    public async Task Batched_sequences_generate_what_each_generates_alone_and_free_their_blocks()
+    {
+        var model = new Transformer(Config, threads: 1);
+        var reference = new Transformer(Config, threads: 1);
+        using HostBlockPool pool = model.CreatePool(256);
+        using HostBlockPool refPool = reference.CreatePool(64);
+        await using var scheduler = new DecodeScheduler(model, maxBatch: 3);
+        var prompts = Enumerable.Range(0, 5).Select(i => Prompt(i, 9 + 3 * i)).ToArray();
+        int[] lengths = [20, 7, 13, 20, 1];
+        var streams = new List<Task<int[]>>();
+        foreach (var (prompt, i) in prompts.Select((p, i) => (p, i)))
+        {
+            KvCache cache = model.CreateCache(pool);
+            float[] logits = model.Prefill(prompt, cache);
+            streams.Add(ReadAllAsync(await scheduler.StartAsync(cache, logits, lengths[i], Sampler.Greedy())));
+        }
+
+        int[][] outputs = await Task.WhenAll(streams).WaitAsync(TimeSpan.FromSeconds(60));
+        for (int i = 0; i < prompts.Length; i++)
+        {
+            using KvCache alone = reference.CreateCache(refPool);
+            Assert.Equal(reference.Generate(prompts[i], lengths[i], Sampler.Greedy(), alone), outputs[i]);
+        }
+
+        Assert.True(scheduler.Steps < lengths.Sum(), $"{scheduler.Steps} steps for {lengths.Sum()} tokens: nothing was batched");
+        Assert.InRange(scheduler.MeanBatch, 1.0, 3.0);
+        // Every sequence's cache went back: the pool is whole again.
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (pool.Available != pool.Capacity && DateTime.UtcNow < deadline)
+            await Task.Delay(10);
+        Assert.Equal(pool.Capacity, pool.Available);
+    }
+
+    [Fact]
+    public async Task A_cancelled_sequence_ends_with_the_cancellation_and_frees_its_blocks()
+    {
+        var model = new Transformer(Config, threads: 1);
+        using HostBlockPool pool = model.CreatePool(64);
+        await using var scheduler = new DecodeScheduler(model);
+        using var cts = new CancellationTokenSource();
+        KvCache cache = model.CreateCache(pool);
+        float[] logits = model.Prefill(Prompt(3, 10), cache);
+        ChannelReader<GeneratedToken> tokens = await scheduler.StartAsync(cache, logits, 400, Sampler.Greedy(), cts.Token);
+        await tokens.ReadAsync(); // it runs
+        await cts.CancelAsync();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () =>
+        {
+            await foreach (GeneratedToken _ in tokens.ReadAllAsync())
+            {
+            }
+        });
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (pool.Available != pool.Capacity && DateTime.UtcNow < deadline)
+            await Task.Delay(10);
+        Assert.Equal(pool.Capacity, pool.Available);
+    }
+
+    [Fact]
+    public async Task Bad_requests_are_refused_with_the_reason()
+    {
+        var model = new Transformer(Config, threads: 1);
+        using HostBlockPool pool = model.CreatePool(8);
+        await using var scheduler = new DecodeScheduler(model);
+        using KvCache cache = model.CreateCache(pool);
+        await Assert.ThrowsAsync<ArgumentOutOfRangeException>(async () => await scheduler.StartAsync(cache, new float[Config.Vocab], 0, Sampler.Greedy()));
+        var e = await Assert.ThrowsAsync<ArgumentException>(async () => await scheduler.StartAsync(cache, new float[3], 5, Sampler.Greedy()));
+        Assert.Contains("vocabulary", e.Message, StringComparison.Ordinal);
+    }
+}
