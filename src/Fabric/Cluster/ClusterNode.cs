@@ -51,12 +51,12 @@ public sealed record ClusterNodeOptions
 /// This node's part in the cluster: it registers itself (with its transfer agent's metadata) under a lease in the
 /// cluster store and keeps it alive, watches the members, keeps one event feed per (member, tenant) into the cluster
 /// index (its own node included, through the same gRPC stream), drops a member's blocks when its lease ends, and serves
-/// Route candidates and cross-node Fetch from what it knows.
+/// Route candidates and cross-node Fetch from what it knows. It owns the store and the index it is given (disposes them).
 /// </summary>
 public sealed class ClusterNode : IAsyncDisposable
 {
     private static readonly TimeSpan MinBackoff = TimeSpan.FromMilliseconds(100), MaxBackoff = TimeSpan.FromSeconds(2);
-    private static readonly TimeSpan ExportLease = TimeSpan.FromSeconds(30);
+    private static readonly TimeSpan ExportLease = TimeSpan.FromSeconds(30), ExportMargin = TimeSpan.FromSeconds(2);
     private readonly IClusterStore _store;
     private readonly IClusterIndex _index;
     private readonly ClusterNodeOptions _options;
@@ -76,6 +76,8 @@ public sealed class ClusterNode : IAsyncDisposable
     // load reaches the store at most once per interval, so a burst of Routes would otherwise all pick the same member.
     private readonly ConcurrentDictionary<string, (double Value, long Ticks)> _routed = new(StringComparer.Ordinal);
     private string _advertise = string.Empty;
+    // Members a listing of the store lacked once (under _membership): a second miss in a row means it left unseen.
+    private readonly HashSet<string> _missing = new(StringComparer.Ordinal);
 
     public ClusterNode(IClusterStore store, IClusterIndex index, ClusterNodeOptions options, TransferAgent agent, IFabricStore fabric,
         StagingArea staging, Func<double> load, ILogger log)
@@ -101,6 +103,7 @@ public sealed class ClusterNode : IAsyncDisposable
         public readonly SemaphoreSlim AgentLock = new(1, 1);
         public RemoteAgent? Agent;
         public ulong AgentIncarnation;
+        public bool Stopped; // under AgentLock
     }
 
     public FeedCounters Counters { get; } = new();
@@ -172,13 +175,21 @@ public sealed class ClusterNode : IAsyncDisposable
             NodeInfo info = change.Node;
             if (change.Kind == MembershipChangeKind.Left)
             {
-                if (_peers.TryRemove(info.Node, out Peer? gone))
-                    await StopPeerAsync(gone).ConfigureAwait(false);
-                foreach (var key in _sequencers.Keys.Where(k => k.Node == info.Node).ToList())
-                    _sequencers.TryRemove(key, out _);
-                _routed.TryRemove(info.Node, out _);
-                // After its feeds stopped, so nothing of it is queued behind the removal.
-                await _index.RemoveNodeAsync(info.Node, _stop.Token).ConfigureAwait(false);
+                try
+                {
+                    if (_peers.TryRemove(info.Node, out Peer? gone))
+                        await StopPeerAsync(gone).ConfigureAwait(false);
+                }
+                finally
+                {
+                    foreach (var key in _sequencers.Keys.Where(k => k.Node == info.Node).ToList())
+                        _sequencers.TryRemove(key, out _);
+                    _routed.TryRemove(info.Node, out _);
+                    _missing.Remove(info.Node);
+                    // After its feeds stopped, so nothing of it is queued behind the removal.
+                    await _index.RemoveNodeAsync(info.Node, _stop.Token).ConfigureAwait(false);
+                }
+
                 _log.LogWarning("node {Node} left the cluster (its lease ended or it stopped): its blocks left the index and no work is routed to it", info.Node);
                 return;
             }
@@ -229,13 +240,28 @@ public sealed class ClusterNode : IAsyncDisposable
         {
             _log.LogWarning("the event feeds of node {Node} did not stop within 10 s", peer.Info.Node);
         }
-        catch (OperationCanceledException)
+        catch (Exception e) when (e is not OutOfMemoryException)
         {
-            // a feed that ended by cancellation
+            // Feeds end by cancellation; one that failed otherwise was logged where it failed. Stopping goes on.
         }
 
-        if (peer.Agent is { } remote)
-            await _agent.UnloadRemoteAsync(remote).ConfigureAwait(false);
+        await peer.AgentLock.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            peer.Stopped = true; // no Fetch loads an agent for it from now on
+            if (peer.Agent is { } remote)
+                await _agent.UnloadRemoteAsync(remote).ConfigureAwait(false);
+            peer.Agent = null;
+        }
+        catch (Exception e) when (e is TransferException or InvalidOperationException)
+        {
+            _log.LogWarning("unloading node {Node}'s transfer agent failed: {Error}", peer.Info.Node, e.Message);
+        }
+        finally
+        {
+            peer.AgentLock.Release();
+        }
+
         peer.Client.Dispose();
     }
 
@@ -253,6 +279,7 @@ public sealed class ClusterNode : IAsyncDisposable
             bool resubscribeNow = false;
             try
             {
+                sequencer.StreamStarted(); // a snapshot left half-read by a broken stream is dropped
                 await using GrpcCall<SubscribeEventsRequest, Rpc.V1.KvEvent> call = peer.Client.SubscribeEvents(sequencer.LastSequence + 1,
                     new CallOptions(CancellationToken: cancellationToken), sequencer.Incarnation, tenantName);
                 while (await call.ReadAsync().ConfigureAwait(false) is { } e)
@@ -280,8 +307,9 @@ public sealed class ClusterNode : IAsyncDisposable
             {
                 return;
             }
-            catch (Exception e) when (e is RpcException or IOException or HttpRequestException or OperationCanceledException)
+            catch (Exception e) when (e is not OutOfMemoryException)
             {
+                // A broken stream, a refused call, or an event the index could not take: log once, back off, resubscribe.
                 if (!failedBefore)
                     _log.LogWarning("node {Node}, tenant {Tenant}: event feed broke ({Error}); retrying", peer.Info.Node, tenantName, e.Message);
                 failedBefore = true;
@@ -302,13 +330,68 @@ public sealed class ClusterNode : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Compares the members known here with a listing of the store: a watch that restarted (the store's connection broke,
+    /// or applying a change failed) cannot report members that left meanwhile. Listed but unknown: joined. Known but
+    /// missing from two listings in a row (a lease apart): left. One missing listing is not enough: the watch may
+    /// report a join the listing predates.
+    /// </summary>
+    private async Task ReconcileAsync()
+    {
+        IReadOnlyList<NodeInfo> listed;
+        try
+        {
+            listed = await _store.ListAsync(_stop.Token).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            _log.LogDebug("listing the cluster's members failed ({Error}); the next listing retries", e.Message);
+            return;
+        }
+
+        var names = listed.Select(n => n.Node).ToHashSet(StringComparer.Ordinal);
+        var changes = new List<MembershipChange>();
+        foreach (NodeInfo n in listed)
+        {
+            if (!_peers.ContainsKey(n.Node))
+                changes.Add(new MembershipChange(MembershipChangeKind.Joined, n));
+        }
+
+        await _membership.WaitAsync(_stop.Token).ConfigureAwait(false);
+        try
+        {
+            foreach (Peer p in _peers.Values)
+            {
+                if (names.Contains(p.Info.Node))
+                    _missing.Remove(p.Info.Node);
+                else if (!_missing.Add(p.Info.Node))
+                    changes.Add(new MembershipChange(MembershipChangeKind.Left, p.Info));
+            }
+        }
+        finally
+        {
+            _membership.Release();
+        }
+
+        foreach (MembershipChange c in changes)
+        {
+            _log.LogWarning("node {Node} {Kind} without the watch reporting it; reconciled from a listing of the store", c.Node.Node,
+                c.Kind == MembershipChangeKind.Left ? "left" : "joined");
+            await ApplyAsync(c).ConfigureAwait(false);
+        }
+    }
+
     private async Task PublishLoadAsync()
     {
         using var timer = new PeriodicTimer(_options.LoadInterval);
+        long ticks = 0;
+        long reconcileEvery = Math.Max(1, (long)(_options.LeaseTtl / _options.LoadInterval));
         try
         {
             while (await timer.WaitForNextTickAsync(_stop.Token).ConfigureAwait(false))
             {
+                if (++ticks % reconcileEvery == 0)
+                    await ReconcileAsync().ConfigureAwait(false);
                 double load = _load();
                 if (load == _publishedLoad || _registration is null)
                     continue;
@@ -390,8 +473,16 @@ public sealed class ClusterNode : IAsyncDisposable
             if (left <= TimeSpan.Zero)
                 throw new RpcException(StatusCode.DeadlineExceeded, $"fetch from node {peer.Info.Node} ran out of time after {done - local} blocks");
             int want = Math.Min(best.Matched - done, Math.Min(_options.FetchBatchBlocks, Math.Max(1, _staging.Available)));
-            ExportResponse export = await peer.Client.ExportAsync(tenantName, Hashes.Pack(chain.AsSpan(done, want)).Memory, ExportLease,
-                new CallOptions(Deadline: left, CancellationToken: cancellationToken)).ConfigureAwait(false);
+            ExportResponse export;
+            try
+            {
+                export = await peer.Client.ExportAsync(tenantName, Hashes.Pack(chain.AsSpan(done, want)).Memory, ExportLease,
+                    new CallOptions(Deadline: left, CancellationToken: cancellationToken)).ConfigureAwait(false);
+            }
+            catch (ObjectDisposedException)
+            {
+                throw new RpcException(StatusCode.Unavailable, $"node {peer.Info.Node} left the cluster during the fetch; retry it");
+            }
             int n = export.Blocks.Count;
             if (n == 0)
                 break; // evicted there since the index heard of it
@@ -441,8 +532,13 @@ public sealed class ClusterNode : IAsyncDisposable
                 remoteDescriptors[i] = new MemoryDescriptor(b.Address, b.Length);
             }
 
+            // The exporter frees its slots when the export's lease ends: the READ must be over well before (a slot
+            // reused by another tenant afterwards would otherwise be read as this block).
+            TimeSpan leaseLeft = DateTimeOffset.FromUnixTimeMilliseconds((long)export.ExpiresUnixMs) - DateTimeOffset.UtcNow - ExportMargin;
+            if (leaseLeft <= TimeSpan.Zero)
+                throw new RpcException(StatusCode.Unavailable, $"node {source}'s export of {n} blocks expired before it could be read; retry the fetch");
             TransferRequest read = _agent.Prepare(TransferOp.Read, localDescriptors, remote, remoteDescriptors,
-                new TransferOptions { Checksum = ChecksumKind.Crc32C, Deadline = left });
+                new TransferOptions { Checksum = ChecksumKind.Crc32C, Deadline = left < leaseLeft ? left : leaseLeft });
             TransferResult result = await _agent.PostAsync(read, cancellationToken).ConfigureAwait(false);
             if (!result.IsSuccess)
                 throw new RpcException(StatusCode.Unavailable, $"reading {n} blocks from node {source} through the transfer layer failed: {result}");
@@ -451,11 +547,29 @@ public sealed class ClusterNode : IAsyncDisposable
             for (int i = 0; i < n; i++)
             {
                 int depth = start + i;
-                Memory<byte> into = put.Add(chain[depth], depth > 0 ? chain[depth - 1] : null, depth);
+                Memory<byte> into;
+                try
+                {
+                    into = put.Add(chain[depth], depth > 0 ? chain[depth - 1] : null, depth);
+                }
+                catch (StoreFullException e)
+                {
+                    throw new RpcException(StatusCode.ResourceExhausted, $"this node has no room to stage the fetched blocks: {e.Message}");
+                }
+
                 slots.Slot((uint)i).Span[..blockBytes].CopyTo(into.Span);
             }
 
-            PutOutcome outcome = await put.CommitAsync(cancellationToken).ConfigureAwait(false);
+            PutOutcome outcome;
+            try
+            {
+                outcome = await put.CommitAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch (StoreFullException e)
+            {
+                throw new RpcException(StatusCode.ResourceExhausted, $"this node has no room for the {n} fetched blocks: {e.Message}");
+            }
+
             if (outcome.NotAdmitted > 0)
                 throw new RpcException(StatusCode.ResourceExhausted, $"this node's tiers declined {outcome.NotAdmitted} fetched blocks (admission policy); nothing more is fetched");
         }
@@ -483,6 +597,8 @@ public sealed class ClusterNode : IAsyncDisposable
         await peer.AgentLock.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
+            if (peer.Stopped)
+                throw new RpcException(StatusCode.Unavailable, $"node {peer.Info.Node} left the cluster during the fetch; retry it");
             NodeInfo info = peer.Info;
             if (peer.Agent is { } known && peer.AgentIncarnation == info.Incarnation)
                 return known;
@@ -517,17 +633,25 @@ public sealed class ClusterNode : IAsyncDisposable
             }
         }
 
+        bool ended = true;
         foreach (Task? t in new[] { _watch, _loadLoop })
         {
             if (t is not null)
+            {
                 await t.WaitAsync(TimeSpan.FromSeconds(10)).ContinueWith(_ => { }, TaskScheduler.Default).ConfigureAwait(false);
+                ended &= t.IsCompleted;
+            }
         }
 
         foreach (Peer p in _peers.Values)
             await StopPeerAsync(p).ConfigureAwait(false);
         _peers.Clear();
         (_index as IDisposable)?.Dispose();
-        _stop.Dispose();
-        _membership.Dispose();
+        await _store.DisposeAsync().ConfigureAwait(false); // the node owns the store it was given
+        if (ended)
+        {
+            _stop.Dispose();
+            _membership.Dispose();
+        }
     }
 }

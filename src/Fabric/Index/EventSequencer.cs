@@ -45,7 +45,7 @@ public sealed class FeedCounters
 /// </summary>
 public sealed class EventSequencer(string node, uint tenant, IIndexUpdates index, FeedCounters counters)
 {
-    private readonly List<V1.KvEvent> _snapshot = [];
+    private List<V1.KvEvent> _snapshot = [];
     private bool _inSnapshot;
     private ulong _snapshotSequence;
 
@@ -165,8 +165,14 @@ public sealed class EventSequencer(string node, uint tenant, IIndexUpdates index
     private void ResetSnapshot()
     {
         _inSnapshot = false;
-        _snapshot.Clear();
+        if (_snapshot.Capacity > 4096)
+            _snapshot = []; // a large snapshot's buffer is not kept for the node's lifetime
+        else
+            _snapshot.Clear();
     }
+
+    /// <summary>A new subscription begins: a snapshot the previous stream left half-sent is dropped.</summary>
+    public void StreamStarted() => ResetSnapshot();
 
     private FeedVerdict Reject(string why)
     {

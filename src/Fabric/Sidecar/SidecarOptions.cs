@@ -83,6 +83,8 @@ public sealed record SidecarOptions
     /// <summary>Checks the options as a whole; the message says what to change.</summary>
     public SidecarOptions Validate()
     {
+        if (string.IsNullOrWhiteSpace(Node) || string.IsNullOrWhiteSpace(Worker) || Node.Contains('/', StringComparison.Ordinal))
+            throw new ArgumentException($"node and worker must be non-empty names (node without '/'); got node '{Node}', worker '{Worker}'");
         if (Dev && !IPAddress.IsLoopback(Listen))
             throw new ArgumentException($"--dev serves a tenant with the well-known token 'dev' and binds loopback only; got listen address {Listen}. Drop --dev and configure tenants to listen elsewhere.");
         if (!Dev && Tenants.Count == 0)

@@ -20,6 +20,7 @@ public sealed class DecodeScheduler : IAsyncDisposable
     private readonly List<Sequence> _active = [];
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _loop;
+    private readonly HashSet<KvCache> _owned = new(ReferenceEqualityComparer.Instance);
     private long _steps, _batchedTokens;
 
     private sealed class Sequence(KvCache cache, float[] logits, int maxNewTokens, Sampler sampler, CancellationToken cancellation)
@@ -53,18 +54,40 @@ public sealed class DecodeScheduler : IAsyncDisposable
     public double MeanBatch => Steps == 0 ? 0 : (double)Interlocked.Read(ref _batchedTokens) / Steps;
 
     /// <summary>
-    /// Adds a sequence whose prompt is in cache and whose last-prompt-token logits are given; the scheduler owns the
-    /// cache from now on (disposes it when the sequence ends). Tokens stream on the returned reader, which completes
-    /// after the last one (or with the cancellation's exception).
+    /// Adds a sequence whose prompt is in cache and whose last-prompt-token logits are given; once this returns, the
+    /// scheduler owns the cache (disposes it when the sequence ends); if it throws, the cache stays the caller's. Tokens
+    /// stream on the returned reader, which completes after the last one (or with the cancellation's or failure's exception).
     /// </summary>
     public async ValueTask<ChannelReader<GeneratedToken>> StartAsync(KvCache cache, ReadOnlyMemory<float> logits, int maxNewTokens, Sampler sampler,
         CancellationToken cancellationToken = default)
     {
+        ArgumentNullException.ThrowIfNull(cache);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxNewTokens, 1);
         if (logits.Length != _model.Config.Vocab)
             throw new ArgumentException($"logits must have the vocabulary's {_model.Config.Vocab} entries; got {logits.Length}", nameof(logits));
+        // Every generated token but the last is appended to the cache: it must have room for them all.
+        int room = Math.Min(_model.Config.MaxPositions, cache.MaxTokens) - cache.Length;
+        if (maxNewTokens - 1 > room)
+            throw new ArgumentException($"the sequence holds {cache.Length} tokens and may grow by {room}; {maxNewTokens} new tokens do not fit", nameof(maxNewTokens));
+        lock (_owned)
+        {
+            if (!_owned.Add(cache))
+                throw new ArgumentException("this KV cache already belongs to a sequence of the scheduler", nameof(cache));
+        }
+
         var s = new Sequence(cache, logits.ToArray(), maxNewTokens, sampler, cancellationToken);
-        await _incoming.Writer.WriteAsync(s, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await _incoming.Writer.WriteAsync(s, cancellationToken).ConfigureAwait(false);
+        }
+        catch
+        {
+            // Not taken: the cache stays the caller's.
+            lock (_owned)
+                _owned.Remove(cache);
+            throw;
+        }
+
         return s.Tokens.Reader;
     }
 
@@ -124,6 +147,8 @@ public sealed class DecodeScheduler : IAsyncDisposable
         }
         catch (Exception e)
         {
+            // Nothing more is taken; whatever was queued or active ends with the reason (below).
+            _incoming.Writer.TryComplete(e);
             for (int i = _active.Count - 1; i >= 0; i--)
                 Retire(i, new InvalidOperationException($"the decode loop failed: {e.Message}", e));
             throw;
@@ -132,10 +157,11 @@ public sealed class DecodeScheduler : IAsyncDisposable
         {
             for (int i = _active.Count - 1; i >= 0; i--)
                 Retire(i, new OperationCanceledException("the decode scheduler stopped"));
+            _incoming.Writer.TryComplete();
             while (_incoming.Reader.TryRead(out Sequence? waiting))
             {
                 waiting.Tokens.Writer.TryComplete(new OperationCanceledException("the decode scheduler stopped"));
-                waiting.Cache.Dispose();
+                Disown(waiting.Cache);
             }
         }
     }
@@ -145,7 +171,14 @@ public sealed class DecodeScheduler : IAsyncDisposable
         Sequence s = _active[index];
         _active.RemoveAt(index);
         s.Tokens.Writer.TryComplete(error);
-        s.Cache.Dispose(); // the blocks go back to their pool
+        Disown(s.Cache);
+    }
+
+    private void Disown(KvCache cache)
+    {
+        lock (_owned)
+            _owned.Remove(cache);
+        cache.Dispose(); // the blocks go back to their pool
     }
 
     public async ValueTask DisposeAsync()

@@ -4,8 +4,19 @@ using KvFabric.Transfer;
 
 namespace KvFabric.Workers.Handoff;
 
-/// <summary>Where the prefill side writes one request's blocks: slot addresses in the decode side's registered pool.</summary>
-public sealed record HandoffTicket(ulong RequestId, Guid ReceiverAgent, ulong[] Addresses, int BlockBytes, DateTimeOffset Expires);
+/// <summary>
+/// Where the prefill side writes one request's blocks: slot addresses in the decode side's registered pool. Nonce names
+/// this reservation (a retried request gets a new one, so a late notification of an old attempt never completes it).
+/// Lease is relative: the sender counts it from when it got the ticket (ReceivedTicks, its own clock), never from the
+/// receiver's clock, so clock skew between hosts cannot stretch a WRITE past the reservation.
+/// </summary>
+public sealed record HandoffTicket(ulong RequestId, ulong Nonce, Guid ReceiverAgent, ulong[] Addresses, int BlockBytes, TimeSpan Lease)
+{
+    public long ReceivedTicks { get; init; } = Environment.TickCount64;
+
+    /// <summary>Time left for the WRITE, on the holder's clock, less a safety margin.</summary>
+    public TimeSpan Remaining(TimeSpan margin) => Lease - TimeSpan.FromMilliseconds(Environment.TickCount64 - ReceivedTicks) - margin;
+}
 
 /// <summary>
 /// The decode side of the KV hand-off: block slots in a registered (shared) pool are reserved per request, the prefill
@@ -16,7 +27,7 @@ public sealed record HandoffTicket(ulong RequestId, Guid ReceiverAgent, ulong[] 
 /// </summary>
 public sealed class HandoffReceiver : IAsyncDisposable
 {
-    public const int NotificationBytes = 16;
+    public const int NotificationBytes = 24;
     private static readonly byte[] Magic = "KVHO"u8.ToArray();
     private static readonly TimeSpan Grace = TimeSpan.FromSeconds(2);
     private readonly TransferAgent _agent;
@@ -25,11 +36,13 @@ public sealed class HandoffReceiver : IAsyncDisposable
     private readonly Lock _lock = new();
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _dispatch;
+    private readonly IReadOnlyList<RegisteredRegion> _regions;
     private long _unknown;
 
-    private sealed class Pending(BlockSlot[] slots, DateTimeOffset expires)
+    private sealed class Pending(BlockSlot[] slots, DateTimeOffset expires, ulong nonce)
     {
         public readonly BlockSlot[] Slots = slots;
+        public readonly ulong Nonce = nonce;
         public readonly DateTimeOffset Expires = expires;
         public readonly TaskCompletionSource<BlockSlot[]> Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
     }
@@ -39,7 +52,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
     {
         _agent = agent;
         _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = slots, Shared = true, Tag = "handoff" });
-        agent.Register(_pool);
+        _regions = agent.Register(_pool);
         _dispatch = Task.Run(DispatchAsync);
     }
 
@@ -48,7 +61,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
     /// <summary>Notifications that named no pending request (late, duplicated or foreign): counted and dropped.</summary>
     public long UnknownNotifications => Interlocked.Read(ref _unknown);
 
-    /// <summary>Reserves slots for a request's blocks. The sender must finish its WRITE before <see cref="HandoffTicket.Expires"/>.</summary>
+    /// <summary>Reserves slots for a request's blocks. The sender must finish its WRITE within the ticket's lease.</summary>
     public HandoffTicket Reserve(ulong requestId, int blocks, TimeSpan lease)
     {
         if (blocks < 1)
@@ -63,9 +76,9 @@ public sealed class HandoffReceiver : IAsyncDisposable
             var slots = new BlockSlot[blocks];
             for (int i = 0; i < blocks; i++)
                 slots[i] = _pool.Rent();
-            var pending = new Pending(slots, DateTimeOffset.UtcNow + lease);
+            var pending = new Pending(slots, DateTimeOffset.UtcNow + lease, (ulong)Random.Shared.NextInt64(1, long.MaxValue));
             _pending[requestId] = pending;
-            return new HandoffTicket(requestId, _agent.AgentId, slots.Select(s => (ulong)s.Address).ToArray(), _pool.SlotBytes, pending.Expires);
+            return new HandoffTicket(requestId, pending.Nonce, _agent.AgentId, slots.Select(s => (ulong)s.Address).ToArray(), _pool.SlotBytes, lease);
         }
     }
 
@@ -135,12 +148,13 @@ public sealed class HandoffReceiver : IAsyncDisposable
         }
     }
 
-    public static byte[] Notification(ulong requestId, int blocks)
+    public static byte[] Notification(ulong requestId, ulong nonce, int blocks)
     {
         var message = new byte[NotificationBytes];
         Magic.CopyTo(message, 0);
         BinaryPrimitives.WriteInt32LittleEndian(message.AsSpan(4), blocks);
         BinaryPrimitives.WriteUInt64LittleEndian(message.AsSpan(8), requestId);
+        BinaryPrimitives.WriteUInt64LittleEndian(message.AsSpan(16), nonce);
         return message;
     }
 
@@ -159,9 +173,10 @@ public sealed class HandoffReceiver : IAsyncDisposable
 
                 int blocks = BinaryPrimitives.ReadInt32LittleEndian(m.AsSpan(4));
                 ulong id = BinaryPrimitives.ReadUInt64LittleEndian(m.AsSpan(8));
+                ulong nonce = BinaryPrimitives.ReadUInt64LittleEndian(m.AsSpan(16));
                 lock (_lock)
                 {
-                    if (_pending.TryGetValue(id, out Pending? p) && p.Slots.Length == blocks && p.Done.TrySetResult(p.Slots))
+                    if (_pending.TryGetValue(id, out Pending? p) && p.Nonce == nonce && p.Slots.Length == blocks && p.Done.TrySetResult(p.Slots))
                         continue;
                 }
 
@@ -186,6 +201,9 @@ public sealed class HandoffReceiver : IAsyncDisposable
         }
 
         _stop.Dispose();
+        // Out of the agent's reach before the memory goes: a late or foreign WRITE is then refused, never lands in freed memory.
+        foreach (RegisteredRegion r in _regions)
+            await _agent.DeregisterAsync(r).ConfigureAwait(false);
         _pool.Dispose();
     }
 }
@@ -202,7 +220,7 @@ public static class HandoffSender
         if (blocks.Length != ticket.Addresses.Length)
             throw new ArgumentException($"{blocks.Length} blocks to send but the ticket reserved {ticket.Addresses.Length} slots", nameof(blocks));
         // Finish before the lease ends (less a margin), so the receiver never reclaims slots a WRITE is still filling.
-        TimeSpan deadline = ticket.Expires - DateTimeOffset.UtcNow - TimeSpan.FromMilliseconds(100);
+        TimeSpan deadline = ticket.Remaining(TimeSpan.FromMilliseconds(100));
         if (deadline <= TimeSpan.Zero)
             return new TransferResult(TransferStatus.TimedOut, $"the hand-off lease of request {ticket.RequestId} ended before the KV could be sent");
         var local = new MemoryDescriptor[blocks.Length];
@@ -215,7 +233,7 @@ public static class HandoffSender
 
         TransferRequest write = agent.Prepare(TransferOp.Write, local, receiver, remote, new TransferOptions
         {
-            Notification = HandoffReceiver.Notification(ticket.RequestId, blocks.Length),
+            Notification = HandoffReceiver.Notification(ticket.RequestId, ticket.Nonce, blocks.Length),
             Checksum = checksum,
             Deadline = deadline,
             Backend = backend,

@@ -44,9 +44,18 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         int reusable = (prompt.Length - 1) / tpb;
         if (reusable > 0)
         {
-            FetchResponse fetch = await sidecar.FetchAsync(packed.AsMemory(0, reusable * BlockHash.Size), options).ConfigureAwait(false);
-            reuse = (int)Math.Min(fetch.LocalBlocks + fetch.FetchedBlocks, (uint)reusable);
-            fetched = (int)fetch.FetchedBlocks;
+            try
+            {
+                FetchResponse fetch = await sidecar.FetchAsync(packed.AsMemory(0, reusable * BlockHash.Size), options).ConfigureAwait(false);
+                reuse = (int)Math.Min(fetch.LocalBlocks + fetch.FetchedBlocks, (uint)reusable);
+                fetched = (int)fetch.FetchedBlocks;
+            }
+            catch (RpcException e) when (e.Status is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.DeadlineExceeded)
+            {
+                // Reuse is an optimisation: when the fabric cannot give the prefix now, compute it (what is local may
+                // still be onboarded next time).
+                reuse = 0;
+            }
         }
 
         if (reuse > 0)

@@ -96,5 +96,16 @@ public sealed class DecodeSchedulerTests
         await Assert.ThrowsAsync<ArgumentOutOfRangeException>(async () => await scheduler.StartAsync(cache, new float[Config.Vocab], 0, Sampler.Greedy()));
         var e = await Assert.ThrowsAsync<ArgumentException>(async () => await scheduler.StartAsync(cache, new float[3], 5, Sampler.Greedy()));
         Assert.Contains("vocabulary", e.Message, StringComparison.Ordinal);
+        // More tokens than the sequence can hold are refused up front instead of failing every batched sequence later.
+        var full = await Assert.ThrowsAsync<ArgumentException>(async () => await scheduler.StartAsync(cache, new float[Config.Vocab], Config.MaxPositions + 2, Sampler.Greedy()));
+        Assert.Contains("do not fit", full.Message, StringComparison.Ordinal);
+        // One cache cannot be two sequences.
+        KvCache owned = model.CreateCache(pool);
+        float[] logits = model.Prefill(Prompt(1, 5), owned);
+        var stream = await scheduler.StartAsync(owned, logits, 3, Sampler.Greedy());
+        await Assert.ThrowsAsync<ArgumentException>(async () => await scheduler.StartAsync(owned, logits, 3, Sampler.Greedy()));
+        await foreach (GeneratedToken _ in stream.ReadAllAsync())
+        {
+        }
     }
 }

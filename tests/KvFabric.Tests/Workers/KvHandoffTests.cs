@@ -107,11 +107,35 @@ public sealed class KvHandoffTests
     public async Task Notifications_for_no_pending_request_are_counted_and_dropped()
     {
         await using Pair p = await Pair.StartAsync(receiverSlots: 2);
-        await p.Prefill.SendNotificationAsync(p.Remote, HandoffReceiver.Notification(12345, 1));
+        await p.Prefill.SendNotificationAsync(p.Remote, HandoffReceiver.Notification(12345, 1, 1));
         await p.Prefill.SendNotificationAsync(p.Remote, "not a hand-off"u8.ToArray());
         var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(20);
         while (p.Receiver.UnknownNotifications < 2 && DateTime.UtcNow < deadline)
             await Task.Delay(10);
         Assert.Equal(2, p.Receiver.UnknownNotifications);
+    }
+
+    [Fact]
+    public async Task A_retried_request_is_not_completed_by_the_notification_of_its_earlier_attempt()
+    {
+        await using Pair p = await Pair.StartAsync(receiverSlots: 4);
+        HandoffTicket first = p.Receiver.Reserve(5, 1, TimeSpan.FromSeconds(30));
+        p.Receiver.Release(5); // given up while its WRITE may still come: the slot stays out of use until the lease ends
+        Assert.Equal(3, p.Receiver.FreeSlots);
+        HandoffTicket retry = p.Receiver.Reserve(5, 1, TimeSpan.FromSeconds(30));
+        Assert.NotEqual(first.Nonce, retry.Nonce);
+        Assert.NotEqual(first.Addresses[0], retry.Addresses[0]);
+        Task<BlockSlot[]> arrived = p.Receiver.WaitAsync(5, default);
+        Assert.True((await HandoffSender.SendAsync(p.Prefill, p.Remote, first, p.Fill(1, 20))).IsSuccess); // the late first attempt
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(20);
+        while (p.Receiver.UnknownNotifications < 1 && DateTime.UtcNow < deadline)
+            await Task.Delay(10);
+        Assert.Equal(1, p.Receiver.UnknownNotifications);
+        Assert.False(arrived.IsCompleted);
+        Assert.True((await HandoffSender.SendAsync(p.Prefill, p.Remote, retry, p.Fill(1, 30))).IsSuccess);
+        BlockSlot[] slots = await arrived.WaitAsync(TimeSpan.FromSeconds(30));
+        var expected = new byte[BlockBytes];
+        new Random(30).NextBytes(expected);
+        Assert.True(slots[0].AsSpan().SequenceEqual(expected));
     }
 }
