@@ -16,6 +16,7 @@ public static class BenchCli
             Replay.ReplayCommand.Create(),
             Route.RouteCommand.Create(),
             Tiers.TiersCommand.Create(),
+            Compare.CompareCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };
         return await root.Parse(args).InvokeAsync();
