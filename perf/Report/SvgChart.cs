@@ -24,7 +24,7 @@ public static class SvgChart
             sb.Append(CultureInfo.InvariantCulture, $"<text x=\"{Width / 2}\" y=\"{Height / 2}\" text-anchor=\"middle\">no data</text>\n</svg>\n");
             return sb.ToString();
         }
-        var (x0, x1) = Range(all.Select(p => p.X), logX, zeroBased: false);
+        var (x0, x1) = logX ? (all.Min(p => p.X) / 1.3, all.Max(p => p.X) * 1.3) : Range(all.Select(p => p.X), logX, zeroBased: false);
         var (y0, y1) = Range(all.Select(p => p.Y), logY, zeroBased: !logY);
         double plotW = Width - Left - Right, plotH = Height - Top - Bottom;
         double Px(double x) => Left + (logX ? (Math.Log10(x) - Math.Log10(x0)) / (Math.Log10(x1) - Math.Log10(x0)) : (x - x0) / (x1 - x0)) * plotW;
@@ -85,7 +85,7 @@ public static class SvgChart
         if (log)
         {
             var ticks = new List<double>();
-            for (double t = lo; t <= hi * 1.0001; t *= 10)
+            for (double t = Math.Pow(10, Math.Ceiling(Math.Log10(lo) - 1e-9)); t <= hi * 1.0001; t *= 10)
                 ticks.Add(t);
             return ticks;
         }
