@@ -143,10 +143,13 @@ public static class CompareCommand
                     foreach (var (name, rw, sync) in new[] { ("fio_write_sync", "write", true), ("fio_read", "read", false) })
                     {
                         var values = new List<double>();
-                        for (int run = 0; run < o.Runs; run++)
+                        for (int run = -1; run < o.Runs; run++)
                         {
-                            ctx.Status($"fio --rw={rw}{(sync ? " --sync=sync" : "")} run {run + 1}/{o.Runs}");
-                            values.Add(await FioReference.MeasureAsync(file, rw, o.BlockBytes, total, o.Concurrency, sync, ct));
+                            // Run -1 is the warm-up (untimed): it lays the file out, as the tier's warm-up store does for it.
+                            ctx.Status($"fio --rw={rw}{(sync ? " --sync=sync" : "")} {(run < 0 ? "warm-up" : $"run {run + 1}/{o.Runs}")}");
+                            double gbps = await FioReference.MeasureAsync(file, rw, o.BlockBytes, total, o.Concurrency, sync, ct);
+                            if (run >= 0)
+                                values.Add(gbps);
                         }
                         Add(name, $"fio --rw={rw} --bs={o.BlockBytes} --size={total} --direct=1 --ioengine=libaio --iodepth={o.Concurrency}{(sync ? " --sync=sync" : "")}", values);
                     }
