@@ -56,7 +56,7 @@ public static class CompareCommand
         int transferBlocks = o.Quick ? 16 : 256;
         int ssdBlocks = o.Quick ? 16 : 256;
         int redisRequests = o.Quick ? 64 : 512;
-        int ucxIterations = o.Quick ? 64 : 512;
+        int ucxIterations = o.Quick ? 64 : 256;
         double iperfSeconds = o.Quick ? 1 : 2;
         int batch = Math.Max(1, Math.Min(32, transferBlocks / o.Concurrency));
         var figures = new Dictionary<string, Figure>();
@@ -102,26 +102,33 @@ public static class CompareCommand
             if (UcxPerftestReference.IsInstalled())
             {
                 long segment = Math.Clamp(o.BlockBytes, 64 << 10, 2 << 20);
-                // UCX's default tcp settings crawl at this size (see UcxPerftestReference.Environment): fewer iterations there.
-                foreach (var (name, env, iterations) in new[]
+                // UCX_TLS=tcp with its defaults is the reference asked for; with segments of the block size it is sometimes faster
+                // (see UcxPerftestReference.Environment). Both are measured; the ratio uses the faster, the stronger reference.
+                foreach (var (name, env) in new[]
                 {
-                    ("ucx_perftest_tcp", UcxPerftestReference.Environment("tcp", segment), ucxIterations),
-                    ("ucx_perftest_tcp_default", UcxPerftestReference.Environment("tcp"), Math.Min(ucxIterations, 64)),
-                    ("ucx_perftest_posix", UcxPerftestReference.Environment("posix,self"), ucxIterations),
+                    ("ucx_perftest_tcp", UcxPerftestReference.Environment("tcp")),
+                    ("ucx_perftest_tcp_seg", UcxPerftestReference.Environment("tcp", segment)),
+                    ("ucx_perftest_posix", UcxPerftestReference.Environment("posix,self")),
                 })
                 {
                     string settings = string.Join(' ', env);
-                    int warmup = Math.Max(1, iterations / 8);
+                    int warmup = Math.Max(1, ucxIterations / 8);
                     ctx.Status($"ucx_perftest ucp_put_bw, {settings}");
                     try
                     {
-                        Add(name, $"{settings} ucx_perftest -t ucp_put_bw -s {o.BlockBytes} -n {iterations} -w {warmup}, loopback",
-                            await UcxPerftestReference.MeasureAsync(env, o.BlockBytes, iterations, warmup, o.Runs, ct));
+                        Add(name, $"{settings} ucx_perftest -t ucp_put_bw -s {o.BlockBytes} -n {ucxIterations} -w {warmup}, loopback",
+                            await UcxPerftestReference.MeasureAsync(env, o.BlockBytes, ucxIterations, warmup, o.Runs, ct));
                     }
                     catch (Exception e) when (e is InvalidOperationException or TimeoutException or FormatException)
                     {
                         notes.Add($"ucx_perftest with {settings} failed: {e.Message}");
                     }
+                }
+                var tcpRefs = new[] { "ucx_perftest_tcp", "ucx_perftest_tcp_seg" }.Where(figures.ContainsKey).Select(n => figures[n]).ToArray();
+                if (tcpRefs.Length > 0)
+                {
+                    var best = tcpRefs.MaxBy(f => f.Gbps.Median)!;
+                    figures["ucx_perftest_tcp_best"] = best with { Name = "ucx_perftest_tcp_best", What = $"the faster of ucx_perftest_tcp and ucx_perftest_tcp_seg: {best.Name}" };
                 }
             }
             else
@@ -171,8 +178,9 @@ public static class CompareCommand
             ("shm_vs_memcpy", "kvfabric_shm_write", "memcpy", "shared-memory backend write / single-thread memcpy into /dev/shm"),
             ("tcp_vs_redis_get", "kvfabric_tcp_read", "redis_get", "KvFabric TCP READ / redis GET"),
             ("tcp_vs_redis_set", "kvfabric_tcp_write", "redis_set", "KvFabric TCP WRITE / redis SET"),
-            ("tcp_vs_ucx_perftest", "kvfabric_tcp_write", "ucx_perftest_tcp", "KvFabric TCP write / ucx_perftest ucp_put_bw over UCX_TLS=tcp, TCP segments of the block size (max 2 MiB)"),
-            ("tcp_vs_ucx_perftest_default", "kvfabric_tcp_write", "ucx_perftest_tcp_default", "KvFabric TCP write / ucx_perftest ucp_put_bw over UCX_TLS=tcp with UCX's default 8 KiB segments"),
+            ("tcp_vs_ucx_perftest", "kvfabric_tcp_write", "ucx_perftest_tcp_best", "KvFabric TCP write / ucx_perftest ucp_put_bw over UCX_TLS=tcp, the faster of UCX's default segments and segments of the block size"),
+            ("tcp_vs_ucx_perftest_default", "kvfabric_tcp_write", "ucx_perftest_tcp", "KvFabric TCP write / ucx_perftest ucp_put_bw over UCX_TLS=tcp, UCX's defaults"),
+            ("tcp_vs_ucx_perftest_seg", "kvfabric_tcp_write", "ucx_perftest_tcp_seg", "KvFabric TCP write / ucx_perftest ucp_put_bw over UCX_TLS=tcp, TCP segments of the block size (max 2 MiB)"),
             ("shm_vs_ucx_perftest_posix", "kvfabric_shm_write", "ucx_perftest_posix", "shared-memory backend write / ucx_perftest ucp_put_bw over UCX_TLS=posix,self"),
             ("ssd_vs_fio", "kvfabric_ssd_write", "fio_write_sync", "SSD tier durable write / fio sequential write with --sync=sync (the same durability)"),
             ("ssd_read_vs_fio", "kvfabric_ssd_read", "fio_read", "SSD tier sequential read / fio sequential read, both O_DIRECT"),

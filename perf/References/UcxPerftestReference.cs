@@ -63,9 +63,9 @@ public static class UcxPerftestReference
     }
 
     /// <summary>
-    /// UCX settings as NAME=VALUE for env(1). Over tcp, UCX's default 8 KiB segments split a 2 MiB put into 256 active
-    /// messages and it crawls on loopback (0.04-0.1 GB/s here); segments of the message size (capped at 2 MiB) give
-    /// ucx_perftest its best figure, which is the fair reference. Both are measured by `compare`.
+    /// UCX settings as NAME=VALUE for env(1), optionally with UCX_TCP_TX/RX_SEG_SIZE. Measured here at 2 MiB puts: on the
+    /// loaded 2-core VM UCX's default 8 KiB tcp segments crawled (0.05 GB/s) where 2 MiB segments gave 0.3-0.9 GB/s; on a
+    /// quieter one the defaults gave 1.5 GB/s and 2 MiB segments 0.6. `compare` measures both and uses the faster.
     /// </summary>
     public static string[] Environment(string transports, long segmentBytes = 0) => segmentBytes <= 0
         ? [$"UCX_TLS={transports}"]
