@@ -17,6 +17,9 @@ public static class BenchCli
             Cluster.ClusterCommand.Create(),
             Route.RouteCommand.Create(),
             Tiers.TiersCommand.Create(),
+            Compare.CompareCommand.Create(),
+            Micro.MicroCommand.Create(),
+            Report.ReportCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };
         return await root.Parse(args).InvokeAsync();

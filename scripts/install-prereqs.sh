@@ -10,6 +10,9 @@ command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)                # the TCP ref
 [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import grpc_tools" >/dev/null 2>&1 || need+=(python3-grpc-tools)
 command -v fio >/dev/null 2>&1 || need+=(fio)                      # the disk reference of `kvfabric-bench tiers`
 [ -n "$(ldconfig -p 2>/dev/null | grep libzstd.so.1 || true)" ] || need+=(libzstd1) # the SSD tier's zstd codec
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the remote-KV reference of `kvfabric-bench compare`
+command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
+command -v ucx_perftest >/dev/null 2>&1 || need+=(ucx-utils)      # the UCX reference of `kvfabric-bench compare`
 # The cluster store's etcd tests start their own etcd (loopback, free ports, temp data dir); the package's own service,
 # if systemd runs it, is not used by them (docs/cluster.md).
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need+=(etcd-server)

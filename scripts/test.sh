@@ -47,6 +47,14 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['ssd_write
 $bench index --quick --json "$smoke/index.json" >/dev/null
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['events_per_second']>0 and r['match_p50_us']>0 and 0<r['bytes_per_block'], r; print('smoke ok: index', round(r['events_per_second']/1e6,2), 'M block events/s, match p50', r['match_p50_us'], 'us')" "$smoke/index.json"
 
+# compare --quick: every reference and KvFabric back to back at tiny sizes (about 1 minute here); ratios exist and are positive.
+$bench compare --quick --dir perf/bin/compare-smoke --json "$smoke/compare.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['ratios']; need=['tcp_vs_iperf3','shm_vs_memcpy','tcp_vs_redis_get','tcp_vs_ucx_perftest','ssd_vs_fio']; assert all(r.get(k,0)>0 for k in need), r; print('smoke ok: compare', {k: r[k] for k in need})" "$smoke/compare.json"
+$bench report --results "$smoke" --out "$smoke/report.md" >/dev/null
+python3 -c "import sys,os,re; d=os.path.dirname(sys.argv[1]); t=open(sys.argv[1]).read(); svgs=re.findall(r'\(([\w-]+\.svg)\)', t); assert 'report-transfer.svg' in svgs and 'report-match-latency.svg' in svgs and 'tcp_vs_iperf3' in t, t; assert all(open(os.path.join(d,f)).read().startswith('<svg') for f in svgs); print('smoke ok: report.md with', len(svgs), 'SVG charts')" "$smoke/report.md"
+$bench micro --filter '*HostBlockPool*' --iterations 3 --artifacts "$smoke/micro" >/dev/null
+grep -q 'HostBlockPool.Rent + Return' "$smoke"/micro/results/*HostBlockPool*-report-github.md && echo "smoke ok: micro (BenchmarkDotNet in process)"
+
 # The plain closing line CI reads: counts from the xunit summary.
 summary=$(grep -E '(Passed|Failed)! +- +Failed: +[0-9]+, +Passed: +[0-9]+' "$log" | tail -n 1)
 failed=$(sed -E 's/.*Failed: +([0-9]+).*/\1/' <<<"$summary")

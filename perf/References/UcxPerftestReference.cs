@@ -1,50 +1,34 @@
-using System.Diagnostics;
 using System.Globalization;
-using System.Net;
-using System.Net.Sockets;
 
 namespace KvFabric.Bench.References;
 
 /// <summary>
-/// The UCX limit on this machine: ucx_perftest (ucx-utils) as server and client on loopback, `-t ucp_put_bw` with the
-/// same message size and the same UCX_TLS as the transfer. Reports the "overall" bandwidth of the Final line.
+/// UCX's own bandwidth test on loopback: `ucx_perftest` as server and client, `-t ucp_put_bw -s bytes -n iters`, with
+/// UCX_TLS (and segment sizes) chosen by the caller (tcp for the TCP backend's counterpart, posix,self for shared memory). Each run is its own
+/// server/client pair; `-w` warm-up iterations are excluded by ucx_perftest itself. The figure is its final
+/// overall bandwidth (MB/s, where ucx_perftest's MB is 2^20 bytes) as GB/s (10^9 bytes).
 /// </summary>
 public static class UcxPerftestReference
 {
     public static bool IsInstalled() => Tool.Exists("ucx_perftest");
 
-    public static string Command(long messageBytes, int iterations, string tls) =>
-        $"UCX_TLS={tls} ucx_perftest -t ucp_put_bw -s {messageBytes} -n {iterations} -p PORT (server) + the same with 127.0.0.1 (client)";
-
-    public static async Task<IReadOnlyList<double>> MeasureAsync(long messageBytes, int iterations, string tls, int runs, CancellationToken ct)
+    public static async Task<IReadOnlyList<double>> MeasureAsync(IReadOnlyList<string> environment, long messageBytes, int iterations, int warmupIterations, int runs, CancellationToken ct)
     {
         var gbps = new List<double>();
         for (int r = 0; r < runs; r++)
         {
-            int port = FreePort();
-            string[] common = ["-t", "ucp_put_bw", "-s", messageBytes.ToString(CultureInfo.InvariantCulture), "-n", iterations.ToString(CultureInfo.InvariantCulture), "-p", port.ToString(CultureInfo.InvariantCulture)];
-            using var server = Start(tls, common);
+            int port = RedisReference.FreePort();
+            string portText = port.ToString(CultureInfo.InvariantCulture);
+            using var server = Tool.Start("env", [.. environment, "ucx_perftest", "-p", portText]);
             try
             {
-                await Task.Delay(300, ct).ConfigureAwait(false); // the server binds its port at once; give it a moment
-                string output = "";
-                for (int attempt = 0; attempt < 20 && output.Length == 0; attempt++)
-                {
-                    using var client = Start(tls, ["127.0.0.1", .. common]);
-                    using var cts = CancellationTokenSource.CreateLinkedTokenSource(ct);
-                    cts.CancelAfter(TimeSpan.FromSeconds(120));
-                    var stdout = client.StandardOutput.ReadToEndAsync(cts.Token);
-                    var stderr = client.StandardError.ReadToEndAsync(cts.Token);
-                    await client.WaitForExitAsync(cts.Token).ConfigureAwait(false);
-                    string text = await stdout.ConfigureAwait(false);
-                    if (client.ExitCode == 0)
-                        output = text;
-                    else if (attempt == 19)
-                        throw new InvalidOperationException($"ucx_perftest client failed ({client.ExitCode}): {await stderr.ConfigureAwait(false)} {text}");
-                    else
-                        await Task.Delay(200, ct).ConfigureAwait(false); // server not listening yet
-                }
-                gbps.Add(ParseFinalOverallMBps(output) * (1 << 20) / 1e9);
+                // The server listens on its exchange port before the client may connect.
+                await WaitForListenerAsync(port, ct).ConfigureAwait(false);
+                string csv = await Tool.RunAsync(TimeSpan.FromMinutes(3), ct, "env", [.. environment, "ucx_perftest", "127.0.0.1", "-p", portText,
+                    "-t", "ucp_put_bw", "-s", messageBytes.ToString(CultureInfo.InvariantCulture),
+                    "-n", iterations.ToString(CultureInfo.InvariantCulture), "-w", warmupIterations.ToString(CultureInfo.InvariantCulture),
+                    "-f", "-v"]).ConfigureAwait(false);
+                gbps.Add(ParseOverallMBps(csv) * (1 << 20) / 1e9);
             }
             finally
             {
@@ -55,29 +39,49 @@ public static class UcxPerftestReference
         return gbps;
     }
 
-    /// <summary>The overall bandwidth (MB/s, MB = 2^20 bytes as ucx_perftest prints it) of the "Final:" line.</summary>
-    public static double ParseFinalOverallMBps(string output)
+    // A probe connection would be taken as the server's one client, so look for the LISTEN socket (IPv4 or IPv6) instead.
+    private static async Task WaitForListenerAsync(int port, CancellationToken ct)
     {
-        // Final: iterations, 50%ile, average and overall latency (us), average and overall bandwidth (MB/s), message rates.
-        string line = output.Split('\n').LastOrDefault(l => l.TrimStart().StartsWith("Final:", StringComparison.Ordinal))
-            ?? throw new InvalidOperationException($"ucx_perftest printed no Final line: {output}");
-        var f = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
-        return double.Parse(f[6], CultureInfo.InvariantCulture);
+        string local = $":{port:X4} ";
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (DateTime.UtcNow < deadline)
+        {
+            foreach (string table in new[] { "/proc/net/tcp", "/proc/net/tcp6" })
+            {
+                if (!File.Exists(table))
+                    continue;
+                foreach (string line in await File.ReadAllLinesAsync(table, ct).ConfigureAwait(false))
+                {
+                    var fields = line.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+                    if (fields.Length > 3 && (fields[1] + " ").EndsWith(local, StringComparison.Ordinal) && fields[3] == "0A")
+                        return;
+                }
+            }
+            await Task.Delay(20, ct).ConfigureAwait(false);
+        }
+        throw new TimeoutException($"ucx_perftest server did not listen on port {port} within 10 s");
     }
 
-    private static Process Start(string tls, string[] args)
-    {
-        var psi = new ProcessStartInfo("ucx_perftest") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        psi.Environment["UCX_TLS"] = tls;
-        foreach (var a in args)
-            psi.ArgumentList.Add(a);
-        return Process.Start(psi) ?? throw new InvalidOperationException("could not start ucx_perftest (install ucx-utils)");
-    }
+    /// <summary>
+    /// UCX settings as NAME=VALUE for env(1), optionally with UCX_TCP_TX/RX_SEG_SIZE. Measured here at 2 MiB puts: on the
+    /// loaded 2-core VM UCX's default 8 KiB tcp segments crawled (0.05 GB/s) where 2 MiB segments gave 0.3-0.9 GB/s; on a
+    /// quieter one the defaults gave 1.5 GB/s and 2 MiB segments 0.6. `compare` measures both and uses the faster.
+    /// </summary>
+    public static string[] Environment(string transports, long segmentBytes = 0) => segmentBytes <= 0
+        ? [$"UCX_TLS={transports}"]
+        : [$"UCX_TLS={transports}", $"UCX_TCP_TX_SEG_SIZE={segmentBytes}", $"UCX_TCP_RX_SEG_SIZE={segmentBytes}"];
 
-    private static int FreePort()
+    /// <summary>The overall_bw column (MB/s) of `ucx_perftest -f -v`'s CSV: a header line, then the final line.</summary>
+    public static double ParseOverallMBps(string csv)
     {
-        using var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        return ((IPEndPoint)l.LocalEndpoint).Port;
+        var lines = csv.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        int header = Array.FindIndex(lines, l => l.StartsWith("iterations,", StringComparison.Ordinal));
+        if (header < 0 || header + 1 >= lines.Length)
+            throw new FormatException($"ucx_perftest printed no CSV figures: {csv}");
+        int column = Array.IndexOf(lines[header].Split(','), "overall_bw");
+        var values = lines[^1].Split(',');
+        if (column < 0 || column >= values.Length)
+            throw new FormatException($"ucx_perftest printed no overall_bw: {csv}");
+        return double.Parse(values[column].Trim(), NumberStyles.Float, CultureInfo.InvariantCulture);
     }
 }

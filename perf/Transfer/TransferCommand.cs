@@ -96,8 +96,9 @@ public static class TransferCommand
                 {
                     int iterations = (int)Math.Clamp((long)o.Blocks * o.Repeat, 64, 4096);
                     ctx.Status("reference: ucx_perftest ucp_put_bw");
-                    perftest = ("ucx_perftest", Spread.Of(await UcxPerftestReference.MeasureAsync(o.BlockBytes, iterations, o.UcxTls, refRuns, ct)),
-                        UcxPerftestReference.Command(o.BlockBytes, iterations, o.UcxTls));
+                    string[] env = UcxPerftestReference.Environment(o.UcxTls);
+                    perftest = ("ucx_perftest", Spread.Of(await UcxPerftestReference.MeasureAsync(env, o.BlockBytes, iterations, Math.Max(8, iterations / 10), refRuns, ct)),
+                        $"{string.Join(' ', env)} ucx_perftest -t ucp_put_bw -s {o.BlockBytes} -n {iterations} (server and client on loopback)");
                 }
                 else
                 {
