@@ -65,16 +65,16 @@ public sealed class DecodeScheduler : IAsyncDisposable
         ArgumentOutOfRangeException.ThrowIfLessThan(maxNewTokens, 1);
         if (logits.Length != _model.Config.Vocab)
             throw new ArgumentException($"logits must have the vocabulary's {_model.Config.Vocab} entries; got {logits.Length}", nameof(logits));
-        // Every generated token but the last is appended to the cache: it must have room for them all.
-        int room = Math.Min(_model.Config.MaxPositions, cache.MaxTokens) - cache.Length;
-        if (maxNewTokens - 1 > room)
-            throw new ArgumentException($"the sequence holds {cache.Length} tokens and may grow by {room}; {maxNewTokens} new tokens do not fit", nameof(maxNewTokens));
         lock (_owned)
         {
-            if (!_owned.Add(cache))
+            if (_owned.Contains(cache))
                 throw new ArgumentException("this KV cache already belongs to a sequence of the scheduler", nameof(cache));
+            // Every generated token but the last is appended to the cache: it must have room for them all.
+            int room = Math.Min(_model.Config.MaxPositions, cache.MaxTokens) - cache.Length;
+            if (maxNewTokens - 1 > room)
+                throw new ArgumentException($"the sequence holds {cache.Length} tokens and may grow by {room}; {maxNewTokens} new tokens do not fit", nameof(maxNewTokens));
+            _owned.Add(cache);
         }
-
         var s = new Sequence(cache, logits.ToArray(), maxNewTokens, sampler, cancellationToken);
         try
         {

@@ -102,10 +102,15 @@ public sealed class DecodeSchedulerTests
         // One cache cannot be two sequences.
         KvCache owned = model.CreateCache(pool);
         float[] logits = model.Prefill(Prompt(1, 5), owned);
-        var stream = await scheduler.StartAsync(owned, logits, 3, Sampler.Greedy());
+        using var stop = new CancellationTokenSource();
+        var stream = await scheduler.StartAsync(owned, logits, 400, Sampler.Greedy(), stop.Token); // still running below
         await Assert.ThrowsAsync<ArgumentException>(async () => await scheduler.StartAsync(owned, logits, 3, Sampler.Greedy()));
-        await foreach (GeneratedToken _ in stream.ReadAllAsync())
+        await stop.CancelAsync();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(async () =>
         {
-        }
+            await foreach (GeneratedToken _ in stream.ReadAllAsync())
+            {
+            }
+        });
     }
 }
