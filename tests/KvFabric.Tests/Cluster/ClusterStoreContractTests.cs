@@ -108,8 +108,9 @@ public abstract class ClusterStoreContractTests
         MembershipChange back = await watch.NextAsync(EventDeadline, "node-a Joined again under a new lease");
         Assert.Equal((MembershipChangeKind.Joined, "node-a"), (back.Kind, back.Node.Node));
         // The count and the log line follow the put that watchers see: give them a moment.
-        await ClusterNodes.EventuallyAsync(() => leased.Reregistrations == 1 && Log.Contains($"lease {firstLease} of node node-a was lost"),
-            EventDeadline, () => $"Reregistrations is {leased.Reregistrations}, not 1, or the loss was not logged; logged:\n{string.Join("\n", Log.Lines)}");
+        // At least one: on a starved machine a fresh 2 s lease can lapse again before its first keepalive runs.
+        await ClusterNodes.EventuallyAsync(() => leased.Reregistrations >= 1 && Log.Contains($"lease {firstLease} of node node-a was lost"),
+            EventDeadline, () => $"Reregistrations is {leased.Reregistrations}, not at least 1, or the loss was not logged; logged:\n{string.Join("\n", Log.Lines)}");
         Assert.NotEqual(firstLease, leased.LeaseId);
         Assert.Single(await store.ListAsync(CancellationToken.None));
     }

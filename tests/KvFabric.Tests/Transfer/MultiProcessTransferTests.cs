@@ -30,17 +30,8 @@ public sealed class MultiProcessTransferTests
     }
 
     /// <summary>Remote block i goes to local slot (n-1-i): a block landing at the wrong offset cannot go unnoticed.</summary>
-    private static (MemoryDescriptor[] Local, MemoryDescriptor[] Remote) Pair(HostBlockPool pool, TransferPeerProcess peer, int n)
-    {
-        var local = new MemoryDescriptor[n];
-        var remote = new MemoryDescriptor[n];
-        for (int i = 0; i < n; i++)
-        {
-            local[i] = MemoryDescriptor.Of(pool.SlotAt(n - 1 - i).Address, BlockBytes);
-            remote[i] = peer.Remote((long)i * BlockBytes, BlockBytes);
-        }
-        return (local, remote);
-    }
+    private static (MemoryDescriptor[] Local, MemoryDescriptor[] Remote) Pair(HostBlockPool pool, TransferPeerProcess peer, int n) =>
+        TransferPairs.Reversed(pool, peer, n, BlockBytes);
 
     [Theory]
     [MemberData(nameof(Cases))]

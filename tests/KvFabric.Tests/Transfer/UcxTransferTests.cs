@@ -33,17 +33,8 @@ public sealed class UcxTransferTests
         Assert.True(agent.UcxAvailable, $"UCX must be installed for these tests (scripts/install-prereqs.sh): {agent.UcxUnavailableReason}");
     }
 
-    private static (MemoryDescriptor[] Local, MemoryDescriptor[] Remote) Pair(HostBlockPool pool, TransferPeerProcess peer, int n)
-    {
-        var local = new MemoryDescriptor[n];
-        var remote = new MemoryDescriptor[n];
-        for (int i = 0; i < n; i++)
-        {
-            local[i] = MemoryDescriptor.Of(pool.SlotAt(n - 1 - i).Address, BlockBytes);
-            remote[i] = peer.Remote((long)i * BlockBytes, BlockBytes);
-        }
-        return (local, remote);
-    }
+    private static (MemoryDescriptor[] Local, MemoryDescriptor[] Remote) Pair(HostBlockPool pool, TransferPeerProcess peer, int n) =>
+        TransferPairs.Reversed(pool, peer, n, BlockBytes);
 
     [Theory]
     [MemberData(nameof(Transports))]

@@ -16,6 +16,15 @@ public sealed class DecodeSchedulerTests
         return Enumerable.Range(0, length).Select(_ => 1 + rng.Next(Config.Vocab - 1)).ToArray();
     }
 
+    /// <summary>Every sequence's cache went back: the pool is whole again (the scheduler retires at its next step).</summary>
+    private static async Task AssertWholeAsync(HostBlockPool pool)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (pool.Available != pool.Capacity && DateTime.UtcNow < deadline)
+            await Task.Delay(10);
+        Assert.Equal(pool.Capacity, pool.Available);
+    }
+
     private static async Task<int[]> ReadAllAsync(ChannelReader<GeneratedToken> reader)
     {
         var tokens = new List<int>();
@@ -56,10 +65,7 @@ public sealed class DecodeSchedulerTests
         Assert.True(scheduler.Steps < lengths.Sum(), $"{scheduler.Steps} steps for {lengths.Sum()} tokens: nothing was batched");
         Assert.InRange(scheduler.MeanBatch, 1.0, 3.0);
         // Every sequence's cache went back: the pool is whole again.
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
-        while (pool.Available != pool.Capacity && DateTime.UtcNow < deadline)
-            await Task.Delay(10);
-        Assert.Equal(pool.Capacity, pool.Available);
+        await AssertWholeAsync(pool);
     }
 
     [Fact]
@@ -80,10 +86,7 @@ public sealed class DecodeSchedulerTests
             {
             }
         });
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
-        while (pool.Available != pool.Capacity && DateTime.UtcNow < deadline)
-            await Task.Delay(10);
-        Assert.Equal(pool.Capacity, pool.Available);
+        await AssertWholeAsync(pool);
     }
 
     [Fact]
