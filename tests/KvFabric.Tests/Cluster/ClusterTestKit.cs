@@ -107,10 +107,13 @@ public static class ClusterNodes
         new(name, "worker-" + name, "127.0.0.1:" + (50000 + (name.Length * 7) % 1000), [1, 2, 3, (byte)name.Length, 0xff], load, incarnation);
 
     /// <summary>Waits until <paramref name="condition"/> holds; fails with <paramref name="what"/> after the deadline.</summary>
-    public static async Task EventuallyAsync(Func<bool> condition, TimeSpan deadline, Func<string> what)
+    public static Task EventuallyAsync(Func<bool> condition, TimeSpan deadline, Func<string> what) =>
+        EventuallyAsync(() => Task.FromResult(condition()), deadline, what);
+
+    public static async Task EventuallyAsync(Func<Task<bool>> condition, TimeSpan deadline, Func<string> what)
     {
         var clock = Stopwatch.StartNew();
-        while (!condition())
+        while (!await condition())
         {
             if (clock.Elapsed > deadline)
                 throw new TimeoutException($"not within {deadline}: {what()}");

@@ -55,10 +55,14 @@ public sealed class TransferPeerProcess : IAsyncDisposable
         var parts = ready.Split(' ');
         if (parts is not ["READY", _, _])
         {
-            p.Kill(entireProcessTree: true);
+            if (!p.HasExited)
+                p.Kill(entireProcessTree: true);
             string err = await p.StandardError.ReadToEndAsync().ConfigureAwait(false);
+            // The exit status says how it ended (a signal shows as 128 + its number) when its output does not.
+            bool exited = p.WaitForExit(5000);
+            string status = exited ? $"exit status {p.ExitCode}" : "still running after a kill";
             p.Dispose();
-            throw new InvalidOperationException($"the peer process did not start: '{ready}' {err}");
+            throw new InvalidOperationException($"the peer process did not start: '{ready}', {status}; stderr: {err}");
         }
         return new TransferPeerProcess(p, Convert.FromBase64String(parts[1]), ulong.Parse(parts[2], CultureInfo.InvariantCulture), timeout);
     }
