@@ -80,9 +80,26 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         _thread = new Thread(Loop) { IsBackground = true, Name = $"kvf-ucx {name}" };
     }
 
+    /// <summary>
+    /// UCX's memory hooks (libucm) patch mmap/munmap/malloc in the running process, by relocation or by rewriting the
+    /// functions' first instructions, so its registration cache hears of unmapped memory. In a .NET process other threads
+    /// (the GC's among them) call those functions while they are being patched: the peer processes of the tests crashed
+    /// with SIGSEGV at UCX start-up now and then under load. KvFabric maps its regions once and unmaps them itself, so it
+    /// needs no hooks: they are turned off before libucm is loaded, unless the operator set these variables.
+    /// </summary>
+    private static void DisableMemoryHooks()
+    {
+        foreach (var (key, value) in new[] { ("UCX_MEM_MMAP_HOOK_MODE", "none"), ("UCX_MEM_MALLOC_HOOKS", "no"), ("UCX_MEM_EVENTS", "no") })
+        {
+            if (Environment.GetEnvironmentVariable(key) is null)
+                Native.Libc.SetEnv(key, value, overwrite: 0);
+        }
+    }
+
     /// <summary>Creates a context and a worker, or returns null with the reason (libucp missing, init failed).</summary>
     public static UcxWorker? TryCreate(string name, IReadOnlyDictionary<string, string>? settings, out string? why)
     {
+        DisableMemoryHooks();
         try
         {
             return Create(name, settings, out why);
