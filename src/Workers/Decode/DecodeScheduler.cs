@@ -176,9 +176,11 @@ public sealed class DecodeScheduler : IAsyncDisposable
 
     private void Disown(KvCache cache)
     {
+        bool mine;
         lock (_owned)
-            _owned.Remove(cache);
-        cache.Dispose(); // the blocks go back to their pool
+            mine = _owned.Remove(cache);
+        if (mine)
+            cache.Dispose(); // the blocks go back to their pool, once
     }
 
     public async ValueTask DisposeAsync()

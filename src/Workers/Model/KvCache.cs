@@ -190,7 +190,8 @@ public sealed unsafe class KvCache : IDisposable
 
     public void Dispose()
     {
-        if (_disposed)
+        // Once, even when two owners race to dispose (the blocks must go back to the pool exactly once).
+        if (Interlocked.Exchange(ref _disposing, 1) != 0)
         {
             return;
         }
@@ -198,6 +199,8 @@ public sealed unsafe class KvCache : IDisposable
         Truncate(0);
         _disposed = true;
     }
+
+    private int _disposing;
 
     // Makes sure blocks exist for positions 0 to length - 1.
     internal void Reserve(int length)
