@@ -124,6 +124,20 @@ public sealed class DecodeScheduler : IAsyncDisposable
                         Retire(i, null);
                 }
 
+                // Each sequence's next position gets its block now: one whose pool ran dry leaves alone, with the reason,
+                // instead of failing the whole batch.
+                for (int i = _active.Count - 1; i >= 0; i--)
+                {
+                    try
+                    {
+                        _active[i].Cache.Reserve(_active[i].Cache.Length + 1);
+                    }
+                    catch (InvalidOperationException e)
+                    {
+                        Retire(i, new InvalidOperationException($"the sequence cannot grow: {e.Message}", e));
+                    }
+                }
+
                 if (_active.Count == 0)
                     continue;
                 foreach (Sequence s in _active)

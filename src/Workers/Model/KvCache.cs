@@ -214,7 +214,10 @@ public sealed unsafe class KvCache : IDisposable
         int need = (length + TokensPerBlock - 1) / TokensPerBlock;
         while (_blockCount < need)
         {
-            _blocks[_blockCount++] = _pool.Rent();
+            // Rented first: when the pool is empty the count must not have moved past a slot that was never filled.
+            BlockSlot slot = _pool.Rent();
+            _blocks[_blockCount] = slot;
+            _blockCount++;
         }
     }
 

@@ -19,10 +19,16 @@ public sealed class DecodeSchedulerTests
     /// <summary>Every sequence's cache went back: the pool is whole again (the scheduler retires at its next step).</summary>
     private static async Task AssertWholeAsync(HostBlockPool pool)
     {
-        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
-        while (pool.Available != pool.Capacity && DateTime.UtcNow < deadline)
-            await Task.Delay(10);
+        await WaitUntilAsync(() => pool.Available == pool.Capacity);
         Assert.Equal(pool.Capacity, pool.Available);
+    }
+
+    private static async Task WaitUntilAsync(Func<bool> condition)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (!condition() && DateTime.UtcNow < deadline)
+            await Task.Delay(10);
+        Assert.True(condition(), "not reached within 10 s");
     }
 
     private static async Task<int[]> ReadAllAsync(ChannelReader<GeneratedToken> reader)
@@ -102,8 +108,21 @@ public sealed class DecodeSchedulerTests
         // More tokens than the sequence can hold are refused up front instead of failing every batched sequence later.
         var full = await Assert.ThrowsAsync<ArgumentException>(async () => await scheduler.StartAsync(cache, new float[Config.Vocab], Config.MaxPositions + 2, Sampler.Greedy()));
         Assert.Contains("do not fit", full.Message, StringComparison.Ordinal);
-        // One cache cannot be two sequences.
-        KvCache owned = model.CreateCache(pool);
+        // A sequence whose pool runs dry ends alone with the reason (8 blocks of 4 tokens: 32 positions), and the pool
+        // gets every block back.
+        KvCache starved = model.CreateCache(pool);
+        var starvedStream = await scheduler.StartAsync(starved, model.Prefill(Prompt(2, 5), starved), 100, Sampler.Greedy());
+        var dry = await Assert.ThrowsAsync<InvalidOperationException>(async () =>
+        {
+            await foreach (GeneratedToken _ in starvedStream.ReadAllAsync())
+            {
+            }
+        });
+        Assert.Contains("cannot grow", dry.Message, StringComparison.Ordinal);
+        await WaitUntilAsync(() => pool.Available == pool.Capacity);
+        // One cache cannot be two sequences (a long one, from a pool that holds it, so it is still running).
+        using HostBlockPool big = model.CreatePool(128);
+        KvCache owned = model.CreateCache(big);
         float[] logits = model.Prefill(Prompt(1, 5), owned);
         using var stop = new CancellationTokenSource();
         var stream = await scheduler.StartAsync(owned, logits, 400, Sampler.Greedy(), stop.Token); // still running below
