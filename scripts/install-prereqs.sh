@@ -12,11 +12,11 @@ command -v fio >/dev/null 2>&1 || need+=(fio)                      # the disk re
 [ -n "$(ldconfig -p 2>/dev/null | grep libzstd.so.1 || true)" ] || need+=(libzstd1) # the SSD tier's zstd codec
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # the remote-KV reference of `kvfabric-bench compare`
 command -v redis-benchmark >/dev/null 2>&1 || need+=(redis-tools)
-command -v ucx_perftest >/dev/null 2>&1 || need+=(ucx-utils)      # the UCX reference of `kvfabric-bench compare`
 # The cluster store's etcd tests start their own etcd (loopback, free ports, temp data dir); the package's own service,
 # if systemd runs it, is not used by them (docs/cluster.md).
 command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need+=(etcd-server)
-# The UCX transfer backend (libucp.so.0; its tests fail, not skip, without it) and ucx_perftest, its perf reference.
+# The UCX transfer backend (libucp.so.0; its tests fail, not skip, without it) and ucx_perftest, its perf reference
+# (in `transfer --backend ucx` and `compare`).
 [ -n "$(ldconfig -p 2>/dev/null | grep libucp.so.0 || true)" ] || need+=(libucx0)
 command -v ucx_perftest >/dev/null 2>&1 || need+=(ucx-utils)
 if [ ${#need[@]} -eq 0 ]; then

@@ -1,3 +1,6 @@
+using System.Runtime.CompilerServices;
+using System.Threading.Channels;
+
 namespace KvFabric.Cluster;
 
 /// <summary>
@@ -67,5 +70,36 @@ public sealed class ClusterStoreUnavailableException : Exception
 {
     public ClusterStoreUnavailableException(string message, Exception? inner = null) : base(message, inner)
     {
+    }
+}
+
+/// <summary>How both stores hand a watch's changes to its caller.</summary>
+internal static class WatchChannel
+{
+    /// <summary>
+    /// Yields the channel's changes until it completes (rethrowing a failure it was completed with), the caller cancels
+    /// (OperationCanceledException), or the store is disposed (the watch just ends).
+    /// </summary>
+    public static async IAsyncEnumerable<MembershipChange> ReadAsync(ChannelReader<MembershipChange> changes,
+        [EnumeratorCancellation] CancellationToken caller, CancellationToken disposed = default)
+    {
+        using var both = CancellationTokenSource.CreateLinkedTokenSource(caller, disposed);
+        while (true)
+        {
+            bool more;
+            try
+            {
+                more = await changes.WaitToReadAsync(both.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (disposed.IsCancellationRequested && !caller.IsCancellationRequested)
+            {
+                yield break; // the store was disposed: the watch ends
+            }
+
+            if (!more)
+                yield break;
+            while (changes.TryRead(out MembershipChange change))
+                yield return change;
+        }
     }
 }

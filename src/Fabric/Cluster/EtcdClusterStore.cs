@@ -70,23 +70,8 @@ public sealed class EtcdClusterStore : IClusterStore
         Task pump = Task.Run(() => PumpAsync(changes.Writer, both.Token), CancellationToken.None);
         try
         {
-            while (true)
-            {
-                bool more;
-                try
-                {
-                    more = await changes.Reader.WaitToReadAsync(both.Token).ConfigureAwait(false);
-                }
-                catch (OperationCanceledException) when (_disposed.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-                {
-                    yield break; // the store was disposed: the watch ends
-                }
-
-                if (!more)
-                    yield break;
-                while (changes.Reader.TryRead(out MembershipChange change))
-                    yield return change;
-            }
+            await foreach (MembershipChange change in WatchChannel.ReadAsync(changes.Reader, cancellationToken, _disposed.Token).ConfigureAwait(false))
+                yield return change;
         }
         finally
         {

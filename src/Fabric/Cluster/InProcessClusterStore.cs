@@ -68,23 +68,10 @@ public sealed class InProcessClusterStore : IClusterStore
             _state.Watchers.Add(changes.Writer);
         }
 
-        using var both = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _disposed.Token);
         try
         {
-            while (true)
-            {
-                MembershipChange change;
-                try
-                {
-                    change = await changes.Reader.ReadAsync(both.Token).ConfigureAwait(false);
-                }
-                catch (OperationCanceledException) when (_disposed.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-                {
-                    yield break; // the store was disposed: the watch ends
-                }
-
+            await foreach (MembershipChange change in WatchChannel.ReadAsync(changes.Reader, cancellationToken, _disposed.Token).ConfigureAwait(false))
                 yield return change;
-            }
         }
         finally
         {

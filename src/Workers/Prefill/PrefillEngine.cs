@@ -84,10 +84,11 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         if (full > reuse)
         {
             var blocks = new BlockToPut[full - reuse];
+            byte[] bytes = new byte[(full - reuse) * blockBytes]; // one buffer per request, not one per block
             for (int i = reuse; i < full; i++)
             {
-                byte[] block = new byte[blockBytes];
-                cache.ExportBlock(i, block);
+                Memory<byte> block = bytes.AsMemory((i - reuse) * blockBytes, blockBytes);
+                cache.ExportBlock(i, block.Span);
                 blocks[i - reuse] = new BlockToPut(packed.AsMemory(i * BlockHash.Size, BlockHash.Size),
                     i == 0 ? ReadOnlyMemory<byte>.Empty : packed.AsMemory((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
             }
