@@ -59,13 +59,13 @@ public static class ClusterCommand
             ["KVFABRIC_CLUSTER_NAME"] = cluster,
             ["KVFABRIC_HOST_CAPACITY"] = ((blocks * 2 + events + 16) * blockBytes).ToString(System.Globalization.CultureInfo.InvariantCulture),
         };
-        var sidecars = new List<SidecarProcess>();
+        var sidecars = new List<ServiceProcess>();
         var clients = new List<FabricClient>();
         try
         {
             for (int i = 0; i < nodeCount; i++)
             {
-                sidecars.Add(await SidecarProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--node", $"bench-node-{i}",
+                sidecars.Add(await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--node", $"bench-node-{i}",
                     "--worker", $"worker-{i}", "--cluster", "etcd", "--etcd", etcd.ClientUrl.ToString()], env));
                 clients.Add(FabricClient.Connect(sidecars[i].GrpcAddress, "dev", "dev"));
             }
@@ -149,7 +149,7 @@ public static class ClusterCommand
         {
             foreach (FabricClient c in clients)
                 c.Dispose();
-            foreach (SidecarProcess s in sidecars)
+            foreach (ServiceProcess s in sidecars)
                 await s.DisposeAsync();
         }
     }

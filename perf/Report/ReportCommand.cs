@@ -1,3 +1,4 @@
+using KvFabric.Workers.Reporting;
 using System.CommandLine;
 using System.Globalization;
 using System.Text;

@@ -62,7 +62,7 @@ public static class RpcBench
             ["DOTNET_TieredCompilation"] = "0",
         };
         progress("starting kvfabric serve");
-        await using var sidecar = await SidecarProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--log-format", "text"], env);
+        await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--log-format", "text"], env);
         using var client = new FabricClient(new RpcChannelOptions
         {
             Address = new Uri(sidecar.GrpcAddress), Tenant = "dev", Token = "dev", DefaultDeadline = TimeSpan.FromMinutes(2),

@@ -6,12 +6,8 @@ using KvFabric.Rpc;
 using KvFabric.Service;
 using KvFabric.Transfer;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.AspNetCore.Hosting;
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Http;
 using Microsoft.AspNetCore.Server.Kestrel.Core;
-using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
 namespace KvFabric.Sidecar;
@@ -29,9 +25,13 @@ public sealed class SidecarHost : IAsyncDisposable
     private WebApplication? _metrics;
     private int _activeCalls;
 
-    public SidecarHost(SidecarOptions options, ILoggerFactory? logs = null)
+    private readonly IClusterStore? _clusterStore;
+
+    /// <param name="clusterStore">The cluster store to join (several in-process sidecars sharing one in-process store); null: built from the options.</param>
+    public SidecarHost(SidecarOptions options, ILoggerFactory? logs = null, IClusterStore? clusterStore = null)
     {
         _options = options.Validate();
+        _clusterStore = clusterStore;
         _logs = logs ?? LoggerFactory.Create(b =>
         {
             b.AddFilter("Microsoft", LogLevel.Warning);
@@ -79,7 +79,7 @@ public sealed class SidecarHost : IAsyncDisposable
         if (_options.Clustered)
         {
             TenantConfig credentials = _options.ClusterCredentials;
-            Cluster = new ClusterNode(ClusterFactory.CreateStore(_options, _logs), ClusterFactory.CreateIndex(Metrics), new ClusterNodeOptions
+            Cluster = new ClusterNode(_clusterStore ?? ClusterFactory.CreateStore(_options, _logs), ClusterFactory.CreateIndex(Metrics), new ClusterNodeOptions
             {
                 Node = _options.Node, Worker = _options.Worker, ClusterTenant = credentials.Name, ClusterToken = credentials.Token,
                 Tenants = tenants.All.Select(t => t.Name).ToList(), LeaseTtl = _options.ClusterLeaseTtl,
@@ -143,38 +143,9 @@ public sealed class SidecarHost : IAsyncDisposable
             _options.Layout.Describe(), _tiers.Describe(), _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
     }
 
-    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert)
-    {
-        WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
-        builder.Logging.ClearProviders();
-        builder.Services.AddSingleton(_logs);
-        builder.WebHost.ConfigureKestrel(k =>
-        {
-            k.AddServerHeader = false;
-            k.Limits.MaxRequestBodySize = null;            // streams are bounded per message, not per call
-            k.Limits.MinRequestBodyDataRate = null;        // long-lived streams (Watch, SubscribeEvents) sit idle
-            k.Limits.MinResponseDataRate = null;
-            k.Limits.Http2.MaxStreamsPerConnection = 1024;
-            k.Limits.Http2.InitialConnectionWindowSize = 32 << 20;
-            k.Limits.Http2.InitialStreamWindowSize = 16 << 20;
-            k.Limits.Http2.MaxFrameSize = (1 << 24) - 1;
-            k.Listen(_options.Listen, port, listen =>
-            {
-                listen.Protocols = protocols;
-                if (cert is not null)
-                    listen.UseHttps(cert);
-            });
-        });
-        builder.WebHost.UseShutdownTimeout(TimeSpan.FromSeconds(5));
-        return builder.Build();
-    }
+    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert) => KestrelHost.Build(_options.Listen, port, protocols, cert, _logs);
 
-    private static IPEndPoint BoundEndpoint(WebApplication app)
-    {
-        string address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
-        var uri = new Uri(address.Replace("[::]", "127.0.0.1", StringComparison.Ordinal));
-        return new IPEndPoint(IPAddress.Parse(uri.Host.Trim('[', ']')), uri.Port);
-    }
+    private static IPEndPoint BoundEndpoint(WebApplication app) => KestrelHost.BoundEndpoint(app);
 
     private void RegisterGauges()
     {

@@ -74,6 +74,13 @@ public sealed unsafe class KvCache : IDisposable
         return _blocks[index].AsSpan();
     }
 
+    /// <summary>Where a full block lives in its pool's memory (for a transfer that reads it in place); valid as GetBlock's span is.</summary>
+    public nint BlockAddress(int index)
+    {
+        CheckFull(index);
+        return _blocks[index].Address;
+    }
+
     public void ExportBlock(int index, Span<byte> destination)
     {
         CheckFull(index);

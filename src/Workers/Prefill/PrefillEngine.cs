@@ -8,9 +8,11 @@ using KvFabric.Workers.Model;
 namespace KvFabric.Workers.Prefill;
 
 /// <summary>What one prefill did: blocks reused (by tier), tokens computed, blocks offloaded, and where the time went.</summary>
+/// <remarks>FabricError is set when the sidecar could not serve reuse or offload (down, overloaded): the prompt was then computed
+/// in full, or its new blocks were not offloaded; the request itself still succeeded.</remarks>
 public sealed record PrefillOutcome(
     int PromptTokens, int ReusedBlocks, int FetchedBlocks, int ComputedTokens, int OffloadedBlocks, IReadOnlyList<Tier> ReusedTiers,
-    TimeSpan Onboard, TimeSpan Compute, TimeSpan Offload);
+    TimeSpan Onboard, TimeSpan Compute, TimeSpan Offload, string? FabricError = null);
 
 /// <summary>
 /// The prefill side of a request against the fabric: hash the prompt's full blocks (the hashing spec, under the tenant's
@@ -22,7 +24,9 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
 {
     public Transformer Model { get; } = model;
 
-    public async Task<PrefillOutcome> PrefillAsync(ReadOnlyMemory<int> prompt, KvCache cache, Memory<float> logits, CancellationToken cancellationToken = default)
+    /// <param name="reuse">false: compute the whole prompt (the no-reuse baseline); new blocks are still offloaded.</param>
+    public async Task<PrefillOutcome> PrefillAsync(ReadOnlyMemory<int> prompt, KvCache cache, Memory<float> logits, CancellationToken cancellationToken = default,
+        bool reuse = true)
     {
         if (prompt.IsEmpty)
             throw new ArgumentException("the prompt is empty", nameof(prompt));
@@ -38,65 +42,82 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         var options = new CallOptions(Deadline: TimeSpan.FromSeconds(60), CancellationToken: cancellationToken);
 
         var clock = Stopwatch.StartNew();
-        int reuse = 0, fetched = 0;
+        int reused = 0, fetched = 0;
         Tier[] tiers = [];
+        string? fabricError = null;
         // The last token is computed whatever is cached: its logits are what decoding starts from.
-        int reusable = (prompt.Length - 1) / tpb;
+        int reusable = reuse ? (prompt.Length - 1) / tpb : 0;
         if (reusable > 0)
         {
             try
             {
                 FetchResponse fetch = await sidecar.FetchAsync(packed.AsMemory(0, reusable * BlockHash.Size), options).ConfigureAwait(false);
-                reuse = (int)Math.Min(fetch.LocalBlocks + fetch.FetchedBlocks, (uint)reusable);
+                reused = (int)Math.Min(fetch.LocalBlocks + fetch.FetchedBlocks, (uint)reusable);
                 fetched = (int)fetch.FetchedBlocks;
             }
-            catch (RpcException e) when (e.Status is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.DeadlineExceeded)
+            catch (RpcException e) when (Degraded(e.Status))
             {
                 // Reuse is an optimisation: when the fabric cannot give the prefix now, compute it (what is local may
                 // still be onboarded next time).
-                reuse = 0;
+                reused = 0;
+                fabricError = $"Fetch: {e.Status}: {e.Message}";
             }
         }
 
-        if (reuse > 0)
+        if (reused > 0)
         {
-            byte[] bytes = new byte[reuse * blockBytes];
+            byte[] bytes = new byte[reused * blockBytes];
             try
             {
-                tiers = await sidecar.GetAsync(packed.AsMemory(0, reuse * BlockHash.Size), bytes, blockBytes, options: options).ConfigureAwait(false);
+                tiers = await sidecar.GetAsync(packed.AsMemory(0, reused * BlockHash.Size), bytes, blockBytes, options: options).ConfigureAwait(false);
+                for (int i = 0; i < reused; i++)
+                    cache.ImportBlock(i, bytes.AsSpan(i * blockBytes, blockBytes), prompt.Span.Slice(i * tpb, tpb));
             }
-            catch (RpcException e) when (e.Status == StatusCode.NotFound)
+            catch (RpcException e) when (e.Status == StatusCode.NotFound || Degraded(e.Status))
             {
-                reuse = 0; // evicted between Fetch and Get: compute everything
+                // Evicted between Fetch and Get, or the sidecar went away: compute everything.
+                reused = 0;
+                fetched = 0;
+                tiers = [];
+                fabricError = e.Status == StatusCode.NotFound ? null : $"Get: {e.Status}: {e.Message}";
             }
-
-            for (int i = 0; i < reuse; i++)
-                cache.ImportBlock(i, bytes.AsSpan(i * blockBytes, blockBytes), prompt.Span.Slice(i * tpb, tpb));
         }
 
         TimeSpan onboard = clock.Elapsed;
         clock.Restart();
-        Model.Prefill(prompt.Span, cache, reuse * tpb, logits.Span);
+        Model.Prefill(prompt.Span, cache, reused * tpb, logits.Span);
         TimeSpan compute = clock.Elapsed;
         clock.Restart();
 
         int offloaded = 0;
-        if (full > reuse)
+        if (full > reused)
         {
-            var blocks = new BlockToPut[full - reuse];
-            byte[] bytes = new byte[(full - reuse) * blockBytes]; // one buffer per request, not one per block
-            for (int i = reuse; i < full; i++)
+            var blocks = new BlockToPut[full - reused];
+            byte[] bytes = new byte[(full - reused) * blockBytes]; // one buffer per request, not one per block
+            for (int i = reused; i < full; i++)
             {
-                Memory<byte> block = bytes.AsMemory((i - reuse) * blockBytes, blockBytes);
+                Memory<byte> block = bytes.AsMemory((i - reused) * blockBytes, blockBytes);
                 cache.ExportBlock(i, block.Span);
-                blocks[i - reuse] = new BlockToPut(packed.AsMemory(i * BlockHash.Size, BlockHash.Size),
+                blocks[i - reused] = new BlockToPut(packed.AsMemory(i * BlockHash.Size, BlockHash.Size),
                     i == 0 ? ReadOnlyMemory<byte>.Empty : packed.AsMemory((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
             }
 
-            PutResponse put = await sidecar.PutAsync(blocks, options).ConfigureAwait(false);
-            offloaded = (int)put.Stored;
+            try
+            {
+                PutResponse put = await sidecar.PutAsync(blocks, options).ConfigureAwait(false);
+                offloaded = (int)put.Stored;
+            }
+            catch (RpcException e) when (Degraded(e.Status))
+            {
+                // The request has its KV; only later reuse is lost.
+                fabricError ??= $"Put: {e.Status}: {e.Message}";
+            }
         }
 
-        return new PrefillOutcome(prompt.Length, reuse, fetched, prompt.Length - reuse * tpb, offloaded, tiers, onboard, compute, clock.Elapsed);
+        return new PrefillOutcome(prompt.Length, reused, fetched, prompt.Length - reused * tpb, offloaded, tiers, onboard, compute, clock.Elapsed, fabricError);
     }
+
+    /// <summary>The sidecar is down, restarting, overloaded or too slow: serve the request without the fabric.</summary>
+    private static bool Degraded(StatusCode status) =>
+        status is StatusCode.Unavailable or StatusCode.ResourceExhausted or StatusCode.DeadlineExceeded or StatusCode.Internal or StatusCode.Unknown;
 }

@@ -25,7 +25,7 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
         return env;
     }
 
-    private Task<SidecarProcess> StartNodeAsync(string cluster, string node, string? ssdDir = null)
+    private Task<ServiceProcess> StartNodeAsync(string cluster, string node, string? ssdDir = null)
     {
         var env = Env(cluster);
         if (ssdDir is not null)
@@ -35,11 +35,11 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
             env["KVFABRIC_WRITE_THROUGH"] = "true"; // a Put returns once the SSD copy is durable
         }
 
-        return SidecarProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--node", node, "--worker", node + "-worker",
+        return ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--node", node, "--worker", node + "-worker",
             "--cluster", "etcd", "--etcd", etcd.Etcd.ClientUrl.ToString(), "--lease-ttl", LeaseTtlSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture)], env);
     }
 
-    private static FabricClient Client(SidecarProcess p) => FabricClient.Connect(p.GrpcAddress, "dev", "dev");
+    private static FabricClient Client(ServiceProcess p) => FabricClient.Connect(p.GrpcAddress, "dev", "dev");
 
     private static async Task<MatchResponse> MatchUntilAsync(FabricClient client, byte[][] chain, Func<MatchResponse, bool> done, string what, TimeSpan? timeout = null)
     {
@@ -62,10 +62,10 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
     public async Task Every_node_matches_blocks_stored_on_any_other_and_fetches_them_through_the_transfer_layer()
     {
         string cluster = "t-" + Guid.NewGuid().ToString("N")[..8];
-        await using SidecarProcess a = await StartNodeAsync(cluster, "node-a");
-        await using SidecarProcess b = await StartNodeAsync(cluster, "node-b");
-        await using SidecarProcess c = await StartNodeAsync(cluster, "node-c");
-        SidecarProcess[] nodes = [a, b, c];
+        await using ServiceProcess a = await StartNodeAsync(cluster, "node-a");
+        await using ServiceProcess b = await StartNodeAsync(cluster, "node-b");
+        await using ServiceProcess c = await StartNodeAsync(cluster, "node-c");
+        ServiceProcess[] nodes = [a, b, c];
         string[] names = ["node-a", "node-b", "node-c"];
         using FabricClient ca = Client(a), cb = Client(b), cc = Client(c);
         FabricClient[] clients = [ca, cb, cc];
@@ -112,7 +112,7 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
         FetchResponse again = await cc.FetchAsync(TestBlocks.Packed(chains[0]));
         Assert.Equal((4u, 0u), (again.LocalBlocks, again.FetchedBlocks));
         await MatchUntilAsync(cb, chains[0], r => Holds(r, "node-a", 4) && Holds(r, "node-c", 4), "node-b seeing the fetched copy on node-c");
-        foreach (SidecarProcess p in nodes)
+        foreach (ServiceProcess p in nodes)
             Assert.False(p.HasExited, p.Log);
     }
 
@@ -124,9 +124,9 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
         Directory.CreateDirectory(ssd);
         try
         {
-            await using SidecarProcess a = await StartNodeAsync(cluster, "node-a");
-            SidecarProcess b = await StartNodeAsync(cluster, "node-b", ssd);
-            await using SidecarProcess c = await StartNodeAsync(cluster, "node-c");
+            await using ServiceProcess a = await StartNodeAsync(cluster, "node-a");
+            ServiceProcess b = await StartNodeAsync(cluster, "node-b", ssd);
+            await using ServiceProcess c = await StartNodeAsync(cluster, "node-c");
             using FabricClient ca = Client(a), cc = Client(c);
             var chain = TestBlocks.Chain("killed-node-" + cluster, 4);
             using (FabricClient cb = Client(b))
@@ -151,7 +151,7 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
 
             await b.DisposeAsync();
             // Back on the same SSD: it rejoins and what survived there is in every index again, on its SSD tier.
-            await using SidecarProcess b2 = await StartNodeAsync(cluster, "node-b", ssd);
+            await using ServiceProcess b2 = await StartNodeAsync(cluster, "node-b", ssd);
             MatchResponse back = await MatchUntilAsync(ca, chain, r => Holds(r, "node-b", 4), "node-b's SSD blocks back in node-a's index");
             Assert.Equal(4u, back.Matches.Single(w => w.Node == "node-b").SsdBlocks);
             await MatchUntilAsync(cc, chain, r => Holds(r, "node-b", 4), "node-b's SSD blocks back in node-c's index");

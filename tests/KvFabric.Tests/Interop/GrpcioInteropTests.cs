@@ -27,7 +27,7 @@ public sealed class GrpcioInteropTests
     public async Task Grpcio_client_drives_every_call_of_a_running_sidecar()
     {
         PythonGrpc.RequireGrpcio();
-        await using var sidecar = await SidecarProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "0"], SmallLayoutEnv);
+        await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "0"], SmallLayoutEnv);
         string address = sidecar.GrpcAddress.Replace("http://", string.Empty, StringComparison.Ordinal);
         var (code, output) = await PythonGrpc.RunAsync(
             ["grpcio_client.py", PythonGrpc.ProtoRoot, address, "dev", "dev", "4096", (256 * 1024).ToString(CultureInfo.InvariantCulture)],

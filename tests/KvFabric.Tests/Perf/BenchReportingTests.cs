@@ -1,3 +1,4 @@
+using KvFabric.Workers.Reporting;
 using Xunit;
 using System.Text.Json.Nodes;
 using System.Xml.Linq;

@@ -1,7 +1,7 @@
 using System.Globalization;
 using System.Text;
 
-namespace KvFabric.Bench.Report;
+namespace KvFabric.Workers.Reporting;
 
 /// <summary>One line of a chart: points in data units, drawn solid (KvFabric) or dashed (a reference).</summary>
 public sealed record Series(string Name, IReadOnlyList<(double X, double Y)> Points, bool Dashed = false);

@@ -4,21 +4,26 @@ using System.Text;
 namespace KvFabric.Sidecar;
 
 /// <summary>
-/// Runs `kvfabric serve` as a separate process and waits for its READY line (integration tests, the perf suite, demos).
-/// Configuration goes in as flags and KVFABRIC_* environment variables, as an operator would give it.
+/// Runs one of this project's services as a separate process (`kvfabric serve`, a `kvfabric-worker serve`) and waits for
+/// its READY line, whose key=value fields it keeps (integration tests, the perf suite, the demo). Configuration goes in
+/// as flags and KVFABRIC_* environment variables, as an operator would give it.
 /// </summary>
-public sealed class SidecarProcess : IAsyncDisposable
+public sealed class ServiceProcess : IAsyncDisposable
 {
     private readonly Process _process;
     private readonly StringBuilder _log;
 
-    private SidecarProcess(Process process, StringBuilder log, string grpc, string metrics)
+    private ServiceProcess(Process process, StringBuilder log, IReadOnlyDictionary<string, string> fields)
     {
         _process = process;
         _log = log;
-        GrpcAddress = grpc;
-        MetricsAddress = metrics;
+        Fields = fields;
+        GrpcAddress = fields["grpc"];
+        MetricsAddress = fields.GetValueOrDefault("metrics", "off");
     }
+
+    /// <summary>The key=value fields of the READY line.</summary>
+    public IReadOnlyDictionary<string, string> Fields { get; }
 
     /// <summary>e.g. "http://127.0.0.1:41234".</summary>
     public string GrpcAddress { get; }
@@ -37,20 +42,37 @@ public sealed class SidecarProcess : IAsyncDisposable
         }
     }
 
-    public static async Task<SidecarProcess> StartAsync(IEnumerable<string> args, IReadOnlyDictionary<string, string>? environment = null,
-        TimeSpan? startTimeout = null)
+    /// <summary>Starts `kvfabric serve` (a sidecar) with args.</summary>
+    public static Task<ServiceProcess> StartAsync(IEnumerable<string> args, IReadOnlyDictionary<string, string>? environment = null,
+        TimeSpan? startTimeout = null) => StartAsync("kvfabric.dll", "serve", args, environment, startTimeout);
+
+    /// <summary>
+    /// Starts `dotnet {dll} {verb} {args}` (dll next to this assembly) and waits for its "READY grpc=... " line.
+    /// cpus, when given, pins the process to those CPUs (sched_setaffinity) as soon as it starts.
+    /// </summary>
+    public static async Task<ServiceProcess> StartAsync(string dllName, string verb, IEnumerable<string> args,
+        IReadOnlyDictionary<string, string>? environment = null, TimeSpan? startTimeout = null, IReadOnlyList<int>? cpus = null)
     {
-        string dll = Path.Combine(AppContext.BaseDirectory, "kvfabric.dll");
+        string dll = Path.Combine(AppContext.BaseDirectory, dllName);
         if (!File.Exists(dll))
-            throw new FileNotFoundException($"{dll} is missing: build the solution (the sidecar runs the kvfabric executable)", dll);
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+            throw new FileNotFoundException($"{dll} is missing: build the solution (this runs the {Path.GetFileNameWithoutExtension(dllName)} executable)", dll);
+        // Pinned through taskset (util-linux): every thread of the process inherits the CPU set from its first instruction.
+        bool pin = cpus is { Count: > 0 };
+        var psi = new ProcessStartInfo(pin ? "taskset" : "dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        if (pin)
+        {
+            psi.ArgumentList.Add("--cpu-list");
+            psi.ArgumentList.Add(string.Join(',', cpus!));
+            psi.ArgumentList.Add("dotnet");
+        }
+
         psi.ArgumentList.Add(dll);
-        psi.ArgumentList.Add("serve");
+        psi.ArgumentList.Add(verb);
         foreach (string a in args)
             psi.ArgumentList.Add(a);
         foreach (var (k, v) in environment ?? new Dictionary<string, string>())
             psi.Environment[k] = v;
-        var p = Process.Start(psi) ?? throw new InvalidOperationException("could not start 'dotnet' for the sidecar; is the .NET SDK on PATH?");
+        var p = Process.Start(psi) ?? throw new InvalidOperationException($"could not start '{psi.FileName}'; are the .NET SDK (and, to pin CPUs, util-linux's taskset) on PATH?");
         var ready = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
         var log = new StringBuilder();
         p.OutputDataReceived += (_, e) =>
@@ -75,6 +97,7 @@ public sealed class SidecarProcess : IAsyncDisposable
         };
         p.BeginOutputReadLine();
         p.BeginErrorReadLine();
+
         TimeSpan timeout = startTimeout ?? TimeSpan.FromSeconds(60);
         string line;
         try
@@ -87,7 +110,7 @@ public sealed class SidecarProcess : IAsyncDisposable
         }
 
         var fields = line.Split(' ').Skip(1).Select(f => f.Split('=', 2)).Where(f => f.Length == 2).ToDictionary(f => f[0], f => f[1]);
-        if (!fields.TryGetValue("grpc", out string? grpc))
+        if (!fields.ContainsKey("grpc"))
         {
             if (!p.HasExited)
                 p.Kill(entireProcessTree: true);
@@ -96,13 +119,13 @@ public sealed class SidecarProcess : IAsyncDisposable
             lock (log)
                 text = log.ToString();
             p.Dispose();
-            throw new InvalidOperationException($"kvfabric serve did not start ({line}); its output:\n{text}");
+            throw new InvalidOperationException($"{Path.GetFileNameWithoutExtension(dllName)} {verb} did not start ({line}); its output:\n{text}");
         }
 
-        return new SidecarProcess(p, log, grpc, fields.GetValueOrDefault("metrics", "off"));
+        return new ServiceProcess(p, log, fields);
     }
 
-    /// <summary>Asks the sidecar to stop (SIGTERM) and waits, bounded; kills it if it does not exit in time.</summary>
+    /// <summary>Asks the process to stop (SIGTERM) and waits, bounded; kills it if it does not exit in time.</summary>
     public async Task<int> StopAsync(TimeSpan? timeout = null)
     {
         if (!_process.HasExited)
@@ -123,7 +146,7 @@ public sealed class SidecarProcess : IAsyncDisposable
         return _process.ExitCode;
     }
 
-    /// <summary>Kills the sidecar at once (SIGKILL): no cleanup, no lease revoked, as in a crash.</summary>
+    /// <summary>Kills the process at once (SIGKILL): no cleanup, no lease revoked, as in a crash.</summary>
     public async Task KillAsync()
     {
         if (!_process.HasExited)

@@ -1,0 +1,281 @@
+using System.Diagnostics;
+using KvFabric.Client.Grpc;
+using KvFabric.Rpc.V1;
+using KvFabric.Workers.Serving;
+
+namespace KvFabric.Workers.Driver;
+
+/// <summary>What happened to one request: its tokens, first-token latency (on the driver's clock), the gaps between its tokens (on the decode worker's clock), and its prefill.</summary>
+public sealed record RequestResult(
+    int Id, int[] Tokens, double TtftMs, double[] ItlMs, double E2eMs, PrefillResponse? Prefill, string PrefillWorker, string DecodeWorker,
+    int Attempts, string? Error)
+{
+    public bool Ok => Error is null;
+}
+
+public sealed record DriverOptions
+{
+    /// <summary>Most requests in flight at once (arrivals beyond it wait: the driver is a bounded queue, not an open loop past it).</summary>
+    public int MaxInFlight { get; init; } = 8;
+    /// <summary>Arrival times are multiplied by this (0: all at once, as fast as MaxInFlight allows).</summary>
+    public double TimeScale { get; init; } = 1.0;
+    public bool NoReuse { get; init; }
+    /// <summary>Prefill everything first, then start decoding all at once (decode with no concurrent prefill: the ITL reference).</summary>
+    public bool PrefillFirst { get; init; }
+    public float Temperature { get; init; }
+    public ulong Seed { get; init; } = 1;
+    /// <summary>Progress lines (null: none).</summary>
+    public TextWriter? Progress { get; init; }
+    public string Label { get; init; } = "run";
+    public TimeSpan RequestDeadline { get; init; } = TimeSpan.FromMinutes(5);
+}
+
+/// <summary>
+/// Replays a workload against the workers: at each request's arrival (bounded by MaxInFlight), disaggregated as
+/// Reserve on a decode worker, its Decode stream, and Prefill on the routed prefill worker; or colocated as Generate.
+/// A request whose decode worker fails is retried once on another decode worker (its prefix is then reused from the
+/// fabric); otherwise it fails with the reason.
+/// </summary>
+public static class RequestDriver
+{
+    private static long s_nextId = Environment.TickCount64 << 20;
+
+    public static async Task<RequestResult[]> RunDisaggregatedAsync(Router router, IReadOnlyList<WorkloadRequest> requests, DriverOptions options,
+        CancellationToken cancellationToken = default)
+    {
+        if (options.PrefillFirst)
+            return await RunPrefillFirstAsync(router, requests, options, cancellationToken).ConfigureAwait(false);
+        return await ReplayAsync(requests, options, r => OneDisaggregatedAsync(router, r, options, cancellationToken), cancellationToken).ConfigureAwait(false);
+    }
+
+    public static Task<RequestResult[]> RunColocatedAsync(IReadOnlyList<WorkerClient> workers, IReadOnlyList<WorkloadRequest> requests, DriverOptions options,
+        CancellationToken cancellationToken = default)
+    {
+        int next = 0;
+        return ReplayAsync(requests, options, r => OneColocatedAsync(workers[(int)((uint)Interlocked.Increment(ref next) % (uint)workers.Count)], r, options, cancellationToken),
+            cancellationToken);
+    }
+
+    private static async Task<RequestResult[]> ReplayAsync(IReadOnlyList<WorkloadRequest> requests, DriverOptions options, Func<WorkloadRequest, Task<RequestResult>> run,
+        CancellationToken cancellationToken)
+    {
+        var results = new RequestResult[requests.Count];
+        using var slots = new SemaphoreSlim(options.MaxInFlight, options.MaxInFlight);
+        var clock = Stopwatch.StartNew();
+        var tasks = new List<Task>(requests.Count);
+        int done = 0;
+        using var progress = options.Progress is null ? null : new Timer(_ =>
+            options.Progress.WriteLine($"[{options.Label}] {Volatile.Read(ref done)}/{requests.Count} requests done, {options.MaxInFlight - slots.CurrentCount} in flight, {clock.Elapsed.TotalSeconds:0.0} s"),
+            null, TimeSpan.FromSeconds(2), TimeSpan.FromSeconds(2));
+        for (int i = 0; i < requests.Count; i++)
+        {
+            WorkloadRequest r = requests[i];
+            long due = (long)(r.ArrivalMs * options.TimeScale);
+            long wait = due - clock.ElapsedMilliseconds;
+            if (wait > 0)
+                await Task.Delay(TimeSpan.FromMilliseconds(wait), cancellationToken).ConfigureAwait(false);
+            await slots.WaitAsync(cancellationToken).ConfigureAwait(false);
+            int index = i;
+            tasks.Add(Task.Run(async () =>
+            {
+                try
+                {
+                    results[index] = await run(r).ConfigureAwait(false);
+                }
+                finally
+                {
+                    slots.Release();
+                    Interlocked.Increment(ref done);
+                }
+            }, CancellationToken.None));
+        }
+
+        await Task.WhenAll(tasks).ConfigureAwait(false);
+        return results;
+    }
+
+    private static async Task<RequestResult> OneDisaggregatedAsync(Router router, WorkloadRequest r, DriverOptions options, CancellationToken cancellationToken)
+    {
+        var clock = Stopwatch.StartNew();
+        WorkerClient? failed = null;
+        string? error = null;
+        for (int attempt = 1; attempt <= 2; attempt++)
+        {
+            using Router.DecodeLease decode = router.PickDecode(failed);
+            WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                var (tokens, ttft, itl, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, null, cancellationToken).ConfigureAwait(false);
+                return new RequestResult(r.Id, tokens, ttft, itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, attempt, null);
+            }
+            catch (DecodeFailedException e) when (attempt == 1 && router.HasOtherDecoder(decode.Worker) && !cancellationToken.IsCancellationRequested)
+            {
+                failed = decode.Worker; // retried on another decode worker
+                error = e.Message;
+            }
+            catch (Exception e) when (!cancellationToken.IsCancellationRequested)
+            {
+                return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, prefill.Name, decode.Worker.Name, attempt, e.Message);
+            }
+        }
+
+        return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, "", "", 2, error);
+    }
+
+    /// <summary>The decode side failed (the worker died, its stream broke): worth retrying elsewhere.</summary>
+    private sealed class DecodeFailedException(string message, Exception inner) : Exception(message, inner);
+
+    /// <summary>
+    /// One disaggregated request: Reserve, open the Decode stream, Prefill (which WRITEs the KV), read the tokens.
+    /// beforeDecode, when set, is awaited after the prefill and before the first token is read (prefill-first runs).
+    /// </summary>
+    private static async Task<(int[] Tokens, double Ttft, double[] Itl, PrefillResponse Prefill)> HandOffAndDecodeAsync(WorkerClient prefill, WorkerClient decode,
+        WorkloadRequest r, DriverOptions options, Stopwatch clock, Func<Task>? beforeDecode, CancellationToken cancellationToken)
+    {
+        ulong id = (ulong)Interlocked.Increment(ref s_nextId);
+        var call = new CallOptions(options.RequestDeadline, cancellationToken);
+        ReserveHandoffResponse reserved;
+        try
+        {
+            reserved = await decode.ReserveAsync(id, r.Prompt.Length, call).ConfigureAwait(false);
+        }
+        catch (RpcException e) when (e.Status is StatusCode.Unavailable or StatusCode.Internal)
+        {
+            throw new DecodeFailedException($"decode worker {decode.Name} could not reserve the hand-off: {e.Message}", e);
+        }
+
+        var decodeRequest = new DecodeRequest { RequestId = id, MaxNewTokens = (uint)r.MaxNewTokens, Temperature = options.Temperature, Seed = options.Seed + (ulong)r.Id };
+        decodeRequest.Prompt.Add(r.Prompt);
+        using var cancelDecode = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        if (beforeDecode is not null)
+        {
+            PrefillResponse early = await PrefillAsync(prefill, id, r, reserved.Ticket, options, call).ConfigureAwait(false);
+            await beforeDecode().ConfigureAwait(false);
+            clock.Restart(); // TTFT of a prefill-first run is not meaningful; ITL is what it measures
+            var (t, f, i) = await ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock).ConfigureAwait(false);
+            return (t, f, i, early);
+        }
+
+        Task<(int[], double, double[])> tokens = ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock);
+        PrefillResponse pre;
+        try
+        {
+            pre = await PrefillAsync(prefill, id, r, reserved.Ticket, options, call).ConfigureAwait(false);
+        }
+        catch
+        {
+            await cancelDecode.CancelAsync().ConfigureAwait(false); // the decode side gives up its reservation
+            try
+            {
+                await tokens.ConfigureAwait(false);
+            }
+            catch (Exception)
+            {
+                // the prefill's failure is the one to report
+            }
+
+            throw;
+        }
+
+        var (all, ttft, itl) = await tokens.ConfigureAwait(false);
+        return (all, ttft, itl, pre);
+    }
+
+    private static async Task<PrefillResponse> PrefillAsync(WorkerClient prefill, ulong id, WorkloadRequest r, HandoffReservation ticket, DriverOptions options, CallOptions call)
+    {
+        var request = new PrefillRequest { RequestId = id, Ticket = ticket, NoReuse = options.NoReuse };
+        request.Prompt.Add(r.Prompt);
+        return await prefill.PrefillAsync(request, call).ConfigureAwait(false);
+    }
+
+    private static async Task<(int[], double, double[])> ReadTokensAsync(WorkerClient decode, DecodeRequest request, DriverOptions options, CancellationToken cancellationToken,
+        Stopwatch clock)
+    {
+        try
+        {
+            await using var stream = decode.Decode(request, new CallOptions(options.RequestDeadline, cancellationToken));
+            return await CollectAsync(stream.ReadAsync, (int)request.MaxNewTokens, clock, null).ConfigureAwait(false);
+        }
+        catch (RpcException e) when (e.Status is StatusCode.Unavailable or StatusCode.Internal or StatusCode.Unknown && !cancellationToken.IsCancellationRequested)
+        {
+            throw new DecodeFailedException($"decode worker {decode.Name} failed mid-stream: {e.Message}", e);
+        }
+    }
+
+    private static async Task<(int[], double, double[])> CollectAsync(Func<ValueTask<GeneratedTokens?>> read, int maxNew, Stopwatch clock, Action<PrefillResponse>? prefill)
+    {
+        var tokens = new List<int>(maxNew);
+        var stamps = new List<long>(maxNew);
+        double ttft = 0;
+        while (await read().ConfigureAwait(false) is { } m)
+        {
+            if (tokens.Count == 0)
+                ttft = clock.Elapsed.TotalMilliseconds;
+            if (m.Prefill is not null)
+                prefill?.Invoke(m.Prefill);
+            if (m.FirstIndex != tokens.Count)
+                throw new RpcException(StatusCode.Internal, $"token {m.FirstIndex} arrived when {tokens.Count} was expected");
+            tokens.AddRange(m.Tokens);
+            stamps.AddRange(m.UnixNanos);
+        }
+
+        if (tokens.Count != maxNew)
+            throw new RpcException(StatusCode.Internal, $"the stream ended after {tokens.Count} of {maxNew} tokens");
+        var itl = new double[Math.Max(0, stamps.Count - 1)];
+        for (int i = 1; i < stamps.Count; i++)
+            itl[i - 1] = (stamps[i] - stamps[i - 1]) / 1e6;
+        return ([.. tokens], ttft, itl);
+    }
+
+    private static async Task<RequestResult> OneColocatedAsync(WorkerClient worker, WorkloadRequest r, DriverOptions options, CancellationToken cancellationToken)
+    {
+        var clock = Stopwatch.StartNew();
+        var request = new GenerateRequest { RequestId = (ulong)Interlocked.Increment(ref s_nextId), MaxNewTokens = (uint)r.MaxNewTokens, NoReuse = options.NoReuse,
+            Temperature = options.Temperature, Seed = options.Seed + (ulong)r.Id };
+        request.Prompt.Add(r.Prompt);
+        try
+        {
+            await using var stream = worker.Generate(request, new CallOptions(options.RequestDeadline, cancellationToken));
+            PrefillResponse? pre = null;
+            var (tokens, ttft, itl) = await CollectAsync(stream.ReadAsync, r.MaxNewTokens, clock, p => pre = p).ConfigureAwait(false);
+            return new RequestResult(r.Id, tokens, ttft, itl, clock.Elapsed.TotalMilliseconds, pre, worker.Name, worker.Name, 1, null);
+        }
+        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
+        {
+            return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, worker.Name, worker.Name, 1, e.Message);
+        }
+    }
+
+    /// <summary>
+    /// The decode-only reference: every request is prefilled and handed off first (all KV waits in the decode workers'
+    /// slots), then all decode streams start together, so decoding runs with no prefill beside it.
+    /// </summary>
+    private static async Task<RequestResult[]> RunPrefillFirstAsync(Router router, IReadOnlyList<WorkloadRequest> requests, DriverOptions options, CancellationToken cancellationToken)
+    {
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        int prefilled = 0;
+        var tasks = requests.Select(async r =>
+        {
+            var clock = Stopwatch.StartNew();
+            using Router.DecodeLease decode = router.PickDecode();
+            WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                var (tokens, ttft, itl, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, async () =>
+                {
+                    if (Interlocked.Increment(ref prefilled) == requests.Count)
+                        gate.TrySetResult();
+                    await gate.Task.WaitAsync(options.RequestDeadline, cancellationToken).ConfigureAwait(false);
+                }, cancellationToken).ConfigureAwait(false);
+                return new RequestResult(r.Id, tokens, ttft, itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, 1, null);
+            }
+            catch (Exception e) when (!cancellationToken.IsCancellationRequested)
+            {
+                if (Interlocked.Increment(ref prefilled) == requests.Count)
+                    gate.TrySetResult();
+                return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, prefill.Name, decode.Worker.Name, 1, e.Message);
+            }
+        }).ToList();
+        return await Task.WhenAll(tasks).ConfigureAwait(false);
+    }
+}

@@ -1,0 +1,109 @@
+using KvFabric.Blocks;
+using KvFabric.Client;
+using KvFabric.Client.Grpc;
+using KvFabric.Rpc.V1;
+using KvFabric.Workers.Serving;
+
+namespace KvFabric.Workers.Driver;
+
+/// <summary>
+/// Picks the workers of a request. Prefill: the index's Route (the worker whose node holds the longest cached prefix,
+/// net of load), mapped to the prefill worker of that name; round robin when the index cannot answer or names no
+/// prefill worker. Decode: the decode worker with the fewest requests this router has in flight on it.
+/// </summary>
+public sealed class Router
+{
+    private readonly IReadOnlyList<WorkerClient> _prefill;
+    private readonly IReadOnlyList<WorkerClient> _decode;
+    private readonly Dictionary<string, WorkerClient> _byName;
+    private readonly FabricClient _index;
+    private readonly KvLayout _layout;
+    private readonly string _tenant;
+    private readonly int[] _inFlight;
+    private int _roundRobin;
+    private long _routed, _fallbacks;
+
+    public Router(IReadOnlyList<WorkerClient> prefill, IReadOnlyList<WorkerClient> decode, FabricClient index, KvLayout layout, string tenant)
+    {
+        if (prefill.Count == 0 || decode.Count == 0)
+            throw new ArgumentException($"a disaggregated deployment needs at least one prefill and one decode worker; got {prefill.Count} and {decode.Count}");
+        _prefill = prefill;
+        _decode = decode;
+        _byName = prefill.ToDictionary(w => w.Name, StringComparer.Ordinal);
+        _index = index;
+        _layout = layout;
+        _tenant = tenant;
+        _inFlight = new int[decode.Count];
+    }
+
+    public IReadOnlyList<WorkerClient> Decoders => _decode;
+    /// <summary>Prefill choices made by Route / by round robin because Route could not answer.</summary>
+    public long Routed => Interlocked.Read(ref _routed);
+    public long Fallbacks => Interlocked.Read(ref _fallbacks);
+
+    public async Task<WorkerClient> PickPrefillAsync(ReadOnlyMemory<int> prompt, CancellationToken cancellationToken)
+    {
+        int full = prompt.Length / _layout.TokensPerBlock;
+        if (full > 0 && _prefill.Count > 1)
+        {
+            var hashes = new BlockHash[full];
+            BlockHasher.ComputeChain(_tenant, _layout, prompt.Span, hashes);
+            byte[] packed = new byte[full * BlockHash.Size];
+            for (int i = 0; i < full; i++)
+                hashes[i].WriteTo(packed.AsSpan(i * BlockHash.Size));
+            try
+            {
+                RouteResponse route = await _index.RouteAsync(packed, options: new CallOptions(TimeSpan.FromSeconds(2), cancellationToken)).ConfigureAwait(false);
+                if (_byName.TryGetValue(route.Worker, out WorkerClient? chosen))
+                {
+                    Interlocked.Increment(ref _routed);
+                    return chosen;
+                }
+            }
+            catch (RpcException) when (!cancellationToken.IsCancellationRequested)
+            {
+                // The index is an optimisation: without it, spread the load.
+            }
+        }
+
+        if (_prefill.Count > 1)
+            Interlocked.Increment(ref _fallbacks);
+        return _prefill[(int)((uint)Interlocked.Increment(ref _roundRobin) % (uint)_prefill.Count)];
+    }
+
+    /// <summary>The least-loaded decode worker not in exclude; dispose the lease when the request is done with it.</summary>
+    public DecodeLease PickDecode(WorkerClient? exclude = null)
+    {
+        lock (_inFlight)
+        {
+            int best = -1;
+            for (int i = 0; i < _decode.Count; i++)
+            {
+                if (_decode[i] != exclude && (best < 0 || _inFlight[i] < _inFlight[best]))
+                    best = i;
+            }
+
+            if (best < 0)
+                throw new InvalidOperationException("no other decode worker to retry on");
+            _inFlight[best]++;
+            return new DecodeLease(this, best);
+        }
+    }
+
+    public bool HasOtherDecoder(WorkerClient worker) => _decode.Any(d => d != worker);
+
+    public sealed class DecodeLease(Router router, int index) : IDisposable
+    {
+        private int _done;
+        public WorkerClient Worker => router._decode[index];
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _done, 1) == 0)
+            {
+                lock (router._inFlight)
+                    router._inFlight[index]--;
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+return await KvFabric.Workers.WorkerCli.RunAsync(args);

@@ -1,0 +1,436 @@
+using System.Collections.Concurrent;
+using System.Diagnostics;
+using System.Net;
+using System.Threading.Channels;
+using Google.Protobuf;
+using KvFabric.Client;
+using KvFabric.Client.Grpc;
+using KvFabric.Memory;
+using KvFabric.Rpc;
+using KvFabric.Rpc.V1;
+using KvFabric.Transfer;
+using KvFabric.Workers.Decode;
+using KvFabric.Workers.Handoff;
+using KvFabric.Workers.Model;
+using KvFabric.Workers.Prefill;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Server.Kestrel.Core;
+using Microsoft.Extensions.Logging;
+using HandoffTicket = KvFabric.Workers.Handoff.HandoffTicket;
+using TicketMessage = KvFabric.Rpc.V1.HandoffReservation;
+
+namespace KvFabric.Workers.Serving;
+
+/// <summary>
+/// One worker process's gRPC service (kvfabric.v1.Worker, docs/workers.md) over the model, its KV block pool and its
+/// transfer agent. Prefill role: Prefill computes a prompt's KV with prefix reuse through the sidecar and WRITEs it,
+/// with a notification, into slots a decode worker reserved (a failed transfer is retried; the receiver never takes a bad
+/// one). Decode role: Reserve gives those slots; Decode waits for the notification and streams the generated tokens,
+/// batched continuously with the other requests. Colocated role: Generate does both in this process (the baseline).
+/// </summary>
+public sealed class WorkerServer : IAsyncDisposable
+{
+    private const string Service = "/kvfabric.v1.Worker/";
+    private readonly WorkerOptions _options;
+    private readonly ILogger _log;
+    private readonly ILoggerFactory _logs;
+    private readonly Transformer _model;
+    private readonly HostBlockPool _pool;
+    private readonly TransferAgent _agent;
+    private readonly FabricClient? _sidecar;
+    private readonly PrefillEngine? _prefill;
+    private readonly HandoffReceiver? _handoff;
+    private readonly DecodeEngine? _decode;
+    private readonly DecodeScheduler? _scheduler;
+    private readonly SemaphoreSlim _compute = new(1, 1);
+    private readonly ConcurrentDictionary<Guid, Lazy<Task<RemoteAgent>>> _remotes = new();
+    private byte[] _metadata = [];
+    private WebApplication? _app;
+    private int _active, _queued;
+    private long _completed, _failed, _retries, _fallbacks;
+
+    public WorkerServer(WorkerOptions options, ILoggerFactory logs)
+    {
+        _options = options.Validate();
+        _logs = logs;
+        _log = logs.CreateLogger("kvfabric.worker");
+        _model = new Transformer(ModelConfigs.Get(options.Model), options.Threads);
+        // Registered and shared: the prefill side WRITEs straight from the cache's blocks (no staging copy).
+        _pool = _model.CreatePool(options.KvBlocks, shared: options.Role == WorkerRole.Prefill);
+        _agent = new TransferAgent(new TransferAgentOptions
+        {
+            Name = options.Name, ListenAddress = options.Listen,
+            Faults = options.CorruptNthPayload > 0 ? new TransferFaults { CorruptNthPayload = options.CorruptNthPayload } : null,
+        });
+        if (options.Role != WorkerRole.Decode)
+        {
+            _sidecar = FabricClient.Connect(options.Sidecar!, options.Tenant, options.Token);
+            _prefill = new PrefillEngine(_model, _sidecar, options.Tenant);
+        }
+
+        if (options.Role == WorkerRole.Prefill)
+            _agent.Register(_pool);
+        if (options.Role == WorkerRole.Decode)
+        {
+            _handoff = new HandoffReceiver(_agent, checked((int)_model.Layout.BlockBytes), options.HandoffSlots);
+            _decode = new DecodeEngine(_model, _handoff);
+        }
+
+        if (options.Role != WorkerRole.Prefill)
+            _scheduler = new DecodeScheduler(_model, options.MaxBatch);
+    }
+
+    public IPEndPoint? Endpoint { get; private set; }
+    public Guid AgentId => _agent.AgentId;
+    public WorkerOptions Options => _options;
+
+    public async Task StartAsync(CancellationToken cancellationToken = default)
+    {
+        _metadata = _agent.ExportMetadata();
+        var router = new GrpcRouter();
+        var health = new HealthService([Service.Trim('/')]);
+        health.Register(router);
+        router.Unary<WorkerStatusRequest, WorkerStatus>(Service + "Status", WorkerStatusRequest.Parser, (_, _) => Task.FromResult(Status()));
+        if (_decode is not null)
+        {
+            router.Unary<ReserveHandoffRequest, ReserveHandoffResponse>(Service + "Reserve", ReserveHandoffRequest.Parser, (r, _) => Task.FromResult(Reserve(r)));
+            router.ServerStreaming<DecodeRequest>(Service + "Decode", DecodeRequest.Parser, DecodeAsync);
+        }
+
+        if (_options.Role == WorkerRole.Prefill)
+            router.Unary<PrefillRequest, PrefillResponse>(Service + "Prefill", PrefillRequest.Parser, PrefillAsync);
+        if (_options.Role == WorkerRole.Colocated)
+            router.ServerStreaming<GenerateRequest>(Service + "Generate", GenerateRequest.Parser, GenerateAsync);
+
+        var tenants = new TenantRegistry([new TenantConfig(_options.Tenant, _options.Token)]);
+        var dispatcher = new GrpcDispatcher(router, tenants, new MetricsRegistry(), _logs.CreateLogger("kvfabric.worker.rpc"), 64 << 20);
+        _app = KestrelHost.Build(_options.Listen, _options.Port, HttpProtocols.Http2, null, _logs);
+        _app.Run(async http =>
+        {
+            await dispatcher.HandleAsync(http).ConfigureAwait(false);
+        });
+        await _app.StartAsync(cancellationToken).ConfigureAwait(false);
+        Endpoint = KestrelHost.BoundEndpoint(_app);
+        _log.LogInformation("kvfabric {Role} worker {Name} serving gRPC on http://{Endpoint}; model {Model} ({Threads} threads, {Layout}); {Blocks} KV blocks; transfer agent {Agent}{Faults}",
+            _options.Role.ToString().ToLowerInvariant(), _options.Name, Endpoint, _options.Model, _model.Threads, _model.Layout.Describe(), _options.KvBlocks,
+            _agent.TcpEndpoint, _options.CorruptNthPayload > 0 ? $"; FAULT INJECTION: payload {_options.CorruptNthPayload} is corrupted" : string.Empty);
+    }
+
+    private WorkerStatus Status()
+    {
+        TransferStats t = _agent.Stats;
+        return new WorkerStatus
+        {
+            Name = _options.Name, Role = _options.Role.ToString().ToLowerInvariant(), Model = _options.Model,
+            Active = (uint)Math.Max(0, Volatile.Read(ref _active)), Completed = (ulong)Interlocked.Read(ref _completed), Failed = (ulong)Interlocked.Read(ref _failed),
+            KvBlocksTotal = (uint)_pool.Capacity, KvBlocksFree = (uint)_pool.Available,
+            HandoffSlotsTotal = (uint)(_handoff is null ? 0 : _options.HandoffSlots), HandoffSlotsFree = (uint)(_handoff?.FreeSlots ?? 0),
+            MeanBatch = _scheduler?.MeanBatch ?? 0, DecodeSteps = (ulong)(_scheduler?.Steps ?? 0),
+            HandoffRetries = (ulong)Interlocked.Read(ref _retries), Fallbacks = (ulong)Interlocked.Read(ref _fallbacks),
+            TcpBytesSent = (ulong)t.TcpBytesSent, ShmBytesWritten = (ulong)t.ShmBytesWritten, UcxBytesSent = (ulong)t.UcxBytesSent,
+            UnknownNotifications = (ulong)(_handoff?.UnknownNotifications ?? 0),
+        };
+    }
+
+    private ReserveHandoffResponse Reserve(ReserveHandoffRequest r)
+    {
+        TimeSpan lease = r.LeaseMs == 0 ? _options.HandoffLease : TimeSpan.FromMilliseconds(r.LeaseMs);
+        HandoffTicket t;
+        try
+        {
+            t = _decode!.Reserve(r.RequestId, (int)r.PromptTokens, lease);
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new RpcException(e.Message.Contains("already", StringComparison.Ordinal) ? StatusCode.AlreadyExists : StatusCode.ResourceExhausted, e.Message);
+        }
+
+        var ticket = new TicketMessage
+        {
+            RequestId = t.RequestId, Nonce = t.Nonce, ReceiverAgent = ByteString.CopyFrom(t.ReceiverAgent.ToByteArray()),
+            BlockBytes = (uint)t.BlockBytes, LeaseMs = (uint)t.Lease.TotalMilliseconds, AgentMetadata = ByteString.CopyFrom(_metadata),
+        };
+        ticket.Addresses.Add(t.Addresses);
+        return new ReserveHandoffResponse { Ticket = ticket };
+    }
+
+    private async Task<PrefillResponse> PrefillAsync(PrefillRequest r, ServerCall call)
+    {
+        if (r.Ticket is null)
+            throw new RpcException(StatusCode.InvalidArgument, "Prefill needs the decode worker's hand-off ticket (from its Reserve)");
+        int[] prompt = Prompt(r.Prompt);
+        // The ticket's lease runs from now, on this process's clock.
+        var ticket = new HandoffTicket(r.Ticket.RequestId, r.Ticket.Nonce, new Guid(r.Ticket.ReceiverAgent.Span), [.. r.Ticket.Addresses],
+            (int)r.Ticket.BlockBytes, TimeSpan.FromMilliseconds(r.Ticket.LeaseMs));
+        int full = prompt.Length / _model.Config.TokensPerBlock;
+        if (ticket.Addresses.Length != Math.Max(1, full) || ticket.BlockBytes != _model.Layout.BlockBytes)
+            throw new RpcException(StatusCode.InvalidArgument, $"the ticket has {ticket.Addresses.Length} slots of {ticket.BlockBytes} bytes; this prompt of {prompt.Length} tokens needs {Math.Max(1, full)} of {_model.Layout.BlockBytes} (the same model on both workers?)");
+
+        Interlocked.Increment(ref _active);
+        try
+        {
+            var response = new PrefillResponse { Worker = _options.Name };
+            using KvCache cache = NewCache();
+            PrefillOutcome outcome = await ComputeAsync(prompt, cache, new float[_model.Config.Vocab], !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
+
+            // Hand-off: the WRITE reads the cache's blocks in place; the notification fires on the decode side only when
+            // every byte is there and its checksum verified.
+            var clock = Stopwatch.StartNew();
+            RemoteAgent receiver = await RemoteAsync(ticket.ReceiverAgent, r.Ticket.AgentMetadata).ConfigureAwait(false);
+            var blocks = new nint[ticket.Addresses.Length];
+            for (int i = 0; i < full; i++)
+                blocks[i] = cache.BlockAddress(i);
+            if (full == 0)
+                blocks[0] = _pool.SlotAt(0).Address; // nothing to carry: the one reserved slot gets any registered bytes
+            TransferResult sent = default;
+            int attempt = 0;
+            while (attempt < _options.HandoffAttempts)
+            {
+                attempt++;
+                sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, backend: _options.Backend, cancellationToken: call.CancellationToken).ConfigureAwait(false);
+                if (sent.IsSuccess || sent.Status is TransferStatus.TimedOut or TransferStatus.Cancelled)
+                    break;
+                Interlocked.Increment(ref _retries);
+                _log.LogWarning("hand-off of request {Request} to {Receiver} failed (attempt {Attempt} of {Attempts}): {Error}; retrying",
+                    ticket.RequestId, receiver.Name, attempt, _options.HandoffAttempts, sent.Error);
+            }
+
+            if (!sent.IsSuccess)
+            {
+                _remotes.TryRemove(ticket.ReceiverAgent, out _); // the decode worker may have restarted: load it afresh next time
+                throw new RpcException(sent.Status == TransferStatus.TimedOut ? StatusCode.DeadlineExceeded : StatusCode.Unavailable,
+                    $"the KV of request {ticket.RequestId} could not be handed to decode worker {receiver.Name} after {attempt} attempt(s): {sent}");
+            }
+
+            response.HandoffMs = clock.Elapsed.TotalMilliseconds;
+            response.HandoffBytes = (ulong)full * (ulong)ticket.BlockBytes;
+            response.HandoffAttempts = (uint)attempt;
+            Interlocked.Increment(ref _completed);
+            return response;
+        }
+        catch
+        {
+            Interlocked.Increment(ref _failed);
+            throw;
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _active);
+        }
+    }
+
+    /// <summary>Prefill on this worker's compute (one at a time, a bounded queue in front), filling the response's prefill fields.</summary>
+    private async Task<PrefillOutcome> ComputeAsync(int[] prompt, KvCache cache, float[] logits, bool reuse, PrefillResponse response, CancellationToken cancellationToken)
+    {
+        if (Interlocked.Increment(ref _queued) > _options.MaxQueued)
+        {
+            Interlocked.Decrement(ref _queued);
+            throw new RpcException(StatusCode.ResourceExhausted, $"worker {_options.Name} has {_options.MaxQueued} prefills waiting already; retry later or add prefill workers");
+        }
+
+        var clock = Stopwatch.StartNew();
+        PrefillOutcome outcome;
+        try
+        {
+            await _compute.WaitAsync(cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _queued);
+        }
+
+        try
+        {
+            response.QueueMs = clock.Elapsed.TotalMilliseconds;
+            outcome = await _prefill!.PrefillAsync(prompt, cache, logits, cancellationToken, reuse).ConfigureAwait(false);
+        }
+        finally
+        {
+            _compute.Release();
+        }
+
+        if (outcome.FabricError is not null)
+        {
+            Interlocked.Increment(ref _fallbacks);
+            _log.LogWarning("prefill served without the fabric ({Error}); the prompt was computed", outcome.FabricError);
+        }
+
+        response.PromptTokens = (uint)outcome.PromptTokens;
+        response.ReusedBlocks = (uint)outcome.ReusedBlocks;
+        response.FetchedBlocks = (uint)outcome.FetchedBlocks;
+        response.ComputedTokens = (uint)outcome.ComputedTokens;
+        response.OffloadedBlocks = (uint)outcome.OffloadedBlocks;
+        var byTier = new uint[4];
+        foreach (Tier t in outcome.ReusedTiers)
+            byTier[Math.Clamp((int)t, 0, 3)]++;
+        response.ReusedByTier.Add(byTier);
+        response.OnboardMs = outcome.Onboard.TotalMilliseconds;
+        response.ComputeMs = outcome.Compute.TotalMilliseconds;
+        response.OffloadMs = outcome.Offload.TotalMilliseconds;
+        return outcome;
+    }
+
+    private async Task DecodeAsync(DecodeRequest r, ServerCall call)
+    {
+        int[] prompt = Prompt(r.Prompt);
+        Interlocked.Increment(ref _active);
+        try
+        {
+            KvCache cache = NewCache();
+            var logits = new float[_model.Config.Vocab];
+            ChannelReader<GeneratedToken> tokens;
+            try
+            {
+                await _decode!.AcceptAsync(r.RequestId, prompt, cache, logits, call.CancellationToken).ConfigureAwait(false);
+                tokens = await _scheduler!.StartAsync(cache, logits, MaxNew(r.MaxNewTokens), Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                cache.Dispose(); // not taken by the scheduler: its blocks go back now
+                throw e switch
+                {
+                    TimeoutException => new RpcException(StatusCode.DeadlineExceeded, e.Message),
+                    InvalidOperationException => new RpcException(StatusCode.FailedPrecondition, e.Message),
+                    ArgumentException => new RpcException(StatusCode.InvalidArgument, e.Message),
+                    _ => e,
+                };
+            }
+
+            await StreamAsync(tokens, call, null).ConfigureAwait(false);
+            Interlocked.Increment(ref _completed);
+        }
+        catch
+        {
+            Interlocked.Increment(ref _failed);
+            throw;
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _active);
+        }
+    }
+
+    private async Task GenerateAsync(GenerateRequest r, ServerCall call)
+    {
+        int[] prompt = Prompt(r.Prompt);
+        Interlocked.Increment(ref _active);
+        try
+        {
+            var response = new PrefillResponse { Worker = _options.Name };
+            KvCache cache = NewCache();
+            ChannelReader<GeneratedToken> tokens;
+            try
+            {
+                var logits = new float[_model.Config.Vocab];
+                await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
+                tokens = await _scheduler!.StartAsync(cache, logits, MaxNew(r.MaxNewTokens), Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                cache.Dispose();
+                throw e is ArgumentException ? new RpcException(StatusCode.InvalidArgument, e.Message) : e;
+            }
+
+            await StreamAsync(tokens, call, response).ConfigureAwait(false);
+            Interlocked.Increment(ref _completed);
+        }
+        catch
+        {
+            Interlocked.Increment(ref _failed);
+            throw;
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _active);
+        }
+    }
+
+    /// <summary>Streams tokens as they come: whatever is ready goes in one message.</summary>
+    private static async Task StreamAsync(ChannelReader<GeneratedToken> tokens, ServerCall call, PrefillResponse? prefill)
+    {
+        try
+        {
+            while (await tokens.WaitToReadAsync(call.CancellationToken).ConfigureAwait(false))
+            {
+                var message = new GeneratedTokens { Prefill = prefill };
+                prefill = null;
+                bool first = true;
+                while (tokens.TryRead(out GeneratedToken t))
+                {
+                    if (first)
+                        message.FirstIndex = (uint)t.Index;
+                    first = false;
+                    message.Tokens.Add(t.Token);
+                    message.UnixNanos.Add((t.TimestampTicks - DateTime.UnixEpoch.Ticks) * 100);
+                }
+
+                await call.WriteAsync(message).ConfigureAwait(false);
+            }
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new RpcException(StatusCode.ResourceExhausted, e.Message); // the sequence could not grow (KV pool dry)
+        }
+    }
+
+    private KvCache NewCache()
+    {
+        if (_pool.Available == 0)
+            throw new RpcException(StatusCode.ResourceExhausted, $"worker {_options.Name}'s KV pool ({_pool.Capacity} blocks) is full; retry when requests finish or start it with more --kv-blocks");
+        return _model.CreateCache(_pool);
+    }
+
+    private int[] Prompt(Google.Protobuf.Collections.RepeatedField<int> tokens)
+    {
+        if (tokens.Count == 0)
+            throw new RpcException(StatusCode.InvalidArgument, "the prompt is empty");
+        if (tokens.Count >= _model.Config.MaxPositions)
+            throw new RpcException(StatusCode.InvalidArgument, $"the prompt has {tokens.Count} tokens; the model ({_options.Model}) takes fewer than {_model.Config.MaxPositions}");
+        int[] prompt = [.. tokens];
+        foreach (int t in prompt)
+        {
+            if ((uint)t >= (uint)_model.Config.Vocab)
+                throw new RpcException(StatusCode.InvalidArgument, $"token {t} is outside the model's vocabulary (0 to {_model.Config.Vocab - 1})");
+        }
+
+        return prompt;
+    }
+
+    private static int MaxNew(uint maxNewTokens) =>
+        maxNewTokens == 0 ? throw new RpcException(StatusCode.InvalidArgument, "max_new_tokens must be at least 1") : (int)maxNewTokens;
+
+    private static Sampler Sampling(float temperature, ulong seed) => temperature > 0 ? Sampler.WithTemperature(temperature, seed) : Sampler.Greedy();
+
+    /// <summary>The decode worker's agent, loaded once from the metadata its tickets carry.</summary>
+    private async Task<RemoteAgent> RemoteAsync(Guid agent, ByteString metadata)
+    {
+        Lazy<Task<RemoteAgent>> lazy = _remotes.GetOrAdd(agent, _ => new Lazy<Task<RemoteAgent>>(() => _agent.LoadRemoteAsync(metadata.Memory)));
+        try
+        {
+            return await lazy.Value.ConfigureAwait(false);
+        }
+        catch (Exception e)
+        {
+            _remotes.TryRemove(agent, out _);
+            throw new RpcException(StatusCode.Unavailable, $"the decode worker's transfer agent {agent} cannot be reached: {e.Message}");
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        if (_app is not null)
+        {
+            await _app.StopAsync().ConfigureAwait(false);
+            await _app.DisposeAsync().ConfigureAwait(false);
+        }
+
+        if (_scheduler is not null)
+            await _scheduler.DisposeAsync().ConfigureAwait(false);
+        if (_handoff is not null)
+            await _handoff.DisposeAsync().ConfigureAwait(false);
+        await _agent.DisposeAsync().ConfigureAwait(false);
+        _sidecar?.Dispose();
+        _pool.Dispose();
+        _compute.Dispose();
+    }
+}

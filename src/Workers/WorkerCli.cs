@@ -1,0 +1,127 @@
+using System.CommandLine;
+using System.Net;
+using KvFabric.Transfer;
+using KvFabric.Workers.Driver;
+using KvFabric.Workers.Serving;
+using Microsoft.Extensions.Logging;
+
+namespace KvFabric.Workers;
+
+/// <summary>The `kvfabric-worker` command line: `serve` runs one worker process, `demo` the single-machine deployment (the main job).</summary>
+public static class WorkerCli
+{
+    public static async Task<int> RunAsync(string[] args)
+    {
+        var root = new RootCommand("KvFabric workers: prefill and decode workers on a small CPU transformer, disaggregated through the fabric.");
+        root.Subcommands.Add(ServeCommand());
+        root.Subcommands.Add(DemoCommand());
+        return await root.Parse(args).InvokeAsync();
+    }
+
+    private static Command ServeCommand()
+    {
+        var role = new Option<string>("--role") { Description = "prefill, decode or colocated", DefaultValueFactory = _ => "prefill" };
+        var name = new Option<string>("--name") { Description = "the worker's name (the index's worker name of its sidecar, for routing)", DefaultValueFactory = _ => "worker" };
+        var listen = new Option<string>("--listen") { Description = "address to bind", DefaultValueFactory = _ => "127.0.0.1" };
+        var port = new Option<int>("--port") { Description = "gRPC port (0: any free one; the READY line says which)" };
+        var sidecar = new Option<string?>("--sidecar") { Description = "the sidecar's gRPC address, http://host:port (prefill and colocated)" };
+        var tenant = new Option<string>("--tenant") { DefaultValueFactory = _ => "dev" };
+        var token = new Option<string>("--token") { DefaultValueFactory = _ => "dev" };
+        var model = new Option<string>("--model") { Description = "tiny, small or default", DefaultValueFactory = _ => "small" };
+        var threads = new Option<int>("--threads") { Description = "compute threads (0: one per CPU)", DefaultValueFactory = _ => 1 };
+        var kvBlocks = new Option<int>("--kv-blocks") { Description = "blocks in the worker's KV pool", DefaultValueFactory = _ => 4096 };
+        var slots = new Option<int>("--handoff-slots") { Description = "decode: registered hand-off slots", DefaultValueFactory = _ => 2048 };
+        var maxBatch = new Option<int>("--max-batch") { Description = "decode: most sequences per step", DefaultValueFactory = _ => 16 };
+        var transfer = new Option<string>("--transfer") { Description = "hand-off backend: auto, tcp, shm or ucx", DefaultValueFactory = _ => "auto" };
+        var corrupt = new Option<int>("--corrupt-nth-payload") { Description = "fault injection (tests): corrupt the Nth payload this worker sends" };
+        var cmd = new Command("serve", "Run one worker (prints READY grpc=... when serving; SIGTERM stops it).")
+        {
+            role, name, listen, port, sidecar, tenant, token, model, threads, kvBlocks, slots, maxBatch, transfer, corrupt,
+        };
+        cmd.SetAction(async (parse, ct) =>
+        {
+            WorkerOptions options;
+            try
+            {
+                options = new WorkerOptions
+                {
+                    Role = parse.GetValue(role) switch
+                    {
+                        "prefill" => WorkerRole.Prefill,
+                        "decode" => WorkerRole.Decode,
+                        "colocated" => WorkerRole.Colocated,
+                        var r => throw new ArgumentException($"--role must be prefill, decode or colocated; got '{r}'"),
+                    },
+                    Name = parse.GetValue(name)!, Listen = IPAddress.Parse(parse.GetValue(listen)!), Port = parse.GetValue(port),
+                    Sidecar = parse.GetValue(sidecar), Tenant = parse.GetValue(tenant)!, Token = parse.GetValue(token)!, Model = parse.GetValue(model)!,
+                    Threads = parse.GetValue(threads), KvBlocks = parse.GetValue(kvBlocks), HandoffSlots = parse.GetValue(slots), MaxBatch = parse.GetValue(maxBatch),
+                    Backend = parse.GetValue(transfer) switch
+                    {
+                        "auto" => BackendKind.Auto,
+                        "tcp" => BackendKind.Tcp,
+                        "shm" => BackendKind.SharedMemory,
+                        "ucx" => BackendKind.Ucx,
+                        var t => throw new ArgumentException($"--transfer must be auto, tcp, shm or ucx; got '{t}'"),
+                    },
+                    CorruptNthPayload = parse.GetValue(corrupt),
+                }.Validate();
+            }
+            catch (Exception e) when (e is ArgumentException or FormatException)
+            {
+                await Console.Error.WriteLineAsync($"kvfabric-worker serve: {e.Message}").ConfigureAwait(false);
+                return 2;
+            }
+
+            using ILoggerFactory logs = LoggerFactory.Create(b =>
+            {
+                b.AddFilter("Microsoft", LogLevel.Warning);
+                b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; o.UseUtcTimestamp = true; });
+            });
+            await using var server = new WorkerServer(options, logs);
+            await server.StartAsync(ct).ConfigureAwait(false);
+            using var stop = new CancellationTokenSource();
+            using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c =>
+            {
+                c.Cancel = true;
+                stop.Cancel();
+            });
+            Console.WriteLine($"READY grpc=http://{server.Endpoint} name={options.Name} role={options.Role.ToString().ToLowerInvariant()} agent={server.AgentId}");
+            try
+            {
+                await Task.Delay(Timeout.Infinite, CancellationTokenSource.CreateLinkedTokenSource(ct, stop.Token).Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException)
+            {
+                // stopping
+            }
+
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static Command DemoCommand()
+    {
+        var requests = new Option<int>("--requests") { DefaultValueFactory = _ => 24 };
+        var prompt = new Option<int>("--prompt-tokens") { Description = "prompt length (the longest, for a trace)", DefaultValueFactory = _ => 1024 };
+        var shared = new Option<double>("--shared") { Description = "fraction of each prompt shared by all requests (synthetic chats)", DefaultValueFactory = _ => 0.9 };
+        var maxNew = new Option<int>("--max-new-tokens") { DefaultValueFactory = _ => 24 };
+        var rate = new Option<double>("--rate") { Description = "requests per second (Poisson)", DefaultValueFactory = _ => 4 };
+        var trace = new Option<string?>("--trace") { Description = "replay a Mooncake-format trace (JSONL) instead of synthetic chats" };
+        var model = new Option<string>("--model") { DefaultValueFactory = _ => "small" };
+        var prefill = new Option<int>("--prefill-workers") { DefaultValueFactory = _ => 2 };
+        var decode = new Option<int>("--decode-workers") { DefaultValueFactory = _ => 1 };
+        var output = new Option<string>("--out") { Description = "directory for summary.json and ttft.svg", DefaultValueFactory = _ => "demo-out" };
+        var cmd = new Command("demo", "Start a single-machine disaggregated deployment, replay a workload with and without prefix reuse, check every output, summarize.")
+        {
+            requests, prompt, shared, maxNew, rate, trace, model, prefill, decode, output,
+        };
+        cmd.SetAction(async (parse, ct) => await Demo.RunAsync(new DemoOptions
+        {
+            Requests = parse.GetValue(requests), PromptTokens = parse.GetValue(prompt), SharedFraction = parse.GetValue(shared), MaxNewTokens = parse.GetValue(maxNew),
+            Rate = parse.GetValue(rate), Trace = parse.GetValue(trace), Model = parse.GetValue(model)!, PrefillWorkers = parse.GetValue(prefill),
+            DecodeWorkers = parse.GetValue(decode), OutputDirectory = parse.GetValue(output)!,
+        }, Console.Out, ct).ConfigureAwait(false));
+        return cmd;
+    }
+}
