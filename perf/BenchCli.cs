@@ -20,6 +20,7 @@ public static class BenchCli
             Compare.CompareCommand.Create(),
             Micro.MicroCommand.Create(),
             Report.ReportCommand.Create(),
+            E2e.E2eCommand.Create(),
             References.RawSocketReference.SinkCommand(),
         };
         return await root.Parse(args).InvokeAsync();

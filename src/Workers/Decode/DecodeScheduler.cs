@@ -153,6 +153,10 @@ public sealed class DecodeScheduler : IAsyncDisposable
                     logits.AsSpan(i * _model.Config.Vocab, _model.Config.Vocab).CopyTo(_active[i].Logits);
                 Interlocked.Increment(ref _steps);
                 Interlocked.Add(ref _batchedTokens, n);
+                // Between steps, let the threads that stream tokens out and take requests in run: on a CPU the worker
+                // has to itself (pinned), this loop would otherwise hold it for a whole scheduler slice and tokens
+                // would leave in bursts. Returns at once when nothing else is runnable.
+                Thread.Yield();
             }
         }
         catch (OperationCanceledException) when (_stop.IsCancellationRequested)

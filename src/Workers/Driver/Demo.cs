@@ -99,6 +99,8 @@ public static class Demo
             };
             string jsonPath = Path.Combine(options.OutputDirectory, "summary.json");
             await File.WriteAllTextAsync(jsonPath, json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }), cancellationToken).ConfigureAwait(false);
+            await File.WriteAllLinesAsync(Path.Combine(options.OutputDirectory, "requests.jsonl"),
+                reuse.Select(r => Detail("with_reuse", r)).Concat(noReuse.Select(r => Detail("without_reuse", r))), cancellationToken).ConfigureAwait(false);
             string svgPath = Path.Combine(options.OutputDirectory, "ttft.svg");
             await File.WriteAllTextAsync(svgPath, TtftChart(reuse, noReuse), cancellationToken).ConfigureAwait(false);
             output.WriteLine($"wrote {jsonPath} and {svgPath}");
@@ -110,6 +112,15 @@ public static class Demo
                 Directory.Delete(ssd, recursive: true);
         }
     }
+
+    /// <summary>One request as a JSON line: its latencies and where its prefill's time went.</summary>
+    public static string Detail(string run, RequestResult r) => new JsonObject
+    {
+        ["run"] = run, ["id"] = r.Id, ["ok"] = r.Ok, ["error"] = r.Error, ["ttft_ms"] = Math.Round(r.TtftMs, 3), ["e2e_ms"] = Math.Round(r.E2eMs, 3),
+        ["itl_ms_max"] = r.ItlMs.Length == 0 ? 0 : Math.Round(r.ItlMs.Max(), 3), ["prefill_worker"] = r.PrefillWorker, ["decode_worker"] = r.DecodeWorker,
+        ["attempts"] = r.Attempts,
+        ["prefill"] = r.Prefill is null ? null : JsonNode.Parse(Google.Protobuf.JsonFormatter.Default.Format(r.Prefill)),
+    }.ToJsonString();
 
     /// <summary>TTFT of each request in arrival order, with and without prefix reuse.</summary>
     public static string TtftChart(IReadOnlyList<RequestResult> reuse, IReadOnlyList<RequestResult> noReuse) => SvgChart.Line(

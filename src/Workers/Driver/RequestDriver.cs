@@ -5,10 +5,14 @@ using KvFabric.Workers.Serving;
 
 namespace KvFabric.Workers.Driver;
 
-/// <summary>What happened to one request: its tokens, first-token latency (on the driver's clock), the gaps between its tokens (on the decode worker's clock), and its prefill.</summary>
+/// <summary>
+/// What happened to one request: its tokens; TtftMs, from its arrival to when the decode worker sampled its first token
+/// (both stamped with the host's real-time clock: the driver and the workers share the machine); TtftDeliveredMs, until
+/// the driver read that token; the gaps between its tokens (decode worker's clock); and its prefill.
+/// </summary>
 public sealed record RequestResult(
     int Id, int[] Tokens, double TtftMs, double[] ItlMs, double E2eMs, PrefillResponse? Prefill, string PrefillWorker, string DecodeWorker,
-    int Attempts, string? Error)
+    int Attempts, string? Error, double TtftDeliveredMs = 0)
 {
     public bool Ok => Error is null;
 }
@@ -39,6 +43,9 @@ public sealed record DriverOptions
 public static class RequestDriver
 {
     private static long s_nextId = Environment.TickCount64 << 20;
+
+    /// <summary>A request's token stream as collected: tokens, TTFT (made, delivered), inter-token gaps.</summary>
+    private readonly record struct Collected(int[] Tokens, double Ttft, double Delivered, double[] Itl);
 
     public static async Task<RequestResult[]> RunDisaggregatedAsync(Router router, IReadOnlyList<WorkloadRequest> requests, DriverOptions options,
         CancellationToken cancellationToken = default)
@@ -105,8 +112,8 @@ public static class RequestDriver
             WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken).ConfigureAwait(false);
             try
             {
-                var (tokens, ttft, itl, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, null, cancellationToken).ConfigureAwait(false);
-                return new RequestResult(r.Id, tokens, ttft, itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, attempt, null);
+                var (c, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, null, cancellationToken).ConfigureAwait(false);
+                return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, attempt, null, c.Delivered);
             }
             catch (DecodeFailedException e) when (attempt == 1 && router.HasOtherDecoder(decode.Worker) && !cancellationToken.IsCancellationRequested)
             {
@@ -129,7 +136,7 @@ public static class RequestDriver
     /// One disaggregated request: Reserve, open the Decode stream, Prefill (which WRITEs the KV), read the tokens.
     /// beforeDecode, when set, is awaited after the prefill and before the first token is read (prefill-first runs).
     /// </summary>
-    private static async Task<(int[] Tokens, double Ttft, double[] Itl, PrefillResponse Prefill)> HandOffAndDecodeAsync(WorkerClient prefill, WorkerClient decode,
+    private static async Task<(Collected Stream, PrefillResponse Prefill)> HandOffAndDecodeAsync(WorkerClient prefill, WorkerClient decode,
         WorkloadRequest r, DriverOptions options, Stopwatch clock, Func<Task>? beforeDecode, CancellationToken cancellationToken)
     {
         ulong id = (ulong)Interlocked.Increment(ref s_nextId);
@@ -152,11 +159,10 @@ public static class RequestDriver
             PrefillResponse early = await PrefillAsync(prefill, id, r, reserved.Ticket, options, call).ConfigureAwait(false);
             await beforeDecode().ConfigureAwait(false);
             clock.Restart(); // TTFT of a prefill-first run is not meaningful; ITL is what it measures
-            var (t, f, i) = await ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock).ConfigureAwait(false);
-            return (t, f, i, early);
+            return (await ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock).ConfigureAwait(false), early);
         }
 
-        Task<(int[], double, double[])> tokens = ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock);
+        Task<Collected> tokens = ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock);
         PrefillResponse pre;
         try
         {
@@ -177,8 +183,7 @@ public static class RequestDriver
             throw;
         }
 
-        var (all, ttft, itl) = await tokens.ConfigureAwait(false);
-        return (all, ttft, itl, pre);
+        return (await tokens.ConfigureAwait(false), pre);
     }
 
     private static async Task<PrefillResponse> PrefillAsync(WorkerClient prefill, ulong id, WorkloadRequest r, HandoffReservation ticket, DriverOptions options, CallOptions call)
@@ -188,7 +193,7 @@ public static class RequestDriver
         return await prefill.PrefillAsync(request, call).ConfigureAwait(false);
     }
 
-    private static async Task<(int[], double, double[])> ReadTokensAsync(WorkerClient decode, DecodeRequest request, DriverOptions options, CancellationToken cancellationToken,
+    private static async Task<Collected> ReadTokensAsync(WorkerClient decode, DecodeRequest request, DriverOptions options, CancellationToken cancellationToken,
         Stopwatch clock)
     {
         try
@@ -202,15 +207,15 @@ public static class RequestDriver
         }
     }
 
-    private static async Task<(int[], double, double[])> CollectAsync(Func<ValueTask<GeneratedTokens?>> read, int maxNew, Stopwatch clock, Action<PrefillResponse>? prefill)
+    private static async Task<Collected> CollectAsync(Func<ValueTask<GeneratedTokens?>> read, int maxNew, Stopwatch clock, Action<PrefillResponse>? prefill)
     {
         var tokens = new List<int>(maxNew);
         var stamps = new List<long>(maxNew);
-        double ttft = 0;
+        double delivered = 0;
         while (await read().ConfigureAwait(false) is { } m)
         {
             if (tokens.Count == 0)
-                ttft = clock.Elapsed.TotalMilliseconds;
+                delivered = clock.Elapsed.TotalMilliseconds;
             if (m.Prefill is not null)
                 prefill?.Invoke(m.Prefill);
             if (m.FirstIndex != tokens.Count)
@@ -224,7 +229,10 @@ public static class RequestDriver
         var itl = new double[Math.Max(0, stamps.Count - 1)];
         for (int i = 1; i < stamps.Count; i++)
             itl[i - 1] = (stamps[i] - stamps[i - 1]) / 1e6;
-        return ([.. tokens], ttft, itl);
+        // The request's arrival on the real-time clock the worker stamped its tokens with (same host).
+        long arrivalNs = ((DateTime.UtcNow.Ticks - DateTime.UnixEpoch.Ticks) * 100) - (long)(clock.Elapsed.TotalMilliseconds * 1e6);
+        double made = stamps.Count == 0 ? delivered : Math.Clamp((stamps[0] - arrivalNs) / 1e6, 0, delivered);
+        return new Collected([.. tokens], made, delivered, itl);
     }
 
     private static async Task<RequestResult> OneColocatedAsync(WorkerClient worker, WorkloadRequest r, DriverOptions options, CancellationToken cancellationToken)
@@ -237,8 +245,8 @@ public static class RequestDriver
         {
             await using var stream = worker.Generate(request, new CallOptions(options.RequestDeadline, cancellationToken));
             PrefillResponse? pre = null;
-            var (tokens, ttft, itl) = await CollectAsync(stream.ReadAsync, r.MaxNewTokens, clock, p => pre = p).ConfigureAwait(false);
-            return new RequestResult(r.Id, tokens, ttft, itl, clock.Elapsed.TotalMilliseconds, pre, worker.Name, worker.Name, 1, null);
+            Collected c = await CollectAsync(stream.ReadAsync, r.MaxNewTokens, clock, p => pre = p).ConfigureAwait(false);
+            return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, worker.Name, worker.Name, 1, null, c.Delivered);
         }
         catch (Exception e) when (!cancellationToken.IsCancellationRequested)
         {
@@ -261,13 +269,13 @@ public static class RequestDriver
             WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken).ConfigureAwait(false);
             try
             {
-                var (tokens, ttft, itl, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, async () =>
+                var (c, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, async () =>
                 {
                     if (Interlocked.Increment(ref prefilled) == requests.Count)
                         gate.TrySetResult();
                     await gate.Task.WaitAsync(options.RequestDeadline, cancellationToken).ConfigureAwait(false);
                 }, cancellationToken).ConfigureAwait(false);
-                return new RequestResult(r.Id, tokens, ttft, itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, 1, null);
+                return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, 1, null, c.Delivered);
             }
             catch (Exception e) when (!cancellationToken.IsCancellationRequested)
             {

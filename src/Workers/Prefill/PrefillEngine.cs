@@ -25,8 +25,9 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
     public Transformer Model { get; } = model;
 
     /// <param name="reuse">false: compute the whole prompt (the no-reuse baseline); new blocks are still offloaded.</param>
+    /// <param name="offload">false: leave the offload to the caller (<see cref="OffloadAsync"/>), e.g. after the hand-off, off the TTFT path.</param>
     public async Task<PrefillOutcome> PrefillAsync(ReadOnlyMemory<int> prompt, KvCache cache, Memory<float> logits, CancellationToken cancellationToken = default,
-        bool reuse = true)
+        bool reuse = true, bool offload = true)
     {
         if (prompt.IsEmpty)
             throw new ArgumentException("the prompt is empty", nameof(prompt));
@@ -90,31 +91,55 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         clock.Restart();
 
         int offloaded = 0;
-        if (full > reused)
+        if (offload)
         {
-            var blocks = new BlockToPut[full - reused];
-            byte[] bytes = new byte[(full - reused) * blockBytes]; // one buffer per request, not one per block
-            for (int i = reused; i < full; i++)
-            {
-                Memory<byte> block = bytes.AsMemory((i - reused) * blockBytes, blockBytes);
-                cache.ExportBlock(i, block.Span);
-                blocks[i - reused] = new BlockToPut(packed.AsMemory(i * BlockHash.Size, BlockHash.Size),
-                    i == 0 ? ReadOnlyMemory<byte>.Empty : packed.AsMemory((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
-            }
-
-            try
-            {
-                PutResponse put = await sidecar.PutAsync(blocks, options).ConfigureAwait(false);
-                offloaded = (int)put.Stored;
-            }
-            catch (RpcException e) when (Degraded(e.Status))
-            {
-                // The request has its KV; only later reuse is lost.
-                fabricError ??= $"Put: {e.Status}: {e.Message}";
-            }
+            (offloaded, string? error) = await OffloadAsync(cache, packed, reused, options).ConfigureAwait(false);
+            fabricError ??= error;
         }
 
         return new PrefillOutcome(prompt.Length, reused, fetched, prompt.Length - reused * tpb, offloaded, tiers, onboard, compute, clock.Elapsed, fabricError);
+    }
+
+    /// <summary>
+    /// Offloads the cache's full blocks from block `from` on (those the prefill computed) to the sidecar; returns how many
+    /// it stored, or the reason it could not (the request keeps its KV; only later reuse is lost).
+    /// </summary>
+    public async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, string tenantNamespace, int from, CancellationToken cancellationToken = default)
+    {
+        int full = cache.FullBlocks;
+        var hashes = new BlockHash[full];
+        cache.ComputeBlockHashes(tenantNamespace, hashes);
+        byte[] packed = new byte[full * BlockHash.Size];
+        for (int i = 0; i < full; i++)
+            hashes[i].WriteTo(packed.AsSpan(i * BlockHash.Size));
+        return await OffloadAsync(cache, packed, from, new CallOptions(Deadline: TimeSpan.FromSeconds(60), CancellationToken: cancellationToken)).ConfigureAwait(false);
+    }
+
+    private async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, byte[] packed, int from, CallOptions options)
+    {
+        int blockBytes = checked((int)Model.Layout.BlockBytes);
+        int full = Math.Min(cache.FullBlocks, packed.Length / BlockHash.Size);
+        if (full <= from)
+            return (0, null);
+        var blocks = new BlockToPut[full - from];
+        byte[] bytes = new byte[(full - from) * blockBytes]; // one buffer per request, not one per block
+        for (int i = from; i < full; i++)
+        {
+            Memory<byte> block = bytes.AsMemory((i - from) * blockBytes, blockBytes);
+            cache.ExportBlock(i, block.Span);
+            blocks[i - from] = new BlockToPut(packed.AsMemory(i * BlockHash.Size, BlockHash.Size),
+                i == 0 ? ReadOnlyMemory<byte>.Empty : packed.AsMemory((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
+        }
+
+        try
+        {
+            PutResponse put = await sidecar.PutAsync(blocks, options).ConfigureAwait(false);
+            return ((int)put.Stored, null);
+        }
+        catch (RpcException e) when (Degraded(e.Status))
+        {
+            return (0, $"Put: {e.Status}: {e.Message}");
+        }
     }
 
     /// <summary>The sidecar is down, restarting, overloaded or too slow: serve the request without the fabric.</summary>

@@ -205,6 +205,9 @@ public sealed class WorkerServer : IAsyncDisposable
             response.HandoffMs = clock.Elapsed.TotalMilliseconds;
             response.HandoffBytes = (ulong)full * (ulong)ticket.BlockBytes;
             response.HandoffAttempts = (uint)attempt;
+
+            // Offload after the hand-off: the decode side is already generating; this only serves later requests.
+            await OffloadAsync(cache, outcome.ReusedBlocks, response, call.CancellationToken).ConfigureAwait(false);
             Interlocked.Increment(ref _completed);
             return response;
         }
@@ -242,7 +245,7 @@ public sealed class WorkerServer : IAsyncDisposable
         try
         {
             response.QueueMs = clock.Elapsed.TotalMilliseconds;
-            outcome = await _prefill!.PrefillAsync(prompt, cache, logits, cancellationToken, reuse).ConfigureAwait(false);
+            outcome = await _prefill!.PrefillAsync(prompt, cache, logits, cancellationToken, reuse, offload: false).ConfigureAwait(false);
         }
         finally
         {
@@ -259,15 +262,27 @@ public sealed class WorkerServer : IAsyncDisposable
         response.ReusedBlocks = (uint)outcome.ReusedBlocks;
         response.FetchedBlocks = (uint)outcome.FetchedBlocks;
         response.ComputedTokens = (uint)outcome.ComputedTokens;
-        response.OffloadedBlocks = (uint)outcome.OffloadedBlocks;
         var byTier = new uint[4];
         foreach (Tier t in outcome.ReusedTiers)
             byTier[Math.Clamp((int)t, 0, 3)]++;
         response.ReusedByTier.Add(byTier);
         response.OnboardMs = outcome.Onboard.TotalMilliseconds;
         response.ComputeMs = outcome.Compute.TotalMilliseconds;
-        response.OffloadMs = outcome.Offload.TotalMilliseconds;
         return outcome;
+    }
+
+    /// <summary>Offloads the blocks the prefill computed (from block `from` on) to the sidecar.</summary>
+    private async Task OffloadAsync(KvCache cache, int from, PrefillResponse response, CancellationToken cancellationToken)
+    {
+        var clock = Stopwatch.StartNew();
+        (int stored, string? error) = await _prefill!.OffloadAsync(cache, _options.Tenant, from, cancellationToken).ConfigureAwait(false);
+        response.OffloadedBlocks = (uint)stored;
+        response.OffloadMs = clock.Elapsed.TotalMilliseconds;
+        if (error is not null)
+        {
+            Interlocked.Increment(ref _fallbacks);
+            _log.LogWarning("the computed blocks could not be offloaded ({Error}); later requests will compute them again", error);
+        }
     }
 
     private async Task DecodeAsync(DecodeRequest r, ServerCall call)
@@ -322,7 +337,8 @@ public sealed class WorkerServer : IAsyncDisposable
             try
             {
                 var logits = new float[_model.Config.Vocab];
-                await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
+                PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
+                await OffloadAsync(cache, outcome.ReusedBlocks, response, call.CancellationToken).ConfigureAwait(false);
                 tokens = await _scheduler!.StartAsync(cache, logits, MaxNew(r.MaxNewTokens), Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
             }
             catch (Exception e)

@@ -1,0 +1,123 @@
+using System.CommandLine;
+using System.Text.Json.Nodes;
+using KvFabric.Bench.Reporting;
+using KvFabric.Workers.Driver;
+using KvFabric.Workers.Serving;
+using Microsoft.Extensions.Logging;
+
+namespace KvFabric.Bench.E2e;
+
+// `kvfabric-bench e2e`: the workers end to end on one machine (src/Workers/Driver/Deployment.cs: in-process sidecars,
+// worker processes, decode pinned to its own CPU). Three measurements, each against its reference from the same run:
+//  - TTFT with prefix reuse against the same requests without reuse (90%-shared prefixes, one request at a time, so
+//    TTFT is service time, not queueing);
+//  - the KV hand-off's share of TTFT (per request, median);
+//  - decode inter-token latency p99 while prefills run on the prefill workers, against decode with no prefill beside
+//    it (every request prefilled first, then all decoded), and against a colocated worker (prefill and decode in one
+//    process) under the same load, which shows the interference disaggregation removes.
+// Every output of every run is compared with a monolithic run of the same model (outputs_match).
+public static class E2eCommand
+{
+    public static Command Create()
+    {
+        var model = new Option<string>("--model") { Description = "tiny, small or default", DefaultValueFactory = _ => "default" };
+        var requests = new Option<int>("--requests") { Description = "requests of the TTFT runs", DefaultValueFactory = _ => 16 };
+        var prompt = new Option<int>("--prompt-tokens") { Description = "prompt length of the TTFT runs", DefaultValueFactory = _ => 1024 };
+        var itlRequests = new Option<int>("--itl-requests") { Description = "requests of the ITL runs (twice the decode batch keeps it full)", DefaultValueFactory = _ => 16 };
+        var itlPrompt = new Option<int>("--itl-prompt-tokens") { DefaultValueFactory = _ => 512 };
+        var itlNew = new Option<int>("--itl-new-tokens") { DefaultValueFactory = _ => 64 };
+        var batch = new Option<int>("--max-batch") { DefaultValueFactory = _ => 8 };
+        var quick = new Option<bool>("--quick") { Description = "CI-sized: the small model, 6 requests of 256 tokens, 8 ITL requests" };
+        var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
+        var cmd = new Command("e2e", "Workers end to end: TTFT with/without prefix reuse, hand-off share of TTFT, decode ITL disaggregated vs alone vs colocated.")
+        {
+            model, requests, prompt, itlRequests, itlPrompt, itlNew, batch, quick, json,
+        };
+        cmd.SetAction(async (p, ct) =>
+        {
+            bool q = p.GetValue(quick);
+            JsonObject result = await RunAsync(QuickDefaults.Pick(p, model, q, "small"), QuickDefaults.Pick(p, requests, q, 6), QuickDefaults.Pick(p, prompt, q, 256),
+                QuickDefaults.Pick(p, itlRequests, q, 8), QuickDefaults.Pick(p, itlPrompt, q, 128), QuickDefaults.Pick(p, itlNew, q, 24),
+                QuickDefaults.Pick(p, batch, q, 4), ct);
+            JsonReport.Write(p.GetValue(json), result);
+            return result["outputs_match"]!.GetValue<bool>() ? 0 : 1;
+        });
+        return cmd;
+    }
+
+    private static async Task<JsonObject> RunAsync(string model, int requests, int promptTokens, int itlRequests, int itlPrompt, int itlNew, int maxBatch,
+        CancellationToken ct)
+    {
+        var config = ModelConfigs.Get(model);
+        using ILoggerFactory logs = LoggerFactory.Create(b => b.AddFilter(_ => false));
+        IReadOnlyList<WorkloadRequest> ttftLoad = Workloads.SharedPrefixChats(requests, promptTokens, 0.9, 4, 8, config.Vocab, 100, 11);
+        IReadOnlyList<WorkloadRequest> itlLoad = Workloads.SharedPrefixChats(itlRequests, itlPrompt, 0.5, itlRequests, itlNew, config.Vocab, 100, 12);
+        IReadOnlyList<WorkloadRequest> warm = Workloads.SharedPrefixChats(2, 48, 0.5, 1, 4, config.Vocab, 100, 13);
+        var mismatches = new List<string>();
+        int compared = 0;
+        Console.Error.WriteLine($"e2e: model {model}; computing the monolithic reference of {ttftLoad.Count + itlLoad.Count} requests ...");
+        Dictionary<int, int[]> ttftRef = MonolithicCheck.Reference(ttftLoad, config);
+        Dictionary<int, int[]> itlRef = MonolithicCheck.Reference(itlLoad, config);
+
+        RunSummary reuse, noReuse, disagg, alone, colocated;
+        JsonObject bytes;
+        string placement;
+        await using (Deployment d = await Deployment.StartAsync(new DeploymentOptions { Model = model, PrefillWorkers = 2, DecodeWorkers = 1, MaxBatch = maxBatch, Logs = logs }, ct))
+        {
+            placement = d.Placement;
+            var router = new Router(d.Prefill, d.Decode, d.IndexClient, config.ToKvLayout(), "dev");
+            await RequestDriver.RunDisaggregatedAsync(router, warm, new DriverOptions { TimeScale = 0 }, ct);
+
+            // TTFT: one request at a time (service time), first with reuse on a cold fabric, then the same requests without.
+            var serial = new DriverOptions { MaxInFlight = 1, TimeScale = 0, Label = "ttft reuse", Progress = Console.Error };
+            RequestResult[] a = await RequestDriver.RunDisaggregatedAsync(router, ttftLoad, serial, ct);
+            RequestResult[] b = await RequestDriver.RunDisaggregatedAsync(router, ttftLoad, serial with { NoReuse = true, Label = "ttft no reuse" }, ct);
+            compared += MonolithicCheck.Compare(a, ttftRef, mismatches) + MonolithicCheck.Compare(b, ttftRef, mismatches);
+            reuse = RunSummary.Of("disaggregated, reuse", a, config.TokensPerBlock);
+            noReuse = RunSummary.Of("disaggregated, no reuse", b, config.TokensPerBlock);
+
+            // ITL: decode alone (everything prefilled first), then with prefills running beside it (no reuse: the most prefill work).
+            RequestResult[] c = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
+                new DriverOptions { PrefillFirst = true, NoReuse = true, TimeScale = 0, Label = "decode alone" }, ct);
+            RequestResult[] e = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
+                new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, TimeScale = 0, Label = "disaggregated under load", Progress = Console.Error }, ct);
+            compared += MonolithicCheck.Compare(c, itlRef, mismatches) + MonolithicCheck.Compare(e, itlRef, mismatches);
+            alone = RunSummary.Of("decode alone", c, config.TokensPerBlock);
+            disagg = RunSummary.Of("disaggregated", e, config.TokensPerBlock);
+            bytes = await TransferTotals.OfAsync(d.Prefill.Concat(d.Decode));
+        }
+
+        await using (Deployment d = await Deployment.StartAsync(new DeploymentOptions { Model = model, ColocatedWorkers = 1, MaxBatch = maxBatch, Logs = logs }, ct))
+        {
+            await RequestDriver.RunColocatedAsync(d.Colocated, warm, new DriverOptions { TimeScale = 0 }, ct);
+            RequestResult[] f = await RequestDriver.RunColocatedAsync(d.Colocated, itlLoad,
+                new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, TimeScale = 0, Label = "colocated under load", Progress = Console.Error }, ct);
+            compared += MonolithicCheck.Compare(f, itlRef, mismatches);
+            colocated = RunSummary.Of("colocated", f, config.TokensPerBlock);
+        }
+
+        foreach (RunSummary s in new[] { reuse, noReuse, alone, disagg, colocated })
+            Console.Error.WriteLine(s.Line());
+        int total = 2 * ttftLoad.Count + 3 * itlLoad.Count;
+        JsonObject report = JsonReport.Header("e2e");
+        report["model"] = model;
+        report["placement"] = placement;
+        report["requests"] = total;
+        report["outputs_compared_equal"] = compared;
+        report["outputs_match"] = mismatches.Count == 0 && compared == total;
+        report["mismatches"] = new JsonArray([.. mismatches.Take(20).Select(m => JsonValue.Create(m))]);
+        report["ttft_p50_ms_reuse"] = JsonReport.Round(reuse.TtftP50);
+        report["ttft_p50_ms_no_reuse"] = JsonReport.Round(noReuse.TtftP50);
+        report["ttft_reuse_speedup"] = JsonReport.Round(noReuse.TtftP50 / Math.Max(reuse.TtftP50, 1e-9));
+        report["handoff_fraction_of_ttft"] = JsonReport.Round(reuse.HandoffFractionOfTtft);
+        report["handoff_fraction_of_ttft_no_reuse"] = JsonReport.Round(noReuse.HandoffFractionOfTtft);
+        report["itl_p99_ms_disagg"] = JsonReport.Round(disagg.ItlP99);
+        report["itl_p99_ms_decode_alone"] = JsonReport.Round(alone.ItlP99);
+        report["itl_p99_ms_colocated"] = JsonReport.Round(colocated.ItlP99);
+        report["itl_p99_disagg_vs_alone"] = JsonReport.Round(disagg.ItlP99 / Math.Max(alone.ItlP99, 1e-9));
+        report["itl_p99_colocated_vs_alone"] = JsonReport.Round(colocated.ItlP99 / Math.Max(alone.ItlP99, 1e-9));
+        report["handoff_bytes_by_backend"] = bytes;
+        report["runs"] = new JsonArray(reuse.ToJson(), noReuse.ToJson(), alone.ToJson(), disagg.ToJson(), colocated.ToJson());
+        return report;
+    }
+}
