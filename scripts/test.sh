@@ -50,6 +50,10 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['events_pe
 # compare --quick: every reference and KvFabric back to back at tiny sizes (about 1 minute here); ratios exist and are positive.
 $bench compare --quick --dir perf/bin/compare-smoke --json "$smoke/compare.json" >/dev/null
 python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['ratios']; need=['tcp_vs_iperf3','shm_vs_memcpy','tcp_vs_redis_get','tcp_vs_ucx_perftest','ssd_vs_fio']; assert all(r.get(k,0)>0 for k in need), r; print('smoke ok: compare', {k: r[k] for k in need})" "$smoke/compare.json"
+$bench e2e --quick --json "$smoke/e2e.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['outputs_match'] is True and r['requests']>0 and r['ttft_p50_ms_reuse']>0 and r['ttft_p50_ms_no_reuse']>0 and r['itl_p99_ms_disagg']>0 and r['itl_p99_ms_colocated']>0 and 0<r['handoff_fraction_of_ttft']<1, r; print('smoke ok: e2e', r['requests'], 'requests, outputs match; ttft p50', r['ttft_p50_ms_reuse'], 'vs', r['ttft_p50_ms_no_reuse'], 'ms')" "$smoke/e2e.json"
+dotnet src/Workers/bin/Release/net10.0/kvfabric-worker.dll demo --model tiny --requests 6 --prompt-tokens 96 --max-new-tokens 8 --rate 50 --out "$smoke/demo" >/dev/null
+python3 -c "import json,sys,os; r=json.load(open(sys.argv[1]+'/summary.json')); assert r['outputs_match'] is True and r['requests']==6 and r['with_reuse']['reused_blocks']>0, r; assert open(sys.argv[1]+'/ttft.svg').read().startswith('<svg'); print('smoke ok: demo', r['requests'], 'requests, outputs match, reuse hit rate', r['with_reuse']['hit_rate'])" "$smoke/demo"
 $bench report --results "$smoke" --out "$smoke/report.md" >/dev/null
 python3 -c "import sys,os,re; d=os.path.dirname(sys.argv[1]); t=open(sys.argv[1]).read(); svgs=re.findall(r'\(([\w-]+\.svg)\)', t); assert 'report-transfer.svg' in svgs and 'report-match-latency.svg' in svgs and 'tcp_vs_iperf3' in t, t; assert all(open(os.path.join(d,f)).read().startswith('<svg') for f in svgs); print('smoke ok: report.md with', len(svgs), 'SVG charts')" "$smoke/report.md"
 $bench micro --filter '*HostBlockPool*' --iterations 3 --artifacts "$smoke/micro" >/dev/null

@@ -54,6 +54,8 @@ public static class Demo
             await using Deployment d = await Deployment.StartAsync(new DeploymentOptions
             {
                 PrefillWorkers = options.PrefillWorkers, DecodeWorkers = options.DecodeWorkers, Model = options.Model, SsdDirectory = ssd, Logs = logs,
+                // Small memory tiers, so the hit rate by tier shows blocks demoted to host DRAM and SSD being reused.
+                GpuBlocks = 64, HostBlocks = 128,
             }, cancellationToken).ConfigureAwait(false);
             output.WriteLine($"placement: {d.Placement}; GPU tier emulated in host memory (no GPU is used)");
             var router = new Router(d.Prefill, d.Decode, d.IndexClient, config.ToKvLayout(), "dev");
