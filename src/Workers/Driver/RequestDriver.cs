@@ -168,6 +168,12 @@ public static class RequestDriver
         {
             pre = await PrefillAsync(prefill, id, r, reserved.Ticket, options, call).ConfigureAwait(false);
         }
+        catch (Exception) when (tokens is { IsFaulted: true, Exception.InnerException: DecodeFailedException decodeFailed })
+        {
+            // The prefill failed because its decode worker did (its hand-off could not be delivered to a dead worker whose
+            // stream had already broken): a decode failure, worth retrying on another decode worker.
+            throw decodeFailed;
+        }
         catch
         {
             await cancelDecode.CancelAsync().ConfigureAwait(false); // the decode side gives up its reservation
