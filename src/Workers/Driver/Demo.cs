@@ -61,7 +61,7 @@ public static class Demo
             var router = new Router(d.Prefill, d.Decode, d.IndexClient, config.ToKvLayout(), "dev");
 
             // Warm-up (JIT, connections) on prompts no request shares.
-            IReadOnlyList<WorkloadRequest> warm = Workloads.SharedPrefixChats(2, 64, 0.5, 1, 2, config.Vocab, 100, options.Seed + 1000);
+            IReadOnlyList<WorkloadRequest> warm = Workloads.SharedPrefixChats(4, 256, 0.5, 4, 4, config.Vocab, 100, options.Seed + 1000);
             await RequestDriver.RunDisaggregatedAsync(router, warm, new DriverOptions { TimeScale = 0, Label = "warm-up" }, cancellationToken).ConfigureAwait(false);
 
             var reuse = await RequestDriver.RunDisaggregatedAsync(router, workload,

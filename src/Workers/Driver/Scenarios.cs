@@ -10,7 +10,7 @@ namespace KvFabric.Workers.Driver;
 public sealed record RunSummary(
     string Label, int Requests, int Failed, double TtftP50, double TtftP90, double TtftP99, double ItlP50, double ItlP99,
     double HandoffP50, double HandoffFractionOfTtft, long PromptBlocks, long ReusedBlocks, long FetchedBlocks, long[] ReusedByTier,
-    double ComputeP50, double OnboardP50, int Retried, double TtftDeliveredP50 = 0, double MeanItl = 0)
+    double ComputeP50, double OnboardP50, int Retried, double TtftDeliveredP50 = 0, double MeanItl = 0, double ItlMax = 0, int ItlSamples = 0)
 {
     public double HitRate => PromptBlocks == 0 ? 0 : (double)ReusedBlocks / PromptBlocks;
 
@@ -35,7 +35,7 @@ public sealed record RunSummary(
             ok.Sum(r => (long)(r.Prefill?.FetchedBlocks ?? 0)), byTier,
             Percentile([.. ok.Where(r => r.Prefill is not null).Select(r => r.Prefill!.ComputeMs)], 50),
             Percentile([.. ok.Where(r => r.Prefill is not null).Select(r => r.Prefill!.OnboardMs)], 50), ok.Count(r => r.Attempts > 1),
-            Percentile([.. ok.Select(r => r.TtftDeliveredMs)], 50), itl.Length == 0 ? 0 : itl.Average());
+            Percentile([.. ok.Select(r => r.TtftDeliveredMs)], 50), itl.Length == 0 ? 0 : itl.Average(), itl.Length == 0 ? 0 : itl.Max(), itl.Length);
     }
 
     public static double Percentile(double[] values, double p)
@@ -52,7 +52,7 @@ public sealed record RunSummary(
     {
         ["label"] = Label, ["requests"] = Requests, ["failed"] = Failed, ["retried"] = Retried,
         ["ttft_ms"] = new JsonObject { ["p50"] = R(TtftP50), ["p90"] = R(TtftP90), ["p99"] = R(TtftP99), ["p50_delivered"] = R(TtftDeliveredP50) },
-        ["itl_ms"] = new JsonObject { ["p50"] = R(ItlP50), ["p99"] = R(ItlP99), ["mean"] = R(MeanItl) },
+        ["itl_ms"] = new JsonObject { ["p50"] = R(ItlP50), ["p99"] = R(ItlP99), ["mean"] = R(MeanItl), ["max"] = R(ItlMax), ["samples"] = ItlSamples },
         ["handoff_ms_p50"] = R(HandoffP50), ["handoff_fraction_of_ttft_p50"] = R(HandoffFractionOfTtft),
         ["prefill_compute_ms_p50"] = R(ComputeP50), ["prefill_onboard_ms_p50"] = R(OnboardP50),
         ["prompt_blocks"] = PromptBlocks, ["reused_blocks"] = ReusedBlocks, ["fetched_from_other_nodes"] = FetchedBlocks, ["hit_rate"] = R(HitRate),
