@@ -27,19 +27,21 @@ public static class E2eCommand
         var itlPrompt = new Option<int>("--itl-prompt-tokens") { DefaultValueFactory = _ => 512 };
         var itlNew = new Option<int>("--itl-new-tokens") { DefaultValueFactory = _ => 64 };
         var batch = new Option<int>("--max-batch") { DefaultValueFactory = _ => 8 };
+        var sloTtft = new Option<double>("--slo-ttft-ms") { Description = "goodput counts requests whose TTFT is at most this ...", DefaultValueFactory = _ => 500 };
+        var sloItl = new Option<double>("--slo-itl-ms") { Description = "... and whose every inter-token gap is at most this", DefaultValueFactory = _ => 25 };
         var itlRate = new Option<double>("--itl-rate") { Description = "arrivals per second of the ITL runs (Poisson): new prefills keep landing while earlier requests decode", DefaultValueFactory = _ => 8 };
         var quick = new Option<bool>("--quick") { Description = "CI-sized: the small model, 6 requests of 256 tokens, 8 ITL requests" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("e2e", "Workers end to end: TTFT with/without prefix reuse, hand-off share of TTFT, decode ITL disaggregated vs alone vs colocated.")
         {
-            model, requests, prompt, itlRequests, itlPrompt, itlNew, batch, itlRate, quick, json,
+            model, requests, prompt, itlRequests, itlPrompt, itlNew, batch, itlRate, sloTtft, sloItl, quick, json,
         };
         cmd.SetAction(async (p, ct) =>
         {
             bool q = p.GetValue(quick);
             JsonObject result = await RunAsync(QuickDefaults.Pick(p, model, q, "small"), QuickDefaults.Pick(p, requests, q, 6), QuickDefaults.Pick(p, prompt, q, 256),
                 QuickDefaults.Pick(p, itlRequests, q, 8), QuickDefaults.Pick(p, itlPrompt, q, 128), QuickDefaults.Pick(p, itlNew, q, 24),
-                QuickDefaults.Pick(p, batch, q, 4), QuickDefaults.Pick(p, itlRate, q, 20.0), ct);
+                QuickDefaults.Pick(p, batch, q, 4), QuickDefaults.Pick(p, itlRate, q, 20.0), new Slo(p.GetValue(sloTtft), p.GetValue(sloItl)), ct);
             JsonReport.Write(p.GetValue(json), result);
             return result["outputs_match"]!.GetValue<bool>() ? 0 : 1;
         });
@@ -47,7 +49,7 @@ public static class E2eCommand
     }
 
     private static async Task<JsonObject> RunAsync(string model, int requests, int promptTokens, int itlRequests, int itlPrompt, int itlNew, int maxBatch,
-        double itlRate, CancellationToken ct)
+        double itlRate, Slo slo, CancellationToken ct)
     {
         var config = ModelConfigs.Get(model);
         using ILoggerFactory logs = LoggerFactory.Create(b => b.AddFilter(_ => false));
@@ -62,6 +64,7 @@ public static class E2eCommand
         Dictionary<int, int[]> itlRef = MonolithicCheck.Reference(itlLoad, config);
 
         RunSummary reuse, noReuse, disagg, alone, colocated;
+        JsonObject goodputDisagg, goodputColocated;
         JsonObject bytes;
         string placement;
         await using (Deployment d = await Deployment.StartAsync(new DeploymentOptions { Model = model, PrefillWorkers = 2, DecodeWorkers = 1, MaxBatch = maxBatch, Logs = logs }, ct))
@@ -81,8 +84,10 @@ public static class E2eCommand
             // ITL: decode alone (everything prefilled first), then with prefills running beside it (no reuse: the most prefill work).
             RequestResult[] c = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
                 new DriverOptions { PrefillFirst = true, NoReuse = true, TimeScale = 0, Label = "decode alone" }, ct);
+            var wall = System.Diagnostics.Stopwatch.StartNew();
             RequestResult[] e = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
                 new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "disaggregated under load", Progress = Console.Error }, ct);
+            goodputDisagg = slo.Goodput(e, wall.Elapsed);
             compared += MonolithicCheck.Compare(c, itlRef, mismatches) + MonolithicCheck.Compare(e, itlRef, mismatches);
             alone = RunSummary.Of("decode alone", c, config.TokensPerBlock);
             disagg = RunSummary.Of("disaggregated", e, config.TokensPerBlock);
@@ -92,8 +97,10 @@ public static class E2eCommand
         await using (Deployment d = await Deployment.StartAsync(new DeploymentOptions { Model = model, ColocatedWorkers = 1, MaxBatch = maxBatch, Logs = logs }, ct))
         {
             await RequestDriver.RunColocatedAsync(d.Colocated, warm, new DriverOptions { TimeScale = 0 }, ct);
+            var wall = System.Diagnostics.Stopwatch.StartNew();
             RequestResult[] f = await RequestDriver.RunColocatedAsync(d.Colocated, itlLoad,
                 new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "colocated under load", Progress = Console.Error }, ct);
+            goodputColocated = slo.Goodput(f, wall.Elapsed);
             compared += MonolithicCheck.Compare(f, itlRef, mismatches);
             colocated = RunSummary.Of("colocated", f, config.TokensPerBlock);
         }
@@ -121,7 +128,24 @@ public static class E2eCommand
         report["ttft_p50_ms_disagg_under_load"] = JsonReport.Round(disagg.TtftP50);
         report["ttft_p50_ms_colocated_under_load"] = JsonReport.Round(colocated.TtftP50);
         report["handoff_bytes_by_backend"] = bytes;
+        report["slo"] = new JsonObject { ["ttft_ms"] = slo.TtftMs, ["itl_ms"] = slo.ItlMs };
+        report["goodput_disagg"] = goodputDisagg;
+        report["goodput_colocated"] = goodputColocated;
         report["runs"] = new JsonArray(reuse.ToJson(), noReuse.ToJson(), alone.ToJson(), disagg.ToJson(), colocated.ToJson());
         return report;
+    }
+}
+
+/// <summary>A latency target: goodput counts the requests that met it (TTFT, and every inter-token gap), per second of the run.</summary>
+internal sealed record Slo(double TtftMs, double ItlMs)
+{
+    public JsonObject Goodput(IReadOnlyList<RequestResult> results, TimeSpan wall)
+    {
+        int met = results.Count(r => r.Ok && r.TtftMs <= TtftMs && r.ItlMs.All(g => g <= ItlMs));
+        return new JsonObject
+        {
+            ["requests"] = results.Count, ["met_slo"] = met, ["fraction"] = JsonReport.Round((double)met / Math.Max(1, results.Count)),
+            ["requests_per_second"] = JsonReport.Round(met / Math.Max(wall.TotalSeconds, 1e-9)),
+        };
     }
 }
