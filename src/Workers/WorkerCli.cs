@@ -111,17 +111,18 @@ public static class WorkerCli
         var model = new Option<string>("--model") { DefaultValueFactory = _ => "small" };
         var prefill = new Option<int>("--prefill-workers") { DefaultValueFactory = _ => 2 };
         var decode = new Option<int>("--decode-workers") { DefaultValueFactory = _ => 1 };
+        var timeScale = new Option<double>("--time-scale") { Description = "a trace's arrival times are multiplied by this (0: back to back)", DefaultValueFactory = _ => 1.0 };
         var inFlight = new Option<int>("--max-in-flight") { Description = "most requests in flight (arrivals beyond wait)", DefaultValueFactory = _ => 4 };
         var output = new Option<string>("--out") { Description = "directory for summary.json and ttft.svg", DefaultValueFactory = _ => "demo-out" };
         var cmd = new Command("demo", "Start a single-machine disaggregated deployment, replay a workload with and without prefix reuse, check every output, summarize.")
         {
-            requests, prompt, shared, maxNew, rate, inFlight, trace, model, prefill, decode, output,
+            requests, prompt, shared, maxNew, rate, inFlight, timeScale, trace, model, prefill, decode, output,
         };
         cmd.SetAction(async (parse, ct) => await Demo.RunAsync(new DemoOptions
         {
             Requests = parse.GetValue(requests), PromptTokens = parse.GetValue(prompt), SharedFraction = parse.GetValue(shared), MaxNewTokens = parse.GetValue(maxNew),
             Rate = parse.GetValue(rate), Trace = parse.GetValue(trace), Model = parse.GetValue(model)!, PrefillWorkers = parse.GetValue(prefill),
-            DecodeWorkers = parse.GetValue(decode), MaxInFlight = parse.GetValue(inFlight), OutputDirectory = parse.GetValue(output)!,
+            DecodeWorkers = parse.GetValue(decode), MaxInFlight = parse.GetValue(inFlight), TimeScale = parse.GetValue(timeScale), OutputDirectory = parse.GetValue(output)!,
         }, Console.Out, ct).ConfigureAwait(false));
         return cmd;
     }

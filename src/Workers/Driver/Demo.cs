@@ -17,7 +17,9 @@ public sealed record DemoOptions
     public int MaxNewTokens { get; init; } = 24;
     /// <summary>Requests per second (Poisson arrivals).</summary>
     public double Rate { get; init; } = 4;
-    public int MaxInFlight { get; init; } = 8;
+    public int MaxInFlight { get; init; } = 4;
+    /// <summary>Arrival times (a trace's, or the synthetic Poisson ones) are multiplied by this.</summary>
+    public double TimeScale { get; init; } = 1.0;
     /// <summary>A Mooncake-format trace to replay instead of synthetic chats.</summary>
     public string? Trace { get; init; }
     public string Model { get; init; } = "small";
@@ -65,9 +67,9 @@ public static class Demo
             await RequestDriver.RunDisaggregatedAsync(router, warm, new DriverOptions { TimeScale = 0, Label = "warm-up" }, cancellationToken).ConfigureAwait(false);
 
             var reuse = await RequestDriver.RunDisaggregatedAsync(router, workload,
-                new DriverOptions { MaxInFlight = options.MaxInFlight, Label = "with prefix reuse", Progress = output }, cancellationToken).ConfigureAwait(false);
+                new DriverOptions { MaxInFlight = options.MaxInFlight, TimeScale = options.TimeScale, Label = "with prefix reuse", Progress = output }, cancellationToken).ConfigureAwait(false);
             var noReuse = await RequestDriver.RunDisaggregatedAsync(router, workload,
-                new DriverOptions { MaxInFlight = options.MaxInFlight, NoReuse = true, Label = "without reuse", Progress = output }, cancellationToken).ConfigureAwait(false);
+                new DriverOptions { MaxInFlight = options.MaxInFlight, TimeScale = options.TimeScale, NoReuse = true, Label = "without reuse", Progress = output }, cancellationToken).ConfigureAwait(false);
 
             output.WriteLine("checking every output against a monolithic run (same model in one process, no fabric) ...");
             Dictionary<int, int[]> reference = MonolithicCheck.Reference(workload, config);
