@@ -287,11 +287,31 @@ public sealed class WorkerServer : IAsyncDisposable
 
     private async Task DecodeAsync(DecodeRequest r, ServerCall call)
     {
-        int[] prompt = Prompt(r.Prompt);
+        int[] prompt;
+        try
+        {
+            prompt = Prompt(r.Prompt);
+        }
+        catch
+        {
+            ReleaseUnaccepted(r.RequestId);
+            throw;
+        }
+
         Interlocked.Increment(ref _active);
         try
         {
-            KvCache cache = NewCache();
+            KvCache cache;
+            try
+            {
+                cache = NewCache();
+            }
+            catch
+            {
+                ReleaseUnaccepted(r.RequestId);
+                throw;
+            }
+
             var logits = new float[_model.Config.Vocab];
             ChannelReader<GeneratedToken> tokens;
             try
@@ -324,6 +344,12 @@ public sealed class WorkerServer : IAsyncDisposable
             Interlocked.Decrement(ref _active);
         }
     }
+
+    /// <summary>
+    /// A Decode that fails before AcceptAsync (which releases the reservation itself) gives its slots back here: once the
+    /// prefill's WRITE has landed, nothing else would ever reclaim them (only unfilled reservations expire).
+    /// </summary>
+    private void ReleaseUnaccepted(ulong requestId) => _handoff!.Release(requestId);
 
     private async Task GenerateAsync(GenerateRequest r, ServerCall call)
     {
