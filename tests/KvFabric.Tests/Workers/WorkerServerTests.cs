@@ -56,4 +56,37 @@ public sealed class WorkerServerTests
 
         Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
     }
+
+    [Fact]
+    public async Task A_ticket_whose_metadata_names_another_agent_is_refused_and_does_not_poison_the_agent_cache()
+    {
+        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
+        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
+        await decode.StartAsync();
+        // No sidecar listens there: the prefill computes the whole prompt (a fallback), which is all this test needs.
+        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
+        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
+        await prefill.StartAsync();
+        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
+        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        await using var stranger = new TransferAgent(new TransferAgentOptions { Name = "stranger" });
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
+
+        HandoffReservation bad = (await decodeClient.ReserveAsync(1, prompt.Length, call)).Ticket;
+        bad.AgentMetadata = Google.Protobuf.ByteString.CopyFrom(stranger.ExportMetadata());
+        var request = new PrefillRequest { RequestId = 1, Ticket = bad };
+        request.Prompt.Add(prompt);
+        RpcException e = await Assert.ThrowsAsync<RpcException>(() => prefillClient.PrefillAsync(request, call));
+        Assert.Equal(StatusCode.InvalidArgument, e.Status);
+
+        // The decode worker's real ticket still goes through.
+        HandoffReservation good = (await decodeClient.ReserveAsync(2, prompt.Length, call)).Ticket;
+        request = new PrefillRequest { RequestId = 2, Ticket = good };
+        request.Prompt.Add(prompt);
+        PrefillResponse response = await prefillClient.PrefillAsync(request, call);
+        Assert.Equal(1u, response.HandoffAttempts);
+        Assert.Equal((uint)prompt.Length, response.ComputedTokens);
+    }
 }
