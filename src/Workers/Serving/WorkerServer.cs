@@ -264,6 +264,10 @@ public sealed class WorkerServer : IAsyncDisposable
             response.QueueMs = clock.Elapsed.TotalMilliseconds;
             outcome = await _prefill!.PrefillAsync(prompt, cache, logits, cancellationToken, reuse, offload: false).ConfigureAwait(false);
         }
+        catch (InvalidOperationException e) when (IsPoolDry(e))
+        {
+            throw PoolDry(e);
+        }
         finally
         {
             _compute.Release();
@@ -342,6 +346,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 throw e switch
                 {
                     TimeoutException => new RpcException(StatusCode.DeadlineExceeded, e.Message),
+                    InvalidOperationException when IsPoolDry(e) => PoolDry(e),
                     InvalidOperationException => new RpcException(StatusCode.FailedPrecondition, e.Message),
                     ArgumentException => new RpcException(StatusCode.InvalidArgument, e.Message),
                     _ => e,
@@ -431,6 +436,12 @@ public sealed class WorkerServer : IAsyncDisposable
             throw new RpcException(StatusCode.ResourceExhausted, e.Message); // the sequence could not grow (KV pool dry)
         }
     }
+
+    /// <summary>The KV pool ran dry while a request's cache grew: RESOURCE_EXHAUSTED (retry later), not an internal error.</summary>
+    private static bool IsPoolDry(Exception e) => e.Message.Contains("pool exhausted", StringComparison.Ordinal); // HostBlockPool.Rent: not just any InvalidOperationException
+
+    private RpcException PoolDry(Exception e) =>
+        new(StatusCode.ResourceExhausted, $"worker {_options.Name}'s KV pool ({_pool.Capacity} blocks) ran dry: {e.Message}; retry when requests finish or start it with more --kv-blocks");
 
     private KvCache NewCache()
     {

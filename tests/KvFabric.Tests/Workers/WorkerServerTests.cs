@@ -89,4 +89,38 @@ public sealed class WorkerServerTests
         Assert.Equal(1u, response.HandoffAttempts);
         Assert.Equal((uint)prompt.Length, response.ComputedTokens);
     }
+
+    [Fact]
+    public async Task A_decode_whose_kv_pool_runs_dry_is_resource_exhausted_and_gives_everything_back()
+    {
+        // Two KV blocks: the prompt's two full blocks import, its tail needs a third.
+        var options = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 2, HandoffSlots = 8 };
+        await using var server = new WorkerServer(options, NullLoggerFactory.Instance);
+        await server.StartAsync();
+        using var client = new WorkerClient(options.Name, $"http://{server.Endpoint}", options.Tenant, options.Token);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int blockBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes);
+        await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
+        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 2, Tag = "test-kv" });
+        sender.Register(blocks);
+        var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
+
+        HandoffReservation t = (await client.ReserveAsync(requestId: 9, promptTokens: prompt.Length, call)).Ticket;
+        RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
+        var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
+        Assert.True((await HandoffSender.SendAsync(sender, receiver, ticket, new[] { blocks.Rent().Address, blocks.Rent().Address }, backend: BackendKind.Tcp)).IsSuccess);
+
+        var request = new DecodeRequest { RequestId = 9, MaxNewTokens = 4 };
+        request.Prompt.Add(prompt);
+        await using (var stream = client.Decode(request, call))
+        {
+            RpcException e = await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync());
+            Assert.Equal(StatusCode.ResourceExhausted, e.Status);
+        }
+
+        WorkerStatus status = await client.StatusAsync(call);
+        Assert.Equal(status.KvBlocksTotal, status.KvBlocksFree);
+        Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+    }
 }
