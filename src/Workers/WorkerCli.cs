@@ -32,11 +32,12 @@ public static class WorkerCli
         var kvBlocks = new Option<int>("--kv-blocks") { Description = "blocks in the worker's KV pool", DefaultValueFactory = _ => 4096 };
         var slots = new Option<int>("--handoff-slots") { Description = "decode: registered hand-off slots", DefaultValueFactory = _ => 2048 };
         var maxBatch = new Option<int>("--max-batch") { Description = "decode: most sequences per step", DefaultValueFactory = _ => 16 };
+        var maxQueued = new Option<int>("--max-queued") { Description = "prefill: prefills waiting for the compute beyond this are refused with RESOURCE_EXHAUSTED", DefaultValueFactory = _ => 64 };
         var transfer = new Option<string>("--transfer") { Description = "hand-off backend: auto, tcp, shm or ucx", DefaultValueFactory = _ => "auto" };
         var corrupt = new Option<int>("--corrupt-nth-payload") { Description = "fault injection (tests): corrupt the Nth payload this worker sends" };
         var cmd = new Command("serve", "Run one worker (prints READY grpc=... when serving; SIGTERM stops it).")
         {
-            role, name, listen, port, sidecar, tenant, token, model, threads, kvBlocks, slots, maxBatch, transfer, corrupt,
+            role, name, listen, port, sidecar, tenant, token, model, threads, kvBlocks, slots, maxBatch, maxQueued, transfer, corrupt,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -55,6 +56,7 @@ public static class WorkerCli
                     Name = parse.GetValue(name)!, Listen = IPAddress.Parse(parse.GetValue(listen)!), Port = parse.GetValue(port),
                     Sidecar = parse.GetValue(sidecar), Tenant = parse.GetValue(tenant)!, Token = parse.GetValue(token)!, Model = parse.GetValue(model)!,
                     Threads = parse.GetValue(threads), KvBlocks = parse.GetValue(kvBlocks), HandoffSlots = parse.GetValue(slots), MaxBatch = parse.GetValue(maxBatch),
+                    MaxQueued = parse.GetValue(maxQueued),
                     Backend = parse.GetValue(transfer) switch
                     {
                         "auto" => BackendKind.Auto,

@@ -74,27 +74,37 @@ public static class RequestDriver
         using var progress = options.Progress is null ? null : new Timer(_ =>
             options.Progress.WriteLine($"[{options.Label}] {Volatile.Read(ref done)}/{requests.Count} requests done, {options.MaxInFlight - slots.CurrentCount} in flight, {clock.Elapsed.TotalSeconds:0.0} s"),
             null, TimeSpan.FromSeconds(2), TimeSpan.FromSeconds(2));
-        for (int i = 0; i < requests.Count; i++)
+        try
         {
-            WorkloadRequest r = requests[i];
-            long due = (long)(r.ArrivalMs * options.TimeScale);
-            long wait = due - clock.ElapsedMilliseconds;
-            if (wait > 0)
-                await Task.Delay(TimeSpan.FromMilliseconds(wait), cancellationToken).ConfigureAwait(false);
-            await slots.WaitAsync(cancellationToken).ConfigureAwait(false);
-            int index = i;
-            tasks.Add(Task.Run(async () =>
+            for (int i = 0; i < requests.Count; i++)
             {
-                try
+                WorkloadRequest r = requests[i];
+                long due = (long)(r.ArrivalMs * options.TimeScale);
+                long wait = due - clock.ElapsedMilliseconds;
+                if (wait > 0)
+                    await Task.Delay(TimeSpan.FromMilliseconds(wait), cancellationToken).ConfigureAwait(false);
+                await slots.WaitAsync(cancellationToken).ConfigureAwait(false);
+                int index = i;
+                tasks.Add(Task.Run(async () =>
                 {
-                    results[index] = await run(r).ConfigureAwait(false);
-                }
-                finally
-                {
-                    slots.Release();
-                    Interlocked.Increment(ref done);
-                }
-            }, CancellationToken.None));
+                    try
+                    {
+                        results[index] = await run(r).ConfigureAwait(false);
+                    }
+                    finally
+                    {
+                        slots.Release();
+                        Interlocked.Increment(ref done);
+                    }
+                }, CancellationToken.None));
+            }
+        }
+        catch
+        {
+            // Cancelled between arrivals: the requests already started see the same cancellation; wait for them, so none
+            // outlives this call (releasing the disposed semaphore, still calling the workers the caller is tearing down).
+            await Task.WhenAll(tasks).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            throw;
         }
 
         await Task.WhenAll(tasks).ConfigureAwait(false);

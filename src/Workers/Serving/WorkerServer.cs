@@ -159,6 +159,8 @@ public sealed class WorkerServer : IAsyncDisposable
         if (r.Ticket is null)
             throw new RpcException(StatusCode.InvalidArgument, "Prefill needs the decode worker's hand-off ticket (from its Reserve)");
         int[] prompt = Prompt(r.Prompt);
+        if (r.Ticket.ReceiverAgent.Length != 16)
+            throw new RpcException(StatusCode.InvalidArgument, $"the ticket's receiver_agent has {r.Ticket.ReceiverAgent.Length} bytes; an agent id has 16 (pass the ticket Reserve returned, unchanged)");
         // The ticket's lease runs from now, on this process's clock.
         var ticket = new HandoffTicket(r.Ticket.RequestId, r.Ticket.Nonce, new Guid(r.Ticket.ReceiverAgent.Span), [.. r.Ticket.Addresses],
             (int)r.Ticket.BlockBytes, TimeSpan.FromMilliseconds(r.Ticket.LeaseMs));
@@ -176,7 +178,7 @@ public sealed class WorkerServer : IAsyncDisposable
             // Hand-off: the WRITE reads the cache's blocks in place; the notification fires on the decode side only when
             // every byte is there and its checksum verified.
             var clock = Stopwatch.StartNew();
-            RemoteAgent receiver = await RemoteAsync(ticket.ReceiverAgent, r.Ticket.AgentMetadata).ConfigureAwait(false);
+            RemoteAgent receiver = null!;
             var blocks = new nint[ticket.Addresses.Length];
             for (int i = 0; i < full; i++)
                 blocks[i] = cache.BlockAddress(i);
@@ -187,7 +189,20 @@ public sealed class WorkerServer : IAsyncDisposable
             while (attempt < _options.HandoffAttempts)
             {
                 attempt++;
-                sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, backend: _options.Backend, cancellationToken: call.CancellationToken).ConfigureAwait(false);
+                // Resolved each attempt: a request whose hand-off failed for good unloads the agent (below), and one
+                // still holding that view then loads it afresh instead of failing on the unloaded one.
+                receiver = await RemoteAsync(ticket.ReceiverAgent, r.Ticket.AgentMetadata).ConfigureAwait(false);
+                try
+                {
+                    sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, backend: _options.Backend, cancellationToken: call.CancellationToken).ConfigureAwait(false);
+                }
+                catch (TransferException e)
+                {
+                    // Refused before a byte moved: that view of the agent was unloaded or replaced; the next attempt reloads it.
+                    sent = new TransferResult(TransferStatus.Failed, e.Message);
+                    ForgetRemote(ticket.ReceiverAgent, receiver);
+                }
+
                 if (sent.IsSuccess || sent.Status is TransferStatus.TimedOut or TransferStatus.Cancelled)
                     break;
                 Interlocked.Increment(ref _retries);
@@ -195,9 +210,11 @@ public sealed class WorkerServer : IAsyncDisposable
                     ticket.RequestId, receiver.Name, attempt, _options.HandoffAttempts, sent.Error);
             }
 
+            if (sent.Status == TransferStatus.Cancelled)
+                throw new RpcException(StatusCode.Cancelled, $"the hand-off of request {ticket.RequestId} was cancelled: {sent}");
             if (!sent.IsSuccess)
             {
-                _remotes.TryRemove(ticket.ReceiverAgent, out _); // the decode worker may have restarted: load it afresh next time
+                ForgetRemote(ticket.ReceiverAgent, receiver); // the decode worker may have died or restarted: load it afresh next time
                 throw new RpcException(sent.Status == TransferStatus.TimedOut ? StatusCode.DeadlineExceeded : StatusCode.Unavailable,
                     $"the KV of request {ticket.RequestId} could not be handed to decode worker {receiver.Name} after {attempt} attempt(s): {sent}");
             }
@@ -247,6 +264,10 @@ public sealed class WorkerServer : IAsyncDisposable
             response.QueueMs = clock.Elapsed.TotalMilliseconds;
             outcome = await _prefill!.PrefillAsync(prompt, cache, logits, cancellationToken, reuse, offload: false).ConfigureAwait(false);
         }
+        catch (InvalidOperationException e) when (IsPoolDry(e))
+        {
+            throw PoolDry(e);
+        }
         finally
         {
             _compute.Release();
@@ -287,11 +308,31 @@ public sealed class WorkerServer : IAsyncDisposable
 
     private async Task DecodeAsync(DecodeRequest r, ServerCall call)
     {
-        int[] prompt = Prompt(r.Prompt);
+        int[] prompt;
+        try
+        {
+            prompt = Prompt(r.Prompt);
+        }
+        catch
+        {
+            ReleaseUnaccepted(r.RequestId);
+            throw;
+        }
+
         Interlocked.Increment(ref _active);
         try
         {
-            KvCache cache = NewCache();
+            KvCache cache;
+            try
+            {
+                cache = NewCache();
+            }
+            catch
+            {
+                ReleaseUnaccepted(r.RequestId);
+                throw;
+            }
+
             var logits = new float[_model.Config.Vocab];
             ChannelReader<GeneratedToken> tokens;
             try
@@ -305,6 +346,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 throw e switch
                 {
                     TimeoutException => new RpcException(StatusCode.DeadlineExceeded, e.Message),
+                    InvalidOperationException when IsPoolDry(e) => PoolDry(e),
                     InvalidOperationException => new RpcException(StatusCode.FailedPrecondition, e.Message),
                     ArgumentException => new RpcException(StatusCode.InvalidArgument, e.Message),
                     _ => e,
@@ -324,6 +366,12 @@ public sealed class WorkerServer : IAsyncDisposable
             Interlocked.Decrement(ref _active);
         }
     }
+
+    /// <summary>
+    /// A Decode that fails before AcceptAsync (which releases the reservation itself) gives its slots back here: once the
+    /// prefill's WRITE has landed, nothing else would ever reclaim them (only unfilled reservations expire).
+    /// </summary>
+    private void ReleaseUnaccepted(ulong requestId) => _handoff!.Release(requestId);
 
     private async Task GenerateAsync(GenerateRequest r, ServerCall call)
     {
@@ -389,6 +437,12 @@ public sealed class WorkerServer : IAsyncDisposable
         }
     }
 
+    /// <summary>The KV pool ran dry while a request's cache grew: RESOURCE_EXHAUSTED (retry later), not an internal error.</summary>
+    private static bool IsPoolDry(Exception e) => e.Message.Contains("pool exhausted", StringComparison.Ordinal); // HostBlockPool.Rent: not just any InvalidOperationException
+
+    private RpcException PoolDry(Exception e) =>
+        new(StatusCode.ResourceExhausted, $"worker {_options.Name}'s KV pool ({_pool.Capacity} blocks) ran dry: {e.Message}; retry when requests finish or start it with more --kv-blocks");
+
     private KvCache NewCache()
     {
         if (_pool.Available == 0)
@@ -421,14 +475,48 @@ public sealed class WorkerServer : IAsyncDisposable
     private async Task<RemoteAgent> RemoteAsync(Guid agent, ByteString metadata)
     {
         Lazy<Task<RemoteAgent>> lazy = _remotes.GetOrAdd(agent, _ => new Lazy<Task<RemoteAgent>>(() => _agent.LoadRemoteAsync(metadata.Memory)));
+        RemoteAgent remote;
         try
         {
-            return await lazy.Value.ConfigureAwait(false);
+            remote = await lazy.Value.ConfigureAwait(false);
         }
         catch (Exception e)
         {
-            _remotes.TryRemove(agent, out _);
+            _remotes.TryRemove(new KeyValuePair<Guid, Lazy<Task<RemoteAgent>>>(agent, lazy));
             throw new RpcException(StatusCode.Unavailable, $"the decode worker's transfer agent {agent} cannot be reached: {e.Message}");
+        }
+
+        if (remote.AgentId != agent)
+        {
+            // Cached under the ticket's agent id, this view would refuse every later hand-off to that agent.
+            ForgetRemote(agent, remote);
+            throw new RpcException(StatusCode.InvalidArgument, $"the ticket names transfer agent {agent} but its agent_metadata describes {remote.Name} ({remote.AgentId}); pass the ticket Reserve returned, unchanged");
+        }
+
+        return remote;
+    }
+
+    /// <summary>
+    /// Drops a decode worker's agent after a failed hand-off, from this cache (only if it still holds that view) and from the
+    /// transfer agent, whose view would otherwise keep the peer's connections and shared-memory mappings for as long as
+    /// this process lives (a dead decode worker's agent id never comes back).
+    /// </summary>
+    private void ForgetRemote(Guid agent, RemoteAgent remote)
+    {
+        if (_remotes.TryGetValue(agent, out Lazy<Task<RemoteAgent>>? lazy) && lazy.IsValueCreated && lazy.Value.IsCompletedSuccessfully && lazy.Value.Result == remote)
+            _remotes.TryRemove(new KeyValuePair<Guid, Lazy<Task<RemoteAgent>>>(agent, lazy));
+        _ = UnloadAsync();
+
+        async Task UnloadAsync()
+        {
+            try
+            {
+                await _agent.UnloadRemoteAsync(remote).ConfigureAwait(false); // waits for posts still on it, off the request's path
+            }
+            catch (Exception e)
+            {
+                _log.LogDebug("unloading agent {Agent} failed: {Error}", remote.Name, e.Message);
+            }
         }
     }
 

@@ -1,0 +1,126 @@
+using KvFabric.Client.Grpc;
+using KvFabric.Memory;
+using KvFabric.Rpc.V1;
+using KvFabric.Transfer;
+using KvFabric.Workers.Handoff;
+using KvFabric.Workers.Serving;
+using Microsoft.Extensions.Logging.Abstractions;
+using Xunit;
+
+namespace KvFabric.Tests.Workers;
+
+/// <summary>A decode worker's gRPC service in this process, fed by a test transfer agent standing in for the prefill side.</summary>
+public sealed class WorkerServerTests
+{
+    [Fact]
+    public async Task A_decode_that_fails_before_taking_its_kv_gives_the_hand_off_slots_back()
+    {
+        var options = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
+        await using var server = new WorkerServer(options, NullLoggerFactory.Instance);
+        await server.StartAsync();
+        using var client = new WorkerClient(options.Name, $"http://{server.Endpoint}", options.Tenant, options.Token);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int blockBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes);
+
+        // The prefill side: its own agent and registered blocks.
+        await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
+        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 2, Tag = "test-kv" });
+        sender.Register(blocks);
+
+        var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
+        HandoffReservation t = (await client.ReserveAsync(requestId: 7, promptTokens: 2 * tpb, call)).Ticket;
+        Assert.Equal(2, t.Addresses.Count);
+        Assert.Equal(6u, (await client.StatusAsync(call)).HandoffSlotsFree);
+
+        // The KV lands (every byte in place, the notification delivered) ...
+        RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
+        var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
+        TransferResult sent = await HandoffSender.SendAsync(sender, receiver, ticket, new[] { blocks.Rent().Address, blocks.Rent().Address }, backend: BackendKind.Tcp);
+        Assert.True(sent.IsSuccess, sent.ToString());
+        await Task.Delay(200); // the receiver takes the notification off its agent's queue
+
+        // ... but the Decode is refused before it takes it (here: an empty prompt).
+        await using (var stream = client.Decode(new DecodeRequest { RequestId = 7, MaxNewTokens = 4 }, call))
+        {
+            RpcException e = await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync());
+            Assert.Equal(StatusCode.InvalidArgument, e.Status);
+        }
+
+        // The reservation's slots are free again (not held until the process ends).
+        WorkerStatus status = await client.StatusAsync(call);
+        for (int i = 0; i < 100 && status.HandoffSlotsFree != status.HandoffSlotsTotal; i++)
+        {
+            await Task.Delay(50);
+            status = await client.StatusAsync(call);
+        }
+
+        Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+    }
+
+    [Fact]
+    public async Task A_ticket_whose_metadata_names_another_agent_is_refused_and_does_not_poison_the_agent_cache()
+    {
+        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
+        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
+        await decode.StartAsync();
+        // No sidecar listens there: the prefill computes the whole prompt (a fallback), which is all this test needs.
+        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
+        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
+        await prefill.StartAsync();
+        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
+        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        await using var stranger = new TransferAgent(new TransferAgentOptions { Name = "stranger" });
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
+
+        HandoffReservation bad = (await decodeClient.ReserveAsync(1, prompt.Length, call)).Ticket;
+        bad.AgentMetadata = Google.Protobuf.ByteString.CopyFrom(stranger.ExportMetadata());
+        var request = new PrefillRequest { RequestId = 1, Ticket = bad };
+        request.Prompt.Add(prompt);
+        RpcException e = await Assert.ThrowsAsync<RpcException>(() => prefillClient.PrefillAsync(request, call));
+        Assert.Equal(StatusCode.InvalidArgument, e.Status);
+
+        // The decode worker's real ticket still goes through.
+        HandoffReservation good = (await decodeClient.ReserveAsync(2, prompt.Length, call)).Ticket;
+        request = new PrefillRequest { RequestId = 2, Ticket = good };
+        request.Prompt.Add(prompt);
+        PrefillResponse response = await prefillClient.PrefillAsync(request, call);
+        Assert.Equal(1u, response.HandoffAttempts);
+        Assert.Equal((uint)prompt.Length, response.ComputedTokens);
+    }
+
+    [Fact]
+    public async Task A_decode_whose_kv_pool_runs_dry_is_resource_exhausted_and_gives_everything_back()
+    {
+        // Two KV blocks: the prompt's two full blocks import, its tail needs a third.
+        var options = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 2, HandoffSlots = 8 };
+        await using var server = new WorkerServer(options, NullLoggerFactory.Instance);
+        await server.StartAsync();
+        using var client = new WorkerClient(options.Name, $"http://{server.Endpoint}", options.Tenant, options.Token);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int blockBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes);
+        await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
+        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 2, Tag = "test-kv" });
+        sender.Register(blocks);
+        var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
+
+        HandoffReservation t = (await client.ReserveAsync(requestId: 9, promptTokens: prompt.Length, call)).Ticket;
+        RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
+        var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
+        Assert.True((await HandoffSender.SendAsync(sender, receiver, ticket, new[] { blocks.Rent().Address, blocks.Rent().Address }, backend: BackendKind.Tcp)).IsSuccess);
+
+        var request = new DecodeRequest { RequestId = 9, MaxNewTokens = 4 };
+        request.Prompt.Add(prompt);
+        await using (var stream = client.Decode(request, call))
+        {
+            RpcException e = await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync());
+            Assert.Equal(StatusCode.ResourceExhausted, e.Status);
+        }
+
+        WorkerStatus status = await client.StatusAsync(call);
+        Assert.Equal(status.KvBlocksTotal, status.KvBlocksFree);
+        Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+    }
+}
