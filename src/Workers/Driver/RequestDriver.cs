@@ -139,6 +139,20 @@ public static class RequestDriver
         return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, "", "", 2, error);
     }
 
+    /// <summary>Whether a worker answers Status within a short deadline.</summary>
+    private static async Task<bool> AliveAsync(WorkerClient worker)
+    {
+        try
+        {
+            await worker.StatusAsync(new CallOptions(TimeSpan.FromSeconds(2))).ConfigureAwait(false);
+            return true;
+        }
+        catch (RpcException)
+        {
+            return false;
+        }
+    }
+
     /// <summary>The decode side failed (the worker died, its stream broke): worth retrying elsewhere.</summary>
     private sealed class DecodeFailedException(string message, Exception inner) : Exception(message, inner);
 
@@ -184,7 +198,7 @@ public static class RequestDriver
             // stream had already broken): a decode failure, worth retrying on another decode worker.
             throw decodeFailed;
         }
-        catch
+        catch (Exception e)
         {
             await cancelDecode.CancelAsync().ConfigureAwait(false); // the decode side gives up its reservation
             try
@@ -196,6 +210,9 @@ public static class RequestDriver
                 // the prefill's failure is the one to report
             }
 
+            // The prefill may notice first that the decode worker is gone (its hand-off found nobody): a decode failure too.
+            if (e is RpcException { Status: StatusCode.Unavailable } && !cancellationToken.IsCancellationRequested && !await AliveAsync(decode).ConfigureAwait(false))
+                throw new DecodeFailedException($"decode worker {decode.Name} is unreachable: {e.Message}", e);
             throw;
         }
 

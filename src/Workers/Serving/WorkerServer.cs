@@ -135,6 +135,8 @@ public sealed class WorkerServer : IAsyncDisposable
     private ReserveHandoffResponse Reserve(ReserveHandoffRequest r)
     {
         TimeSpan lease = r.LeaseMs == 0 ? _options.HandoffLease : TimeSpan.FromMilliseconds(r.LeaseMs);
+        if (r.PromptTokens == 0 || r.PromptTokens >= _model.Config.MaxPositions)
+            throw new RpcException(StatusCode.InvalidArgument, $"prompt_tokens is {r.PromptTokens}; the model ({_options.Model}) takes 1 to {_model.Config.MaxPositions - 1}");
         HandoffTicket t;
         try
         {
@@ -203,9 +205,9 @@ public sealed class WorkerServer : IAsyncDisposable
                     ForgetRemote(ticket.ReceiverAgent, receiver);
                 }
 
-                if (sent.IsSuccess || sent.Status is TransferStatus.TimedOut or TransferStatus.Cancelled)
+                if (sent.IsSuccess || sent.Status is TransferStatus.TimedOut or TransferStatus.Cancelled || attempt == _options.HandoffAttempts)
                     break;
-                Interlocked.Increment(ref _retries);
+                Interlocked.Increment(ref _retries); // counted only when another attempt follows
                 _log.LogWarning("hand-off of request {Request} to {Receiver} failed (attempt {Attempt} of {Attempts}): {Error}; retrying",
                     ticket.RequestId, receiver.Name, attempt, _options.HandoffAttempts, sent.Error);
             }
@@ -433,7 +435,8 @@ public sealed class WorkerServer : IAsyncDisposable
         }
         catch (InvalidOperationException e)
         {
-            throw new RpcException(StatusCode.ResourceExhausted, e.Message); // the sequence could not grow (KV pool dry)
+            // The sequence could not grow (KV pool dry), or the decode loop itself failed.
+            throw new RpcException(e.Message.StartsWith("the sequence cannot grow", StringComparison.Ordinal) ? StatusCode.ResourceExhausted : StatusCode.Internal, e.Message);
         }
     }
 
