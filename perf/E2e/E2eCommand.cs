@@ -25,7 +25,7 @@ public static class E2eCommand
         var prompt = new Option<int>("--prompt-tokens") { Description = "prompt length of the TTFT runs", DefaultValueFactory = _ => 1024 };
         var itlRequests = new Option<int>("--itl-requests") { Description = "requests of the ITL runs (twice the decode batch keeps it full)", DefaultValueFactory = _ => 16 };
         var itlPrompt = new Option<int>("--itl-prompt-tokens") { DefaultValueFactory = _ => 512 };
-        var itlNew = new Option<int>("--itl-new-tokens") { DefaultValueFactory = _ => 64 };
+        var itlNew = new Option<int>("--itl-new-tokens") { DefaultValueFactory = _ => 32 };
         var batch = new Option<int>("--max-batch") { DefaultValueFactory = _ => 8 };
         var sloTtft = new Option<double>("--slo-ttft-ms") { Description = "goodput counts requests whose TTFT is at most this ...", DefaultValueFactory = _ => 500 };
         var sloItl = new Option<double>("--slo-itl-ms") { Description = "... and whose every inter-token gap is at most this", DefaultValueFactory = _ => 25 };
@@ -92,6 +92,12 @@ public static class E2eCommand
             alone = RunSummary.Of("decode alone", c, config.TokensPerBlock);
             disagg = RunSummary.Of("disaggregated", e, config.TokensPerBlock);
             bytes = await TransferTotals.OfAsync(d.Prefill.Concat(d.Decode));
+            // Requests the prefill workers served without the fabric (sidecar down, overloaded, refusing): say why.
+            foreach (WorkerClient w in d.Prefill)
+            {
+                foreach (string line in d.ProcessOf(w.Name).Log.Split('\n').Where(l => l.Contains("without the fabric", StringComparison.Ordinal) || l.Contains("could not be offloaded", StringComparison.Ordinal)).Take(5))
+                    Console.Error.WriteLine($"{w.Name}: {line.Trim()}");
+            }
         }
 
         await using (Deployment d = await Deployment.StartAsync(new DeploymentOptions { Model = model, ColocatedWorkers = 1, MaxBatch = maxBatch, Logs = logs }, ct))

@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using KvFabric.Memory;
 using KvFabric.Transfer;
+using KvFabric.Workers.Model;
 
 namespace KvFabric.Workers.Handoff;
 
@@ -205,6 +206,99 @@ public sealed class HandoffReceiver : IAsyncDisposable
         foreach (RegisteredRegion r in _regions)
             await _agent.DeregisterAsync(r).ConfigureAwait(false);
         _pool.Dispose();
+    }
+}
+
+/// <summary>
+/// What a hand-off carries, slot by slot: the prompt's full KV blocks, its partial tail block (when the prompt does not
+/// end on a block boundary), then the last prompt token's logits (F32, little-endian, as many slots as they need). The
+/// decode side so starts from exactly what the prefill side computed and computes no prompt token itself.
+/// </summary>
+public static class HandoffLayout
+{
+    public static int LogitSlots(int vocab, int blockBytes) => ((vocab * sizeof(float)) + blockBytes - 1) / blockBytes;
+
+    public static int Slots(int promptTokens, int tokensPerBlock, int vocab, int blockBytes)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(promptTokens, 1);
+        return ((promptTokens + tokensPerBlock - 1) / tokensPerBlock) + LogitSlots(vocab, blockBytes);
+    }
+
+    public static void WriteLogits(ReadOnlySpan<float> logits, ReadOnlySpan<BlockSlot> slots, int blockBytes)
+    {
+        ReadOnlySpan<byte> bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(logits);
+        for (int i = 0; i < slots.Length && !bytes.IsEmpty; i++)
+        {
+            int n = Math.Min(blockBytes, bytes.Length);
+            bytes[..n].CopyTo(slots[i].AsSpan());
+            bytes = bytes[n..];
+        }
+    }
+
+    public static void ReadLogits(ReadOnlySpan<BlockSlot> slots, int blockBytes, Span<float> logits)
+    {
+        Span<byte> bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(logits);
+        if (slots.Length != LogitSlots(logits.Length, blockBytes))
+            throw new InvalidOperationException($"the hand-off has {slots.Length} logit slots; {logits.Length} logits need {LogitSlots(logits.Length, blockBytes)}");
+        for (int i = 0; i < slots.Length && !bytes.IsEmpty; i++)
+        {
+            int n = Math.Min(blockBytes, bytes.Length);
+            slots[i].AsSpan()[..n].CopyTo(bytes);
+            bytes = bytes[n..];
+        }
+    }
+}
+
+/// <summary>
+/// The source of one hand-off on the prefill side: the addresses of a prefilled cache's blocks (full and tail, read in
+/// place) and of slots rented from a registered pool holding the logits; dispose to return those slots (after the last
+/// attempt of the WRITE).
+/// </summary>
+public sealed class HandoffSource : IDisposable
+{
+    private readonly HostBlockPool _pool;
+    private readonly BlockSlot[] _logitSlots;
+    private int _disposed;
+
+    /// <param name="pool">Registered with the sending agent, slots of the cache's block size (the cache's own pool serves).</param>
+    public HandoffSource(KvCache cache, ReadOnlySpan<float> logits, HostBlockPool pool)
+    {
+        int blockBytes = checked((int)cache.Layout.BlockBytes);
+        if (pool.SlotBytes < blockBytes)
+            throw new ArgumentException($"the pool's slots ({pool.SlotBytes} bytes) are smaller than a block ({blockBytes})", nameof(pool));
+        int n = HandoffLayout.LogitSlots(logits.Length, blockBytes);
+        _pool = pool;
+        _logitSlots = new BlockSlot[n];
+        for (int i = 0; i < n; i++)
+        {
+            if (!pool.TryRent(out _logitSlots[i]))
+            {
+                for (int j = 0; j < i; j++)
+                    pool.Return(_logitSlots[j]);
+                throw new InvalidOperationException($"pool exhausted: no slot left to stage the logits of the hand-off ({pool.Capacity} slots)");
+            }
+        }
+
+        HandoffLayout.WriteLogits(logits, _logitSlots, blockBytes);
+        int blocks = cache.BlockCount;
+        var addresses = new nint[blocks + n];
+        for (int i = 0; i < cache.FullBlocks; i++)
+            addresses[i] = cache.BlockAddress(i);
+        if (blocks > cache.FullBlocks)
+            addresses[cache.FullBlocks] = cache.TailBlockAddress();
+        for (int i = 0; i < n; i++)
+            addresses[blocks + i] = _logitSlots[i].Address;
+        Addresses = addresses;
+    }
+
+    public nint[] Addresses { get; }
+
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
+        foreach (BlockSlot s in _logitSlots)
+            _pool.Return(s);
     }
 }
 

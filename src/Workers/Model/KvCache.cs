@@ -136,6 +136,47 @@ public sealed unsafe class KvCache : IDisposable
         _length = end;
     }
 
+    /// <summary>Where the partial last block lives (positions past the tail are unused); the cache must end mid-block.</summary>
+    public nint TailBlockAddress()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_length % TokensPerBlock == 0)
+        {
+            throw new InvalidOperationException($"The cache ends on a block boundary ({_length} tokens): it has no partial tail block.");
+        }
+
+        return _blocks[FullBlocks].Address;
+    }
+
+    /// <summary>
+    /// Appends a partial last block (1 to TokensPerBlock - 1 tokens) from a whole block's bytes, of which only the
+    /// tail's positions are meaningful; the cache must end on a block boundary (after its full blocks).
+    /// </summary>
+    public void ImportTail(ReadOnlySpan<byte> source, ReadOnlySpan<int> tailTokens)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (source.Length != Layout.BlockBytes)
+        {
+            throw new ArgumentException($"A block is {Layout.BlockBytes} bytes; source has {source.Length}.", nameof(source));
+        }
+
+        if (tailTokens.Length is < 1 || tailTokens.Length >= TokensPerBlock)
+        {
+            throw new ArgumentException($"A tail holds 1 to {TokensPerBlock - 1} tokens; got {tailTokens.Length}.", nameof(tailTokens));
+        }
+
+        if (_length % TokensPerBlock != 0)
+        {
+            throw new InvalidOperationException($"The tail is imported after the full blocks, on a block boundary; the cache holds {_length} tokens.");
+        }
+
+        int end = _length + tailTokens.Length;
+        Reserve(end);
+        source.CopyTo(_blocks[FullBlocks].AsSpan());
+        tailTokens.CopyTo(_tokens.AsSpan(_length));
+        _length = end;
+    }
+
     /// <summary>
     /// Zero-copy import: appends a full block whose bytes are already in <paramref name="slot"/>, a slot rented from
     /// this cache's pool (for example one a fabric fetch wrote into). The cache takes ownership of the slot and returns

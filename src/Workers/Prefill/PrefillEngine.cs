@@ -131,16 +131,37 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
                 i == 0 ? ReadOnlyMemory<byte>.Empty : packed.AsMemory((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
         }
 
-        try
+        // In Puts of at most PutBatchBlocks, parents first: the sidecar stages each Put whole before storing it and
+        // bounds what it stages at once, so one long prompt must not ask for all of it (or be refused whole).
+        int stored = 0;
+        for (int at = 0; at < blocks.Length; at += PutBatchBlocks)
         {
-            PutResponse put = await sidecar.PutAsync(blocks, options).ConfigureAwait(false);
-            return ((int)put.Stored, null);
+            BlockToPut[] batch = blocks[at..Math.Min(blocks.Length, at + PutBatchBlocks)];
+            for (int attempt = 1; ; attempt++)
+            {
+                try
+                {
+                    PutResponse put = await sidecar.PutAsync(batch, options).ConfigureAwait(false);
+                    stored += (int)put.Stored;
+                    break;
+                }
+                catch (RpcException e) when (e.Status == StatusCode.ResourceExhausted && attempt < 3)
+                {
+                    // Other Puts hold the staging area: they finish in milliseconds.
+                    await Task.Delay(TimeSpan.FromMilliseconds(5 << attempt), options.CancellationToken).ConfigureAwait(false);
+                }
+                catch (RpcException e) when (Degraded(e.Status))
+                {
+                    return (stored, $"Put: {e.Status}: {e.Message}");
+                }
+            }
         }
-        catch (RpcException e) when (Degraded(e.Status))
-        {
-            return (0, $"Put: {e.Status}: {e.Message}");
-        }
+
+        return (stored, null);
     }
+
+    /// <summary>Most blocks offloaded per Put (the sidecar's default staging area holds 64).</summary>
+    public int PutBatchBlocks { get; init; } = 16;
 
     /// <summary>The sidecar is down, restarting, overloaded or too slow: serve the request without the fabric.</summary>
     private static bool Degraded(StatusCode status) =>

@@ -166,26 +166,25 @@ public sealed class WorkerServer : IAsyncDisposable
         // The ticket's lease runs from now, on this process's clock.
         var ticket = new HandoffTicket(r.Ticket.RequestId, r.Ticket.Nonce, new Guid(r.Ticket.ReceiverAgent.Span), [.. r.Ticket.Addresses],
             (int)r.Ticket.BlockBytes, TimeSpan.FromMilliseconds(r.Ticket.LeaseMs));
-        int full = prompt.Length / _model.Config.TokensPerBlock;
-        if (ticket.Addresses.Length != Math.Max(1, full) || ticket.BlockBytes != _model.Layout.BlockBytes)
-            throw new RpcException(StatusCode.InvalidArgument, $"the ticket has {ticket.Addresses.Length} slots of {ticket.BlockBytes} bytes; this prompt of {prompt.Length} tokens needs {Math.Max(1, full)} of {_model.Layout.BlockBytes} (the same model on both workers?)");
+        int blockBytes = checked((int)_model.Layout.BlockBytes);
+        int slots = HandoffLayout.Slots(prompt.Length, _model.Config.TokensPerBlock, _model.Config.Vocab, blockBytes);
+        if (ticket.Addresses.Length != slots || ticket.BlockBytes != blockBytes)
+            throw new RpcException(StatusCode.InvalidArgument, $"the ticket has {ticket.Addresses.Length} slots of {ticket.BlockBytes} bytes; this prompt of {prompt.Length} tokens needs {slots} of {blockBytes} (the same model on both workers? the ticket reserved for this prompt?)");
 
         Interlocked.Increment(ref _active);
         try
         {
             var response = new PrefillResponse { Worker = _options.Name };
             using KvCache cache = NewCache();
-            PrefillOutcome outcome = await ComputeAsync(prompt, cache, new float[_model.Config.Vocab], !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
+            var logits = new float[_model.Config.Vocab];
+            PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
 
-            // Hand-off: the WRITE reads the cache's blocks in place; the notification fires on the decode side only when
-            // every byte is there and its checksum verified.
+            // Hand-off: the WRITE reads the cache's blocks (full and tail) in place, then the logits; the notification
+            // fires on the decode side only when every byte is there and its checksum verified.
             var clock = Stopwatch.StartNew();
             RemoteAgent receiver = null!;
-            var blocks = new nint[ticket.Addresses.Length];
-            for (int i = 0; i < full; i++)
-                blocks[i] = cache.BlockAddress(i);
-            if (full == 0)
-                blocks[0] = _pool.SlotAt(0).Address; // nothing to carry: the one reserved slot gets any registered bytes
+            using HandoffSource source = NewHandoffSource(cache, logits);
+            nint[] blocks = source.Addresses;
             TransferResult sent = default;
             int attempt = 0;
             while (attempt < _options.HandoffAttempts)
@@ -222,7 +221,7 @@ public sealed class WorkerServer : IAsyncDisposable
             }
 
             response.HandoffMs = clock.Elapsed.TotalMilliseconds;
-            response.HandoffBytes = (ulong)full * (ulong)ticket.BlockBytes;
+            response.HandoffBytes = (ulong)blocks.Length * (ulong)ticket.BlockBytes;
             response.HandoffAttempts = (uint)attempt;
 
             // Offload after the hand-off: the decode side is already generating; this only serves later requests.
@@ -441,6 +440,18 @@ public sealed class WorkerServer : IAsyncDisposable
     }
 
     /// <summary>The KV pool ran dry while a request's cache grew: RESOURCE_EXHAUSTED (retry later), not an internal error.</summary>
+    private HandoffSource NewHandoffSource(KvCache cache, float[] logits)
+    {
+        try
+        {
+            return new HandoffSource(cache, logits, _pool);
+        }
+        catch (InvalidOperationException e) when (IsPoolDry(e))
+        {
+            throw PoolDry(e);
+        }
+    }
+
     private static bool IsPoolDry(Exception e) => e.Message.Contains("pool exhausted", StringComparison.Ordinal); // HostBlockPool.Rent: not just any InvalidOperationException
 
     private RpcException PoolDry(Exception e) =>

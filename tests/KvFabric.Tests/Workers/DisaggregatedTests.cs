@@ -60,8 +60,6 @@ public sealed class DisaggregatedTests : IAsyncLifetime
         _referencePool.Dispose();
     }
 
-    private static unsafe nint AddressOf(ReadOnlySpan<byte> block) => (nint)Unsafe.AsPointer(ref MemoryMarshal.GetReference(block));
-
     private static int[] Prompt(int seed, int length, int[]? prefix = null)
     {
         var rng = new Random(seed);
@@ -81,18 +79,16 @@ public sealed class DisaggregatedTests : IAsyncLifetime
         HandoffTicket ticket = decode.Reserve(id, prompt.Length, TimeSpan.FromSeconds(30));
         PrefillOutcome outcome = await prefill.PrefillAsync(prompt, prefillCache, logits);
         int full = prompt.Length / Config.TokensPerBlock;
-        var blocks = new nint[ticket.Addresses.Length];
-        for (int i = 0; i < full; i++)
-            blocks[i] = AddressOf(prefillCache.GetBlock(i));
-        if (full == 0)
-            blocks[0] = _prefillPool.SlotAt(0).Address; // nothing to carry; the one reserved slot gets any registered bytes
-        TransferResult sent = await HandoffSender.SendAsync(_prefillAgent, _decodeRemote, ticket, blocks);
+        TransferResult sent;
+        using (var source = new HandoffSource(prefillCache, logits, _prefillPool)) // full blocks, the tail, the logits
+            sent = await HandoffSender.SendAsync(_prefillAgent, _decodeRemote, ticket, source.Addresses);
         Assert.True(sent.IsSuccess, sent.ToString());
 
         using KvCache decodeCache = _decodeModel.CreateCache(_decodePool);
         var decodeLogits = new float[Config.Vocab];
         await decode.AcceptAsync(id, prompt, decodeCache, decodeLogits, default);
-        Assert.Equal(logits, decodeLogits); // the recomputed tail gives bit-identical logits
+        Assert.Equal(logits, decodeLogits); // the handed-off logits are the prefill's, bit for bit
+        Assert.Equal(prompt.Length, decodeCache.Length);
         for (int i = 0; i < full; i++)
             Assert.True(decodeCache.GetBlock(i).SequenceEqual(prefillCache.GetBlock(i)), $"block {i} differs after the hand-off");
         return (decode.Generate(decodeCache, decodeLogits, maxNew, Sampler.Greedy()), outcome);

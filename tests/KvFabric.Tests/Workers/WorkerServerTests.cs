@@ -24,18 +24,18 @@ public sealed class WorkerServerTests
 
         // The prefill side: its own agent and registered blocks.
         await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
-        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 2, Tag = "test-kv" });
+        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 4, Tag = "test-kv" });
         sender.Register(blocks);
 
         var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
         HandoffReservation t = (await client.ReserveAsync(requestId: 7, promptTokens: 2 * tpb, call)).Ticket;
-        Assert.Equal(2, t.Addresses.Count);
-        Assert.Equal(6u, (await client.StatusAsync(call)).HandoffSlotsFree);
+        Assert.Equal(3, t.Addresses.Count); // two full blocks, one slot of logits
+        Assert.Equal(5u, (await client.StatusAsync(call)).HandoffSlotsFree);
 
         // The KV lands (every byte in place, the notification delivered) ...
         RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
         var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
-        TransferResult sent = await HandoffSender.SendAsync(sender, receiver, ticket, new[] { blocks.Rent().Address, blocks.Rent().Address }, backend: BackendKind.Tcp);
+        TransferResult sent = await HandoffSender.SendAsync(sender, receiver, ticket, t.Addresses.Select(_ => blocks.Rent().Address).ToArray(), backend: BackendKind.Tcp);
         Assert.True(sent.IsSuccess, sent.ToString());
         await Task.Delay(200); // the receiver takes the notification off its agent's queue
 
@@ -101,7 +101,7 @@ public sealed class WorkerServerTests
         int tpb = ModelConfigs.Tiny.TokensPerBlock;
         int blockBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes);
         await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
-        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 2, Tag = "test-kv" });
+        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 4, Tag = "test-kv" });
         sender.Register(blocks);
         var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
         int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
@@ -109,7 +109,7 @@ public sealed class WorkerServerTests
         HandoffReservation t = (await client.ReserveAsync(requestId: 9, promptTokens: prompt.Length, call)).Ticket;
         RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
         var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
-        Assert.True((await HandoffSender.SendAsync(sender, receiver, ticket, new[] { blocks.Rent().Address, blocks.Rent().Address }, backend: BackendKind.Tcp)).IsSuccess);
+        Assert.True((await HandoffSender.SendAsync(sender, receiver, ticket, t.Addresses.Select(_ => blocks.Rent().Address).ToArray(), backend: BackendKind.Tcp)).IsSuccess);
 
         var request = new DecodeRequest { RequestId = 9, MaxNewTokens = 4 };
         request.Prompt.Add(prompt);
