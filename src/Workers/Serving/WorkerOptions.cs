@@ -41,6 +41,8 @@ public sealed record WorkerOptions
     /// <summary>Prefill: transfer attempts of a hand-off (a failed checksum or a peer error is retried; the receiver never sees a bad one).</summary>
     public int HandoffAttempts { get; init; } = 3;
     public BackendKind Backend { get; init; } = BackendKind.Auto;
+    /// <summary>Checksum of every hand-off, verified where the bytes land before the notification is delivered.</summary>
+    public ChecksumKind Checksum { get; init; } = ChecksumKind.XxHash3;
     /// <summary>Fault injection (tests): corrupt the Nth payload this worker's agent sends.</summary>
     public int CorruptNthPayload { get; init; }
 

@@ -195,7 +195,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 receiver = await RemoteAsync(ticket.ReceiverAgent, r.Ticket.AgentMetadata).ConfigureAwait(false);
                 try
                 {
-                    sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, backend: _options.Backend, cancellationToken: call.CancellationToken).ConfigureAwait(false);
+                    sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, _options.Checksum, _options.Backend, call.CancellationToken).ConfigureAwait(false);
                 }
                 catch (TransferException e)
                 {
