@@ -25,11 +25,11 @@ public static class E2eCommand
         var prompt = new Option<int>("--prompt-tokens") { Description = "prompt length of the TTFT runs", DefaultValueFactory = _ => 1024 };
         var itlRequests = new Option<int>("--itl-requests") { Description = "requests of the ITL runs (twice the decode batch keeps it full)", DefaultValueFactory = _ => 16 };
         var itlPrompt = new Option<int>("--itl-prompt-tokens") { DefaultValueFactory = _ => 512 };
-        var itlNew = new Option<int>("--itl-new-tokens") { DefaultValueFactory = _ => 32 };
+        var itlNew = new Option<int>("--itl-new-tokens") { DefaultValueFactory = _ => 64 };
         var batch = new Option<int>("--max-batch") { DefaultValueFactory = _ => 8 };
         var sloTtft = new Option<double>("--slo-ttft-ms") { Description = "goodput counts requests whose TTFT is at most this ...", DefaultValueFactory = _ => 500 };
         var sloItl = new Option<double>("--slo-itl-ms") { Description = "... and whose every inter-token gap is at most this", DefaultValueFactory = _ => 25 };
-        var itlRate = new Option<double>("--itl-rate") { Description = "arrivals per second of the ITL runs (Poisson): new prefills keep landing while earlier requests decode", DefaultValueFactory = _ => 8 };
+        var itlRate = new Option<double>("--itl-rate") { Description = "arrivals per second of the ITL runs (Poisson): new prefills keep landing while earlier requests decode", DefaultValueFactory = _ => 16 };
         var quick = new Option<bool>("--quick") { Description = "CI-sized: the small model, 6 requests of 256 tokens, 8 ITL requests" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("e2e", "Workers end to end: TTFT with/without prefix reuse, hand-off share of TTFT, decode ITL disaggregated vs alone vs colocated.")
