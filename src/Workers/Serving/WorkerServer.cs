@@ -320,8 +320,7 @@ public sealed class WorkerServer : IAsyncDisposable
             throw;
         }
 
-        Interlocked.Increment(ref _active);
-        try
+        await TrackedAsync(async () =>
         {
             KvCache cache;
             try
@@ -355,17 +354,7 @@ public sealed class WorkerServer : IAsyncDisposable
             }
 
             await StreamAsync(tokens, call, null).ConfigureAwait(false);
-            Interlocked.Increment(ref _completed);
-        }
-        catch
-        {
-            Interlocked.Increment(ref _failed);
-            throw;
-        }
-        finally
-        {
-            Interlocked.Decrement(ref _active);
-        }
+        }).ConfigureAwait(false);
     }
 
     /// <summary>
@@ -377,8 +366,7 @@ public sealed class WorkerServer : IAsyncDisposable
     private async Task GenerateAsync(GenerateRequest r, ServerCall call)
     {
         int[] prompt = Prompt(r.Prompt);
-        Interlocked.Increment(ref _active);
-        try
+        await TrackedAsync(async () =>
         {
             var response = new PrefillResponse { Worker = _options.Name };
             KvCache cache = NewCache();
@@ -397,6 +385,16 @@ public sealed class WorkerServer : IAsyncDisposable
             }
 
             await StreamAsync(tokens, call, response).ConfigureAwait(false);
+        }).ConfigureAwait(false);
+    }
+
+    /// <summary>Runs one request's work, counted as active while it runs, then as completed or failed.</summary>
+    private async Task TrackedAsync(Func<Task> work)
+    {
+        Interlocked.Increment(ref _active);
+        try
+        {
+            await work().ConfigureAwait(false);
             Interlocked.Increment(ref _completed);
         }
         catch
