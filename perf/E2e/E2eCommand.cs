@@ -4,6 +4,7 @@ using KvFabric.Bench.Reporting;
 using KvFabric.Workers.Driver;
 using KvFabric.Workers.Serving;
 using Microsoft.Extensions.Logging;
+using Spectre.Console;
 
 namespace KvFabric.Bench.E2e;
 
@@ -51,6 +52,32 @@ public static class E2eCommand
     private static async Task<JsonObject> RunAsync(string model, int requests, int promptTokens, int itlRequests, int itlPrompt, int itlNew, int maxBatch,
         double itlRate, Slo slo, CancellationToken ct)
     {
+        JsonObject report = null!;
+        await AnsiConsole.Status().StartAsync("e2e", async ctx =>
+        {
+            using var status = new StatusWriter(ctx);
+            report = await MeasureAsync(model, requests, promptTokens, itlRequests, itlPrompt, itlNew, maxBatch, itlRate, slo, status, ct);
+        });
+        var table = new Table().AddColumns("figure", "value");
+        foreach (string key in new[] { "outputs_match", "requests", "ttft_p50_ms_reuse", "ttft_p50_ms_no_reuse", "ttft_reuse_speedup", "handoff_fraction_of_ttft",
+                     "itl_p99_ms_decode_alone", "itl_p99_ms_disagg", "itl_p99_ms_colocated" })
+            table.AddRow(key, Markup.Escape(report[key]!.ToJsonString()));
+        table.AddRow("goodput (disaggregated / colocated)", Markup.Escape($"{report["goodput_disagg"]!["met_slo"]} / {report["goodput_colocated"]!["met_slo"]} of {report["goodput_disagg"]!["requests"]}"));
+        AnsiConsole.Write(new Rule($"e2e: model {model}"));
+        AnsiConsole.Write(table);
+        return report;
+    }
+
+    /// <summary>Progress lines of the driver, shown as the status line.</summary>
+    private sealed class StatusWriter(StatusContext ctx) : TextWriter
+    {
+        public override System.Text.Encoding Encoding => System.Text.Encoding.UTF8;
+        public override void WriteLine(string? value) => ctx.Status(Markup.Escape(value ?? string.Empty));
+    }
+
+    private static async Task<JsonObject> MeasureAsync(string model, int requests, int promptTokens, int itlRequests, int itlPrompt, int itlNew, int maxBatch,
+        double itlRate, Slo slo, TextWriter status, CancellationToken ct)
+    {
         var config = ModelConfigs.Get(model);
         using ILoggerFactory logs = LoggerFactory.Create(b => b.AddFilter(_ => false));
         IReadOnlyList<WorkloadRequest> ttftLoad = Workloads.SharedPrefixChats(requests, promptTokens, 0.9, 4, 8, config.Vocab, 100, 11);
@@ -59,7 +86,7 @@ public static class E2eCommand
         IReadOnlyList<WorkloadRequest> warm = Workloads.SharedPrefixChats(4, Math.Min(256, promptTokens), 0.5, 4, 4, config.Vocab, 100, 13);
         var mismatches = new List<string>();
         int compared = 0;
-        Console.Error.WriteLine($"e2e: model {model}; computing the monolithic reference of {ttftLoad.Count + itlLoad.Count} requests ...");
+        status.WriteLine($"model {model}: computing the monolithic reference of {ttftLoad.Count + itlLoad.Count} requests");
         Dictionary<int, int[]> ttftRef = MonolithicCheck.Reference(ttftLoad, config);
         Dictionary<int, int[]> itlRef = MonolithicCheck.Reference(itlLoad, config);
 
@@ -74,7 +101,7 @@ public static class E2eCommand
             await RequestDriver.RunDisaggregatedAsync(router, warm, new DriverOptions { TimeScale = 0 }, ct);
 
             // TTFT: one request at a time (service time), first with reuse on a cold fabric, then the same requests without.
-            var serial = new DriverOptions { MaxInFlight = 1, TimeScale = 0, Label = "ttft reuse", Progress = Console.Error };
+            var serial = new DriverOptions { MaxInFlight = 1, TimeScale = 0, Label = "ttft reuse", Progress = status };
             RequestResult[] a = await RequestDriver.RunDisaggregatedAsync(router, ttftLoad, serial, ct);
             RequestResult[] b = await RequestDriver.RunDisaggregatedAsync(router, ttftLoad, serial with { NoReuse = true, Label = "ttft no reuse" }, ct);
             compared += MonolithicCheck.Compare(a, ttftRef, mismatches) + MonolithicCheck.Compare(b, ttftRef, mismatches);
@@ -82,11 +109,12 @@ public static class E2eCommand
             noReuse = RunSummary.Of("disaggregated, no reuse", b, config.TokensPerBlock);
 
             // ITL: decode alone (everything prefilled first), then with prefills running beside it (no reuse: the most prefill work).
+            status.WriteLine("decode alone: prefilling every request first");
             RequestResult[] c = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
                 new DriverOptions { PrefillFirst = true, NoReuse = true, TimeScale = 0, Label = "decode alone" }, ct);
             var wall = System.Diagnostics.Stopwatch.StartNew();
             RequestResult[] e = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
-                new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "disaggregated under load", Progress = Console.Error }, ct);
+                new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "disaggregated under load", Progress = status }, ct);
             goodputDisagg = slo.Goodput(e, wall.Elapsed);
             compared += MonolithicCheck.Compare(c, itlRef, mismatches) + MonolithicCheck.Compare(e, itlRef, mismatches);
             alone = RunSummary.Of("decode alone", c, config.TokensPerBlock);
@@ -105,7 +133,7 @@ public static class E2eCommand
             await RequestDriver.RunColocatedAsync(d.Colocated, warm, new DriverOptions { TimeScale = 0 }, ct);
             var wall = System.Diagnostics.Stopwatch.StartNew();
             RequestResult[] f = await RequestDriver.RunColocatedAsync(d.Colocated, itlLoad,
-                new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "colocated under load", Progress = Console.Error }, ct);
+                new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "colocated under load", Progress = status }, ct);
             goodputColocated = slo.Goodput(f, wall.Elapsed);
             compared += MonolithicCheck.Compare(f, itlRef, mismatches);
             colocated = RunSummary.Of("colocated", f, config.TokensPerBlock);
