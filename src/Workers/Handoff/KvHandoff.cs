@@ -38,14 +38,17 @@ public sealed class HandoffReceiver : IAsyncDisposable
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _dispatch;
     private readonly IReadOnlyList<RegisteredRegion> _regions;
-    private long _unknown;
+    private long _unknown, _unclaimed;
 
-    private sealed class Pending(BlockSlot[] slots, DateTimeOffset expires, ulong nonce)
+    private sealed class Pending(BlockSlot[] slots, DateTimeOffset expires, TimeSpan lease, ulong nonce)
     {
         public readonly BlockSlot[] Slots = slots;
         public readonly ulong Nonce = nonce;
         public readonly DateTimeOffset Expires = expires;
+        public readonly TimeSpan Lease = lease;
         public readonly TaskCompletionSource<BlockSlot[]> Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
+        public DateTimeOffset FilledAt; // when the notification came (under the receiver's lock)
+        public bool Claimed;            // WaitAsync handed the slots to the decoder (under the receiver's lock)
     }
 
     /// <param name="agent">The decode process's transfer agent; this receiver reads all of its notifications.</param>
@@ -77,7 +80,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
             var slots = new BlockSlot[blocks];
             for (int i = 0; i < blocks; i++)
                 slots[i] = _pool.Rent();
-            var pending = new Pending(slots, DateTimeOffset.UtcNow + lease, (ulong)Random.Shared.NextInt64(1, long.MaxValue));
+            var pending = new Pending(slots, DateTimeOffset.UtcNow + lease, lease, (ulong)Random.Shared.NextInt64(1, long.MaxValue));
             _pending[requestId] = pending;
             return new HandoffTicket(requestId, pending.Nonce, _agent.AgentId, slots.Select(s => (ulong)s.Address).ToArray(), _pool.SlotBytes, lease);
         }
@@ -94,15 +97,28 @@ public sealed class HandoffReceiver : IAsyncDisposable
         }
 
         TimeSpan left = pending.Expires - DateTimeOffset.UtcNow + Grace;
+        BlockSlot[] slots;
         try
         {
-            return await pending.Done.Task.WaitAsync(left > TimeSpan.Zero ? left : TimeSpan.Zero, cancellationToken).ConfigureAwait(false);
+            slots = await pending.Done.Task.WaitAsync(left > TimeSpan.Zero ? left : TimeSpan.Zero, cancellationToken).ConfigureAwait(false);
         }
         catch (TimeoutException)
         {
             throw new TimeoutException($"the KV of request {requestId} did not arrive before its hand-off lease ended (at {pending.Expires:O}); the prefill worker failed or is too slow");
         }
+
+        lock (_lock)
+        {
+            if (!_pending.TryGetValue(requestId, out Pending? current) || current != pending)
+                throw new InvalidOperationException($"the KV of request {requestId} arrived but nobody claimed it within its lease ({pending.Lease.TotalSeconds:0.#} s) after; its slots were reclaimed: reserve and prefill again");
+            pending.Claimed = true;
+        }
+
+        return slots;
     }
+
+    /// <summary>Filled reservations nobody claimed within their lease after the KV arrived (a driver that died between Prefill and Decode), reclaimed.</summary>
+    public long UnclaimedReclaimed => Interlocked.Read(ref _unclaimed);
 
     /// <summary>Returns a request's slots (after decoding, or to give up on it).</summary>
     public void Release(ulong requestId)
@@ -147,6 +163,16 @@ public sealed class HandoffReceiver : IAsyncDisposable
             foreach (BlockSlot s in p.Slots)
                 _pool.Return(s);
         }
+
+        // KV that arrived but that no Decode came for within a lease after: whoever was to claim it is gone. (The WRITE is
+        // complete, so nothing can still land in these slots.)
+        foreach (var (id, p) in _pending.Where(kv => kv.Value.Done.Task.IsCompletedSuccessfully && !kv.Value.Claimed && now >= kv.Value.FilledAt + kv.Value.Lease + Grace).ToList())
+        {
+            _pending.Remove(id);
+            Interlocked.Increment(ref _unclaimed);
+            foreach (BlockSlot s in p.Slots)
+                _pool.Return(s);
+        }
     }
 
     public static byte[] Notification(ulong requestId, ulong nonce, int blocks)
@@ -178,7 +204,10 @@ public sealed class HandoffReceiver : IAsyncDisposable
                 lock (_lock)
                 {
                     if (_pending.TryGetValue(id, out Pending? p) && p.Nonce == nonce && p.Slots.Length == blocks && p.Done.TrySetResult(p.Slots))
+                    {
+                        p.FilledAt = DateTimeOffset.UtcNow;
                         continue;
+                    }
                 }
 
                 Interlocked.Increment(ref _unknown);

@@ -128,7 +128,7 @@ public sealed class WorkerServer : IAsyncDisposable
             MeanBatch = _scheduler?.MeanBatch ?? 0, DecodeSteps = (ulong)(_scheduler?.Steps ?? 0),
             HandoffRetries = (ulong)Interlocked.Read(ref _retries), Fallbacks = (ulong)Interlocked.Read(ref _fallbacks),
             TcpBytesSent = (ulong)t.TcpBytesSent, ShmBytesWritten = (ulong)t.ShmBytesWritten, UcxBytesSent = (ulong)t.UcxBytesSent,
-            UnknownNotifications = (ulong)(_handoff?.UnknownNotifications ?? 0),
+            UnknownNotifications = (ulong)(_handoff?.UnknownNotifications ?? 0), UnclaimedReclaimed = (ulong)(_handoff?.UnclaimedReclaimed ?? 0),
         };
     }
 

@@ -104,6 +104,37 @@ public sealed class KvHandoffTests
     }
 
     [Fact]
+    public async Task Kv_that_arrives_but_is_never_claimed_is_reclaimed_a_lease_after_it_arrived()
+    {
+        await using Pair p = await Pair.StartAsync(receiverSlots: 4);
+        HandoffTicket ticket = p.Receiver.Reserve(9, 2, TimeSpan.FromMilliseconds(300));
+        Assert.True((await HandoffSender.SendAsync(p.Prefill, p.Remote, ticket, p.Fill(2, 3))).IsSuccess);
+        // The KV is in place, but no decoder ever comes for it (the driver died). Within the lease it is kept ...
+        p.Receiver.Reserve(10, 1, TimeSpan.FromSeconds(30));
+        Assert.Equal(1, p.Receiver.FreeSlots);
+        Assert.Equal(0, p.Receiver.UnclaimedReclaimed);
+        // ... and a lease (plus the grace) after it arrived, the next reservation reclaims it.
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(20);
+        while (p.Receiver.UnclaimedReclaimed == 0 && DateTime.UtcNow < deadline)
+        {
+            await Task.Delay(100);
+            p.Receiver.Release(11);
+            try
+            {
+                p.Receiver.Reserve(11, 1, TimeSpan.FromSeconds(30));
+            }
+            catch (InvalidOperationException)
+            {
+                // no slot free yet: try again once the reclaim happened
+            }
+        }
+
+        Assert.Equal(1, p.Receiver.UnclaimedReclaimed);
+        var e = await Assert.ThrowsAsync<InvalidOperationException>(() => p.Receiver.WaitAsync(9, default));
+        Assert.Contains("request 9", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public async Task Notifications_for_no_pending_request_are_counted_and_dropped()
     {
         await using Pair p = await Pair.StartAsync(receiverSlots: 2);
