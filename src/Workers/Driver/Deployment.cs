@@ -81,14 +81,15 @@ public sealed class Deployment : IAsyncDisposable
 
     private async Task StartCoreAsync(CancellationToken cancellationToken)
     {
-        int cpus = Environment.ProcessorCount;
-        bool pin = _options.PinCpus && cpus >= 2;
-        int[] decodeCpus = pin ? [cpus - 1] : [];
-        int[] otherCpus = pin ? [.. Enumerable.Range(0, cpus - 1)] : [];
+        // The CPUs this process may use (a container or cgroup may allow, say, 4-7 only), not 0..N-1.
+        int[] allowed = CpuAffinity.Allowed();
+        bool pin = _options.PinCpus && allowed.Length >= 2;
+        int[] decodeCpus = pin ? [allowed[^1]] : [];
+        int[] otherCpus = pin ? allowed[..^1] : [];
         if (pin)
         {
             CpuAffinity.PinCurrentProcess(otherCpus); // the sidecars and the driver live here
-            Placement = $"decode/colocated workers on CPU {cpus - 1}; prefill workers, sidecars and the driver on CPU {string.Join(',', otherCpus)}";
+            Placement = $"decode/colocated workers on CPU {allowed[^1]}; prefill workers, sidecars and the driver on CPU {string.Join(',', otherCpus)}";
         }
 
         int nodes = _options.ColocatedWorkers > 0 ? _options.ColocatedWorkers : _options.PrefillWorkers;
@@ -199,13 +200,29 @@ public static partial class CpuAffinity
     [LibraryImport("libc", EntryPoint = "sched_setaffinity", SetLastError = true)]
     private static partial int SchedSetAffinity(int tid, nint size, ref ulong mask);
 
+    /// <summary>The CPUs this process may run on (its affinity; at most the first 64).</summary>
+    public static int[] Allowed()
+    {
+        if (!OperatingSystem.IsLinux() && !OperatingSystem.IsWindows())
+            return [.. Enumerable.Range(0, Math.Min(64, Environment.ProcessorCount))];
+        long mask = (long)System.Diagnostics.Process.GetCurrentProcess().ProcessorAffinity;
+        var cpus = new List<int>();
+        for (int c = 0; c < 64; c++)
+        {
+            if ((mask & (1L << c)) != 0)
+                cpus.Add(c);
+        }
+
+        return [.. cpus];
+    }
+
     public static void PinCurrentProcess(IReadOnlyList<int> cpus)
     {
         if (!OperatingSystem.IsLinux() || cpus.Count == 0)
             return;
         ulong mask = 0;
         foreach (int c in cpus)
-            mask |= 1UL << c;
+            mask |= c < 64 ? 1UL << c : 0;
         foreach (string task in Directory.EnumerateDirectories("/proc/self/task"))
         {
             if (int.TryParse(Path.GetFileName(task), out int tid))
