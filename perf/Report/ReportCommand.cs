@@ -18,11 +18,18 @@ public static class ReportCommand
     {
         var results = new Option<string>("--results") { Description = "directory of result JSON files", Required = true };
         var output = new Option<string>("--out") { Description = "the Markdown file to write; the SVG charts go next to it", Required = true };
-        var cmd = new Command("report", "Markdown report with SVG charts from a directory of result JSON files.") { results, output };
+        var combined = new Option<string?>("--combined") { Description = "also write every result in one JSON file, keyed by file name (e.g. perf/results/<date>-<machine>.json)" };
+        var cmd = new Command("report", "Markdown report with SVG charts from a directory of result JSON files.") { results, output, combined };
         cmd.SetAction(p =>
         {
             string md = Write(p.GetValue(results)!, p.GetValue(output)!);
             Console.WriteLine($"wrote {md}");
+            if (p.GetValue(combined) is { } all)
+            {
+                WriteCombined(p.GetValue(results)!, all);
+                Console.WriteLine($"wrote {all}");
+            }
+
             return 0;
         });
         return cmd;
@@ -46,8 +53,22 @@ public static class ReportCommand
         Replay(docs, md, outDir, stem);
         Index(docs, md, outDir, stem);
         Compare(docs, md);
+        E2e(docs, md, outDir, stem);
         File.WriteAllText(outFile, md.ToString());
         return outFile;
+    }
+
+    /// <summary>Every parsable result of the directory in one JSON object, keyed by file name.</summary>
+    public static void WriteCombined(string resultsDir, string outFile)
+    {
+        var all = new JsonObject { ["suite"] = "combined", ["source"] = resultsDir };
+        foreach (string f in Directory.GetFiles(resultsDir, "*.json").Order(StringComparer.Ordinal))
+        {
+            if (TryParse(f) is JsonObject o)
+                all[Path.GetFileNameWithoutExtension(f)] = o;
+        }
+
+        File.WriteAllText(outFile, all.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
     }
 
     private static JsonNode? TryParse(string file)
@@ -189,5 +210,31 @@ public static class ReportCommand
         foreach (var (name, value) in ratios)
             md.AppendLine(CultureInfo.InvariantCulture, $"| {name} | {Num(value):P0} | {compare.Json["ratio_definitions"]?[name]} |");
         md.AppendLine();
+    }
+
+    private static void E2e(List<Doc> docs, StringBuilder md, string outDir, string stem)
+    {
+        var e2e = docs.Where(d => Suite(d) == "e2e").OrderBy(d => (string?)d.Json["timestamp"], StringComparer.Ordinal).LastOrDefault();
+        if (e2e is null)
+            return;
+        md.AppendLine(CultureInfo.InvariantCulture, $"## Workers end to end ({e2e.File})");
+        md.AppendLine();
+        md.AppendLine(CultureInfo.InvariantCulture, $"`{e2e.Json["command"]}`: model {e2e.Json["model"]}; {e2e.Json["requests"]} outputs compared with a monolithic run, all equal: {e2e.Json["outputs_match"]}.");
+        md.AppendLine();
+        md.AppendLine("| figure | value |");
+        md.AppendLine("|---|---|");
+        foreach (string key in new[] { "ttft_p50_ms_reuse", "ttft_p50_ms_no_reuse", "ttft_reuse_speedup", "handoff_fraction_of_ttft", "itl_p99_ms_decode_alone",
+                     "itl_p99_ms_disagg", "itl_p99_ms_colocated" })
+            md.AppendLine(CultureInfo.InvariantCulture, $"| {key} | {Num(e2e.Json[key]):0.###} |");
+        md.AppendLine();
+        if (e2e.Json["runs"] is JsonArray runs)
+        {
+            var series = runs.OfType<JsonObject>().Select(r => new Series((string?)r["label"] ?? "?",
+            [
+                (50, Num(r["ttft_ms"]?["p50"])), (90, Num(r["ttft_ms"]?["p90"])), (99, Num(r["ttft_ms"]?["p99"])),
+            ])).ToList();
+            Chart(md, outDir, $"{stem}-e2e-ttft.svg",
+                SvgChart.Line("TTFT percentiles per run (workers end to end)", "percentile", "TTFT (ms)", series, logX: false, logY: true), "TTFT percentiles per e2e run");
+        }
     }
 }
