@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Diagnostics;
 using KvFabric.Memory;
 using KvFabric.Transfer;
 using KvFabric.Workers.Model;
@@ -40,14 +41,18 @@ public sealed class HandoffReceiver : IAsyncDisposable
     private readonly IReadOnlyList<RegisteredRegion> _regions;
     private long _unknown, _unclaimed;
 
-    private sealed class Pending(BlockSlot[] slots, DateTimeOffset expires, TimeSpan lease, ulong nonce)
+    // Leases run on the monotonic clock (Stopwatch): a wall clock that is stepped, or runs slow as on some VMs, must not
+    // shorten or stretch them, nor disagree with the timers WaitAsync waits on.
+    private static TimeSpan Now => Stopwatch.GetElapsedTime(0);
+
+    private sealed class Pending(BlockSlot[] slots, TimeSpan expires, TimeSpan lease, ulong nonce)
     {
         public readonly BlockSlot[] Slots = slots;
         public readonly ulong Nonce = nonce;
-        public readonly DateTimeOffset Expires = expires;
+        public readonly TimeSpan Expires = expires;   // on Now's clock
         public readonly TimeSpan Lease = lease;
         public readonly TaskCompletionSource<BlockSlot[]> Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
-        public DateTimeOffset FilledAt; // when the notification came (under the receiver's lock)
+        public TimeSpan FilledAt;       // when the notification came, on Now's clock (under the receiver's lock)
         public bool Claimed;            // WaitAsync handed the slots to the decoder (under the receiver's lock)
     }
 
@@ -80,7 +85,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
             var slots = new BlockSlot[blocks];
             for (int i = 0; i < blocks; i++)
                 slots[i] = _pool.Rent();
-            var pending = new Pending(slots, DateTimeOffset.UtcNow + lease, lease, (ulong)Random.Shared.NextInt64(1, long.MaxValue));
+            var pending = new Pending(slots, Now + lease, lease, (ulong)Random.Shared.NextInt64(1, long.MaxValue));
             _pending[requestId] = pending;
             return new HandoffTicket(requestId, pending.Nonce, _agent.AgentId, slots.Select(s => (ulong)s.Address).ToArray(), _pool.SlotBytes, lease);
         }
@@ -96,7 +101,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
                 throw new InvalidOperationException($"request {requestId} has no hand-off reservation (never reserved, or it expired)");
         }
 
-        TimeSpan left = pending.Expires - DateTimeOffset.UtcNow + Grace;
+        TimeSpan left = pending.Expires - Now + Grace;
         BlockSlot[] slots;
         try
         {
@@ -104,7 +109,20 @@ public sealed class HandoffReceiver : IAsyncDisposable
         }
         catch (TimeoutException)
         {
-            throw new TimeoutException($"the KV of request {requestId} did not arrive before its hand-off lease ended (at {pending.Expires:O}); the prefill worker failed or is too slow");
+            // The lease and its grace are over: no WRITE can still be on its way (the sender's deadline ends inside the
+            // lease), so the slots come back now rather than at the next reservation.
+            lock (_lock)
+            {
+                if (_pending.TryGetValue(requestId, out Pending? current) && current == pending && !pending.Done.Task.IsCompleted)
+                {
+                    _pending.Remove(requestId);
+                    pending.Done.TrySetCanceled();
+                    foreach (BlockSlot s in pending.Slots)
+                        _pool.Return(s);
+                }
+            }
+
+            throw new TimeoutException($"the KV of request {requestId} did not arrive within its hand-off lease ({pending.Lease.TotalSeconds:0.#} s); the prefill worker failed or is too slow");
         }
 
         lock (_lock)
@@ -127,7 +145,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
         {
             if (!_pending.Remove(requestId, out Pending? pending))
                 return;
-            if (!pending.Done.Task.IsCompleted && DateTimeOffset.UtcNow < pending.Expires + Grace)
+            if (!pending.Done.Task.IsCompleted && Now < pending.Expires + Grace)
             {
                 // A WRITE may still be on its way: keep the slots until the lease (which bounds its deadline) has passed.
                 _late.Add(pending);
@@ -145,7 +163,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
 
     private void Reclaim()
     {
-        DateTimeOffset now = DateTimeOffset.UtcNow;
+        TimeSpan now = Now;
         for (int i = _late.Count - 1; i >= 0; i--)
         {
             if (now >= _late[i].Expires + Grace)
@@ -205,7 +223,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
                 {
                     if (_pending.TryGetValue(id, out Pending? p) && p.Nonce == nonce && p.Slots.Length == blocks && p.Done.TrySetResult(p.Slots))
                     {
-                        p.FilledAt = DateTimeOffset.UtcNow;
+                        p.FilledAt = Now;
                         continue;
                     }
                 }
