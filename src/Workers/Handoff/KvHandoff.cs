@@ -41,8 +41,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
     private readonly IReadOnlyList<RegisteredRegion> _regions;
     private long _unknown, _unclaimed;
 
-    // Leases run on the monotonic clock (Stopwatch): a wall clock that is stepped, or runs slow as on some VMs, must not
-    // shorten or stretch them, nor disagree with the timers WaitAsync waits on.
+    // Leases run on the monotonic clock (Stopwatch): a wall clock that is stepped must not shorten or stretch them.
     private static TimeSpan Now => Stopwatch.GetElapsedTime(0);
 
     private sealed class Pending(BlockSlot[] slots, TimeSpan expires, TimeSpan lease, ulong nonce)
