@@ -92,4 +92,22 @@ public sealed class GhostSetTests
         Assert.False(ghost.Contains(Key(2)));
         Assert.Equal(3, ghost.Count);
     }
+
+    [Fact]
+    public void A_hit_tells_how_many_keys_were_added_after_the_taken_one()
+    {
+        var ghost = new GhostSet(4);
+        for (ulong k = 1; k <= 4; k++)
+            ghost.Add(Key(k));
+        Assert.True(ghost.TryTake(Key(4), out long newest));
+        Assert.Equal(0, newest);
+        Assert.True(ghost.TryTake(Key(1), out long oldest));
+        Assert.Equal(3, oldest);
+        ghost.Add(Key(2));                // already present: not added again
+        ghost.Add(Key(5));                // fills key 1's slot
+        Assert.True(ghost.TryTake(Key(2), out long age));
+        Assert.Equal(3, age);             // keys 3, 4 and 5 were added after it (4 was taken since, but came later)
+        Assert.False(ghost.TryTake(Key(9), out long none));
+        Assert.Equal(0, none);
+    }
 }

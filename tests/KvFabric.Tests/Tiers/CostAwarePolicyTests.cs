@@ -113,6 +113,24 @@ public sealed class CostAwarePolicyTests
     }
 
     [Fact]
+    public void A_miss_on_a_block_probation_evicted_long_ago_does_not_grow_its_share()
+    {
+        // 16 blocks: while p is 0, only the newest 16 / 4 = 4 probation ghosts are within reach.
+        var p = Policy(16);
+        for (ulong k = 1; k <= 6; k++)
+        {
+            p.AdmitLeaf(0, k);
+            Assert.Equal(0, p.Victim());
+            p.OnRemove(0);
+        }
+        p.OnAdmit(0, Info(1));            // ghost age 5: out of reach
+        Assert.Equal(0.0, p.ProbationTarget);
+        Assert.True(p.IsProtected(0));    // still seen before: it enters protected
+        p.OnAdmit(1, Info(6));            // ghost age 0: a probation of one block would have kept it
+        Assert.True(p.ProbationTarget >= 1);
+    }
+
+    [Fact]
     public void A_miss_on_a_block_protected_evicted_shrinks_probation_by_its_frequency_and_a_fixed_share_does_not_move()
     {
         var p = Policy(4);

@@ -69,6 +69,10 @@ public sealed class CostAwarePolicy : IEvictionPolicy
 {
     private const double BytesPerMiB = 1 << 20;
     public const long DefaultHistoryFactor = 20;
+    // A probation ghost hit grows p only when its ghost age is under max(GhostReachFactor × p, GhostReachFloor × the
+    // tier's blocks) (see Sighting; chosen by the sweep in docs/tiers-policies.md).
+    public const double GhostReachFactor = 64;
+    public const double GhostReachFloor = 1.0 / 4;
     private const byte Absent = 0;
     private const byte Probation = 1;
     private const byte Protected = 2;
@@ -256,8 +260,15 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         int f = _sketch.Increment(key);
         if (_options.ProbationShare is not null)
             return f;
-        if (_probationGhost.TryTake(key))
-            _probationTarget = Math.Min(_capacity, _probationTarget + Math.Max(1.0, (double)_protectedGhost.Count / Math.Max(1, _probationGhost.Count)));
+        if (_probationGhost.TryTake(key, out long ghostAge))
+        {
+            // Evidence for a larger probation only if a probation not far from today's would have kept the block: its
+            // ghost age (keys probation evicted or refused after it) under GhostReachFactor × p, or under a quarter of
+            // the tier while p is small (so an empty probation can still grow). A block that came back after most of a
+            // tier's worth of later refusals says little about a probation of a few blocks (ARC counts it anyway).
+            if (ghostAge < Math.Max(GhostReachFactor * _probationTarget, _capacity * GhostReachFloor))
+                _probationTarget = Math.Min(_capacity, _probationTarget + Math.Max(1.0, (double)_protectedGhost.Count / Math.Max(1, _probationGhost.Count)));
+        }
         else if (_protectedGhost.TryTake(key))
             _probationTarget = Math.Max(0, _probationTarget - f * Math.Max(1.0, (double)_probationGhost.Count / Math.Max(1, _protectedGhost.Count)));
         return f;
