@@ -15,17 +15,9 @@ public sealed class WorkerServerTests
     [Fact]
     public async Task A_decode_that_fails_before_taking_its_kv_gives_the_hand_off_slots_back()
     {
-        var options = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
-        await using var server = new WorkerServer(options, NullLoggerFactory.Instance);
-        await server.StartAsync();
-        using var client = new WorkerClient(options.Name, $"http://{server.Endpoint}", options.Tenant, options.Token);
+        await using var rig = await DecodeRig.StartAsync(kvBlocks: 64);
+        WorkerClient client = rig.Client;
         int tpb = ModelConfigs.Tiny.TokensPerBlock;
-        int blockBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes);
-
-        // The prefill side: its own agent and registered blocks.
-        await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
-        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 4, Tag = "test-kv" });
-        sender.Register(blocks);
 
         var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
         HandoffReservation t = (await client.ReserveAsync(requestId: 7, promptTokens: 2 * tpb, call)).Ticket;
@@ -33,9 +25,7 @@ public sealed class WorkerServerTests
         Assert.Equal(5u, (await client.StatusAsync(call)).HandoffSlotsFree);
 
         // The KV lands (every byte in place, the notification delivered) ...
-        RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
-        var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
-        TransferResult sent = await HandoffSender.SendAsync(sender, receiver, ticket, t.Addresses.Select(_ => blocks.Rent().Address).ToArray(), backend: BackendKind.Tcp);
+        TransferResult sent = await rig.SendAsync(t);
         Assert.True(sent.IsSuccess, sent.ToString());
         await Task.Delay(200); // the receiver takes the notification off its agent's queue
 
@@ -94,22 +84,14 @@ public sealed class WorkerServerTests
     public async Task A_decode_whose_kv_pool_runs_dry_is_resource_exhausted_and_gives_everything_back()
     {
         // Two KV blocks: the prompt's two full blocks import, its tail needs a third.
-        var options = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 2, HandoffSlots = 8 };
-        await using var server = new WorkerServer(options, NullLoggerFactory.Instance);
-        await server.StartAsync();
-        using var client = new WorkerClient(options.Name, $"http://{server.Endpoint}", options.Tenant, options.Token);
+        await using var rig = await DecodeRig.StartAsync(kvBlocks: 2);
+        WorkerClient client = rig.Client;
         int tpb = ModelConfigs.Tiny.TokensPerBlock;
-        int blockBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes);
-        await using var sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
-        using var blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = 4, Tag = "test-kv" });
-        sender.Register(blocks);
         var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
         int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
 
         HandoffReservation t = (await client.ReserveAsync(requestId: 9, promptTokens: prompt.Length, call)).Ticket;
-        RemoteAgent receiver = await sender.LoadRemoteAsync(t.AgentMetadata.Memory);
-        var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
-        Assert.True((await HandoffSender.SendAsync(sender, receiver, ticket, t.Addresses.Select(_ => blocks.Rent().Address).ToArray(), backend: BackendKind.Tcp)).IsSuccess);
+        Assert.True((await rig.SendAsync(t)).IsSuccess);
 
         var request = new DecodeRequest { RequestId = 9, MaxNewTokens = 4 };
         request.Prompt.Add(prompt);
@@ -122,5 +104,43 @@ public sealed class WorkerServerTests
         WorkerStatus status = await client.StatusAsync(call);
         Assert.Equal(status.KvBlocksTotal, status.KvBlocksFree);
         Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+    }
+
+    /// <summary>A decode worker in this process, and a test transfer agent with registered blocks standing in for the prefill side.</summary>
+    private sealed class DecodeRig : IAsyncDisposable
+    {
+        private WorkerServer _server = null!;
+        private TransferAgent _sender = null!;
+        private HostBlockPool _blocks = null!;
+
+        public WorkerClient Client { get; private set; } = null!;
+
+        public static async Task<DecodeRig> StartAsync(int kvBlocks)
+        {
+            var options = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = kvBlocks, HandoffSlots = 8 };
+            var rig = new DecodeRig { _server = new WorkerServer(options, NullLoggerFactory.Instance) };
+            await rig._server.StartAsync();
+            rig.Client = new WorkerClient(options.Name, $"http://{rig._server.Endpoint}", options.Tenant, options.Token);
+            rig._sender = new TransferAgent(new TransferAgentOptions { Name = "prefill-test" });
+            rig._blocks = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = checked((int)ModelConfigs.Tiny.ToKvLayout().BlockBytes), SlotCount = 4, Tag = "test-kv" });
+            rig._sender.Register(rig._blocks);
+            return rig;
+        }
+
+        /// <summary>WRITEs registered (arbitrary) bytes into every slot of the reservation, with its notification.</summary>
+        public async Task<TransferResult> SendAsync(HandoffReservation t)
+        {
+            RemoteAgent receiver = await _sender.LoadRemoteAsync(t.AgentMetadata.Memory);
+            var ticket = new HandoffTicket(t.RequestId, t.Nonce, new Guid(t.ReceiverAgent.Span), [.. t.Addresses], (int)t.BlockBytes, TimeSpan.FromMilliseconds(t.LeaseMs));
+            return await HandoffSender.SendAsync(_sender, receiver, ticket, t.Addresses.Select(_ => _blocks.SlotAt(0).Address).ToArray(), backend: BackendKind.Tcp);
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            Client.Dispose();
+            await _sender.DisposeAsync();
+            _blocks.Dispose();
+            await _server.DisposeAsync();
+        }
     }
 }
