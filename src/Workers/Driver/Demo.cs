@@ -1,7 +1,6 @@
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using KvFabric.Sidecar;
 using KvFabric.Tiers.Replay;
 using KvFabric.Workers.Reporting;
 using Microsoft.Extensions.Logging;

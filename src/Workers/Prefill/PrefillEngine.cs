@@ -104,11 +104,11 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
     /// Offloads the cache's full blocks from block `from` on (those the prefill computed) to the sidecar; returns how many
     /// it stored, or the reason it could not (the request keeps its KV; only later reuse is lost).
     /// </summary>
-    public async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, string tenantNamespace, int from, CancellationToken cancellationToken = default)
+    public async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, int from, CancellationToken cancellationToken = default)
     {
         int full = cache.FullBlocks;
         var hashes = new BlockHash[full];
-        cache.ComputeBlockHashes(tenantNamespace, hashes);
+        cache.ComputeBlockHashes(tenant, hashes);
         byte[] packed = new byte[full * BlockHash.Size];
         for (int i = 0; i < full; i++)
             hashes[i].WriteTo(packed.AsSpan(i * BlockHash.Size));

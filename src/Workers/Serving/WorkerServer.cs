@@ -297,7 +297,7 @@ public sealed class WorkerServer : IAsyncDisposable
     private async Task OffloadAsync(KvCache cache, int from, PrefillResponse response, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
-        (int stored, string? error) = await _prefill!.OffloadAsync(cache, _options.Tenant, from, cancellationToken).ConfigureAwait(false);
+        (int stored, string? error) = await _prefill!.OffloadAsync(cache, from, cancellationToken).ConfigureAwait(false);
         response.OffloadedBlocks = (uint)stored;
         response.OffloadMs = clock.Elapsed.TotalMilliseconds;
         if (error is not null)
