@@ -23,6 +23,8 @@ public sealed record TransferBenchOptions
     public ChecksumKind Checksum { get; init; } = ChecksumKind.None;
     /// <summary>UCX_TLS of both processes with the UCX backend (tcp, posix,self, sm,self, ...).</summary>
     public string UcxTls { get; init; } = "tcp";
+    /// <summary>The peer's region is allocated by UCX (ucp_mem_map ALLOCATE) instead of an anonymous mapping.</summary>
+    public bool UcxAllocate { get; init; }
 }
 
 public sealed record TransferBenchResult(
@@ -59,7 +61,7 @@ public static class TransferBench
         if (ucx)
             peerEnv["UCX_TLS"] = o.UcxTls;
         await using var peer = await TransferPeerProcess.StartAsync(regionMib, shm: o.Backend == BackendKind.SharedMemory,
-            ucx ? ["--ucx"] : null, environment: peerEnv).ConfigureAwait(false);
+            ucx ? (o.UcxAllocate ? ["--ucx", "--ucx-alloc"] : ["--ucx"]) : null, environment: peerEnv).ConfigureAwait(false);
         using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = (int)o.BlockBytes, SlotCount = o.Blocks });
         await using var agent = new TransferAgent(new TransferAgentOptions
         {

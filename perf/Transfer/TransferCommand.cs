@@ -14,6 +14,7 @@ public static class TransferCommand
     {
         var backend = new Option<string>("--backend") { Description = "tcp, shm or ucx", DefaultValueFactory = _ => "tcp" };
         var ucxTls = new Option<string>("--ucx-tls") { Description = "UCX_TLS for --backend ucx (tcp, posix,self, sm,self, ...)", DefaultValueFactory = _ => "tcp" };
+        var ucxAlloc = new Option<bool>("--ucx-alloc") { Description = "with --backend ucx: the peer's region is allocated by UCX (ucp_mem_map ALLOCATE), so posix/sysv transports map it directly" };
         var op = new Option<string>("--op") { Description = "write or read", DefaultValueFactory = _ => "write" };
         var blockSize = new Option<string>("--block-size") { Description = "bytes per block (64KiB..16MiB)", DefaultValueFactory = _ => "2MiB" };
         var blocks = new Option<int>("--blocks") { Description = "blocks moved per run", DefaultValueFactory = _ => 256 };
@@ -29,7 +30,7 @@ public static class TransferCommand
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("transfer", "Transfer throughput between two processes on loopback, against iperf3 (tcp) or memcpy (shm).")
         {
-            backend, op, blockSize, blocks, batch, streams, runs, repeat, inflight, checksum, noReference, install, quick, json, ucxTls,
+            backend, op, blockSize, blocks, batch, streams, runs, repeat, inflight, checksum, noReference, install, quick, json, ucxTls, ucxAlloc,
         };
         cmd.SetAction(async (p, ct) =>
         {
@@ -44,6 +45,7 @@ public static class TransferCommand
                     var b => throw new ArgumentException($"--backend {b}: use tcp, shm or ucx"),
                 },
                 UcxTls = p.GetValue(ucxTls)!,
+                UcxAllocate = p.GetValue(ucxAlloc),
                 Op = p.GetValue(op) switch
                 {
                     "write" => TransferOp.Write,
@@ -80,7 +82,7 @@ public static class TransferCommand
         var references = new List<(string Tool, Spread Gbps, string About)>();
         string? note = null;
         string backendName = o.Backend switch { BackendKind.Tcp => "tcp", BackendKind.Ucx => "ucx", _ => "shm" };
-        string label = (o.Backend == BackendKind.Ucx ? $"ucx({o.UcxTls}) " : $"{backendName} ") + $"{o.Op.ToString().ToLowerInvariant()} {Sizes.Format(o.BlockBytes)} x {o.Blocks}" + (o.Repeat > 1 ? $" x{o.Repeat}" : "");
+        string label = (o.Backend == BackendKind.Ucx ? $"ucx({o.UcxTls}{(o.UcxAllocate ? ", ucx-alloc" : "")}) " : $"{backendName} ") + $"{o.Op.ToString().ToLowerInvariant()} {Sizes.Format(o.BlockBytes)} x {o.Blocks}" + (o.Repeat > 1 ? $" x{o.Repeat}" : "");
         int refRuns = Math.Max(5, o.Runs);
         await AnsiConsole.Status().StartAsync(label, async ctx =>
         {
@@ -159,6 +161,7 @@ public static class TransferCommand
         if (o.Backend == BackendKind.Ucx)
         {
             report["ucx_tls"] = o.UcxTls;
+            report["ucx_alloc"] = o.UcxAllocate;
             report["ucx_transports"] = new JsonArray(result.UcxTransports.Select(t => (JsonNode)JsonValue.Create(t)).ToArray());
         }
         var table = new Table().AddColumns("figure", "value");

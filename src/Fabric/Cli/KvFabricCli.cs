@@ -32,9 +32,10 @@ public static class KvFabricCli
         var port = new Option<int>("--port") { Description = "TCP port (0: any free port)" };
         var corrupt = new Option<int>("--corrupt-nth-payload") { Description = "fault injection: corrupt one byte of the Nth payload sent (tests only)" };
         var ucx = new Option<bool>("--ucx") { Description = "also start a UCX worker and advertise it (fails if libucp cannot be initialised)" };
+        var ucxAlloc = new Option<bool>("--ucx-alloc") { Description = "let UCX allocate the region (one-copy puts on UCX's posix/sysv transports); needs --ucx" };
         var cmd = new Command("peer", "Run a standalone transfer agent with one region, driven by a line protocol on stdin (see docs/transfer.md).")
         {
-            name, regionMib, shm, listen, port, corrupt, ucx,
+            name, regionMib, shm, listen, port, corrupt, ucx, ucxAlloc,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -50,6 +51,7 @@ public static class KvFabricCli
                 Port = parse.GetValue(port),
                 CorruptNthPayload = parse.GetValue(corrupt),
                 Ucx = parse.GetValue(ucx),
+                UcxAllocate = parse.GetValue(ucxAlloc),
             });
             return await peer.RunAsync(Console.In, Console.Out);
         });

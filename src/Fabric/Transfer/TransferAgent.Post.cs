@@ -63,8 +63,6 @@ public sealed partial class TransferAgent
         CheckNoOverlap(op == TransferOp.Read ? local : remoteDescriptors, op == TransferOp.Read ? "local" : "remote");
 
         var backend = ChooseBackend(options.Backend, remote, remoteRegion);
-        if (backend == BackendKind.Ucx && options.Checksum != ChecksumKind.None)
-            throw new TransferException($"per-chunk checksums are not supported over UCX (one-sided put/get leaves no place to verify at the destination): use ChecksumKind.None or the Tcp backend");
         int streams = options.Streams > 0 ? options.Streams : backend == BackendKind.Tcp ? Options.TcpStreams : Options.ShmStreams;
         if (streams > TcpPeer.MaxStreams)
             throw new TransferException($"{streams} streams exceed the limit of {TcpPeer.MaxStreams}");

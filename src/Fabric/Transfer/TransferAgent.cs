@@ -91,6 +91,33 @@ public sealed partial class TransferAgent : IAsyncDisposable
         return pool.Regions.Select(Register).ToArray();
     }
 
+    /// <summary>
+    /// Allocates host memory through UCX and registers it: on UCX's shared-memory transports (posix, sysv) a peer's
+    /// READ or WRITE against it is one copy, where a region allocated elsewhere is served by active messages (two copies
+    /// and this agent's progress thread). Freed when the region is deregistered or the agent disposed. Needs EnableUcx.
+    /// </summary>
+    public UcxMemory AllocateUcx(long length)
+    {
+        if (length <= 0)
+            throw new ArgumentOutOfRangeException(nameof(length), length, "a region needs a positive length in bytes");
+        if (_ucx is null || !_ucx.Available)
+            throw new TransferException($"AllocateUcx needs a UCX worker ({UcxUnavailableReason}); allocate host memory and Register it instead");
+        var (memory, memh, rkey) = _ucx.Allocate(length);
+        RegisteredRegion region;
+        try
+        {
+            region = _registry.Add(memory, MemoryKind.Host, (ulong)memory.Address, (ulong)length, 0, null);
+        }
+        catch
+        {
+            _ucx.Free(memh);
+            throw;
+        }
+        _ucx.Adopt(region, memh, rkey);
+        memory.Region = region;
+        return memory;
+    }
+
     /// <summary>Registers raw memory the caller owns and keeps alive (private host memory, or device memory).</summary>
     public RegisteredRegion Register(nint address, long length, MemoryKind kind = MemoryKind.Host, int deviceId = 0)
     {

@@ -24,6 +24,7 @@ public sealed class UcxLayoutTests
         Assert.Equal(72, Unsafe.SizeOf<UcpRequestParam>());     // ucp.h:1650-1731 (with memh, new in 1.13)
         Assert.Equal(32, Unsafe.SizeOf<UcpAmHandlerParam>());   // ucp.h:1777-1806
         Assert.Equal(16, Unsafe.SizeOf<UcpAmRecvParam>());      // struct ucp_am_recv_param {recv_attr; reply_ep;}
+        Assert.Equal(32, Unsafe.SizeOf<UcpMemAttr>());          // ucp_def.h:185-207
     }
 
     [Fact]
@@ -57,6 +58,10 @@ public sealed class UcxLayoutTests
         Assert.Equal(24, Offset<UcpMemMapParams>(nameof(UcpMemMapParams.Flags)));
         Assert.Equal(28, Offset<UcpMemMapParams>(nameof(UcpMemMapParams.Prot)));
         Assert.Equal(32, Offset<UcpMemMapParams>(nameof(UcpMemMapParams.MemoryType)));
+        // ucp_mem_attr_t (ucp_def.h:185): field_mask, address, length, mem_type.
+        Assert.Equal(8, Offset<UcpMemAttr>(nameof(UcpMemAttr.Address)));
+        Assert.Equal(16, Offset<UcpMemAttr>(nameof(UcpMemAttr.Length)));
+        Assert.Equal(24, Offset<UcpMemAttr>(nameof(UcpMemAttr.MemoryType)));
         // ucp_request_param_t (ucp.h:1650): op_attr_mask, flags, request, cb, datatype, user_data, reply_buffer, memory_type, recv_info, memh.
         Assert.Equal(4, Offset<UcpRequestParam>(nameof(UcpRequestParam.Flags)));
         Assert.Equal(8, Offset<UcpRequestParam>(nameof(UcpRequestParam.Request)));
@@ -86,6 +91,8 @@ public sealed class UcxLayoutTests
         Assert.Equal(128ul, Ucp.EpParamFieldName);                             // UCP_EP_PARAM_FIELD_NAME = UCS_BIT(7)
         Assert.Equal(1, Ucp.ErrHandlingModePeer);                              // ucp_def.h ucp_err_handling_mode_t
         Assert.Equal((256u, 512u), (Ucp.ProtRemoteRead, Ucp.ProtRemoteWrite)); // UCP_MEM_MAP_PROT_REMOTE_READ/WRITE = UCS_BIT(8)/(9)
+        Assert.Equal(2u, Ucp.MemMapAllocate);                                  // UCP_MEM_MAP_ALLOCATE = UCS_BIT(1)
+        Assert.Equal((1ul, 2ul), (Ucp.MemAttrFieldAddress, Ucp.MemAttrFieldLength)); // ucp_mem_attr_field ADDRESS/LENGTH
         Assert.Equal(16u, Ucp.OpAttrFlags);                                    // UCP_OP_ATTR_FIELD_FLAGS = UCS_BIT(4)
         Assert.Equal((1u, 2u), (Ucp.AmSendFlagReply, Ucp.AmSendFlagEager));    // UCP_AM_SEND_FLAG_REPLY/EAGER
         Assert.Equal((65536ul, 131072ul), (Ucp.AmRecvAttrFlagData, Ucp.AmRecvAttrFlagRndv)); // UCP_AM_RECV_ATTR_FLAG_DATA/RNDV = UCS_BIT(16)/(17)

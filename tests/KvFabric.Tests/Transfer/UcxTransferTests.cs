@@ -14,18 +14,25 @@ namespace KvFabric.Tests.Transfer;
 public sealed class UcxTransferTests
 {
     private const int BlockBytes = 1 << 20;
+    private const string UcxAlloc = " ucx-alloc";
     public static readonly TheoryData<string> Transports = new() { "tcp", "posix,self" };
+    // Plus the peer's region allocated by UCX (TransferAgent.AllocateUcx): posix then maps it instead of emulating puts.
+    public static readonly TheoryData<string> Variants = new() { "tcp", "posix,self", "posix,self" + UcxAlloc };
 
-    private static Dictionary<string, string> Env(string tls) => new() { ["UCX_TLS"] = tls };
+    private static string Tls(string variant) => variant.Replace(UcxAlloc, "", StringComparison.Ordinal);
 
-    private static Task<TransferPeerProcess> StartPeerAsync(string tls, long regionMib) =>
-        TransferPeerProcess.StartAsync(regionMib, shm: false, ["--ucx"], environment: Env(tls));
+    private static Dictionary<string, string> Env(string variant) => new() { ["UCX_TLS"] = Tls(variant) };
 
-    private static TransferAgent NewAgent(string tls, string name = "ucx-test") => new(new TransferAgentOptions
+    private static Task<TransferPeerProcess> StartPeerAsync(string variant, long regionMib, params string[] more) =>
+        TransferPeerProcess.StartAsync(regionMib, shm: false,
+            [.. variant.EndsWith(UcxAlloc, StringComparison.Ordinal) ? ["--ucx", "--ucx-alloc"] : new[] { "--ucx" }, .. more], environment: Env(variant));
+
+    private static TransferAgent NewAgent(string variant, string name = "ucx-test", TransferFaults? faults = null) => new(new TransferAgentOptions
     {
         Name = name,
         EnableUcx = true,
-        UcxSettings = new Dictionary<string, string> { ["TLS"] = tls },
+        UcxSettings = new Dictionary<string, string> { ["TLS"] = Tls(variant) },
+        Faults = faults,
     });
 
     private static void AssertUcx(TransferAgent agent)
@@ -37,7 +44,7 @@ public sealed class UcxTransferTests
         TransferPairs.Reversed(pool, peer, n, BlockBytes);
 
     [Theory]
-    [MemberData(nameof(Transports))]
+    [MemberData(nameof(Variants))]
     public async Task Write_and_read_arrive_byte_for_byte_and_the_transport_is_reported(string tls)
     {
         const int blocks = 24;
@@ -80,7 +87,7 @@ public sealed class UcxTransferTests
     }
 
     [Theory]
-    [MemberData(nameof(Transports))]
+    [MemberData(nameof(Variants))]
     public async Task A_notification_arrives_after_the_flush_with_every_byte_in_place(string tls)
     {
         const int blocks = 16;
@@ -108,7 +115,7 @@ public sealed class UcxTransferTests
     }
 
     [Theory]
-    [MemberData(nameof(Transports))]
+    [MemberData(nameof(Variants))]
     public async Task Stale_keys_after_the_peer_reregistered_are_refused_before_any_byte_moves(string tls)
     {
         await using var peer = await StartPeerAsync(tls, 2);
@@ -262,8 +269,6 @@ public sealed class UcxTransferTests
             var e = Assert.Throws<TransferException>(() => ucx.Prepare(TransferOp.Write, local, r, [plainPeer.Remote(0, BlockBytes)], new TransferOptions { Backend = BackendKind.Ucx }));
             Assert.Contains("does not advertise UCX", e.Message);
             Assert.Equal(BackendKind.Tcp, ucx.Prepare(TransferOp.Write, local, r, [plainPeer.Remote(0, BlockBytes)]).Backend);
-            var c = Assert.Throws<TransferException>(() => ucx.Prepare(TransferOp.Write, local, r, [plainPeer.Remote(0, BlockBytes)], new TransferOptions { Backend = BackendKind.Ucx, Checksum = ChecksumKind.Crc32C }));
-            Assert.Contains("UCX", c.Message);
         }
         // A UCX that cannot initialise (no such transport) leaves a working agent that says why.
         await using var broken = new TransferAgent(new TransferAgentOptions { EnableUcx = true, UcxSettings = new Dictionary<string, string> { ["TLS"] = "no_such_transport" } });
@@ -308,5 +313,96 @@ public sealed class UcxTransferTests
         Assert.True(AgentMetadata.Parse(v2).UcxWorkerAddress.IsEmpty);
         // A truncated UCX section is refused with the reason.
         Assert.Contains("truncated", Assert.Throws<TransferException>(() => AgentMetadata.Parse(bytes.AsSpan(0, bytes.Length - 2))).Message);
+    }
+
+    [Fact]
+    public async Task Ucx_allocated_memory_is_a_registered_region_with_an_rkey_and_is_freed_with_it()
+    {
+        await using var agent = NewAgent("posix,self");
+        AssertUcx(agent);
+        var memory = agent.AllocateUcx(3 << 20);
+        Assert.Same(memory.Region, Assert.Single(agent.Regions));
+        Assert.Equal((ulong)memory.Address, memory.Region.Address);
+        Assert.True(memory.Region.Length >= 3ul << 20);
+        Assert.NotEmpty(agent.GetMetadata().Regions[0].UcxRkey.ToArray());
+        DataPattern.Fill(memory.GetSpan(0, 3 << 20), 5, 0);
+        Assert.Equal(-1, DataPattern.FindMismatch(memory.GetSpan(0, 3 << 20), 5, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => memory.GetSpan(3 << 20, 1));
+
+        // Deregistering frees it: the object refuses access instead of pointing at unmapped memory.
+        await agent.DeregisterAsync(memory.Region);
+        Assert.Empty(agent.Regions);
+        Assert.Contains("deregistered", Assert.Throws<ObjectDisposedException>(() => memory.Address).Message);
+
+        Assert.Throws<ArgumentOutOfRangeException>(() => agent.AllocateUcx(0));
+        await using var noUcx = new TransferAgent();
+        Assert.Contains("Register", Assert.Throws<TransferException>(() => noUcx.AllocateUcx(1 << 20)).Message);
+    }
+
+    [Theory]
+    [MemberData(nameof(Variants))]
+    public async Task Checksummed_writes_are_verified_at_the_target_and_a_corrupted_chunk_fails_alone_without_a_notification(string variant)
+    {
+        const int blocks = 8;
+        await using var peer = await StartPeerAsync(variant, blocks + 1);
+        using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
+        // The sender's 11th checksum is flipped: chunk 2 of the second post, as if its bytes were corrupted in flight.
+        await using var agent = NewAgent(variant, "ucx-sum", new TransferFaults { CorruptNthPayload = blocks + 3 });
+        AssertUcx(agent);
+        agent.Register(pool);
+        var remote = await agent.LoadRemoteAsync(peer.Metadata);
+        var (local, remoteDescs) = Pair(pool, peer, blocks);
+        var write = agent.Prepare(TransferOp.Write, local, remote, remoteDescs, new TransferOptions
+        {
+            Backend = BackendKind.Ucx, Checksum = ChecksumKind.XxHash3, Notification = "sum"u8.ToArray(), Deadline = TimeSpan.FromSeconds(60),
+        });
+
+        for (int i = 0; i < blocks; i++)
+            DataPattern.Fill(pool.SlotAt(blocks - 1 - i).AsSpan(), 61, (long)i * BlockBytes);
+        var verify = peer.CommandAsync($"NOTIFIED-VERIFY 0 {blocks * BlockBytes} 61 30000");
+        var result = await agent.PostAsync(write);
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal("OK " + Convert.ToBase64String("sum"u8.ToArray()), await verify);
+        Assert.Equal((long)blocks * BlockBytes, agent.Stats.UcxBytesSent);
+
+        result = await agent.PostAsync(write);
+        Assert.False(result.IsSuccess);
+        Assert.Contains("checksum mismatch", result.Error);
+        Assert.All(Enumerable.Range(0, blocks), i => Assert.Equal(i == 2 ? DescriptorStatus.ChecksumMismatch : DescriptorStatus.Done, write.GetStatus(i)));
+        // Only verified chunks count as sent, and the target never hears of a transfer that did not verify.
+        Assert.Equal((long)(2 * blocks - 1) * BlockBytes, agent.Stats.UcxBytesSent);
+        Assert.StartsWith("TIMEOUT 0", await peer.CommandAsync("NOTIFICATIONS 1 500"));
+
+        // The next post verifies again.
+        Assert.True((await agent.PostAsync(write)).IsSuccess);
+    }
+
+    [Theory]
+    [MemberData(nameof(Variants))]
+    public async Task Checksummed_reads_compare_the_targets_digest_and_a_corrupted_chunk_fails_alone(string variant)
+    {
+        const int blocks = 6;
+        // The peer flips the 4th checksum it sends: chunk 3 of the first read.
+        await using var peer = await StartPeerAsync(variant, blocks + 1, "--corrupt-nth-payload", "4");
+        using var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = BlockBytes, SlotCount = blocks });
+        await using var agent = NewAgent(variant);
+        AssertUcx(agent);
+        agent.Register(pool);
+        var remote = await agent.LoadRemoteAsync(peer.Metadata);
+        var (local, remoteDescs) = Pair(pool, peer, blocks);
+        Assert.Equal("OK", await peer.CommandAsync($"FILL 0 {blocks * BlockBytes} 71"));
+        var read = agent.Prepare(TransferOp.Read, local, remote, remoteDescs, new TransferOptions
+        {
+            Backend = BackendKind.Ucx, Checksum = ChecksumKind.Crc32C, Deadline = TimeSpan.FromSeconds(60),
+        });
+        var result = await agent.PostAsync(read);
+        Assert.False(result.IsSuccess);
+        Assert.All(Enumerable.Range(0, blocks), i => Assert.Equal(i == 3 ? DescriptorStatus.ChecksumMismatch : DescriptorStatus.Done, read.GetStatus(i)));
+        Assert.Equal((long)(blocks - 1) * BlockBytes, agent.Stats.UcxBytesReceived);
+
+        result = await agent.PostAsync(read);
+        Assert.True(result.IsSuccess, result.ToString());
+        for (int i = 0; i < blocks; i++)
+            Assert.Equal(-1, DataPattern.FindMismatch(pool.SlotAt(blocks - 1 - i).AsSpan(), 71, (long)i * BlockBytes));
     }
 }

@@ -1,5 +1,6 @@
 using System.Globalization;
 using KvFabric.Memory;
+using KvFabric.Transfer.Ucx;
 
 namespace KvFabric.Transfer.Diagnostics;
 
@@ -14,6 +15,8 @@ public sealed record TransferPeerOptions
     public int CorruptNthPayload { get; init; }
     /// <summary>Start a UCX worker too (the agent's metadata then carries its address and rkeys).</summary>
     public bool Ucx { get; init; }
+    /// <summary>Let UCX allocate the region (<see cref="TransferAgent.AllocateUcx"/>); needs <see cref="Ucx"/>.</summary>
+    public bool UcxAllocate { get; init; }
 }
 
 /// <summary>
@@ -23,13 +26,14 @@ public sealed record TransferPeerOptions
 public sealed class TransferPeer : IAsyncDisposable
 {
     private readonly TransferAgent _agent;
-    private readonly INativeMemory _memory;
+    private INativeMemory _memory;
     private RegisteredRegion _region;
 
     public TransferPeer(TransferPeerOptions options)
     {
         ArgumentNullException.ThrowIfNull(options);
-        _memory = options.Shared ? SharedMemorySegment.Create(options.RegionBytes, "peer") : new AnonymousMemory(options.RegionBytes);
+        if (options.UcxAllocate && (!options.Ucx || options.Shared))
+            throw new ArgumentException("--ucx-alloc needs --ucx and cannot be combined with --shm");
         _agent = new TransferAgent(new TransferAgentOptions
         {
             Name = options.Name,
@@ -40,7 +44,18 @@ public sealed class TransferPeer : IAsyncDisposable
         });
         if (options.Ucx && !_agent.UcxAvailable)
             throw new TransferException($"--ucx was given but UCX is not available: {_agent.UcxUnavailableReason}");
-        _region = _agent.Register(_memory);
+        (_memory, _region) = Allocate(options);
+    }
+
+    private (INativeMemory, RegisteredRegion) Allocate(TransferPeerOptions options)
+    {
+        if (options.UcxAllocate)
+        {
+            var ucx = _agent.AllocateUcx(options.RegionBytes);
+            return (ucx, ucx.Region);
+        }
+        INativeMemory memory = options.Shared ? SharedMemorySegment.Create(options.RegionBytes, "peer") : new AnonymousMemory(options.RegionBytes);
+        return (memory, _agent.Register(memory));
     }
 
     private string Ready() => "READY " + Convert.ToBase64String(_agent.ExportMetadata()) + " " + _region.Address.ToString(CultureInfo.InvariantCulture);
@@ -100,7 +115,16 @@ public sealed class TransferPeer : IAsyncDisposable
                 return $"OK tcp_rx={s.TcpBytesReceived} tcp_tx={s.TcpBytesSent} refused={s.RefusedFrames} malformed={s.MalformedFrames} ucx_rx={s.UcxBytesReceived} ucx_tx={s.UcxBytesSent}";
             case "REREGISTER":
                 await _agent.DeregisterAsync(_region).ConfigureAwait(false);
-                _region = _agent.Register(_memory);
+                if (_memory is UcxMemory)
+                {
+                    // Deregistering freed it: UCX allocates a new region (its bytes start over).
+                    var fresh = _agent.AllocateUcx(_memory.Length);
+                    (_memory, _region) = (fresh, fresh.Region);
+                }
+                else
+                {
+                    _region = _agent.Register(_memory);
+                }
                 return Ready();
             case "QUIT":
                 return "BYE";

@@ -57,6 +57,16 @@ internal struct UcpMemMapParams
     [FieldOffset(32)] public int MemoryType;
 }
 
+/// <summary>ucp_mem_attr_t (ucp_def.h:185-207): 32 bytes.</summary>
+[StructLayout(LayoutKind.Explicit, Size = 32)]
+internal struct UcpMemAttr
+{
+    [FieldOffset(0)] public ulong FieldMask;
+    [FieldOffset(8)] public nint Address;
+    [FieldOffset(16)] public nuint Length;
+    [FieldOffset(24)] public int MemoryType;
+}
+
 /// <summary>ucp_request_param_t (ucp.h:1650-1731): 72 bytes; cb is a union of function pointers at 16.</summary>
 [StructLayout(LayoutKind.Explicit, Size = 72)]
 internal struct UcpRequestParam
@@ -104,6 +114,8 @@ internal static class Ucp
         EpParamFieldUserData = 1 << 3, EpParamFieldName = 1 << 7;
     public const int ErrHandlingModePeer = 1;
     public const ulong MemMapFieldAddress = 1, MemMapFieldLength = 1 << 1, MemMapFieldFlags = 1 << 2, MemMapFieldProt = 1 << 3;
+    public const uint MemMapAllocate = 1 << 1;                           // UCP_MEM_MAP_ALLOCATE
+    public const ulong MemAttrFieldAddress = 1, MemAttrFieldLength = 1 << 1;
     public const uint ProtLocalRead = 1, ProtLocalWrite = 2, ProtRemoteRead = 1 << 8, ProtRemoteWrite = 1 << 9;
     public const uint OpAttrRequest = 1, OpAttrCallback = 1 << 1, OpAttrUserData = 1 << 2, OpAttrDatatype = 1 << 3, OpAttrFlags = 1 << 4;
     public const ulong AmHandlerFieldId = 1, AmHandlerFieldFlags = 1 << 1, AmHandlerFieldCb = 1 << 2, AmHandlerFieldArg = 1 << 3;
@@ -166,6 +178,9 @@ internal static unsafe partial class UcpNative
 
     [LibraryImport(UcpLib, EntryPoint = "ucp_mem_map")]
     internal static partial int MemMap(nint context, UcpMemMapParams* parameters, out nint memh);
+
+    [LibraryImport(UcpLib, EntryPoint = "ucp_mem_query")]
+    internal static partial int MemQuery(nint memh, UcpMemAttr* attributes);
 
     [LibraryImport(UcpLib, EntryPoint = "ucp_mem_unmap")]
     internal static partial int MemUnmap(nint context, nint memh);

@@ -14,12 +14,13 @@ namespace KvFabric.Transfer.Ucx;
 /// </summary>
 internal sealed class UcxBackend : ITransferBackend
 {
-    private const byte KindNotify = 1, KindCheck = 2;
+    private const byte KindNotify = 1, KindCheck = 2, KindVerify = 3, KindDigest = 4;
+    private const int VerifyEntryBytes = 32, DigestEntryBytes = 24;
     private readonly TransferAgent _agent;
     private readonly UcxWorker? _worker;
     private readonly Dictionary<uint, (nint Memh, byte[] Rkey)> _mapped = [];
     private readonly Lock _lock = new();
-    private readonly Dictionary<ulong, (TaskCompletionSource<byte> Reply, int Endpoint)> _calls = [];
+    private readonly Dictionary<ulong, (TaskCompletionSource<(byte Status, byte[] Payload)> Reply, int Endpoint)> _calls = [];
     private long _nextSeq;
 
     public UcxBackend(TransferAgent agent)
@@ -51,6 +52,29 @@ internal sealed class UcxBackend : ITransferBackend
             _mapped[region.Id] = (memh, rkey);
     }
 
+    /// <summary>Allocates memory through UCX and maps it (see <see cref="UcxMemory"/>); the caller registers it.</summary>
+    public (UcxMemory Memory, nint Memh, byte[] Rkey) Allocate(long length)
+    {
+        if (_worker is null)
+            throw new TransferException($"UCX is not available ({UnavailableReason}): allocate host memory yourself and register it");
+        var (memh, rkey, address) = _worker.Invoke(() => _worker.AllocateMemory((ulong)length), TimeSpan.FromSeconds(30));
+        return (new UcxMemory(address, length), memh, rkey);
+    }
+
+    /// <summary>Records the mapping of a region whose memory <see cref="Allocate"/> gave (no second ucp_mem_map).</summary>
+    public void Adopt(RegisteredRegion region, nint memh, byte[] rkey)
+    {
+        lock (_lock)
+            _mapped[region.Id] = (memh, rkey);
+    }
+
+    /// <summary>Frees an allocation that never became a region.</summary>
+    public void Free(nint memh) => _worker!.Invoke(() =>
+    {
+        _worker.UnmapMemory(memh);
+        return 0;
+    }, TimeSpan.FromSeconds(30));
+
     public void Unmap(RegisteredRegion region)
     {
         if (_worker is null)
@@ -66,6 +90,7 @@ internal sealed class UcxBackend : ITransferBackend
             _worker.UnmapMemory(m.Memh);
             return 0;
         }, TimeSpan.FromSeconds(30));
+        (region.Memory as UcxMemory)?.MarkFreed();
     }
 
     public byte[]? RkeyOf(uint regionId)
@@ -156,11 +181,13 @@ internal sealed class UcxBackend : ITransferBackend
         return h;
     }
 
-    /// <summary>Sends a request AM and waits for the target's status byte (or the endpoint's failure).</summary>
-    private async Task<(WireStatus Status, string? Error)> CallAsync(RemoteAgent remote, UcxEndpoint ep, byte kind, byte[] data, CancellationToken ct)
+    private readonly record struct Reply(WireStatus Status, string? Error, byte[] Payload);
+
+    /// <summary>Sends a request AM and waits for the target's status byte and data (or the endpoint's failure).</summary>
+    private async Task<Reply> CallAsync(RemoteAgent remote, UcxEndpoint ep, byte kind, byte[] data, CancellationToken ct)
     {
         ulong seq = (ulong)Interlocked.Increment(ref _nextSeq);
-        var tcs = new TaskCompletionSource<byte>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var tcs = new TaskCompletionSource<(byte Status, byte[] Payload)>(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_lock)
             _calls[seq] = (tcs, ep.Id);
         byte[] header = Header(kind, seq);
@@ -176,12 +203,12 @@ internal sealed class UcxBackend : ITransferBackend
         {
             if (await WatchAsync(tcs.Task, remote, ep, ct).ConfigureAwait(false) is { } died)
                 Fail(seq, died);
-            byte status = await tcs.Task.WaitAsync(ct).ConfigureAwait(false);
-            return ((WireStatus)status, status == 0 ? null : Describe((WireStatus)status, remote));
+            var (status, payload) = await tcs.Task.WaitAsync(ct).ConfigureAwait(false);
+            return new Reply((WireStatus)status, status == 0 ? null : Describe((WireStatus)status, remote), payload);
         }
         catch (UcxCallFailed e)
         {
-            return (WireStatus.Internal, e.Message);
+            return new Reply(WireStatus.Internal, e.Message, []);
         }
         finally
         {
@@ -195,6 +222,7 @@ internal sealed class UcxBackend : ITransferBackend
         WireStatus.UnknownRegion => $"'{remote.Name}' has no such region any more (it deregistered it): reload its metadata",
         WireStatus.KeyMismatch => $"'{remote.Name}' refused the region key (stale or forged metadata): reload its metadata",
         WireStatus.QueueFull => $"the notification queue of '{remote.Name}' is full",
+        WireStatus.OutOfRange => $"'{remote.Name}' found a range outside its region: reload its metadata",
         _ => $"'{remote.Name}' answered {s}",
     };
 
@@ -211,7 +239,7 @@ internal sealed class UcxBackend : ITransferBackend
 
     private void Fail(ulong seq, string why)
     {
-        TaskCompletionSource<byte>? tcs = null;
+        TaskCompletionSource<(byte, byte[])>? tcs = null;
         lock (_lock)
         {
             if (_calls.TryGetValue(seq, out var c))
@@ -220,20 +248,20 @@ internal sealed class UcxBackend : ITransferBackend
         tcs?.TrySetException(new UcxCallFailed(why));
     }
 
-    private void OnReply(ulong seq, byte status)
+    private void OnReply(ulong seq, byte status, byte[] payload)
     {
-        TaskCompletionSource<byte>? tcs = null;
+        TaskCompletionSource<(byte, byte[])>? tcs = null;
         lock (_lock)
         {
             if (_calls.TryGetValue(seq, out var c))
                 tcs = c.Reply;
         }
-        tcs?.TrySetResult(status);
+        tcs?.TrySetResult((status, payload));
     }
 
     private void OnEndpointError(UcxEndpoint ep, string why)
     {
-        List<TaskCompletionSource<byte>> failed = [];
+        List<TaskCompletionSource<(byte, byte[])>> failed = [];
         lock (_lock)
         {
             foreach (var (_, c) in _calls)
@@ -247,46 +275,113 @@ internal sealed class UcxBackend : ITransferBackend
         // In-flight puts and gets complete with an error through their own callbacks (error mode PEER purges them).
     }
 
-    /// <summary>Target side: a notification or a region check from a peer (progress thread).</summary>
-    private byte OnRequest(ReadOnlyMemory<byte> header, ReadOnlyMemory<byte> data)
+    /// <summary>Target side: a notification, a region check, or a checksum request from a peer (progress thread).</summary>
+    private (byte Status, byte[]? Payload) OnRequest(ReadOnlyMemory<byte> header, ReadOnlyMemory<byte> data)
     {
         var h = header.Span;
         if (h.Length < 27)
-            return (byte)WireStatus.Malformed;
+            return ((byte)WireStatus.Malformed, null);
         var from = new Guid(h.Slice(9, 16));
         int nameLen = BinaryPrimitives.ReadUInt16LittleEndian(h[25..]);
         if (h.Length < 27 + nameLen)
-            return (byte)WireStatus.Malformed;
+            return ((byte)WireStatus.Malformed, null);
         string name = Encoding.UTF8.GetString(h.Slice(27, nameLen));
         switch (h[8])
         {
             case KindNotify:
-                return _agent.Deliver(new Notification(name, from, data.ToArray())) ? (byte)WireStatus.Ok : (byte)WireStatus.QueueFull;
+                return (_agent.Deliver(new Notification(name, from, data.ToArray())) ? (byte)WireStatus.Ok : (byte)WireStatus.QueueFull, null);
             case KindCheck:
                 var d = data.Span;
                 if (d.Length % 12 != 0)
-                    return (byte)WireStatus.Malformed;
+                    return ((byte)WireStatus.Malformed, null);
                 for (int i = 0; i < d.Length; i += 12)
                 {
-                    uint id = BinaryPrimitives.ReadUInt32LittleEndian(d[i..]);
-                    ulong key = BinaryPrimitives.ReadUInt64LittleEndian(d[(i + 4)..]);
-                    var region = _agent.Registry.ById(id);
-                    if (region is null || RkeyOf(id) is null)
-                    {
-                        _agent.CountRefused();
-                        return (byte)WireStatus.UnknownRegion;
-                    }
-                    if (region.Key.Value != key)
-                    {
-                        _agent.CountRefused();
-                        return (byte)WireStatus.KeyMismatch;
-                    }
+                    var bad = CheckRegion(BinaryPrimitives.ReadUInt32LittleEndian(d[i..]), BinaryPrimitives.ReadUInt64LittleEndian(d[(i + 4)..]), out _);
+                    if (bad != WireStatus.Ok)
+                        return ((byte)bad, null);
                 }
-                return (byte)WireStatus.Ok;
+                return ((byte)WireStatus.Ok, null);
+            case KindVerify:
+            case KindDigest:
+                return Checksummed(h[8] == KindVerify, data.Span);
             default:
                 _agent.CountMalformed();
-                return (byte)WireStatus.Malformed;
+                return ((byte)WireStatus.Malformed, null);
         }
+    }
+
+    private WireStatus CheckRegion(uint id, ulong key, out RegisteredRegion? region)
+    {
+        region = _agent.Registry.ById(id);
+        if (region is null || RkeyOf(id) is null)
+        {
+            _agent.CountRefused();
+            return WireStatus.UnknownRegion;
+        }
+        if (region.Key.Value != key)
+        {
+            _agent.CountRefused();
+            return WireStatus.KeyMismatch;
+        }
+        return WireStatus.Ok;
+    }
+
+    /// <summary>
+    /// Checksums of ranges of this agent's regions, for a peer's WRITE (verify: compare with the sender's, one status
+    /// byte per range) or READ (digest: one checksum per range, which the reader compares with what it got).
+    /// Request: [checksum kind] then per range u32 region, u32 length, u64 key, u64 address (+ u64 expected, verify).
+    /// </summary>
+    private (byte Status, byte[]? Payload) Checksummed(bool verify, ReadOnlySpan<byte> d)
+    {
+        int entry = verify ? VerifyEntryBytes : DigestEntryBytes;
+        if (d.Length < 1 || (d.Length - 1) % entry != 0 || !Enum.IsDefined((ChecksumKind)d[0]) || (ChecksumKind)d[0] == ChecksumKind.None)
+        {
+            _agent.CountMalformed();
+            return ((byte)WireStatus.Malformed, null);
+        }
+        var kind = (ChecksumKind)d[0];
+        int count = (d.Length - 1) / entry;
+        byte[] reply = new byte[verify ? count : count * 8];
+        for (int i = 0; i < count; i++)
+        {
+            var e = d.Slice(1 + i * entry, entry);
+            uint id = BinaryPrimitives.ReadUInt32LittleEndian(e);
+            int length = BinaryPrimitives.ReadInt32LittleEndian(e[4..]);
+            ulong key = BinaryPrimitives.ReadUInt64LittleEndian(e[8..]);
+            ulong address = BinaryPrimitives.ReadUInt64LittleEndian(e[16..]);
+            var bad = CheckRegion(id, key, out var region);
+            if (bad != WireStatus.Ok)
+                return ((byte)bad, null);
+            if (length <= 0 || address < region!.Address || address + (ulong)length > region.Address + region.Length)
+            {
+                _agent.CountRefused();
+                return ((byte)WireStatus.OutOfRange, null);
+            }
+            if (!region.TryAcquire())
+                return ((byte)WireStatus.UnknownRegion, null);
+            ulong sum;
+            try
+            {
+                sum = Checksums.Compute(kind, (nint)address, length);
+            }
+            finally
+            {
+                region.Release();
+            }
+            if (verify)
+            {
+                bool match = sum == BinaryPrimitives.ReadUInt64LittleEndian(e[24..]);
+                reply[i] = (byte)(match ? WireStatus.Ok : WireStatus.ChecksumMismatch);
+            }
+            else
+            {
+                // Fault injection (tests): a digest this side sends counts as a payload it sends.
+                if (_agent.Options.Faults?.ShouldCorrupt() == true)
+                    sum ^= 1;
+                BinaryPrimitives.WriteUInt64LittleEndian(reply.AsSpan(i * 8), sum);
+            }
+        }
+        return ((byte)WireStatus.Ok, reply);
     }
 
     public async Task<(WireStatus Status, string? Error)> NotifyAsync(RemoteAgent remote, ReadOnlyMemory<byte> message, CancellationToken ct)
@@ -300,7 +395,8 @@ internal sealed class UcxBackend : ITransferBackend
         {
             return (WireStatus.Internal, e.Message);
         }
-        return await CallAsync(remote, ep, KindNotify, message.ToArray(), ct).ConfigureAwait(false);
+        var reply = await CallAsync(remote, ep, KindNotify, message.ToArray(), ct).ConfigureAwait(false);
+        return (reply.Status, reply.Error);
     }
 
     // ---- posts ----
@@ -308,6 +404,10 @@ internal sealed class UcxBackend : ITransferBackend
     private sealed class Post(UcxBackend backend, TransferRequest request, UcxEndpoint ep) : IUcxCompletion
     {
         private readonly bool[] _failed = new bool[request.Chunks.Length];
+        // With a checksum, chunks that moved are settled only after verification (StartAsync), not here.
+        private readonly bool _verify = request.Options.Checksum != ChecksumKind.None;
+        /// <summary>Chunks whose put (after the flush) or get completed without error, awaiting verification.</summary>
+        public readonly bool[] Moved = new bool[request.Chunks.Length];
         private int _outstanding;
         private bool _issuing;
         public volatile bool Aborting;
@@ -369,6 +469,10 @@ internal sealed class UcxBackend : ITransferBackend
                         _failed[tag] = true;
                         request.Settle(tag, DescriptorStatus.PeerDisconnected, Why());
                     }
+                    else if (request.Op == TransferOp.Read && _verify)
+                    {
+                        Moved[tag] = true;
+                    }
                     else if (request.Op == TransferOp.Read)
                     {
                         backend._agent.CountBytes(BackendKind.Ucx, (uint)request.Chunks[tag].Length, received: true);
@@ -382,7 +486,11 @@ internal sealed class UcxBackend : ITransferBackend
                     {
                         if (_failed[i])
                             continue;
-                        if (status == 0)
+                        if (status == 0 && _verify)
+                        {
+                            Moved[i] = true;
+                        }
+                        else if (status == 0)
                         {
                             backend._agent.CountBytes(BackendKind.Ucx, (uint)request.Chunks[i].Length, received: false);
                             request.Settle(i, DescriptorStatus.Done);
@@ -425,19 +533,36 @@ internal sealed class UcxBackend : ITransferBackend
             BinaryPrimitives.WriteUInt64LittleEndian(check.AsSpan(k + 4), info.Key.Value);
             k += 12;
         }
-        (WireStatus status, string? error) verdict;
+        var kind = request.Options.Checksum;
+        bool read = request.Op == TransferOp.Read;
+        // A READ with a checksum asks the target for the checksums of what it will read (in the same round trip as
+        // the key check); a WRITE computes its own now and has the target verify what landed after the flush.
+        byte[]? expected = null;
+        Reply verdict;
         try
         {
-            verdict = await CallAsync(remote, ep, KindCheck, check, ct).ConfigureAwait(false);
+            if (kind != ChecksumKind.None && read)
+            {
+                verdict = await CallAsync(remote, ep, KindDigest, ChecksumRequest(request, kind, null), ct).ConfigureAwait(false);
+                if (verdict.Status == WireStatus.Ok && verdict.Payload.Length != request.Chunks.Length * 8)
+                    verdict = new Reply(WireStatus.Malformed, $"'{remote.Name}' answered {verdict.Payload.Length} bytes of checksums for {request.Chunks.Length} chunks", []);
+                expected = verdict.Payload;
+            }
+            else
+            {
+                verdict = await CallAsync(remote, ep, KindCheck, check, ct).ConfigureAwait(false);
+                if (kind != ChecksumKind.None)
+                    expected = LocalChecksums(request, kind, _agent.Options.Faults);
+            }
         }
         catch (OperationCanceledException) when (ct.IsCancellationRequested)
         {
             return;
         }
-        if (verdict.status != WireStatus.Ok)
+        if (verdict.Status != WireStatus.Ok)
         {
-            var s = verdict.status is WireStatus.UnknownRegion or WireStatus.KeyMismatch or WireStatus.OutOfRange ? DescriptorStatus.Refused : DescriptorStatus.PeerDisconnected;
-            request.SettleAllPending(s, verdict.error ?? verdict.status.ToString());
+            var s = verdict.Status is WireStatus.UnknownRegion or WireStatus.KeyMismatch or WireStatus.OutOfRange ? DescriptorStatus.Refused : DescriptorStatus.PeerDisconnected;
+            request.SettleAllPending(s, verdict.Error ?? verdict.Status.ToString());
             return;
         }
         var post = new Post(this, request, ep);
@@ -451,6 +576,99 @@ internal sealed class UcxBackend : ITransferBackend
             _ = died;
         }
         await post.Done.Task.ConfigureAwait(false);
+        if (expected is not null && !post.Aborting)
+            await VerifyAsync(request, post, ep, expected, ct).ConfigureAwait(false);
+    }
+
+    /// <summary>Settles the chunks that moved: Done where the checksums agree, ChecksumMismatch where they do not.</summary>
+    private async Task VerifyAsync(TransferRequest request, Post post, UcxEndpoint ep, byte[] expected, CancellationToken ct)
+    {
+        var chunks = request.Chunks;
+        var kind = request.Options.Checksum;
+        bool read = request.Op == TransferOp.Read;
+        byte[] verdicts;
+        if (read)
+        {
+            // The target's checksums of its ranges against what landed here.
+            verdicts = new byte[chunks.Length];
+            for (int i = 0; i < chunks.Length; i++)
+            {
+                if (post.Moved[i])
+                    verdicts[i] = Checksums.Compute(kind, chunks[i].Local, chunks[i].Length) == BinaryPrimitives.ReadUInt64LittleEndian(expected.AsSpan(i * 8))
+                        ? (byte)WireStatus.Ok : (byte)WireStatus.ChecksumMismatch;
+            }
+        }
+        else
+        {
+            Reply reply;
+            try
+            {
+                reply = await CallAsync(request.Remote, ep, KindVerify, ChecksumRequest(request, kind, expected), ct).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (ct.IsCancellationRequested)
+            {
+                return;
+            }
+            if (reply.Status != WireStatus.Ok || reply.Payload.Length != chunks.Length)
+            {
+                request.SettleAllPending(DescriptorStatus.PeerDisconnected,
+                    $"'{request.Remote.Name}' could not verify the checksums of the WRITE after the flush: {reply.Error ?? $"{reply.Payload.Length} verdicts for {chunks.Length} chunks"}");
+                return;
+            }
+            verdicts = reply.Payload;
+        }
+        for (int i = 0; i < chunks.Length; i++)
+        {
+            if (!post.Moved[i])
+                continue;
+            if (verdicts[i] == (byte)WireStatus.Ok)
+            {
+                _agent.CountBytes(BackendKind.Ucx, (uint)chunks[i].Length, received: read);
+                request.Settle(i, DescriptorStatus.Done);
+            }
+            else
+            {
+                request.Settle(i, DescriptorStatus.ChecksumMismatch, FrameHeader.Describe(WireStatus.ChecksumMismatch));
+            }
+        }
+    }
+
+    /// <summary>The sender's checksum of every chunk of a WRITE (fault injection flips the Nth one, as a corrupt payload would).</summary>
+    private static byte[] LocalChecksums(TransferRequest request, ChecksumKind kind, TransferFaults? faults)
+    {
+        var chunks = request.Chunks;
+        byte[] sums = new byte[chunks.Length * 8];
+        for (int i = 0; i < chunks.Length; i++)
+        {
+            ulong sum = Checksums.Compute(kind, chunks[i].Local, chunks[i].Length);
+            if (faults?.ShouldCorrupt() == true)
+                sum ^= 1;
+            BinaryPrimitives.WriteUInt64LittleEndian(sums.AsSpan(i * 8), sum);
+        }
+        return sums;
+    }
+
+    /// <summary>A verify (with expected checksums) or digest (without) request over every chunk's remote range.</summary>
+    private static byte[] ChecksumRequest(TransferRequest request, ChecksumKind kind, byte[]? expected)
+    {
+        var chunks = request.Chunks;
+        var regions = request.Remote.Metadata.Regions;
+        int entry = expected is null ? DigestEntryBytes : VerifyEntryBytes;
+        byte[] data = new byte[1 + chunks.Length * entry];
+        data[0] = (byte)kind;
+        for (int i = 0; i < chunks.Length; i++)
+        {
+            var c = chunks[i];
+            var info = regions[c.RemoteRegion];
+            var e = data.AsSpan(1 + i * entry, entry);
+            BinaryPrimitives.WriteUInt32LittleEndian(e, info.Id);
+            BinaryPrimitives.WriteInt32LittleEndian(e[4..], c.Length);
+            BinaryPrimitives.WriteUInt64LittleEndian(e[8..], info.Key.Value);
+            BinaryPrimitives.WriteUInt64LittleEndian(e[16..], info.Address + c.RemoteOffset);
+            if (expected is not null)
+                expected.AsSpan(i * 8, 8).CopyTo(e[24..]);
+        }
+        return data;
     }
 
     /// <summary>
@@ -514,7 +732,9 @@ internal sealed class UcxBackend : ITransferBackend
 
     public ValueTask DisposeAsync()
     {
-        _worker?.Dispose();
+        _worker?.Dispose(); // unmaps every memh, which frees UCX allocations
+        foreach (var region in _agent.Registry.All)
+            (region.Memory as UcxMemory)?.MarkFreed();
         return ValueTask.CompletedTask;
     }
 }

@@ -54,13 +54,13 @@ internal sealed unsafe partial class UcxWorker : IDisposable
     private readonly Stack<int> _free = new();
     private int _inUse;
     private readonly List<UcxEndpoint?> _endpoints = [];
-    private readonly List<(nint Ep, nint Header)> _replies = [];
+    private readonly List<(nint Ep, nint Buffer, int PayloadLength)> _replies = [];
     private readonly List<nint> _memhs = [];
 
-    /// <summary>Handles an inbound request AM (header, data) and returns the status byte sent back.</summary>
-    public Func<ReadOnlyMemory<byte>, ReadOnlyMemory<byte>, byte>? OnRequest { get; set; }
-    /// <summary>Handles a reply AM (sequence, status).</summary>
-    public Action<ulong, byte>? OnReply { get; set; }
+    /// <summary>Handles an inbound request AM (header, data) and returns the status byte, and optional data, sent back.</summary>
+    public Func<ReadOnlyMemory<byte>, ReadOnlyMemory<byte>, (byte Status, byte[]? Payload)>? OnRequest { get; set; }
+    /// <summary>Handles a reply AM (sequence, status, data).</summary>
+    public Action<ulong, byte, byte[]>? OnReply { get; set; }
     /// <summary>Called (on the progress thread) when an endpoint fails.</summary>
     public Action<UcxEndpoint, string>? OnEndpointError { get; set; }
 
@@ -403,33 +403,39 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         bool whole = (param->RecvAttr & Ucp.AmRecvAttrFlagRndv) == 0;
         if (header[8] == 0xFF)
         {
-            OnReply?.Invoke(seq, header.Length > 9 ? header[9] : (byte)0);
+            // Replies are sent eager, so their data is here; a rendezvous reply would be a peer bug: drop its data.
+            byte[] payload = whole ? new ReadOnlySpan<byte>(data, length).ToArray() : [];
+            OnReply?.Invoke(seq, header.Length > 9 ? header[9] : (byte)0, payload);
             return;
         }
-        byte status;
+        (byte Status, byte[]? Payload) answer;
         if (!whole)
-            status = (byte)Tcp.WireStatus.Malformed; // rendezvous data: we asked for eager, so refuse it
+            answer = ((byte)Tcp.WireStatus.Malformed, null); // rendezvous data: we asked for eager, so refuse it
         else
-            status = OnRequest?.Invoke(header.ToArray(), new ReadOnlySpan<byte>(data, length).ToArray()) ?? (byte)Tcp.WireStatus.Internal;
+            answer = OnRequest?.Invoke(header.ToArray(), new ReadOnlySpan<byte>(data, length).ToArray()) ?? ((byte)Tcp.WireStatus.Internal, null);
         if ((param->RecvAttr & Ucp.AmRecvAttrFieldReplyEp) != 0 && param->ReplyEp != 0)
         {
             // Replies are sent after this progress call returns, not from inside the UCX callback.
-            nint h = (nint)NativeMemory.Alloc(10);
+            int n = answer.Payload?.Length ?? 0;
+            nint h = (nint)NativeMemory.Alloc((nuint)(10 + n));
             BitConverter.TryWriteBytes(new Span<byte>((void*)h, 8), seq);
             ((byte*)h)[8] = 0xFF;
-            ((byte*)h)[9] = status;
-            _replies.Add((param->ReplyEp, h));
+            ((byte*)h)[9] = answer.Status;
+            answer.Payload.AsSpan().CopyTo(new Span<byte>((void*)(h + 10), n));
+            _replies.Add((param->ReplyEp, h, n));
         }
     }
 
     private void SendReplies()
     {
-        foreach (var (ep, h) in _replies)
+        foreach (var (ep, h, n) in _replies)
         {
             var owner = new NativeBuffer(h);
             int slot = Rent(owner, 0);
             var p = Param(slot);
-            Started(UcpNative.AmSendNbx(ep, AmReply, (void*)h, 10, null, 0, &p), slot);
+            p.OpAttrMask |= Ucp.OpAttrFlags;
+            p.Flags = Ucp.AmSendFlagEager;
+            Started(UcpNative.AmSendNbx(ep, AmReply, (void*)h, 10, n > 0 ? (void*)(h + 10) : null, (nuint)n, &p), slot);
         }
         _replies.Clear();
     }
@@ -568,12 +574,48 @@ internal sealed unsafe partial class UcxWorker : IDisposable
             FieldMask = Ucp.MemMapFieldAddress | Ucp.MemMapFieldLength | Ucp.MemMapFieldProt,
             Address = address,
             Length = (nuint)length,
-            Prot = Ucp.ProtLocalRead | Ucp.ProtLocalWrite | Ucp.ProtRemoteRead | Ucp.ProtRemoteWrite,
+            Prot = RemoteReadWrite,
         };
         int st = UcpNative.MemMap(_context, &p, out nint memh);
         if (st != Ucp.StatusOk)
             throw new TransferException($"ucp_mem_map of [0x{address:x}, +{length}) failed: {UcpNative.Describe(st)}");
-        st = UcpNative.RkeyPack(_context, memh, out nint buf, out nuint size);
+        return (memh, PackRkey(memh));
+    }
+
+    /// <summary>
+    /// Lets UCX allocate a region (ucp_mem_map with UCP_MEM_MAP_ALLOCATE) and packs its rkey. UCX then picks memory its
+    /// transports can map into a peer (a posix or sysv shared segment first, per UCX_ALLOC_PRIO), so a same-host put or
+    /// get is one copy by the initiator; memory UCX did not allocate is reached through active messages on those
+    /// transports instead. ucp_mem_unmap frees it.
+    /// </summary>
+    public (nint Memh, byte[] Rkey, nint Address) AllocateMemory(ulong length)
+    {
+        var p = new UcpMemMapParams
+        {
+            FieldMask = Ucp.MemMapFieldAddress | Ucp.MemMapFieldLength | Ucp.MemMapFieldFlags | Ucp.MemMapFieldProt,
+            Address = 0,
+            Length = (nuint)length,
+            Flags = Ucp.MemMapAllocate,
+            Prot = RemoteReadWrite,
+        };
+        int st = UcpNative.MemMap(_context, &p, out nint memh);
+        if (st != Ucp.StatusOk)
+            throw new TransferException($"ucp_mem_map could not allocate {length} bytes: {UcpNative.Describe(st)}; allocate the region yourself and register it");
+        var attr = new UcpMemAttr { FieldMask = Ucp.MemAttrFieldAddress | Ucp.MemAttrFieldLength };
+        st = UcpNative.MemQuery(memh, &attr);
+        if (st != Ucp.StatusOk || attr.Address == 0 || (ulong)attr.Length < length)
+        {
+            UcpNative.MemUnmap(_context, memh);
+            throw new TransferException($"ucp_mem_query of a {length}-byte UCX allocation failed: {UcpNative.Describe(st)}");
+        }
+        return (memh, PackRkey(memh), attr.Address);
+    }
+
+    private const uint RemoteReadWrite = Ucp.ProtLocalRead | Ucp.ProtLocalWrite | Ucp.ProtRemoteRead | Ucp.ProtRemoteWrite;
+
+    private byte[] PackRkey(nint memh)
+    {
+        int st = UcpNative.RkeyPack(_context, memh, out nint buf, out nuint size);
         if (st != Ucp.StatusOk)
         {
             UcpNative.MemUnmap(_context, memh);
@@ -582,7 +624,7 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         byte[] rkey = new ReadOnlySpan<byte>((void*)buf, checked((int)size)).ToArray();
         UcpNative.RkeyBufferRelease(buf);
         _memhs.Add(memh);
-        return (memh, rkey);
+        return rkey;
     }
 
     public void UnmapMemory(nint memh)
