@@ -33,7 +33,7 @@ public static class WorkerCli
         var slots = new Option<int>("--handoff-slots") { Description = "decode: registered hand-off slots", DefaultValueFactory = _ => 2048 };
         var maxBatch = new Option<int>("--max-batch") { Description = "decode: most sequences per step", DefaultValueFactory = _ => 16 };
         var maxQueued = new Option<int>("--max-queued") { Description = "prefill: prefills waiting for the compute beyond this are refused with RESOURCE_EXHAUSTED", DefaultValueFactory = _ => 64 };
-        var transfer = new Option<string>("--transfer") { Description = "hand-off backend: auto, tcp, shm or ucx", DefaultValueFactory = _ => "auto" };
+        var transfer = new Option<string>("--transfer") { Description = "hand-off backend: auto, tcp, shm or ucx (ucx: needs libucx0 on every worker; UCX_TLS picks its transports)", DefaultValueFactory = _ => "auto" };
         var corrupt = new Option<int>("--corrupt-nth-payload") { Description = "fault injection (tests): corrupt the Nth payload this worker sends" };
         var cmd = new Command("serve", "Run one worker (prints READY grpc=... when serving; SIGTERM stops it).")
         {
@@ -116,15 +116,17 @@ public static class WorkerCli
         var timeScale = new Option<double>("--time-scale") { Description = "a trace's arrival times are multiplied by this (0: back to back)", DefaultValueFactory = _ => 1.0 };
         var inFlight = new Option<int>("--max-in-flight") { Description = "most requests in flight (arrivals beyond wait)", DefaultValueFactory = _ => 4 };
         var output = new Option<string>("--out") { Description = "directory for summary.json and ttft.svg", DefaultValueFactory = _ => "demo-out" };
+        var transfer = new Option<string>("--transfer") { Description = "hand-off backend of every worker: auto, tcp, shm or ucx", DefaultValueFactory = _ => "auto" };
         var cmd = new Command("demo", "Start a single-machine disaggregated deployment, replay a workload with and without prefix reuse, check every output, summarize.")
         {
-            requests, prompt, shared, maxNew, rate, inFlight, timeScale, trace, model, prefill, decode, output,
+            requests, prompt, shared, maxNew, rate, inFlight, timeScale, trace, model, prefill, decode, output, transfer,
         };
         cmd.SetAction(async (parse, ct) => await Demo.RunAsync(new DemoOptions
         {
             Requests = parse.GetValue(requests), PromptTokens = parse.GetValue(prompt), SharedFraction = parse.GetValue(shared), MaxNewTokens = parse.GetValue(maxNew),
             Rate = parse.GetValue(rate), Trace = parse.GetValue(trace), Model = parse.GetValue(model)!, PrefillWorkers = parse.GetValue(prefill),
             DecodeWorkers = parse.GetValue(decode), MaxInFlight = parse.GetValue(inFlight), TimeScale = parse.GetValue(timeScale), OutputDirectory = parse.GetValue(output)!,
+            Transfer = parse.GetValue(transfer)!,
         }, Console.Out, ct).ConfigureAwait(false));
         return cmd;
     }

@@ -15,6 +15,12 @@ public sealed record HostBlockPoolOptions
     public bool Shared { get; init; }
     public bool LockInRam { get; init; }
     public string Tag { get; init; } = "pool";
+    /// <summary>
+    /// Allocates each backing region instead (bytes in, page-aligned memory out), e.g. <c>TransferAgent.AllocateUcx</c>;
+    /// the pool disposes what is IDisposable, and memory that is not (UCX's) is freed by its owner. Excludes
+    /// <see cref="Shared"/> and <see cref="LockInRam"/>.
+    /// </summary>
+    public Func<long, INativeMemory>? Allocator { get; init; }
 }
 
 /// <summary>A fixed-size slot of a <see cref="HostBlockPool"/>: the index identifies it, the address is stable.</summary>
@@ -55,6 +61,8 @@ public sealed class HostBlockPool : IDisposable
             throw new ArgumentOutOfRangeException(nameof(options), options.SlotCount, "SlotCount must be positive");
         if (options.Alignment < 64 || !int.IsPow2(options.Alignment))
             throw new ArgumentOutOfRangeException(nameof(options), options.Alignment, "Alignment must be a power of two of at least 64");
+        if (options.Allocator is not null && (options.Shared || options.LockInRam))
+            throw new ArgumentException("a pool with its own Allocator cannot also ask for Shared or LockInRam memory: the allocator decides", nameof(options));
         SlotBytes = options.SlotBytes;
         Capacity = options.SlotCount;
         _stride = (options.SlotBytes + (long)options.Alignment - 1) & ~((long)options.Alignment - 1);
@@ -69,9 +77,11 @@ public sealed class HostBlockPool : IDisposable
             {
                 int slots = Math.Min(_slotsPerRegion, options.SlotCount - r * _slotsPerRegion);
                 long bytes = slots * _stride;
-                _regions[r] = options.Shared
-                    ? SharedMemorySegment.Create(bytes, options.Tag, options.LockInRam)
-                    : new AnonymousMemory(bytes, options.LockInRam);
+                _regions[r] = options.Allocator is { } allocate
+                    ? Aligned(allocate(bytes), bytes, options.Alignment)
+                    : options.Shared
+                        ? SharedMemorySegment.Create(bytes, options.Tag, options.LockInRam)
+                        : new AnonymousMemory(bytes, options.LockInRam);
             }
         }
         catch
@@ -84,6 +94,13 @@ public sealed class HostBlockPool : IDisposable
             _free[i] = Capacity - 1 - i; // slot 0 rented first: low addresses stay hot
         _freeCount = Capacity;
         _rented = new ulong[(Capacity + 63) / 64];
+    }
+
+    private static INativeMemory Aligned(INativeMemory memory, long bytes, int alignment)
+    {
+        if (memory.Length < bytes || (memory.Address & (alignment - 1)) != 0)
+            throw new ArgumentException($"the pool's Allocator returned {memory.Length} bytes at 0x{memory.Address:x}; the pool needs {bytes} bytes aligned to {alignment}");
+        return memory;
     }
 
     public bool TryRent(out BlockSlot slot)

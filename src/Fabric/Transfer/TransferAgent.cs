@@ -81,6 +81,13 @@ public sealed partial class TransferAgent : IAsyncDisposable
     public RegisteredRegion Register(INativeMemory memory)
     {
         ArgumentNullException.ThrowIfNull(memory);
+        if (memory is UcxMemory ucx)
+        {
+            // AllocateUcx registered it already (with UCX's own mapping): registering is finding that region.
+            return _registry.ById(ucx.Region.Id) == ucx.Region
+                ? ucx.Region
+                : throw new TransferException($"this UCX allocation belongs to another agent or was freed with its region ({ucx.Region}): allocate it with this agent's AllocateUcx");
+        }
         return Added(_registry.Add(memory, memory.Kind, (ulong)memory.Address, (ulong)memory.Length, 0, memory.MappedPath));
     }
 

@@ -26,6 +26,8 @@ public sealed record DemoOptions
     public int DecodeWorkers { get; init; } = 1;
     public string OutputDirectory { get; init; } = "demo-out";
     public ulong Seed { get; init; } = 7;
+    /// <summary>Hand-off backend of every worker: auto, tcp, shm or ucx.</summary>
+    public string Transfer { get; init; } = "auto";
 }
 
 /// <summary>
@@ -56,7 +58,7 @@ public static class Demo
             {
                 PrefillWorkers = options.PrefillWorkers, DecodeWorkers = options.DecodeWorkers, Model = options.Model, SsdDirectory = ssd, Logs = logs,
                 // Small memory tiers, so the hit rate by tier shows blocks demoted to host DRAM and SSD being reused.
-                GpuBlocks = 64, HostBlocks = 128,
+                GpuBlocks = 64, HostBlocks = 128, Transfer = options.Transfer,
             }, cancellationToken).ConfigureAwait(false);
             output.WriteLine($"placement: {d.Placement}; GPU tier emulated in host memory (no GPU is used)");
             var router = new Router(d.Prefill, d.Decode, d.IndexClient, config.ToKvLayout(), "dev");

@@ -56,10 +56,14 @@ public sealed class HandoffReceiver : IAsyncDisposable
     }
 
     /// <param name="agent">The decode process's transfer agent; this receiver reads all of its notifications.</param>
-    public HandoffReceiver(TransferAgent agent, int blockBytes, int slots)
+    /// <param name="ucxMemory">Let UCX allocate the slots (the agent runs UCX): its shared-memory transports then put
+    /// into them with one copy. Otherwise they are /dev/shm segments, which the shared-memory backend maps.</param>
+    public HandoffReceiver(TransferAgent agent, int blockBytes, int slots, bool ucxMemory = false)
     {
         _agent = agent;
-        _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = slots, Shared = true, Tag = "handoff" });
+        _pool = new HostBlockPool(ucxMemory
+            ? new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = slots, Tag = "handoff", Allocator = agent.AllocateUcx }
+            : new HostBlockPoolOptions { SlotBytes = blockBytes, SlotCount = slots, Shared = true, Tag = "handoff" });
         _regions = agent.Register(_pool);
         _dispatch = Task.Run(DispatchAsync);
     }

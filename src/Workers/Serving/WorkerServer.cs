@@ -61,7 +61,15 @@ public sealed class WorkerServer : IAsyncDisposable
         {
             Name = options.Name, ListenAddress = options.Listen,
             Faults = options.CorruptNthPayload > 0 ? new TransferFaults { CorruptNthPayload = options.CorruptNthPayload } : null,
+            EnableUcx = options.Backend == BackendKind.Ucx,
         });
+        if (options.Backend == BackendKind.Ucx && !_agent.UcxAvailable)
+        {
+            string why = _agent.UcxUnavailableReason ?? "unknown";
+            _agent.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            _pool.Dispose();
+            throw new InvalidOperationException($"--transfer ucx needs UCX (install libucx0; UCX_TLS chooses its transports): {why}");
+        }
         if (options.Role != WorkerRole.Decode)
         {
             _sidecar = FabricClient.Connect(options.Sidecar!, options.Tenant, options.Token);
@@ -72,7 +80,7 @@ public sealed class WorkerServer : IAsyncDisposable
             _agent.Register(_pool);
         if (options.Role == WorkerRole.Decode)
         {
-            _handoff = new HandoffReceiver(_agent, checked((int)_model.Layout.BlockBytes), options.HandoffSlots);
+            _handoff = new HandoffReceiver(_agent, checked((int)_model.Layout.BlockBytes), options.HandoffSlots, ucxMemory: options.Backend == BackendKind.Ucx);
             _decode = new DecodeEngine(_model, _handoff);
         }
 

@@ -105,4 +105,28 @@ public sealed class MemoryTests
             File.Delete(path);
         }
     }
+
+    [Fact]
+    public void A_pool_with_its_own_allocator_carves_its_slots_from_what_the_allocator_gives()
+    {
+        var given = new List<AnonymousMemory>();
+        INativeMemory Allocate(long bytes)
+        {
+            var m = new AnonymousMemory(bytes);
+            given.Add(m);
+            return m;
+        }
+        using (var pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = 5000, SlotCount = 6, MaxRegionBytes = 3 * 8192, Allocator = Allocate }))
+        {
+            Assert.Equal(2, given.Count);                     // 6 slots of 8 KiB stride, 3 per region
+            Assert.Equal(given, pool.Regions);
+            Assert.Equal(given[1].Address + 8192, pool.SlotAt(4).Address);
+        }
+        Assert.All(given, m => Assert.Throws<ObjectDisposedException>(() => m.Address)); // the pool disposed them
+
+        Assert.Throws<ArgumentException>(() => new HostBlockPool(new HostBlockPoolOptions { SlotBytes = 64, SlotCount = 1, Shared = true, Allocator = Allocate }));
+        using var small = new AnonymousMemory(4096);
+        var e = Assert.Throws<ArgumentException>(() => new HostBlockPool(new HostBlockPoolOptions { SlotBytes = 8192, SlotCount = 1, Allocator = _ => small }));
+        Assert.Contains("needs 8192 bytes", e.Message, StringComparison.Ordinal);
+    }
 }

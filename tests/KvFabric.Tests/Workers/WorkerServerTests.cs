@@ -106,6 +106,51 @@ public sealed class WorkerServerTests
         Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
     }
 
+    [Fact]
+    public async Task A_hand_off_over_ucx_lands_checksummed_in_ucx_allocated_slots_and_decodes_as_a_monolithic_run()
+    {
+        var decodeOptions = new WorkerOptions
+        {
+            Role = WorkerRole.Decode, Name = "decode-ucx", Model = "tiny", KvBlocks = 64, HandoffSlots = 8, Backend = BackendKind.Ucx,
+        };
+        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
+        await decode.StartAsync();
+        var prefillOptions = new WorkerOptions
+        {
+            Role = WorkerRole.Prefill, Name = "prefill-ucx", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1", Backend = BackendKind.Ucx,
+        };
+        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
+        await prefill.StartAsync();
+        using var decodeClient = new WorkerClient("decode-ucx", $"http://{decode.Endpoint}", "dev", "dev");
+        using var prefillClient = new WorkerClient("prefill-ucx", $"http://{prefill.Endpoint}", "dev", "dev");
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int[] prompt = [.. Enumerable.Range(3, 2 * tpb + 5)];
+
+        HandoffReservation ticket = (await decodeClient.ReserveAsync(5, prompt.Length, call)).Ticket;
+        var request = new PrefillRequest { RequestId = 5, Ticket = ticket };
+        request.Prompt.Add(prompt);
+        PrefillResponse response = await prefillClient.PrefillAsync(request, call);
+        Assert.Equal(1u, response.HandoffAttempts);
+        WorkerStatus sender = await prefillClient.StatusAsync(call);
+        Assert.Equal(response.HandoffBytes, sender.UcxBytesSent); // all of it over UCX (XXH3-verified by default)
+        Assert.Equal(0ul, sender.TcpBytesSent + sender.ShmBytesWritten);
+
+        var decodeRequest = new DecodeRequest { RequestId = 5, MaxNewTokens = 8 };
+        decodeRequest.Prompt.Add(prompt);
+        var tokens = new List<int>();
+        await using (var stream = decodeClient.Decode(decodeRequest, call))
+        {
+            while (await stream.ReadAsync() is { } m)
+                tokens.AddRange(m.Tokens);
+        }
+
+        var reference = new KvFabric.Workers.Model.Transformer(ModelConfigs.Tiny, threads: 1);
+        using var pool = reference.CreatePool(16);
+        using var cache = reference.CreateCache(pool);
+        Assert.Equal(reference.Generate(prompt, 8, KvFabric.Workers.Model.Sampler.Greedy(), cache), tokens);
+    }
+
     /// <summary>A decode worker in this process, and a test transfer agent with registered blocks standing in for the prefill side.</summary>
     private sealed class DecodeRig : IAsyncDisposable
     {
