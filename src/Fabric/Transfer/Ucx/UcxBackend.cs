@@ -536,7 +536,8 @@ internal sealed class UcxBackend : ITransferBackend
         var kind = request.Options.Checksum;
         bool read = request.Op == TransferOp.Read;
         // A READ with a checksum asks the target for the checksums of what it will read (in the same round trip as
-        // the key check); a WRITE computes its own now and has the target verify what landed after the flush.
+        // the key check); a WRITE computes its own while the puts go out and has the target verify what landed after
+        // the flush.
         byte[]? expected = null;
         Reply verdict;
         try
@@ -551,8 +552,6 @@ internal sealed class UcxBackend : ITransferBackend
             else
             {
                 verdict = await CallAsync(remote, ep, KindCheck, check, ct).ConfigureAwait(false);
-                if (kind != ChecksumKind.None)
-                    expected = LocalChecksums(request, kind, _agent.Options.Faults);
             }
         }
         catch (OperationCanceledException) when (ct.IsCancellationRequested)
@@ -569,6 +568,9 @@ internal sealed class UcxBackend : ITransferBackend
         request.BackendState = post;
         var worker = _worker!;
         worker.Post(() => post.Issue(worker));
+        // A WRITE's own checksums are computed here while the progress thread issues the puts (both only read).
+        if (kind != ChecksumKind.None && !read)
+            expected = LocalChecksums(request, kind, _agent.Options.Faults);
         if (await WatchAsync(post.Done.Task, remote, ep, ct).ConfigureAwait(false) is { } died)
         {
             // The endpoint cannot report the death itself: close it so every in-flight operation completes, with an error.
