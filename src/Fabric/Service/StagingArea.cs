@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using KvFabric.Memory;
 
 namespace KvFabric.Service;
@@ -18,11 +19,14 @@ public sealed class StagingArea : IDisposable
     private readonly Timer _timer;
     private ulong _next;
 
-    internal sealed class Reservation(uint tenant, BlockSlot[] slots, DateTimeOffset expires)
+    // Leases end on the monotonic clock (a stepped wall clock must not end them early or keep them); the wall-clock
+    // time is only what the client is told.
+    internal sealed class Reservation(uint tenant, BlockSlot[] slots, TimeSpan lease)
     {
         public readonly uint Tenant = tenant;
         public readonly BlockSlot[] Slots = slots;
-        public readonly DateTimeOffset Expires = expires;
+        public readonly DateTimeOffset Expires = DateTimeOffset.UtcNow + lease;
+        public readonly long Deadline = Stopwatch.GetTimestamp() + (long)(lease.TotalSeconds * Stopwatch.Frequency);
         public int Busy;
         public bool Ended;
     }
@@ -56,7 +60,7 @@ public sealed class StagingArea : IDisposable
             for (int i = 0; i < count; i++)
                 slots[i] = _pool.Rent();
             ulong id = ++_next;
-            var r = new Reservation(tenant, slots, DateTimeOffset.UtcNow + lease);
+            var r = new Reservation(tenant, slots, lease);
             _reservations[id] = r;
             var described = new StagingSlot[count];
             for (int i = 0; i < count; i++)
@@ -152,10 +156,10 @@ public sealed class StagingArea : IDisposable
 
     private void Expire()
     {
-        var now = DateTimeOffset.UtcNow;
+        long now = Stopwatch.GetTimestamp();
         lock (_lock)
         {
-            foreach (var (id, r) in _reservations.Where(kv => kv.Value.Expires <= now).ToList())
+            foreach (var (id, r) in _reservations.Where(kv => kv.Value.Deadline <= now).ToList())
                 End(id, r);
         }
     }

@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Diagnostics;
 using KvFabric.Blocks;
 using KvFabric.Tiers;
 
@@ -13,7 +14,8 @@ namespace KvFabric.Service;
 public sealed class TieredFabricStore : IFabricStore, IKvEventSink
 {
     private readonly TierManager _tiers;
-    private readonly Dictionary<ulong, (uint Tenant, BlockHash[] Hashes, DateTimeOffset Expires)> _leases = new();
+    // Lease ids are forgotten on the monotonic clock, as the tier manager lapses the pins themselves.
+    private readonly Dictionary<ulong, (uint Tenant, BlockHash[] Hashes, long Deadline)> _leases = new();
     private readonly Lock _lock = new();
     private readonly int _maxStagedBlocks;
     private int _staged;
@@ -141,9 +143,8 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
         {
             ExpireLeases();
             ulong id = ++_nextLease;
-            var expires = DateTimeOffset.UtcNow + lease;
-            _leases[id] = (tenant, copy, expires);
-            return new PinLease(id, pinned, expires);
+            _leases[id] = (tenant, copy, Stopwatch.GetTimestamp() + (long)(lease.TotalSeconds * Stopwatch.Frequency));
+            return new PinLease(id, pinned, DateTimeOffset.UtcNow + lease);
         }
     }
 
@@ -166,8 +167,8 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     // The manager lapses expired pins itself; here only the lease ids are forgotten.
     private void ExpireLeases()
     {
-        var now = DateTimeOffset.UtcNow;
-        foreach (var (id, l) in _leases.Where(kv => kv.Value.Expires <= now).ToList())
+        long now = Stopwatch.GetTimestamp();
+        foreach (var (id, l) in _leases.Where(kv => kv.Value.Deadline <= now).ToList())
             _leases.Remove(id);
     }
 

@@ -139,10 +139,10 @@ public sealed class RegisteredRegion : IAddressRange
     internal async Task CloseAsync(TimeSpan timeout)
     {
         Interlocked.Exchange(ref _closed, 1); // a full fence: no TryAcquire can miss it while we count users
-        var until = DateTime.UtcNow + timeout;
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
         while (Volatile.Read(ref _users) > 0)
         {
-            if (DateTime.UtcNow > until)
+            if (System.Diagnostics.Stopwatch.GetElapsedTime(start) > timeout)
                 throw new TimeoutException($"region {Id} is still in use by {Volatile.Read(ref _users)} transfer(s) after {timeout.TotalSeconds:0.#} s; deregistration gave up, the region stays closed to new transfers");
             await Task.Delay(1).ConfigureAwait(false);
         }

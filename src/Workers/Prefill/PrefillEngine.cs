@@ -20,9 +20,11 @@ public sealed record PrefillOutcome(
 /// node the cluster index says holds it), onboard those blocks into the KV cache, compute only the rest, and offload
 /// every new full block to the sidecar. At least the prompt's last token is always computed (its logits start decoding).
 /// </summary>
-public sealed class PrefillEngine(Transformer model, FabricClient sidecar, string tenant)
+public sealed class PrefillEngine(Transformer model, FabricClient sidecar, string tenant, SidecarBreaker? breaker = null)
 {
     public Transformer Model { get; } = model;
+    /// <summary>Stops calling the sidecar for a while after it was unavailable (see <see cref="SidecarBreaker"/>).</summary>
+    public SidecarBreaker Breaker { get; } = breaker ?? new SidecarBreaker();
 
     /// <param name="reuse">false: compute the whole prompt (the no-reuse baseline); new blocks are still offloaded.</param>
     /// <param name="offload">false: leave the offload to the caller (<see cref="OffloadAsync"/>), e.g. after the hand-off, off the TTFT path.</param>
@@ -48,11 +50,16 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         string? fabricError = null;
         // The last token is computed whatever is cached: its logits are what decoding starts from.
         int reusable = reuse ? (prompt.Length - 1) / tpb : 0;
-        if (reusable > 0)
+        if (reusable > 0 && !Breaker.Allow(out fabricError))
+        {
+            fabricError = "Fetch: " + fabricError;
+        }
+        else if (reusable > 0)
         {
             try
             {
                 FetchResponse fetch = await sidecar.FetchAsync(packed.AsMemory(0, reusable * BlockHash.Size), options).ConfigureAwait(false);
+                Breaker.Succeeded();
                 reused = (int)Math.Min(fetch.LocalBlocks + fetch.FetchedBlocks, (uint)reusable);
                 fetched = (int)fetch.FetchedBlocks;
             }
@@ -60,6 +67,7 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
             {
                 // Reuse is an optimisation: when the fabric cannot give the prefix now, compute it (what is local may
                 // still be onboarded next time).
+                Breaker.Failed(e.Status, e.Message);
                 reused = 0;
                 fabricError = $"Fetch: {e.Status}: {e.Message}";
             }
@@ -77,6 +85,7 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
             catch (RpcException e) when (e.Status == StatusCode.NotFound || Degraded(e.Status))
             {
                 // Evicted between Fetch and Get, or the sidecar went away: compute everything.
+                Breaker.Failed(e.Status, e.Message);
                 reused = 0;
                 fetched = 0;
                 tiers = [];
@@ -121,6 +130,8 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         int full = Math.Min(cache.FullBlocks, packed.Length / BlockHash.Size);
         if (full <= from)
             return (0, null);
+        if (!Breaker.Allow(out string? skipped))
+            return (0, "Put: " + skipped);
         var blocks = new BlockToPut[full - from];
         byte[] bytes = new byte[(full - from) * blockBytes]; // one buffer per request, not one per block
         for (int i = from; i < full; i++)
@@ -142,6 +153,7 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
                 try
                 {
                     PutResponse put = await sidecar.PutAsync(batch, options).ConfigureAwait(false);
+                    Breaker.Succeeded();
                     stored += (int)put.Stored;
                     break;
                 }
@@ -152,6 +164,7 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
                 }
                 catch (RpcException e) when (Degraded(e.Status))
                 {
+                    Breaker.Failed(e.Status, e.Message);
                     return (stored, $"Put: {e.Status}: {e.Message}");
                 }
             }

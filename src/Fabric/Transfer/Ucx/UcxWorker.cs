@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Text.RegularExpressions;
@@ -542,8 +543,8 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         nint req = UcpNative.EpCloseNbx(ep.Handle, &p);
         if (req != 0 && !UcpNative.IsError(req, out _))
         {
-            var until = DateTime.UtcNow + timeout;
-            while (UcpNative.RequestCheckStatus(req) == Ucp.StatusInProgress && DateTime.UtcNow < until)
+            long start = Stopwatch.GetTimestamp();
+            while (UcpNative.RequestCheckStatus(req) == Ucp.StatusInProgress && Stopwatch.GetElapsedTime(start) < timeout)
                 UcpNative.WorkerProgress(_worker);
             UcpNative.RequestFree(req);
         }
@@ -553,10 +554,10 @@ internal sealed unsafe partial class UcxWorker : IDisposable
     /// <summary>Progresses until no operation of <paramref name="done"/> is pending (bounded).</summary>
     public bool ProgressUntil(Func<bool> done, TimeSpan timeout)
     {
-        var until = DateTime.UtcNow + timeout;
+        long start = Stopwatch.GetTimestamp();
         while (!done())
         {
-            if (DateTime.UtcNow > until)
+            if (Stopwatch.GetElapsedTime(start) > timeout)
                 return false;
             if (UcpNative.WorkerProgress(_worker) == 0)
                 Thread.Yield();
