@@ -1,4 +1,6 @@
 using KvFabric.Memory;
+using KvFabric.Memory.Device;
+using KvFabric.Transfer.Cuda;
 using KvFabric.Transfer.Tcp;
 
 namespace KvFabric.Transfer;
@@ -40,6 +42,8 @@ public sealed partial class TransferAgent
         // Chunks must fit both ends: the target refuses frames above the limit it advertised in its metadata.
         int chunkBytes = Math.Min(Options.MaxChunkBytes, remote.Metadata.MaxChunkBytes);
         int[] remoteRegion = new int[local.Length];
+        RegisteredRegion?[]? deviceOf = null;   // per descriptor: its device region, when the local side is device memory
+        int deviceChunkCount = 0;
         ulong total = 0;
         int chunkCount = 0;
         for (int i = 0; i < local.Length; i++)
@@ -52,8 +56,12 @@ public sealed partial class TransferAgent
                 throw new TransferException($"descriptor {i}: local {l} and remote {r} differ in length");
             var region = _registry.Find(l.Address, l.Length)
                 ?? throw new TransferException($"local descriptor {i} {l} is not inside any region registered with agent '{Name}': register that memory first");
-            if (region.Kind == MemoryKind.Device)
-                throw new TransferException($"local descriptor {i} is in device memory, which no enabled backend can move");
+            int pieces = (int)((l.Length + (ulong)chunkBytes - 1) / (ulong)chunkBytes);
+            if (region.Device is not null)
+            {
+                (deviceOf ??= new RegisteredRegion?[local.Length])[i] = region;
+                deviceChunkCount += pieces;
+            }
             remoteRegion[i] = remote.FindRegion(r.Address, r.Length);
             if (remoteRegion[i] < 0)
                 throw new TransferException($"remote descriptor {i} {r} is not inside any region agent '{remote.Name}' exported to us: we hold no key for it (ask the peer to export that region)");
@@ -62,6 +70,8 @@ public sealed partial class TransferAgent
         }
         CheckNoOverlap(op == TransferOp.Read ? local : remoteDescriptors, op == TransferOp.Read ? "local" : "remote");
 
+        if (deviceChunkCount > Options.DeviceStagingSlots)
+            throw new TransferException($"{deviceChunkCount} chunks of device memory in one request, but device memory is staged through {Options.DeviceStagingSlots} host slots of {Options.MaxChunkBytes} bytes: split the request or raise TransferAgentOptions.DeviceStagingSlots");
         var backend = ChooseBackend(options.Backend, remote, remoteRegion);
         int streams = options.Streams > 0 ? options.Streams : backend == BackendKind.Tcp ? Options.TcpStreams : Options.ShmStreams;
         if (streams > TcpPeer.MaxStreams)
@@ -79,7 +89,21 @@ public sealed partial class TransferAgent
                 chunks[k++] = new Chunk(i, (nint)(local[i].Address + done), remoteRegion[i], baseOffset + done, len);
             }
         }
-        return new TransferRequest(this, op, remote, chunks, local.Length, total, options, backend, streams);
+        var request = new TransferRequest(this, op, remote, chunks, local.Length, total, options, backend, streams);
+        if (deviceOf is not null)
+        {
+            var which = new int[deviceChunkCount];
+            var regions = new DeviceRegion[deviceChunkCount];
+            var addresses = new nint[deviceChunkCount];
+            int d = 0;
+            for (int c = 0; c < chunks.Length; c++)
+            {
+                if (deviceOf[chunks[c].Descriptor] is { } region)
+                    (which[d], regions[d], addresses[d++]) = (c, region.Device!, chunks[c].Local);
+            }
+            request.Device = (which, regions, addresses);
+        }
+        return request;
     }
 
     private static void CheckNoOverlap(ReadOnlySpan<MemoryDescriptor> destinations, string side)
@@ -130,7 +154,9 @@ public sealed partial class TransferAgent
             held = AcquireLocalRegions(request, out string? closed);
             var result = closed is not null
                 ? new TransferResult(TransferStatus.Failed, closed)
-                : await RunAsync(request, cancellationToken).ConfigureAwait(false);
+                : request.Device is null
+                    ? await RunAsync(request, cancellationToken).ConfigureAwait(false)
+                    : await RunStagedAsync(request, cancellationToken).ConfigureAwait(false);
             return Finish(request, result, held);
         }
         catch (Exception e) when (e is not TransferException)
@@ -142,6 +168,40 @@ public sealed partial class TransferAgent
         {
             request.Remote.ExitPost();
         }
+    }
+
+    /// <summary>A request with local device chunks: stage them through host slots around the ordinary run.</summary>
+    private async Task<TransferResult> RunStagedAsync(TransferRequest request, CancellationToken cancellationToken)
+    {
+        var (which, regions, addresses) = request.Device!.Value;
+        BlockSlot[]? slots;
+        try
+        {
+            slots = await Staging.StageAsync(request, which, regions, cancellationToken).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+        {
+            return new TransferResult(TransferStatus.Cancelled, "cancelled by the caller while waiting for device staging slots");
+        }
+        catch (DeviceMemoryException e)
+        {
+            return new TransferResult(TransferStatus.Failed, $"copying device memory to the staging slots failed: {e.Message}");
+        }
+        if (slots is null)
+            return new TransferResult(TransferStatus.TimedOut, $"all {Staging.Slots} device staging slots stayed in use past the deadline of {request.Options.Deadline.TotalMilliseconds:0} ms: raise TransferAgentOptions.DeviceStagingSlots or post fewer device transfers at once");
+        var result = await RunAsync(request, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            // A READ's bytes reach device memory before the post reports them; only descriptors that arrived whole are copied.
+            bool read = request.Op == TransferOp.Read;
+            Staging.Unstage(request, which, regions, addresses, slots, read, k => request.GetStatus(request.Chunks[which[k]].Descriptor) == DescriptorStatus.Done);
+        }
+        catch (DeviceMemoryException e)
+        {
+            request.FailDone(DescriptorStatus.Failed, $"copying the READ into device memory failed: {e.Message}");
+            return new TransferResult(TransferStatus.Failed, request.FirstError);
+        }
+        return result;
     }
 
     private async Task<TransferResult> RunAsync(TransferRequest request, CancellationToken cancellationToken)

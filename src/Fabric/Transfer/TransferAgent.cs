@@ -1,5 +1,7 @@
 using System.Threading.Channels;
 using KvFabric.Memory;
+using KvFabric.Memory.Device;
+using KvFabric.Transfer.Cuda;
 using KvFabric.Transfer.SharedMemory;
 using KvFabric.Transfer.Tcp;
 using KvFabric.Transfer.Ucx;
@@ -21,6 +23,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
     private readonly Channel<Notification> _notifications;
     private readonly Dictionary<Guid, RemoteAgent> _remotes = new();
     private readonly Lock _remotesLock = new();
+    private DeviceStaging? _staging;
+    private readonly Lock _stagingLock = new();
     private long _nextPostId;
     private int _disposed;
 
@@ -129,10 +133,36 @@ public sealed partial class TransferAgent : IAsyncDisposable
     public RegisteredRegion Register(nint address, long length, MemoryKind kind = MemoryKind.Host, int deviceId = 0)
     {
         if (kind == MemoryKind.Device)
-            throw new TransferException("device memory needs a CUDA device backend, which this build has not enabled (see issue 8); register host memory");
+            throw new TransferException("register device memory with Register(IDeviceMemory, DeviceBuffer): the agent needs the device to copy through it");
         if (kind is MemoryKind.SharedHost or MemoryKind.File)
             throw new TransferException($"{kind} memory must be registered through its mapping (Register(INativeMemory)) so peers learn its path");
         return Added(_registry.Add(null, kind, (ulong)address, (ulong)length, deviceId, null));
+    }
+
+    /// <summary>
+    /// Registers device memory (a GPU allocation, or the emulated device's). Transfers of local device descriptors are
+    /// staged through page-locked host slots (<see cref="TransferAgentOptions.DeviceStagingSlots"/>); a peer's TCP
+    /// READ or WRITE of this region is staged on this side the same way. Shared memory and UCX cannot address it
+    /// (no CUDA-aware transport here): peers reach it over TCP.
+    /// </summary>
+    public RegisteredRegion Register(IDeviceMemory device, DeviceBuffer buffer)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        if (buffer.Pointer == 0 || buffer.Length <= 0)
+            throw new TransferException($"device buffer 0x{buffer.Pointer:x} (+{buffer.Length}) is empty: allocate it from the device first");
+        Staging.PinFor(device);
+        var region = _registry.Add(null, MemoryKind.Device, (ulong)buffer.Pointer, (ulong)buffer.Length, device.DeviceId, null);
+        region.Device = new DeviceRegion(device, buffer);
+        return region;
+    }
+
+    internal DeviceStaging Staging
+    {
+        get
+        {
+            lock (_stagingLock)
+                return _staging ??= new DeviceStaging(this, Options.MaxChunkBytes, Options.DeviceStagingSlots);
+        }
     }
 
     /// <summary>Closes a region to new transfers and waits (bounded) for those in flight on it to finish.</summary>
@@ -246,6 +276,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
         await _shm.DisposeAsync().ConfigureAwait(false);
         if (_ucx is not null)
             await _ucx.DisposeAsync().ConfigureAwait(false);
+        _staging?.Dispose();
         _notifications.Writer.TryComplete();
     }
 }

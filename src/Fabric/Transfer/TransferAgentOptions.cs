@@ -17,6 +17,12 @@ public sealed record TransferAgentOptions
     /// <summary>The unit of striping and of checksums; descriptors larger than this are split.</summary>
     public int MaxChunkBytes { get; init; } = 4 << 20;
     public int MaxDescriptors { get; init; } = 1 << 16;
+    /// <summary>
+    /// Page-locked host slots (MaxChunkBytes each) that device chunks are staged through; a request may hold at most
+    /// this many device chunks, and posts wait (up to their deadline) while others hold them. Allocated when the first
+    /// device region is registered.
+    /// </summary>
+    public int DeviceStagingSlots { get; init; } = 16;
     /// <summary>Notifications waiting to be read; when full, senders get a clear QueueFull failure.</summary>
     public int NotificationQueueCapacity { get; init; } = 4096;
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(5);

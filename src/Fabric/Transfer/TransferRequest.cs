@@ -40,6 +40,8 @@ public sealed class TransferRequest
 
     internal TransferAgent Agent { get; }
     internal Chunk[] Chunks { get; }
+    /// <summary>Chunks whose local side is device memory (staged through host slots each post), their regions and device addresses.</summary>
+    internal (int[] Chunks, Cuda.DeviceRegion[] Regions, nint[] Addresses)? Device { get; set; }
     internal TransferOptions Options { get; }
     /// <summary>Unique per post, so late replies to an earlier post are recognised and ignored.</summary>
     internal ulong PostId { get; private set; }

@@ -116,6 +116,8 @@ public sealed class RegisteredRegion : IAddressRange
     public RegionKey Key { get; }
     public string? MappedPath { get; }
     internal INativeMemory? Memory { get; }
+    /// <summary>The device and allocation of a device region (its address is a device address), else null.</summary>
+    internal Cuda.DeviceRegion? Device { get; set; }
     ulong IAddressRange.Start => Address;
     ulong IAddressRange.End => Address + Length;
     public MemoryDescriptor Descriptor(ulong offset, ulong length) => new(Address + offset, length, DeviceId);

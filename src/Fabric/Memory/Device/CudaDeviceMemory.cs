@@ -131,6 +131,15 @@ public sealed class CudaDeviceMemory : IDeviceMemory
         CudaRuntime.Check(CudaRuntime.MemcpyAsync((nint)destination, source.Pointer + (nint)offset, (nuint)bytes, CudaRuntime.MemcpyDeviceToHost, stream.Handle), "cudaMemcpyAsync (device to host)");
     }
 
+    // cudaHostRegisterDefault (0): page-locks the range so copies to and from it are DMA, not staged by the driver.
+    public void PinHost(nint address, long bytes)
+    {
+        Select();
+        CudaRuntime.Check(CudaRuntime.HostRegister(address, (nuint)bytes, 0), $"cudaHostRegister of [0x{address:x}, +{bytes})");
+    }
+
+    public void UnpinHost(nint address) => CudaRuntime.Check(CudaRuntime.HostUnregister(address), $"cudaHostUnregister of 0x{address:x}");
+
     public override string ToString() => $"CUDA device {DeviceId} ({TotalBytes} bytes)";
 
     public void Dispose()

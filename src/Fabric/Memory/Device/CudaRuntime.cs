@@ -45,6 +45,12 @@ internal static partial class CudaRuntime
     [LibraryImport(Lib, EntryPoint = "cudaEventDestroy")]
     internal static partial int EventDestroy(nint e);
 
+    [LibraryImport(Lib, EntryPoint = "cudaHostRegister")]
+    internal static partial int HostRegister(nint pointer, nuint bytes, uint flags);
+
+    [LibraryImport(Lib, EntryPoint = "cudaHostUnregister")]
+    internal static partial int HostUnregister(nint pointer);
+
     [LibraryImport(Lib, EntryPoint = "cudaMemGetInfo")]
     internal static partial int MemGetInfo(out nuint free, out nuint total);
 

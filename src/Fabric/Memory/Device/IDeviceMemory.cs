@@ -38,6 +38,10 @@ public interface IDeviceMemory : IDisposable
 
     unsafe void CopyToDeviceAsync(DeviceBuffer destination, long offset, void* source, long bytes, DeviceStream stream);
     unsafe void CopyToHostAsync(void* destination, DeviceBuffer source, long offset, long bytes, DeviceStream stream);
+
+    // Page-locks host memory for fast copies to and from this device (cudaHostRegister); a no-op where not needed.
+    void PinHost(nint address, long bytes);
+    void UnpinHost(nint address);
 }
 
 public static class DeviceMemory

@@ -12,6 +12,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
 {
     private const int MaxControlPayload = 1 << 20;
     private readonly FrameChannel _channel = new(socket);
+    private Cuda.SessionStaging? _staging; // device regions: their bytes pass through a host buffer on this side
     private string _peerName = "?";
     private Guid _peerId;
 
@@ -61,6 +62,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         finally
         {
             _channel.Dispose();
+            _staging?.Dispose();
         }
     }
 
@@ -97,8 +99,6 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
             status = WireStatus.ChecksumUnsupported;
         else if (h.Length == 0 || h.Offset > region.Length || h.Length > region.Length - h.Offset)
             status = WireStatus.OutOfRange;
-        else if (region.Kind == MemoryKind.Device)
-            status = WireStatus.Internal;
         else
         {
             status = WireStatus.Ok;
@@ -120,10 +120,21 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         {
             try
             {
-                nint dest = (nint)(region.Address + h.Offset);
-                _channel.Receive(dest, (int)h.Length);
-                if (h.HasChecksum && Checksums.Compute(h.ChecksumKind, dest, (int)h.Length) != h.Checksum)
-                    status = WireStatus.ChecksumMismatch;
+                // Device memory is not addressable here: land in the host buffer, verify there, then copy to the device.
+                nint dest = region.Device is { } device ? DeviceBuffer(device) : (nint)(region.Address + h.Offset);
+                if (dest == 0)
+                {
+                    _channel.Drain((int)h.Length);
+                    status = WireStatus.Internal;
+                }
+                else
+                {
+                    _channel.Receive(dest, (int)h.Length);
+                    if (h.HasChecksum && Checksums.Compute(h.ChecksumKind, dest, (int)h.Length) != h.Checksum)
+                        status = WireStatus.ChecksumMismatch;
+                    else if (region.Device is { } d && !TryDeviceCopy(d, region.Address + h.Offset - (ulong)d.Buffer.Pointer, dest, (int)h.Length, toDevice: true))
+                        status = WireStatus.Internal;
+                }
                 if (region.Kind == MemoryKind.File && status == WireStatus.Ok && region.Memory is MappedMemory file)
                     file.Flush();
                 Agent.CountBytes(BackendKind.Tcp, h.Length, received: true);
@@ -149,6 +160,16 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         try
         {
             nint src = (nint)(region.Address + h.Offset);
+            if (region.Device is { } device)
+            {
+                src = DeviceBuffer(device);
+                if (src == 0 || !TryDeviceCopy(device, region.Address + h.Offset - (ulong)device.Buffer.Pointer, src, (int)h.Length, toDevice: false))
+                {
+                    reply.Status = WireStatus.Internal;
+                    Reply(reply);
+                    return;
+                }
+            }
             reply.Length = h.Length;
             if (h.HasChecksum)
             {
@@ -167,6 +188,42 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
             region.Release();
         }
     }
+
+    private Cuda.SessionStaging Staging => _staging ??= new Cuda.SessionStaging(Agent.Options.MaxChunkBytes);
+
+    // The host buffer for a device region's bytes, or 0 when the device refused (logged; the frame is answered Internal).
+    private nint DeviceBuffer(Cuda.DeviceRegion device)
+    {
+        try
+        {
+            return Staging.Buffer(device.Device);
+        }
+        catch (KvFabric.Memory.Device.DeviceMemoryException e)
+        {
+            DeviceFailed(e);
+            return 0;
+        }
+    }
+
+    private bool TryDeviceCopy(Cuda.DeviceRegion device, ulong offset, nint host, int length, bool toDevice)
+    {
+        try
+        {
+            if (toDevice)
+                Staging.ToDevice(device, offset, host, length);
+            else
+                Staging.ToHost(device, offset, host, length);
+            return true;
+        }
+        catch (KvFabric.Memory.Device.DeviceMemoryException e)
+        {
+            DeviceFailed(e);
+            return false;
+        }
+    }
+
+    private void DeviceFailed(Exception e) =>
+        Console.Error.WriteLine($"kvfabric: agent '{Agent.Name}': a device copy for '{_peerName}' failed: {e.Message}");
 
     private void OnNotify(FrameHeader h)
     {

@@ -118,7 +118,7 @@ internal sealed class UcxBackend : ITransferBackend
             var region = remote.Metadata.Regions[r];
             if (region.Kind == MemoryKind.Device)
             {
-                why = $"remote region {region.Id} is device memory, which this UCX build does not address (CUDA is out of scope)";
+                why = $"remote region {region.Id} is device memory, which this UCX (not CUDA-aware) cannot address: reach it over TCP, where its side stages it";
                 return false;
             }
             if (region.UcxRkey.IsEmpty)

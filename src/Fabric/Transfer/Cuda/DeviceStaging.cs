@@ -1,0 +1,225 @@
+using KvFabric.Memory;
+using KvFabric.Memory.Device;
+
+namespace KvFabric.Transfer.Cuda;
+
+/// <summary>A registered device region: the device and the allocation its address range belongs to.</summary>
+internal sealed record DeviceRegion(IDeviceMemory Device, DeviceBuffer Buffer);
+
+/// <summary>
+/// Moves device memory through the transfer backends, none of which can address a GPU here (no CUDA-aware UCX, no
+/// GPUDirect): the initiator stages each device chunk through a bounded pool of page-locked host slots (one
+/// cudaMemcpyAsync per chunk on a stream, then one synchronize per post). A WRITE copies device to host before the bytes
+/// go out; a READ copies host to device after they arrived and before the post reports them done. The pool is registered
+/// with the agent like any host memory, so every backend (TCP, shared memory, UCX) sends from and receives into it.
+/// </summary>
+internal sealed class DeviceStaging : IDisposable
+{
+    private readonly TransferAgent _agent;
+    private readonly HostBlockPool _pool;
+    private readonly SemaphoreSlim _free;
+    private readonly HashSet<IDeviceMemory> _pinnedFor = [];
+    private readonly Dictionary<IDeviceMemory, DeviceStream> _streams = [];
+    private readonly Lock _lock = new();
+
+    public DeviceStaging(TransferAgent agent, int slotBytes, int slots)
+    {
+        _agent = agent;
+        _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = slotBytes, SlotCount = slots, Tag = "device-staging" });
+        _free = new SemaphoreSlim(slots, slots);
+        agent.Register(_pool);
+    }
+
+    public int Slots => _pool.Capacity;
+    public int SlotBytes => _pool.SlotBytes;
+    public int Available => _pool.Available;
+
+    /// <summary>Page-locks the pool for a device's copies (once per device).</summary>
+    public void PinFor(IDeviceMemory device)
+    {
+        lock (_lock)
+        {
+            if (!_pinnedFor.Add(device))
+                return;
+            foreach (var region in _pool.Regions)
+                device.PinHost(region.Address, region.Length);
+            _streams[device] = device.CreateStream();
+        }
+    }
+
+    /// <summary>
+    /// Before a post: rents a slot per device chunk (waiting up to the deadline while other posts hold them), points
+    /// those chunks at their slots, and for a WRITE copies the device bytes in. Returns the rented slots, or null when the
+    /// pool stayed busy past the deadline.
+    /// </summary>
+    public async Task<BlockSlot[]?> StageAsync(TransferRequest request, int[] deviceChunks, DeviceRegion[] regions, CancellationToken ct)
+    {
+        var slots = new BlockSlot[deviceChunks.Length];
+        int rented = 0;
+        try
+        {
+            for (; rented < slots.Length; rented++)
+            {
+                if (!await _free.WaitAsync(request.Options.Deadline, ct).ConfigureAwait(false))
+                {
+                    Return(slots.AsSpan(0, rented));
+                    return null;
+                }
+                slots[rented] = _pool.Rent();
+            }
+        }
+        catch (OperationCanceledException)
+        {
+            Return(slots.AsSpan(0, rented));
+            throw;
+        }
+
+        var chunks = request.Chunks;
+        bool write = request.Op == TransferOp.Write;
+        for (int k = 0; k < deviceChunks.Length; k++)
+        {
+            ref Chunk c = ref chunks[deviceChunks[k]];
+            if (write)
+                CopyOut(regions[k], c.Local, slots[k].Address, c.Length);
+            c = c with { Local = slots[k].Address };
+        }
+        if (write)
+            Synchronize(regions);
+        return slots;
+    }
+
+    /// <summary>After a post: for a READ, copies each chunk that arrived into device memory; then gives everything back.</summary>
+    public void Unstage(TransferRequest request, int[] deviceChunks, DeviceRegion[] regions, nint[] deviceAddresses, BlockSlot[] slots, bool copyIn,
+        Func<int, bool> arrived)
+    {
+        var chunks = request.Chunks;
+        try
+        {
+            if (copyIn)
+            {
+                for (int k = 0; k < deviceChunks.Length; k++)
+                {
+                    if (arrived(k))
+                        CopyIn(regions[k], slots[k].Address, deviceAddresses[k], chunks[deviceChunks[k]].Length);
+                }
+                Synchronize(regions);
+            }
+        }
+        finally
+        {
+            for (int k = 0; k < deviceChunks.Length; k++)
+                chunks[deviceChunks[k]] = chunks[deviceChunks[k]] with { Local = deviceAddresses[k] };
+            Return(slots);
+        }
+    }
+
+    private unsafe void CopyOut(DeviceRegion region, nint device, nint host, int length) =>
+        region.Device.CopyToHostAsync((void*)host, region.Buffer, device - region.Buffer.Pointer, length, Stream(region.Device));
+
+    private unsafe void CopyIn(DeviceRegion region, nint host, nint device, int length) =>
+        region.Device.CopyToDeviceAsync(region.Buffer, device - region.Buffer.Pointer, (void*)host, length, Stream(region.Device));
+
+    private DeviceStream Stream(IDeviceMemory device)
+    {
+        lock (_lock)
+            return _streams[device];
+    }
+
+    private void Synchronize(DeviceRegion[] regions)
+    {
+        IDeviceMemory? last = null;
+        foreach (var r in regions)
+        {
+            if (r.Device == last)
+                continue;
+            r.Device.SynchronizeStream(Stream(r.Device));
+            last = r.Device;
+        }
+    }
+
+    private void Return(ReadOnlySpan<BlockSlot> slots)
+    {
+        foreach (var s in slots)
+        {
+            _pool.Return(s);
+            _free.Release();
+        }
+    }
+
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            foreach (var (device, stream) in _streams)
+            {
+                try
+                {
+                    device.DestroyStream(stream);
+                    foreach (var region in _pool.Regions)
+                        device.UnpinHost(region.Address);
+                }
+                catch (Exception e) when (e is DeviceMemoryException or ObjectDisposedException)
+                {
+                    // The device went away first: its pins and streams went with it.
+                }
+            }
+            _streams.Clear();
+        }
+        _pool.Dispose();
+        _free.Dispose();
+    }
+}
+
+/// <summary>
+/// The target side's staging for one inbound TCP connection: a page-locked host buffer of one chunk, through which a
+/// peer's WRITE reaches a device region (received, verified, then copied to the device before the acknowledgement) and
+/// a READ leaves it (copied to host, then sent). One buffer per connection, allocated at its first device frame.
+/// </summary>
+internal sealed class SessionStaging(int chunkBytes) : IDisposable
+{
+    private AnonymousMemory? _buffer;
+    private readonly Dictionary<IDeviceMemory, DeviceStream> _pinned = [];
+
+    public nint Buffer(IDeviceMemory device)
+    {
+        _buffer ??= new AnonymousMemory(chunkBytes);
+        if (!_pinned.ContainsKey(device))
+        {
+            device.PinHost(_buffer.Address, _buffer.Length);
+            _pinned[device] = device.CreateStream();
+        }
+        return _buffer.Address;
+    }
+
+    public unsafe void ToDevice(DeviceRegion region, ulong offset, nint host, int length)
+    {
+        var stream = _pinned[region.Device];
+        region.Device.CopyToDeviceAsync(region.Buffer, (long)offset, (void*)host, length, stream);
+        region.Device.SynchronizeStream(stream);
+    }
+
+    public unsafe void ToHost(DeviceRegion region, ulong offset, nint host, int length)
+    {
+        var stream = _pinned[region.Device];
+        region.Device.CopyToHostAsync((void*)host, region.Buffer, (long)offset, length, stream);
+        region.Device.SynchronizeStream(stream);
+    }
+
+    public void Dispose()
+    {
+        foreach (var (device, stream) in _pinned)
+        {
+            try
+            {
+                device.DestroyStream(stream);
+                device.UnpinHost(_buffer!.Address);
+            }
+            catch (Exception e) when (e is DeviceMemoryException or ObjectDisposedException)
+            {
+                // The device went away first.
+            }
+        }
+        _pinned.Clear();
+        _buffer?.Dispose();
+    }
+}
