@@ -148,4 +148,33 @@ public sealed class DeviceTransferTests
             [regionB.Descriptor(0, Block)], new TransferOptions { Backend = BackendKind.SharedMemory }));
         Assert.Contains("Device", shm.Message, StringComparison.Ordinal);
     }
+
+    [Fact]
+    public async Task Concurrent_device_posts_share_the_staging_pool_without_waiting_each_other_out()
+    {
+        using var device = new EmulatedDeviceMemory(32 << 20);
+        DeviceBuffer kv = device.Allocate(12L * Block);
+        await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 4 });
+        await using var peer = new TransferAgent(new TransferAgentOptions { Name = "host-side" });
+        using var target = new AnonymousMemory(12L * Block);
+        var targetRegion = peer.Register(target);
+        var deviceRegion = agent.Register(device, kv);
+        var remote = await agent.LoadRemoteAsync(peer.ExportMetadata());
+        for (int i = 0; i < 12; i++)
+            Upload(device, kv, (long)i * Block, Pattern(100 + (ulong)i, Block));
+
+        // Four requests of three device chunks each against four slots: at most one can hold its slots at a time.
+        var requests = Enumerable.Range(0, 4).Select(r => agent.Prepare(TransferOp.Write,
+            [.. Enumerable.Range(3 * r, 3).Select(i => deviceRegion.Descriptor((ulong)i * Block, Block))], remote,
+            [.. Enumerable.Range(3 * r, 3).Select(i => targetRegion.Descriptor((ulong)i * Block, Block))],
+            new TransferOptions { Deadline = TimeSpan.FromSeconds(30) })).ToArray();
+        for (int round = 0; round < 5; round++)
+        {
+            TransferResult[] results = await Task.WhenAll(requests.Select(r => Task.Run(() => agent.PostAsync(r))));
+            Assert.All(results, r => Assert.True(r.IsSuccess, r.ToString()));
+        }
+        for (int i = 0; i < 12; i++)
+            Assert.Equal(Pattern(100 + (ulong)i, Block), Span(target, (long)i * Block, Block).ToArray());
+        Assert.Equal(4, agent.Staging.Available);
+    }
 }

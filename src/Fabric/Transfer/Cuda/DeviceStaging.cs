@@ -18,6 +18,9 @@ internal sealed class DeviceStaging : IDisposable
     private readonly TransferAgent _agent;
     private readonly HostBlockPool _pool;
     private readonly SemaphoreSlim _free;
+    // One post gathers its slots at a time: two posts each holding part of the pool while waiting for the rest would
+    // wait each other out to their deadlines.
+    private readonly SemaphoreSlim _renting = new(1, 1);
     private readonly HashSet<IDeviceMemory> _pinnedFor = [];
     private readonly Dictionary<IDeviceMemory, DeviceStream> _streams = [];
     private readonly Lock _lock = new();
@@ -56,11 +59,16 @@ internal sealed class DeviceStaging : IDisposable
     {
         var slots = new BlockSlot[deviceChunks.Length];
         int rented = 0;
+        long start = System.Diagnostics.Stopwatch.GetTimestamp();
+        TimeSpan Left() => request.Options.Deadline - System.Diagnostics.Stopwatch.GetElapsedTime(start);
+        if (!await _renting.WaitAsync(Left() > TimeSpan.Zero ? Left() : TimeSpan.Zero, ct).ConfigureAwait(false))
+            return null;
         try
         {
             for (; rented < slots.Length; rented++)
             {
-                if (!await _free.WaitAsync(request.Options.Deadline, ct).ConfigureAwait(false))
+                TimeSpan left = Left();
+                if (left < TimeSpan.Zero || !await _free.WaitAsync(left, ct).ConfigureAwait(false))
                 {
                     Return(slots.AsSpan(0, rented));
                     return null;
@@ -72,6 +80,10 @@ internal sealed class DeviceStaging : IDisposable
         {
             Return(slots.AsSpan(0, rented));
             throw;
+        }
+        finally
+        {
+            _renting.Release();
         }
 
         var chunks = request.Chunks;
@@ -167,6 +179,7 @@ internal sealed class DeviceStaging : IDisposable
         }
         _pool.Dispose();
         _free.Dispose();
+        _renting.Dispose();
     }
 }
 
