@@ -43,7 +43,7 @@ public sealed partial class TransferAgent
         int chunkBytes = Math.Min(Options.MaxChunkBytes, remote.Metadata.MaxChunkBytes);
         int[] remoteRegion = new int[local.Length];
         RegisteredRegion?[]? deviceOf = null;   // per descriptor: its device region, when the local side is device memory
-        int deviceChunkCount = 0;
+        int[]? devicePieces = null;
         ulong total = 0;
         int chunkCount = 0;
         for (int i = 0; i < local.Length; i++)
@@ -56,11 +56,10 @@ public sealed partial class TransferAgent
                 throw new TransferException($"descriptor {i}: local {l} and remote {r} differ in length");
             var region = _registry.Find(l.Address, l.Length)
                 ?? throw new TransferException($"local descriptor {i} {l} is not inside any region registered with agent '{Name}': register that memory first");
-            int pieces = (int)((l.Length + (ulong)chunkBytes - 1) / (ulong)chunkBytes);
             if (region.Device is not null)
             {
                 (deviceOf ??= new RegisteredRegion?[local.Length])[i] = region;
-                deviceChunkCount += pieces;
+                (devicePieces ??= new int[local.Length])[i] = (int)((l.Length + (ulong)chunkBytes - 1) / (ulong)chunkBytes);
             }
             remoteRegion[i] = remote.FindRegion(r.Address, r.Length);
             if (remoteRegion[i] < 0)
@@ -70,9 +69,26 @@ public sealed partial class TransferAgent
         }
         CheckNoOverlap(op == TransferOp.Read ? local : remoteDescriptors, op == TransferOp.Read ? "local" : "remote");
 
+        var backend = ChooseBackend(options.Backend, remote, remoteRegion);
+        if (backend == BackendKind.Ucx && options.Checksum != ChecksumKind.None)
+        {
+            foreach (int r in remoteRegion)
+            {
+                if (remote.Metadata.Regions[r].Kind == MemoryKind.Device)
+                    throw new TransferException($"checksums over UCX are computed by the target in host memory, and remote region {remote.Metadata.Regions[r].Id} is device memory: use ChecksumKind.None over UCX, or TCP (staged and verified on its side)");
+            }
+        }
+        int deviceChunkCount = 0;
+        for (int i = 0; deviceOf is not null && i < deviceOf.Length; i++)
+        {
+            // A CUDA-aware UCX moves a device region it mapped directly; checksums still need the bytes on the host.
+            if (deviceOf[i] is { } r && backend == BackendKind.Ucx && options.Checksum == ChecksumKind.None && _ucx!.RkeyOf(r.Id) is not null)
+                deviceOf[i] = null;
+            else if (deviceOf[i] is not null)
+                deviceChunkCount += devicePieces![i];
+        }
         if (deviceChunkCount > Options.DeviceStagingSlots)
             throw new TransferException($"{deviceChunkCount} chunks of device memory in one request, but device memory is staged through {Options.DeviceStagingSlots} host slots of {Options.MaxChunkBytes} bytes: split the request or raise TransferAgentOptions.DeviceStagingSlots");
-        var backend = ChooseBackend(options.Backend, remote, remoteRegion);
         int streams = options.Streams > 0 ? options.Streams : backend == BackendKind.Tcp ? Options.TcpStreams : Options.ShmStreams;
         if (streams > TcpPeer.MaxStreams)
             throw new TransferException($"{streams} streams exceed the limit of {TcpPeer.MaxStreams}");
@@ -90,7 +106,7 @@ public sealed partial class TransferAgent
             }
         }
         var request = new TransferRequest(this, op, remote, chunks, local.Length, total, options, backend, streams);
-        if (deviceOf is not null)
+        if (deviceChunkCount > 0)
         {
             var which = new int[deviceChunkCount];
             var regions = new DeviceRegion[deviceChunkCount];
@@ -98,7 +114,7 @@ public sealed partial class TransferAgent
             int d = 0;
             for (int c = 0; c < chunks.Length; c++)
             {
-                if (deviceOf[chunks[c].Descriptor] is { } region)
+                if (deviceOf![chunks[c].Descriptor] is { } region)
                     (which[d], regions[d], addresses[d++]) = (c, region.Device!, chunks[c].Local);
             }
             request.Device = (which, regions, addresses);

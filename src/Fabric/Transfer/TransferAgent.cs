@@ -153,7 +153,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
         Staging.PinFor(device);
         var region = _registry.Add(null, MemoryKind.Device, (ulong)buffer.Pointer, (ulong)buffer.Length, device.DeviceId, null);
         region.Device = new DeviceRegion(device, buffer);
-        return region;
+        // A CUDA-aware UCX maps a real GPU allocation itself: peers then put and get it directly, with no staging.
+        return !device.IsEmulated && _ucx is { CudaAware: true } ? Added(region) : region;
     }
 
     internal DeviceStaging Staging

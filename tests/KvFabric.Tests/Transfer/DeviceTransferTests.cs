@@ -177,4 +177,35 @@ public sealed class DeviceTransferTests
             Assert.Equal(Pattern(100 + (ulong)i, Block), Span(target, (long)i * Block, Block).ToArray());
         Assert.Equal(4, agent.Staging.Available);
     }
+
+    [Fact]
+    public async Task Over_ucx_local_device_chunks_are_staged_and_a_peers_unmapped_device_region_is_refused()
+    {
+        using var device = new EmulatedDeviceMemory(8 << 20);
+        DeviceBuffer kv = device.Allocate(2L * Block);
+        var ucx = new Dictionary<string, string> { ["TLS"] = "posix,self" };
+        await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-ucx", EnableUcx = true, UcxSettings = ucx });
+        await using var peer = new TransferAgent(new TransferAgentOptions { Name = "peer-ucx", EnableUcx = true, UcxSettings = ucx });
+        Assert.True(agent.UcxAvailable, agent.UcxUnavailableReason);
+        using var peerDevice = new EmulatedDeviceMemory(4 << 20, deviceId: 1);
+        var peerDeviceRegion = peer.Register(peerDevice, peerDevice.Allocate(Block));
+        var target = peer.AllocateUcx(2L * Block);
+        var deviceRegion = agent.Register(device, kv);
+        var remote = await agent.LoadRemoteAsync(peer.ExportMetadata());
+        // Debian's UCX is not CUDA-aware: device regions get no rkey, so UCX never sees a device address.
+        Assert.True(remote.Metadata.Regions.Single(r => r.Id == peerDeviceRegion.Id).UcxRkey.IsEmpty);
+
+        Upload(device, kv, 0, Pattern(81, Block));
+        Upload(device, kv, Block, Pattern(82, Block));
+        var write = agent.Prepare(TransferOp.Write, [deviceRegion.Descriptor(0, 2UL * Block)], remote, [target.Region.Descriptor(0, 2UL * Block)],
+            new TransferOptions { Backend = BackendKind.Ucx, Checksum = ChecksumKind.XxHash3 });
+        var result = await agent.PostAsync(write);
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal(Pattern(81, Block), target.GetSpan(0, Block).ToArray());
+        Assert.Equal(Pattern(82, Block), target.GetSpan(Block, Block).ToArray());
+
+        var e = Assert.Throws<TransferException>(() => agent.Prepare(TransferOp.Write, [deviceRegion.Descriptor(0, Block)], remote,
+            [peerDeviceRegion.Descriptor(0, Block)], new TransferOptions { Backend = BackendKind.Ucx }));
+        Assert.Contains("did not map for UCX", e.Message, StringComparison.Ordinal);
+    }
 }

@@ -25,6 +25,7 @@ public sealed class UcxLayoutTests
         Assert.Equal(32, Unsafe.SizeOf<UcpAmHandlerParam>());   // ucp.h:1777-1806
         Assert.Equal(16, Unsafe.SizeOf<UcpAmRecvParam>());      // struct ucp_am_recv_param {recv_attr; reply_ep;}
         Assert.Equal(32, Unsafe.SizeOf<UcpMemAttr>());          // ucp_def.h:185-207
+        Assert.Equal(64, Unsafe.SizeOf<UcpContextAttr>());      // ucp.h:1114-1146, name[UCP_ENTITY_NAME_MAX = 32] at 32
     }
 
     [Fact]
@@ -58,6 +59,10 @@ public sealed class UcxLayoutTests
         Assert.Equal(24, Offset<UcpMemMapParams>(nameof(UcpMemMapParams.Flags)));
         Assert.Equal(28, Offset<UcpMemMapParams>(nameof(UcpMemMapParams.Prot)));
         Assert.Equal(32, Offset<UcpMemMapParams>(nameof(UcpMemMapParams.MemoryType)));
+        // ucp_context_attr_t (ucp.h:1114): field_mask, request_size, thread_mode (enum, padded), memory_types, name.
+        Assert.Equal(8, Offset<UcpContextAttr>(nameof(UcpContextAttr.RequestSize)));
+        Assert.Equal(16, Offset<UcpContextAttr>(nameof(UcpContextAttr.ThreadMode)));
+        Assert.Equal(24, Offset<UcpContextAttr>(nameof(UcpContextAttr.MemoryTypes)));
         // ucp_mem_attr_t (ucp_def.h:185): field_mask, address, length, mem_type.
         Assert.Equal(8, Offset<UcpMemAttr>(nameof(UcpMemAttr.Address)));
         Assert.Equal(16, Offset<UcpMemAttr>(nameof(UcpMemAttr.Length)));
@@ -92,6 +97,7 @@ public sealed class UcxLayoutTests
         Assert.Equal(1, Ucp.ErrHandlingModePeer);                              // ucp_def.h ucp_err_handling_mode_t
         Assert.Equal((256u, 512u), (Ucp.ProtRemoteRead, Ucp.ProtRemoteWrite)); // UCP_MEM_MAP_PROT_REMOTE_READ/WRITE = UCS_BIT(8)/(9)
         Assert.Equal(2u, Ucp.MemMapAllocate);                                  // UCP_MEM_MAP_ALLOCATE = UCS_BIT(1)
+        Assert.Equal((16ul, 4ul, 1), (Ucp.MemMapFieldMemoryType, Ucp.AttrFieldMemoryTypes, Ucp.MemoryTypeCuda)); // FIELD_MEMORY_TYPE = UCS_BIT(4), UCP_ATTR_FIELD_MEMORY_TYPES = UCS_BIT(2), UCS_MEMORY_TYPE_CUDA
         Assert.Equal((1ul, 2ul), (Ucp.MemAttrFieldAddress, Ucp.MemAttrFieldLength)); // ucp_mem_attr_field ADDRESS/LENGTH
         Assert.Equal(16u, Ucp.OpAttrFlags);                                    // UCP_OP_ATTR_FIELD_FLAGS = UCS_BIT(4)
         Assert.Equal((1u, 2u), (Ucp.AmSendFlagReply, Ucp.AmSendFlagEager));    // UCP_AM_SEND_FLAG_REPLY/EAGER

@@ -57,6 +57,16 @@ internal struct UcpMemMapParams
     [FieldOffset(32)] public int MemoryType;
 }
 
+/// <summary>ucp_context_attr_t (ucp.h:1114-1146): 64 bytes; name is char[UCP_ENTITY_NAME_MAX = 32].</summary>
+[StructLayout(LayoutKind.Explicit, Size = 64)]
+internal struct UcpContextAttr
+{
+    [FieldOffset(0)] public ulong FieldMask;
+    [FieldOffset(8)] public nuint RequestSize;
+    [FieldOffset(16)] public int ThreadMode;
+    [FieldOffset(24)] public ulong MemoryTypes;
+}
+
 /// <summary>ucp_mem_attr_t (ucp_def.h:185-207): 32 bytes.</summary>
 [StructLayout(LayoutKind.Explicit, Size = 32)]
 internal struct UcpMemAttr
@@ -115,6 +125,9 @@ internal static class Ucp
     public const int ErrHandlingModePeer = 1;
     public const ulong MemMapFieldAddress = 1, MemMapFieldLength = 1 << 1, MemMapFieldFlags = 1 << 2, MemMapFieldProt = 1 << 3;
     public const uint MemMapAllocate = 1 << 1;                           // UCP_MEM_MAP_ALLOCATE
+    public const ulong MemMapFieldMemoryType = 1 << 4;                   // UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE
+    public const ulong AttrFieldMemoryTypes = 1 << 2;                    // UCP_ATTR_FIELD_MEMORY_TYPES
+    public const int MemoryTypeCuda = 1;                                 // ucs_memory_type_t UCS_MEMORY_TYPE_CUDA
     public const ulong MemAttrFieldAddress = 1, MemAttrFieldLength = 1 << 1;
     public const uint ProtLocalRead = 1, ProtLocalWrite = 2, ProtRemoteRead = 1 << 8, ProtRemoteWrite = 1 << 9;
     public const uint OpAttrRequest = 1, OpAttrCallback = 1 << 1, OpAttrUserData = 1 << 2, OpAttrDatatype = 1 << 3, OpAttrFlags = 1 << 4;
@@ -178,6 +191,9 @@ internal static unsafe partial class UcpNative
 
     [LibraryImport(UcpLib, EntryPoint = "ucp_mem_map")]
     internal static partial int MemMap(nint context, UcpMemMapParams* parameters, out nint memh);
+
+    [LibraryImport(UcpLib, EntryPoint = "ucp_context_query")]
+    internal static partial int ContextQuery(nint context, UcpContextAttr* attributes);
 
     [LibraryImport(UcpLib, EntryPoint = "ucp_mem_query")]
     internal static partial int MemQuery(nint memh, UcpMemAttr* attributes);

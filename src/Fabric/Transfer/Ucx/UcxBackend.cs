@@ -43,11 +43,15 @@ internal sealed class UcxBackend : ITransferBackend
 
     // ---- local regions ----
 
+    /// <summary>Whether device regions are mapped for UCX directly (a CUDA-aware UCX); otherwise they are staged.</summary>
+    public bool CudaAware => _worker?.CudaAware == true;
+
     public void Map(RegisteredRegion region)
     {
         if (_worker is null)
             return;
-        var (memh, rkey) = _worker.Invoke(() => _worker.MapMemory((nint)region.Address, region.Length), TimeSpan.FromSeconds(30));
+        bool device = region.Kind == MemoryKind.Device;
+        var (memh, rkey) = _worker.Invoke(() => _worker.MapMemory((nint)region.Address, region.Length, device), TimeSpan.FromSeconds(30));
         lock (_lock)
             _mapped[region.Id] = (memh, rkey);
     }
@@ -116,9 +120,9 @@ internal sealed class UcxBackend : ITransferBackend
         foreach (int r in remoteRegions)
         {
             var region = remote.Metadata.Regions[r];
-            if (region.Kind == MemoryKind.Device)
+            if (region.Kind == MemoryKind.Device && region.UcxRkey.IsEmpty)
             {
-                why = $"remote region {region.Id} is device memory, which this UCX (not CUDA-aware) cannot address: reach it over TCP, where its side stages it";
+                why = $"remote region {region.Id} is device memory that '{remote.Name}' did not map for UCX (its UCX is not CUDA-aware): reach it over TCP, where its side stages it";
                 return false;
             }
             if (region.UcxRkey.IsEmpty)
@@ -357,6 +361,8 @@ internal sealed class UcxBackend : ITransferBackend
                 _agent.CountRefused();
                 return ((byte)WireStatus.OutOfRange, null);
             }
+            if (region.Kind == MemoryKind.Device)
+                return ((byte)WireStatus.ChecksumUnsupported, null); // device bytes are not readable here (the initiator refuses this at Prepare)
             if (!region.TryAcquire())
                 return ((byte)WireStatus.UnknownRegion, null);
             ulong sum;

@@ -67,6 +67,8 @@ internal sealed unsafe partial class UcxWorker : IDisposable
 
     public byte[] Address { get; }
     public string Name { get; }
+    /// <summary>Whether this UCX build handles CUDA memory (ucp_context_query lists UCS_MEMORY_TYPE_CUDA).</summary>
+    public bool CudaAware { get; private init; }
     public int PendingOperations => Volatile.Read(ref _inUse);
 
     private UcxWorker(string name, nint context, nint worker, byte[] address, int id)
@@ -177,7 +179,9 @@ internal sealed unsafe partial class UcxWorker : IDisposable
                 why = $"more than {Workers.Length} UCX workers were created in this process";
                 return null;
             }
-            var w = new UcxWorker(name, context, worker, address, id);
+            var attr = new UcpContextAttr { FieldMask = Ucp.AttrFieldMemoryTypes };
+            bool cuda = UcpNative.ContextQuery(context, &attr) == Ucp.StatusOk && (attr.MemoryTypes & (1UL << Ucp.MemoryTypeCuda)) != 0;
+            var w = new UcxWorker(name, context, worker, address, id) { CudaAware = cuda };
             Workers[id] = w;
             w.SetHandler(AmRequest);
             w.SetHandler(AmReply);
@@ -567,15 +571,16 @@ internal sealed unsafe partial class UcxWorker : IDisposable
 
     // ---- memory ----
 
-    /// <summary>Maps a region for remote access and packs its rkey.</summary>
-    public (nint Memh, byte[] Rkey) MapMemory(nint address, ulong length)
+    /// <summary>Maps a region for remote access and packs its rkey (CUDA device memory: only on a CUDA-aware UCX).</summary>
+    public (nint Memh, byte[] Rkey) MapMemory(nint address, ulong length, bool cudaDevice = false)
     {
         var p = new UcpMemMapParams
         {
-            FieldMask = Ucp.MemMapFieldAddress | Ucp.MemMapFieldLength | Ucp.MemMapFieldProt,
+            FieldMask = Ucp.MemMapFieldAddress | Ucp.MemMapFieldLength | Ucp.MemMapFieldProt | (cudaDevice ? Ucp.MemMapFieldMemoryType : 0),
             Address = address,
             Length = (nuint)length,
             Prot = RemoteReadWrite,
+            MemoryType = cudaDevice ? Ucp.MemoryTypeCuda : 0,
         };
         int st = UcpNative.MemMap(_context, &p, out nint memh);
         if (st != Ucp.StatusOk)
