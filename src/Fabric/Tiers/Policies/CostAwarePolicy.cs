@@ -95,6 +95,11 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     // ShouldAdmit and the OnAdmit that follows it are one sighting of the block, counted once.
     private BlockKey _countedByAdmission;
     private bool _hasCountedByAdmission;
+    // Set by the first OnSighting: the manager reports every use there, so admissions (which may be moves between
+    // tiers) and accesses no longer count as sightings.
+    private bool _sightingsReported;
+    private BlockKey _sighted;
+    private int _sightedF;
 
     public CostAwarePolicy(CostAwareOptions options)
     {
@@ -149,9 +154,22 @@ public sealed class CostAwarePolicy : IEvictionPolicy
 
     public int EstimatedFrequency(in BlockKey key) => _sketch.Estimate(key);
 
+    // A use reported by the tier manager (see IEvictionPolicy.OnSighting): counted here, and from then on only here.
+    public void OnSighting(in PolicyBlockInfo info)
+    {
+        _sightingsReported = true;
+        _hasCountedByAdmission = false;
+        _sightedF = Sighting(info.Key);
+        _sighted = info.Key;
+    }
+
+    // The frequency of a block as of its last reported sighting (the count returned then, which a halving right after
+    // it does not lower), else the sketch's estimate (a block moved in from another tier).
+    private int ReportedFrequency(in BlockKey key) => _sighted == key && _sightedF > 0 ? _sightedF : _sketch.Estimate(key);
+
     public bool ShouldAdmit(in PolicyBlockInfo info)
     {
-        int f = Sighting(info.Key);
+        int f = _sightingsReported ? ReportedFrequency(info.Key) : Sighting(info.Key);
         _countedByAdmission = info.Key;
         _hasCountedByAdmission = true;
         // A first sighting may displace a protected block only while probation is under its share: when probation has
@@ -174,7 +192,8 @@ public sealed class CostAwarePolicy : IEvictionPolicy
             GrowTo(handle);
         if (_segment[handle] != Absent)
             throw HandleTable.AlreadyResident(Name, handle);
-        int f = _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : Sighting(info.Key);
+        int f = _sightingsReported ? ReportedFrequency(info.Key)
+            : _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : Sighting(info.Key);
         _hasCountedByAdmission = false;
         _key[handle] = info.Key;
         _depth[handle] = info.Depth;
@@ -196,7 +215,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     {
         byte seg = SegmentOf(handle);
         _hasCountedByAdmission = false;
-        int f = _sketch.Increment(_key[handle]);
+        int f = _sightingsReported ? ReportedFrequency(_key[handle]) : _sketch.Increment(_key[handle]);
         double priority = _clockL + f * Value(_depth[handle], _bytes[handle]);
         if (seg == Probation)
         {
