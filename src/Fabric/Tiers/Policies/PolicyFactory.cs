@@ -4,11 +4,12 @@ namespace KvFabric.Tiers.Policies;
 
 // Builds a tier's policy from its name, as written in configuration and on the command line:
 //   lru | cost | cost-noadmit, then for the cost policy optional :history=N (its frequency horizon, in sightings) and
-//   :probation=F (a fixed probation share in [0, 1] instead of the adaptive one), then optionally +seen-twice (the
+//   :probation=F (a fixed probation share in [0, 1] instead of the adaptive one) and :depth=on|off (weigh blocks by their
+//   depth's prefill cost; off by default), then optionally +seen-twice (the
 //   admission filter for a write-averse tier). Example: cost:history=40000:probation=0+seen-twice.
 public static class PolicyFactory
 {
-    public const string Names = "lru, cost, cost-noadmit (cost takes :history=N and :probation=F), each optionally +seen-twice";
+    public const string Names = "lru, cost, cost-noadmit (cost takes :history=N, :probation=F and :depth=on|off), each optionally +seen-twice";
 
     private const string SeenTwiceSuffix = "+seen-twice";
 
@@ -21,6 +22,7 @@ public static class PolicyFactory
             return new SeenTwiceAdmission(Create(name[..^SeenTwiceSuffix.Length], capacityBlocks, tokensPerBlock), capacityBlocks);
         int? history = null;
         double? probation = null;
+        bool? depth = null;
         string[] parts = name.Split(':');
         name = parts[0];
         foreach (string parameter in parts.AsSpan(1))
@@ -31,18 +33,21 @@ public static class PolicyFactory
                 history = h;
             else if (ok && kv[0] == "probation" && double.TryParse(kv[1], NumberStyles.AllowDecimalPoint, CultureInfo.InvariantCulture, out double f) && f is >= 0 and <= 1)
                 probation = f;
+            else if (ok && kv[0] == "depth" && kv[1] is "on" or "off")
+                depth = kv[1] == "on";
             else
-                throw new ArgumentException($"Eviction policy '{spec}': '{parameter}' is not history=N (N > 0) or probation=F (0 <= F <= 1).", nameof(spec));
+                throw new ArgumentException($"Eviction policy '{spec}': '{parameter}' is not history=N (N > 0), probation=F (0 <= F <= 1) or depth=on|off.", nameof(spec));
         }
         return name switch
         {
-            "lru" when history is null && probation is null => new LruPolicy(capacityBlocks),
+            "lru" when history is null && probation is null && depth is null => new LruPolicy(capacityBlocks),
             "cost" or "cost-noadmit" => new CostAwarePolicy(new CostAwareOptions
             {
                 ExpectedBlocks = capacityBlocks,
                 TokensPerBlock = tokensPerBlock,
                 HistorySightings = history,
                 ProbationShare = probation,
+                WeighDepth = depth ?? false,
                 Admission = name == "cost",
             }),
             _ => throw new ArgumentException($"Unknown eviction policy '{spec}': use {Names}.", nameof(spec)),
