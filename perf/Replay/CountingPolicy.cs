@@ -21,6 +21,12 @@ public sealed class CountingPolicy(IEvictionPolicy inner) : IEvictionPolicy
         inner.OnAdmit(handle, info);
     }
 
+    public void OnSighting(in PolicyBlockInfo info)
+    {
+        Calls++;
+        inner.OnSighting(info);
+    }
+
     public void OnAccess(int handle)
     {
         Calls++;

@@ -37,7 +37,7 @@ public static class ReplayCommand
         var trace = new Option<string>("--trace") { Description = "Mooncake-format JSONL trace (timestamp, input_length, output_length, hash_ids)", Required = true };
         var tpb = new Option<int>("--tokens-per-block") { Description = "tokens per block of the trace's hash_ids", DefaultValueFactory = _ => 512 };
         var capacity = new Option<string>("--capacity-blocks") { Description = "N (one DRAM tier) or G,D,S (GPU, DRAM, SSD tiers), in blocks", DefaultValueFactory = _ => "4000" };
-        var policy = new Option<string>("--policy") { Description = $"eviction policy of every tier: {PolicyFactory.Names}", DefaultValueFactory = _ => "cost" };
+        var policy = new Option<string>("--policy") { Description = $"eviction policy of the hierarchy ({PolicyFactory.Names}; with three tiers a cost policy ranks the middle one by recency), or one per tier, fastest first: G,D,S", DefaultValueFactory = _ => "cost" };
         var ssdPolicy = new Option<string?>("--ssd-policy") { Description = "the SSD tier's policy when it differs (e.g. cost+seen-twice)" };
         var blockBytes = new Option<string>("--block-bytes") { Description = "bytes per block, for bytes moved (default: Llama-3-8B bf16, 128 KiB/token x 512)", DefaultValueFactory = _ => "64MiB" };
         var requests = new Option<int?>("--requests") { Description = "replay only the first N requests" };
@@ -92,8 +92,12 @@ public static class ReplayCommand
         var tiers = new SimulatedTier[kinds.Length];
         for (int t = 0; t < kinds.Length; t++)
         {
-            string spec = kinds[t] == TierKind.Ssd && o.SsdPolicy is not null ? o.SsdPolicy : policySpec;
-            counters[t] = new CountingPolicy(PolicyFactory.Create(spec, o.CapacityBlocks[t], o.TokensPerBlock));
+            // One spec names the hierarchy's policy (a middle tier then ranks by recency: PolicyFactory.Create); a list
+            // (G,D,S) names each tier's, exactly.
+            string[] perTier = policySpec.Split(',', StringSplitOptions.TrimEntries);
+            string spec = kinds[t] == TierKind.Ssd && o.SsdPolicy is not null ? o.SsdPolicy : perTier[Math.Min(t, perTier.Length - 1)];
+            bool middle = perTier.Length == 1 && t > 0 && t < kinds.Length - 1;
+            counters[t] = new CountingPolicy(PolicyFactory.Create(spec, o.CapacityBlocks[t], o.TokensPerBlock, middle));
             tiers[t] = new SimulatedTier(kinds[t], o.CapacityBlocks[t], counters[t]);
         }
         string name = string.Join(",", counters.Select(c => c.Name).Distinct());

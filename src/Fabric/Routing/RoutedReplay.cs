@@ -168,7 +168,8 @@ public static class RoutedReplay
                 for (int t = 0; t < tiers.Length; t++)
                 {
                     int capacity = options.CapacityBlocks[t];
-                    tiers[t] = new SimulatedTier(options.Tiers[t], capacity, PolicyFactory.Create(options.EvictionPolicy, capacity, trace.TokensPerBlock));
+                    tiers[t] = new SimulatedTier(options.Tiers[t], capacity, PolicyFactory.Create(options.EvictionPolicy, capacity, trace.TokensPerBlock,
+                        middleTier: t > 0 && t < tiers.Length - 1));
                 }
                 caches[i] = new TierManagerReplayCache(tiers, BlockBytes, WorkerName(i));
             }

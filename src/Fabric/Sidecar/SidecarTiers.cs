@@ -58,7 +58,8 @@ public sealed class SidecarTiers : IDisposable
             tiers.Add(new TierOptions
             {
                 Store = new HostBlockStore(blockBytes, hostSlots, shared: true, lockInRam: o.LockInRam),
-                Policy = PolicyFactory.Create(o.Policy, hostSlots, o.Layout.TokensPerBlock),
+                // Between a GPU and an SSD tier, host memory is a middle tier (PolicyFactory.Create says why).
+                Policy = PolicyFactory.Create(o.Policy, hostSlots, o.Layout.TokensPerBlock, middleTier: o.GpuCapacityBytes > 0 && o.SsdDirectory is not null),
                 ReadBandwidthBytesPerSecond = 5e9,
                 ReadLatencySeconds = 20e-6,
             });

@@ -20,6 +20,15 @@ public interface IEvictionPolicy
     // The block was used (a hit, or a put of a block already present) while in this tier.
     void OnAccess(int handle);
 
+    // A request used this block (a put named it, or a read returned it), wherever it is: resident in this tier, in
+    // another tier, or nowhere. A tier manager with several tiers reports every use to every tier's policy, before it
+    // acts on the block, so that each policy's history counts the uses of blocks it does not hold yet (a block demoted
+    // into this tier arrives with its history) and never counts a move between tiers (a demotion or a promotion) as a
+    // use. A policy that is never told here counts uses from its other calls. Default: nothing.
+    void OnSighting(in PolicyBlockInfo info)
+    {
+    }
+
     // The block left this tier (evicted, moved, deleted); the handle may be reused afterwards.
     void OnRemove(int handle);
 

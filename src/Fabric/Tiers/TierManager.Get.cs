@@ -50,6 +50,7 @@ public sealed partial class TierManager
                     {
                         var tier = _tiers[t];
                         tier.Hits++;
+                        ReportSighting(InfoOf(b));
                         tier.Policy.OnAccess(_handle[t][b]);
                         if (t > 0)
                             QueuePromotion(key);
@@ -97,6 +98,7 @@ public sealed partial class TierManager
             AddUse(b);
             _activeReads++; // DisposeAsync waits for it: the bytes live in the store's memory
             state.Hits++;
+            ReportSighting(InfoOf(b));
             state.Policy.OnAccess(_handle[t][b]);
             if (t > 0)
                 QueuePromotion(key);

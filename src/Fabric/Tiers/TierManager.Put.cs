@@ -46,6 +46,7 @@ public sealed partial class TierManager
                 BlockMeta meta;
                 lock (_lock)
                 {
+                    ReportSighting(new PolicyBlockInfo(key, depth, blocks[i].Bytes.Length));
                     if (_index.TryGetValue(key, out int b) && _held[b] != 0)
                     {
                         var tier = _tiers[Fastest(b)];
@@ -99,12 +100,21 @@ public sealed partial class TierManager
             for (int j = from; j < blocks.Count; j++, depth++)
             {
                 var info = new PolicyBlockInfo(new BlockKey(tenant, blocks[j].Hash), depth, blocks[j].Bytes.Length);
+                ReportSighting(info);
                 _tiers[tier].Policy.ShouldAdmit(info);
                 // Admission filters below count sightings too (a seen-twice SSD filter must see the whole chain once).
                 for (int t = tier; t < _n; t++)
                     _tiers[t].Admission?.Admit(info);
             }
         }
+    }
+
+    // Under _lock. Tells every tier's policy that a request used this block (IEvictionPolicy.OnSighting): puts and reads
+    // are uses, moves between tiers are not, so a block demoted or promoted into a tier arrives with its history.
+    private void ReportSighting(in PolicyBlockInfo info)
+    {
+        for (int t = 0; t < _n; t++)
+            _tiers[t].Policy.OnSighting(info);
     }
 
     private void ValidateBlocks(IReadOnlyList<BlockPut> blocks)

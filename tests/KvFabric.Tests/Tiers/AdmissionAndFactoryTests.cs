@@ -69,6 +69,13 @@ public sealed class AdmissionAndFactoryTests
         Assert.Equal(4, fixedShare.ProbationTarget);
         Assert.Throws<ArgumentException>(() => PolicyFactory.Create("cost:probation=1.5", 16, 512));
         Assert.Throws<ArgumentException>(() => PolicyFactory.Create("cost:depth=3", 16, 512));
+        Assert.False(Assert.IsType<CostAwarePolicy>(PolicyFactory.Create("cost", 16, 512)).Options.WeighDepth);
+        Assert.True(Assert.IsType<CostAwarePolicy>(PolicyFactory.Create("cost:depth=on", 16, 512)).Options.WeighDepth);
+        Assert.Throws<ArgumentException>(() => PolicyFactory.Create("lru:depth=on", 16, 512));
+        // Between a faster and a slower tier a cost policy ranks by recency; lru is lru everywhere.
+        Assert.IsType<LruPolicy>(PolicyFactory.Create("cost", 16, 512, middleTier: true));
+        Assert.Equal("lru+seen-twice", PolicyFactory.Create("cost+seen-twice", 16, 512, middleTier: true).Name);
+        Assert.IsType<CostAwarePolicy>(PolicyFactory.Create("cost", 16, 512, middleTier: false));
     }
 }
 

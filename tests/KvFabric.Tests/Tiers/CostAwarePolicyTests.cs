@@ -6,8 +6,8 @@ namespace KvFabric.Tests.Tiers;
 
 public sealed class CostAwarePolicyTests
 {
-    private static CostAwarePolicy Policy(int blocks, bool admission = true) =>
-        new(new CostAwareOptions { ExpectedBlocks = blocks, TokensPerBlock = 512, Admission = admission });
+    private static CostAwarePolicy Policy(int blocks, bool admission = true, bool weighDepth = false) =>
+        new(new CostAwareOptions { ExpectedBlocks = blocks, TokensPerBlock = 512, Admission = admission, WeighDepth = weighDepth });
 
     // Key 1 enters probation under handle 0, is evicted from it, and comes back: a probation ghost hit (p grows by at
     // least one block), after which key 1, seen twice, is protected under handle 0 (not yet evictable).
@@ -20,9 +20,12 @@ public sealed class CostAwarePolicyTests
     }
 
     [Fact]
-    public void Recompute_cost_grows_with_depth_as_documented()
+    public void Recompute_cost_is_the_blocks_tokens_by_default_and_grows_with_depth_when_weighed()
     {
-        var p = Policy(4);
+        var flat = Policy(4);
+        Assert.Equal(512, flat.RecomputeCost(0), 9);
+        Assert.Equal(512, flat.RecomputeCost(100), 9);
+        var p = Policy(4, weighDepth: true);
         // T · (1 + (d + ½) · T / A) with T = 512, A = 32768.
         Assert.Equal(512 * (1 + 0.5 * 512 / 32768.0), p.RecomputeCost(0), 9);
         Assert.Equal(512 * (1 + 10.5 * 512 / 32768.0), p.RecomputeCost(10), 9);
@@ -52,7 +55,7 @@ public sealed class CostAwarePolicyTests
     [Fact]
     public void Probation_goes_first_while_it_is_over_its_target_then_the_least_valuable_protected_block()
     {
-        var p = Policy(8);
+        var p = Policy(8, weighDepth: true);
         p.AdmitLeaf(0, 10, depth: 0);   // protected, seen 3 times
         p.OnAccess(0);
         p.OnAccess(0);
@@ -101,6 +104,24 @@ public sealed class CostAwarePolicyTests
         p.OnAdmit(0, Info(5));
         Assert.Equal(1, p.EstimatedFrequency(Key(5)));
         Assert.False(p.IsProtected(0));
+    }
+
+    [Fact]
+    public void Once_uses_are_reported_admissions_and_accesses_no_longer_count_as_sightings()
+    {
+        var p = Policy(4);
+        p.OnSighting(Info(7));            // a put of key 7 placed in another tier
+        p.OnSighting(Info(7));            // and a later hit there
+        p.OnAdmit(0, Info(7));            // demoted here: a move, not a use
+        Assert.Equal(2, p.EstimatedFrequency(Key(7)));
+        Assert.True(p.IsProtected(0));    // it arrives with its history
+        p.OnAccess(0);
+        Assert.Equal(2, p.EstimatedFrequency(Key(7)));
+        p.OnSighting(Info(8));
+        Assert.True(p.ShouldAdmit(Info(8)));
+        p.OnAdmit(1, Info(8));
+        Assert.Equal(1, p.EstimatedFrequency(Key(8)));
+        Assert.False(p.IsProtected(1));
     }
 
     [Fact]

@@ -106,4 +106,24 @@ public sealed class SimulatorTests
         Assert.True(cache.Stats.BytesPromotedTo[0] > 0);
         cache.CheckInvariants();
     }
+
+    [Fact]
+    public void Every_tier_hears_every_use_wherever_the_block_lands()
+    {
+        var gpu = new CostAwarePolicy(new CostAwareOptions { ExpectedBlocks = 1, TokensPerBlock = 4 });
+        var ssd = new CostAwarePolicy(new CostAwareOptions { ExpectedBlocks = 4, TokensPerBlock = 4 });
+        var cache = new PolicySimulatorCache(
+        [
+            new SimulatedTier(TierKind.Gpu, 1, gpu),
+            new SimulatedTier(TierKind.Ssd, 4, ssd),
+        ], BlockBytes);
+        cache.Put([Key(1)]);       // in the GPU; the SSD's history counts the put too
+        cache.Put([Key(1)]);       // a hit
+        Assert.Equal(2, ssd.EstimatedFrequency(Key(1)));
+        cache.Put([Key(2)]);       // a first sighting: refused by the GPU (1 has a history), it goes to the SSD
+        Assert.Equal(1, cache.TierOf(Key(2)));
+        Assert.Equal(1, ssd.EstimatedFrequency(Key(2)));
+        Assert.Equal(2, ssd.EstimatedFrequency(Key(1)));
+        cache.CheckInvariants();
+    }
 }

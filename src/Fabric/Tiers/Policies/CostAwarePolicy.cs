@@ -26,6 +26,12 @@ public sealed record CostAwareOptions
     // over a longer prefix, so they cost more to recompute.
     public int AttentionCrossoverTokens { get; init; } = PrefillCost.DefaultAttentionCrossoverTokens;
 
+    // Weigh blocks by their depth's prefill cost (cost(d) above) instead of by their tokens alone. Off by default: on the
+    // conversation trace, deeper blocks valued more stayed too long for their reuse, and the weighting lowered both the
+    // token hit rate and the prefill compute saved at 16,000 blocks and more (27.54% -> 28.62% tokens at 16k with it
+    // off, 29.78% -> 30.75% at 21k), while 1k and 4k barely moved (docs/tiers-policies.md).
+    public bool WeighDepth { get; init; }
+
     // Sightings between two halvings of the frequency sketch: how far back frequency remembers. Null: 20 ×
     // ExpectedBlocks, twice TinyLFU's 10 × because a put sights every block of its chain (the shared prefix and the
     // offered tail of a refused chain included), so a tier turns over in more sightings than in TinyLFU's one access
@@ -48,10 +54,11 @@ public sealed record CostAwareOptions
 //
 //   protected priority(b) = L + f(b) · cost(depth) / MiB(b)        (GDSF, Cherkasova 1998)
 //   probation priority(b) = L + cost(depth) / MiB(b)               (GDS: cost-weighted LRU, Cao & Irani 1997)
-//   cost(d)               = PrefillCost.OfBlock(d, T, T, A) = T · (1 + (d + ½) · T / A)
+//   cost(d)               = T (the block's tokens), or with WeighDepth PrefillCost.OfBlock(d, T, T, A) = T · (1 + (d + ½) · T / A)
 //
-// cost is the prefill work, in dense-token equivalents, of recomputing block d given its prefix, so deeper blocks are
-// worth more. f is the sketch's decayed count of sightings of the key (puts, hits, admission requests), which outlives
+// cost is the prefill work, in dense-token equivalents, of recomputing the block: its tokens, or with WeighDepth its
+// work given its prefix, so that deeper blocks are worth more (off by default: measured, it did not pay; see
+// WeighDepth). f is the sketch's decayed count of sightings of the key (puts, hits, admission requests), which outlives
 // residency. L is the clock, raised to the priority of each victim, so blocks that stop being used age out.
 //
 // A block enters probation when the sketch has seen it once (this sighting), protected when it has been seen before;
@@ -95,6 +102,11 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     // ShouldAdmit and the OnAdmit that follows it are one sighting of the block, counted once.
     private BlockKey _countedByAdmission;
     private bool _hasCountedByAdmission;
+    // Set by the first OnSighting: the manager reports every use there, so admissions (which may be moves between
+    // tiers) and accesses no longer count as sightings.
+    private bool _sightingsReported;
+    private BlockKey _sighted;
+    private int _sightedF;
 
     public CostAwarePolicy(CostAwareOptions options)
     {
@@ -131,9 +143,11 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     public int ProbationCount => _probationCount;
     public int EvictableCount => _probation.Count + _protected.Count;
 
-    // Recompute cost of a block at this depth, in dense-token equivalents.
-    public double RecomputeCost(int depth) =>
-        PrefillCost.OfBlock(depth, _options.TokensPerBlock, _options.TokensPerBlock, _options.AttentionCrossoverTokens);
+    // Recompute cost of a block at this depth, in dense-token equivalents: its tokens, or with WeighDepth its prefill
+    // work given its prefix.
+    public double RecomputeCost(int depth) => _options.WeighDepth
+        ? PrefillCost.OfBlock(depth, _options.TokensPerBlock, _options.TokensPerBlock, _options.AttentionCrossoverTokens)
+        : _options.TokensPerBlock;
 
     // Cost per MiB of a block: its priority above the clock for each sighting counted.
     public double Value(int depth, int bytes) => RecomputeCost(depth) / (Math.Max(bytes, 1) / BytesPerMiB);
@@ -149,9 +163,22 @@ public sealed class CostAwarePolicy : IEvictionPolicy
 
     public int EstimatedFrequency(in BlockKey key) => _sketch.Estimate(key);
 
+    // A use reported by the tier manager (see IEvictionPolicy.OnSighting): counted here, and from then on only here.
+    public void OnSighting(in PolicyBlockInfo info)
+    {
+        _sightingsReported = true;
+        _hasCountedByAdmission = false;
+        _sightedF = Sighting(info.Key);
+        _sighted = info.Key;
+    }
+
+    // The frequency of a block as of its last reported sighting (the count returned then, which a halving right after
+    // it does not lower), else the sketch's estimate (a block moved in from another tier).
+    private int ReportedFrequency(in BlockKey key) => _sighted == key && _sightedF > 0 ? _sightedF : _sketch.Estimate(key);
+
     public bool ShouldAdmit(in PolicyBlockInfo info)
     {
-        int f = Sighting(info.Key);
+        int f = _sightingsReported ? ReportedFrequency(info.Key) : Sighting(info.Key);
         _countedByAdmission = info.Key;
         _hasCountedByAdmission = true;
         // A first sighting may displace a protected block only while probation is under its share: when probation has
@@ -174,7 +201,8 @@ public sealed class CostAwarePolicy : IEvictionPolicy
             GrowTo(handle);
         if (_segment[handle] != Absent)
             throw HandleTable.AlreadyResident(Name, handle);
-        int f = _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : Sighting(info.Key);
+        int f = _sightingsReported ? ReportedFrequency(info.Key)
+            : _hasCountedByAdmission && _countedByAdmission == info.Key ? _sketch.Estimate(info.Key) : Sighting(info.Key);
         _hasCountedByAdmission = false;
         _key[handle] = info.Key;
         _depth[handle] = info.Depth;
@@ -196,7 +224,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     {
         byte seg = SegmentOf(handle);
         _hasCountedByAdmission = false;
-        int f = _sketch.Increment(_key[handle]);
+        int f = _sightingsReported ? ReportedFrequency(_key[handle]) : _sketch.Increment(_key[handle]);
         double priority = _clockL + f * Value(_depth[handle], _bytes[handle]);
         if (seg == Probation)
         {

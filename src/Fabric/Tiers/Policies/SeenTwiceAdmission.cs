@@ -43,6 +43,8 @@ public sealed class SeenTwiceAdmission : IEvictionPolicy
         _inner.OnAdmit(handle, info);
     }
 
+    public void OnSighting(in PolicyBlockInfo info) => _inner.OnSighting(info);
+
     public void OnAccess(int handle) => _inner.OnAccess(handle);
 
     public void OnRemove(int handle) => _inner.OnRemove(handle);

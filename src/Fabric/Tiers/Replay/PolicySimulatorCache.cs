@@ -16,6 +16,8 @@ public sealed record SimulatedTier(TierKind Kind, int CapacityBlocks, IEvictionP
 //    chain (unreachable by any prefix lookup); the rest of the chain is still offered to that tier's ShouldAdmit, so
 //    the policy's history sees it.
 //  * A hit in a slower tier is promoted to its parent's tier (the fastest allowed) when that tier takes it.
+//  * Every use of a block (each block a put names, the unstorable rest of a chain included) is reported to every tier's
+//    policy (IEvictionPolicy.OnSighting) before the block is acted on; moves between tiers are not uses.
 //  * A victim is demoted to the next tier down, which takes it without asking its policy, except the last tier: its
 //    policy may refuse a demoted block (an SSD admission filter), which is then dropped, unless the block has resident
 //    children (they are in slower tiers and need their parent).
@@ -117,6 +119,7 @@ public sealed class PolicySimulatorCache : IReplayCache
             for (int i = 0; i < chain.Length; i++)
             {
                 int n = NodeFor(chain[i], parent, i);
+                ReportSighting(n);
                 _pinned[n] = true;
                 _pinnedNow.Add(n);
                 int minTier = parent == Absent ? 0 : _tier[parent];
@@ -208,13 +211,23 @@ public sealed class PolicySimulatorCache : IReplayCache
     // that skipped them would learn a refused chain one block per request. The answers are moot.
     private void OfferUnstorable(ReadOnlySpan<BlockKey> chain, int from, int tier)
     {
-        if (_used[tier] < _tiers[tier].CapacityBlocks)
-            return;
+        bool full = _used[tier] >= _tiers[tier].CapacityBlocks;
         for (int j = from; j < chain.Length; j++)
         {
-            _ = NodeFor(chain[j], j == 0 ? Absent : _nodes[chain[j - 1]], j);
-            _ = _tiers[tier].Policy.ShouldAdmit(new PolicyBlockInfo(chain[j], j, _blockBytes));
+            int n = NodeFor(chain[j], j == 0 ? Absent : _nodes[chain[j - 1]], j);
+            ReportSighting(n);
+            if (full)
+                _ = _tiers[tier].Policy.ShouldAdmit(InfoOf(n));
         }
+    }
+
+    // Every tier's policy is told of each use of a block, resident there or not (IEvictionPolicy.OnSighting), so that
+    // moves between tiers are not counted as uses and a demoted block arrives with its history.
+    private void ReportSighting(int n)
+    {
+        var info = InfoOf(n);
+        for (int t = 0; t < _tierCount; t++)
+            _tiers[t].Policy.OnSighting(info);
     }
 
     private PolicyBlockInfo InfoOf(int n) => new(_key[n], _depth[n], _blockBytes);
