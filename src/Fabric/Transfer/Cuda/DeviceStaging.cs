@@ -76,15 +76,39 @@ internal sealed class DeviceStaging : IDisposable
 
         var chunks = request.Chunks;
         bool write = request.Op == TransferOp.Write;
-        for (int k = 0; k < deviceChunks.Length; k++)
+        int redirected = 0;
+        try
         {
-            ref Chunk c = ref chunks[deviceChunks[k]];
+            for (; redirected < deviceChunks.Length; redirected++)
+            {
+                ref Chunk c = ref chunks[deviceChunks[redirected]];
+                if (write)
+                    CopyOut(regions[redirected], c.Local, slots[redirected].Address, c.Length);
+                c = c with { Local = slots[redirected].Address };
+            }
             if (write)
-                CopyOut(regions[k], c.Local, slots[k].Address, c.Length);
-            c = c with { Local = slots[k].Address };
+                Synchronize(regions);
         }
-        if (write)
-            Synchronize(regions);
+        catch
+        {
+            // A copy the device refused: the request keeps its device addresses (it may be posted again) and the
+            // slots go back, or every later post would find the pool smaller.
+            for (int k = 0; k < redirected; k++)
+                chunks[deviceChunks[k]] = chunks[deviceChunks[k]] with { Local = request.Device!.Value.Addresses[k] };
+            if (write)
+            {
+                try
+                {
+                    Synchronize(regions); // copies already queued must not land in slots another post rents next
+                }
+                catch (DeviceMemoryException)
+                {
+                    // The device is failing: nothing more to wait for.
+                }
+            }
+            Return(slots);
+            throw;
+        }
         return slots;
     }
 

@@ -1,0 +1,98 @@
+using KvFabric.Memory;
+using KvFabric.Memory.Device;
+using KvFabric.Transfer;
+using KvFabric.Transfer.Diagnostics;
+using Xunit;
+
+namespace KvFabric.Tests.Transfer;
+
+/// <summary>Device staging when the device refuses a copy: the post reports it, and nothing stays rented or half-set.</summary>
+public sealed class DeviceStagingFaultTests
+{
+    private const int Block = 1 << 20;
+
+    /// <summary>The emulated device, with copies that fail on request (as a CUDA error would).</summary>
+    private sealed class FaultyDevice(EmulatedDeviceMemory inner) : IDeviceMemory
+    {
+        public volatile bool FailCopies;
+        public int DeviceId => inner.DeviceId;
+        public bool IsEmulated => true;
+        public long TotalBytes => inner.TotalBytes;
+        public long FreeBytes => inner.FreeBytes;
+        public long AllocatedBytes => inner.AllocatedBytes;
+        public DeviceBuffer Allocate(long bytes) => inner.Allocate(bytes);
+        public void Free(DeviceBuffer buffer) => inner.Free(buffer);
+        public DeviceStream CreateStream() => inner.CreateStream();
+        public void DestroyStream(DeviceStream stream) => inner.DestroyStream(stream);
+        public void SynchronizeStream(DeviceStream stream) => inner.SynchronizeStream(stream);
+        public DeviceEvent CreateEvent() => inner.CreateEvent();
+        public void DestroyEvent(DeviceEvent e) => inner.DestroyEvent(e);
+        public void RecordEvent(DeviceEvent e, DeviceStream stream) => inner.RecordEvent(e, stream);
+        public void SynchronizeEvent(DeviceEvent e) => inner.SynchronizeEvent(e);
+
+        public unsafe void CopyToDeviceAsync(DeviceBuffer destination, long offset, void* source, long bytes, DeviceStream stream)
+        {
+            if (FailCopies)
+                throw new DeviceMemoryException("injected: cudaMemcpyAsync failed");
+            inner.CopyToDeviceAsync(destination, offset, source, bytes, stream);
+        }
+
+        public unsafe void CopyToHostAsync(void* destination, DeviceBuffer source, long offset, long bytes, DeviceStream stream)
+        {
+            if (FailCopies)
+                throw new DeviceMemoryException("injected: cudaMemcpyAsync failed");
+            inner.CopyToHostAsync(destination, source, offset, bytes, stream);
+        }
+
+        public void PinHost(nint address, long bytes) => inner.PinHost(address, bytes);
+
+        public void UnpinHost(nint address) => inner.UnpinHost(address);
+        public void Dispose() => inner.Dispose();
+    }
+
+    private static byte[] Pattern(ulong seed, int length)
+    {
+        var bytes = new byte[length];
+        DataPattern.Fill(bytes, seed, 0);
+        return bytes;
+    }
+
+    private static unsafe void Upload(IDeviceMemory device, DeviceBuffer buffer, long offset, byte[] bytes)
+    {
+        var stream = device.CreateStream();
+        fixed (byte* p = bytes)
+            device.CopyToDeviceAsync(buffer, offset, p, bytes.Length, stream);
+        device.SynchronizeStream(stream);
+        device.DestroyStream(stream);
+    }
+
+    [Fact]
+    public async Task A_device_copy_that_fails_while_staging_a_write_gives_the_slots_back_and_the_request_can_be_posted_again()
+    {
+        using var device = new FaultyDevice(new EmulatedDeviceMemory(8 << 20));
+        DeviceBuffer kv = device.Allocate(2L * Block);
+        await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 2 });
+        await using var peer = new TransferAgent(new TransferAgentOptions { Name = "host-side" });
+        using var target = new AnonymousMemory(2L * Block);
+        var targetRegion = peer.Register(target);
+        var deviceRegion = agent.Register(device, kv);
+        var remote = await agent.LoadRemoteAsync(peer.ExportMetadata());
+        Upload(device, kv, 0, Pattern(5, Block));
+        Upload(device, kv, Block, Pattern(6, Block));
+        var write = agent.Prepare(TransferOp.Write, [deviceRegion.Descriptor(0, 2UL * Block)], remote, [targetRegion.Descriptor(0, 2UL * Block)],
+            new TransferOptions { Deadline = TimeSpan.FromSeconds(5) });
+
+        device.FailCopies = true;
+        var failed = await agent.PostAsync(write);
+        Assert.Equal(TransferStatus.Failed, failed.Status);
+        Assert.Contains("injected", failed.Error, StringComparison.Ordinal);
+        Assert.Equal(2, agent.Staging.Available); // every slot back
+
+        device.FailCopies = false;
+        var result = await agent.PostAsync(write);
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal(Pattern(5, Block), target.GetSpan(0, Block).ToArray());
+        Assert.Equal(Pattern(6, Block), target.GetSpan(Block, Block).ToArray());
+        Assert.Equal(2, agent.Staging.Available);
+    }
+}
