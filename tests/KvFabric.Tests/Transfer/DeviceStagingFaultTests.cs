@@ -6,15 +6,16 @@ using Xunit;
 
 namespace KvFabric.Tests.Transfer;
 
-/// <summary>Device staging when the device refuses a copy: the post reports it, and nothing stays rented or half-set.</summary>
+/// <summary>Device staging when the device refuses a copy or a pin: the post reports it, and nothing stays rented or half-set.</summary>
 public sealed class DeviceStagingFaultTests
 {
     private const int Block = 1 << 20;
 
-    /// <summary>The emulated device, with copies that fail on request (as a CUDA error would).</summary>
+    /// <summary>The emulated device, with copies and pins that fail on request (as a CUDA error would).</summary>
     private sealed class FaultyDevice(EmulatedDeviceMemory inner) : IDeviceMemory
     {
         public volatile bool FailCopies;
+        public volatile bool FailPins;
         public int DeviceId => inner.DeviceId;
         public bool IsEmulated => true;
         public long TotalBytes => inner.TotalBytes;
@@ -44,7 +45,12 @@ public sealed class DeviceStagingFaultTests
             inner.CopyToHostAsync(destination, source, offset, bytes, stream);
         }
 
-        public void PinHost(nint address, long bytes) => inner.PinHost(address, bytes);
+        public void PinHost(nint address, long bytes)
+        {
+            if (FailPins)
+                throw new DeviceMemoryException("injected: cudaHostRegister failed");
+            inner.PinHost(address, bytes);
+        }
 
         public void UnpinHost(nint address) => inner.UnpinHost(address);
         public void Dispose() => inner.Dispose();
@@ -94,5 +100,27 @@ public sealed class DeviceStagingFaultTests
         Assert.Equal(Pattern(5, Block), target.GetSpan(0, Block).ToArray());
         Assert.Equal(Pattern(6, Block), target.GetSpan(Block, Block).ToArray());
         Assert.Equal(2, agent.Staging.Available);
+    }
+
+    [Fact]
+    public async Task A_pin_that_fails_at_registration_is_tried_again_by_the_next_registration()
+    {
+        using var device = new FaultyDevice(new EmulatedDeviceMemory(8 << 20));
+        DeviceBuffer kv = device.Allocate(Block);
+        await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 2 });
+        await using var peer = new TransferAgent(new TransferAgentOptions { Name = "host-side" });
+        using var target = new AnonymousMemory(Block);
+        var targetRegion = peer.Register(target);
+
+        device.FailPins = true;
+        Assert.Throws<DeviceMemoryException>(() => agent.Register(device, kv));
+        device.FailPins = false;
+        var deviceRegion = agent.Register(device, kv);
+
+        var remote = await agent.LoadRemoteAsync(peer.ExportMetadata());
+        Upload(device, kv, 0, Pattern(8, Block));
+        var result = await agent.PostAsync(agent.Prepare(TransferOp.Write, [deviceRegion.Descriptor(0, Block)], remote, [targetRegion.Descriptor(0, Block)]));
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal(Pattern(8, Block), target.GetSpan(0, Block).ToArray());
     }
 }

@@ -39,11 +39,36 @@ internal sealed class DeviceStaging : IDisposable
     {
         lock (_lock)
         {
-            if (!_pinnedFor.Add(device))
+            if (_pinnedFor.Contains(device))
                 return;
-            foreach (var region in _pool.Regions)
-                device.PinHost(region.Address, region.Length);
-            _streams[device] = device.CreateStream();
+            // Marked pinned only once all of it is (with its stream): a refused pin is undone and tried again by the
+            // next registration, not left half done with no stream for the copies to run on.
+            int pinned = 0;
+            try
+            {
+                foreach (var region in _pool.Regions)
+                {
+                    device.PinHost(region.Address, region.Length);
+                    pinned++;
+                }
+                _streams[device] = device.CreateStream();
+            }
+            catch
+            {
+                foreach (var region in _pool.Regions.Take(pinned))
+                {
+                    try
+                    {
+                        device.UnpinHost(region.Address);
+                    }
+                    catch (DeviceMemoryException)
+                    {
+                        // The original failure is the one to report.
+                    }
+                }
+                throw;
+            }
+            _pinnedFor.Add(device);
         }
     }
 
