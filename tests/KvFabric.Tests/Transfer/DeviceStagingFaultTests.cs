@@ -123,4 +123,27 @@ public sealed class DeviceStagingFaultTests
         Assert.True(result.IsSuccess, result.ToString());
         Assert.Equal(Pattern(8, Block), target.GetSpan(0, Block).ToArray());
     }
+
+    [Fact]
+    public async Task Posts_that_together_need_more_slots_than_the_pool_holds_take_turns_instead_of_each_holding_part()
+    {
+        const int Chunk = 64 << 10, Posts = 12;
+        using var device = new EmulatedDeviceMemory(64 << 20);
+        DeviceBuffer kv = device.Allocate((long)Posts * 3 * Chunk);
+        await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 4, MaxChunkBytes = Chunk });
+        await using var peer = new TransferAgent(new TransferAgentOptions { Name = "host-side", MaxChunkBytes = Chunk });
+        using var target = new AnonymousMemory((long)Posts * 3 * Chunk);
+        var targetRegion = peer.Register(target);
+        var deviceRegion = agent.Register(device, kv);
+        var remote = await agent.LoadRemoteAsync(peer.ExportMetadata());
+        // Each request needs 3 of the 4 slots: two posts that each took 2 would wait on each other until their deadline.
+        var requests = Enumerable.Range(0, Posts).Select(p => agent.Prepare(TransferOp.Write, [deviceRegion.Descriptor((ulong)p * 3 * Chunk, 3UL * Chunk)], remote,
+            [targetRegion.Descriptor((ulong)p * 3 * Chunk, 3UL * Chunk)], new TransferOptions { Deadline = TimeSpan.FromSeconds(3) })).ToArray();
+        for (int round = 0; round < 5; round++)
+        {
+            var results = await Task.WhenAll(requests.Select(r => Task.Run(() => agent.PostAsync(r))));
+            Assert.All(results, r => Assert.True(r.IsSuccess, r.ToString()));
+        }
+        Assert.Equal(4, agent.Staging.Available);
+    }
 }

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using KvFabric.Memory;
 using KvFabric.Memory.Device;
 
@@ -18,6 +19,7 @@ internal sealed class DeviceStaging : IDisposable
     private readonly TransferAgent _agent;
     private readonly HostBlockPool _pool;
     private readonly SemaphoreSlim _free;
+    private readonly SemaphoreSlim _renting = new(1, 1);
     private readonly HashSet<IDeviceMemory> _pinnedFor = [];
     private readonly Dictionary<IDeviceMemory, DeviceStream> _streams = [];
     private readonly Lock _lock = new();
@@ -81,11 +83,17 @@ internal sealed class DeviceStaging : IDisposable
     {
         var slots = new BlockSlot[deviceChunks.Length];
         int rented = 0;
+        // One post rents at a time, all of its slots, within one deadline: posts that each took part of the pool would
+        // otherwise wait on each other until their deadlines, though one after the other they all fit.
+        long start = Stopwatch.GetTimestamp();
+        TimeSpan Left() => TimeSpan.FromTicks(Math.Max(0, (request.Options.Deadline - Stopwatch.GetElapsedTime(start)).Ticks));
+        if (!await _renting.WaitAsync(Left(), ct).ConfigureAwait(false))
+            return null;
         try
         {
             for (; rented < slots.Length; rented++)
             {
-                if (!await _free.WaitAsync(request.Options.Deadline, ct).ConfigureAwait(false))
+                if (!await _free.WaitAsync(Left(), ct).ConfigureAwait(false))
                 {
                     Return(slots.AsSpan(0, rented));
                     return null;
@@ -97,6 +105,10 @@ internal sealed class DeviceStaging : IDisposable
         {
             Return(slots.AsSpan(0, rented));
             throw;
+        }
+        finally
+        {
+            _renting.Release();
         }
 
         var chunks = request.Chunks;
@@ -216,6 +228,7 @@ internal sealed class DeviceStaging : IDisposable
         }
         _pool.Dispose();
         _free.Dispose();
+        _renting.Dispose();
     }
 }
 
