@@ -352,7 +352,8 @@ internal sealed class UcxBackend : ITransferBackend
             var bad = CheckRegion(id, key, out var region);
             if (bad != WireStatus.Ok)
                 return ((byte)bad, null);
-            if (length <= 0 || address < region!.Address || address + (ulong)length > region.Address + region.Length)
+            // Offsets, not ends: address + length can wrap past 2^64 and pass an end comparison.
+            if (length <= 0 || address < region!.Address || (ulong)length > region.Length || address - region.Address > region.Length - (ulong)length)
             {
                 _agent.CountRefused();
                 return ((byte)WireStatus.OutOfRange, null);
