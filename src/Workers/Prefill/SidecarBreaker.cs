@@ -53,6 +53,10 @@ public sealed class SidecarBreaker(TimeProvider? time = null)
             return;
         lock (_lock)
         {
+            // Already open: a call that started before it opened failed too. Only a failure once the cool-down is over
+            // (a probe) lengthens it, not every call that was in flight when the sidecar went away.
+            if (_openUntil != 0 && _time.GetTimestamp() < _openUntil)
+                return;
             _cooldown = _openUntil == 0 ? InitialCooldown : TimeSpan.FromTicks(Math.Min(MaxCooldown.Ticks, 2 * _cooldown.Ticks));
             _openUntil = _time.GetTimestamp() + (long)(_cooldown.TotalSeconds * _time.TimestampFrequency);
             _reason = $"{status}: {reason}";

@@ -66,4 +66,22 @@ public sealed class SidecarBreakerTests
         breaker.Failed(StatusCode.ResourceExhausted, "staging full");
         Assert.True(breaker.Allow(out _));
     }
+
+    [Fact]
+    public void Calls_in_flight_when_the_sidecar_went_away_open_the_breaker_once_instead_of_each_doubling_it()
+    {
+        var time = new ManualTime();
+        var breaker = new SidecarBreaker(time) { InitialCooldown = TimeSpan.FromSeconds(1), MaxCooldown = TimeSpan.FromSeconds(8) };
+        // Four offloads were waiting on the sidecar when it died: they all fail within the first cool-down.
+        for (int i = 0; i < 4; i++)
+        {
+            breaker.Failed(StatusCode.Unavailable, $"call {i}");
+            time.Advance(TimeSpan.FromMilliseconds(100));
+        }
+        Assert.Equal(TimeSpan.FromSeconds(1), breaker.Cooldown);
+        time.Advance(TimeSpan.FromMilliseconds(600)); // 1 s after it opened: probed again
+        Assert.True(breaker.Allow(out _));
+        breaker.Failed(StatusCode.Unavailable, "probe");
+        Assert.Equal(TimeSpan.FromSeconds(2), breaker.Cooldown);
+    }
 }
