@@ -52,4 +52,28 @@ public sealed class UcxChecksumRequestTests
         var wrapped = Request(agent, kind, Entry(kind, region, ulong.MaxValue - 4095, 8192));
         Assert.Equal((byte)KvFabric.Transfer.Tcp.WireStatus.OutOfRange, wrapped.Status);
     }
+
+    [Fact]
+    public async Task A_request_the_target_fails_to_handle_is_answered_with_a_status_instead_of_left_to_the_deadline()
+    {
+        var settings = new Dictionary<string, string> { ["TLS"] = "tcp" };
+        await using var initiator = new TransferAgent(new TransferAgentOptions { Name = "ucx-initiator", EnableUcx = true, UcxSettings = settings });
+        await using var target = new TransferAgent(new TransferAgentOptions { Name = "ucx-target", EnableUcx = true, UcxSettings = settings });
+        Assert.True(target.UcxAvailable, $"UCX must be installed for these tests (scripts/install-prereqs.sh): {target.UcxUnavailableReason}");
+        using var source = new AnonymousMemory(1 << 20);
+        using var destination = new AnonymousMemory(1 << 20);
+        var local = initiator.Register(source);
+        var far = target.Register(destination);
+        // The target's handler throws, as computing a checksum whose native library is missing there does.
+        object worker = typeof(UcxBackend).GetField("_worker", BindingFlags.NonPublic | BindingFlags.Instance)!.GetValue(target.Ucx)!;
+        worker.GetType().GetProperty("OnRequest")!.SetValue(worker,
+            new Func<ReadOnlyMemory<byte>, ReadOnlyMemory<byte>, (byte, byte[]?)>((_, _) => throw new DllNotFoundException("libxxhash.so.0")));
+        var remote = await initiator.LoadRemoteAsync(target.ExportMetadata());
+        var write = initiator.Prepare(TransferOp.Write, [local.Descriptor(0, 1 << 20)], remote, [far.Descriptor(0, 1 << 20)],
+            new TransferOptions { Backend = BackendKind.Ucx, Deadline = TimeSpan.FromSeconds(20) });
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        var result = await initiator.PostAsync(write);
+        Assert.Equal(TransferStatus.Failed, result.Status);
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"answered only after {clock.Elapsed}: {result}");
+    }
 }

@@ -223,6 +223,7 @@ internal sealed class UcxBackend : ITransferBackend
         WireStatus.KeyMismatch => $"'{remote.Name}' refused the region key (stale or forged metadata): reload its metadata",
         WireStatus.QueueFull => $"the notification queue of '{remote.Name}' is full",
         WireStatus.OutOfRange => $"'{remote.Name}' found a range outside its region: reload its metadata",
+        WireStatus.ChecksumUnsupported => $"'{remote.Name}': {FrameHeader.Describe(s)}",
         _ => $"'{remote.Name}' answered {s}",
     };
 
@@ -340,6 +341,8 @@ internal sealed class UcxBackend : ITransferBackend
             return ((byte)WireStatus.Malformed, null);
         }
         var kind = (ChecksumKind)d[0];
+        if (!Checksums.IsAvailable(kind))
+            return ((byte)WireStatus.ChecksumUnsupported, null); // as over TCP (libxxhash missing here)
         int count = (d.Length - 1) / entry;
         byte[] reply = new byte[verify ? count : count * 8];
         for (int i = 0; i < count; i++)
