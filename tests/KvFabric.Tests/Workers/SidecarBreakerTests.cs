@@ -84,4 +84,28 @@ public sealed class SidecarBreakerTests
         breaker.Failed(StatusCode.Unavailable, "probe");
         Assert.Equal(TimeSpan.FromSeconds(2), breaker.Cooldown);
     }
+
+    [Fact]
+    public void After_the_cool_down_one_call_probes_while_the_others_keep_skipping()
+    {
+        var time = new ManualTime();
+        var breaker = new SidecarBreaker(time) { InitialCooldown = TimeSpan.FromSeconds(1), MaxCooldown = TimeSpan.FromSeconds(8) };
+        breaker.Failed(StatusCode.DeadlineExceeded, "stalled");
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(breaker.Allow(out _));                        // the probe (it may wait out a deadline) ...
+        Assert.False(breaker.Allow(out string? why));             // ... and the requests meanwhile do not
+        Assert.Contains("circuit open", why, StringComparison.Ordinal);
+        breaker.Succeeded();
+        Assert.True(breaker.Allow(out _));
+        Assert.True(breaker.Allow(out _));
+
+        // A probe that never reports (cancelled, or a failure that does not open it) lets another through a cool-down later.
+        breaker.Failed(StatusCode.Unavailable, "down");
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(breaker.Allow(out _));
+        breaker.Failed(StatusCode.Internal, "not a reason to wait");
+        Assert.False(breaker.Allow(out _));
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(breaker.Allow(out _));
+    }
 }
