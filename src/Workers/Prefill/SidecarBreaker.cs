@@ -14,6 +14,7 @@ public sealed class SidecarBreaker(TimeProvider? time = null)
     private readonly TimeProvider _time = time ?? TimeProvider.System;
     private readonly Lock _lock = new();
     private long _openUntil;       // timestamp on _time; 0 when closed
+    private bool _probing;         // the call let through after a cool-down has not reported yet
     private TimeSpan _cooldown;
     private string _reason = "";
     private long _skipped;
@@ -33,8 +34,18 @@ public sealed class SidecarBreaker(TimeProvider? time = null)
     {
         lock (_lock)
         {
-            if (_openUntil == 0 || _time.GetTimestamp() >= _openUntil)
+            long now = _time.GetTimestamp();
+            if (_openUntil == 0)
             {
+                why = null;
+                return true;
+            }
+            if (now >= _openUntil)
+            {
+                // The cool-down is over: this call probes; the others keep skipping until it reports (or, if it never
+                // does, for one more cool-down).
+                _probing = true;
+                _openUntil = now + (long)(_cooldown.TotalSeconds * _time.TimestampFrequency);
                 why = null;
                 return true;
             }
@@ -53,6 +64,11 @@ public sealed class SidecarBreaker(TimeProvider? time = null)
             return;
         lock (_lock)
         {
+            // Already open: a call that started before it opened failed too. Only a failure once the cool-down is over
+            // (a probe) lengthens it, not every call that was in flight when the sidecar went away.
+            if (_openUntil != 0 && _time.GetTimestamp() < _openUntil && !_probing)
+                return;
+            _probing = false;
             _cooldown = _openUntil == 0 ? InitialCooldown : TimeSpan.FromTicks(Math.Min(MaxCooldown.Ticks, 2 * _cooldown.Ticks));
             _openUntil = _time.GetTimestamp() + (long)(_cooldown.TotalSeconds * _time.TimestampFrequency);
             _reason = $"{status}: {reason}";
@@ -62,6 +78,9 @@ public sealed class SidecarBreaker(TimeProvider? time = null)
     public void Succeeded()
     {
         lock (_lock)
+        {
             _openUntil = 0;
+            _probing = false;
+        }
     }
 }

@@ -66,4 +66,46 @@ public sealed class SidecarBreakerTests
         breaker.Failed(StatusCode.ResourceExhausted, "staging full");
         Assert.True(breaker.Allow(out _));
     }
+
+    [Fact]
+    public void Calls_in_flight_when_the_sidecar_went_away_open_the_breaker_once_instead_of_each_doubling_it()
+    {
+        var time = new ManualTime();
+        var breaker = new SidecarBreaker(time) { InitialCooldown = TimeSpan.FromSeconds(1), MaxCooldown = TimeSpan.FromSeconds(8) };
+        // Four offloads were waiting on the sidecar when it died: they all fail within the first cool-down.
+        for (int i = 0; i < 4; i++)
+        {
+            breaker.Failed(StatusCode.Unavailable, $"call {i}");
+            time.Advance(TimeSpan.FromMilliseconds(100));
+        }
+        Assert.Equal(TimeSpan.FromSeconds(1), breaker.Cooldown);
+        time.Advance(TimeSpan.FromMilliseconds(600)); // 1 s after it opened: probed again
+        Assert.True(breaker.Allow(out _));
+        breaker.Failed(StatusCode.Unavailable, "probe");
+        Assert.Equal(TimeSpan.FromSeconds(2), breaker.Cooldown);
+    }
+
+    [Fact]
+    public void After_the_cool_down_one_call_probes_while_the_others_keep_skipping()
+    {
+        var time = new ManualTime();
+        var breaker = new SidecarBreaker(time) { InitialCooldown = TimeSpan.FromSeconds(1), MaxCooldown = TimeSpan.FromSeconds(8) };
+        breaker.Failed(StatusCode.DeadlineExceeded, "stalled");
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(breaker.Allow(out _));                        // the probe (it may wait out a deadline) ...
+        Assert.False(breaker.Allow(out string? why));             // ... and the requests meanwhile do not
+        Assert.Contains("circuit open", why, StringComparison.Ordinal);
+        breaker.Succeeded();
+        Assert.True(breaker.Allow(out _));
+        Assert.True(breaker.Allow(out _));
+
+        // A probe that never reports (cancelled, or a failure that does not open it) lets another through a cool-down later.
+        breaker.Failed(StatusCode.Unavailable, "down");
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(breaker.Allow(out _));
+        breaker.Failed(StatusCode.Internal, "not a reason to wait");
+        Assert.False(breaker.Allow(out _));
+        time.Advance(TimeSpan.FromSeconds(1));
+        Assert.True(breaker.Allow(out _));
+    }
 }

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using KvFabric.Memory;
 using KvFabric.Memory.Device;
 
@@ -18,8 +19,6 @@ internal sealed class DeviceStaging : IDisposable
     private readonly TransferAgent _agent;
     private readonly HostBlockPool _pool;
     private readonly SemaphoreSlim _free;
-    // One post gathers its slots at a time: two posts each holding part of the pool while waiting for the rest would
-    // wait each other out to their deadlines.
     private readonly SemaphoreSlim _renting = new(1, 1);
     private readonly HashSet<IDeviceMemory> _pinnedFor = [];
     private readonly Dictionary<IDeviceMemory, DeviceStream> _streams = [];
@@ -42,11 +41,36 @@ internal sealed class DeviceStaging : IDisposable
     {
         lock (_lock)
         {
-            if (!_pinnedFor.Add(device))
+            if (_pinnedFor.Contains(device))
                 return;
-            foreach (var region in _pool.Regions)
-                device.PinHost(region.Address, region.Length);
-            _streams[device] = device.CreateStream();
+            // Marked pinned only once all of it is (with its stream): a refused pin is undone and tried again by the
+            // next registration, not left half done with no stream for the copies to run on.
+            int pinned = 0;
+            try
+            {
+                foreach (var region in _pool.Regions)
+                {
+                    device.PinHost(region.Address, region.Length);
+                    pinned++;
+                }
+                _streams[device] = device.CreateStream();
+            }
+            catch
+            {
+                foreach (var region in _pool.Regions.Take(pinned))
+                {
+                    try
+                    {
+                        device.UnpinHost(region.Address);
+                    }
+                    catch (DeviceMemoryException)
+                    {
+                        // The original failure is the one to report.
+                    }
+                }
+                throw;
+            }
+            _pinnedFor.Add(device);
         }
     }
 
@@ -59,16 +83,17 @@ internal sealed class DeviceStaging : IDisposable
     {
         var slots = new BlockSlot[deviceChunks.Length];
         int rented = 0;
-        long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        TimeSpan Left() => request.Options.Deadline - System.Diagnostics.Stopwatch.GetElapsedTime(start);
-        if (!await _renting.WaitAsync(Left() > TimeSpan.Zero ? Left() : TimeSpan.Zero, ct).ConfigureAwait(false))
+        // One post rents at a time, all of its slots, within one deadline: posts that each took part of the pool would
+        // otherwise wait on each other until their deadlines, though one after the other they all fit.
+        long start = Stopwatch.GetTimestamp();
+        TimeSpan Left() => TimeSpan.FromTicks(Math.Max(0, (request.Options.Deadline - Stopwatch.GetElapsedTime(start)).Ticks));
+        if (!await _renting.WaitAsync(Left(), ct).ConfigureAwait(false))
             return null;
         try
         {
             for (; rented < slots.Length; rented++)
             {
-                TimeSpan left = Left();
-                if (left < TimeSpan.Zero || !await _free.WaitAsync(left, ct).ConfigureAwait(false))
+                if (!await _free.WaitAsync(Left(), ct).ConfigureAwait(false))
                 {
                     Return(slots.AsSpan(0, rented));
                     return null;
@@ -88,15 +113,39 @@ internal sealed class DeviceStaging : IDisposable
 
         var chunks = request.Chunks;
         bool write = request.Op == TransferOp.Write;
-        for (int k = 0; k < deviceChunks.Length; k++)
+        int redirected = 0;
+        try
         {
-            ref Chunk c = ref chunks[deviceChunks[k]];
+            for (; redirected < deviceChunks.Length; redirected++)
+            {
+                ref Chunk c = ref chunks[deviceChunks[redirected]];
+                if (write)
+                    CopyOut(regions[redirected], c.Local, slots[redirected].Address, c.Length);
+                c = c with { Local = slots[redirected].Address };
+            }
             if (write)
-                CopyOut(regions[k], c.Local, slots[k].Address, c.Length);
-            c = c with { Local = slots[k].Address };
+                Synchronize(regions);
         }
-        if (write)
-            Synchronize(regions);
+        catch
+        {
+            // A copy the device refused: the request keeps its device addresses (it may be posted again) and the
+            // slots go back, or every later post would find the pool smaller.
+            for (int k = 0; k < redirected; k++)
+                chunks[deviceChunks[k]] = chunks[deviceChunks[k]] with { Local = request.Device!.Value.Addresses[k] };
+            if (write)
+            {
+                try
+                {
+                    Synchronize(regions); // copies already queued must not land in slots another post rents next
+                }
+                catch (DeviceMemoryException)
+                {
+                    // The device is failing: nothing more to wait for.
+                }
+            }
+            Return(slots);
+            throw;
+        }
         return slots;
     }
 

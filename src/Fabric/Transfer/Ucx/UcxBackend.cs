@@ -227,6 +227,7 @@ internal sealed class UcxBackend : ITransferBackend
         WireStatus.KeyMismatch => $"'{remote.Name}' refused the region key (stale or forged metadata): reload its metadata",
         WireStatus.QueueFull => $"the notification queue of '{remote.Name}' is full",
         WireStatus.OutOfRange => $"'{remote.Name}' found a range outside its region: reload its metadata",
+        WireStatus.ChecksumUnsupported => $"'{remote.Name}': {FrameHeader.Describe(s)}",
         _ => $"'{remote.Name}' answered {s}",
     };
 
@@ -344,6 +345,8 @@ internal sealed class UcxBackend : ITransferBackend
             return ((byte)WireStatus.Malformed, null);
         }
         var kind = (ChecksumKind)d[0];
+        if (!Checksums.IsAvailable(kind))
+            return ((byte)WireStatus.ChecksumUnsupported, null); // as over TCP (libxxhash missing here)
         int count = (d.Length - 1) / entry;
         byte[] reply = new byte[verify ? count : count * 8];
         for (int i = 0; i < count; i++)
@@ -356,7 +359,8 @@ internal sealed class UcxBackend : ITransferBackend
             var bad = CheckRegion(id, key, out var region);
             if (bad != WireStatus.Ok)
                 return ((byte)bad, null);
-            if (length <= 0 || address < region!.Address || address + (ulong)length > region.Address + region.Length)
+            // Offsets, not ends: address + length can wrap past 2^64 and pass an end comparison.
+            if (length <= 0 || address < region!.Address || (ulong)length > region.Length || address - region.Address > region.Length - (ulong)length)
             {
                 _agent.CountRefused();
                 return ((byte)WireStatus.OutOfRange, null);

@@ -417,7 +417,18 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         if (!whole)
             answer = ((byte)Tcp.WireStatus.Malformed, null); // rendezvous data: we asked for eager, so refuse it
         else
-            answer = OnRequest?.Invoke(header.ToArray(), new ReadOnlySpan<byte>(data, length).ToArray()) ?? ((byte)Tcp.WireStatus.Internal, null);
+        {
+            try
+            {
+                answer = OnRequest?.Invoke(header.ToArray(), new ReadOnlySpan<byte>(data, length).ToArray()) ?? ((byte)Tcp.WireStatus.Internal, null);
+            }
+            catch (Exception e)
+            {
+                // Still answered: without a reply the initiator would wait for its deadline.
+                Console.Error.WriteLine($"kvfabric: a UCX request to '{Name}' failed: {e.GetType().Name}: {e.Message}");
+                answer = ((byte)Tcp.WireStatus.Internal, null);
+            }
+        }
         if ((param->RecvAttr & Ucp.AmRecvAttrFieldReplyEp) != 0 && param->ReplyEp != 0)
         {
             // Replies are sent after this progress call returns, not from inside the UCX callback.
