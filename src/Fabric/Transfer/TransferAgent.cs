@@ -56,7 +56,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
     /// <summary>Notifications from peers, each delivered after the bytes of its transfer were in place and verified.</summary>
     public ChannelReader<Notification> Notifications => _notifications.Reader;
     internal LocalRegistry Registry => _registry;
-    public IReadOnlyList<RegisteredRegion> Regions => _registry.All;
+    /// <summary>The regions registered by the user (the agent's own staging memory is left out).</summary>
+    public IReadOnlyList<RegisteredRegion> Regions => Array.FindAll(_registry.All, r => !r.Internal);
     /// <summary>Whether this agent runs a UCX worker (EnableUcx was set and libucp initialised).</summary>
     public bool UcxAvailable => _ucx?.Available == true;
     /// <summary>Why UCX is not available: not enabled, libucp missing, or its initialisation failed; null when it is.</summary>
@@ -180,9 +181,9 @@ public sealed partial class TransferAgent : IAsyncDisposable
     /// <summary>This agent's metadata with all regions, or only those given (a peer can only touch what it gets keys for).</summary>
     public AgentMetadata GetMetadata(IEnumerable<RegisteredRegion>? only = null)
     {
-        var regions = (only ?? _registry.All).Select(r =>
+        var regions = (only ?? Regions).Select(r =>
         {
-            if (_registry.ById(r.Id) != r)
+            if (_registry.ById(r.Id) != r || r.Internal)
                 throw new TransferException($"{r} is not registered with agent '{Name}'");
             return new RemoteRegionInfo(r.Id, r.Kind, r.Address, r.Length, r.DeviceId, r.Key, r.MappedPath) { UcxRkey = _ucx?.RkeyOf(r.Id) ?? [] };
         }).ToArray();

@@ -118,6 +118,8 @@ public sealed class RegisteredRegion : IAddressRange
     internal INativeMemory? Memory { get; }
     /// <summary>The device and allocation of a device region (its address is a device address), else null.</summary>
     internal Cuda.DeviceRegion? Device { get; set; }
+    /// <summary>The agent's own memory (device staging): never exported, never a target of a peer's transfer.</summary>
+    internal bool Internal { get; set; }
     ulong IAddressRange.Start => Address;
     ulong IAddressRange.End => Address + Length;
     public MemoryDescriptor Descriptor(ulong offset, ulong length) => new(Address + offset, length, DeviceId);

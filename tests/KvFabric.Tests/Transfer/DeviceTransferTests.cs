@@ -91,6 +91,10 @@ public sealed class DeviceTransferTests
             Assert.Equal([1, 2], (await peer.Notifications.ReadAsync()).Message);
         }
         Assert.Equal(4, agent.Staging.Available); // every slot back
+        // The staging slots are the agent's own: not in Regions, not in the metadata peers load.
+        Assert.Equal([deviceRegion], agent.Regions);
+        Assert.Single(agent.GetMetadata().Regions);
+        Assert.Throws<TransferException>(() => agent.GetMetadata(agent.Staging.Regions));
 
         // READ the peer's blocks 4..5 into device blocks 4..5.
         Span(target, 4L * Block, 2 * Block).Clear();

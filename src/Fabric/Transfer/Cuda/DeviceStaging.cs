@@ -29,9 +29,14 @@ internal sealed class DeviceStaging : IDisposable
         _agent = agent;
         _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = slotBytes, SlotCount = slots, Tag = "device-staging" });
         _free = new SemaphoreSlim(slots, slots);
-        agent.Register(_pool);
+        // Registered so every backend moves from and into it, but the agent's own: never exported, never a peer's target.
+        Regions = agent.Register(_pool);
+        foreach (var region in Regions)
+            region.Internal = true;
     }
 
+    /// <summary>The pool's regions (internal: never exported).</summary>
+    public IReadOnlyList<RegisteredRegion> Regions { get; private set; } = [];
     public int Slots => _pool.Capacity;
     public int SlotBytes => _pool.SlotBytes;
     public int Available => _pool.Available;
@@ -247,8 +252,18 @@ internal sealed class SessionStaging(int chunkBytes) : IDisposable
         _buffer ??= new AnonymousMemory(chunkBytes);
         if (!_pinned.ContainsKey(device))
         {
-            device.PinHost(_buffer.Address, _buffer.Length);
-            _pinned[device] = device.CreateStream();
+            // Recorded only once both succeeded, so a refusal is retried whole at the next frame.
+            var stream = device.CreateStream();
+            try
+            {
+                device.PinHost(_buffer.Address, _buffer.Length);
+            }
+            catch
+            {
+                device.DestroyStream(stream);
+                throw;
+            }
+            _pinned[device] = stream;
         }
         return _buffer.Address;
     }

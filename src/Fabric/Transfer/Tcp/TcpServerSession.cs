@@ -88,7 +88,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         if (h.Length > Agent.Options.MaxChunkBytes)
             throw new InvalidDataException($"a {h.Length}-byte {h.Type} exceeds this agent's {Agent.Options.MaxChunkBytes}-byte chunk limit");
         var region = Agent.Registry.ById(h.RegionId);
-        if (region is null || !region.TryAcquire())
+        if (region is null || region.Internal || !region.TryAcquire())
         {
             status = WireStatus.UnknownRegion;
             return null;
@@ -198,7 +198,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         {
             return Staging.Buffer(device.Device);
         }
-        catch (KvFabric.Memory.Device.DeviceMemoryException e)
+        catch (Exception e) when (e is KvFabric.Memory.Device.DeviceMemoryException or ArgumentException or ObjectDisposedException)
         {
             DeviceFailed(e);
             return 0;
@@ -215,7 +215,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
                 Staging.ToHost(device, offset, host, length);
             return true;
         }
-        catch (KvFabric.Memory.Device.DeviceMemoryException e)
+        catch (Exception e) when (e is KvFabric.Memory.Device.DeviceMemoryException or ArgumentException or ObjectDisposedException)
         {
             DeviceFailed(e);
             return false;

@@ -19,6 +19,7 @@ internal sealed class UcxBackend : ITransferBackend
     private readonly TransferAgent _agent;
     private readonly UcxWorker? _worker;
     private readonly Dictionary<uint, (nint Memh, byte[] Rkey)> _mapped = [];
+    private readonly List<UcxMemory> _allocations = [];
     private readonly Lock _lock = new();
     private readonly Dictionary<ulong, (TaskCompletionSource<(byte Status, byte[] Payload)> Reply, int Endpoint)> _calls = [];
     private long _nextSeq;
@@ -62,7 +63,10 @@ internal sealed class UcxBackend : ITransferBackend
         if (_worker is null)
             throw new TransferException($"UCX is not available ({UnavailableReason}): allocate host memory yourself and register it");
         var (memh, rkey, address) = _worker.Invoke(() => _worker.AllocateMemory((ulong)length), TimeSpan.FromSeconds(30));
-        return (new UcxMemory(address, length), memh, rkey);
+        var memory = new UcxMemory(address, length);
+        lock (_lock)
+            _allocations.Add(memory);
+        return (memory, memh, rkey);
     }
 
     /// <summary>Records the mapping of a region whose memory <see cref="Allocate"/> gave (no second ucp_mem_map).</summary>
@@ -89,12 +93,18 @@ internal sealed class UcxBackend : ITransferBackend
             if (!_mapped.Remove(region.Id, out m))
                 return;
         }
+        if (region.Memory is UcxMemory allocation)
+        {
+            // Marked before UCX frees it, so Address never hands out unmapped memory.
+            allocation.MarkFreed();
+            lock (_lock)
+                _allocations.Remove(allocation);
+        }
         _worker.Invoke(() =>
         {
             _worker.UnmapMemory(m.Memh);
             return 0;
         }, TimeSpan.FromSeconds(30));
-        (region.Memory as UcxMemory)?.MarkFreed();
     }
 
     public byte[]? RkeyOf(uint regionId)
@@ -318,7 +328,7 @@ internal sealed class UcxBackend : ITransferBackend
     private WireStatus CheckRegion(uint id, ulong key, out RegisteredRegion? region)
     {
         region = _agent.Registry.ById(id);
-        if (region is null || RkeyOf(id) is null)
+        if (region is null || region.Internal || RkeyOf(id) is null)
         {
             _agent.CountRefused();
             return WireStatus.UnknownRegion;
@@ -576,6 +586,14 @@ internal sealed class UcxBackend : ITransferBackend
         }
         var post = new Post(this, request, ep);
         request.BackendState = post;
+        Interlocked.MemoryBarrier();
+        if (ct.IsCancellationRequested)
+        {
+            // The deadline passed during the key check: issue nothing. An abort that saw no Post yet returned at once;
+            // one that sees this Post waits for Done, which is set here.
+            post.Done.TrySetResult();
+            return;
+        }
         var worker = _worker!;
         worker.Post(() => post.Issue(worker));
         // A WRITE's own checksums are computed here while the progress thread issues the puts (both only read).
@@ -744,9 +762,14 @@ internal sealed class UcxBackend : ITransferBackend
 
     public ValueTask DisposeAsync()
     {
+        lock (_lock)
+        {
+            // Every allocation, including one whose deregistration timed out (out of the registry, still mapped).
+            foreach (var allocation in _allocations)
+                allocation.MarkFreed();
+            _allocations.Clear();
+        }
         _worker?.Dispose(); // unmaps every memh, which frees UCX allocations
-        foreach (var region in _agent.Registry.All)
-            (region.Memory as UcxMemory)?.MarkFreed();
         return ValueTask.CompletedTask;
     }
 }
