@@ -90,7 +90,8 @@ public sealed partial class SsdBlockStore
     }
 
     // Copies the payload into an aligned buffer (zero-padded to 4 KiB), computes the header's checksum over that copy while
-    // it is still in cache, and writes it to its data address; durable when this returns (O_DSYNC). Returns the header.
+    // it is still in cache, and writes it to its data address; durable when this returns (O_DSYNC). Returns the block's
+    // log reference (header with that checksum, data address, reference checksum).
     private async Task<SsdRefBytes> WriteDataAsync(SsdRecordHeader header, ReadOnlyMemory<byte> payload, long dataAddress)
     {
         int length = DataBytes(payload.Length);
