@@ -28,6 +28,9 @@ internal static partial class Libc
     [LibraryImport("libc", EntryPoint = "ftruncate", SetLastError = true)]
     internal static partial int Ftruncate(int fd, long length);
 
+    [LibraryImport("libc", EntryPoint = "fallocate", SetLastError = true)]
+    internal static partial int Fallocate(int fd, int mode, long offset, long length);
+
     [LibraryImport("libc", EntryPoint = "mmap", SetLastError = true)]
     internal static partial nint Mmap(nint addr, nuint length, int prot, int flags, int fd, long offset);
 

@@ -1,22 +1,20 @@
-using System.Buffers;
-
 namespace KvFabric.Tiers.Ssd;
 
 public sealed partial class SsdBlockStore
 {
-    // Record bytes (headers included) of the live blocks: what the log would hold with no dead records.
-    private long _liveRecordBytes;
+    // Data-segment bytes (4 KiB-padded payloads) of the live blocks: what the data segments would hold with no dead payloads.
+    private long _liveDataBytes;
     private Task? _compaction;
     private int _compacting;
 
     /// <summary>Why the last compaction stopped early, if it did; null when every run finished.</summary>
     public string? LastCompactionError { get; private set; }
 
-    /// <summary>Segments freed by compaction since opening.</summary>
+    /// <summary>Data segments freed by compaction since opening.</summary>
     public int CompactedSegments => Volatile.Read(ref _compactedSegments);
     private int _compactedSegments;
 
-    // Starts a background compaction when dead records exceed the slack and the oldest segment can be freed.
+    // Starts a background compaction when dead payloads exceed the slack and the oldest data segment can be freed.
     private void MaybeStartCompaction()
     {
         if (_stopping || !NeedsCompaction() || Interlocked.Exchange(ref _compacting, 1) != 0)
@@ -30,8 +28,8 @@ public sealed partial class SsdBlockStore
             }
             catch (Exception e) when (e is not OutOfMemoryException)
             {
-                // A failure leaves every block where it was (the index moves only after a commit); the log stays longer
-                // than it should, which LastCompactionError tells an operator. Device errors also fault writes.
+                // A failure leaves every block where it was (the index moves only after a commit); the segments stay
+                // longer than they should, which LastCompactionError tells an operator. Device errors also fault writes.
                 LastCompactionError = $"{e.GetType().Name}: {e.Message}";
             }
             finally
@@ -50,28 +48,36 @@ public sealed partial class SsdBlockStore
 
     private bool NeedsCompaction()
     {
-        long live;
         lock (_lock)
-            live = _liveRecordBytes;
-        long dead = _log.TailAddress - _log.BeginAddress - live;
-        long segmentEnd = SegmentEnd(_log.BeginAddress);
-        return dead > (long)(_options.CapacityBytes * _options.CompactionSlack) && segmentEnd <= _log.CommittedUntilAddress;
+        {
+            long dead = _dataTail - _dataBegin - _liveDataBytes;
+            return dead > (long)(_options.CapacityBytes * _options.CompactionSlack) && OldestSegmentSettledLocked();
+        }
+    }
+
+    // The oldest data segment can be compacted once the tail has left it and no payload is still being written into it.
+    private bool OldestSegmentSettledLocked()
+    {
+        long until = SegmentEnd(_dataBegin);
+        return until <= _dataTail && (_dataInFlight.Count == 0 || _dataInFlight.Min >= until);
     }
 
     private long SegmentEnd(long address) => (address & ~(_options.SegmentBytes - 1)) + _options.SegmentBytes;
 
     /// <summary>
-    /// Copies the live records of the oldest segment to the log's tail, then truncates the log past that segment (FASTER
-    /// deletes the file). Each copy is appended under the index lock, so it is ordered before any tombstone of its key.
+    /// Copies the live payloads of the oldest data segment to the data tail, appends their new references (each under the
+    /// index lock, so it is ordered before any tombstone of its key), commits, repoints the index and deletes the segment;
+    /// then truncates the log below the oldest live reference and commits again.
     /// </summary>
     internal async Task CompactOldestSegmentAsync()
     {
-        long until = SegmentEnd(_log.BeginAddress);
-        if (until > _log.CommittedUntilAddress)
-            return;
+        long until;
         var victims = new List<(BlockKey Key, Entry Entry)>();
         lock (_lock)
         {
+            if (!OldestSegmentSettledLocked())
+                return;
+            until = SegmentEnd(_dataBegin);
             foreach (var (key, entry) in _index)
             {
                 if (entry.Address < until)
@@ -81,19 +87,26 @@ public sealed partial class SsdBlockStore
         var moved = new List<(BlockKey Key, Entry From, Entry To)>(victims.Count);
         foreach (var (key, entry) in victims)
         {
-            var (owner, length) = await _log.ReadAsync(entry.Address, MemoryPool<byte>.Shared, entry.RecordLength).ConfigureAwait(false);
-            using (owner)
+            using var buffer = _data.RentBuffer(entry.DataLength);
+            await _data.ReadAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), buffer, entry.DataLength).ConfigureAwait(false);
+            long to;
+            lock (_lock)
             {
-                var record = owner.Memory[..length];
-                if (SsdRecordHeader.TryParse(record.Span, out _) is not { } header || header.Key != key || header.Kind != SsdRecordKind.Block)
+                if (!_index.TryGetValue(key, out var now) || now != entry)
+                    continue;
+                if (entry.Header(key).ChecksumOf(buffer.Span(0, entry.StoredLength)) != entry.Checksum)
                 {
-                    lock (_lock)
-                    {
-                        if (_index.TryGetValue(key, out var now) && now == entry)
-                            DropLocked(key, entry); // corrupt: it would be served as such; it goes away with the segment
-                    }
+                    DropLocked(key, entry); // corrupt: it would be served as such; it goes away with the segment
                     continue;
                 }
+                to = ReserveDataLocked(entry.StoredLength);
+            }
+            try
+            {
+                await _data.WriteAlignedAsync(DataSegment(to), DataOffset(to), buffer, entry.DataLength).ConfigureAwait(false);
+                var refBytes = new SsdRefBytes();
+                entry.Header(key).Write(refBytes, entry.Checksum);
+                SsdRecordHeader.WriteRef(refBytes, ((ReadOnlySpan<byte>)refBytes)[..SsdRecordHeader.Size], to);
                 while (true)
                 {
                     long address;
@@ -101,19 +114,27 @@ public sealed partial class SsdBlockStore
                     {
                         if (!_index.TryGetValue(key, out var now) || now != entry)
                             break;
-                        if (!_log.TryEnqueue(new CopiedRecord(record), out address))
+                        if (!_log.TryEnqueue(new SsdLogEntry(refBytes), out address))
                             address = -1;
+                        else
+                            _dirty = true;
                     }
                     if (address >= 0)
                     {
-                        moved.Add((key, entry, entry with { Address = address }));
+                        moved.Add((key, entry, entry with { Address = to, RefAddress = address }));
                         break;
                     }
                     await Task.Delay(1).ConfigureAwait(false); // the log's memory is full until a page flushes
                 }
             }
+            finally
+            {
+                lock (_lock)
+                    _dataInFlight.Remove(to);
+            }
         }
         await JoinCommit().ConfigureAwait(false);
+        long oldestRef;
         lock (_lock)
         {
             foreach (var (key, from, to) in moved)
@@ -121,16 +142,19 @@ public sealed partial class SsdBlockStore
                 if (_index.TryGetValue(key, out var now) && now == from)
                     _index[key] = to;
             }
-            _log.TruncateUntilPageStart(until);
+            // Every live block below `until` now has a committed reference to its copy; a block removed meanwhile has its
+            // tombstone appended already. Nothing live points into the segment any more.
+            _dataBegin = until;
+            oldestRef = _index.Count == 0 ? _log.TailAddress : _index.Values.Min(e => e.RefAddress);
+        }
+        for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
+            _data.RemoveSegment(segment);
+        lock (_lock)
+        {
+            _log.TruncateUntilPageStart(oldestRef);
             _dirty = true;
         }
         await JoinCommit().ConfigureAwait(false);
         Interlocked.Increment(ref _compactedSegments);
-    }
-
-    private readonly struct CopiedRecord(ReadOnlyMemory<byte> record) : FASTER.core.ILogEnqueueEntry
-    {
-        public int SerializedLength => record.Length;
-        public void SerializeTo(Span<byte> dest) => record.Span.CopyTo(dest);
     }
 }

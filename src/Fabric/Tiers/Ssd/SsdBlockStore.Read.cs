@@ -1,5 +1,3 @@
-using System.Buffers;
-using System.Buffers.Binary;
 using KvFabric.Compression;
 
 namespace KvFabric.Tiers.Ssd;
@@ -28,7 +26,8 @@ public sealed partial class SsdBlockStore
             string problem;
             try
             {
-                problem = await ReadRecordAsync(entry, key, destination, cancellationToken).ConfigureAwait(false);
+                cancellationToken.ThrowIfCancellationRequested();
+                problem = await ReadDataAsync(key, entry, destination, verifyOnly: false).ConfigureAwait(false);
                 if (problem.Length == 0)
                     return true;
             }
@@ -57,32 +56,23 @@ public sealed partial class SsdBlockStore
                 DropLocked(key, entry);
             }
             Signal();
-            throw new BlockCorruptException(key, TierKind.Ssd, $"record at log address {entry.Address} in {Directory}: {problem}");
+            throw new BlockCorruptException(key, TierKind.Ssd, $"payload at data address {entry.Address} ({_data.FileName}.{DataSegment(entry.Address)}, "
+                + $"offset {DataOffset(entry.Address)}) in {Directory}: {problem}");
         }
     }
 
-    // Flushed records are read straight from their segment file (one aligned pread, verified in place); records still
-    // only in FASTER's memory tail go through FasterLog.ReadAsync. Returns "" or what was wrong with the record.
-    private async ValueTask<string> ReadRecordAsync(Entry entry, BlockKey key, Memory<byte> destination, CancellationToken cancellationToken)
+    // One aligned pread of the payload from its data segment into a pooled buffer, verified in place against the indexed
+    // header's checksum, then copied or decompressed into the destination. Returns "" or what was wrong.
+    private async ValueTask<string> ReadDataAsync(BlockKey key, Entry entry, Memory<byte> destination, bool verifyOnly)
     {
-        int header = _log.HeaderSize;
-        if (_device is DirectFileDevice direct && entry.Address + header + entry.RecordLength <= _log.FlushedUntilAddress)
-        {
-            int segment = (int)(entry.Address / _options.SegmentBytes);
-            long offset = entry.Address % _options.SegmentBytes;
-            long start = offset & ~(long)(SectorBytes - 1);
-            int length = (int)((offset - start + header + entry.RecordLength + SectorBytes - 1) & ~(long)(SectorBytes - 1));
-            using var buffer = direct.RentBuffer(length);
-            await direct.ReadAlignedAsync(segment, start, buffer, length).ConfigureAwait(false);
-            var raw = buffer.Span((int)(offset - start), header + entry.RecordLength);
-            // FASTER's entry header is the payload length (LogChecksumType.None); the record's own checksum covers the rest.
-            int logged = BinaryPrimitives.ReadInt32LittleEndian(raw);
-            return logged == entry.RecordLength ? Decode(key, entry, raw[header..], destination.Span)
-                : $"log entry length {logged} at address {entry.Address}, the index expects {entry.RecordLength}";
-        }
-        var (owner, read) = await _log.ReadAsync(entry.Address, MemoryPool<byte>.Shared, entry.RecordLength, cancellationToken).ConfigureAwait(false);
-        using (owner)
-            return owner is null ? "the log returned no record" : Decode(key, entry, owner.Memory.Span[..read], destination.Span);
+        int length = entry.DataLength;
+        using var buffer = _data.RentBuffer(length);
+        await _data.ReadAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), buffer, length).ConfigureAwait(false);
+        var payload = buffer.Span(0, entry.StoredLength);
+        ulong actual = entry.Header(key).ChecksumOf(payload);
+        if (actual != entry.Checksum)
+            return $"XXH3 checksum 0x{actual:x16} does not match the indexed 0x{entry.Checksum:x16}";
+        return verifyOnly ? "" : Decode(entry, payload, destination.Span);
     }
 
     private bool Moved(BlockKey key, Entry entry, out Entry? now)
@@ -99,17 +89,10 @@ public sealed partial class SsdBlockStore
         }
     }
 
-    private static string Decode(BlockKey key, Entry entry, ReadOnlySpan<byte> record, Span<byte> destination)
+    private static string Decode(Entry entry, ReadOnlySpan<byte> payload, Span<byte> destination)
     {
-        if (record.Length != entry.RecordLength)
-            return $"record is {record.Length} bytes, the index expects {entry.RecordLength}";
-        if (SsdRecordHeader.TryParse(record, out string problem) is not { } header)
-            return problem;
-        if (header.Kind != SsdRecordKind.Block || header.Key != key || header.Meta != entry.Meta || header.Codec != entry.Codec)
-            return $"record holds {header.Kind} {header.Key} ({header.Meta}), not the indexed block";
-        var payload = record[SsdRecordHeader.Size..];
-        var target = destination[..header.RawLength];
-        if (header.Codec == SsdCodec.None)
+        var target = destination[..entry.Meta.Length];
+        if (entry.Codec == SsdCodec.None)
         {
             payload.CopyTo(target);
             return "";
@@ -117,7 +100,7 @@ public sealed partial class SsdBlockStore
         try
         {
             int n = Zstd.Decompress(payload, target);
-            return n == header.RawLength ? "" : $"zstd produced {n} bytes, expected {header.RawLength}";
+            return n == entry.Meta.Length ? "" : $"zstd produced {n} bytes, expected {entry.Meta.Length}";
         }
         catch (InvalidDataException e)
         {
@@ -148,15 +131,15 @@ public sealed partial class SsdBlockStore
     {
         _index.Remove(key);
         _used -= entry.StoredLength;
-        _liveRecordBytes -= entry.RecordLength;
+        _liveDataBytes -= entry.DataLength;
         if (_fault is not null)
             return;
         var header = SsdRecordHeader.Tombstone(key);
         var bytes = new SsdHeaderBytes();
-        header.Write(bytes, default);
+        header.Write(bytes, ReadOnlySpan<byte>.Empty);
         try
         {
-            _log.Enqueue(new SsdLogEntry(bytes, default));
+            _log.Enqueue(new SsdLogEntry(bytes));
             _dirty = true;
         }
         catch (Exception e) when (e is not OutOfMemoryException)

@@ -5,15 +5,16 @@ namespace KvFabric.Tiers.Ssd;
 
 public sealed partial class SsdBlockStore
 {
-    // Group commit: writers append, join the open batch and signal; one committer commits the log up to its tail (covering
-    // every record appended before the batch closed) and completes the whole batch at once. Writers keep appending while a
-    // commit is on the disk, so each commit covers everything that arrived during the previous one.
+    // A write: the payload is copied (and hashed) into an aligned buffer and written O_DIRECT | O_DSYNC to its own place in
+    // a data segment, in parallel with every other writer's, as fio writes; only once it is on stable storage is its
+    // reference appended to the log. Group commit: writers append, join the open batch and signal; one committer commits
+    // the log up to its tail (covering every reference appended before the batch closed) and completes the batch at once.
     private readonly SemaphoreSlim _commitSignal = new(0);
     private readonly Task _committer;
     private TaskCompletionSource _batch = NewBatch();
     private int _signalled;
     private long _commitCount;
-    private int _appending;     // writers between reserving room and joining a batch (under _lock)
+    private int _appending;     // writers between appending their reference and joining a batch (under _lock)
     private long _batchBytes;   // record bytes in the open batch (under _lock)
     private bool _dirty;
     private volatile bool _stopping;          // no new compaction
@@ -50,6 +51,7 @@ public sealed partial class SsdBlockStore
             }
 
             TaskCompletionSource<bool>? sameKey, done = null;
+            long dataAddress = -1;
             lock (_lock)
             {
                 if (_index.ContainsKey(key))
@@ -61,12 +63,12 @@ public sealed partial class SsdBlockStore
                     _reserved += payload.Length;
                     done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
                     _pending.Add(key, done);
-                    _appending++;
+                    dataAddress = ReserveDataLocked(payload.Length);
                 }
             }
             if (sameKey is not null)
                 return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
-            return await AppendAndCommitAsync(key, meta, payload, codec, done!, cancellationToken).ConfigureAwait(false);
+            return await WriteAndCommitAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -75,29 +77,80 @@ public sealed partial class SsdBlockStore
         }
     }
 
-    private async ValueTask<bool> AppendAndCommitAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> payload, SsdCodec codec,
+    // Under _lock: room for a payload in the data segments, 4 KiB aligned, never across a segment boundary.
+    private long ReserveDataLocked(int storedLength)
+    {
+        long length = DataBytes(storedLength);
+        if (_dataTail % _options.SegmentBytes + length > _options.SegmentBytes)
+            _dataTail = SegmentEnd(_dataTail);
+        long address = _dataTail;
+        _dataTail += length;
+        _dataInFlight.Add(address);
+        return address;
+    }
+
+    // Copies the payload into an aligned buffer (zero-padded to 4 KiB), computes the header's checksum over that copy while
+    // it is still in cache, and writes it to its data address; durable when this returns (O_DSYNC). Returns the block's
+    // log reference (header with that checksum, data address, reference checksum).
+    private async Task<SsdRefBytes> WriteDataAsync(SsdRecordHeader header, ReadOnlyMemory<byte> payload, long dataAddress)
+    {
+        int length = DataBytes(payload.Length);
+        var refBytes = new SsdRefBytes();
+        using (var buffer = _data.RentBuffer(length))
+        {
+            var span = buffer.WritableSpan(0, length);
+            payload.Span.CopyTo(span);
+            span[payload.Length..].Clear();
+            header.Write(refBytes, span[..payload.Length]);
+            await _data.WriteAlignedAsync(DataSegment(dataAddress), DataOffset(dataAddress), buffer, length).ConfigureAwait(false);
+        }
+        SsdRecordHeader.WriteRef(refBytes, ((ReadOnlySpan<byte>)refBytes)[..SsdRecordHeader.Size], dataAddress);
+        return refBytes;
+    }
+
+    private int DataSegment(long dataAddress) => (int)(dataAddress / _options.SegmentBytes);
+
+    private long DataOffset(long dataAddress) => dataAddress % _options.SegmentBytes;
+
+    private async ValueTask<bool> WriteAndCommitAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> payload, SsdCodec codec, long dataAddress,
         TaskCompletionSource<bool> done, CancellationToken cancellationToken)
     {
-        bool appended = false, joined = false;
+        bool appending = false, appended = false, joined = false;
         try
         {
             var header = new SsdRecordHeader(SsdRecordKind.Block, codec, key, meta, payload.Length);
-            var bytes = new SsdHeaderBytes();
-            header.Write(bytes, payload.Span);
-            var entry = new SsdLogEntry(bytes, payload);
+            SsdRefBytes refBytes;
+            try
+            {
+                refBytes = await WriteDataAsync(header, payload, dataAddress).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is IOException or ObjectDisposedException)
+            {
+                // A data write that failed (disk full, device error) stops writes as a failed commit does.
+                _fault ??= new TierException($"writing a block's payload to {_data.FileName}.{DataSegment(dataAddress)} failed: {_data.LastError ?? e.Message}", e);
+                throw;
+            }
+            cancellationToken.ThrowIfCancellationRequested();
+            ulong checksum = System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(((ReadOnlySpan<byte>)refBytes)[56..]);
+            var entry = new SsdLogEntry(refBytes);
+            lock (_lock)
+                _appending++;
+            appending = true;
             if (!_log.TryEnqueue(entry, out long address))
                 address = await _log.EnqueueAsync(entry, cancellationToken).ConfigureAwait(false);
             appended = true;
-            var commit = JoinCommit(SsdRecordHeader.Size + payload.Length);
+            var commit = JoinCommit(SsdRecordHeader.RefSize);
             joined = true;
             await commit.ConfigureAwait(false);
             lock (_lock)
             {
                 _pending.Remove(key);
                 _reserved -= payload.Length;
-                _index.Add(key, new Entry(address, payload.Length, codec, meta));
+                _dataInFlight.Remove(dataAddress);
+                var added = new Entry(dataAddress, payload.Length, codec, meta, checksum, address);
+                _index.Add(key, added);
                 _used += payload.Length;
-                _liveRecordBytes += SsdRecordHeader.Size + payload.Length;
+                _liveDataBytes += added.DataLength;
             }
             done.TrySetResult(true);
             MaybeStartCompaction();
@@ -110,7 +163,8 @@ public sealed partial class SsdBlockStore
             {
                 _pending.Remove(key);
                 _reserved -= payload.Length;
-                last = !joined && --_appending == 0;
+                _dataInFlight.Remove(dataAddress);
+                last = appending && !joined && --_appending == 0;
             }
             if (last)
                 Signal();
@@ -120,7 +174,7 @@ public sealed partial class SsdBlockStore
                 throw;
             }
             var failure = e as TierException ?? new TierException($"Writing block {key} to the SSD tier in {Directory} failed ({DeviceError(e)}); "
-                + "the block is not stored. Check free space and the device, then retry or reopen the store.", e);
+                + "the block is not stored. Free space on that file system or check the device, then retry or reopen the store.", e);
             done.TrySetException(failure);
             _ = done.Task.Exception; // observed here; a same-key waiter rethrows it
             throw failure;

@@ -8,13 +8,16 @@ using KvFabric.Transfer;
 namespace KvFabric.Tiers.Ssd;
 
 /// <summary>
-/// The crash-safe SSD tier: every block is one record appended to a FASTER log (<see cref="FasterLog"/>), found through an
-/// in-memory index (key to log address) that opening rebuilds by scanning the committed log. A write is acknowledged
-/// only after the group commit that covers it; every read is checksum-verified. docs/tiers-ssd.md has the whole design.
+/// The crash-safe SSD tier: every block's payload is written once, O_DIRECT | O_DSYNC, into a data segment
+/// (blocks.data.N); once it is on stable storage, a reference to it (header, checksum, data address) is appended to a
+/// FASTER log (<see cref="FasterLog"/>) and the write is acknowledged after the group commit that covers the reference.
+/// An in-memory index (key to data address) is rebuilt on open by scanning the committed log; every read is
+/// checksum-verified. docs/tiers-ssd.md has the whole design.
 /// </summary>
 public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 {
     private const string LogFileName = "blocks.log";
+    private const string DataFileName = "blocks.data";
     private const string LockFileName = "kvfabric-ssd.lock";
     private const string CommitFileName = "commits.slots";
     // O_DIRECT alignment: 4 KiB covers disks with 512-byte and 4 KiB logical sectors alike.
@@ -23,6 +26,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     private readonly SsdBlockStoreOptions _options;
     private readonly FileStream _lockFile;
     private readonly IDevice _device;
+    private readonly DirectFileDevice _data;
     private readonly SsdCommitFile _commits;
     private readonly FasterLog _log;
     private readonly object _lock = new();
@@ -32,19 +36,29 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     private long _used;
     private long _reserved;
     private int _disposed;
+    // Data segments: payloads are appended at _dataTail (4 KiB aligned, never straddling a segment); compaction frees
+    // segments below _dataBegin. Addresses are never reused while a committed reference may point at them.
+    private long _dataBegin;
+    private long _dataTail;
+    private readonly SortedSet<long> _dataInFlight = []; // data addresses written but not yet indexed (under _lock)
 
-    // Where a live block's record is: its log address and what its header says (kept so a read needs one I/O).
-    private readonly record struct Entry(long Address, int StoredLength, SsdCodec Codec, BlockMeta Meta)
+    // Where a live block is: its payload's data address, what its header says (so a read needs one I/O and can verify
+    // it), and the log address of its reference (the log is truncated below the oldest live reference).
+    private readonly record struct Entry(long Address, int StoredLength, SsdCodec Codec, BlockMeta Meta, ulong Checksum, long RefAddress)
     {
-        public int RecordLength => SsdRecordHeader.Size + StoredLength;
+        public int DataLength => DataBytes(StoredLength);
+        public SsdRecordHeader Header(BlockKey key) => new(SsdRecordKind.Block, Codec, key, Meta, StoredLength);
     }
 
-    private SsdBlockStore(SsdBlockStoreOptions options, FileStream lockFile, IDevice device, SsdCommitFile commits, FasterLog log)
+    private static int DataBytes(int storedLength) => (int)((storedLength + SectorBytes - 1) & ~(long)(SectorBytes - 1));
+
+    private SsdBlockStore(SsdBlockStoreOptions options, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits, FasterLog log)
     {
         _commits = commits;
         _options = options;
         _lockFile = lockFile;
         _device = device;
+        _data = data;
         _log = log;
         Directory = Path.GetFullPath(options.Directory);
         (RecoveredCorruptRecords, _recovered) = Recover();
@@ -66,8 +80,15 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     /// <summary>Committed records that failed verification while opening (skipped: their blocks are absent).</summary>
     public int RecoveredCorruptRecords { get; }
 
-    /// <summary>Bytes the log occupies on disk between its head and tail, dead records included.</summary>
-    public long LogBytes => _log.TailAddress - _log.BeginAddress;
+    /// <summary>Bytes the data segments and the log span between their heads and tails, dead records included.</summary>
+    public long LogBytes
+    {
+        get
+        {
+            lock (_lock)
+                return _dataTail - _dataBegin + (_log.TailAddress - _log.BeginAddress);
+        }
+    }
 
     public bool Contains(BlockKey key)
     {
@@ -86,6 +107,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         string dir = Path.GetFullPath(options.Directory);
         var lockFile = TakeDirectory(dir);
         IDevice? device = null;
+        DirectFileDevice? data = null;
         SsdCommitFile? commits = null;
         FasterLog? log = null;
         try
@@ -93,7 +115,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
             CheckFreeSpace(dir, options);
             string logPath = Path.Combine(dir, LogFileName);
-            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, options.MaxRecordBytes);
+            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.RefSize);
+            data = new DirectFileDevice(Path.Combine(dir, DataFileName), SectorBytes, DataBytes(options.MaxBlockBytes), preallocateBytes: options.SegmentBytes);
             var settings = new FasterLogSettings
             {
                 LogDevice = device,
@@ -107,13 +130,14 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
             // The recovery scan reads the whole log: off the caller's thread.
-            var (d, c, l) = (device, commits, log);
-            return await Task.Run(() => new SsdBlockStore(options, lockFile, d, c, l), cancellationToken).ConfigureAwait(false);
+            var (d, dd, c, l) = (device, data, commits, log);
+            return await Task.Run(() => new SsdBlockStore(options, lockFile, d, dd, c, l), cancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
         {
             log?.Dispose();
             device?.Dispose();
+            data?.Dispose();
             commits?.Dispose();
             lockFile.Dispose();
             throw new TierException($"Could not open the SSD tier's log in {dir}: {e.Message}. Check that the directory is on a local file system "
@@ -123,6 +147,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         {
             log?.Dispose();
             device?.Dispose();
+            data?.Dispose();
             commits?.Dispose();
             lockFile.Dispose();
             throw;
@@ -160,7 +185,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     // system cannot hold, rather than fail with ENOSPC hours later.
     private static void CheckFreeSpace(string dir, SsdBlockStoreOptions options)
     {
-        long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Sum(f => new FileInfo(f).Length);
+        long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Concat(System.IO.Directory.EnumerateFiles(dir, DataFileName + ".*"))
+            .Sum(f => new FileInfo(f).Length);
         long available = new DriveInfo(dir).AvailableFreeSpace + existing;
         long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack)) + options.SegmentBytes;
         if (available < needed)
@@ -169,17 +195,19 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 + "lower CapacityBytes or free space on that file system.");
     }
 
+    // Replays the committed log (references and tombstones) into the index, then reads every live block's payload from
+    // its data segment and verifies it, so a damaged block is counted here and never listed as recovered.
     private (int Corrupt, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
     {
         int corrupt = 0;
-        long end = _log.TailAddress;
+        long end = _log.TailAddress, dataEnd = 0;
         using (var iterator = _log.Scan(_log.BeginAddress, end))
         {
             while (iterator.GetNext(MemoryPool<byte>.Shared, out var owner, out int length, out long address, out _))
             {
                 using (owner)
                 {
-                    var header = SsdRecordHeader.TryParse(owner.Memory.Span[..length], out _);
+                    var header = SsdRecordHeader.TryParseEntry(owner.Memory.Span[..length], out long dataAddress, out ulong checksum, out _);
                     if (header is not { } h)
                     {
                         corrupt++;
@@ -188,15 +216,26 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                     if (h.Kind == SsdRecordKind.Tombstone)
                         _index.Remove(h.Key);
                     else
-                        _index[h.Key] = new Entry(address, h.StoredLength, h.Codec, h.Meta);
+                    {
+                        _index[h.Key] = new Entry(dataAddress, h.StoredLength, h.Codec, h.Meta, checksum, address);
+                        dataEnd = Math.Max(dataEnd, dataAddress + DataBytes(h.StoredLength));
+                    }
                 }
                 if (iterator.NextAddress >= end)
                     break;
             }
         }
+        corrupt += VerifyRecoveredData();
+        // New payloads go past every payload a reference in the log may name (live or not), so nothing committed is overwritten.
+        _dataTail = dataEnd;
+        _dataBegin = _index.Count == 0 ? dataEnd : _index.Values.Min(e => e.Address) & ~(_options.SegmentBytes - 1);
+        // Segments below the oldest live payload hold nothing a replayed reference needs (a crash after compaction's
+        // commit, before it deleted them): free them.
+        for (int segment = DataSegment(_dataBegin) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
+            _data.RemoveSegment(segment);
         foreach (var entry in _index.Values)
             _used += entry.StoredLength;
-        _liveRecordBytes = _used + (long)_index.Count * SsdRecordHeader.Size;
+        _liveDataBytes = _index.Values.Sum(e => (long)e.DataLength);
         var recovered = new KeyValuePair<BlockKey, BlockMeta>[_index.Count];
         int i = 0;
         foreach (var (key, entry) in _index)
@@ -204,10 +243,35 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         return (corrupt, recovered);
     }
 
+    // Reads the live payloads in data-address order, several at a time, and drops the ones that fail their checksum.
+    private int VerifyRecoveredData()
+    {
+        var entries = _index.OrderBy(kv => kv.Value.Address).ToArray();
+        var bad = new System.Collections.Concurrent.ConcurrentBag<BlockKey>();
+        Parallel.ForEachAsync(entries, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (kv, _) =>
+        {
+            string problem;
+            try
+            {
+                problem = await ReadDataAsync(kv.Key, kv.Value, default, verifyOnly: true).ConfigureAwait(false);
+            }
+            catch (IOException e)
+            {
+                problem = e.Message;
+            }
+            if (problem.Length > 0)
+                bad.Add(kv.Key);
+        }).GetAwaiter().GetResult();
+        foreach (var key in bad)
+            _index.Remove(key);
+        return bad.Count;
+    }
+
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
 
     // FASTER reports a device error as a bare code; the device keeps the message with the file and the errno text.
-    private string DeviceError(Exception e) => _device is DirectFileDevice { LastError: { } detail } ? $"{e.Message}: {detail}" : e.Message;
+    private string DeviceError(Exception e) =>
+        _device is DirectFileDevice { LastError: { } detail } && !e.Message.Contains(detail, StringComparison.Ordinal) ? $"{e.Message}: {detail}" : e.Message;
 
     [DoesNotReturn]
     private void ThrowFaulted(Exception fault) =>
@@ -229,6 +293,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         await _committer.ConfigureAwait(false);
         _log.Dispose();
         _device.Dispose();
+        _data.Dispose();
         _commits.Dispose();
         _lockFile.Dispose();
         _commitSignal.Dispose();

@@ -5,7 +5,7 @@ namespace KvFabric.Tiers.Ssd;
 
 public sealed record SsdBlockStoreOptions
 {
-    /// <summary>Directory holding the log segments, FASTER's commit records and the lock file; created when missing.</summary>
+    /// <summary>Directory holding the data segments, the log segments, FASTER's commit records and the lock file; created when missing.</summary>
     public required string Directory { get; init; }
 
     /// <summary>Live bytes the store may hold, counted as stored (after compression), headers excluded.</summary>
@@ -25,13 +25,15 @@ public sealed record SsdBlockStoreOptions
     /// <summary>Fraction of a block compression must save to be stored compressed (0.125: at most 7/8 of the raw size).</summary>
     public double MinCompressionSaving { get; init; } = 0.125;
 
-    /// <summary>FASTER log page size: writes reach the disk in pieces of at most this; a power of two, at least 2x a record.</summary>
+    /// <summary>FASTER log page size (the log holds 80-byte block references and tombstones; payloads go to data segments);
+    /// a power of two, at least 2x a record.</summary>
     public int LogPageBytes { get; init; } = 32 << 20;
 
     /// <summary>Pages of the in-memory log tail (the write buffer between the writers and the disk); at least 2.</summary>
     public int LogMemoryPages { get; init; } = 4;
 
-    /// <summary>Log segment file size (a power of two): compaction frees disk space one segment at a time.</summary>
+    /// <summary>Data and log segment file size (a power of two): compaction frees disk space one data segment at a time.
+    /// A new data segment file is preallocated (fallocate) to this size.</summary>
     public long SegmentBytes { get; init; } = 256L << 20;
 
     /// <summary>

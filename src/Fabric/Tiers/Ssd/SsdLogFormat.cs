@@ -7,7 +7,9 @@ namespace KvFabric.Tiers.Ssd;
 internal static class SsdLogFormat
 {
     public const string FileName = "kvfabric-ssd.format";
-    private const string Magic = "kvfabric-ssd-log v1";
+    // v2: payloads in data segments (blocks.data.N), block references in the FASTER log. A v1 directory (payloads inline in
+    // the log) differs in this line and is refused like any other geometry mismatch.
+    private const string Magic = "kvfabric-ssd-log v2";
 
     public static void CheckOrCreate(string dir, SsdBlockStoreOptions options, string logFilePrefix)
     {

@@ -18,7 +18,8 @@ internal enum SsdCodec : byte
     Zstd = 1,
 }
 
-// One log record: a fixed 64-byte little-endian header, then the stored payload (docs/tiers-ssd.md has the table).
+// A block's 64-byte little-endian header (docs/tiers-ssd.md has the table). It heads the block's reference in the FASTER
+// log (header + data address + reference checksum); the payload itself lies in a data segment (blocks.data.N).
 //   0 u32 magic "KVSB"   4 u16 version   6 u8 kind   7 u8 codec   8 u32 tenant   12 u8[16] hash (big-endian, as BlockHash)
 //  28 u8[16] parent     44 i32 depth    48 i32 raw length        52 i32 stored length   56 u64 checksum
 // checksum = XXH3-64(payload, seed: XXH3-64(header bytes 0..56)): it covers every header field and every payload byte.
@@ -26,16 +27,23 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
 {
     public const int Size = 64;
     public const uint Magic = 0x4253564B; // "KVSB" read as a little-endian u32
-    public const ushort Version = 1;
+    public const ushort Version = 2;      // 2: payloads in data segments, the log holds references (1: payloads inline)
     private const int ChecksumOffset = 56;
 
+    /// <summary>A block reference in the log: header, u64 data address, u64 XXH3-64 of the 72 bytes before it.</summary>
+    public const int RefSize = Size + 16;
+
     public int RawLength => Meta.Length;
-    public int RecordLength => Size + StoredLength;
 
     public static SsdRecordHeader Tombstone(BlockKey key) => new(SsdRecordKind.Tombstone, SsdCodec.None, key, default, 0);
 
     /// <summary>Writes the header, checksum included, for this payload.</summary>
-    public void Write(Span<byte> destination, ReadOnlySpan<byte> payload)
+    public void Write(Span<byte> destination, ReadOnlySpan<byte> payload) => WriteWithChecksum(destination, payload, computed: true, 0);
+
+    /// <summary>Writes the header with a checksum already known (a reference rewritten by compaction).</summary>
+    public void Write(Span<byte> destination, ulong checksum) => WriteWithChecksum(destination, default, computed: false, checksum);
+
+    private void WriteWithChecksum(Span<byte> destination, ReadOnlySpan<byte> payload, bool computed, ulong checksum)
     {
         var h = destination[..Size];
         BinaryPrimitives.WriteUInt32LittleEndian(h, Magic);
@@ -48,24 +56,43 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
         BinaryPrimitives.WriteInt32LittleEndian(h[44..], Meta.Depth);
         BinaryPrimitives.WriteInt32LittleEndian(h[48..], Meta.Length);
         BinaryPrimitives.WriteInt32LittleEndian(h[52..], StoredLength);
-        BinaryPrimitives.WriteUInt64LittleEndian(h[ChecksumOffset..], Checksum(h, payload));
+        BinaryPrimitives.WriteUInt64LittleEndian(h[ChecksumOffset..], computed ? Checksum(h, payload) : checksum);
+    }
+
+    /// <summary>The checksum this header and payload must carry (what a read verifies the data segment's bytes against).</summary>
+    public ulong ChecksumOf(ReadOnlySpan<byte> payload)
+    {
+        Span<byte> h = stackalloc byte[Size];
+        WriteWithChecksum(h, default, computed: false, 0);
+        return Checksum(h, payload);
     }
 
     private static ulong Checksum(ReadOnlySpan<byte> header, ReadOnlySpan<byte> payload) =>
         Checksums.XxHash3(payload, Checksums.XxHash3(header[..ChecksumOffset]));
 
-    /// <summary>
-    /// Parses and verifies a whole record (header and payload). Returns null and a reason when anything is off:
-    /// a torn tail, a flipped bit, a record of another format.
-    /// </summary>
-    public static SsdRecordHeader? TryParse(ReadOnlySpan<byte> record, out string problem)
+    /// <summary>Writes a block reference: the header (with the payload's checksum) then the data address and its own checksum.</summary>
+    public static void WriteRef(Span<byte> destination, ReadOnlySpan<byte> header, long dataAddress)
     {
-        if (record.Length < Size)
+        header[..Size].CopyTo(destination);
+        BinaryPrimitives.WriteInt64LittleEndian(destination[Size..], dataAddress);
+        BinaryPrimitives.WriteUInt64LittleEndian(destination[(Size + 8)..], Checksums.XxHash3(destination[..(Size + 8)]));
+    }
+
+    /// <summary>
+    /// Parses and verifies one log entry: a block reference (its own checksum; the payload's is checked when the data is
+    /// read) or a tombstone (its checksum over the header). Returns null and a reason when anything is off: a torn tail,
+    /// a flipped bit, a record of another format.
+    /// </summary>
+    public static SsdRecordHeader? TryParseEntry(ReadOnlySpan<byte> entry, out long dataAddress, out ulong checksum, out string problem)
+    {
+        dataAddress = 0;
+        checksum = 0;
+        if (entry.Length < Size)
         {
-            problem = $"record of {record.Length} bytes is shorter than the {Size}-byte header";
+            problem = $"log entry of {entry.Length} bytes is shorter than the {Size}-byte header";
             return null;
         }
-        var h = record[..Size];
+        var h = entry[..Size];
         uint magic = BinaryPrimitives.ReadUInt32LittleEndian(h);
         ushort version = BinaryPrimitives.ReadUInt16LittleEndian(h[4..]);
         if (magic != Magic || version != Version)
@@ -78,17 +105,37 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
         int depth = BinaryPrimitives.ReadInt32LittleEndian(h[44..]);
         int raw = BinaryPrimitives.ReadInt32LittleEndian(h[48..]);
         int stored = BinaryPrimitives.ReadInt32LittleEndian(h[52..]);
-        if (kind is not (SsdRecordKind.Block or SsdRecordKind.Tombstone) || codec is not (SsdCodec.None or SsdCodec.Zstd)
-            || raw < 0 || stored < 0 || depth < 0 || stored != record.Length - Size || (codec == SsdCodec.None && stored != raw))
+        checksum = BinaryPrimitives.ReadUInt64LittleEndian(h[ChecksumOffset..]);
+        bool shapeOk = kind switch
         {
-            problem = $"inconsistent header (kind {h[6]}, codec {h[7]}, depth {depth}, raw {raw}, stored {stored}, record {record.Length} bytes)";
+            SsdRecordKind.Block => entry.Length == RefSize && stored > 0 && raw > 0 && (codec != SsdCodec.None || stored == raw),
+            SsdRecordKind.Tombstone => entry.Length == Size && stored == 0 && codec == SsdCodec.None,
+            _ => false,
+        };
+        if (!shapeOk || codec is not (SsdCodec.None or SsdCodec.Zstd) || raw < 0 || stored < 0 || depth < 0)
+        {
+            problem = $"inconsistent log entry (kind {h[6]}, codec {h[7]}, depth {depth}, raw {raw}, stored {stored}, {entry.Length} bytes)";
             return null;
         }
-        ulong expected = BinaryPrimitives.ReadUInt64LittleEndian(h[ChecksumOffset..]);
-        ulong actual = Checksum(h, record[Size..]);
-        if (expected != actual)
+        if (kind == SsdRecordKind.Block)
         {
-            problem = $"XXH3 checksum 0x{actual:x16} does not match the stored 0x{expected:x16}";
+            ulong expected = BinaryPrimitives.ReadUInt64LittleEndian(entry[(Size + 8)..]);
+            ulong actual = Checksums.XxHash3(entry[..(Size + 8)]);
+            if (expected != actual)
+            {
+                problem = $"XXH3 checksum 0x{actual:x16} of the block reference does not match the stored 0x{expected:x16}";
+                return null;
+            }
+            dataAddress = BinaryPrimitives.ReadInt64LittleEndian(entry[Size..]);
+            if (dataAddress < 0 || dataAddress % 4096 != 0)
+            {
+                problem = $"block reference points at data address {dataAddress}, which is not 4 KiB aligned";
+                return null;
+            }
+        }
+        else if (Checksum(h, default) != checksum)
+        {
+            problem = $"XXH3 checksum of the tombstone does not match the stored 0x{checksum:x16}";
             return null;
         }
         problem = "";
@@ -104,16 +151,25 @@ internal struct SsdHeaderBytes
     private byte _first;
 }
 
-// Serializes header + payload straight into FASTER's log page: one copy of the payload on the write path.
-internal readonly struct SsdLogEntry(SsdHeaderBytes header, ReadOnlyMemory<byte> payload) : ILogEnqueueEntry
+// A log entry (a block reference or a tombstone) copied into FASTER's page.
+internal readonly struct SsdLogEntry : ILogEnqueueEntry
 {
-    private readonly SsdHeaderBytes _header = header;
+    private readonly SsdRefBytes _bytes;
+    private readonly int _length;
 
-    public int SerializedLength => SsdRecordHeader.Size + payload.Length;
-
-    public void SerializeTo(Span<byte> dest)
+    public SsdLogEntry(ReadOnlySpan<byte> bytes)
     {
-        ((ReadOnlySpan<byte>)_header).CopyTo(dest);
-        payload.Span.CopyTo(dest[SsdRecordHeader.Size..]);
+        bytes.CopyTo(_bytes);
+        _length = bytes.Length;
     }
+
+    public int SerializedLength => _length;
+
+    public void SerializeTo(Span<byte> dest) => ((ReadOnlySpan<byte>)_bytes)[.._length].CopyTo(dest);
+}
+
+[InlineArray(SsdRecordHeader.RefSize)]
+internal struct SsdRefBytes
+{
+    private byte _first;
 }
