@@ -16,6 +16,11 @@ public sealed record RpcBenchOptions
     public int LookupCallers { get; init; } = 64;
     public int LookupChain { get; init; } = 32;
     public TimeSpan LookupDuration { get; init; } = TimeSpan.FromSeconds(3);
+    /// <summary>
+    /// When positive, a second Lookup phase: the same callers issue calls on a fixed schedule at this aggregate rate
+    /// (open loop), and latency counts from each call's scheduled time, so a stall delays every call behind it.
+    /// </summary>
+    public double LookupRate { get; init; }
     /// <summary>Largest data chunk per Get response message; 0: the server's default (1 MiB).</summary>
     public uint GetChunkBytes { get; init; }
 }
@@ -32,7 +37,11 @@ public sealed record RpcBenchResult(
     double GetClientCpuSecondsPerGb,
     double GetServerCpuSecondsPerGb,
     Spread PutSlotsGbps,
-    Spread GetSlotsGbps);
+    Spread GetSlotsGbps)
+{
+    /// <summary>The open-loop phase at <see cref="RpcBenchOptions.LookupRate"/> (calls/s achieved, p50, p99), or null.</summary>
+    public (double CallsPerSecond, double P50Us, double P99Us)? OpenLoop { get; init; }
+}
 
 /// <summary>
 /// Drives a `kvfabric serve` process over loopback with FabricClient: streamed Put and Get of whole blocks (GB/s) and
@@ -146,6 +155,12 @@ public static class RpcBench
         double lookupSeconds = Stopwatch.GetElapsedTime(lookupStart).TotalSeconds;
         double lookupClientCpu = ProcessCpu.Self - lc0, lookupServerCpu = ProcessCpu.Seconds(sidecar.Pid) - ls0;
         double[] all = latencies.SelectMany(l => l).Order().ToArray();
+        (double, double, double)? openLoop = null;
+        if (o.LookupRate > 0)
+        {
+            progress($"lookup: {o.LookupCallers} callers at {o.LookupRate:F0} calls/s in all, open loop, for {o.LookupDuration.TotalSeconds:0} s");
+            openLoop = await OpenLoopAsync(client, lookupChain, expected, o, ct);
+        }
         int code = await sidecar.StopAsync();
         if (code != 0)
             throw new InvalidOperationException($"kvfabric serve exited with {code}:\n{sidecar.Log}");
@@ -153,7 +168,43 @@ public static class RpcBench
         return new RpcBenchResult(Spread.Of(put), Spread.Of(get), all.Length / lookupSeconds,
             Spread.Percentile(all, 50), Spread.Percentile(all, 99), all.Length,
             lookupClientCpu / all.Length * 1e6, lookupServerCpu / all.Length * 1e6, getClientCpu / gb, getServerCpu / gb,
-            Spread.Of(putSlots), Spread.Of(getSlots));
+            Spread.Of(putSlots), Spread.Of(getSlots)) { OpenLoop = openLoop };
+    }
+
+    // Caller c makes its k-th call at start + (k + c / callers) / (rate / callers): the callers interleave evenly. A call
+    // that starts late because the caller was still waiting on its previous one is timed from when it should have
+    // started (no coordinated omission); an idle caller times from when it actually sent.
+    private static async Task<(double CallsPerSecond, double P50Us, double P99Us)> OpenLoopAsync(FabricClient client, byte[] chain, uint expected,
+        RpcBenchOptions o, CancellationToken ct)
+    {
+        double perCaller = o.LookupRate / o.LookupCallers;
+        long start = Stopwatch.GetTimestamp() + Stopwatch.Frequency / 10;
+        long end = start + (long)(o.LookupDuration.TotalSeconds * Stopwatch.Frequency);
+        var latencies = new List<double>[o.LookupCallers];
+        await Task.WhenAll(Enumerable.Range(0, o.LookupCallers).Select(async caller =>
+        {
+            var mine = latencies[caller] = new List<double>(100_000);
+            for (long k = 0; ; k++)
+            {
+                long due = start + (long)((k + (double)caller / o.LookupCallers) / perCaller * Stopwatch.Frequency);
+                if (due >= end)
+                    break;
+                long now = Stopwatch.GetTimestamp(), from = due;
+                if (due > now)
+                {
+                    // Idle until due: a timer that wakes late is the client's slack, not the service's latency.
+                    await Task.Delay(TimeSpan.FromSeconds((double)(due - now) / Stopwatch.Frequency), ct).ConfigureAwait(false);
+                    from = Stopwatch.GetTimestamp();
+                }
+                var r = await client.LookupAsync(chain, new CallOptions(CancellationToken: ct)).ConfigureAwait(false);
+                mine.Add((Stopwatch.GetTimestamp() - from) * 1e6 / Stopwatch.Frequency);
+                if (r.MatchedBlocks != expected)
+                    throw new InvalidOperationException($"Lookup matched {r.MatchedBlocks} blocks, expected {expected}");
+            }
+        }));
+        double seconds = (double)(Math.Max(end, Stopwatch.GetTimestamp()) - start) / Stopwatch.Frequency;
+        double[] all = latencies.SelectMany(l => l).Order().ToArray();
+        return (all.Length / seconds, Spread.Percentile(all, 50), Spread.Percentile(all, 99));
     }
 
     /// <summary>

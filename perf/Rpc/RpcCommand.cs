@@ -18,13 +18,14 @@ public static class RpcCommand
         var runs = new Option<int>("--runs") { Description = "measured runs (median reported)", DefaultValueFactory = _ => 5 };
         var callers = new Option<int>("--callers") { Description = "concurrent Lookup callers", DefaultValueFactory = _ => 64 };
         var seconds = new Option<double>("--lookup-seconds") { Description = "how long the Lookup load runs", DefaultValueFactory = _ => 3 };
+        var rate = new Option<double>("--lookup-rate") { Description = "also run Lookup open loop at this many calls/s in all (0: only the closed loop)" };
         var noReference = new Option<bool>("--no-reference") { Description = "skip the TCP transfer backend reference" };
         var chunk = new Option<string>("--get-chunk") { Description = "largest data chunk per Get response message (0: the server's 1 MiB default)", DefaultValueFactory = _ => "0" };
         var quick = new Option<bool>("--quick") { Description = "CI-sized run: 16 blocks, 2 runs, 1 s of Lookup" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("rpc", "The gRPC service over loopback: Lookup calls/s and latency with concurrent callers, streamed Put/Get GB/s vs the TCP transfer backend.")
         {
-            blockSize, blocks, perCall, runs, callers, seconds, noReference, quick, json, chunk,
+            blockSize, blocks, perCall, runs, callers, seconds, noReference, quick, json, chunk, rate,
         };
         cmd.SetAction(async (p, ct) =>
         {
@@ -37,6 +38,7 @@ public static class RpcCommand
                 Runs = QuickDefaults.Pick(p, runs, isQuick, 2),
                 LookupCallers = p.GetValue(callers),
                 LookupDuration = TimeSpan.FromSeconds(QuickDefaults.Pick(p, seconds, isQuick, 1.0)),
+                LookupRate = p.GetValue(rate),
                 GetChunkBytes = p.GetValue(chunk) is "0" ? 0 : checked((uint)Sizes.Parse(p.GetValue(chunk)!)),
             };
             JsonReport.Write(p.GetValue(json), await RunAsync(o, !p.GetValue(noReference), ct));
@@ -73,6 +75,13 @@ public static class RpcCommand
         report["lookup_p99_us"] = JsonReport.Round(r.LookupP99Us);
         report["lookup_client_cpu_us_per_call"] = JsonReport.Round(r.LookupClientCpuUsPerCall);
         report["lookup_server_cpu_us_per_call"] = JsonReport.Round(r.LookupServerCpuUsPerCall);
+        if (r.OpenLoop is { } open)
+        {
+            report["lookup_open_loop_rate"] = o.LookupRate;
+            report["lookup_open_loop_calls_per_second"] = JsonReport.Round(open.CallsPerSecond);
+            report["lookup_open_loop_p50_us"] = JsonReport.Round(open.P50Us);
+            report["lookup_open_loop_p99_us"] = JsonReport.Round(open.P99Us);
+        }
         report["get_client_cpu_seconds_per_gb"] = JsonReport.Round(r.GetClientCpuSecondsPerGb);
         report["get_server_cpu_seconds_per_gb"] = JsonReport.Round(r.GetServerCpuSecondsPerGb);
         report["put_gbps"] = JsonReport.Round(r.PutGbps.Median);
@@ -84,6 +93,8 @@ public static class RpcCommand
         var table = new Table().AddColumns("figure", "value");
         table.AddRow($"Lookup ({o.LookupCallers} callers, {o.LookupChain}-block chain)", $"{r.LookupCallsPerSecond:F0} calls/s, p50 {r.LookupP50Us:F0} us, p99 {r.LookupP99Us:F0} us");
         table.AddRow("Lookup CPU per call (client / server)", $"{r.LookupClientCpuUsPerCall:F0} / {r.LookupServerCpuUsPerCall:F0} us");
+        if (r.OpenLoop is { } ol)
+            table.AddRow($"Lookup open loop ({o.LookupCallers} callers, {o.LookupRate:F0} calls/s asked)", $"{ol.CallsPerSecond:F0} calls/s, p50 {ol.P50Us:F0} us, p99 {ol.P99Us:F0} us (from the scheduled time)");
         table.AddRow("Get CPU s per GB (client / server)", $"{r.GetClientCpuSecondsPerGb:F3} / {r.GetServerCpuSecondsPerGb:F3}");
         table.AddRow($"Put streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.PutGbps.Median:F2} GB/s (min {r.PutGbps.Min:F2}, max {r.PutGbps.Max:F2})");
         table.AddRow($"Get streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.GetGbps.Median:F2} GB/s (min {r.GetGbps.Min:F2}, max {r.GetGbps.Max:F2})");
