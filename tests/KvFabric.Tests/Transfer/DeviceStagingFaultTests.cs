@@ -3,6 +3,7 @@ using KvFabric.Memory.Device;
 using KvFabric.Transfer;
 using KvFabric.Transfer.Diagnostics;
 using Xunit;
+using static KvFabric.Tests.Transfer.DeviceBytes;
 
 namespace KvFabric.Tests.Transfer;
 
@@ -56,21 +57,7 @@ public sealed class DeviceStagingFaultTests
         public void Dispose() => inner.Dispose();
     }
 
-    private static byte[] Pattern(ulong seed, int length)
-    {
-        var bytes = new byte[length];
-        DataPattern.Fill(bytes, seed, 0);
-        return bytes;
-    }
 
-    private static unsafe void Upload(IDeviceMemory device, DeviceBuffer buffer, long offset, byte[] bytes)
-    {
-        var stream = device.CreateStream();
-        fixed (byte* p = bytes)
-            device.CopyToDeviceAsync(buffer, offset, p, bytes.Length, stream);
-        device.SynchronizeStream(stream);
-        device.DestroyStream(stream);
-    }
 
     [Fact]
     public async Task A_device_copy_that_fails_while_staging_a_write_gives_the_slots_back_and_the_request_can_be_posted_again()

@@ -3,6 +3,7 @@ using KvFabric.Memory.Device;
 using KvFabric.Transfer;
 using KvFabric.Transfer.Diagnostics;
 using Xunit;
+using static KvFabric.Tests.Transfer.DeviceBytes;
 
 namespace KvFabric.Tests.Transfer;
 
@@ -16,32 +17,8 @@ public sealed class DeviceTransferTests
 
     private static unsafe Span<byte> Span(INativeMemory memory, long offset, int length) => new((byte*)memory.Address + offset, length);
 
-    private static byte[] Pattern(ulong seed, int length)
-    {
-        var bytes = new byte[length];
-        DataPattern.Fill(bytes, seed, 0);
-        return bytes;
-    }
 
-    private static unsafe void Upload(IDeviceMemory device, DeviceBuffer buffer, long offset, byte[] bytes)
-    {
-        var stream = device.CreateStream();
-        fixed (byte* p = bytes)
-            device.CopyToDeviceAsync(buffer, offset, p, bytes.Length, stream);
-        device.SynchronizeStream(stream);
-        device.DestroyStream(stream);
-    }
 
-    private static unsafe byte[] Download(IDeviceMemory device, DeviceBuffer buffer, long offset, int length)
-    {
-        var bytes = new byte[length];
-        var stream = device.CreateStream();
-        fixed (byte* p = bytes)
-            device.CopyToHostAsync(p, buffer, offset, length, stream);
-        device.SynchronizeStream(stream);
-        device.DestroyStream(stream);
-        return bytes;
-    }
 
     [Fact]
     public void Emulated_device_addresses_are_not_host_memory()
