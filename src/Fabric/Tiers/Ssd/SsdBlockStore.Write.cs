@@ -134,7 +134,10 @@ public sealed partial class SsdBlockStore
             ulong checksum = System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(((ReadOnlySpan<byte>)refBytes)[56..]);
             var entry = new SsdLogEntry(refBytes);
             lock (_lock)
+            {
                 _appending++;
+                _refFloors[key] = _log.TailAddress;
+            }
             appending = true;
             if (!_log.TryEnqueue(entry, out long address))
                 address = await _log.EnqueueAsync(entry, cancellationToken).ConfigureAwait(false);
@@ -145,6 +148,7 @@ public sealed partial class SsdBlockStore
             lock (_lock)
             {
                 _pending.Remove(key);
+                _refFloors.Remove(key);
                 _reserved -= payload.Length;
                 _dataInFlight.Remove(dataAddress);
                 var added = new Entry(dataAddress, payload.Length, codec, meta, checksum, address);
@@ -162,6 +166,7 @@ public sealed partial class SsdBlockStore
             lock (_lock)
             {
                 _pending.Remove(key);
+                _refFloors.Remove(key);
                 _reserved -= payload.Length;
                 _dataInFlight.Remove(dataAddress);
                 last = appending && !joined && --_appending == 0;
