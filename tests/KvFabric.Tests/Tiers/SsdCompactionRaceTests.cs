@@ -69,3 +69,49 @@ public sealed class SsdCompactionRaceTests
         }
     }
 }
+
+public sealed class DirectFileDeviceTests
+{
+    [Fact]
+    public async Task A_segment_removed_while_being_read_is_neither_recreated_nor_kept_open()
+    {
+        using var dir = new TempDir();
+        string prefix = Path.Combine(dir.Path, "blocks.data");
+        const long SegmentBytes = 1 << 20;
+        var device = new DirectFileDevice(prefix, 4096, 4096, preallocateBytes: SegmentBytes);
+        try
+        {
+            using var buffer = device.RentBuffer(4096);
+            for (int segment = 0; segment < 200; segment++)
+            {
+                await device.WriteAlignedAsync(segment, 0, buffer, 4096);
+                // Readers of the segment (some open it afresh, some use the open handle) race with its removal.
+                var readers = Enumerable.Range(0, 8).Select(_ => Task.Run(async () =>
+                {
+                    using var b = device.RentBuffer(4096);
+                    try
+                    {
+                        await device.ReadAlignedAsync(segment, 0, b, 4096);
+                    }
+                    catch (IOException)
+                    {
+                        // removed first: the store retries at the block's new place
+                    }
+                })).ToArray();
+                if (segment % 2 == 0)
+                    await Task.Yield();
+                device.RemoveSegment(segment);
+                await Task.WhenAll(readers);
+                Assert.False(File.Exists($"{prefix}.{segment}"), $"segment {segment} was recreated by a read after its removal");
+            }
+            // No descriptor of a removed (unlinked) segment stays open: it would hold its preallocated space until the store closes.
+            var stale = new DirectoryInfo("/proc/self/fd").EnumerateFileSystemInfos()
+                .Select(f => f.LinkTarget).Where(t => t is not null && t.StartsWith(prefix, StringComparison.Ordinal)).ToArray();
+            Assert.True(stale.Length == 0, $"descriptors still open on removed segments: {string.Join(", ", stale.Take(5))}");
+        }
+        finally
+        {
+            device.Dispose();
+        }
+    }
+}
