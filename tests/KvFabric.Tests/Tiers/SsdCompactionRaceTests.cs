@@ -115,3 +115,30 @@ public sealed class DirectFileDeviceTests
         }
     }
 }
+
+public sealed class SsdSameKeyTests
+{
+    [Fact]
+    public async Task A_same_key_writer_is_not_cancelled_by_the_first_writers_token()
+    {
+        using var dir = new TempDir();
+        await using var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, compression: false));
+        for (int i = 0; i < 20; i++)
+        {
+            using var cts = new CancellationTokenSource();
+            var first = store.WriteAsync(Ssd.Key(i), Ssd.Meta(i), Ssd.Block(i), cts.Token).AsTask();
+            var second = store.WriteAsync(Ssd.Key(i), Ssd.Meta(i), Ssd.Block(i)).AsTask(); // joins the first writer
+            cts.Cancel();
+            try
+            {
+                await first;
+            }
+            catch (OperationCanceledException)
+            {
+                // the first writer's own cancellation
+            }
+            Assert.True(await second, $"block {i}: the second writer was not stored");
+            Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+}

@@ -50,25 +50,35 @@ public sealed partial class SsdBlockStore
                 payload = compressed.AsMemory(0, compressedLength);
             }
 
-            TaskCompletionSource<bool>? sameKey, done = null;
-            long dataAddress = -1;
-            lock (_lock)
+            while (true)
             {
-                if (_index.ContainsKey(key))
-                    return true;
-                if (!_pending.TryGetValue(key, out sameKey))
+                TaskCompletionSource<bool>? sameKey, done = null;
+                long dataAddress = -1;
+                lock (_lock)
                 {
-                    if (_used + _reserved + payload.Length > _options.CapacityBytes)
-                        return false;
-                    _reserved += payload.Length;
-                    done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-                    _pending.Add(key, done);
-                    dataAddress = ReserveDataLocked(payload.Length);
+                    if (_index.ContainsKey(key))
+                        return true;
+                    if (!_pending.TryGetValue(key, out sameKey))
+                    {
+                        if (_used + _reserved + payload.Length > _options.CapacityBytes)
+                            return false;
+                        _reserved += payload.Length;
+                        done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+                        _pending.Add(key, done);
+                        dataAddress = ReserveDataLocked(payload.Length);
+                    }
+                }
+                if (sameKey is null)
+                    return await WriteAndCommitAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
+                try
+                {
+                    return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException) when (sameKey.Task.IsCanceled && !cancellationToken.IsCancellationRequested)
+                {
+                    // The first writer of this key was cancelled (its caller's token, not ours): write it ourselves.
                 }
             }
-            if (sameKey is not null)
-                return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
-            return await WriteAndCommitAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
