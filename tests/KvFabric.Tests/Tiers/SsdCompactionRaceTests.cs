@@ -1,4 +1,5 @@
 using FASTER.core;
+using KvFabric.Tiers;
 using KvFabric.Tiers.Ssd;
 using Xunit;
 
@@ -139,6 +140,35 @@ public sealed class SsdSameKeyTests
             }
             Assert.True(await second, $"block {i}: the second writer was not stored");
             Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+}
+
+public sealed class SsdDisposeTests
+{
+    [Fact]
+    public async Task Dispose_does_not_hang_on_a_write_cancelled_while_its_payload_is_being_written()
+    {
+        const int BlockBytes = 8 << 20;
+        var block = new byte[BlockBytes];
+        Random.Shared.NextBytes(block);
+        for (int attempt = 0; attempt < 5; attempt++)
+        {
+            using var dir = new TempDir();
+            var options = Ssd.Options(dir.Path, compression: false) with
+            {
+                BlockBytes = 0, MaxBlockBytes = BlockBytes, LogPageBytes = 32 << 20, SegmentBytes = 64 << 20,
+            };
+            var store = await SsdBlockStore.OpenAsync(options);
+            var key = Ssd.Key(attempt);
+            var meta = new BlockMeta(default, 0, BlockBytes);
+            using var cts = new CancellationTokenSource();
+            var write = store.WriteAsync(key, meta, block, cts.Token).AsTask(); // its payload write is in flight
+            cts.Cancel();
+            var dispose = store.DisposeAsync().AsTask();
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(() => write);
+            Assert.True(await Task.WhenAny(dispose, Task.Delay(TimeSpan.FromSeconds(20))) == dispose,
+                $"attempt {attempt}: DisposeAsync still waits for a writer that gave up");
         }
     }
 }

@@ -181,7 +181,9 @@ public sealed partial class SsdBlockStore
                 _dataInFlight.Remove(dataAddress);
                 last = appending && !joined && --_appending == 0;
             }
-            if (last)
+            // A writer that gave up before appending also signals while the store closes: the committer's last round
+            // waits for every pending writer, and would wait for a signal forever.
+            if (last || (!appending && _stopCommitter))
                 Signal();
             if (e is OperationCanceledException && !appended)
             {
