@@ -90,10 +90,11 @@ internal sealed class DirectFileDevice : StorageDeviceBase
                 return h;
             string path = SegmentPath(segment);
             // A read of a segment compaction has just deleted must fail (and be retried at the block's new place), not
-            // bring back an empty, preallocated file.
+            // bring back an empty, preallocated file: a read opens without O_CREAT (checking File.Exists first raced
+            // with RemoveSegment, which recreated the file).
             if (!create && !File.Exists(path))
                 throw new IOException($"segment {path} does not exist (freed by compaction?)");
-            int flags = Libc.O_RDWR | Libc.O_CREAT | Libc.O_CLOEXEC | O_DSYNC;
+            int flags = Libc.O_RDWR | Libc.O_CLOEXEC | O_DSYNC | (create ? Libc.O_CREAT : 0);
             int fd = Direct ? Libc.Open(path, flags | O_DIRECT, 0x1A4) : -1;
             if (fd < 0)
             {
@@ -103,7 +104,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
                     throw new IOException($"cannot open log segment {path}: {Libc.LastError()}");
                 Direct = false;
             }
-            if (_preallocateBytes > 0)
+            if (_preallocateBytes > 0 && create)
                 _ = Libc.Fallocate(fd, 0, 0, _preallocateBytes); // best effort: a full disk shows up as the write's ENOSPC
             h = new SafeFileHandle(fd, ownsHandle: true);
             _handles[segment] = h;
@@ -273,9 +274,14 @@ internal sealed class DirectFileDevice : StorageDeviceBase
 
     public override void RemoveSegment(int segment)
     {
-        if (_handles.TryRemove(segment, out var h))
-            h.Dispose();
-        File.Delete(SegmentPath(segment));
+        // Under the open lock: a read opening the segment meanwhile either finds it (and its handle is closed here) or
+        // finds it gone; it never caches a descriptor of the unlinked file, which would keep its space allocated.
+        lock (_openLock)
+        {
+            if (_handles.TryRemove(segment, out var h))
+                h.Dispose();
+            File.Delete(SegmentPath(segment));
+        }
     }
 
     public override long GetFileSize(int segment)

@@ -145,7 +145,13 @@ public sealed partial class SsdBlockStore
             // Every live block below `until` now has a committed reference to its copy; a block removed meanwhile has its
             // tombstone appended already. Nothing live points into the segment any more.
             _dataBegin = until;
-            oldestRef = _index.Count == 0 ? _log.TailAddress : _index.Values.Min(e => e.RefAddress);
+            // Writers whose references are appended but not yet indexed (committed by the commit above or still in
+            // flight) count too: their blocks are acknowledged once indexed and must be found by the next recovery.
+            oldestRef = _log.TailAddress;
+            foreach (var entry in _index.Values)
+                oldestRef = Math.Min(oldestRef, entry.RefAddress);
+            foreach (long floor in _refFloors.Values)
+                oldestRef = Math.Min(oldestRef, floor);
         }
         for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
             _data.RemoveSegment(segment);

@@ -50,25 +50,35 @@ public sealed partial class SsdBlockStore
                 payload = compressed.AsMemory(0, compressedLength);
             }
 
-            TaskCompletionSource<bool>? sameKey, done = null;
-            long dataAddress = -1;
-            lock (_lock)
+            while (true)
             {
-                if (_index.ContainsKey(key))
-                    return true;
-                if (!_pending.TryGetValue(key, out sameKey))
+                TaskCompletionSource<bool>? sameKey, done = null;
+                long dataAddress = -1;
+                lock (_lock)
                 {
-                    if (_used + _reserved + payload.Length > _options.CapacityBytes)
-                        return false;
-                    _reserved += payload.Length;
-                    done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
-                    _pending.Add(key, done);
-                    dataAddress = ReserveDataLocked(payload.Length);
+                    if (_index.ContainsKey(key))
+                        return true;
+                    if (!_pending.TryGetValue(key, out sameKey))
+                    {
+                        if (_used + _reserved + payload.Length > _options.CapacityBytes)
+                            return false;
+                        _reserved += payload.Length;
+                        done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
+                        _pending.Add(key, done);
+                        dataAddress = ReserveDataLocked(payload.Length);
+                    }
+                }
+                if (sameKey is null)
+                    return await WriteAndCommitAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
+                try
+                {
+                    return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException) when (sameKey.Task.IsCanceled && !cancellationToken.IsCancellationRequested)
+                {
+                    // The first writer of this key was cancelled (its caller's token, not ours): write it ourselves.
                 }
             }
-            if (sameKey is not null)
-                return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
-            return await WriteAndCommitAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -134,7 +144,10 @@ public sealed partial class SsdBlockStore
             ulong checksum = System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(((ReadOnlySpan<byte>)refBytes)[56..]);
             var entry = new SsdLogEntry(refBytes);
             lock (_lock)
+            {
                 _appending++;
+                _refFloors[key] = _log.TailAddress;
+            }
             appending = true;
             if (!_log.TryEnqueue(entry, out long address))
                 address = await _log.EnqueueAsync(entry, cancellationToken).ConfigureAwait(false);
@@ -145,6 +158,7 @@ public sealed partial class SsdBlockStore
             lock (_lock)
             {
                 _pending.Remove(key);
+                _refFloors.Remove(key);
                 _reserved -= payload.Length;
                 _dataInFlight.Remove(dataAddress);
                 var added = new Entry(dataAddress, payload.Length, codec, meta, checksum, address);
@@ -162,11 +176,14 @@ public sealed partial class SsdBlockStore
             lock (_lock)
             {
                 _pending.Remove(key);
+                _refFloors.Remove(key);
                 _reserved -= payload.Length;
                 _dataInFlight.Remove(dataAddress);
                 last = appending && !joined && --_appending == 0;
             }
-            if (last)
+            // A writer that gave up before appending also signals while the store closes: the committer's last round
+            // waits for every pending writer, and would wait for a signal forever.
+            if (last || (!appending && _stopCommitter))
                 Signal();
             if (e is OperationCanceledException && !appended)
             {

@@ -41,6 +41,9 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     private long _dataBegin;
     private long _dataTail;
     private readonly SortedSet<long> _dataInFlight = []; // data addresses written but not yet indexed (under _lock)
+    // Writers whose reference is being appended or committed but not yet indexed: the log tail before their append, a
+    // lower bound of their reference's address, so that compaction does not truncate the log above it (under _lock).
+    private readonly Dictionary<BlockKey, long> _refFloors = [];
 
     // Where a live block is: its payload's data address, what its header says (so a read needs one I/O and can verify
     // it), and the log address of its reference (the log is truncated below the oldest live reference).
