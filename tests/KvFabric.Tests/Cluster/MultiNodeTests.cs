@@ -13,7 +13,7 @@ namespace KvFabric.Tests.Cluster;
 /// transfer layer, a node killed with SIGKILL, and its return with the blocks that survived on its SSD.
 /// </summary>
 [Collection("multi-process")]
-public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture>
+public sealed class MultiNodeTests(EtcdFixture etcd, Xunit.Abstractions.ITestOutputHelper output) : IClassFixture<EtcdFixture>
 {
     private const int BlockBytes = 4096; // the layout below: 2 layers x K,V x 16 tokens x 2 heads x 16 dims x fp16
     private const double LeaseTtlSeconds = 2;
@@ -140,6 +140,7 @@ public sealed class MultiNodeTests(EtcdFixture etcd) : IClassFixture<EtcdFixture
             await MatchUntilAsync(ca, chain, r => r.Matches.All(w => w.Node != "node-b"), "node-b gone from node-a's index", TimeSpan.FromSeconds(15));
             await MatchUntilAsync(cc, chain, r => r.Matches.All(w => w.Node != "node-b"), "node-b gone from node-c's index", TimeSpan.FromSeconds(15));
             TimeSpan gone = clock.Elapsed;
+            output.WriteLine($"node-b left both indexes {gone.TotalSeconds:F2} s after SIGKILL (lease {LeaseTtlSeconds} s)");
             Assert.True(gone < TimeSpan.FromSeconds(LeaseTtlSeconds + 1), $"node-b left both indexes {gone.TotalSeconds:F2} s after SIGKILL; the lease is {LeaseTtlSeconds} s (+1 s allowed)");
             // No request goes to it any more, whatever the chain.
             for (int i = 0; i < 20; i++)
