@@ -16,7 +16,6 @@ internal sealed record DeviceRegion(IDeviceMemory Device, DeviceBuffer Buffer);
 /// </summary>
 internal sealed class DeviceStaging : IDisposable
 {
-    private readonly TransferAgent _agent;
     private readonly HostBlockPool _pool;
     private readonly SemaphoreSlim _free;
     private readonly SemaphoreSlim _renting = new(1, 1);
@@ -26,7 +25,6 @@ internal sealed class DeviceStaging : IDisposable
 
     public DeviceStaging(TransferAgent agent, int slotBytes, int slots)
     {
-        _agent = agent;
         _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = slotBytes, SlotCount = slots, Tag = "device-staging" });
         _free = new SemaphoreSlim(slots, slots);
         // Registered so every backend moves from and into it, but the agent's own: never exported, never a peer's target.
@@ -38,7 +36,6 @@ internal sealed class DeviceStaging : IDisposable
     /// <summary>The pool's regions (internal: never exported).</summary>
     public IReadOnlyList<RegisteredRegion> Regions { get; private set; } = [];
     public int Slots => _pool.Capacity;
-    public int SlotBytes => _pool.SlotBytes;
     public int Available => _pool.Available;
 
     /// <summary>Page-locks the pool for a device's copies (once per device).</summary>
