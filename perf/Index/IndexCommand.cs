@@ -22,17 +22,18 @@ public static class IndexCommand
         var matches = new Option<int>("--matches") { Description = "Match calls timed", DefaultValueFactory = _ => 1000 };
         var quick = new Option<bool>("--quick") { Description = "CI-sized run: 100k blocks, 100 workers, 1024-block prompts, one run" };
         var mixed = new Option<bool>("--mixed-holders") { Description = "prompt chains reported block by block in a rotating holder order: no two consecutive blocks share a location list (Match's worst case)" };
+        var interleaved = new Option<bool>("--interleaved") { Description = "prompt chains reported one block at a time, interleaved across chains: no chain lies in consecutive arena entries (Match's worst case for memory)" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("index", "Global radix index: block events/s, Match p50/p99 of a prompt chain, bytes per (block, location).")
         {
-            blocks, workers, prompt, runs, matches, quick, mixed, json,
+            blocks, workers, prompt, runs, matches, quick, mixed, interleaved, json,
         };
         cmd.SetAction(async (p, ct) =>
         {
             bool q = p.GetValue(quick);
             var report = await RunAsync(
                 QuickDefaults.Pick(p, blocks, q, 100_000), QuickDefaults.Pick(p, workers, q, 100), QuickDefaults.Pick(p, prompt, q, 1024),
-                QuickDefaults.Pick(p, runs, q, 1), QuickDefaults.Pick(p, matches, q, 200), p.GetValue(mixed), ct);
+                QuickDefaults.Pick(p, runs, q, 1), QuickDefaults.Pick(p, matches, q, 200), p.GetValue(mixed), ct, p.GetValue(interleaved));
             JsonReport.Write(p.GetValue(json), report);
             return 0;
         });
@@ -53,12 +54,12 @@ public static class IndexCommand
         }
     }
 
-    public static async Task<JsonObject> RunAsync(int blocks, int workers, int promptBlocks, int runs, int matches, bool mixedHolders, CancellationToken ct)
+    public static async Task<JsonObject> RunAsync(int blocks, int workers, int promptBlocks, int runs, int matches, bool mixedHolders, CancellationToken ct, bool interleaved = false)
     {
         if (runs <= 0 || matches <= 0)
             throw new ArgumentException($"--runs {runs} --matches {matches}: both must be positive");
         var setup = Stopwatch.StartNew();
-        var workload = new IndexWorkload(blocks, workers, promptBlocks, mixedHolders);
+        var workload = new IndexWorkload(blocks, workers, promptBlocks, mixedHolders, interleaved: interleaved);
         Console.WriteLine($"workload: {blocks:N0} blocks, {workers} workers, {workload.Events.Count:N0} events, {workload.BlockEvents:N0} block events, " +
                           $"{workload.MatchChains.Count} match chains of {promptBlocks} blocks (built in {setup.Elapsed.TotalSeconds:F1} s)");
 
@@ -133,6 +134,7 @@ public static class IndexCommand
         report["workers"] = workers;
         report["prompt_blocks"] = promptBlocks;
         report["mixed_holders"] = mixedHolders;
+        report["interleaved"] = interleaved;
         report["runs"] = runs;
         report["matches"] = matches;
         report["block_events"] = workload.BlockEvents;

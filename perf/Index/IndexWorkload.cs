@@ -22,8 +22,11 @@ public sealed class IndexWorkload
     public int SharedBlocks { get; }
 
     // mixedHolders: the prompt chains' three holders report each block in their own single-block event, in an order
-    // that rotates per block, so no two consecutive blocks have the same location list (Match's worst case).
-    public IndexWorkload(int blocks, int workers, int promptBlocks, bool mixedHolders = false, int seed = 1)
+    // that rotates per block, so no two consecutive blocks have the same location list (Match's worst case for work).
+    // interleaved: the prompt chains are reported one block at a time, block j of every chain before block j + 1 of any
+    // (many sequences growing at once, as decode steps do), so no chain lies in consecutive arena entries (Match's worst
+    // case for memory: every block is an index probe and an entry, two cache misses).
+    public IndexWorkload(int blocks, int workers, int promptBlocks, bool mixedHolders = false, int seed = 1, bool interleaved = false)
     {
         if (workers < 4 || promptBlocks < 2 || blocks < 2 * promptBlocks)
             throw new ArgumentException($"--blocks {blocks} --workers {workers} --prompt-blocks {promptBlocks}: need workers >= 4, prompt-blocks >= 2 and blocks >= 2 x prompt-blocks");
@@ -41,30 +44,39 @@ public sealed class IndexWorkload
         int next = SharedBlocks;
 
         int matchChains = Math.Clamp(blocks / (4 * promptBlocks), 1, 64);
+        int promptTail = promptBlocks - SharedBlocks;
+        var starts = new int[matchChains];
         for (int c = 0; c < matchChains; c++)
         {
-            int start = next;
-            int length = promptBlocks - SharedBlocks;
-            next += length;
-            var holders = Enumerable.Range(0, 3).Select(k => (c * 3 + k) % workers).ToArray();
-            if (mixedHolders)
+            starts[c] = next;
+            next += promptTail;
+            MatchChains.Add([.. Hashes.AsSpan(0, SharedBlocks), .. Hashes.AsSpan(starts[c], promptTail)]);
+            MatchHolders.Add([.. Enumerable.Range(0, 3).Select(k => (c * 3 + k) % workers)]);
+        }
+        if (interleaved)
+        {
+            // Block j of every chain before block j + 1 of any: the chains' entries end up matchChains apart.
+            for (int j = 0; j < promptTail; j++)
             {
-                for (int j = 0; j < length; j++)
+                for (int c = 0; c < matchChains; c++)
+                    AddPromptBlock(starts[c], j, MatchHolders[c], mixedHolders);
+            }
+        }
+        else
+        {
+            for (int c = 0; c < matchChains; c++)
+            {
+                if (mixedHolders)
                 {
-                    for (int k = 0; k < holders.Length; k++)
-                    {
-                        int h = (k + j) % holders.Length;
-                        Add(holders[h], j == 0 ? SharedBlocks - 1 : start + j - 1, start + j, 1, (TierKind)h);
-                    }
+                    for (int j = 0; j < promptTail; j++)
+                        AddPromptBlock(starts[c], j, MatchHolders[c], rotate: true);
+                }
+                else
+                {
+                    for (int k = 0; k < MatchHolders[c].Length; k++)
+                        AddChain(MatchHolders[c][k], SharedBlocks - 1, starts[c], promptTail, (TierKind)k);
                 }
             }
-            else
-            {
-                for (int k = 0; k < holders.Length; k++)
-                    AddChain(holders[k], SharedBlocks - 1, start, length, (TierKind)k);
-            }
-            MatchChains.Add([.. Hashes.AsSpan(0, SharedBlocks), .. Hashes.AsSpan(start, length)]);
-            MatchHolders.Add(holders);
         }
 
         int general = next;
@@ -81,6 +93,17 @@ public sealed class IndexWorkload
                 AddChain((first + k * 7919) % workers, parent, next, length, tier);
             }
             next += length;
+        }
+    }
+
+    // Block j of the prompt chain at `start`, reported by each holder in its own event; `rotate` turns the holder order
+    // per block (see mixedHolders). Holder k keeps tier k either way.
+    private void AddPromptBlock(int start, int j, int[] holders, bool rotate)
+    {
+        for (int k = 0; k < holders.Length; k++)
+        {
+            int h = rotate ? (k + j) % holders.Length : k;
+            Add(holders[h], j == 0 ? SharedBlocks - 1 : start + j - 1, start + j, 1, (TierKind)h);
         }
     }
 

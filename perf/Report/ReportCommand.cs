@@ -177,14 +177,17 @@ public static class ReportCommand
             md.AppendLine();
             return;
         }
-        static bool Mixed(Doc d) => d.Json["mixed_holders"] is JsonValue v && v.TryGetValue(out bool b) && b;
+        static bool Flag(Doc d, string name) => d.Json[name] is JsonValue v && v.TryGetValue(out bool b) && b;
+        // The workload variant: "" for the standard one; the worst cases are drawn dashed.
+        static string Variant(Doc d) => string.Concat(Flag(d, "mixed_holders") ? ", mixed holders" : "", Flag(d, "interleaved") ? ", interleaved" : "");
         var series = new List<Series>();
-        foreach (var g in index.GroupBy(Mixed).OrderBy(g => g.Key))
+        foreach (var g in index.GroupBy(Variant).OrderBy(g => g.Key, StringComparer.Ordinal))
         {
-            string suffix = g.Key ? ", mixed holders" : "";
-            series.Add(new Series("p50" + suffix, g.Select(d => (Num(d.Json["blocks"]), Num(d.Json["match_p50_us"]))).ToArray(), Dashed: g.Key));
-            series.Add(new Series("p99" + suffix, g.Select(d => (Num(d.Json["blocks"]), Num(d.Json["match_p99_us"]))).ToArray(), Dashed: g.Key));
-            series.Add(new Series("min" + suffix, g.Select(d => (Num(d.Json["blocks"]), Num(d.Json["match_min_us"]))).ToArray(), Dashed: g.Key));
+            string suffix = g.Key;
+            bool dashed = suffix.Length > 0;
+            series.Add(new Series("p50" + suffix, g.Select(d => (Num(d.Json["blocks"]), Num(d.Json["match_p50_us"]))).ToArray(), Dashed: dashed));
+            series.Add(new Series("p99" + suffix, g.Select(d => (Num(d.Json["blocks"]), Num(d.Json["match_p99_us"]))).ToArray(), Dashed: dashed));
+            series.Add(new Series("min" + suffix, g.Select(d => (Num(d.Json["blocks"]), Num(d.Json["match_min_us"]))).ToArray(), Dashed: dashed));
         }
         string prompt = index.Select(d => Num(d.Json["prompt_blocks"])).Distinct().Count() == 1 ? $"{Num(index[0].Json["prompt_blocks"])}-block prompt" : "prompt";
         Chart(md, outDir, $"{stem}-match-latency.svg", SvgChart.Line($"Match of a {prompt} vs index size", "blocks in the index", "latency µs", series, logX: true, logY: true,

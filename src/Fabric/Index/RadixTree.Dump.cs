@@ -12,23 +12,22 @@ public sealed unsafe partial class RadixTree
     public void Dump(List<StoredRun> output, int? worker = null)
     {
         ArgumentNullException.ThrowIfNull(output);
-        long capacity = _mask + 1;
         if (_count == 0)
             return;
-        if (_count > Array.MaxLength || capacity > Array.MaxLength)
+        if (_count > Array.MaxLength || _arenaTop > Array.MaxLength)
             throw new InvalidOperationException($"Dump handles at most {Array.MaxLength} blocks; this tree has {_count}");
 
-        // Ordinals for occupied slots, then children lists (CSR) keyed by the parent's ordinal.
+        // Ordinals for live entries (in arena order), then children lists (CSR) keyed by the parent's ordinal.
         int n = (int)_count;
-        var slotOf = new long[n];
-        var ordinalOf = new int[capacity];
+        var refOf = new uint[n];
+        var ordinalOf = new int[_arenaTop];
         int next = 0;
-        for (long s = 0; s < capacity; s++)
+        for (uint r = 1; r < _arenaTop; r++)
         {
-            if (!_table[s].IsEmpty)
+            if (!_arena[r].IsEmpty)
             {
-                ordinalOf[s] = next;
-                slotOf[next++] = s;
+                ordinalOf[r] = next;
+                refOf[next++] = r;
             }
         }
         var parentOf = new int[n];
@@ -36,16 +35,16 @@ public sealed unsafe partial class RadixTree
         var roots = new List<int>();
         for (int o = 0; o < n; o++)
         {
-            ref Entry e = ref _table[slotOf[o]];
+            ref Entry e = ref _arena[refOf[o]];
             if (e.IsRoot)
             {
                 parentOf[o] = -1;
                 roots.Add(o);
                 continue;
             }
-            long ps = Find(e.ParentHi, e.ParentLo);
-            parentOf[o] = ps < 0 ? -1 : ordinalOf[ps]; // absent parent cannot happen: Children keeps it alive
-            if (ps >= 0)
+            uint pr = FindRef(e.ParentHi, e.ParentLo);
+            parentOf[o] = pr == 0 ? -1 : ordinalOf[pr]; // absent parent cannot happen: Children keeps it alive
+            if (pr != 0)
                 childStart[parentOf[o] + 1]++;
         }
         for (int o = 0; o < n; o++)
@@ -66,7 +65,7 @@ public sealed unsafe partial class RadixTree
         while (stack.Count > 0)
         {
             int o = stack.Pop();
-            ref Entry e = ref _table[slotOf[o]];
+            ref Entry e = ref _arena[refOf[o]];
             if (!e.IsHeld)
                 continue; // nobody holds it: its subtree is unreachable
             var hash = new BlockHash(e.Hi, e.Lo);

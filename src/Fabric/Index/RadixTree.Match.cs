@@ -6,9 +6,10 @@ namespace KvFabric.Index;
 
 public sealed unsafe partial class RadixTree
 {
-    // Match's prefetch pipeline: blocks between its stages, and the ring of looked-up slots (a power of two >= 2 x Stage).
+    // Match's prefetch pipeline: blocks between its stages, and the ring of resolved entries (a power of two > Stage).
     private const int Stage = 16;
     private const int Ring = 32;
+    private const int OverflowAhead = 8; // blocks ahead of the match stage whose overflow vector is prefetched
     private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host (stamp and matched form one long)
 
     // What a block adds to a worker's (gpu | host << 32) counters, by tier mask: the fastest tier held counts.
@@ -48,25 +49,27 @@ public sealed unsafe partial class RadixTree
         int longest = 0;
         int candidates = 0;
 
-        // The table geometry in locals: stores through `state` could alias fields as far as the JIT knows.
-        var geo = new Geometry(_table, _mask, 64 - _bits);
+        // The geometry in locals: stores through `state` could alias fields as far as the JIT knows.
+        var geo = new Geometry(_index, _arena, _mask, 64 - _bits, _arenaCapacity);
         fixed (int* state = scratch.State)
         fixed (uint* pool = _pool)
         {
-            // A two-stage pipeline: the home slot of block i + 2 x Stage is prefetched; block i + Stage is looked up (its
-            // line has arrived by then) and its overflow vector prefetched; block i is matched. Both misses of a block are
-            // in flight long before it is used.
-            long* ring = stackalloc long[Ring];
-            // The main loop starts at block 1, so the prologue covers what its iteration 0 would have.
-            for (int k = 0; k <= 2 * Stage && k < n; k++)
-                geo.Prefetch(chain[k].Hi);
-            for (int k = 0; k <= Stage && k < n; k++)
-                ring[k] = geo.Resolve(chain[k], pool);
+            // A two-stage pipeline: block i + Stage is resolved to its entry, block i is matched. A chain stored in one
+            // go lies in consecutive arena entries, so block k is first tried at the entry after block k - 1's (a
+            // sequential read the prefetcher streams, helped by a prefetch Stage entries ahead); only when that entry
+            // holds another hash does the index answer, and then the walk goes "scattered" for a while: index slots
+            // are prefetched Stage blocks before they are needed and entries as soon as they are resolved.
+            uint* ring = stackalloc uint[Ring];
+            int scattered = 0;
+            ring[0] = geo.Lookup(chain[0]);
+            for (int k = 1; k <= Stage && k < n; k++)
+                geo.Step(chain, k, ring, ref scattered);
 
             // Block 0 enrols every worker that holds it.
-            if (ring[0] < 0)
+            uint r0 = geo.Verify(chain[0], ring[0]);
+            if (r0 == 0)
                 return 0;
-            Entry* e = geo.Table + ring[0];
+            Entry* e = geo.Arena + r0;
             for (int k = 0; k < InlineLocations; k++)
             {
                 if (e->Loc[k] != 0)
@@ -92,14 +95,14 @@ public sealed unsafe partial class RadixTree
             int run = 0;
             for (int i = 1; i < n; i++)
             {
-                if (i + 2 * Stage < n)
-                    geo.Prefetch(chain[i + 2 * Stage].Hi);
                 if (i + Stage < n)
-                    ring[(i + Stage) & (Ring - 1)] = geo.Resolve(chain[i + Stage], pool);
-                long slot = ring[i & (Ring - 1)];
-                if (slot >= 0)
+                    geo.Step(chain, i + Stage, ring, ref scattered);
+                if (i + OverflowAhead < n)
+                    geo.PrefetchOverflow(ring[(i + OverflowAhead) & (Ring - 1)], pool);
+                uint r = geo.Verify(chain[i], ring[i & (Ring - 1)]);
+                if (r != 0)
                 {
-                    e = geo.Table + slot;
+                    e = geo.Arena + r;
                     if (prevAll && SameLocations(prev, e, pool))
                     {
                         run++;
@@ -112,7 +115,7 @@ public sealed unsafe partial class RadixTree
                     ApplyRun(state, prev, pool, run);
                     run = 0;
                 }
-                if (slot < 0)
+                if (r == 0)
                     break;
                 int extended = Extend(state, e->Loc[0], i, gen) + Extend(state, e->Loc[1], i, gen) + Extend(state, e->Loc[2], i, gen)
                     + Extend(state, e->Loc[3], i, gen) + Extend(state, e->Loc[4], i, gen) + Extend(state, e->Loc[5], i, gen);
@@ -227,36 +230,127 @@ public sealed unsafe partial class RadixTree
         return 1;
     }
 
-    private readonly struct Geometry(Entry* table, long mask, int shift)
+    private readonly struct Geometry(Slot* index, Entry* arena, long mask, int shift, uint arenaCapacity)
     {
-        public readonly Entry* Table = table;
+        public readonly Entry* Arena = arena;
+        private readonly Slot* _index = index;
         private readonly long _mask = mask;
         private readonly int _shift = shift;
+        private readonly uint _arenaCapacity = arenaCapacity;
 
+        // Resolves block k into the ring; a scattered walk first prefetches the index slot of block k + Stage.
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public long Resolve(BlockHash h, uint* pool)
+        public void Step(ReadOnlySpan<BlockHash> chain, int k, uint* ring, ref int scattered)
+        {
+            if (scattered > 0)
+            {
+                if (k + Stage < chain.Length)
+                    PrefetchSlot(chain[k + Stage].Hi);
+                scattered--;
+            }
+            ring[k & (Ring - 1)] = Resolve(chain, k, ring[(k - 1) & (Ring - 1)], ref scattered);
+        }
+
+        // Block k's entry given block k - 1's (0: absent, and then so is everything after it). While the walk follows
+        // the arena, the entry after the previous one is tried first and the index asked only when it holds another
+        // hash. A scattered walk asks the index straight away (its slot was prefetched; the entry after the previous
+        // one is a line nobody prefetched) and returns to guessing once 2 x Stage blocks in a row were consecutive.
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private uint Resolve(ReadOnlySpan<BlockHash> chain, int k, uint previous, ref int scattered)
+        {
+            if (previous == 0)
+                return 0;
+            BlockHash h = chain[k];
+            uint guess = previous + 1;
+            if (scattered == 0)
+            {
+                if (guess < _arenaCapacity)
+                {
+                    Entry* e = Arena + guess;
+                    if (e->Hi == h.Hi && e->Lo == h.Lo)
+                    {
+                        if (Sse.IsSupported)
+                            Sse.Prefetch0(e + Stage); // a hint: never faults, even past the mapping
+                        return guess;
+                    }
+                }
+                return Scatter(chain, k, ref scattered);
+            }
+            uint r = Lookup(h);
+            if (r != guess)
+                scattered = 2 * Stage;
+            return r;
+        }
+
+        // Off the arena's order: the index answers, and the next Stage blocks' slots are prefetched (while the walk
+        // stays scattered, Step prefetches one slot per block, Stage blocks ahead of its resolution).
+        [MethodImpl(MethodImplOptions.NoInlining)]
+        private uint Scatter(ReadOnlySpan<BlockHash> chain, int k, ref int scattered)
+        {
+            int end = Math.Min(chain.Length, k + Stage + 1);
+            for (int j = k + 1; j < end; j++)
+                PrefetchSlot(chain[j].Hi);
+            scattered = 2 * Stage;
+            return Lookup(chain[k]);
+        }
+
+        // The entry whose slot carries the hash's first 12 bytes (Verify checks the rest once the entry is in cache).
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public uint Lookup(BlockHash h)
         {
             long i = (long)((h.Hi * Fibonacci) >> _shift);
+            uint tag = (uint)h.Lo;
             while (true)
             {
-                Entry* e = Table + i;
-                if (e->IsEmpty)
-                    return -1;
-                if (e->Hi == h.Hi && e->Lo == h.Lo)
+                Slot* s = _index + i;
+                if (s->Ref == 0)
+                    return 0;
+                if (s->Hi == h.Hi && s->Tag == tag)
                 {
-                    if (e->Overflow != 0 && Sse.IsSupported)
-                        Sse.Prefetch0(pool + e->Overflow);
-                    return i;
+                    if (Sse.IsSupported)
+                        Sse.Prefetch0(Arena + s->Ref);
+                    return s->Ref;
                 }
                 i = (i + 1) & _mask;
             }
         }
 
+        // The resolved entry if it really is the hash's; else the exact answer (two hashes sharing 12 bytes).
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Prefetch(ulong hi)
+        public uint Verify(BlockHash h, uint r)
+        {
+            if (r == 0 || Arena[r].Lo == h.Lo)
+                return r;
+            return Exact(h);
+        }
+
+        [MethodImpl(MethodImplOptions.NoInlining)]
+        private uint Exact(BlockHash h)
+        {
+            long i = (long)((h.Hi * Fibonacci) >> _shift);
+            while (true)
+            {
+                Slot* s = _index + i;
+                if (s->Ref == 0)
+                    return 0;
+                if (s->Hi == h.Hi && Arena[s->Ref].Lo == h.Lo)
+                    return s->Ref;
+                i = (i + 1) & _mask;
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void PrefetchSlot(ulong hi)
         {
             if (Sse.IsSupported)
-                Sse.Prefetch0(Table + (long)((hi * Fibonacci) >> _shift));
+                Sse.Prefetch0(_index + (long)((hi * Fibonacci) >> _shift));
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void PrefetchOverflow(uint r, uint* pool)
+        {
+            if (r != 0 && Arena[r].Overflow != 0 && Sse.IsSupported)
+                Sse.Prefetch0(pool + Arena[r].Overflow);
         }
     }
 }

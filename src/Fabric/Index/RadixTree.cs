@@ -8,16 +8,19 @@ namespace KvFabric.Index;
 
 // The global prefix index of one tenant. Block hashes are chained (each commits to its whole prefix), so the radix tree is
 // a hash table keyed by the 16-byte hash with a parent link per entry: no edge lists, no string compares.
+// Two arrays: the entries (64 bytes, one cache line each) live in an arena in the order they were created, so a chain
+// stored in one go lies in consecutive lines and Match streams it instead of missing the cache once per block; an
+// open-addressed index of 16-byte slots maps a hash to its entry for everything else.
 // Single-threaded: RadixIndex serialises writers and lets readers in only between write batches. Match may run on
 // several threads at once (it only reads; its scratch is per thread). docs/index.md has the layout and the costs.
 public sealed unsafe partial class RadixTree : IDisposable
 {
-    // One table slot: 64 bytes, one cache line (the table is page-aligned), so a probe that hits costs one miss and most
-    // blocks (up to six holders) need nothing outside it.
+    // One arena entry: 64 bytes, one cache line (the arena is page-aligned), so a block with up to six holders needs
+    // nothing outside it. A free entry is all zero but for Children, which links the free list.
     [StructLayout(LayoutKind.Sequential)]
     private struct Entry
     {
-        public ulong Hi;       // Hi = Lo = 0: an empty slot (ApplyStored refuses the all-zero hash)
+        public ulong Hi;       // Hi = Lo = 0: a free entry (ApplyStored refuses the all-zero hash)
         public ulong Lo;
         public Inline Loc;     // locations: (worker + 1) << 3 | tier mask; 0 = none
         public uint Overflow;  // offset of the vector of further locations in the pool; 0 = none
@@ -32,6 +35,16 @@ public sealed unsafe partial class RadixTree : IDisposable
         public readonly bool IsHeld => (Loc[0] | Loc[1] | Loc[2] | Loc[3] | Loc[4] | Loc[5] | Overflow) != 0;
     }
 
+    // One index slot: the hash's first 8 bytes, the low 4 of the other 8 (a probe rarely needs the entry to reject a
+    // key), and the entry's place in the arena (0 = an empty slot).
+    [StructLayout(LayoutKind.Sequential)]
+    private struct Slot
+    {
+        public ulong Hi;
+        public uint Tag;
+        public uint Ref;
+    }
+
     private const int InlineLocations = 6;
 
     [InlineArray(InlineLocations)]
@@ -43,11 +56,17 @@ public sealed unsafe partial class RadixTree : IDisposable
     public const int MaxWorkerId = (1 << 28) - 2;
     private const ulong Fibonacci = 0x9E3779B97F4A7C15UL;
     private const int MinBits = 10;
+    private const uint MaxEntries = uint.MaxValue - 1; // arena refs are uints; 0 means none
 
-    private AnonymousMemory _memory;
-    private Entry* _table;
+    private AnonymousMemory _indexMemory;
+    private Slot* _index;
     private int _bits;
     private long _mask;
+    private AnonymousMemory _arenaMemory;
+    private Entry* _arena;
+    private uint _arenaCapacity;  // entries the arena has room for, ref 0 included (never used)
+    private uint _arenaTop = 1;   // refs below it have been handed out at least once
+    private uint _freeHead;       // a freed entry to reuse once the arena is used up; its Children links the next
     private long _count;
     private long[] _slots = new long[64];        // ApplyStored's per-event scratch (writer only)
     private long[] _workerLocations = new long[16]; // (block, worker) pairs per worker: lets ClearWorker skip idle workers
@@ -57,19 +76,27 @@ public sealed unsafe partial class RadixTree : IDisposable
     {
         if (initialBlocks < 0)
             throw new ArgumentOutOfRangeException(nameof(initialBlocks), initialBlocks, "the initial block count cannot be negative");
+        if (initialBlocks > MaxEntries - 1)
+            throw new ArgumentOutOfRangeException(nameof(initialBlocks), initialBlocks, $"one tree holds at most {MaxEntries - 1} blocks; shard the index across tenants or processes");
         int bits = MinBits;
         while (bits < 40 && (1L << bits) * 3 / 4 < initialBlocks)
             bits++;
-        _memory = Allocate(bits);
-        _table = (Entry*)_memory.Address;
+        _indexMemory = AllocateIndex(bits);
+        _index = (Slot*)_indexMemory.Address;
         SetBits(bits);
+        _arenaCapacity = (uint)Math.Max(16, initialBlocks + 1);
+        _arenaMemory = new AnonymousMemory((long)_arenaCapacity * sizeof(Entry));
+        _arena = (Entry*)_arenaMemory.Address;
         _pool = new uint[4 * 256];
     }
 
     public long Blocks => _count;
     public long Locations { get; private set; }
+    /// <summary>Slots in the hash index (a power of two; at most 3/4 used).</summary>
     public long Capacity => _mask + 1;
-    public long BytesAllocated => (_mask + 1) * sizeof(Entry) + OverflowPoolBytes;
+    /// <summary>Entries the arena has room for (it grows by doubling when every entry is in use).</summary>
+    public long ArenaCapacity => _arenaCapacity;
+    public long BytesAllocated => (_mask + 1) * sizeof(Slot) + (long)_arenaCapacity * sizeof(Entry) + OverflowPoolBytes;
     public long OverflowPoolBytes => (long)_pool.Length * sizeof(uint);
     public long RejectedUnknownParent { get; private set; }
     public long RejectedParentMismatch { get; private set; }
@@ -77,11 +104,14 @@ public sealed unsafe partial class RadixTree : IDisposable
     public long RemovedNotHeld { get; private set; }
     public long StoredAlreadyHeld { get; private set; }
     public static int EntryBytes => sizeof(Entry);
+    public static int SlotBytes => sizeof(Slot);
 
     public void Dispose()
     {
-        _memory.Dispose();
-        _table = null;
+        _indexMemory.Dispose();
+        _arenaMemory.Dispose();
+        _index = null;
+        _arena = null;
     }
 
     public ApplyStatus ApplyStored(int worker, BlockHash? parent, ReadOnlySpan<BlockHash> hashes, TierKind tier)
@@ -93,13 +123,13 @@ public sealed unsafe partial class RadixTree : IDisposable
             return ApplyStatus.Applied;
         EnsureRoom(hashes.Length);
 
-        // Validate before touching anything, so a rejected event changes nothing. The walk records each block's slot
-        // (found, or the first free slot of its probe run) so that applying does not probe from the start again.
-        long parentSlot = -1;
+        // Validate before touching anything, so a rejected event changes nothing. The walk records each block's index
+        // slot (found, or the first free slot of its probe run) so that applying does not probe from the start again.
+        uint parentRef = 0;
         if (parent is { } p)
         {
-            parentSlot = (p.Hi | p.Lo) == 0 ? -1 : Find(p.Hi, p.Lo);
-            if (parentSlot < 0)
+            parentRef = (p.Hi | p.Lo) == 0 ? 0 : FindRef(p.Hi, p.Lo);
+            if (parentRef == 0)
             {
                 RejectedUnknownParent++;
                 return ApplyStatus.UnknownParent;
@@ -124,7 +154,7 @@ public sealed unsafe partial class RadixTree : IDisposable
                 inKnownPrefix = false;
                 continue;
             }
-            ref Entry e = ref _table[slot];
+            ref Entry e = ref _arena[_index[slot].Ref];
             bool parentOk = i == 0
                 ? (parent is { } q ? e.ParentHi == q.Hi && e.ParentLo == q.Lo : e.IsRoot)
                 : e.ParentHi == hashes[i - 1].Hi && e.ParentLo == hashes[i - 1].Lo;
@@ -136,35 +166,44 @@ public sealed unsafe partial class RadixTree : IDisposable
             known = i + 1;
         }
 
+        EnsureEntries(hashes.Length - known);
         uint w1 = (uint)worker + 1;
         uint bit = 1u << (int)tier;
-        long prev = parentSlot;
+        uint prev = parentRef;
         for (int i = 0; i < hashes.Length; i++)
         {
             long slot = _slots[i];
+            uint r;
             if (i >= known)
             {
                 // New block: the recorded slot was free at validation; blocks inserted since may have taken it.
                 var h = hashes[i];
-                while (!_table[slot].IsEmpty && !(_table[slot].Hi == h.Hi && _table[slot].Lo == h.Lo))
+                while (_index[slot].Ref != 0 && !Holds(slot, h.Hi, h.Lo))
                     slot = (slot + 1) & _mask;
-                if (_table[slot].IsEmpty)
+                r = _index[slot].Ref;
+                if (r == 0)
                 {
-                    ref Entry n = ref _table[slot];
+                    r = NewEntry();
+                    ref Entry n = ref _arena[r];
                     n.Hi = h.Hi;
                     n.Lo = h.Lo;
-                    if (prev >= 0)
+                    if (prev != 0)
                     {
-                        ref Entry pe = ref _table[prev];
+                        ref Entry pe = ref _arena[prev];
                         n.ParentHi = pe.Hi;
                         n.ParentLo = pe.Lo;
                         pe.Children++;
                     }
+                    _index[slot] = new Slot { Hi = h.Hi, Tag = (uint)h.Lo, Ref = r };
                     _count++;
                 }
             }
-            AddLocation(ref _table[slot], w1, bit);
-            prev = slot;
+            else
+            {
+                r = _index[slot].Ref;
+            }
+            AddLocation(ref _arena[r], w1, bit);
+            prev = r;
         }
         if (worker >= _workerLimit)
             _workerLimit = worker + 1;
@@ -182,20 +221,20 @@ public sealed unsafe partial class RadixTree : IDisposable
         int removed = 0;
         foreach (var h in hashes)
         {
-            long slot = Find(h.Hi, h.Lo);
-            if (slot < 0 || !RemoveLocation(ref _table[slot], w1, bit))
+            uint r = FindRef(h.Hi, h.Lo);
+            if (r == 0 || !RemoveLocation(ref _arena[r], w1, bit))
             {
                 RemovedNotHeld++;
                 continue;
             }
             removed++;
-            FreeIfDead(slot);
+            FreeIfDead(r);
         }
         return removed;
     }
 
-    // Drops the worker's blocks in one tier (or all tiers for null); a node that left or sent Cleared. Scans the table,
-    // so it costs O(capacity) unless the worker holds nothing. Returns the locations or tier bits removed.
+    // Drops the worker's blocks in one tier (or all tiers for null); a node that left or sent Cleared. Scans the arena,
+    // so it costs O(blocks ever held at once) unless the worker holds nothing. Returns the locations or tier bits removed.
     public long ClearWorker(int worker, TierKind? tier)
     {
         CheckWorker(worker);
@@ -204,28 +243,20 @@ public sealed unsafe partial class RadixTree : IDisposable
         uint w1 = (uint)worker + 1;
         uint bits = tier is { } t ? 1u << (int)t : 7u;
         long removed = 0;
-        var dead = new List<BlockHash>();
-        long capacity = _mask + 1;
-        for (long s = 0; s < capacity; s++)
+        for (uint r = 1; r < _arenaTop; r++)
         {
-            ref Entry e = ref _table[s];
+            ref Entry e = ref _arena[r];
             if (e.IsEmpty || !RemoveLocation(ref e, w1, bits))
                 continue;
             removed++;
-            if (!e.IsHeld && e.Children == 0)
-                dead.Add(new BlockHash(e.Hi, e.Lo));
-        }
-        // Freeing moves entries (backward-shift deletion), so free by hash after the scan, not during it.
-        foreach (var h in dead)
-        {
-            long slot = Find(h.Hi, h.Lo);
-            if (slot >= 0)
-                FreeIfDead(slot);
+            // Entries never move, and freeing only reaches this one and its ancestors (which still had a child when the
+            // scan passed them or have yet to be scanned, and are skipped once free): safe during the scan.
+            FreeIfDead(r);
         }
         return removed;
     }
 
-    public bool Contains(BlockHash hash) => Find(hash.Hi, hash.Lo) >= 0;
+    public bool Contains(BlockHash hash) => FindRef(hash.Hi, hash.Lo) != 0;
 
     private static void CheckWorker(int worker)
     {
@@ -239,34 +270,48 @@ public sealed unsafe partial class RadixTree : IDisposable
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private long Home(ulong hi) => (long)((hi * Fibonacci) >> (64 - _bits));
 
+    // Whether the occupied slot is the hash's: the slot's 12 bytes first, the entry's Lo only when they agree.
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private long Find(ulong hi, ulong lo)
+    private bool Holds(long slot, ulong hi, ulong lo)
+    {
+        ref Slot s = ref _index[slot];
+        return s.Hi == hi && s.Tag == (uint)lo && _arena[s.Ref].Lo == lo;
+    }
+
+    // The index slot holding the hash, or -1.
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private long FindSlot(ulong hi, ulong lo)
     {
         long i = Home(hi);
         while (true)
         {
-            ref Entry e = ref _table[i];
-            if (e.IsEmpty)
+            if (_index[i].Ref == 0)
                 return -1;
-            if (e.Hi == hi && e.Lo == lo)
+            if (Holds(i, hi, lo))
                 return i;
             i = (i + 1) & _mask;
         }
     }
 
-    // The slot holding the hash, or the first free slot of its probe run.
+    // The hash's entry in the arena, or 0.
+    private uint FindRef(ulong hi, ulong lo)
+    {
+        long slot = FindSlot(hi, lo);
+        return slot < 0 ? 0 : _index[slot].Ref;
+    }
+
+    // The index slot holding the hash, or the first free slot of its probe run.
     private long Probe(ulong hi, ulong lo, out bool found)
     {
         long i = Home(hi);
         while (true)
         {
-            ref Entry e = ref _table[i];
-            if (e.IsEmpty)
+            if (_index[i].Ref == 0)
             {
                 found = false;
                 return i;
             }
-            if (e.Hi == hi && e.Lo == lo)
+            if (Holds(i, hi, lo))
             {
                 found = true;
                 return i;
@@ -275,76 +320,112 @@ public sealed unsafe partial class RadixTree : IDisposable
         }
     }
 
-    // Frees an entry that nobody holds and nothing hangs from, then its parent if that became the same.
-    private void FreeIfDead(long slot)
+    // The next entry: the arena's unused tail first, so that a chain stored in one go lies in consecutive lines for
+    // Match to stream; freed entries once the tail is used up. ApplyStored has made room (EnsureEntries).
+    private uint NewEntry()
     {
-        while (slot >= 0)
+        if (_arenaTop < _arenaCapacity)
+            return _arenaTop++;
+        uint r = _freeHead;
+        _freeHead = _arena[r].Children;
+        _arena[r].Children = 0;
+        return r;
+    }
+
+    // Frees an entry that nobody holds and nothing hangs from, then its parent if that became the same.
+    private void FreeIfDead(uint r)
+    {
+        while (r != 0)
         {
-            ref Entry e = ref _table[slot];
+            ref Entry e = ref _arena[r];
             if (e.IsHeld || e.Children != 0)
                 return;
             bool hasParent = !e.IsRoot;
             ulong phi = e.ParentHi, plo = e.ParentLo;
-            RemoveSlot(slot);
+            RemoveSlot(FindSlot(e.Hi, e.Lo));
+            e = default;
+            e.Children = _freeHead;
+            _freeHead = r;
             _count--;
             if (!hasParent)
                 return;
-            slot = Find(phi, plo);
-            if (slot >= 0)
-                _table[slot].Children--;
+            r = FindRef(phi, plo);
+            if (r != 0)
+                _arena[r].Children--;
         }
     }
 
-    // Backward-shift deletion for linear probing: no tombstones, probe runs stay as short as the load allows.
+    // Backward-shift deletion for linear probing: no tombstones, probe runs stay as short as the load allows. Only the
+    // 16-byte slots move; entries keep their place in the arena.
     private void RemoveSlot(long hole)
     {
         long j = hole;
         while (true)
         {
             j = (j + 1) & _mask;
-            if (_table[j].IsEmpty)
+            if (_index[j].Ref == 0)
                 break;
-            long home = Home(_table[j].Hi);
+            long home = Home(_index[j].Hi);
             if (((j - home) & _mask) >= ((j - hole) & _mask))
             {
-                _table[hole] = _table[j];
+                _index[hole] = _index[j];
                 hole = j;
             }
         }
-        _table[hole] = default;
+        _index[hole] = default;
     }
 
+    // Room in the index for `adding` more blocks (the arena's room is settled once the event is validated).
     private void EnsureRoom(int adding)
     {
         long capacity = _mask + 1;
-        if (_count + adding <= capacity / 4 * 3)
-            return;
-        int bits = _bits;
-        while ((1L << bits) / 4 * 3 < _count + adding)
-            bits++;
-        Rehash(bits);
+        if (_count + adding > capacity / 4 * 3)
+        {
+            int bits = _bits;
+            while ((1L << bits) / 4 * 3 < _count + adding)
+                bits++;
+            Rehash(bits);
+        }
     }
 
     private void Rehash(int bits)
     {
-        var memory = Allocate(bits);
-        var table = (Entry*)memory.Address;
+        var memory = AllocateIndex(bits);
+        var index = (Slot*)memory.Address;
         long oldCapacity = _mask + 1;
-        Entry* old = _table;
-        var oldMemory = _memory;
-        _memory = memory;
-        _table = table;
+        Slot* old = _index;
+        var oldMemory = _indexMemory;
+        _indexMemory = memory;
+        _index = index;
         SetBits(bits);
         for (long s = 0; s < oldCapacity; s++)
         {
-            if (old[s].IsEmpty)
+            if (old[s].Ref == 0)
                 continue;
             long i = Home(old[s].Hi);
-            while (!_table[i].IsEmpty)
+            while (_index[i].Ref != 0)
                 i = (i + 1) & _mask;
-            _table[i] = old[s];
+            _index[i] = old[s];
         }
         oldMemory.Dispose();
+    }
+
+    // Room in the arena for `adding` new entries: its unused tail plus the free list (every entry handed out and not
+    // counted is on it). Doubles it when short; entries keep their refs, so the index is untouched.
+    private void EnsureEntries(int adding)
+    {
+        if ((long)_arenaCapacity - 1 - _count >= adding)
+            return;
+        long needed = _count + adding + 1;
+        if (needed > MaxEntries)
+            throw new InvalidOperationException($"one tree holds at most {MaxEntries - 1} blocks; shard the index across tenants or processes");
+        long capacity = Math.Min(Math.Max(needed, 2L * _arenaCapacity), MaxEntries);
+        var memory = new AnonymousMemory(capacity * sizeof(Entry));
+        Buffer.MemoryCopy(_arena, (void*)memory.Address, capacity * sizeof(Entry), (long)_arenaTop * sizeof(Entry));
+        _arenaMemory.Dispose();
+        _arenaMemory = memory;
+        _arena = (Entry*)memory.Address;
+        _arenaCapacity = (uint)capacity;
     }
 
     private void SetBits(int bits)
@@ -354,5 +435,5 @@ public sealed unsafe partial class RadixTree : IDisposable
     }
 
     // Anonymous mappings come zeroed (every slot empty) and take transparent huge pages: fewer TLB misses on random probes.
-    private static AnonymousMemory Allocate(int bits) => new((1L << bits) * sizeof(Entry));
+    private static AnonymousMemory AllocateIndex(int bits) => new((1L << bits) * sizeof(Slot));
 }

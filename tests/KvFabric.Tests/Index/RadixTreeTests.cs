@@ -141,7 +141,10 @@ public class RadixTreeTests
         Assert.Equal(20_000, tree.Blocks);
         Assert.True(tree.Capacity >= 20_000 / 3 * 4 && tree.Capacity > firstCapacity);
         Assert.Equal(64, RadixTree.EntryBytes);
-        Assert.Equal(tree.Capacity * RadixTree.EntryBytes + tree.OverflowPoolBytes, tree.BytesAllocated);
+        Assert.Equal(16, RadixTree.SlotBytes);
+        Assert.Equal(tree.Capacity * RadixTree.SlotBytes + tree.ArenaCapacity * RadixTree.EntryBytes + tree.OverflowPoolBytes, tree.BytesAllocated);
+        // The arena doubles only when every entry is in use (its room includes ref 0, which is never handed out).
+        Assert.InRange(tree.ArenaCapacity, tree.Blocks + 1, 2 * tree.Blocks + 2);
         for (int c = 0; c < 200; c++)
             Assert.Equal([new MatchResult(c % 7, 100, 0, 100, 0)], MatchOf(tree, chains[c]));
         // The table doubles only when needed: its load stays in (3/8, 3/4], which bounds the bytes per block.
@@ -207,5 +210,55 @@ public class RadixTreeTests
         Assert.Contains("WorkerIdOf", e.Message, StringComparison.Ordinal);
         Assert.Equal(ApplyStatus.BadTier, tree.ApplyStored(0, null, TestHashes.Chain(1), (TierKind)9));
         Assert.Throws<ArgumentNullException>(() => tree.Match(TestHashes.Chain(1), null!));
+    }
+    [Fact]
+    public void Index_Match_ChainInReusedScatteredEntries_MatchesLikeAFreshOne()
+    {
+        // The arena (room for 16 blocks plus one) is used up by 16 one-block roots A; freed first to last, they go on the
+        // free list so that chain B gets them last to first: every block of B sits in the entry before its parent's,
+        // so Match cannot take the next entry and must ask the index. Chain C, stored after the arena doubled, lies in
+        // consecutive entries again and branches off B.
+        using var tree = new RadixTree(initialBlocks: 16);
+        var a = Enumerable.Range(0, 16).Select(i => TestHashes.Chain(1, salt: 100 + i)[0]).ToArray();
+        foreach (var root in a)
+            Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(0, null, [root], TierKind.Gpu));
+        Assert.Equal(16, tree.ArenaCapacity - 1);
+        Assert.Equal(16, tree.ApplyRemoved(0, a, TierKind.Gpu));
+        Assert.Equal(0, tree.Blocks);
+        var b = TestHashes.Chain(16, salt: 2);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(1, null, b, TierKind.Host));
+        Assert.Equal(17, tree.ArenaCapacity); // B reused A's entries
+        var c = TestHashes.Chain(b[^1], [.. Enumerable.Range(0, 40)]);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(2, b[^1], c, TierKind.Ssd));
+        Assert.True(tree.ArenaCapacity > 17);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(1, b[^1], c[..10], TierKind.Host));
+        Assert.Empty(MatchOf(tree, a));
+        Assert.Equal([new MatchResult(1, 16, 0, 16, 0)], MatchOf(tree, b));
+        Assert.Equal([new MatchResult(1, 26, 0, 26, 0)], MatchOf(tree, [.. b, .. c]));
+        Assert.Equal([new MatchResult(1, 11, 0, 11, 0)], MatchOf(tree, [b[^1], .. c]));
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(2, null, b, TierKind.Ssd));
+        Assert.Equal([new MatchResult(2, 56, 0, 0, 56), new MatchResult(1, 26, 0, 26, 0)], MatchOf(tree, [.. b, .. c]));
+    }
+
+    [Fact]
+    public void Index_Match_HashesSharingTheirFirstTwelveBytes_AreToldApart()
+    {
+        // An index slot keeps 12 of a hash's 16 bytes; Match checks the other 4 in the entry. A decoy that shares the
+        // 12 bytes with the chain's second block and sits where Match first looks (the entry after block 0, the index
+        // slot before the block's own) must neither match nor hide the real block.
+        using var tree = new RadixTree();
+        var first = new BlockHash(0x1111_2222_3333_4444UL, 0x5555_6666_7777_8888UL);
+        var second = new BlockHash(0x9999_AAAA_BBBB_CCCCUL, 0x0000_0001_DDDD_EEEEUL);
+        var decoy = new BlockHash(second.Hi, second.Lo ^ 0x0000_1000_0000_0000UL);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(0, null, [first], TierKind.Gpu));
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(5, null, [decoy], TierKind.Gpu));
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(0, first, [second], TierKind.Gpu));
+        Assert.True(tree.Contains(decoy) && tree.Contains(second));
+        Assert.Equal([new MatchResult(0, 2, 2, 0, 0)], MatchOf(tree, [first, second]));
+        Assert.Equal([new MatchResult(0, 1, 1, 0, 0)], MatchOf(tree, [first, decoy]));
+        Assert.Equal([new MatchResult(5, 1, 1, 0, 0)], MatchOf(tree, [decoy]));
+        Assert.Equal(1, tree.ApplyRemoved(5, [decoy], TierKind.Gpu));
+        Assert.False(tree.Contains(decoy));
+        Assert.Equal([new MatchResult(0, 2, 2, 0, 0)], MatchOf(tree, [first, second]));
     }
 }
