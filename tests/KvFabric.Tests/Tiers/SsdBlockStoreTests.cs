@@ -197,6 +197,54 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task Read_errors_while_opening_are_retried_and_never_cost_a_block()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            for (int i = 0; i < 6; i++)
+                Assert.True(await Ssd.Write(store, i));
+        }
+
+        // Transient: the first four data reads fail (several blocks' first attempts, one block's second, with eight
+        // verified at once); the retries read every block.
+        int failures = 4;
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
+        {
+            DataReadFault = () => Interlocked.Decrement(ref failures) >= 0 ? "injected EIO (transient)" : null,
+        }))
+        {
+            Assert.True(failures < 0);
+            Assert.Equal((0, (string?)null), store.RecoveredUnreadable);
+            Assert.Equal(0, store.RecoveredCorruptRecords);
+            Assert.Equal(6, store.Count);
+            for (int i = 0; i < 6; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+
+        // Lasting: no read succeeds while opening. The blocks are counted, named, and kept (not dropped as corrupt);
+        // reading one fails with the device's error until the device recovers, then it is read and verified.
+        bool failing = true;
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
+        {
+            DataReadFault = () => Volatile.Read(ref failing) ? "injected EIO (lasting)" : null,
+        }))
+        {
+            Assert.Equal(6, store.RecoveredUnreadable.Blocks);
+            Assert.Contains("injected EIO (lasting)", store.RecoveredUnreadable.FirstError);
+            Assert.Contains("data address", store.RecoveredUnreadable.FirstError);
+            Assert.Equal(0, store.RecoveredCorruptRecords);
+            Assert.Equal(6, store.Count);
+            Assert.Equal(6, store.Recovered.Count);
+            var e = await Assert.ThrowsAsync<TierException>(() => Ssd.Read(store, 2));
+            Assert.Contains("stays indexed", e.Message);
+            Volatile.Write(ref failing, false);
+            for (int i = 0; i < 6; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
     public async Task A_device_failing_under_concurrent_writers_loses_no_acknowledged_block()
     {
         using var dir = new TempDir();

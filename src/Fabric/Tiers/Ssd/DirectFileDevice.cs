@@ -187,8 +187,13 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     /// The store's read path: one pread into memory it verifies in place, instead of FASTER's read (which clears a
     /// staging buffer and copies twice; 10% of the CPU of a read-heavy profile).
     /// </summary>
+    /// <summary>Tests: asked before each ReadAlignedAsync; a message fails that read (see SsdBlockStoreOptions.DataReadFault).</summary>
+    internal Func<string?>? ReadFault { get; init; }
+
     public Task ReadAlignedAsync(int segment, long offset, AlignedBuffer buffer, int length)
     {
+        if (ReadFault?.Invoke() is { } fault)
+            return Task.FromException(new IOException(fault));
         var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         unsafe
         {

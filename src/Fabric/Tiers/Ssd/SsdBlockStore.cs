@@ -64,7 +64,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         _data = data;
         _log = log;
         Directory = Path.GetFullPath(options.Directory);
-        (RecoveredCorruptRecords, _recovered) = Recover();
+        (RecoveredCorruptRecords, RecoveredUnreadable, _recovered) = Recover();
         _committer = Task.Run(CommitLoopAsync);
     }
 
@@ -82,6 +82,11 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 
     /// <summary>Committed records that failed verification while opening (skipped: their blocks are absent).</summary>
     public int RecoveredCorruptRecords { get; }
+
+    /// <summary>Blocks whose payload the device would not read while opening, after retries (an I/O error, not a bad
+    /// checksum): they stay indexed, as after a failed read at run time, and are read (and verified) again when asked
+    /// for. Count and the first error; 0 and null when every payload was read.</summary>
+    public (int Blocks, string? FirstError) RecoveredUnreadable { get; }
 
     /// <summary>Bytes the data segments and the log span between their heads and tails, dead records included.</summary>
     public long LogBytes
@@ -119,7 +124,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             CheckFreeSpace(dir, options);
             string logPath = Path.Combine(dir, LogFileName);
             device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.RefSize);
-            data = new DirectFileDevice(Path.Combine(dir, DataFileName), SectorBytes, DataBytes(options.MaxBlockBytes), preallocateBytes: options.SegmentBytes);
+            data = new DirectFileDevice(Path.Combine(dir, DataFileName), SectorBytes, DataBytes(options.MaxBlockBytes), preallocateBytes: options.SegmentBytes)
+            {
+                ReadFault = options.DataReadFault,
+            };
             var settings = new FasterLogSettings
             {
                 LogDevice = device,
@@ -200,7 +208,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 
     // Replays the committed log (references and tombstones) into the index, then reads every live block's payload from
     // its data segment and verifies it, so a damaged block is counted here and never listed as recovered.
-    private (int Corrupt, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
+    private (int Corrupt, (int, string?) Unreadable, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
     {
         int corrupt = 0;
         long end = _log.TailAddress, dataEnd = 0;
@@ -228,7 +236,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                     break;
             }
         }
-        corrupt += VerifyRecoveredData();
+        var (bad, unreadable) = VerifyRecoveredData();
+        corrupt += bad;
         // New payloads go past every payload a reference in the log may name (live or not), so nothing committed is overwritten.
         _dataTail = dataEnd;
         _dataBegin = _index.Count == 0 ? dataEnd : _index.Values.Min(e => e.Address) & ~(_options.SegmentBytes - 1);
@@ -243,31 +252,43 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         int i = 0;
         foreach (var (key, entry) in _index)
             recovered[i++] = new(key, entry.Meta);
-        return (corrupt, recovered);
+        return (corrupt, unreadable, recovered);
     }
 
     // Reads the live payloads in data-address order, several at a time, and drops the ones that fail their checksum.
-    private int VerifyRecoveredData()
+    // A read the device fails is tried again (a transient error must not cost a block); one that keeps failing leaves
+    // its block indexed and unverified, as a failed read does at run time, so a bad moment of the device at start-up
+    // loses nothing: every later read of the block verifies it.
+    private (int Corrupt, (int Blocks, string? FirstError) Unreadable) VerifyRecoveredData()
     {
+        const int Attempts = 3;
         var entries = _index.OrderBy(kv => kv.Value.Address).ToArray();
         var bad = new System.Collections.Concurrent.ConcurrentBag<BlockKey>();
+        var unreadable = new System.Collections.Concurrent.ConcurrentQueue<string>();
         Parallel.ForEachAsync(entries, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (kv, _) =>
         {
-            string problem;
-            try
+            for (int attempt = 1; ; attempt++)
             {
-                problem = await ReadDataAsync(kv.Key, kv.Value, default, verifyOnly: true).ConfigureAwait(false);
+                try
+                {
+                    if ((await ReadDataAsync(kv.Key, kv.Value, default, verifyOnly: true).ConfigureAwait(false)).Length > 0)
+                        bad.Add(kv.Key);
+                    return;
+                }
+                catch (IOException) when (attempt < Attempts)
+                {
+                    await Task.Delay(10 * attempt).ConfigureAwait(false);
+                }
+                catch (IOException e)
+                {
+                    unreadable.Enqueue($"block {kv.Key} at data address {kv.Value.Address} ({_data.FileName}.{DataSegment(kv.Value.Address)}): {e.Message}");
+                    return;
+                }
             }
-            catch (IOException e)
-            {
-                problem = e.Message;
-            }
-            if (problem.Length > 0)
-                bad.Add(kv.Key);
         }).GetAwaiter().GetResult();
         foreach (var key in bad)
             _index.Remove(key);
-        return bad.Count;
+        return (bad.Count, (unreadable.Count, unreadable.TryPeek(out string? first) ? first : null));
     }
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);

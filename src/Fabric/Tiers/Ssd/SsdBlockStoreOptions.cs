@@ -45,6 +45,9 @@ public sealed record SsdBlockStoreOptions
     /// <summary>Tests: wraps or replaces the log device (fault injection).</summary>
     internal Func<string, IDevice>? DeviceFactory { get; init; }
 
+    /// <summary>Tests: asked before each read of a data segment; a message fails that read with an IOException.</summary>
+    internal Func<string?>? DataReadFault { get; init; }
+
     internal int MaxRecordBytes => checked(SsdRecordHeader.Size + MaxBlockBytes + 64);
 
     internal void Validate()
