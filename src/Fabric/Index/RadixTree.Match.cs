@@ -164,18 +164,39 @@ public sealed unsafe partial class RadixTree
         return longest;
     }
 
-    // The same workers with the same tier masks in the same order, inline and in the vector.
+    // The same workers with the same tier masks, inline and in the vector. Usually in the same order too (a worker
+    // stored the chain in one go): three word compares. Holders that reported each block in their own event may have
+    // created the entries in different orders; for blocks with no vector, the inline sets are compared (SameInlineSet).
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static bool SameLocations(Entry* a, Entry* b, uint* pool)
     {
         ulong* la = (ulong*)&a->Loc, lb = (ulong*)&b->Loc;
         if (la[0] != lb[0] || la[1] != lb[1] || la[2] != lb[2])
-            return false;
+            return a->Overflow == 0 && b->Overflow == 0 && SameInlineSet(a, b);
         if (a->Overflow == 0 || b->Overflow == 0)
             return a->Overflow == b->Overflow;
         uint* va = pool + a->Overflow, vb = pool + b->Overflow;
         int count = VectorCount(va[0]);
         return count == VectorCount(vb[0]) && new ReadOnlySpan<uint>(va + 1, count).SequenceEqual(new ReadOnlySpan<uint>(vb + 1, count));
+    }
+
+    // Whether the six inline locations of a and b hold the same set (a worker appears at most once per entry, so equal
+    // counts and every location of b found in a suffice).
+    private static bool SameInlineSet(Entry* a, Entry* b)
+    {
+        uint* la = (uint*)&a->Loc, lb = (uint*)&b->Loc;
+        int inA = 0, inB = 0;
+        for (int k = 0; k < InlineLocations; k++)
+        {
+            inA += la[k] != 0 ? 1 : 0;
+            uint loc = lb[k];
+            if (loc == 0)
+                continue;
+            inB++;
+            if (la[0] != loc && la[1] != loc && la[2] != loc && la[3] != loc && la[4] != loc && la[5] != loc)
+                return false;
+        }
+        return inA == inB;
     }
 
     // Applies `run` further blocks held exactly as `e` is to every holder of `e` (all of which extended through it).

@@ -190,6 +190,50 @@ public class RadixTreeTests
     }
 
     [Fact]
+    public void Index_Match_RunsOfBlocksHeldInRotatingOrder_CountLikeBlockByBlock()
+    {
+        // Up to six holders report each block in their own event, in an order that turns per block: consecutive blocks
+        // have the same set of locations in different orders (a run as far as Match is concerned). Then a hole, a tier
+        // change, a holder with another tier, and a seventh holder (a vector) change the sets in different places.
+        using var tree = new RadixTree();
+        var model = new ReferenceIndex();
+        var chain = TestHashes.Chain(48);
+        void Stored(int w, int i, TierKind tier)
+        {
+            BlockHash? parent = i == 0 ? null : chain[i - 1];
+            Assert.Equal(model.Stored(w, parent, chain[i..(i + 1)], tier), tree.ApplyStored(w, parent, chain[i..(i + 1)], tier));
+        }
+        int[] holders = [3, 5, 9, 12, 20];
+        for (int i = 0; i < chain.Length; i++)
+        {
+            for (int k = 0; k < holders.Length; k++)
+            {
+                int h = holders[(k + i) % holders.Length];
+                Stored(h, i, (TierKind)(h % 3));
+            }
+        }
+        var output = new List<MatchResult>();
+        void Check(BlockHash[] query)
+        {
+            tree.Match(query, output);
+            Assert.Equal(model.Match(query), output);
+        }
+        Check(chain);
+        model.Removed(9, [chain[20]], (TierKind)0);
+        tree.ApplyRemoved(9, [chain[20]], (TierKind)0);
+        Check(chain);
+        Stored(5, 30, TierKind.Gpu); // worker 5 (SSD) adds GPU on block 30: same workers, another mask
+        Check(chain);
+        for (int i = 0; i < 40; i++)
+            Stored(33, i, TierKind.Host); // a sixth holder on blocks 0-39
+        Check(chain);
+        for (int i = 0; i < 12; i++)
+            Stored(40, i, TierKind.Gpu); // a seventh: blocks 0-11 get a vector
+        Check(chain);
+        Check(chain[..13]);
+    }
+
+    [Fact]
     public void Index_TheAllZeroHash_IsRejected()
     {
         using var tree = new RadixTree();
