@@ -10,6 +10,14 @@ public sealed unsafe partial class RadixTree
     private const int Stage = 16;
     private const int Ring = 32;
     private const int OverflowAhead = 8; // blocks ahead of the match stage whose overflow vector is prefetched
+    private const int MissWindow = 8;    // two guesses missed within this many blocks turn a walk scattered
+
+    // Where Match's walk stands: blocks left in scattered mode (0: guessing), and the last block whose guess missed.
+    private struct Walk
+    {
+        public int Scattered;
+        public int LastMiss;
+    }
     private const int Stride = 4; // scratch ints per worker: stamp, matched, gpu, host (stamp and matched form one long)
 
     // What a block adds to a worker's (gpu | host << 32) counters, by tier mask: the fastest tier held counts.
@@ -60,10 +68,10 @@ public sealed unsafe partial class RadixTree
             // holds another hash does the index answer, and then the walk goes "scattered" for a while: index slots
             // are prefetched Stage blocks before they are needed and entries as soon as they are resolved.
             uint* ring = stackalloc uint[Ring];
-            int scattered = 0;
+            var walk = new Walk { LastMiss = int.MinValue / 2 };
             ring[0] = geo.Lookup(chain[0]);
             for (int k = 1; k <= Stage && k < n; k++)
-                geo.Step(chain, k, ring, ref scattered);
+                geo.Step(chain, k, ring, ref walk);
 
             // Block 0 enrols every worker that holds it.
             uint r0 = geo.Verify(chain[0], ring[0]);
@@ -96,7 +104,7 @@ public sealed unsafe partial class RadixTree
             for (int i = 1; i < n; i++)
             {
                 if (i + Stage < n)
-                    geo.Step(chain, i + Stage, ring, ref scattered);
+                    geo.Step(chain, i + Stage, ring, ref walk);
                 if (i + OverflowAhead < n)
                     geo.PrefetchOverflow(ring[(i + OverflowAhead) & (Ring - 1)], pool);
                 uint r = geo.Verify(chain[i], ring[i & (Ring - 1)]);
@@ -261,29 +269,32 @@ public sealed unsafe partial class RadixTree
 
         // Resolves block k into the ring; a scattered walk first prefetches the index slot of block k + Stage.
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Step(ReadOnlySpan<BlockHash> chain, int k, uint* ring, ref int scattered)
+        public void Step(ReadOnlySpan<BlockHash> chain, int k, uint* ring, ref Walk walk)
         {
-            if (scattered > 0)
+            if (walk.Scattered > 0)
             {
                 if (k + Stage < chain.Length)
                     PrefetchSlot(chain[k + Stage].Hi);
-                scattered--;
+                walk.Scattered--;
             }
-            ring[k & (Ring - 1)] = Resolve(chain, k, ring[(k - 1) & (Ring - 1)], ref scattered);
+            ring[k & (Ring - 1)] = Resolve(chain, k, ring[(k - 1) & (Ring - 1)], ref walk);
         }
 
         // Block k's entry given block k - 1's (0: absent, and then so is everything after it). While the walk follows
-        // the arena, the entry after the previous one is tried first and the index asked only when it holds another
-        // hash. A scattered walk asks the index straight away (its slot was prefetched; the entry after the previous
-        // one is a line nobody prefetched) and returns to guessing once 2 x Stage blocks in a row were consecutive.
+        // the arena, the entry after the previous one is tried first. One that holds another hash is usually a jump
+        // to the chain's next run of entries (a chain stored in pieces, or grown a few blocks at a time into entries
+        // set aside for it): the index answers at once and the walk keeps guessing. A second such block within
+        // MissWindow blocks turns the walk scattered: it asks the index for every block (the slots prefetched Stage
+        // blocks ahead; the entry after the previous one is a line nobody prefetched) and returns to guessing once
+        // 2 x Stage blocks in a row were found in consecutive entries.
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private uint Resolve(ReadOnlySpan<BlockHash> chain, int k, uint previous, ref int scattered)
+        private uint Resolve(ReadOnlySpan<BlockHash> chain, int k, uint previous, ref Walk walk)
         {
             if (previous == 0)
                 return 0;
             BlockHash h = chain[k];
             uint guess = previous + 1;
-            if (scattered == 0)
+            if (walk.Scattered == 0)
             {
                 if (guess < _arenaCapacity)
                 {
@@ -295,23 +306,28 @@ public sealed unsafe partial class RadixTree
                         return guess;
                     }
                 }
-                return Scatter(chain, k, ref scattered);
+                return Miss(chain, k, ref walk);
             }
             uint r = Lookup(h);
             if (r != guess)
-                scattered = 2 * Stage;
+                walk.Scattered = 2 * Stage;
             return r;
         }
 
-        // Off the arena's order: the index answers, and the next Stage blocks' slots are prefetched (while the walk
-        // stays scattered, Step prefetches one slot per block, Stage blocks ahead of its resolution).
+        // The entry after the previous one holds another hash: the index answers. A second miss within MissWindow
+        // blocks turns the walk scattered, prefetching the next Stage blocks' slots at once (then Step keeps one slot
+        // per block in flight).
         [MethodImpl(MethodImplOptions.NoInlining)]
-        private uint Scatter(ReadOnlySpan<BlockHash> chain, int k, ref int scattered)
+        private uint Miss(ReadOnlySpan<BlockHash> chain, int k, ref Walk walk)
         {
-            int end = Math.Min(chain.Length, k + Stage + 1);
-            for (int j = k + 1; j < end; j++)
-                PrefetchSlot(chain[j].Hi);
-            scattered = 2 * Stage;
+            if (k - walk.LastMiss <= MissWindow)
+            {
+                int end = Math.Min(chain.Length, k + Stage + 1);
+                for (int j = k + 1; j < end; j++)
+                    PrefetchSlot(chain[j].Hi);
+                walk.Scattered = 2 * Stage;
+            }
+            walk.LastMiss = k;
             return Lookup(chain[k]);
         }
 

@@ -57,6 +57,9 @@ public sealed unsafe partial class RadixTree : IDisposable
     private const ulong Fibonacci = 0x9E3779B97F4A7C15UL;
     private const int MinBits = 10;
     private const uint MaxEntries = uint.MaxValue - 1; // arena refs are uints; 0 means none
+    /// <summary>Entries a chain growing a few blocks at a time takes at once: its block and Extent - 1 set aside.</summary>
+    public const int Extent = 32;
+    private const ulong ReservedMark = 1;   // ParentHi of a reserved entry (whose Hi and Lo are zero, as when free)
 
     private AnonymousMemory _indexMemory;
     private Slot* _index;
@@ -67,6 +70,7 @@ public sealed unsafe partial class RadixTree : IDisposable
     private uint _arenaCapacity;  // entries the arena has room for, ref 0 included (never used)
     private uint _arenaTop = 1;   // refs below it have been handed out at least once
     private uint _freeHead;       // a freed entry to reuse once the arena is used up; its Children links the next
+    private long _reserved;       // entries kept free after a slowly growing chain's end (see Reserve)
     private long _count;
     private long[] _slots = new long[64];        // ApplyStored's per-event scratch (writer only)
     private long[] _workerLocations = new long[16]; // (block, worker) pairs per worker: lets ClearWorker skip idle workers
@@ -96,6 +100,8 @@ public sealed unsafe partial class RadixTree : IDisposable
     public long Capacity => _mask + 1;
     /// <summary>Entries the arena has room for (it grows by doubling when every entry is in use).</summary>
     public long ArenaCapacity => _arenaCapacity;
+    /// <summary>Free entries set aside after the ends of chains that grow a few blocks at a time (see docs/index.md).</summary>
+    public long ReservedEntries => _reserved;
     public long BytesAllocated => (_mask + 1) * sizeof(Slot) + (long)_arenaCapacity * sizeof(Entry) + OverflowPoolBytes;
     public long OverflowPoolBytes => (long)_pool.Length * sizeof(uint);
     public long RejectedUnknownParent { get; private set; }
@@ -170,6 +176,7 @@ public sealed unsafe partial class RadixTree : IDisposable
         uint w1 = (uint)worker + 1;
         uint bit = 1u << (int)tier;
         uint prev = parentRef;
+        int created = 0;
         for (int i = 0; i < hashes.Length; i++)
         {
             long slot = _slots[i];
@@ -183,7 +190,8 @@ public sealed unsafe partial class RadixTree : IDisposable
                 r = _index[slot].Ref;
                 if (r == 0)
                 {
-                    r = NewEntry();
+                    r = NewEntry(prev);
+                    created++;
                     ref Entry n = ref _arena[r];
                     n.Hi = h.Hi;
                     n.Lo = h.Lo;
@@ -205,6 +213,10 @@ public sealed unsafe partial class RadixTree : IDisposable
             AddLocation(ref _arena[r], w1, bit);
             prev = r;
         }
+        // A few blocks appended under an existing block, ending at the arena's tail: the chain may be growing a block
+        // at a time (decode steps), interleaved with other chains; set entries aside so its next blocks follow it.
+        if (created is > 0 and < Extent && (parentRef != 0 || known > 0) && prev == _arenaTop - 1)
+            Reserve(Extent - 1);
         if (worker >= _workerLimit)
             _workerLimit = worker + 1;
         return ApplyStatus.Applied;
@@ -320,16 +332,53 @@ public sealed unsafe partial class RadixTree : IDisposable
         }
     }
 
-    // The next entry: the arena's unused tail first, so that a chain stored in one go lies in consecutive lines for
-    // Match to stream; freed entries once the tail is used up. ApplyStored has made room (EnsureEntries).
-    private uint NewEntry()
+    // The next entry for a block under `parent` (0: a root): the entry after the parent if it was set aside for it;
+    // else the arena's unused tail, so that a chain stored in one go lies in consecutive lines for Match to stream;
+    // freed entries once the tail is used up. ApplyStored has made room (EnsureEntries).
+    private uint NewEntry(uint parent)
     {
+        uint next = parent + 1;
+        if (parent != 0 && next < _arenaTop && IsReserved(next))
+        {
+            _arena[next] = default;
+            _reserved--;
+            return next;
+        }
         if (_arenaTop < _arenaCapacity)
             return _arenaTop++;
         uint r = _freeHead;
         _freeHead = _arena[r].Children;
         _arena[r].Children = 0;
         return r;
+    }
+
+    private bool IsReserved(uint r) => _arena[r].IsEmpty && _arena[r].ParentHi == ReservedMark;
+
+    // Sets up to `count` entries of the unused tail aside for the chain that ends at the entry before them: a chain
+    // growing a block at a time while other chains do the same then takes consecutive entries (runs of Extent) instead
+    // of one entry in every few. Never grows the arena; reserved entries are free for anyone once the arena is full
+    // (ReclaimReserved).
+    private void Reserve(int count)
+    {
+        uint n = (uint)Math.Min(count, _arenaCapacity - _arenaTop);
+        for (uint k = 0; k < n; k++)
+            _arena[_arenaTop + k].ParentHi = ReservedMark;
+        _arenaTop += n;
+        _reserved += n;
+    }
+
+    // Puts every reserved entry on the free list: one scan, done only when the arena would otherwise grow.
+    private void ReclaimReserved()
+    {
+        for (uint r = _arenaTop - 1; r >= 1 && _reserved > 0; r--)
+        {
+            if (!IsReserved(r))
+                continue;
+            _arena[r] = default;
+            _arena[r].Children = _freeHead;
+            _freeHead = r;
+            _reserved--;
+        }
     }
 
     // Frees an entry that nobody holds and nothing hangs from, then its parent if that became the same.
@@ -410,12 +459,19 @@ public sealed unsafe partial class RadixTree : IDisposable
         oldMemory.Dispose();
     }
 
-    // Room in the arena for `adding` new entries: its unused tail plus the free list (every entry handed out and not
-    // counted is on it). Doubles it when short; entries keep their refs, so the index is untouched.
+    // Room in the arena for `adding` new entries: its unused tail plus the free list (every entry handed out, not
+    // counted and not reserved is on it). Reclaims the reserved entries, then doubles the arena, when short; entries
+    // keep their refs, so the index is untouched.
     private void EnsureEntries(int adding)
     {
-        if ((long)_arenaCapacity - 1 - _count >= adding)
+        if ((long)_arenaCapacity - 1 - _count - _reserved >= adding)
             return;
+        if (_reserved > 0)
+        {
+            ReclaimReserved();
+            if ((long)_arenaCapacity - 1 - _count >= adding)
+                return;
+        }
         long needed = _count + adding + 1;
         if (needed > MaxEntries)
             throw new InvalidOperationException($"one tree holds at most {MaxEntries - 1} blocks; shard the index across tenants or processes");

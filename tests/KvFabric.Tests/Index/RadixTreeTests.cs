@@ -234,6 +234,54 @@ public class RadixTreeTests
     }
 
     [Fact]
+    public void Index_ChainsGrowingABlockAtATime_GetEntriesSetAsideAndGiveThemUpBeforeTheArenaGrows()
+    {
+        // Four chains grow one block per event, round robin (decode steps of four sequences): after each chain's first
+        // append, Extent - 1 entries are set aside behind it, and its next appends take them (the count of reserved
+        // entries drops by one per append) instead of the tail. When the arena runs short, the reserved entries are
+        // reclaimed before it grows.
+        Assert.Equal(32, RadixTree.Extent);
+        using var tree = new RadixTree(initialBlocks: 200);
+        var model = new ReferenceIndex();
+        Assert.Equal(201, tree.ArenaCapacity);
+        var roots = Enumerable.Range(0, 4).Select(c => TestHashes.Chain(1, salt: 50 + c)).ToArray();
+        foreach (var r in roots)
+            Assert.Equal(model.Stored(0, null, r, TierKind.Gpu), tree.ApplyStored(0, null, r, TierKind.Gpu));
+        Assert.Equal(0, tree.ReservedEntries); // root chains set nothing aside
+        var chains = roots.Select(r => new List<BlockHash>(r)).ToArray();
+        for (int step = 0; step < 10; step++)
+        {
+            for (int c = 0; c < 4; c++)
+            {
+                var next = TestHashes.Child(chains[c][^1], step);
+                Assert.Equal(model.Stored(c, chains[c][^1], [next], TierKind.Host), tree.ApplyStored(c, chains[c][^1], [next], TierKind.Host));
+                chains[c].Add(next);
+            }
+            Assert.Equal(4 * 31 - 4 * step, tree.ReservedEntries);
+        }
+        var output = new List<MatchResult>();
+        foreach (var chain in chains)
+        {
+            tree.Match([.. chain], output);
+            Assert.Equal(model.Match([.. chain]), output);
+        }
+
+        // 44 blocks live, 88 reserved, 68 never used: a 100-block chain needs the reserved ones, not a bigger arena.
+        var big = TestHashes.Chain(100, salt: 77);
+        Assert.Equal(model.Stored(9, null, big, TierKind.Ssd), tree.ApplyStored(9, null, big, TierKind.Ssd));
+        Assert.Equal(0, tree.ReservedEntries);
+        Assert.Equal(201, tree.ArenaCapacity);
+        foreach (var chain in chains.Select(c => c.ToArray()).Append(big))
+        {
+            tree.Match(chain, output);
+            Assert.Equal(model.Match(chain), output);
+        }
+        var runs = new List<StoredRun>();
+        tree.Dump(runs);
+        Assert.Equal(model.DumpSet(), ReferenceIndex.Flatten(runs));
+    }
+
+    [Fact]
     public void Index_TheAllZeroHash_IsRejected()
     {
         using var tree = new RadixTree();
