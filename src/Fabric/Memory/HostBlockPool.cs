@@ -17,7 +17,8 @@ public sealed record HostBlockPoolOptions
     public string Tag { get; init; } = "pool";
     /// <summary>
     /// Allocates each backing region instead (bytes in, page-aligned memory out), e.g. <c>TransferAgent.AllocateUcx</c>;
-    /// the pool disposes what is IDisposable, and memory that is not (UCX's) is freed by its owner. Excludes
+    /// the pool disposes what is IDisposable when it is disposed, fails to build, or cannot use what it got (disposing
+    /// UCX's memory deregisters its region); memory that is not is left to its owner. Excludes
     /// <see cref="Shared"/> and <see cref="LockInRam"/>.
     /// </summary>
     public Func<long, INativeMemory>? Allocator { get; init; }
@@ -96,10 +97,15 @@ public sealed class HostBlockPool : IDisposable
         _rented = new ulong[(Capacity + 63) / 64];
     }
 
+    // Allocator memory the pool cannot use is given back (disposed, when it can be) before the error.
     private static INativeMemory Aligned(INativeMemory memory, long bytes, int alignment)
     {
         if (memory.Length < bytes || (memory.Address & (alignment - 1)) != 0)
-            throw new ArgumentException($"the pool's Allocator returned {memory.Length} bytes at 0x{memory.Address:x}; the pool needs {bytes} bytes aligned to {alignment}");
+        {
+            string got = $"{memory.Length} bytes at 0x{memory.Address:x}";
+            (memory as IDisposable)?.Dispose();
+            throw new ArgumentException($"the pool's Allocator returned {got}; the pool needs {bytes} bytes aligned to {alignment}");
+        }
         return memory;
     }
 

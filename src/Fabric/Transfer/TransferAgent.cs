@@ -106,7 +106,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
     /// <summary>
     /// Allocates host memory through UCX and registers it: on UCX's shared-memory transports (posix, sysv) a peer's
     /// READ or WRITE against it is one copy, where a region allocated elsewhere is served by active messages (two copies
-    /// and this agent's progress thread). Freed when the region is deregistered or the agent disposed. Needs EnableUcx.
+    /// and this agent's progress thread). Freed when the region is deregistered, the memory disposed, or the agent
+    /// disposed. Needs EnableUcx.
     /// </summary>
     public UcxMemory AllocateUcx(long length)
     {
@@ -127,6 +128,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
         }
         _ucx.Adopt(region, memh, rkey);
         memory.Region = region;
+        memory.Agent = this;
         return memory;
     }
 

@@ -128,5 +128,6 @@ public sealed class MemoryTests
         using var small = new AnonymousMemory(4096);
         var e = Assert.Throws<ArgumentException>(() => new HostBlockPool(new HostBlockPoolOptions { SlotBytes = 8192, SlotCount = 1, Allocator = _ => small }));
         Assert.Contains("needs 8192 bytes", e.Message, StringComparison.Ordinal);
+        Assert.Throws<ObjectDisposedException>(() => small.Address); // what the pool cannot use is given back
     }
 }

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using KvFabric.Memory;
 using KvFabric.Transfer;
+using KvFabric.Transfer.Ucx;
 using KvFabric.Transfer.Diagnostics;
 using Xunit;
 
@@ -337,6 +338,39 @@ public sealed class UcxTransferTests
         Assert.Throws<ArgumentOutOfRangeException>(() => agent.AllocateUcx(0));
         await using var noUcx = new TransferAgent();
         Assert.Contains("Register", Assert.Throws<TransferException>(() => noUcx.AllocateUcx(1 << 20)).Message);
+    }
+
+    [Fact]
+    public async Task A_pool_of_ucx_memory_gives_every_allocation_back_when_it_is_disposed_or_fails_to_build()
+    {
+        await using var agent = NewAgent("posix,self");
+        AssertUcx(agent);
+        var options = new HostBlockPoolOptions { SlotBytes = 1 << 20, SlotCount = 6, MaxRegionBytes = 2 << 20, Allocator = agent.AllocateUcx };
+        var pool = new HostBlockPool(options);
+        Assert.Equal(3, agent.Regions.Count);
+        pool.Dispose();
+        Assert.Empty(agent.Regions);
+
+        // The third region's allocation fails: the two before it are deregistered (and freed) before the error.
+        var handed = new List<UcxMemory>();
+        var failing = options with
+        {
+            Allocator = bytes => handed.Count == 2 ? throw new OutOfMemoryException("injected: no third region") : Keep(agent.AllocateUcx(bytes)),
+        };
+        UcxMemory Keep(UcxMemory m)
+        {
+            handed.Add(m);
+            return m;
+        }
+        Assert.Contains("injected", Assert.Throws<OutOfMemoryException>(() => new HostBlockPool(failing)).Message);
+        Assert.Equal(2, handed.Count);
+        Assert.Empty(agent.Regions);
+        Assert.All(handed, m => Assert.Throws<ObjectDisposedException>(() => { _ = m.Address; }));
+
+        // Memory the pool cannot use (too short) is given back too.
+        var tooShort = options with { Allocator = bytes => agent.AllocateUcx(bytes / 2) };
+        Assert.Contains("Allocator returned", Assert.Throws<ArgumentException>(() => new HostBlockPool(tooShort)).Message);
+        Assert.Empty(agent.Regions);
     }
 
     [Theory]

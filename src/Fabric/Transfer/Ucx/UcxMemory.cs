@@ -6,9 +6,11 @@ namespace KvFabric.Transfer.Ucx;
 /// Host memory UCX allocated for this agent (<see cref="TransferAgent.AllocateUcx"/>), registered as one region. On
 /// transports that map a peer's memory (posix, sysv) a peer's put or get into it is a single copy; memory allocated
 /// elsewhere is reached through active messages there. It lives until its region is deregistered or the agent is
-/// disposed; after that <see cref="Address"/> throws instead of pointing at unmapped memory.
+/// disposed; after that <see cref="Address"/> throws instead of pointing at unmapped memory. Disposing it deregisters
+/// its region (waiting for transfers in flight on it, as <see cref="TransferAgent.DeregisterAsync"/> does), so an owner
+/// such as a <see cref="HostBlockPool"/> built with <see cref="HostBlockPoolOptions.Allocator"/> gives it back.
 /// </summary>
-public sealed class UcxMemory : INativeMemory
+public sealed class UcxMemory : INativeMemory, IDisposable
 {
     private nint _address;
 
@@ -17,6 +19,9 @@ public sealed class UcxMemory : INativeMemory
         _address = address;
         Length = length;
     }
+
+    /// <summary>The agent that allocated it (set by AllocateUcx): disposing deregisters the region there.</summary>
+    internal TransferAgent? Agent { get; set; }
 
     public nint Address => _address != 0 ? _address : throw new ObjectDisposedException(nameof(UcxMemory), "this UCX allocation was freed when its region was deregistered");
     public long Length { get; }
@@ -33,4 +38,18 @@ public sealed class UcxMemory : INativeMemory
     }
 
     internal void MarkFreed() => _address = 0;
+
+    public void Dispose()
+    {
+        if (Volatile.Read(ref _address) == 0 || Agent is not { } agent)
+            return;
+        try
+        {
+            agent.DeregisterAsync(Region).GetAwaiter().GetResult();
+        }
+        catch (TransferException) when (Volatile.Read(ref _address) == 0)
+        {
+            // freed meanwhile (its region deregistered or the agent disposed): nothing left to give back
+        }
+    }
 }
