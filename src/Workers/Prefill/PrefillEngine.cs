@@ -12,7 +12,11 @@ namespace KvFabric.Workers.Prefill;
 /// in full, or its new blocks were not offloaded; the request itself still succeeded.</remarks>
 public sealed record PrefillOutcome(
     int PromptTokens, int ReusedBlocks, int FetchedBlocks, int ComputedTokens, int OffloadedBlocks, IReadOnlyList<Tier> ReusedTiers,
-    TimeSpan Onboard, TimeSpan Compute, TimeSpan Offload, string? FabricError = null);
+    TimeSpan Onboard, TimeSpan Compute, TimeSpan Offload, string? FabricError = null)
+{
+    /// <summary>The prompt's full-block hashes, packed (16 bytes each): an offload after the prefill reuses them.</summary>
+    public ReadOnlyMemory<byte> BlockHashes { get; init; }
+}
 
 /// <summary>
 /// The prefill side of a request against the fabric: hash the prompt's full blocks (the hashing spec, under the tenant's
@@ -106,7 +110,10 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
             fabricError ??= error;
         }
 
-        return new PrefillOutcome(prompt.Length, reused, fetched, prompt.Length - reused * tpb, offloaded, tiers, onboard, compute, clock.Elapsed, fabricError);
+        return new PrefillOutcome(prompt.Length, reused, fetched, prompt.Length - reused * tpb, offloaded, tiers, onboard, compute, clock.Elapsed, fabricError)
+        {
+            BlockHashes = packed,
+        };
     }
 
     /// <summary>
@@ -115,6 +122,7 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
     /// </summary>
     public async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, int from, CancellationToken cancellationToken = default)
     {
+        ArgumentNullException.ThrowIfNull(cache);
         int full = cache.FullBlocks;
         var hashes = new BlockHash[full];
         cache.ComputeBlockHashes(tenant, hashes);
@@ -124,7 +132,18 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         return await OffloadAsync(cache, packed, from, new CallOptions(Deadline: TimeSpan.FromSeconds(60), CancellationToken: cancellationToken)).ConfigureAwait(false);
     }
 
-    private async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, byte[] packed, int from, CallOptions options)
+    /// <summary>
+    /// Offloads what <see cref="PrefillAsync"/> computed into `cache` (called with offload: false), with the block hashes
+    /// the prefill already computed; returns how many blocks were stored, or the reason they could not be.
+    /// </summary>
+    public Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, PrefillOutcome outcome, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        ArgumentNullException.ThrowIfNull(outcome);
+        return OffloadAsync(cache, outcome.BlockHashes, outcome.ReusedBlocks, new CallOptions(Deadline: TimeSpan.FromSeconds(60), CancellationToken: cancellationToken));
+    }
+
+    private async Task<(int Stored, string? Error)> OffloadAsync(KvCache cache, ReadOnlyMemory<byte> packed, int from, CallOptions options)
     {
         int blockBytes = checked((int)Model.Layout.BlockBytes);
         int full = Math.Min(cache.FullBlocks, packed.Length / BlockHash.Size);
@@ -138,8 +157,8 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
         {
             Memory<byte> block = bytes.AsMemory((i - from) * blockBytes, blockBytes);
             cache.ExportBlock(i, block.Span);
-            blocks[i - from] = new BlockToPut(packed.AsMemory(i * BlockHash.Size, BlockHash.Size),
-                i == 0 ? ReadOnlyMemory<byte>.Empty : packed.AsMemory((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
+            blocks[i - from] = new BlockToPut(packed.Slice(i * BlockHash.Size, BlockHash.Size),
+                i == 0 ? ReadOnlyMemory<byte>.Empty : packed.Slice((i - 1) * BlockHash.Size, BlockHash.Size), (uint)i, block);
         }
 
         // In Puts of at most PutBatchBlocks, parents first: the sidecar stages each Put whole before storing it and

@@ -233,7 +233,7 @@ public sealed class WorkerServer : IAsyncDisposable
             response.HandoffAttempts = (uint)attempt;
 
             // Offload after the hand-off: the decode side is already generating; this only serves later requests.
-            await OffloadAsync(cache, outcome.ReusedBlocks, response, call.CancellationToken).ConfigureAwait(false);
+            await OffloadAsync(cache, outcome, response, call.CancellationToken).ConfigureAwait(false);
             Interlocked.Increment(ref _completed);
             return response;
         }
@@ -301,11 +301,11 @@ public sealed class WorkerServer : IAsyncDisposable
         return outcome;
     }
 
-    /// <summary>Offloads the blocks the prefill computed (from block `from` on) to the sidecar.</summary>
-    private async Task OffloadAsync(KvCache cache, int from, PrefillResponse response, CancellationToken cancellationToken)
+    /// <summary>Offloads the blocks the prefill computed (those after the reused prefix) to the sidecar.</summary>
+    private async Task OffloadAsync(KvCache cache, PrefillOutcome outcome, PrefillResponse response, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
-        (int stored, string? error) = await _prefill!.OffloadAsync(cache, from, cancellationToken).ConfigureAwait(false);
+        (int stored, string? error) = await _prefill!.OffloadAsync(cache, outcome, cancellationToken).ConfigureAwait(false);
         response.OffloadedBlocks = (uint)stored;
         response.OffloadMs = clock.Elapsed.TotalMilliseconds;
         if (error is not null)
@@ -383,7 +383,7 @@ public sealed class WorkerServer : IAsyncDisposable
             {
                 var logits = new float[_model.Config.Vocab];
                 PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
-                await OffloadAsync(cache, outcome.ReusedBlocks, response, call.CancellationToken).ConfigureAwait(false);
+                await OffloadAsync(cache, outcome, response, call.CancellationToken).ConfigureAwait(false);
                 tokens = await _scheduler!.StartAsync(cache, logits, MaxNew(r.MaxNewTokens), Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
             }
             catch (Exception e)
