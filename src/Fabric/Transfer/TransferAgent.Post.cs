@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using KvFabric.Memory;
 using KvFabric.Memory.Device;
 using KvFabric.Transfer.Cuda;
@@ -191,6 +192,7 @@ public sealed partial class TransferAgent
     {
         var (which, regions, addresses) = request.Device!.Value;
         BlockSlot[]? slots;
+        long start = Stopwatch.GetTimestamp();
         try
         {
             slots = await Staging.StageAsync(request, which, regions, cancellationToken).ConfigureAwait(false);
@@ -205,7 +207,14 @@ public sealed partial class TransferAgent
         }
         if (slots is null)
             return new TransferResult(TransferStatus.TimedOut, $"all {Staging.Slots} device staging slots stayed in use past the deadline of {request.Options.Deadline.TotalMilliseconds:0} ms: raise TransferAgentOptions.DeviceStagingSlots or post fewer device transfers at once");
-        var result = await RunAsync(request, cancellationToken).ConfigureAwait(false);
+        // One deadline for the whole post: what waiting for slots and copying out of the device took is not given again.
+        TimeSpan left = request.Options.Deadline - Stopwatch.GetElapsedTime(start);
+        if (left <= TimeSpan.Zero)
+        {
+            Staging.Unstage(request, which, regions, addresses, slots, copyIn: false, _ => false);
+            return new TransferResult(TransferStatus.TimedOut, $"staging the device chunks (waiting for slots, copying out of the device) took the whole deadline of {request.Options.Deadline.TotalMilliseconds:0} ms; nothing was sent");
+        }
+        var result = await RunAsync(request, cancellationToken, left).ConfigureAwait(false);
         try
         {
             // A READ's bytes reach device memory before the post reports them; only descriptors that arrived whole are copied.
@@ -220,11 +229,12 @@ public sealed partial class TransferAgent
         return result;
     }
 
-    private async Task<TransferResult> RunAsync(TransferRequest request, CancellationToken cancellationToken)
+    // `budget`: what is left of the request's deadline (all of it unless staging took part).
+    private async Task<TransferResult> RunAsync(TransferRequest request, CancellationToken cancellationToken, TimeSpan? budget = null)
     {
         var backend = Backend(request.Backend);
         using var deadline = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        deadline.CancelAfter(request.Options.Deadline);
+        deadline.CancelAfter(budget ?? request.Options.Deadline);
         Task io = Task.CompletedTask;
         TransferResult result;
         try

@@ -39,8 +39,13 @@ public sealed class DeviceStagingFaultTests
             inner.CopyToDeviceAsync(destination, offset, source, bytes, stream);
         }
 
+        /// <summary>When positive, each copy out of the device first takes this long (a busy or slow device).</summary>
+        public volatile int CopyOutDelayMs;
+
         public unsafe void CopyToHostAsync(void* destination, DeviceBuffer source, long offset, long bytes, DeviceStream stream)
         {
+            if (CopyOutDelayMs > 0)
+                Thread.Sleep(CopyOutDelayMs);
             if (FailCopies)
                 throw new DeviceMemoryException("injected: cudaMemcpyAsync failed");
             inner.CopyToHostAsync(destination, source, offset, bytes, stream);
@@ -87,6 +92,35 @@ public sealed class DeviceStagingFaultTests
         Assert.Equal(Pattern(5, Block), target.GetSpan(0, Block).ToArray());
         Assert.Equal(Pattern(6, Block), target.GetSpan(Block, Block).ToArray());
         Assert.Equal(2, agent.Staging.Available);
+    }
+
+    [Fact]
+    public async Task Staging_that_takes_the_whole_deadline_times_the_post_out_instead_of_granting_a_second_deadline()
+    {
+        using var device = new FaultyDevice(new EmulatedDeviceMemory(8 << 20));
+        DeviceBuffer kv = device.Allocate(2L * Block);
+        await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 2 });
+        await using var peer = new TransferAgent(new TransferAgentOptions { Name = "host-side" });
+        using var target = new AnonymousMemory(2L * Block);
+        var targetRegion = peer.Register(target);
+        var deviceRegion = agent.Register(device, kv);
+        var remote = await agent.LoadRemoteAsync(peer.ExportMetadata());
+        Upload(device, kv, 0, Pattern(3, 2 * Block));
+        var write = agent.Prepare(TransferOp.Write, [deviceRegion.Descriptor(0, 2UL * Block)], remote, [targetRegion.Descriptor(0, 2UL * Block)],
+            new TransferOptions { Deadline = TimeSpan.FromMilliseconds(300) });
+
+        // Copying out of the device takes 400 ms: the deadline has passed before anything could be sent.
+        device.CopyOutDelayMs = 400;
+        var late = await agent.PostAsync(write);
+        Assert.Equal(TransferStatus.TimedOut, late.Status);
+        Assert.Contains("whole deadline of 300 ms", late.Error, StringComparison.Ordinal);
+        Assert.Equal(2, agent.Staging.Available);
+        Assert.Equal(new byte[2 * Block], target.GetSpan(0, 2 * Block).ToArray()); // nothing sent
+
+        device.CopyOutDelayMs = 0;
+        var result = await agent.PostAsync(write);
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal(Pattern(3, 2 * Block), target.GetSpan(0, 2 * Block).ToArray());
     }
 
     [Fact]
