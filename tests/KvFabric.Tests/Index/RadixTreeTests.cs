@@ -282,6 +282,30 @@ public class RadixTreeTests
     }
 
     [Fact]
+    public void Index_Match_ZeroHashInChain_StopsThere()
+    {
+        // Free and reserved arena entries are all zero where the hash goes: a zero hash in a queried chain (never a
+        // stored one) may land on one and must end the walk there, not match it.
+        using var tree = new RadixTree(initialBlocks: 16);
+        var a = TestHashes.Chain(3, salt: 9);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(0, null, a, TierKind.Gpu));
+        var output = new List<MatchResult>();
+        // a[^1] is the last entry handed out: the entry after it is unused (all zero), as a free one is.
+        Assert.Equal(3, tree.Match([.. a, default, default], output));
+        Assert.Equal([new MatchResult(0, 3, 3, 0, 0)], output);
+        Assert.Equal(0, tree.Match([default, .. a], output));
+        Assert.Empty(output);
+        // Free an entry in the middle of the arena and walk into it with a zero hash.
+        var b = TestHashes.Chain(1, salt: 10);
+        var c = TestHashes.Chain(1, salt: 11);
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(1, a[0], b, TierKind.Host));
+        Assert.Equal(ApplyStatus.Applied, tree.ApplyStored(1, null, c, TierKind.Host));
+        Assert.Equal(1, tree.ApplyRemoved(1, b, TierKind.Host));
+        Assert.Equal(3, tree.Match([a[0], a[1], a[2], default], output));
+        Assert.Equal(1, tree.Match([a[0], default, a[1]], output));
+    }
+
+    [Fact]
     public void Index_TheAllZeroHash_IsRejected()
     {
         using var tree = new RadixTree();
