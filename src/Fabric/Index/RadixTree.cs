@@ -460,8 +460,8 @@ public sealed unsafe partial class RadixTree : IDisposable
     }
 
     // Room in the arena for `adding` new entries: its unused tail plus the free list (every entry handed out, not
-    // counted and not reserved is on it). Reclaims the reserved entries, then doubles the arena, when short; entries
-    // keep their refs, so the index is untouched.
+    // counted and not reserved is on it). Reclaims the reserved entries, then doubles the arena, when short: mremap
+    // moves its pages instead of copying them, and entries keep their refs, so the index is untouched.
     private void EnsureEntries(int adding)
     {
         if ((long)_arenaCapacity - 1 - _count - _reserved >= adding)
@@ -476,11 +476,8 @@ public sealed unsafe partial class RadixTree : IDisposable
         if (needed > MaxEntries)
             throw new InvalidOperationException($"one tree holds at most {MaxEntries - 1} blocks; shard the index across tenants or processes");
         long capacity = Math.Min(Math.Max(needed, 2L * _arenaCapacity), MaxEntries);
-        var memory = new AnonymousMemory(capacity * sizeof(Entry));
-        Buffer.MemoryCopy(_arena, (void*)memory.Address, capacity * sizeof(Entry), (long)_arenaTop * sizeof(Entry));
-        _arenaMemory.Dispose();
-        _arenaMemory = memory;
-        _arena = (Entry*)memory.Address;
+        _arenaMemory.Grow(capacity * sizeof(Entry));
+        _arena = (Entry*)_arenaMemory.Address;
         _arenaCapacity = (uint)capacity;
     }
 

@@ -8,7 +8,7 @@ public sealed class AnonymousMemory : INativeMemory, IDisposable
     private nint _address;
 
     public nint Address => _address != 0 ? _address : throw new ObjectDisposedException(nameof(AnonymousMemory));
-    public long Length { get; }
+    public long Length { get; private set; }
     public MemoryKind Kind => MemoryKind.Host;
     public string? MappedPath => null;
     public bool IsLocked { get; }
@@ -31,6 +31,26 @@ public sealed class AnonymousMemory : INativeMemory, IDisposable
         _address = addr;
         Length = length;
         IsLocked = lockInRam;
+    }
+
+    /// <summary>
+    /// Grows the mapping to `length` bytes, keeping its contents (the new bytes are zero). The kernel moves page tables
+    /// instead of copying (mremap), so growing a GiB takes microseconds, not a copy of it; the address may change.
+    /// Not for memory locked in RAM. The caller makes sure nothing uses the old address meanwhile.
+    /// </summary>
+    public void Grow(long length)
+    {
+        nint old = Address;
+        if (IsLocked)
+            throw new InvalidOperationException("a region locked in RAM cannot grow");
+        if (length <= Length)
+            throw new ArgumentOutOfRangeException(nameof(length), length, $"growing needs more than the current {Length} bytes");
+        nint addr = Libc.Mremap(old, (nuint)Length, (nuint)length, Libc.MREMAP_MAYMOVE);
+        if (addr == Libc.MapFailed)
+            throw new OutOfMemoryException($"cannot grow a {Length}-byte mapping to {length} bytes ({Libc.LastError()})");
+        Libc.Madvise(addr, (nuint)length, Libc.MADV_HUGEPAGE);
+        _address = addr;
+        Length = length;
     }
 
     public unsafe Span<byte> GetSpan(long offset, int length)

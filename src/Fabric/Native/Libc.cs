@@ -37,6 +37,12 @@ internal static partial class Libc
     [LibraryImport("libc", EntryPoint = "munmap", SetLastError = true)]
     internal static partial int Munmap(nint addr, nuint length);
 
+    // Variadic in C (a fifth argument with MREMAP_FIXED); called with the four fixed ones only.
+    [LibraryImport("libc", EntryPoint = "mremap", SetLastError = true)]
+    internal static partial nint Mremap(nint oldAddress, nuint oldLength, nuint newLength, int flags);
+
+    internal const int MREMAP_MAYMOVE = 1;
+
     [LibraryImport("libc", EntryPoint = "mlock", SetLastError = true)]
     internal static partial int Mlock(nint addr, nuint length);
 

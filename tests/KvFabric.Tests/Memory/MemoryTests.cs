@@ -107,6 +107,21 @@ public sealed class MemoryTests
     }
 
     [Fact]
+    public void Anonymous_memory_grows_in_place_or_moves_keeping_its_bytes_and_zeroing_the_new_ones()
+    {
+        using var memory = new AnonymousMemory(5000);
+        for (int i = 0; i < 5000; i++)
+            memory.GetSpan(i, 1)[0] = (byte)(i * 7);
+        memory.Grow(3L << 20);
+        Assert.Equal(3L << 20, memory.Length);
+        for (int i = 0; i < 5000; i++)
+            Assert.Equal((byte)(i * 7), memory.GetSpan(i, 1)[0]);
+        Assert.True(memory.GetSpan(5000, (3 << 20) - 5000).IndexOfAnyExcept((byte)0) < 0);
+        memory.GetSpan((3 << 20) - 1, 1)[0] = 1; // the whole new length is writable
+        Assert.Throws<ArgumentOutOfRangeException>(() => memory.Grow(3L << 20));
+    }
+
+    [Fact]
     public void A_pool_with_its_own_allocator_carves_its_slots_from_what_the_allocator_gives()
     {
         var given = new List<AnonymousMemory>();
