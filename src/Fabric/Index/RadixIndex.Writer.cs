@@ -43,11 +43,23 @@ public sealed partial class RadixIndex
 
     private void ApplyBatch()
     {
+        // A tree near its rehash load gets its doubled index built here, outside the lock: only this thread changes
+        // trees, so it can read one while readers Match; swapping it in under the lock takes microseconds.
+        PrepareGrowths();
         if (!_lock.TryEnterWriteLock(_options.LockTimeout))
+        {
+            DiscardGrowths();
             return; // readers held it past the deadline; try again, the events stay queued
+        }
         long start = Stopwatch.GetTimestamp();
         try
         {
+            foreach (var (tree, prepared) in _growths)
+            {
+                if (tree.CommitGrowth(prepared))
+                    Interlocked.Increment(ref _grownAhead);
+            }
+            _growths.Clear();
             while (_queue.Reader.TryRead(out var item))
             {
                 if (item.Flush is { } flush)
@@ -64,9 +76,45 @@ public sealed partial class RadixIndex
         {
             _lock.ExitWriteLock();
         }
+        LetWaitingReadersIn();
         foreach (var flush in _batchFlushes)
             flush.TrySetResult();
         _batchFlushes.Clear();
+    }
+
+    private readonly List<(RadixTree Tree, RadixTree.PreparedIndex Prepared)> _growths = [];
+    private long _grownAhead;
+
+    /// <summary>Index rehashes done ahead by the writer, outside the readers' lock.</summary>
+    public long GrowthsAhead => Interlocked.Read(ref _grownAhead);
+
+    private void PrepareGrowths()
+    {
+        foreach (var tree in _trees.Values)
+        {
+            if (tree.GrowthDue)
+                _growths.Add((tree, tree.PrepareGrowth()));
+        }
+    }
+
+    // The lock prefers writers, and this thread asks for it again right after releasing it: with events queued without
+    // a pause, a reader woken by the release would find it taken again and wait for as long as the queue stays full
+    // (seconds, measured). So readers already waiting get up to MaxWriteHold to enter before the next batch.
+    private void LetWaitingReadersIn()
+    {
+        if (_lock.WaitingReadCount == 0)
+            return;
+        long start = Stopwatch.GetTimestamp();
+        while (_lock.WaitingReadCount > 0 && Stopwatch.GetElapsedTime(start) < _options.MaxWriteHold)
+            Thread.Yield();
+    }
+
+    // Never installed outside the lock: readers may be walking the old index.
+    private void DiscardGrowths()
+    {
+        foreach (var (_, prepared) in _growths)
+            prepared.Memory.Dispose();
+        _growths.Clear();
     }
 
     private void Apply(IndexEvent e)

@@ -72,6 +72,7 @@ public sealed unsafe partial class RadixTree : IDisposable
     private uint _freeHead;       // a freed entry to reuse once the arena is used up; its Children links the next
     private long _reserved;       // entries kept free after a slowly growing chain's end (see Reserve)
     private long _count;
+    private long _indexVersion;  // bumped whenever a slot is added or removed (a prepared index is stale after that)
     private long[] _slots = new long[64];        // ApplyStored's per-event scratch (writer only)
     private long[] _workerLocations = new long[16]; // (block, worker) pairs per worker: lets ClearWorker skip idle workers
     private int _workerLimit;                      // 1 + the largest worker id ever stored: Match sizes its scratch by it
@@ -204,6 +205,7 @@ public sealed unsafe partial class RadixTree : IDisposable
                     }
                     _index[slot] = new Slot { Hi = h.Hi, Tag = (uint)h.Lo, Ref = r };
                     _count++;
+                    _indexVersion++;
                 }
             }
             else
@@ -408,6 +410,7 @@ public sealed unsafe partial class RadixTree : IDisposable
     // 16-byte slots move; entries keep their place in the arena.
     private void RemoveSlot(long hole)
     {
+        _indexVersion++;
         long j = hole;
         while (true)
         {
@@ -437,26 +440,69 @@ public sealed unsafe partial class RadixTree : IDisposable
         }
     }
 
-    private void Rehash(int bits)
+    private void Rehash(int bits) => Install(BuildIndex(bits));
+
+    // A copy of the index with 2^bits slots. Only reads the tree, so it may run while readers Match (RadixIndex builds
+    // it outside its write lock: see PrepareGrowth).
+    private PreparedIndex BuildIndex(int bits)
     {
         var memory = AllocateIndex(bits);
         var index = (Slot*)memory.Address;
-        long oldCapacity = _mask + 1;
-        Slot* old = _index;
-        var oldMemory = _indexMemory;
-        _indexMemory = memory;
-        _index = index;
-        SetBits(bits);
-        for (long s = 0; s < oldCapacity; s++)
+        long mask = (1L << bits) - 1;
+        long capacity = _mask + 1;
+        for (long s = 0; s < capacity; s++)
         {
-            if (old[s].Ref == 0)
+            if (_index[s].Ref == 0)
                 continue;
-            long i = Home(old[s].Hi);
-            while (_index[i].Ref != 0)
-                i = (i + 1) & _mask;
-            _index[i] = old[s];
+            long i = (long)((_index[s].Hi * Fibonacci) >> (64 - bits));
+            while (index[i].Ref != 0)
+                i = (i + 1) & mask;
+            index[i] = _index[s];
         }
+        return new PreparedIndex(memory, bits, _indexVersion);
+    }
+
+    private void Install(PreparedIndex prepared)
+    {
+        var oldMemory = _indexMemory;
+        _indexMemory = prepared.Memory;
+        _index = (Slot*)prepared.Memory.Address;
+        SetBits(prepared.Bits);
         oldMemory.Dispose();
+    }
+
+    /// <summary>A bigger index built ahead, to be installed by <see cref="CommitGrowth"/> if the tree has not changed.</summary>
+    public sealed class PreparedIndex(AnonymousMemory memory, int bits, long version)
+    {
+        internal AnonymousMemory Memory { get; } = memory;
+        internal int Bits { get; } = bits;
+        internal long Version { get; } = version;
+    }
+
+    /// <summary>
+    /// Whether the index is near the load (11/16, against the 3/4 at which an event would rehash it itself) at which
+    /// growing it ahead, with <see cref="PrepareGrowth"/> outside the readers' lock, saves them a pause.
+    /// </summary>
+    public bool GrowthDue => _count > (_mask + 1) / 16 * 11;
+
+    /// <summary>
+    /// Builds the doubled index from the current one. It only reads the tree, so the single writer may call it while
+    /// readers Match; <see cref="CommitGrowth"/> then swaps it in (under the write lock) in microseconds, where a
+    /// rehash inside the lock held readers off for the whole copy (0.2-0.9 s at 4-17M slots on the dev VM).
+    /// </summary>
+    public PreparedIndex PrepareGrowth() => BuildIndex(_bits + 1);
+
+    /// <summary>Installs an index from <see cref="PrepareGrowth"/>; false (and disposed) if the tree changed since.</summary>
+    public bool CommitGrowth(PreparedIndex prepared)
+    {
+        ArgumentNullException.ThrowIfNull(prepared);
+        if (prepared.Version != _indexVersion || prepared.Bits <= _bits)
+        {
+            prepared.Memory.Dispose();
+            return false;
+        }
+        Install(prepared);
+        return true;
     }
 
     // Room in the arena for `adding` new entries: its unused tail plus the free list (every entry handed out, not

@@ -152,6 +152,45 @@ public class RadixIndexTests
     }
 
     [Fact]
+    public async Task Index_GrowsItsTablesAheadOfTheReadersLock_AndAnswersTheSameThroughout()
+    {
+        // One 8-block event per batch (each flushed): the tree crosses the load at which growth is due at a batch
+        // boundary, so the writer builds the bigger index before taking the lock, every time, while a reader Matches.
+        using var index = new RadixIndex(new RadixIndexOptions { InitialBlocksPerTenant = 16 });
+        var chains = Enumerable.Range(0, 40).Select(c => TestHashes.Chain(80, salt: 500 + c)).ToArray();
+        using var stop = new CancellationTokenSource();
+        var reader = Task.Run(() =>
+        {
+            var output = new List<MatchResult>();
+            long calls = 0;
+            while (!stop.IsCancellationRequested)
+            {
+                int longest = index.Match(3, chains[calls++ % chains.Length], output);
+                Assert.Equal(output.Count == 0 ? 0 : output[0].Matched, longest);
+            }
+            return calls;
+        });
+        foreach (var chain in chains)
+        {
+            for (int piece = 0; piece < 80; piece += 8)
+            {
+                var parent = piece == 0 ? default : IndexEvent.Pack([chain[piece - 1]]);
+                await index.EnqueueAsync(IndexEvent.Stored(3, 1, parent, IndexEvent.Pack(chain.AsSpan(piece, 8)), TierKind.Gpu), Deadline());
+                await index.FlushAsync(Deadline());
+            }
+        }
+        await stop.CancelAsync();
+        Assert.True(await reader.WaitAsync(TimeSpan.FromSeconds(60)) > 0);
+        Assert.True(index.GrowthsAhead >= 2, $"{index.GrowthsAhead} growths ahead"); // 1024 -> 2048 -> 4096 slots for 3200 blocks
+        var output = new List<MatchResult>();
+        foreach (var chain in chains)
+        {
+            Assert.Equal(80, index.Match(3, chain, output));
+            Assert.Equal([new MatchResult(1, 80, 80, 0, 0)], output);
+        }
+    }
+
+    [Fact]
     public async Task Index_Dump_ThroughTheIndex_ReplaysIntoAnEqualIndex()
     {
         using var index = new RadixIndex();

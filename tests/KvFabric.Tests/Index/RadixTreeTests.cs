@@ -306,6 +306,55 @@ public class RadixTreeTests
     }
 
     [Fact]
+    public void Index_GrowthPreparedAhead_IsInstalledOnlyIfTheTreeDidNotChangeMeanwhile()
+    {
+        using var tree = new RadixTree(initialBlocks: 16); // 1024 index slots: growth is due past 704 blocks
+        var model = new ReferenceIndex();
+        var chains = new List<BlockHash[]>();
+        void Add(int salt)
+        {
+            var chain = TestHashes.Chain(50, salt: salt);
+            chains.Add(chain);
+            Assert.Equal(model.Stored(salt % 5, null, chain, TierKind.Host), tree.ApplyStored(salt % 5, null, chain, TierKind.Host));
+        }
+        void CheckAll()
+        {
+            var output = new List<MatchResult>();
+            foreach (var chain in chains)
+            {
+                tree.Match(chain, output);
+                Assert.Equal(model.Match(chain), output);
+            }
+        }
+        for (int c = 0; !tree.GrowthDue; c++)
+            Add(c);
+        Assert.Equal(1024, tree.Capacity);
+        Assert.True(tree.Blocks is > 704 and <= 768);
+
+        var prepared = tree.PrepareGrowth();
+        CheckAll(); // the old index still answers
+        Assert.True(tree.CommitGrowth(prepared));
+        Assert.Equal(2048, tree.Capacity);
+        Assert.False(tree.GrowthDue);
+        CheckAll();
+
+        // Prepared, then a block added: the copy misses it, so it is refused and the tree keeps its index.
+        for (int c = chains.Count; !tree.GrowthDue; c++)
+            Add(c);
+        var stale = tree.PrepareGrowth();
+        Add(10_000);
+        Assert.False(tree.CommitGrowth(stale));
+        Assert.Equal(2048, tree.Capacity);
+        CheckAll();
+        // A removal makes it stale too.
+        var stale2 = tree.PrepareGrowth();
+        Assert.Equal(1, tree.ApplyRemoved(10_000 % 5, chains[^1][^1..], TierKind.Host));
+        model.Removed(10_000 % 5, chains[^1][^1..], TierKind.Host);
+        Assert.False(tree.CommitGrowth(stale2));
+        CheckAll();
+    }
+
+    [Fact]
     public void Index_TheAllZeroHash_IsRejected()
     {
         using var tree = new RadixTree();
