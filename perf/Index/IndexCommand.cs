@@ -127,8 +127,6 @@ public static class IndexCommand
         if (counters.RejectedTotal != 0 || counters.Blocks != blocks)
             throw new InvalidOperationException($"the index rejected {counters.RejectedTotal} events and holds {counters.Blocks} blocks, expected 0 and {blocks}: {built.LastWriterError}");
 
-        var during = await MatchDuringBuildAsync(workload, ct);
-
         // Match: the prompt chains round-robin, so at 10M blocks most walks miss the CPU caches as a cold prompt would.
         var output = new List<MatchResult>(workers);
         for (int i = 0; i < Math.Min(matches, 50); i++)
@@ -148,6 +146,8 @@ public static class IndexCommand
         double matchCpuMean = (Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalMicroseconds / matches;
         double matchWallMean = wall.Elapsed.TotalMicroseconds / matches;
         Array.Sort(latencies);
+        // Last, so that nothing it leaves behind (garbage, a writer thread winding down) touches the figures above.
+        var during = await MatchDuringBuildAsync(workload, ct);
 
         var tree1 = Spread.Of(treeRates);
         var queue = Spread.Of(queueRates);

@@ -90,10 +90,19 @@ public sealed partial class RadixIndex
 
     private void PrepareGrowths()
     {
-        foreach (var tree in _trees.Values)
+        try
         {
-            if (tree.GrowthDue)
-                _growths.Add((tree, tree.PrepareGrowth()));
+            foreach (var tree in _trees.Values)
+            {
+                if (tree.GrowthDue)
+                    _growths.Add((tree, tree.PrepareGrowth()));
+            }
+        }
+#pragma warning disable CA1031 // growing ahead is an optimisation: if it fails (no memory), the event that needs the room grows in the lock, or is counted as failed
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            Volatile.Write(ref _lastError, $"growing an index ahead failed: {ex.GetType().Name}: {ex.Message}");
         }
     }
 
