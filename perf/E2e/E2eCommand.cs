@@ -60,7 +60,7 @@ public static class E2eCommand
         });
         var table = new Table().AddColumns("figure", "value");
         foreach (string key in new[] { "outputs_match", "requests", "ttft_p50_ms_reuse", "ttft_p50_ms_no_reuse", "ttft_reuse_speedup", "handoff_fraction_of_ttft",
-                     "itl_p99_ms_decode_alone", "itl_p99_ms_disagg", "itl_p99_ms_colocated" })
+                     "itl_p99_ms_decode_alone", "itl_p99_ms_decode_alone_paced", "itl_p99_ms_disagg", "itl_p99_ms_colocated" })
             table.AddRow(key, Markup.Escape(report[key]!.ToJsonString()));
         table.AddRow("goodput (disaggregated / colocated)", Markup.Escape($"{report["goodput_disagg"]!["met_slo"]} / {report["goodput_colocated"]!["met_slo"]} of {report["goodput_disagg"]!["requests"]}"));
         AnsiConsole.Write(new Rule($"e2e: model {model}"));
@@ -90,7 +90,7 @@ public static class E2eCommand
         Dictionary<int, int[]> ttftRef = MonolithicCheck.Reference(ttftLoad, config);
         Dictionary<int, int[]> itlRef = MonolithicCheck.Reference(itlLoad, config);
 
-        RunSummary reuse, noReuse, disagg, alone, colocated;
+        RunSummary reuse, noReuse, disagg, alone, alonePaced, colocated;
         JsonObject goodputDisagg, goodputColocated;
         JsonObject bytes;
         string placement;
@@ -116,9 +116,18 @@ public static class E2eCommand
             RequestResult[] e = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
                 new DriverOptions { MaxInFlight = maxBatch, NoReuse = true, Label = "disaggregated under load", Progress = status }, ct);
             goodputDisagg = slo.Goodput(e, wall.Elapsed);
-            compared += MonolithicCheck.Compare(c, itlRef, mismatches) + MonolithicCheck.Compare(e, itlRef, mismatches);
+            // Decode alone at equal batch sizes: prefill everything first again, then start each decode when its first
+            // token came in the run under load (arrival + TTFT), so the decode batch grows and shrinks as it did there.
+            var arrivals = itlLoad.ToDictionary(r => r.Id, r => (double)r.ArrivalMs);
+            double first = e.Where(r => r.Ok).Select(r => arrivals[r.Id] + r.TtftMs).DefaultIfEmpty(0).Min();
+            var starts = e.Where(r => r.Ok).ToDictionary(r => r.Id, r => arrivals[r.Id] + r.TtftMs - first);
+            status.WriteLine("decode alone, paced as the run under load: prefilling every request first");
+            RequestResult[] g = await RequestDriver.RunDisaggregatedAsync(router, itlLoad,
+                new DriverOptions { PrefillFirst = true, NoReuse = true, TimeScale = 0, DecodeStartMs = starts, Label = "decode alone, paced" }, ct);
+            compared += MonolithicCheck.Compare(c, itlRef, mismatches) + MonolithicCheck.Compare(e, itlRef, mismatches) + MonolithicCheck.Compare(g, itlRef, mismatches);
             alone = RunSummary.Of("decode alone", c, config.TokensPerBlock);
             disagg = RunSummary.Of("disaggregated", e, config.TokensPerBlock);
+            alonePaced = RunSummary.Of("decode alone, paced", g, config.TokensPerBlock);
             bytes = await TransferTotals.OfAsync(d.Prefill.Concat(d.Decode));
             // Requests the prefill workers served without the fabric (sidecar down, overloaded, refusing): say why.
             foreach (WorkerClient w in d.Prefill)
@@ -139,9 +148,9 @@ public static class E2eCommand
             colocated = RunSummary.Of("colocated", f, config.TokensPerBlock);
         }
 
-        foreach (RunSummary s in new[] { reuse, noReuse, alone, disagg, colocated })
+        foreach (RunSummary s in new[] { reuse, noReuse, alone, alonePaced, disagg, colocated })
             Console.Error.WriteLine(s.Line());
-        int total = 2 * ttftLoad.Count + 3 * itlLoad.Count;
+        int total = 2 * ttftLoad.Count + 4 * itlLoad.Count;
         JsonObject report = JsonReport.Header("e2e");
         report["model"] = model;
         report["placement"] = placement;
@@ -158,6 +167,8 @@ public static class E2eCommand
         report["itl_p99_ms_decode_alone"] = JsonReport.Round(alone.ItlP99);
         report["itl_p99_ms_colocated"] = JsonReport.Round(colocated.ItlP99);
         report["itl_p99_disagg_vs_alone"] = JsonReport.Round(disagg.ItlP99 / Math.Max(alone.ItlP99, 1e-9));
+        report["itl_p99_ms_decode_alone_paced"] = JsonReport.Round(alonePaced.ItlP99);
+        report["itl_p99_disagg_vs_alone_paced"] = JsonReport.Round(disagg.ItlP99 / Math.Max(alonePaced.ItlP99, 1e-9));
         report["itl_p99_colocated_vs_alone"] = JsonReport.Round(colocated.ItlP99 / Math.Max(alone.ItlP99, 1e-9));
         report["ttft_p50_ms_disagg_under_load"] = JsonReport.Round(disagg.TtftP50);
         report["ttft_p50_ms_colocated_under_load"] = JsonReport.Round(colocated.TtftP50);
@@ -165,7 +176,7 @@ public static class E2eCommand
         report["slo"] = new JsonObject { ["ttft_ms"] = slo.TtftMs, ["itl_ms"] = slo.ItlMs };
         report["goodput_disagg"] = goodputDisagg;
         report["goodput_colocated"] = goodputColocated;
-        report["runs"] = new JsonArray(reuse.ToJson(), noReuse.ToJson(), alone.ToJson(), disagg.ToJson(), colocated.ToJson());
+        report["runs"] = new JsonArray(reuse.ToJson(), noReuse.ToJson(), alone.ToJson(), alonePaced.ToJson(), disagg.ToJson(), colocated.ToJson());
         return report;
     }
 }

@@ -47,10 +47,8 @@ public sealed partial class RadixIndex
         // trees, so it can read one while readers Match; swapping it in under the lock takes microseconds.
         PrepareGrowths();
         if (!_lock.TryEnterWriteLock(_options.LockTimeout))
-        {
-            DiscardGrowths();
-            return; // readers held it past the deadline; try again, the events stay queued
-        }
+            return; // readers held it past the deadline; try again, the events (and any index built ahead) stay
+
         long start = Stopwatch.GetTimestamp();
         try
         {
@@ -84,25 +82,37 @@ public sealed partial class RadixIndex
 
     private readonly List<(RadixTree Tree, RadixTree.PreparedIndex Prepared)> _growths = [];
     private long _grownAhead;
+    private long _growthRetryAt; // after a failed growth-ahead (no memory), not before this timestamp
 
     /// <summary>Index rehashes done ahead by the writer, outside the readers' lock.</summary>
     public long GrowthsAhead => Interlocked.Read(ref _grownAhead);
 
+    private long _growthFailures;
+
+    /// <summary>Growths ahead that failed (no memory for the bigger index); the events then grew the index themselves.</summary>
+    public long GrowthFailures => Interlocked.Read(ref _growthFailures);
+
+    // Builds, outside the lock, the doubled index of each tree near its rehash load (one kept from a batch that could
+    // not get the lock is reused).
     private void PrepareGrowths()
     {
+        if (Stopwatch.GetTimestamp() < _growthRetryAt)
+            return;
         try
         {
             foreach (var tree in _trees.Values)
             {
-                if (tree.GrowthDue)
+                if (tree.GrowthDue && !_growths.Exists(g => ReferenceEquals(g.Tree, tree)))
                     _growths.Add((tree, tree.PrepareGrowth()));
             }
         }
 #pragma warning disable CA1031 // growing ahead is an optimisation: if it fails (no memory), the event that needs the room grows in the lock, or is counted as failed
-        catch (Exception ex)
+        catch (Exception)
 #pragma warning restore CA1031
         {
-            Volatile.Write(ref _lastError, $"growing an index ahead failed: {ex.GetType().Name}: {ex.Message}");
+            // Not again for a second (each try may cost a whole copy); counted apart from the events' errors.
+            _growthRetryAt = Stopwatch.GetTimestamp() + Stopwatch.Frequency;
+            Interlocked.Increment(ref _growthFailures);
         }
     }
 
@@ -118,11 +128,11 @@ public sealed partial class RadixIndex
             Thread.Yield();
     }
 
-    // Never installed outside the lock: readers may be walking the old index.
+    // At disposal (the writer has stopped): indexes built ahead and never installed give their memory back.
     private void DiscardGrowths()
     {
         foreach (var (_, prepared) in _growths)
-            prepared.Memory.Dispose();
+            prepared.Dispose();
         _growths.Clear();
     }
 

@@ -172,6 +172,7 @@ public sealed partial class RadixIndex : IDisposable
             // The writer is gone and no reader can be inside once we hold the write lock.
             if (_lock.TryEnterWriteLock(_options.LockTimeout))
             {
+                DiscardGrowths();
                 foreach (var tree in _trees.Values)
                     tree.Dispose();
                 _trees.Clear();

@@ -459,46 +459,57 @@ public sealed unsafe partial class RadixTree : IDisposable
                 i = (i + 1) & mask;
             index[i] = _index[s];
         }
-        return new PreparedIndex(memory, bits, _indexVersion);
+        return new PreparedIndex(this, memory, bits, _indexVersion);
     }
 
     private void Install(PreparedIndex prepared)
     {
+        var memory = prepared.Take() ?? throw new InvalidOperationException("this prepared index was already installed or discarded");
         var oldMemory = _indexMemory;
-        _indexMemory = prepared.Memory;
-        _index = (Slot*)prepared.Memory.Address;
+        _indexMemory = memory;
+        _index = (Slot*)memory.Address;
         SetBits(prepared.Bits);
         oldMemory.Dispose();
     }
 
-    /// <summary>A bigger index built ahead, to be installed by <see cref="CommitGrowth"/> if the tree has not changed.</summary>
-    public sealed class PreparedIndex(AnonymousMemory memory, int bits, long version)
+    /// <summary>
+    /// A bigger index built ahead for one tree, to be installed once by <see cref="CommitGrowth"/> if that tree has not
+    /// changed meanwhile; disposing it gives its memory back (an installed one's memory is the tree's).
+    /// </summary>
+    internal sealed class PreparedIndex(RadixTree owner, AnonymousMemory memory, int bits, long version) : IDisposable
     {
-        internal AnonymousMemory Memory { get; } = memory;
+        private AnonymousMemory? _memory = memory;
+        internal RadixTree Owner { get; } = owner;
         internal int Bits { get; } = bits;
         internal long Version { get; } = version;
+
+        internal AnonymousMemory? Take() => Interlocked.Exchange(ref _memory, null);
+
+        public void Dispose() => Take()?.Dispose();
     }
 
     /// <summary>
     /// Whether the index is near the load (11/16, against the 3/4 at which an event would rehash it itself) at which
     /// growing it ahead, with <see cref="PrepareGrowth"/> outside the readers' lock, saves them a pause.
     /// </summary>
-    public bool GrowthDue => _count > (_mask + 1) / 16 * 11;
+    internal bool GrowthDue => _count > (_mask + 1) / 16 * 11;
 
     /// <summary>
     /// Builds the doubled index from the current one. It only reads the tree, so the single writer may call it while
     /// readers Match; <see cref="CommitGrowth"/> then swaps it in (under the write lock) in microseconds, where a
     /// rehash inside the lock held readers off for the whole copy (0.2-0.9 s at 4-17M slots on the dev VM).
     /// </summary>
-    public PreparedIndex PrepareGrowth() => BuildIndex(_bits + 1);
+    internal PreparedIndex PrepareGrowth() => BuildIndex(_bits + 1);
 
     /// <summary>Installs an index from <see cref="PrepareGrowth"/>; false (and disposed) if the tree changed since.</summary>
-    public bool CommitGrowth(PreparedIndex prepared)
+    internal bool CommitGrowth(PreparedIndex prepared)
     {
         ArgumentNullException.ThrowIfNull(prepared);
-        if (prepared.Version != _indexVersion || prepared.Bits <= _bits)
+        if (!ReferenceEquals(prepared.Owner, this))
+            throw new ArgumentException("the index was prepared by another tree", nameof(prepared));
+        if (prepared.Version != _indexVersion || prepared.Bits <= _bits || _index == null)
         {
-            prepared.Memory.Dispose();
+            prepared.Dispose();
             return false;
         }
         Install(prepared);

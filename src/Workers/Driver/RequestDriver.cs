@@ -26,6 +26,12 @@ public sealed record DriverOptions
     public bool NoReuse { get; init; }
     /// <summary>Prefill everything first, then start decoding all at once (decode with no concurrent prefill: the ITL reference).</summary>
     public bool PrefillFirst { get; init; }
+    /// <summary>
+    /// With <see cref="PrefillFirst"/>: per request id, how long after the last prefill its decode starts, instead of all
+    /// at once. Given the times at which a measured run's first tokens came, the decode batch grows and shrinks as in
+    /// that run, with no prefill beside it: the reference at equal batch sizes.
+    /// </summary>
+    public IReadOnlyDictionary<int, double>? DecodeStartMs { get; init; }
     public float Temperature { get; init; }
     public ulong Seed { get; init; } = 1;
     /// <summary>Progress lines (null: none).</summary>
@@ -289,31 +295,44 @@ public static class RequestDriver
 
     /// <summary>
     /// The decode-only reference: every request is prefilled and handed off first (all KV waits in the decode workers'
-    /// slots), then all decode streams start together, so decoding runs with no prefill beside it.
+    /// slots), then all decode streams start together (or each at its DecodeStartMs), so decoding runs with no prefill
+    /// beside it.
     /// </summary>
     private static async Task<RequestResult[]> RunPrefillFirstAsync(Router router, IReadOnlyList<WorkloadRequest> requests, DriverOptions options, CancellationToken cancellationToken)
     {
         var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var sinceGate = new Stopwatch();
         int prefilled = 0;
+        void Prefilled()
+        {
+            if (Interlocked.Increment(ref prefilled) == requests.Count)
+            {
+                sinceGate.Start();
+                gate.TrySetResult();
+            }
+        }
         var tasks = requests.Select(async r =>
         {
             var clock = Stopwatch.StartNew();
+            bool counted = false; // a request counts once towards the gate, whether it reached its decode or failed before
             using Router.DecodeLease decode = router.PickDecode();
             WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken).ConfigureAwait(false);
             try
             {
                 var (c, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, async () =>
                 {
-                    if (Interlocked.Increment(ref prefilled) == requests.Count)
-                        gate.TrySetResult();
+                    counted = true;
+                    Prefilled();
                     await gate.Task.WaitAsync(options.RequestDeadline, cancellationToken).ConfigureAwait(false);
+                    if (options.DecodeStartMs?.GetValueOrDefault(r.Id) is > 0 and var start && start - sinceGate.Elapsed.TotalMilliseconds is > 0 and var wait)
+                        await Task.Delay(TimeSpan.FromMilliseconds(wait), cancellationToken).ConfigureAwait(false);
                 }, cancellationToken).ConfigureAwait(false);
                 return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, 1, null, c.Delivered);
             }
             catch (Exception e) when (!cancellationToken.IsCancellationRequested)
             {
-                if (Interlocked.Increment(ref prefilled) == requests.Count)
-                    gate.TrySetResult();
+                if (!counted)
+                    Prefilled();
                 return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, prefill.Name, decode.Worker.Name, 1, e.Message);
             }
         }).ToList();

@@ -333,9 +333,15 @@ public class RadixTreeTests
 
         var prepared = tree.PrepareGrowth();
         CheckAll(); // the old index still answers
+        using (var other = new RadixTree())
+            Assert.Throws<ArgumentException>(() => other.CommitGrowth(prepared)); // another tree's: refused, not installed
         Assert.True(tree.CommitGrowth(prepared));
         Assert.Equal(2048, tree.Capacity);
         Assert.False(tree.GrowthDue);
+        CheckAll();
+        Assert.False(tree.CommitGrowth(prepared)); // once only: a second commit must not give back the live index's memory
+        CheckAll();
+        Add(20_000);
         CheckAll();
 
         // Prepared, then a block added: the copy misses it, so it is refused and the tree keeps its index.
