@@ -65,8 +65,8 @@ public sealed unsafe partial class RadixTree
             // A two-stage pipeline: block i + Stage is resolved to its entry, block i is matched. A chain stored in one
             // go lies in consecutive arena entries, so block k is first tried at the entry after block k - 1's (a
             // sequential read the prefetcher streams, helped by a prefetch Stage entries ahead); only when that entry
-            // holds another hash does the index answer, and then the walk goes "scattered" for a while: index slots
-            // are prefetched Stage blocks before they are needed and entries as soon as they are resolved.
+            // holds another hash does the index answer, and when that keeps happening the walk goes "scattered" for a
+            // while: index slots are prefetched Stage blocks before they are needed, entries as soon as resolved.
             uint* ring = stackalloc uint[Ring];
             var walk = new Walk { LastMiss = int.MinValue / 2 };
             ring[0] = geo.Lookup(chain[0]);
@@ -286,7 +286,7 @@ public sealed unsafe partial class RadixTree
         // set aside for it): the index answers at once and the walk keeps guessing. A second such block within
         // MissWindow blocks turns the walk scattered: it asks the index for every block (the slots prefetched Stage
         // blocks ahead; the entry after the previous one is a line nobody prefetched) and returns to guessing once
-        // 2 x Stage blocks in a row were found in consecutive entries.
+        // about 2 x Stage blocks in a row were found in consecutive entries.
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private uint Resolve(ReadOnlySpan<BlockHash> chain, int k, uint previous, ref Walk walk)
         {
