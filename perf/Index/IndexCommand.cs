@@ -22,18 +22,19 @@ public static class IndexCommand
         var matches = new Option<int>("--matches") { Description = "Match calls timed", DefaultValueFactory = _ => 1000 };
         var quick = new Option<bool>("--quick") { Description = "CI-sized run: 100k blocks, 100 workers, 1024-block prompts, one run" };
         var mixed = new Option<bool>("--mixed-holders") { Description = "prompt chains reported block by block in a rotating holder order: no two consecutive blocks share a location list (Match's worst case)" };
+        var scattered = new Option<bool>("--scattered") { Description = "Match against a RadixTree whose entries all came from its free list, out of order: no chain lies in consecutive entries (Match's worst case for memory)" };
         var interleaved = new Option<bool>("--interleaved") { Description = "prompt chains reported one block at a time, interleaved across chains: no chain lies in consecutive arena entries (Match's worst case for memory)" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("index", "Global radix index: block events/s, Match p50/p99 of a prompt chain, bytes per (block, location).")
         {
-            blocks, workers, prompt, runs, matches, quick, mixed, interleaved, json,
+            blocks, workers, prompt, runs, matches, quick, mixed, interleaved, scattered, json,
         };
         cmd.SetAction(async (p, ct) =>
         {
             bool q = p.GetValue(quick);
             var report = await RunAsync(
                 QuickDefaults.Pick(p, blocks, q, 100_000), QuickDefaults.Pick(p, workers, q, 100), QuickDefaults.Pick(p, prompt, q, 1024),
-                QuickDefaults.Pick(p, runs, q, 1), QuickDefaults.Pick(p, matches, q, 200), p.GetValue(mixed), ct, p.GetValue(interleaved));
+                QuickDefaults.Pick(p, runs, q, 1), QuickDefaults.Pick(p, matches, q, 200), p.GetValue(mixed), ct, p.GetValue(interleaved), p.GetValue(scattered));
             JsonReport.Write(p.GetValue(json), report);
             return 0;
         });
@@ -89,7 +90,7 @@ public static class IndexCommand
         }
     }
 
-    public static async Task<JsonObject> RunAsync(int blocks, int workers, int promptBlocks, int runs, int matches, bool mixedHolders, CancellationToken ct, bool interleaved = false)
+    public static async Task<JsonObject> RunAsync(int blocks, int workers, int promptBlocks, int runs, int matches, bool mixedHolders, CancellationToken ct, bool interleaved = false, bool scattered = false)
     {
         if (runs <= 0 || matches <= 0)
             throw new ArgumentException($"--runs {runs} --matches {matches}: both must be positive");
@@ -128,9 +129,14 @@ public static class IndexCommand
             throw new InvalidOperationException($"the index rejected {counters.RejectedTotal} events and holds {counters.Blocks} blocks, expected 0 and {blocks}: {built.LastWriterError}");
 
         // Match: the prompt chains round-robin, so at 10M blocks most walks miss the CPU caches as a cold prompt would.
+        // --scattered times a tree built through its free list instead (see IndexWorkload.ApplyScattered).
+        using var scatteredTree = scattered ? new RadixTree(blocks) : null;
+        if (scatteredTree is not null)
+            workload.ApplyScattered(scatteredTree);
+        int Walk(KvFabric.Blocks.BlockHash[] chain, List<MatchResult> into) => scatteredTree?.Match(chain, into) ?? built.Match(Tenant, chain, into);
         var output = new List<MatchResult>(workers);
         for (int i = 0; i < Math.Min(matches, 50); i++)
-            built.Match(Tenant, workload.MatchChains[i % workload.MatchChains.Count], output); // warm-up
+            Walk(workload.MatchChains[i % workload.MatchChains.Count], output); // warm-up
         var latencies = new double[matches];
         var cpu0 = Process.GetCurrentProcess().TotalProcessorTime;
         var wall = Stopwatch.StartNew();
@@ -138,7 +144,7 @@ public static class IndexCommand
         {
             int c = i % workload.MatchChains.Count;
             long t0 = Stopwatch.GetTimestamp();
-            int longest = built.Match(Tenant, workload.MatchChains[c], output);
+            int longest = Walk(workload.MatchChains[c], output);
             latencies[i] = Stopwatch.GetElapsedTime(t0).TotalMicroseconds;
             if (longest != promptBlocks || output.Count != workers || output[2].Matched != promptBlocks || output[3].Matched != workload.SharedBlocks)
                 throw new InvalidOperationException($"Match of chain {c} gave longest {longest} over {output.Count} workers; expected {promptBlocks} for 3 workers and {workload.SharedBlocks} for the rest");
@@ -173,6 +179,7 @@ public static class IndexCommand
         report["prompt_blocks"] = promptBlocks;
         report["mixed_holders"] = mixedHolders;
         report["interleaved"] = interleaved;
+        report["scattered"] = scattered;
         report["runs"] = runs;
         report["matches"] = matches;
         report["block_events"] = workload.BlockEvents;

@@ -122,6 +122,29 @@ public sealed class IndexWorkload
         BlockEvents += count;
     }
 
+    /// <summary>
+    /// Applies the workload to a tree whose arena was first filled with one-block roots and then emptied in creation
+    /// order: every entry the workload gets comes from the free list, last freed first, so each block of a chain lies
+    /// in the entry before its parent's and Match can never take the next entry (its worst case for memory, as an index
+    /// long in service whose entries were freed and reused out of order). The tree must be sized for Hashes.Length.
+    /// </summary>
+    public void ApplyScattered(RadixTree tree)
+    {
+        var one = new BlockHash[1];
+        for (int pass = 0; pass < 2; pass++)
+        {
+            for (int i = 0; i < Hashes.Length; i++)
+            {
+                one[0] = new BlockHash(Mix((ulong)i * 2 + 1 + (0xF111UL << 44)), Mix((ulong)i * 2 + 2 + (0xF111UL << 44)));
+                if (pass == 0 && tree.ApplyStored(0, null, one, TierKind.Gpu) != ApplyStatus.Applied)
+                    throw new InvalidOperationException("a filler block was rejected; the generator is wrong");
+                if (pass == 1 && tree.ApplyRemoved(0, one, TierKind.Gpu) != 1)
+                    throw new InvalidOperationException("a filler block was not held; the generator is wrong");
+            }
+        }
+        ApplyTo(tree);
+    }
+
     public void ApplyTo(RadixTree tree)
     {
         foreach (var e in Events)

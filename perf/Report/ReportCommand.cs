@@ -179,7 +179,8 @@ public static class ReportCommand
         }
         static bool Flag(Doc d, string name) => d.Json[name] is JsonValue v && v.TryGetValue(out bool b) && b;
         // The workload variant: "" for the standard one; the worst cases are drawn dashed.
-        static string Variant(Doc d) => string.Concat(Flag(d, "mixed_holders") ? ", mixed holders" : "", Flag(d, "interleaved") ? ", interleaved" : "");
+        static string Variant(Doc d) => string.Concat(Flag(d, "mixed_holders") ? ", mixed holders" : "", Flag(d, "interleaved") ? ", interleaved" : "",
+            Flag(d, "scattered") ? ", scattered" : "");
         var series = new List<Series>();
         foreach (var g in index.GroupBy(Variant).OrderBy(g => g.Key, StringComparer.Ordinal))
         {
