@@ -46,8 +46,8 @@ python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['fetch_gbp
 $bench tiers --quick --blocks 8 --runs 1 --dir perf/bin/tiers-smoke --json "$smoke/tiers-ssd.json" >/dev/null
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['ssd_write_gbps']>0 and r['ssd_read_gbps']>0 and r['ratios']['ssd_write_vs_fio']>0, r; print('smoke ok: tiers-ssd.json write', round(r['ssd_write_gbps'],2), 'read', round(r['ssd_read_gbps'],2), 'GB/s')" "$smoke/tiers-ssd.json"
 
-$bench index --quick --json "$smoke/index.json" >/dev/null
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['events_per_second']>0 and r['match_p50_us']>0 and 0<r['bytes_per_block'], r; print('smoke ok: index', round(r['events_per_second']/1e6,2), 'M block events/s, match p50', r['match_p50_us'], 'us')" "$smoke/index.json"
+$bench index --quick --scattered --json "$smoke/index.json" >/dev/null
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['events_per_second']>0 and r['match_p50_us']>0 and r['scattered'] is True and 0<r['bytes_per_block'], r; print('smoke ok: index', round(r['events_per_second']/1e6,2), 'M block events/s, match p50', r['match_p50_us'], 'us')" "$smoke/index.json"
 
 # compare --quick: every reference and KvFabric back to back at tiny sizes (about 1 minute here); ratios exist and are positive.
 $bench compare --quick --dir perf/bin/compare-smoke --json "$smoke/compare.json" >/dev/null
