@@ -15,7 +15,7 @@ public sealed record SsdBenchOptions
     public int Runs { get; init; } = 3;
 }
 
-public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds, Spread BlocksPerCommit,
+public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds,
     Spread WriteCpuSecondsPerGb, Spread ReadCpuSecondsPerGb);
 
 /// <summary>
@@ -38,7 +38,6 @@ public static class SsdBench
         var read = new List<double>();
         var randomRead = new List<double>();
         var open = new List<double>();
-        var blocksPerCommit = new List<double>();
         var writeCpu = new List<double>();
         var readCpu = new List<double>();
         status("warm-up (untimed): FASTER's page buffers, the JIT, the device threads");
@@ -68,7 +67,6 @@ public static class SsdBench
                         (compression ? writeCompressed : write).Add(total / s / 1e9);
                         if (!compression)
                         {
-                            blocksPerCommit.Add((double)o.Blocks / Math.Max(1, store.Commits));
                             writeCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds / (total / 1e9));
                         }
                     }
@@ -96,7 +94,7 @@ public static class SsdBench
                 }
             }
         }
-        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(blocksPerCommit), Spread.Of(writeCpu), Spread.Of(readCpu));
+        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(writeCpu), Spread.Of(readCpu));
     }
 
     private static async Task WarmUpAsync(SsdBenchOptions o, byte[][] sources, CancellationToken ct)

@@ -70,13 +70,22 @@ public static class TiersCommand
             string file = Path.Combine(o.Directory, "fio-reference.dat");
             try
             {
-                var jobs = new (string Name, string Rw, bool Sync)[] { ("write", "write", true), ("write_nosync", "write", false), ("read", "read", false), ("randread", "randread", false) };
-                foreach (var (name, rw, sync) in jobs)
+                // write_fresh: the file is deleted before each run, so fio writes into newly allocated space, as the tier
+                // does into its new data segments (fio preallocates its file with fallocate, as the tier does); the other
+                // write jobs overwrite the file fio wrote before, whose space the disk has already allocated.
+                var jobs = new (string Name, string Rw, bool Sync, bool Fresh)[]
+                {
+                    ("write_fresh", "write", true, true), ("write", "write", true, false), ("write_nosync", "write", false, false),
+                    ("read", "read", false, false), ("randread", "randread", false, false),
+                };
+                foreach (var (name, rw, sync, fresh) in jobs)
                 {
                     var values = new List<double>();
                     for (int run = 0; run < o.Runs; run++)
                     {
-                        ctx.Status($"reference: fio --rw={rw} --bs={o.BlockBytes} --direct=1{(sync ? " --sync=sync" : "")} (run {run + 1}/{o.Runs})");
+                        if (fresh)
+                            File.Delete(file);
+                        ctx.Status($"reference: fio --rw={rw} --bs={o.BlockBytes} --direct=1{(sync ? " --sync=sync" : "")}{(fresh ? " (new file)" : "")} (run {run + 1}/{o.Runs})");
                         values.Add(await FioReference.MeasureAsync(file, rw, o.BlockBytes, total, o.Concurrency, sync, ct));
                     }
                     fio[name] = Spread.Of(values);
@@ -104,7 +113,6 @@ public static class TiersCommand
         report["ssd_randread_gbps"] = JsonReport.Round(r.RandomReadGbps.Median);
         report["ssd_randread_gbps_spread"] = JsonReport.Of(r.RandomReadGbps);
         report["ssd_reopen_seconds"] = JsonReport.Round(r.OpenSeconds.Median);
-        report["ssd_blocks_per_commit"] = JsonReport.Round(r.BlocksPerCommit.Median);
         report["ssd_write_cpu_seconds_per_gb"] = JsonReport.Round(r.WriteCpuSecondsPerGb.Median);
         report["ssd_read_cpu_seconds_per_gb"] = JsonReport.Round(r.ReadCpuSecondsPerGb.Median);
         var table = new Table().AddColumns("figure", "value");
@@ -112,7 +120,6 @@ public static class TiersCommand
         table.AddRow("SSD tier write, zstd on (noise)", Row(r.WriteCompressedGbps));
         table.AddRow("SSD tier sequential read", Row(r.ReadGbps));
         table.AddRow("SSD tier random read", Row(r.RandomReadGbps));
-        table.AddRow("blocks per group commit", $"{r.BlocksPerCommit.Median:F1}");
         table.AddRow("CPU s per GB (write / read)", $"{r.WriteCpuSecondsPerGb.Median:F3} / {r.ReadCpuSecondsPerGb.Median:F3}");
         table.AddRow("reopen (recovery scan)", $"{r.OpenSeconds.Median:F2} s for {Sizes.Format(total)}");
         if (fio.Count > 0)
@@ -123,11 +130,14 @@ public static class TiersCommand
                 refs[name] = new JsonObject { ["gbps"] = JsonReport.Round(spread.Median), ["gbps_spread"] = JsonReport.Of(spread) };
                 table.AddRow($"fio {name}", Row(spread));
             }
-            refs["what"] = $"fio --bs={o.BlockBytes} --size={total} --direct=1 --ioengine=libaio --iodepth={o.Concurrency}; write adds --sync=sync (O_SYNC: durable on completion, as the tier's writes are)";
+            refs["what"] = $"fio --bs={o.BlockBytes} --size={total} --direct=1 --ioengine=libaio --iodepth={o.Concurrency}; write and write_fresh add --sync=sync "
+                + "(O_SYNC: durable on completion, as the tier's writes are); write_fresh deletes the file before each run (new space, as the tier's new data segments), "
+                + "write overwrites the file of the run before";
             report["fio"] = refs;
             var ratios = new JsonObject
             {
                 ["ssd_write_vs_fio"] = JsonReport.Round(r.WriteGbps.Median / fio["write"].Median),
+                ["ssd_write_vs_fio_fresh"] = JsonReport.Round(r.WriteGbps.Median / fio["write_fresh"].Median),
                 ["ssd_write_vs_fio_nosync"] = JsonReport.Round(r.WriteGbps.Median / fio["write_nosync"].Median),
                 ["ssd_read_vs_fio"] = JsonReport.Round(r.ReadGbps.Median / fio["read"].Median),
                 ["ssd_randread_vs_fio"] = JsonReport.Round(r.RandomReadGbps.Median / fio["randread"].Median),

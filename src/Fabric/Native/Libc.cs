@@ -5,7 +5,7 @@ namespace KvFabric.Native;
 /// <summary>The few libc calls the memory layer needs (Linux x86-64/arm64 values).</summary>
 internal static partial class Libc
 {
-    internal const int O_RDWR = 0x2, O_CREAT = 0x40, O_EXCL = 0x80, O_NOFOLLOW = 0x20000, O_CLOEXEC = 0x80000;
+    internal const int O_RDONLY = 0x0, O_RDWR = 0x2, O_CREAT = 0x40, O_EXCL = 0x80, O_NOFOLLOW = 0x20000, O_CLOEXEC = 0x80000;
     internal const int PROT_READ = 0x1, PROT_WRITE = 0x2;
     internal const int MAP_SHARED = 0x1, MAP_PRIVATE = 0x2, MAP_ANONYMOUS = 0x20;
     internal const int MADV_HUGEPAGE = 14;
@@ -24,6 +24,9 @@ internal static partial class Libc
 
     [LibraryImport("libc", EntryPoint = "close", SetLastError = true)]
     internal static partial int Close(int fd);
+
+    [LibraryImport("libc", EntryPoint = "fsync", SetLastError = true)]
+    internal static partial int Fsync(int fd);
 
     [LibraryImport("libc", EntryPoint = "ftruncate", SetLastError = true)]
     internal static partial int Ftruncate(int fd, long length);

@@ -73,11 +73,13 @@ public sealed class SidecarTiers : IDisposable
                     CapacityBytes = o.SsdCapacityBytes,
                     BlockBytes = blockBytes,
                     MaxBlockBytes = Math.Max(blockBytes, 1 << 20),
-                    LogPageBytes = (int)Math.Max(32L << 20, System.Numerics.BitOperations.RoundUpToPowerOf2((uint)(2 * blockBytes + 4096))),
                 }, cancellationToken).ConfigureAwait(false);
                 if (ssd.RecoveredCorruptRecords > 0)
-                    log.LogWarning("SSD tier in {Directory}: {Count} committed blocks failed their checksum while opening and were dropped (recomputed when next needed)",
+                    log.LogWarning("SSD tier in {Directory}: {Count} records or tombstones failed their checksum while opening and were dropped (recomputed when next needed)",
                         ssd.Directory, ssd.RecoveredCorruptRecords);
+                if (ssd.RecoveredIncompleteWrites > 0)
+                    log.LogInformation("SSD tier in {Directory}: {Count} writes were under way at the last stop (never acknowledged) and were skipped",
+                        ssd.Directory, ssd.RecoveredIncompleteWrites);
                 if (ssd.RecoveredUnreadable is { Blocks: > 0 } unreadable)
                     log.LogWarning("SSD tier in {Directory}: the device would not read {Count} blocks while opening (first: {Error}); they stay indexed and are verified when read; check the device (dmesg)",
                         ssd.Directory, unreadable.Blocks, unreadable.FirstError);

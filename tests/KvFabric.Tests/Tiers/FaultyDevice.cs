@@ -16,9 +16,6 @@ internal sealed class FaultyDevice : StorageDeviceBase
 
     public bool FailWrites { get => _failWrites; set => _failWrites = value; }
 
-    /// <summary>When positive, every write is passed on only after this many milliseconds (a slow disk: commits stay in flight).</summary>
-    public volatile int WriteDelayMs;
-
     public override void Initialize(long segmentSize, LightEpoch? epoch = null, bool omitSegmentIdFromFilename = false)
     {
         base.Initialize(segmentSize, epoch, omitSegmentIdFromFilename);
@@ -31,13 +28,6 @@ internal sealed class FaultyDevice : StorageDeviceBase
         {
             Interlocked.Increment(ref FailedWrites);
             callback(ENOSPC, 0, context);
-            return;
-        }
-        int delay = WriteDelayMs;
-        if (delay > 0)
-        {
-            _ = Task.Delay(delay).ContinueWith(_ => _inner.WriteAsync(sourceAddress, segmentId, destinationAddress, numBytesToWrite, callback, context),
-                TaskScheduler.Default);
             return;
         }
         _inner.WriteAsync(sourceAddress, segmentId, destinationAddress, numBytesToWrite, callback, context);

@@ -169,18 +169,19 @@ public sealed class SsdBlockStoreTests
     public async Task A_failing_device_faults_writes_with_a_clear_error_and_keeps_serving_what_it_has()
     {
         using var dir = new TempDir();
-        FaultyDevice? device = null;
-        var options = Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)));
+        bool failing = false;
+        var options = Ssd.Options(dir.Path) with { DataWriteFault = () => Volatile.Read(ref failing) ? "No space left on device (injected ENOSPC)" : null };
         await using (var store = await SsdBlockStore.OpenAsync(options))
         {
             for (int i = 0; i < 5; i++)
                 Assert.True(await Ssd.Write(store, i));
-            device!.FailWrites = true;
+            Volatile.Write(ref failing, true);
             var e = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 5));
             Assert.Contains(dir.Path, e.Message);
-            Assert.Contains("Free space", e.Message + (e.InnerException?.Message ?? ""), StringComparison.OrdinalIgnoreCase);
+            Assert.Contains("No space left on device", e.Message);
+            Assert.Contains("Free space", e.Message, StringComparison.OrdinalIgnoreCase);
             Assert.False(store.Contains(Ssd.Key(5)));
-            device.FailWrites = false;
+            Volatile.Write(ref failing, false);
             var again = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 6));
             Assert.Contains("stopped accepting writes", again.Message);
             for (int i = 0; i < 5; i++)
@@ -197,6 +198,45 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task A_failing_tombstone_log_faults_writes_and_the_removal_is_not_durable()
+    {
+        using var dir = new TempDir();
+        FaultyDevice? device = null;
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)))))
+        {
+            for (int i = 0; i < 5; i++)
+                Assert.True(await Ssd.Write(store, i));
+            device!.FailWrites = true;
+            Assert.True(store.Remove(Ssd.Key(0))); // gone from this process at once; its commit fails
+            var deadline = DateTime.UtcNow.AddSeconds(30);
+            TierException? refused = null;
+            for (int i = 100; refused is null && DateTime.UtcNow < deadline; i++)
+            {
+                try
+                {
+                    await Ssd.Write(store, i);
+                    await Task.Delay(10);
+                }
+                catch (TierException e)
+                {
+                    refused = e;
+                }
+            }
+            Assert.NotNull(refused);
+            Assert.Contains("stopped accepting writes", refused.Message);
+            for (int i = 1; i < 5; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+            device.FailWrites = false;
+        }
+        // The tombstone never reached the disk: block 0 is back, intact, as after a crash before the removal's commit.
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            for (int i = 0; i < 5; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
     public async Task Read_errors_while_opening_are_retried_and_never_cost_a_block()
     {
         using var dir = new TempDir();
@@ -206,15 +246,15 @@ public sealed class SsdBlockStoreTests
                 Assert.True(await Ssd.Write(store, i));
         }
 
-        // Transient: the first four data reads fail (several blocks' first attempts, one block's second, with eight
-        // verified at once); the retries read every block.
-        int failures = 4;
+        // Transient: the scan's first read fails twice, and four payload reads fail (several blocks' first attempts, with
+        // six verified at once); the retries read every block.
+        int scanFailures = 2, failures = 4;
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
         {
-            DataReadFault = () => Interlocked.Decrement(ref failures) >= 0 ? "injected EIO (transient)" : null,
+            DataReadFault = scan => Interlocked.Decrement(ref scan ? ref scanFailures : ref failures) >= 0 ? "injected EIO (transient)" : null,
         }))
         {
-            Assert.True(failures < 0);
+            Assert.True(scanFailures < 0 && failures < 0);
             Assert.Equal((0, (string?)null), store.RecoveredUnreadable);
             Assert.Equal(0, store.RecoveredCorruptRecords);
             Assert.Equal(6, store.Count);
@@ -222,12 +262,12 @@ public sealed class SsdBlockStoreTests
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
 
-        // Lasting: no read succeeds while opening. The blocks are counted, named, and kept (not dropped as corrupt);
-        // reading one fails with the device's error until the device recovers, then it is read and verified.
+        // Lasting, on the payloads: the blocks are counted, named, and kept (not dropped as corrupt); reading one fails
+        // with the device's error until the device recovers, then it is read and verified.
         bool failing = true;
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
         {
-            DataReadFault = () => Volatile.Read(ref failing) ? "injected EIO (lasting)" : null,
+            DataReadFault = scan => !scan && Volatile.Read(ref failing) ? "injected EIO (lasting)" : null,
         }))
         {
             Assert.Equal(6, store.RecoveredUnreadable.Blocks);
@@ -242,15 +282,41 @@ public sealed class SsdBlockStoreTests
             for (int i = 0; i < 6; i++)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
+
+        // Lasting, on the scan: the segments cannot be searched for blocks, so opening fails, naming the file, and changes
+        // nothing; the next open reads every block.
+        var refused = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
+        {
+            DataReadFault = scan => scan ? "injected EIO (lasting scan)" : null,
+        }));
+        Assert.Contains("blocks.data.0", refused.Message);
+        Assert.Contains("Nothing was changed on disk", refused.Message);
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(6, store.Count);
+            for (int i = 0; i < 6; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
     }
 
     [Fact]
     public async Task A_device_failing_under_concurrent_writers_loses_no_acknowledged_block()
     {
         using var dir = new TempDir();
-        FaultyDevice? device = null;
+        bool failing = false;
+        int failed = 0;
         var acknowledged = new System.Collections.Concurrent.ConcurrentBag<int>();
-        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)))))
+        var options = Ssd.Options(dir.Path) with
+        {
+            DataWriteFault = () =>
+            {
+                if (!Volatile.Read(ref failing))
+                    return null;
+                Interlocked.Increment(ref failed);
+                return "Input/output error (injected EIO)";
+            },
+        };
+        await using (var store = await SsdBlockStore.OpenAsync(options))
         {
             int next = -1;
             var writers = Enumerable.Range(0, 16).Select(_ => Task.Run(async () =>
@@ -259,7 +325,7 @@ public sealed class SsdBlockStoreTests
                 while ((i = Interlocked.Increment(ref next)) < 400)
                 {
                     if (i == 120)
-                        device!.FailWrites = true; // mid-stream, with commits in flight
+                        Volatile.Write(ref failing, true); // mid-stream, with writes in flight
                     try
                     {
                         if (await Ssd.Write(store, i))
@@ -271,7 +337,7 @@ public sealed class SsdBlockStoreTests
                 }
             })).ToArray();
             await Task.WhenAll(writers).WaitAsync(TimeSpan.FromSeconds(120)); // every write finishes: none hangs on the failure
-            Assert.True(device!.FailedWrites > 0);
+            Assert.True(Volatile.Read(ref failed) > 0);
         }
         Assert.NotEmpty(acknowledged);
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))

@@ -187,12 +187,16 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     /// The store's read path: one pread into memory it verifies in place, instead of FASTER's read (which clears a
     /// staging buffer and copies twice; 10% of the CPU of a read-heavy profile).
     /// </summary>
-    /// <summary>Tests: asked before each ReadAlignedAsync; a message fails that read (see SsdBlockStoreOptions.DataReadFault).</summary>
-    internal Func<string?>? ReadFault { get; init; }
+    /// <summary>Tests: asked before each ReadAlignedAsync (with whether it is a recovery scan's read); a message fails
+    /// that read (see SsdBlockStoreOptions.DataReadFault).</summary>
+    internal Func<bool, string?>? ReadFault { get; init; }
 
-    public Task ReadAlignedAsync(int segment, long offset, AlignedBuffer buffer, int length)
+    /// <summary>Tests: asked before each WriteAlignedAsync; a message fails that write (see SsdBlockStoreOptions.DataWriteFault).</summary>
+    internal Func<string?>? WriteFault { get; init; }
+
+    public Task ReadAlignedAsync(int segment, long offset, AlignedBuffer buffer, int length, bool scan = false)
     {
-        if (ReadFault?.Invoke() is { } fault)
+        if (ReadFault?.Invoke(scan) is { } fault)
             return Task.FromException(new IOException(fault));
         var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         unsafe
@@ -211,12 +215,16 @@ internal sealed class DirectFileDevice : StorageDeviceBase
 
     /// <summary>Writes [0, length) of an aligned buffer at a sector-aligned offset of a segment, on the device threads;
     /// durable when the task completes (O_DSYNC). A write over ChunkBytes is split into chunks written in parallel.
-    /// The awaiting code continues on the device thread that completed the write: the store's continuation is a few
-    /// microseconds (append an 80-byte reference, join the group commit) and saves a hop through the thread pool, which
-    /// on 2 loaded cores cost about 7% of the durable write throughput (A/B/A/B x3, docs/tiers-ssd.md).</summary>
+    /// The awaiting code continues on the thread pool, never on a device thread: it may be the caller's code, which
+    /// must neither hold up the device's I/O nor dispose the device from one of its own threads.</summary>
     public Task WriteAlignedAsync(int segment, long offset, AlignedBuffer buffer, int length)
     {
-        var done = new TaskCompletionSource();
+        if (WriteFault?.Invoke() is { } fault)
+        {
+            _lastError = $"writing {length} bytes at {offset} of {SegmentPath(segment)}: {fault}";
+            return Task.FromException(new IOException(_lastError));
+        }
+        var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         unsafe
         {
             WriteAsync((nint)buffer.Pointer, segment, (ulong)offset, (uint)length, static (error, _, context) =>
@@ -299,7 +307,10 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     {
         _work.CompleteAdding();
         foreach (var t in _threads)
-            t.Join();
+        {
+            if (t != Thread.CurrentThread) // disposed from a callback on a device thread: the others still finish the queue
+                t.Join();
+        }
         _work.Dispose();
         while (_buffers.TryTake(out var b))
             b.Free();

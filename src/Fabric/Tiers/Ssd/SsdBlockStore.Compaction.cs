@@ -28,7 +28,7 @@ public sealed partial class SsdBlockStore
             }
             catch (Exception e) when (e is not OutOfMemoryException)
             {
-                // A failure leaves every block where it was (the index moves only after a commit); the segments stay
+                // A failure leaves every block readable (the index moves only to a copy on stable storage); the segments stay
                 // longer than they should, which LastCompactionError tells an operator. Device errors also fault writes.
                 LastCompactionError = $"{e.GetType().Name}: {e.Message}";
             }
@@ -64,10 +64,15 @@ public sealed partial class SsdBlockStore
 
     private long SegmentEnd(long address) => (address & ~(_options.SegmentBytes - 1)) + _options.SegmentBytes;
 
+    // The block compaction is copying right now and the data address of its copy (under _lock): a removal meanwhile
+    // cancels up to the copy too, so that the copy cannot come back at recovery.
+    private (BlockKey Key, long To)? _copying;
+
     /// <summary>
-    /// Copies the live payloads of the oldest data segment to the data tail, appends their new references (each under the
-    /// index lock, so it is ordered before any tombstone of its key), commits, repoints the index and deletes the segment;
-    /// then truncates the log below the oldest live reference and commits again.
+    /// Copies the live records of the oldest data segment to the data tail (each copy sealed for its new address, durable
+    /// when written), repoints the index, and deletes the segment (then syncs the directory, so that the deletion is
+    /// durable before any tombstone of that segment leaves the log); then truncates the log below the first tombstone
+    /// that still cancels something in a data segment, and commits.
     /// </summary>
     internal async Task CompactOldestSegmentAsync()
     {
@@ -84,8 +89,7 @@ public sealed partial class SsdBlockStore
                     victims.Add((key, entry));
             }
         }
-        var moved = new List<(BlockKey Key, Entry From, Entry To)>(victims.Count);
-        foreach (var (key, entry) in victims)
+        foreach (var (key, entry) in victims.OrderBy(v => v.Entry.Address))
         {
             using var buffer = _data.RentBuffer(entry.DataLength);
             await _data.ReadAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), buffer, entry.DataLength).ConfigureAwait(false);
@@ -94,73 +98,69 @@ public sealed partial class SsdBlockStore
             {
                 if (!_index.TryGetValue(key, out var now) || now != entry)
                     continue;
-                if (entry.Header(key).ChecksumOf(buffer.Span(0, entry.StoredLength)) != entry.Checksum)
+                var payload = buffer.Span(SsdRecordHeader.SectorSize, entry.StoredLength);
+                if (entry.Header(key).ChecksumOf(payload) != entry.Checksum)
                 {
                     DropLocked(key, entry); // corrupt: it would be served as such; it goes away with the segment
                     continue;
                 }
                 to = ReserveDataLocked(entry.StoredLength);
+                _copying = (key, to);
             }
             try
             {
+                var sector = buffer.WritableSpan(0, SsdRecordHeader.SectorSize);
+                entry.Header(key).Write(sector, entry.Checksum);
+                SsdRecordHeader.SealSector(sector, to, _storeKey);
                 await _data.WriteAlignedAsync(DataSegment(to), DataOffset(to), buffer, entry.DataLength).ConfigureAwait(false);
-                var refBytes = new SsdRefBytes();
-                entry.Header(key).Write(refBytes, entry.Checksum);
-                SsdRecordHeader.WriteRef(refBytes, ((ReadOnlySpan<byte>)refBytes)[..SsdRecordHeader.Size], to);
-                while (true)
+                lock (_lock)
                 {
-                    long address;
-                    lock (_lock)
-                    {
-                        if (!_index.TryGetValue(key, out var now) || now != entry)
-                            break;
-                        if (!_log.TryEnqueue(new SsdLogEntry(refBytes), out address))
-                            address = -1;
-                        else
-                            _dirty = true;
-                    }
-                    if (address >= 0)
-                    {
-                        moved.Add((key, entry, entry with { Address = to, RefAddress = address }));
-                        break;
-                    }
-                    await Task.Delay(1).ConfigureAwait(false); // the log's memory is full until a page flushes
+                    // Removed meanwhile: its tombstone already cancels up to the copy (DropLocked saw _copying).
+                    if (_index.TryGetValue(key, out var now) && now == entry)
+                        _index[key] = entry with { Address = to };
                 }
             }
             finally
             {
                 lock (_lock)
+                {
                     _dataInFlight.Remove(to);
+                    _copying = null;
+                }
             }
         }
-        await JoinCommit().ConfigureAwait(false);
-        long oldestRef;
         lock (_lock)
-        {
-            foreach (var (key, from, to) in moved)
-            {
-                if (_index.TryGetValue(key, out var now) && now == from)
-                    _index[key] = to;
-            }
-            // Every live block below `until` now has a committed reference to its copy; a block removed meanwhile has its
-            // tombstone appended already. Nothing live points into the segment any more.
-            _dataBegin = until;
-            // Writers whose references are appended but not yet indexed (committed by the commit above or still in
-            // flight) count too: their blocks are acknowledged once indexed and must be found by the next recovery.
-            oldestRef = _log.TailAddress;
-            foreach (var entry in _index.Values)
-                oldestRef = Math.Min(oldestRef, entry.RefAddress);
-            foreach (long floor in _refFloors.Values)
-                oldestRef = Math.Min(oldestRef, floor);
-        }
+            _dataBegin = until; // every live block below `until` is now in its copy
         for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
             _data.RemoveSegment(segment);
+        SyncDirectory();
         lock (_lock)
         {
-            _log.TruncateUntilPageStart(oldestRef);
+            // Tombstones that cancel records only in deleted segments are no longer needed.
+            while (_tombstones.TryPeek(out var t) && t.DataAddress < _dataBegin)
+                _tombstones.Dequeue();
+            long keepFrom = _tombstones.TryPeek(out var first) ? first.LogAddress : _log.TailAddress;
+            _log.TruncateUntilPageStart(keepFrom);
             _dirty = true;
         }
         await JoinCommit().ConfigureAwait(false);
         Interlocked.Increment(ref _compactedSegments);
+    }
+
+    // fsync of the directory: the segments' unlinking is on stable storage before the log forgets their tombstones.
+    private void SyncDirectory()
+    {
+        int fd = KvFabric.Native.Libc.Open(Directory, KvFabric.Native.Libc.O_RDONLY | KvFabric.Native.Libc.O_CLOEXEC, 0);
+        if (fd < 0)
+            throw new IOException($"cannot open {Directory} to sync it: {KvFabric.Native.Libc.LastError()}");
+        try
+        {
+            if (KvFabric.Native.Libc.Fsync(fd) != 0)
+                throw new IOException($"fsync of {Directory} failed: {KvFabric.Native.Libc.LastError()}");
+        }
+        finally
+        {
+            KvFabric.Native.Libc.Close(fd);
+        }
     }
 }

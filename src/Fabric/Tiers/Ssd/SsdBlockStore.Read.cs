@@ -27,7 +27,7 @@ public sealed partial class SsdBlockStore
             try
             {
                 cancellationToken.ThrowIfCancellationRequested();
-                problem = await ReadDataAsync(key, entry, destination, verifyOnly: false).ConfigureAwait(false);
+                (problem, _) = await ReadDataAsync(key, entry, destination, verifyOnly: false).ConfigureAwait(false);
                 if (problem.Length == 0)
                     return true;
             }
@@ -56,23 +56,35 @@ public sealed partial class SsdBlockStore
                 DropLocked(key, entry);
             }
             Signal();
-            throw new BlockCorruptException(key, TierKind.Ssd, $"payload at data address {entry.Address} ({_data.FileName}.{DataSegment(entry.Address)}, "
+            throw new BlockCorruptException(key, TierKind.Ssd, $"record at data address {entry.Address} ({_data.FileName}.{DataSegment(entry.Address)}, "
                 + $"offset {DataOffset(entry.Address)}) in {Directory}: {problem}");
         }
     }
 
-    // One aligned pread of the payload from its data segment into a pooled buffer, verified in place against the indexed
-    // header's checksum, then copied or decompressed into the destination. Returns "" or what was wrong.
-    private async ValueTask<string> ReadDataAsync(BlockKey key, Entry entry, Memory<byte> destination, bool verifyOnly)
+    // One aligned pread of the payload (behind its header sector) into a pooled buffer, verified in place against the
+    // indexed header's checksum, then copied or decompressed into the destination. Returns "" or what was wrong, and
+    // whether the payload has a sector of zeros: preallocated space reads as zeros until written, so a record whose write
+    // was under way at a crash shows them (a flipped bit does not).
+    private async ValueTask<(string Problem, bool Unwritten)> ReadDataAsync(BlockKey key, Entry entry, Memory<byte> destination, bool verifyOnly)
     {
-        int length = entry.DataLength;
+        int length = DataBytes(entry.StoredLength);
         using var buffer = _data.RentBuffer(length);
-        await _data.ReadAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), buffer, length).ConfigureAwait(false);
+        await _data.ReadAlignedAsync(DataSegment(entry.PayloadAddress), DataOffset(entry.PayloadAddress), buffer, length).ConfigureAwait(false);
         var payload = buffer.Span(0, entry.StoredLength);
         ulong actual = entry.Header(key).ChecksumOf(payload);
         if (actual != entry.Checksum)
-            return $"XXH3 checksum 0x{actual:x16} does not match the indexed 0x{entry.Checksum:x16}";
-        return verifyOnly ? "" : Decode(entry, payload, destination.Span);
+            return ($"XXH3 checksum 0x{actual:x16} does not match the indexed 0x{entry.Checksum:x16}", HasZeroSector(buffer.Span(0, length)));
+        return (verifyOnly ? "" : Decode(entry, payload, destination.Span), false);
+    }
+
+    private static bool HasZeroSector(ReadOnlySpan<byte> data)
+    {
+        for (int at = 0; at + (int)SectorBytes <= data.Length; at += (int)SectorBytes)
+        {
+            if (!data.Slice(at, (int)SectorBytes).ContainsAnyExcept((byte)0))
+                return true;
+        }
+        return false;
     }
 
     private bool Moved(BlockKey key, Entry entry, out Entry? now)
@@ -125,21 +137,28 @@ public sealed partial class SsdBlockStore
         return true;
     }
 
-    // Under _lock. The tombstone is appended inside the lock so that it is ordered after the record it cancels and before
-    // any later write of the same key (which can only start once the key is gone from the index).
+    // Under _lock. The tombstone cancels every copy of the key up to the newest data address it has: the entry's, or the
+    // copy compaction is writing right now. A later write of the key (which can only start once the key is gone from the
+    // index) gets a higher data address, so the tombstone never cancels it.
     private void DropLocked(BlockKey key, Entry entry)
     {
         _index.Remove(key);
         _used -= entry.StoredLength;
         _liveDataBytes -= entry.DataLength;
+        long upTo = _copying is { } copy && copy.Key == key ? Math.Max(entry.Address, copy.To) : entry.Address;
+        AppendTombstoneLocked(key, upTo);
+    }
+
+    private void AppendTombstoneLocked(BlockKey key, long upTo)
+    {
         if (_fault is not null)
             return;
-        var header = SsdRecordHeader.Tombstone(key);
-        var bytes = new SsdHeaderBytes();
-        header.Write(bytes, ReadOnlySpan<byte>.Empty);
+        var bytes = new SsdTombstoneBytes();
+        SsdRecordHeader.WriteTombstone(bytes, key, upTo);
         try
         {
-            _log.Enqueue(new SsdLogEntry(bytes));
+            long logAddress = _log.Enqueue(new SsdLogEntry(bytes));
+            _tombstones.Enqueue((logAddress, upTo));
             _dirty = true;
         }
         catch (Exception e) when (e is not OutOfMemoryException)

@@ -5,31 +5,30 @@ namespace KvFabric.Tiers.Ssd;
 
 public sealed partial class SsdBlockStore
 {
-    // A write: the payload is copied (and hashed) into an aligned buffer and written O_DIRECT | O_DSYNC to its own place in
-    // a data segment, in parallel with every other writer's, as fio writes; only once it is on stable storage is its
-    // reference appended to the log. Group commit: writers append, join the open batch and signal; one committer commits
-    // the log up to its tail (covering every reference appended before the batch closed) and completes the batch at once.
+    // A write is one record, a sealed header sector then the payload, written O_DIRECT | O_DSYNC to its own place in a
+    // data segment, in parallel with every other writer's, as fio writes: durable, and acknowledged, when that write
+    // completes. The log holds tombstones only; group commit makes removals durable: Remove appends and signals, one
+    // committer commits the log up to its tail and completes the batch at once.
     private readonly SemaphoreSlim _commitSignal = new(0);
     private readonly Task _committer;
     private TaskCompletionSource _batch = NewBatch();
     private int _signalled;
     private long _commitCount;
-    private int _appending;     // writers between appending their reference and joining a batch (under _lock)
-    private long _batchBytes;   // record bytes in the open batch (under _lock)
+    private int _writers;       // writers between reserving their data address and finishing (under _lock)
     private bool _dirty;
     private volatile bool _stopping;          // no new compaction
     private volatile bool _stopCommitter;     // set once compaction is idle: the last commit, then the committer ends
     private volatile Exception? _fault;
 
-    /// <summary>Group commits completed since opening (blocks written / commits = the batching achieved).</summary>
+    /// <summary>Group commits of the tombstone log completed since opening.</summary>
     public long Commits => Interlocked.Read(ref _commitCount);
 
     private static TaskCompletionSource NewBatch() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     /// <summary>
-    /// Appends the block and returns true once it is committed (it survives a crash from then on); false when it does not fit.
-    /// A key already stored is not written again (a block hash names its content). Cancellation is honoured until the record
-    /// is appended; after that the write completes, because the record will be in the log either way.
+    /// Writes the block and returns true once it is on stable storage (it survives a crash from then on); false when it does
+    /// not fit. A key already stored is not written again (a block hash names its content). Cancellation is honoured until
+    /// the record's write is issued; after that the write completes.
     /// </summary>
     public async ValueTask<bool> WriteAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> block, CancellationToken cancellationToken = default)
     {
@@ -66,10 +65,11 @@ public sealed partial class SsdBlockStore
                         done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
                         _pending.Add(key, done);
                         dataAddress = ReserveDataLocked(payload.Length);
+                        _writers++;
                     }
                 }
                 if (sameKey is null)
-                    return await WriteAndCommitAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
+                    return await WriteRecordAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);
                 try
                 {
                     return await sameKey.Task.WaitAsync(cancellationToken).ConfigureAwait(false);
@@ -87,10 +87,11 @@ public sealed partial class SsdBlockStore
         }
     }
 
-    // Under _lock: room for a payload in the data segments, 4 KiB aligned, never across a segment boundary.
+    // Under _lock: room for a record (header sector + payload) in the data segments, 4 KiB aligned, never across a
+    // segment boundary.
     private long ReserveDataLocked(int storedLength)
     {
-        long length = DataBytes(storedLength);
+        long length = SsdRecordHeader.SectorSize + DataBytes(storedLength);
         if (_dataTail % _options.SegmentBytes + length > _options.SegmentBytes)
             _dataTail = SegmentEnd(_dataTail);
         long address = _dataTail;
@@ -99,72 +100,53 @@ public sealed partial class SsdBlockStore
         return address;
     }
 
-    // Copies the payload into an aligned buffer (zero-padded to 4 KiB), computes the header's checksum over that copy while
-    // it is still in cache, and writes it to its data address; durable when this returns (O_DSYNC). Returns the block's
-    // log reference (header with that checksum, data address, reference checksum).
-    private async Task<SsdRefBytes> WriteDataAsync(SsdRecordHeader header, ReadOnlyMemory<byte> payload, long dataAddress)
-    {
-        int length = DataBytes(payload.Length);
-        var refBytes = new SsdRefBytes();
-        using (var buffer = _data.RentBuffer(length))
-        {
-            var span = buffer.WritableSpan(0, length);
-            payload.Span.CopyTo(span);
-            span[payload.Length..].Clear();
-            header.Write(refBytes, span[..payload.Length]);
-            await _data.WriteAlignedAsync(DataSegment(dataAddress), DataOffset(dataAddress), buffer, length).ConfigureAwait(false);
-        }
-        SsdRecordHeader.WriteRef(refBytes, ((ReadOnlySpan<byte>)refBytes)[..SsdRecordHeader.Size], dataAddress);
-        return refBytes;
-    }
-
     private int DataSegment(long dataAddress) => (int)(dataAddress / _options.SegmentBytes);
 
     private long DataOffset(long dataAddress) => dataAddress % _options.SegmentBytes;
 
-    private async ValueTask<bool> WriteAndCommitAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> payload, SsdCodec codec, long dataAddress,
+    // Copies the payload behind the header sector of an aligned buffer (zero-padded to 4 KiB), computes the checksum over
+    // that copy while it is in cache, seals the header sector for the data address and writes the whole record with one
+    // O_DIRECT | O_DSYNC write. Durable, and indexed, when it returns.
+    private async ValueTask<bool> WriteRecordAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> payload, SsdCodec codec, long dataAddress,
         TaskCompletionSource<bool> done, CancellationToken cancellationToken)
     {
-        bool appending = false, appended = false, joined = false;
+        var entry = new Entry(dataAddress, payload.Length, codec, meta, 0);
+        bool issued = false;
         try
         {
-            var header = new SsdRecordHeader(SsdRecordKind.Block, codec, key, meta, payload.Length);
-            SsdRefBytes refBytes;
-            try
+            using (var buffer = _data.RentBuffer(entry.DataLength))
             {
-                refBytes = await WriteDataAsync(header, payload, dataAddress).ConfigureAwait(false);
+                var record = buffer.WritableSpan(0, entry.DataLength);
+                var body = record[SsdRecordHeader.SectorSize..];
+                payload.Span.CopyTo(body);
+                body[payload.Length..].Clear();
+                entry.Header(key).Write(record, body[..payload.Length]);
+                entry = entry with { Checksum = System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(record[56..]) };
+                SsdRecordHeader.SealSector(record[..SsdRecordHeader.SectorSize], dataAddress, _storeKey);
+                cancellationToken.ThrowIfCancellationRequested();
+                issued = true;
+                try
+                {
+                    await _data.WriteAlignedAsync(DataSegment(dataAddress), DataOffset(dataAddress), buffer, entry.DataLength).ConfigureAwait(false);
+                }
+                catch (Exception e) when (e is IOException or ObjectDisposedException or InvalidOperationException)
+                {
+                    // A failed record write (disk full, device error) stops writes: what the device does next is unknown.
+                    // A partly written record fails its checksum at recovery and is never served.
+                    _fault ??= new TierException($"writing a block's record to {_data.FileName}.{DataSegment(dataAddress)} at offset "
+                        + $"{DataOffset(dataAddress)} failed: {_data.LastError ?? e.Message}", e);
+                    throw;
+                }
             }
-            catch (Exception e) when (e is IOException or ObjectDisposedException)
-            {
-                // A data write that failed (disk full, device error) stops writes as a failed commit does.
-                _fault ??= new TierException($"writing a block's payload to {_data.FileName}.{DataSegment(dataAddress)} failed: {_data.LastError ?? e.Message}", e);
-                throw;
-            }
-            cancellationToken.ThrowIfCancellationRequested();
-            ulong checksum = System.Buffers.Binary.BinaryPrimitives.ReadUInt64LittleEndian(((ReadOnlySpan<byte>)refBytes)[56..]);
-            var entry = new SsdLogEntry(refBytes);
-            lock (_lock)
-            {
-                _appending++;
-                _refFloors[key] = _log.TailAddress;
-            }
-            appending = true;
-            if (!_log.TryEnqueue(entry, out long address))
-                address = await _log.EnqueueAsync(entry, cancellationToken).ConfigureAwait(false);
-            appended = true;
-            var commit = JoinCommit(SsdRecordHeader.RefSize);
-            joined = true;
-            await commit.ConfigureAwait(false);
             lock (_lock)
             {
                 _pending.Remove(key);
-                _refFloors.Remove(key);
                 _reserved -= payload.Length;
                 _dataInFlight.Remove(dataAddress);
-                var added = new Entry(dataAddress, payload.Length, codec, meta, checksum, address);
-                _index.Add(key, added);
+                _writers--;
+                _index.Add(key, entry);
                 _used += payload.Length;
-                _liveDataBytes += added.DataLength;
+                _liveDataBytes += entry.DataLength;
             }
             done.TrySetResult(true);
             MaybeStartCompaction();
@@ -172,20 +154,14 @@ public sealed partial class SsdBlockStore
         }
         catch (Exception e)
         {
-            bool last;
             lock (_lock)
             {
                 _pending.Remove(key);
-                _refFloors.Remove(key);
                 _reserved -= payload.Length;
                 _dataInFlight.Remove(dataAddress);
-                last = appending && !joined && --_appending == 0;
+                _writers--;
             }
-            // A writer that gave up before appending also signals while the store closes: the committer's last round
-            // waits for every pending writer, and would wait for a signal forever.
-            if (last || (!appending && _stopCommitter))
-                Signal();
-            if (e is OperationCanceledException && !appended)
+            if (e is OperationCanceledException && !issued)
             {
                 done.TrySetCanceled(cancellationToken);
                 throw;
@@ -198,6 +174,21 @@ public sealed partial class SsdBlockStore
         }
     }
 
+    /// <summary>Shutdown: waits (up to 30 s, then goes on) until no write is between reserving its place and finishing.</summary>
+    private async Task WaitForWritersAsync()
+    {
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (DateTime.UtcNow < deadline)
+        {
+            lock (_lock)
+            {
+                if (_writers == 0)
+                    return;
+            }
+            await Task.Delay(1).ConfigureAwait(false);
+        }
+    }
+
     private void ValidateBlock(BlockMeta meta, int length)
     {
         if (length == 0)
@@ -207,7 +198,7 @@ public sealed partial class SsdBlockStore
                 + "(SsdBlockStoreOptions.BlockBytes); pass whole blocks of the layout, or set BlockBytes = 0 to accept any length.", nameof(length));
         if (length > _options.MaxBlockBytes)
             throw new ArgumentException($"Block of {length} bytes exceeds the SSD tier's MaxBlockBytes ({_options.MaxBlockBytes}); raise "
-                + "SsdBlockStoreOptions.MaxBlockBytes (and LogPageBytes with it).", nameof(length));
+                + "SsdBlockStoreOptions.MaxBlockBytes (and SegmentBytes with it if needed).", nameof(length));
         if (meta.Length != length)
             throw new ArgumentException($"BlockMeta.Length ({meta.Length}) differs from the block's length ({length}); they must match.", nameof(meta));
         if (meta.Depth < 0)
@@ -252,33 +243,14 @@ public sealed partial class SsdBlockStore
         return batch;
     }
 
-    // A writer that appended joins the open batch. The commit starts when no other append is under way (they would join
-    // in microseconds and otherwise wait a whole commit), or when the batch already holds a log page of data. Starting
-    // on the first joiner made commits alternate between one block and the rest (traced: 2 MiB, 12 MiB, 2 MiB, ...).
-    private Task JoinCommit(int recordBytes)
-    {
-        Task batch;
-        bool start;
-        lock (_lock)
-        {
-            batch = _batch.Task;
-            _batchBytes += recordBytes;
-            start = --_appending == 0 || _batchBytes >= _options.LogPageBytes;
-        }
-        if (start)
-            Signal();
-        return batch;
-    }
-
     private void Signal()
     {
         if (Interlocked.Exchange(ref _signalled, 1) == 0)
             _commitSignal.Release();
     }
 
-    // Commits in flight at once. Traced: writers join the next batch while a commit's data is still on its way to the disk;
-    // a second commit sends theirs at once, so the disk sees a deeper queue (A/B/A/B here: 0.50-0.58 GB/s against
-    // 0.44-0.49 with one; four was worse). Each batch is completed only once the committed address covers its tail.
+    // Commits in flight at once: removals that arrive while a commit is on its way to the disk get their own at once.
+    // Each batch is completed only once the committed address covers its tail.
     private const int CommitsInFlight = 2;
     private readonly SemaphoreSlim _commitSlots = new(CommitsInFlight);
 
@@ -295,9 +267,8 @@ public sealed partial class SsdBlockStore
             {
                 batch = _batch;
                 _batch = NewBatch();
-                _batchBytes = 0;
                 _dirty = false;
-                // Every record of this batch was appended before its writer joined the batch, so it lies below this tail.
+                // Every tombstone of this batch was appended before it joined the batch, so it lies below this tail.
                 tail = _log.TailAddress;
             }
             var commit = CommitAsync(batch, tail);
@@ -306,7 +277,7 @@ public sealed partial class SsdBlockStore
                 await commit.ConfigureAwait(false);
                 bool more;
                 lock (_lock)
-                    more = _dirty || _pending.Count > 0;
+                    more = _dirty;
                 if (!more)
                 {
                     for (int i = 0; i < CommitsInFlight; i++)

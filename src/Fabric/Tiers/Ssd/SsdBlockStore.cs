@@ -8,11 +8,12 @@ using KvFabric.Transfer;
 namespace KvFabric.Tiers.Ssd;
 
 /// <summary>
-/// The crash-safe SSD tier: every block's payload is written once, O_DIRECT | O_DSYNC, into a data segment
-/// (blocks.data.N); once it is on stable storage, a reference to it (header, checksum, data address) is appended to a
-/// FASTER log (<see cref="FasterLog"/>) and the write is acknowledged after the group commit that covers the reference.
-/// An in-memory index (key to data address) is rebuilt on open by scanning the committed log; every read is
-/// checksum-verified. docs/tiers-ssd.md has the whole design.
+/// The crash-safe SSD tier: every block is one self-describing record (a sealed header sector, then the payload) written
+/// with one O_DIRECT | O_DSYNC write into a data segment (blocks.data.N), and acknowledged once that write is on stable
+/// storage: the same I/O as fio's durable writes, with no commit on the write's path. Removals are tombstones in a FASTER
+/// log (<see cref="FasterLog"/>), durable at its next group commit. An in-memory index (key to data address) is rebuilt
+/// on open by scanning the data segments and replaying the committed tombstones; every read is checksum-verified.
+/// docs/tiers-ssd.md has the whole design.
 /// </summary>
 public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 {
@@ -40,23 +41,26 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     // segments below _dataBegin. Addresses are never reused while a committed reference may point at them.
     private long _dataBegin;
     private long _dataTail;
-    private readonly SortedSet<long> _dataInFlight = []; // data addresses written but not yet indexed (under _lock)
-    // Writers whose reference is being appended or committed but not yet indexed: the log tail before their append, a
-    // lower bound of their reference's address, so that compaction does not truncate the log above it (under _lock).
-    private readonly Dictionary<BlockKey, long> _refFloors = [];
+    private readonly SortedSet<long> _dataInFlight = []; // data addresses being written, not yet indexed (under _lock)
+    // Tombstones in the log, in log order: (log address, data address cancelled). The log is truncated below the first one
+    // whose data address is still in a data segment (under _lock).
+    private readonly Queue<(long LogAddress, long DataAddress)> _tombstones = new();
+    private readonly ulong _storeKey;
 
-    // Where a live block is: its payload's data address, what its header says (so a read needs one I/O and can verify
-    // it), and the log address of its reference (the log is truncated below the oldest live reference).
-    private readonly record struct Entry(long Address, int StoredLength, SsdCodec Codec, BlockMeta Meta, ulong Checksum, long RefAddress)
+    // Where a live block is: its record's data address (header sector, then payload) and what its header says, so a read
+    // needs one I/O of the payload and can verify it.
+    private readonly record struct Entry(long Address, int StoredLength, SsdCodec Codec, BlockMeta Meta, ulong Checksum)
     {
-        public int DataLength => DataBytes(StoredLength);
+        public int DataLength => SsdRecordHeader.SectorSize + DataBytes(StoredLength);
+        public long PayloadAddress => Address + SsdRecordHeader.SectorSize;
         public SsdRecordHeader Header(BlockKey key) => new(SsdRecordKind.Block, Codec, key, Meta, StoredLength);
     }
 
     private static int DataBytes(int storedLength) => (int)((storedLength + SectorBytes - 1) & ~(long)(SectorBytes - 1));
 
-    private SsdBlockStore(SsdBlockStoreOptions options, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits, FasterLog log)
+    private SsdBlockStore(SsdBlockStoreOptions options, ulong storeKey, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits, FasterLog log)
     {
+        _storeKey = storeKey;
         _commits = commits;
         _options = options;
         _lockFile = lockFile;
@@ -64,7 +68,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         _data = data;
         _log = log;
         Directory = Path.GetFullPath(options.Directory);
-        (RecoveredCorruptRecords, RecoveredUnreadable, _recovered) = Recover();
+        (RecoveredCorruptRecords, RecoveredIncompleteWrites, RecoveredUnreadable, _recovered) = Recover();
         _committer = Task.Run(CommitLoopAsync);
     }
 
@@ -80,8 +84,12 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     /// <summary>Every block readable when the store was opened, with the metadata it was written with.</summary>
     public IReadOnlyCollection<KeyValuePair<BlockKey, BlockMeta>> Recovered => _recovered;
 
-    /// <summary>Committed records that failed verification while opening (skipped: their blocks are absent).</summary>
+    /// <summary>Records and tombstones that failed verification while opening (skipped: their blocks are absent).</summary>
     public int RecoveredCorruptRecords { get; }
+
+    /// <summary>Records found while opening whose payload was not fully on disk: writes under way at a crash (never
+    /// acknowledged; the parts not written read as zeros). Skipped like corrupt records, but expected after a crash.</summary>
+    public int RecoveredIncompleteWrites { get; }
 
     /// <summary>Blocks whose payload the device would not read while opening, after retries (an I/O error, not a bad
     /// checksum): they stay indexed, as after a failed read at run time, and are read (and verified) again when asked
@@ -95,6 +103,16 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         {
             lock (_lock)
                 return _dataTail - _dataBegin + (_log.TailAddress - _log.BeginAddress);
+        }
+    }
+
+    /// <summary>Bytes the tombstone log spans between its head and tail.</summary>
+    internal long TombstoneLogBytes
+    {
+        get
+        {
+            lock (_lock)
+                return _log.TailAddress - _log.BeginAddress;
         }
     }
 
@@ -120,13 +138,15 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         FasterLog? log = null;
         try
         {
-            SsdLogFormat.CheckOrCreate(dir, options, LogFileName);
+            ulong storeKey = SsdLogFormat.CheckOrCreate(dir, options, LogFileName, DataFileName);
             CheckFreeSpace(dir, options);
             string logPath = Path.Combine(dir, LogFileName);
-            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.RefSize);
-            data = new DirectFileDevice(Path.Combine(dir, DataFileName), SectorBytes, DataBytes(options.MaxBlockBytes), preallocateBytes: options.SegmentBytes)
+            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.AddressedSize);
+            data = new DirectFileDevice(Path.Combine(dir, DataFileName), SectorBytes, SsdRecordHeader.SectorSize + DataBytes(options.MaxBlockBytes),
+                preallocateBytes: options.SegmentBytes)
             {
                 ReadFault = options.DataReadFault,
+                WriteFault = options.DataWriteFault,
             };
             var settings = new FasterLogSettings
             {
@@ -140,9 +160,9 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 AutoRefreshSafeTailAddress = false,
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
-            // The recovery scan reads the whole log: off the caller's thread.
+            // The recovery scan reads every data segment: off the caller's thread.
             var (d, dd, c, l) = (device, data, commits, log);
-            return await Task.Run(() => new SsdBlockStore(options, lockFile, d, dd, c, l), cancellationToken).ConfigureAwait(false);
+            return await Task.Run(() => new SsdBlockStore(options, storeKey, lockFile, d, dd, c, l), cancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
         {
@@ -206,91 +226,6 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 + "lower CapacityBytes or free space on that file system.");
     }
 
-    // Replays the committed log (references and tombstones) into the index, then reads every live block's payload from
-    // its data segment and verifies it, so a damaged block is counted here and never listed as recovered.
-    private (int Corrupt, (int, string?) Unreadable, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
-    {
-        int corrupt = 0;
-        long end = _log.TailAddress, dataEnd = 0;
-        using (var iterator = _log.Scan(_log.BeginAddress, end))
-        {
-            while (iterator.GetNext(MemoryPool<byte>.Shared, out var owner, out int length, out long address, out _))
-            {
-                using (owner)
-                {
-                    var header = SsdRecordHeader.TryParseEntry(owner.Memory.Span[..length], out long dataAddress, out ulong checksum, out _);
-                    if (header is not { } h)
-                    {
-                        corrupt++;
-                        continue;
-                    }
-                    if (h.Kind == SsdRecordKind.Tombstone)
-                        _index.Remove(h.Key);
-                    else
-                    {
-                        _index[h.Key] = new Entry(dataAddress, h.StoredLength, h.Codec, h.Meta, checksum, address);
-                        dataEnd = Math.Max(dataEnd, dataAddress + DataBytes(h.StoredLength));
-                    }
-                }
-                if (iterator.NextAddress >= end)
-                    break;
-            }
-        }
-        var (bad, unreadable) = VerifyRecoveredData();
-        corrupt += bad;
-        // New payloads go past every payload a reference in the log may name (live or not), so nothing committed is overwritten.
-        _dataTail = dataEnd;
-        _dataBegin = _index.Count == 0 ? dataEnd : _index.Values.Min(e => e.Address) & ~(_options.SegmentBytes - 1);
-        // Segments below the oldest live payload hold nothing a replayed reference needs (a crash after compaction's
-        // commit, before it deleted them): free them.
-        for (int segment = DataSegment(_dataBegin) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
-            _data.RemoveSegment(segment);
-        foreach (var entry in _index.Values)
-            _used += entry.StoredLength;
-        _liveDataBytes = _index.Values.Sum(e => (long)e.DataLength);
-        var recovered = new KeyValuePair<BlockKey, BlockMeta>[_index.Count];
-        int i = 0;
-        foreach (var (key, entry) in _index)
-            recovered[i++] = new(key, entry.Meta);
-        return (corrupt, unreadable, recovered);
-    }
-
-    // Reads the live payloads in data-address order, several at a time, and drops the ones that fail their checksum.
-    // A read the device fails is tried again (a transient error must not cost a block); one that keeps failing leaves
-    // its block indexed and unverified, as a failed read does at run time, so a bad moment of the device at start-up
-    // loses nothing: every later read of the block verifies it.
-    private (int Corrupt, (int Blocks, string? FirstError) Unreadable) VerifyRecoveredData()
-    {
-        const int Attempts = 3;
-        var entries = _index.OrderBy(kv => kv.Value.Address).ToArray();
-        var bad = new System.Collections.Concurrent.ConcurrentBag<BlockKey>();
-        var unreadable = new System.Collections.Concurrent.ConcurrentQueue<string>();
-        Parallel.ForEachAsync(entries, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (kv, _) =>
-        {
-            for (int attempt = 1; ; attempt++)
-            {
-                try
-                {
-                    if ((await ReadDataAsync(kv.Key, kv.Value, default, verifyOnly: true).ConfigureAwait(false)).Length > 0)
-                        bad.Add(kv.Key);
-                    return;
-                }
-                catch (IOException) when (attempt < Attempts)
-                {
-                    await Task.Delay(10 * attempt).ConfigureAwait(false);
-                }
-                catch (IOException e)
-                {
-                    unreadable.Enqueue($"block {kv.Key} at data address {kv.Value.Address} ({_data.FileName}.{DataSegment(kv.Value.Address)}): {e.Message}");
-                    return;
-                }
-            }
-        }).GetAwaiter().GetResult();
-        foreach (var key in bad)
-            _index.Remove(key);
-        return (bad.Count, (unreadable.Count, unreadable.TryPeek(out string? first) ? first : null));
-    }
-
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
 
     // FASTER reports a device error as a bare code; the device keeps the message with the file and the errno text.
@@ -312,6 +247,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         // tombstones of the last removals are durable, then the committer ends.
         _stopping = true;
         await WaitForCompactionAsync().ConfigureAwait(false);
+        await WaitForWritersAsync().ConfigureAwait(false);
         _stopCommitter = true;
         _commitSignal.Release();
         await _committer.ConfigureAwait(false);

@@ -14,7 +14,7 @@ public sealed record SsdBlockStoreOptions
     /// <summary>When positive, every block must be exactly this long (a layout's block size); 0 accepts 1..MaxBlockBytes.</summary>
     public int BlockBytes { get; init; }
 
-    /// <summary>The largest block accepted (8 MiB covers vLLM/SGLang page sizes); LogPageBytes must be at least twice a record.</summary>
+    /// <summary>The largest block accepted (8 MiB covers vLLM/SGLang page sizes).</summary>
     public int MaxBlockBytes { get; init; } = 8 << 20;
 
     /// <summary>Try zstd on each block; it is kept only when it saves at least <see cref="MinCompressionSaving"/>.</summary>
@@ -25,9 +25,9 @@ public sealed record SsdBlockStoreOptions
     /// <summary>Fraction of a block compression must save to be stored compressed (0.125: at most 7/8 of the raw size).</summary>
     public double MinCompressionSaving { get; init; } = 0.125;
 
-    /// <summary>FASTER log page size (the log holds 80-byte block references and tombstones; payloads go to data segments);
-    /// a power of two, at least 2x a record.</summary>
-    public int LogPageBytes { get; init; } = 32 << 20;
+    /// <summary>FASTER log page size (the log holds 80-byte tombstones; blocks are records in data segments); a power of two,
+    /// at least 4 KiB.</summary>
+    public int LogPageBytes { get; init; } = 1 << 20;
 
     /// <summary>Pages of the in-memory log tail (the write buffer between the writers and the disk); at least 2.</summary>
     public int LogMemoryPages { get; init; } = 4;
@@ -45,10 +45,13 @@ public sealed record SsdBlockStoreOptions
     /// <summary>Tests: wraps or replaces the log device (fault injection).</summary>
     internal Func<string, IDevice>? DeviceFactory { get; init; }
 
-    /// <summary>Tests: asked before each read of a data segment; a message fails that read with an IOException.</summary>
-    internal Func<string?>? DataReadFault { get; init; }
+    /// <summary>Tests: asked before each read of a data segment (with whether it is the recovery scan's); a message fails
+    /// that read with an IOException.</summary>
+    internal Func<bool, string?>? DataReadFault { get; init; }
 
-    internal int MaxRecordBytes => checked(SsdRecordHeader.Size + MaxBlockBytes + 64);
+    /// <summary>Tests: asked before each write of a data segment; a message fails that write with an IOException
+    /// (a full disk, a failing device).</summary>
+    internal Func<string?>? DataWriteFault { get; init; }
 
     internal void Validate()
     {
@@ -60,13 +63,13 @@ public sealed record SsdBlockStoreOptions
             throw new ArgumentOutOfRangeException(nameof(MaxBlockBytes), MaxBlockBytes, "SsdBlockStoreOptions.MaxBlockBytes must be in 1..256 MiB.");
         if (BlockBytes < 0 || BlockBytes > MaxBlockBytes)
             throw new ArgumentOutOfRangeException(nameof(BlockBytes), BlockBytes, $"SsdBlockStoreOptions.BlockBytes must be 0 (any length) or in 1..MaxBlockBytes ({MaxBlockBytes}).");
-        if (!BitOperations.IsPow2(LogPageBytes) || LogPageBytes < 2L * MaxRecordBytes)
-            throw new ArgumentOutOfRangeException(nameof(LogPageBytes), LogPageBytes,
-                $"SsdBlockStoreOptions.LogPageBytes must be a power of two of at least twice the largest record ({2L * MaxRecordBytes} bytes for MaxBlockBytes {MaxBlockBytes}); raise it or lower MaxBlockBytes.");
+        if (!BitOperations.IsPow2(LogPageBytes) || LogPageBytes < 4096)
+            throw new ArgumentOutOfRangeException(nameof(LogPageBytes), LogPageBytes, "SsdBlockStoreOptions.LogPageBytes must be a power of two of at least 4 KiB.");
         if (LogMemoryPages < 2 || !BitOperations.IsPow2(LogMemoryPages))
             throw new ArgumentOutOfRangeException(nameof(LogMemoryPages), LogMemoryPages, "SsdBlockStoreOptions.LogMemoryPages must be a power of two, at least 2.");
-        if (!BitOperations.IsPow2(SegmentBytes) || SegmentBytes < LogPageBytes)
-            throw new ArgumentOutOfRangeException(nameof(SegmentBytes), SegmentBytes, $"SsdBlockStoreOptions.SegmentBytes must be a power of two, at least LogPageBytes ({LogPageBytes}).");
+        if (!BitOperations.IsPow2(SegmentBytes) || SegmentBytes < LogPageBytes || SegmentBytes < SsdRecordHeader.SectorSize + MaxBlockBytes + 4096L)
+            throw new ArgumentOutOfRangeException(nameof(SegmentBytes), SegmentBytes, "SsdBlockStoreOptions.SegmentBytes must be a power of two, at least "
+                + $"LogPageBytes ({LogPageBytes}) and large enough for the largest record ({SsdRecordHeader.SectorSize + MaxBlockBytes + 4096L} bytes for MaxBlockBytes {MaxBlockBytes}).");
         if (CompressionLevel < -7 || CompressionLevel > 22)
             throw new ArgumentOutOfRangeException(nameof(CompressionLevel), CompressionLevel, "SsdBlockStoreOptions.CompressionLevel must be a zstd level in -7..22 (1 is fast, 3 is zstd's default).");
         if (MinCompressionSaving is < 0 or >= 1 || double.IsNaN(MinCompressionSaving))

@@ -1,39 +1,56 @@
 using System.Globalization;
+using System.Security.Cryptography;
 
 namespace KvFabric.Tiers.Ssd;
 
-// The log's geometry, written once into the directory. FASTER addresses records by page and segment and does not persist
-// either size, so opening a log with other sizes would misread it: a mismatch is refused before FASTER sees the files.
+// The directory's format, written once: the record format, the log geometry, and the store's secret key. FASTER addresses
+// records by page and segment and does not persist either size, so opening a log with other sizes would misread it: a
+// mismatch is refused before FASTER sees the files. The key seals every header sector (SsdRecordHeader.SealSector), so
+// that a tenant's bytes inside a payload cannot pass for a record when recovery scans past a torn one.
 internal static class SsdLogFormat
 {
     public const string FileName = "kvfabric-ssd.format";
-    // v2: payloads in data segments (blocks.data.N), block references in the FASTER log. A v1 directory (payloads inline in
-    // the log) differs in this line and is refused like any other geometry mismatch.
-    private const string Magic = "kvfabric-ssd-log v2";
+    // v3: self-describing records in data segments, tombstones in the FASTER log. A v2 directory (block references in the
+    // log) or v1 (payloads inline in the log) differs in this line and is refused, naming the version.
+    private const string Magic = "kvfabric-ssd-log v3";
+    private const string KeyPrefix = "store_key=";
 
-    public static void CheckOrCreate(string dir, SsdBlockStoreOptions options, string logFilePrefix)
+    /// <summary>Checks the directory's format against the options (or writes it for a new directory); returns the store's key.</summary>
+    public static ulong CheckOrCreate(string dir, SsdBlockStoreOptions options, params string[] segmentPrefixes)
     {
         string path = Path.Combine(dir, FileName);
         string expected = Describe(options);
         if (File.Exists(path))
         {
             string actual = File.ReadAllText(path);
-            if (actual != expected)
-                throw new TierException($"The SSD tier in {dir} was created with a different log geometry ({Flat(actual)}) than this "
-                    + $"store's options ({Flat(expected)}). Open it with the same LogPageBytes and SegmentBytes, or move the directory aside to start empty.");
-            return;
+            int keyAt = actual.IndexOf(KeyPrefix, StringComparison.Ordinal);
+            if (keyAt < 0 || actual[..keyAt] != expected
+                || !ulong.TryParse(actual.AsSpan(keyAt + KeyPrefix.Length).Trim(), NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out ulong key))
+            {
+                string what = actual.StartsWith(Magic, StringComparison.Ordinal)
+                    ? $"a different log geometry ({Flat(keyAt < 0 ? actual : actual[..keyAt])}) than this store's options ({Flat(expected)})"
+                    : $"another on-disk format ({Flat(actual.Split('\n')[0])}; this version reads {Magic})";
+                throw new TierException($"The SSD tier in {dir} was created with {what}. Open it with the same LogPageBytes and SegmentBytes, "
+                    + "or move the directory aside to start empty (the SSD tier is a cache: its blocks are recomputed or fetched again).");
+            }
+            return key;
         }
-        if (System.IO.Directory.EnumerateFiles(dir, logFilePrefix + ".*").Any())
-            throw new TierException($"{dir} holds log segments ({logFilePrefix}.*) but no {FileName}: it was not written by this version of the SSD tier. "
-                + "Move it aside or point the tier at an empty directory.");
+        foreach (string prefix in segmentPrefixes)
+        {
+            if (System.IO.Directory.EnumerateFiles(dir, prefix + ".*").Any())
+                throw new TierException($"{dir} holds segments ({prefix}.*) but no {FileName}: it was not written by this version of the SSD tier. "
+                    + "Move it aside or point the tier at an empty directory.");
+        }
+        ulong newKey = BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8));
         // Durable before the first record: write, fsync, rename, so a crash leaves either no file or the whole file.
         string temp = path + ".tmp";
         using (var f = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None))
         {
-            f.Write(System.Text.Encoding.UTF8.GetBytes(expected));
+            f.Write(System.Text.Encoding.UTF8.GetBytes(expected + KeyPrefix + newKey.ToString("x16", CultureInfo.InvariantCulture) + "\n"));
             f.Flush(flushToDisk: true);
         }
         File.Move(temp, path, overwrite: true);
+        return newKey;
     }
 
     private static string Describe(SsdBlockStoreOptions o) => string.Create(CultureInfo.InvariantCulture,

@@ -18,20 +18,27 @@ internal enum SsdCodec : byte
     Zstd = 1,
 }
 
-// A block's 64-byte little-endian header (docs/tiers-ssd.md has the table). It heads the block's reference in the FASTER
-// log (header + data address + reference checksum); the payload itself lies in a data segment (blocks.data.N).
+// A block's 64-byte little-endian header (docs/tiers-ssd.md has the tables).
 //   0 u32 magic "KVSB"   4 u16 version   6 u8 kind   7 u8 codec   8 u32 tenant   12 u8[16] hash (big-endian, as BlockHash)
 //  28 u8[16] parent     44 i32 depth    48 i32 raw length        52 i32 stored length   56 u64 checksum
 // checksum = XXH3-64(payload, seed: XXH3-64(header bytes 0..56)): it covers every header field and every payload byte.
+//
+// Version 3: a block is self-describing in its data segment. Its record is a 4 KiB header sector (this header, the
+// record's own data address, and a check of both keyed with the store's secret) followed by the payload, written with one
+// O_DIRECT | O_DSYNC write; recovery finds blocks by scanning the data segments. The FASTER log holds tombstones only:
+// the header of a removed block (kind 2) with the data address of the newest copy it cancels, and their check.
 internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Codec, BlockKey Key, BlockMeta Meta, int StoredLength)
 {
     public const int Size = 64;
     public const uint Magic = 0x4253564B; // "KVSB" read as a little-endian u32
-    public const ushort Version = 2;      // 2: payloads in data segments, the log holds references (1: payloads inline)
+    public const ushort Version = 3;      // 3: self-describing records in data segments (2: references in the log; 1: payloads inline)
     private const int ChecksumOffset = 56;
 
-    /// <summary>A block reference in the log: header, u64 data address, u64 XXH3-64 of the 72 bytes before it.</summary>
-    public const int RefSize = Size + 16;
+    /// <summary>The header sector in front of every payload in a data segment.</summary>
+    public const int SectorSize = 4096;
+
+    /// <summary>Header, u64 data address, u64 check: the used part of a header sector, and a tombstone in the log.</summary>
+    public const int AddressedSize = Size + 16;
 
     public int RawLength => Meta.Length;
 
@@ -40,7 +47,7 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
     /// <summary>Writes the header, checksum included, for this payload.</summary>
     public void Write(Span<byte> destination, ReadOnlySpan<byte> payload) => WriteWithChecksum(destination, payload, computed: true, 0);
 
-    /// <summary>Writes the header with a checksum already known (a reference rewritten by compaction).</summary>
+    /// <summary>Writes the header with a checksum already known (a record copied by compaction).</summary>
     public void Write(Span<byte> destination, ulong checksum) => WriteWithChecksum(destination, default, computed: false, checksum);
 
     private void WriteWithChecksum(Span<byte> destination, ReadOnlySpan<byte> payload, bool computed, ulong checksum)
@@ -70,34 +77,84 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
     private static ulong Checksum(ReadOnlySpan<byte> header, ReadOnlySpan<byte> payload) =>
         Checksums.XxHash3(payload, Checksums.XxHash3(header[..ChecksumOffset]));
 
-    /// <summary>Writes a block reference: the header (with the payload's checksum) then the data address and its own checksum.</summary>
-    public static void WriteRef(Span<byte> destination, ReadOnlySpan<byte> header, long dataAddress)
+    /// <summary>
+    /// Completes a header sector whose first 64 bytes hold this record's header: its data address and the check of both,
+    /// XXH3-64 seeded with the store's secret, so that bytes a tenant stored cannot pass for a record when a recovery scan
+    /// steps through a torn one. The rest of the sector is zeroed.
+    /// </summary>
+    public static void SealSector(Span<byte> sector, long dataAddress, ulong storeKey)
     {
-        header[..Size].CopyTo(destination);
+        BinaryPrimitives.WriteInt64LittleEndian(sector[Size..], dataAddress);
+        BinaryPrimitives.WriteUInt64LittleEndian(sector[(Size + 8)..], Checksums.XxHash3(sector[..(Size + 8)], storeKey));
+        sector[AddressedSize..SectorSize].Clear();
+    }
+
+    /// <summary>True when the sector starts with the magic number (a cheap filter while scanning for records).</summary>
+    public static bool MayBeSector(ReadOnlySpan<byte> sector) => BinaryPrimitives.ReadUInt32LittleEndian(sector) == Magic;
+
+    /// <summary>
+    /// Parses a data segment's header sector found at <paramref name="dataAddress"/>: a block header whose own fields are
+    /// consistent, sealed for that address with this store's key. The payload's checksum is checked when it is read.
+    /// </summary>
+    public static SsdRecordHeader? TryParseSector(ReadOnlySpan<byte> sector, long dataAddress, ulong storeKey, out ulong checksum, out string problem)
+    {
+        var header = TryParseAddressed(sector[..AddressedSize], storeKey, out long address, out checksum, out problem);
+        if (header is null)
+            return null;
+        if (header.Value.Kind != SsdRecordKind.Block || address != dataAddress)
+        {
+            problem = $"header sector at {dataAddress} names kind {header.Value.Kind} at data address {address}";
+            return null;
+        }
+        return header;
+    }
+
+    /// <summary>Writes a tombstone for the log: the key's header (kind 2) and the data address of the newest copy it cancels.</summary>
+    public static void WriteTombstone(Span<byte> destination, BlockKey key, long dataAddress)
+    {
+        Tombstone(key).Write(destination, ReadOnlySpan<byte>.Empty);
         BinaryPrimitives.WriteInt64LittleEndian(destination[Size..], dataAddress);
         BinaryPrimitives.WriteUInt64LittleEndian(destination[(Size + 8)..], Checksums.XxHash3(destination[..(Size + 8)]));
     }
 
-    /// <summary>
-    /// Parses and verifies one log entry: a block reference (its own checksum; the payload's is checked when the data is
-    /// read) or a tombstone (its checksum over the header). Returns null and a reason when anything is off: a torn tail,
-    /// a flipped bit, a record of another format.
-    /// </summary>
-    public static SsdRecordHeader? TryParseEntry(ReadOnlySpan<byte> entry, out long dataAddress, out ulong checksum, out string problem)
+    /// <summary>Parses and verifies one log entry, a tombstone. Returns null and a reason when anything is off: a torn
+    /// tail, a flipped bit, an entry of another format.</summary>
+    public static SsdRecordHeader? TryParseTombstone(ReadOnlySpan<byte> entry, out long dataAddress, out string problem)
+    {
+        dataAddress = 0;
+        if (entry.Length != AddressedSize)
+        {
+            problem = $"log entry of {entry.Length} bytes, expected a {AddressedSize}-byte tombstone";
+            return null;
+        }
+        var header = TryParseAddressed(entry, 0, out dataAddress, out _, out problem);
+        if (header is { Kind: not SsdRecordKind.Tombstone })
+        {
+            problem = $"log entry of kind {header.Value.Kind}, expected a tombstone";
+            return null;
+        }
+        return header;
+    }
+
+    // Header + u64 data address + u64 XXH3-64 of the 72 bytes before it (seeded with the store's key in header sectors, 0 in
+    // the log). Checks the magic, version, shape and check; the payload checksum is returned for the caller.
+    private static SsdRecordHeader? TryParseAddressed(ReadOnlySpan<byte> bytes, ulong seed, out long dataAddress, out ulong checksum, out string problem)
     {
         dataAddress = 0;
         checksum = 0;
-        if (entry.Length < Size)
-        {
-            problem = $"log entry of {entry.Length} bytes is shorter than the {Size}-byte header";
-            return null;
-        }
-        var h = entry[..Size];
+        var h = bytes[..Size];
         uint magic = BinaryPrimitives.ReadUInt32LittleEndian(h);
         ushort version = BinaryPrimitives.ReadUInt16LittleEndian(h[4..]);
         if (magic != Magic || version != Version)
         {
             problem = $"bad magic 0x{magic:x8} or version {version} (expected 0x{Magic:x8} v{Version})";
+            return null;
+        }
+        ulong expected = BinaryPrimitives.ReadUInt64LittleEndian(bytes[(Size + 8)..]);
+        ulong actual = Checksums.XxHash3(bytes[..(Size + 8)], seed);
+        if (expected != actual)
+        {
+            problem = $"XXH3 check 0x{actual:x16} does not match the stored 0x{expected:x16}";
             return null;
         }
         var kind = (SsdRecordKind)h[6];
@@ -106,36 +163,16 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
         int raw = BinaryPrimitives.ReadInt32LittleEndian(h[48..]);
         int stored = BinaryPrimitives.ReadInt32LittleEndian(h[52..]);
         checksum = BinaryPrimitives.ReadUInt64LittleEndian(h[ChecksumOffset..]);
+        dataAddress = BinaryPrimitives.ReadInt64LittleEndian(bytes[Size..]);
         bool shapeOk = kind switch
         {
-            SsdRecordKind.Block => entry.Length == RefSize && stored > 0 && raw > 0 && (codec != SsdCodec.None || stored == raw),
-            SsdRecordKind.Tombstone => entry.Length == Size && stored == 0 && codec == SsdCodec.None,
+            SsdRecordKind.Block => stored > 0 && raw > 0 && (codec != SsdCodec.None || stored == raw),
+            SsdRecordKind.Tombstone => stored == 0 && codec == SsdCodec.None && Checksum(h, default) == checksum,
             _ => false,
         };
-        if (!shapeOk || codec is not (SsdCodec.None or SsdCodec.Zstd) || raw < 0 || stored < 0 || depth < 0)
+        if (!shapeOk || codec is not (SsdCodec.None or SsdCodec.Zstd) || raw < 0 || stored < 0 || depth < 0 || dataAddress < 0 || dataAddress % SectorSize != 0)
         {
-            problem = $"inconsistent log entry (kind {h[6]}, codec {h[7]}, depth {depth}, raw {raw}, stored {stored}, {entry.Length} bytes)";
-            return null;
-        }
-        if (kind == SsdRecordKind.Block)
-        {
-            ulong expected = BinaryPrimitives.ReadUInt64LittleEndian(entry[(Size + 8)..]);
-            ulong actual = Checksums.XxHash3(entry[..(Size + 8)]);
-            if (expected != actual)
-            {
-                problem = $"XXH3 checksum 0x{actual:x16} of the block reference does not match the stored 0x{expected:x16}";
-                return null;
-            }
-            dataAddress = BinaryPrimitives.ReadInt64LittleEndian(entry[Size..]);
-            if (dataAddress < 0 || dataAddress % 4096 != 0)
-            {
-                problem = $"block reference points at data address {dataAddress}, which is not 4 KiB aligned";
-                return null;
-            }
-        }
-        else if (Checksum(h, default) != checksum)
-        {
-            problem = $"XXH3 checksum of the tombstone does not match the stored 0x{checksum:x16}";
+            problem = $"inconsistent record (kind {h[6]}, codec {h[7]}, depth {depth}, raw {raw}, stored {stored}, data address {dataAddress})";
             return null;
         }
         problem = "";
@@ -145,16 +182,10 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
     }
 }
 
-[InlineArray(SsdRecordHeader.Size)]
-internal struct SsdHeaderBytes
-{
-    private byte _first;
-}
-
-// A log entry (a block reference or a tombstone) copied into FASTER's page.
+// A log entry (a tombstone) copied into FASTER's page.
 internal readonly struct SsdLogEntry : ILogEnqueueEntry
 {
-    private readonly SsdRefBytes _bytes;
+    private readonly SsdTombstoneBytes _bytes;
     private readonly int _length;
 
     public SsdLogEntry(ReadOnlySpan<byte> bytes)
@@ -168,8 +199,8 @@ internal readonly struct SsdLogEntry : ILogEnqueueEntry
     public void SerializeTo(Span<byte> dest) => ((ReadOnlySpan<byte>)_bytes)[.._length].CopyTo(dest);
 }
 
-[InlineArray(SsdRecordHeader.RefSize)]
-internal struct SsdRefBytes
+[InlineArray(SsdRecordHeader.AddressedSize)]
+internal struct SsdTombstoneBytes
 {
     private byte _first;
 }

@@ -20,7 +20,7 @@ public static class SsdWriterTool
         CapacityBytes = capacityBytes,
         BlockBytes = blockBytes,
         MaxBlockBytes = blockBytes,
-        LogPageBytes = (int)BitOperations.RoundUpToPowerOf2((uint)Math.Max(1 << 20, 2 * (blockBytes + 256))),
+        LogPageBytes = 1 << 20,
         SegmentBytes = 16 << 20,
     };
 

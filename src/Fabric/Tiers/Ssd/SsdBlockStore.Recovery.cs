@@ -1,0 +1,203 @@
+using System.Buffers;
+using System.Collections.Concurrent;
+using System.Globalization;
+
+namespace KvFabric.Tiers.Ssd;
+
+public sealed partial class SsdBlockStore
+{
+    // While searching past something that is not a record (a torn write, never-written space), the scan reads this much at a time.
+    private const int ScanWindowBytes = 1 << 20;
+    private const int RecoveryReadAttempts = 3;
+
+    private readonly record struct Found(BlockKey Key, Entry Entry);
+
+    // Rebuilds the index: the committed tombstones say, per key, up to which data address its copies are cancelled; a scan
+    // of every data segment finds the sealed records; each key's newest uncancelled copy whose payload verifies is live
+    // (an older copy is used when a newer one was torn: compaction's copy under way at a crash).
+    private (int Corrupt, int Incomplete, (int, string?) Unreadable, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
+    {
+        var cancelledUpTo = new Dictionary<BlockKey, long>();
+        int corrupt = ReplayTombstones(cancelledUpTo);
+        var found = ScanDataSegments(out long tail);
+        var copies = found.Where(f => f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
+            .GroupBy(f => f.Key)
+            .ToDictionary(g => g.Key, g => new Queue<Entry>(g.Select(f => f.Entry).OrderByDescending(e => e.Address)));
+        var (bad, incomplete, unreadable) = VerifyRecoveredCopies(copies);
+        corrupt += bad;
+        // New records go past every sealed record found (live, cancelled or torn in its payload): nothing that could be
+        // read as a record again is ever overwritten. Never-written or torn space past the last one is reused.
+        _dataTail = tail;
+        _dataBegin = _index.Count == 0 ? tail & ~(_options.SegmentBytes - 1) : _index.Values.Min(e => e.Address) & ~(_options.SegmentBytes - 1);
+        // Segments below the oldest live record (a crash after compaction's copies, before it deleted them) and segments
+        // past the tail's (preallocated, nothing sealed in them) hold nothing live: free them.
+        foreach (int segment in DataSegmentsOnDisk())
+        {
+            if (segment < DataSegment(_dataBegin) || segment > DataSegment(Math.Max(tail - 1, 0)))
+                _data.RemoveSegment(segment);
+        }
+        foreach (var entry in _index.Values)
+            _used += entry.StoredLength;
+        _liveDataBytes = _index.Values.Sum(e => (long)e.DataLength);
+        var recovered = new KeyValuePair<BlockKey, BlockMeta>[_index.Count];
+        int i = 0;
+        foreach (var (key, entry) in _index)
+            recovered[i++] = new(key, entry.Meta);
+        return (corrupt, incomplete, unreadable, recovered);
+    }
+
+    // The committed log: tombstones, each cancelling its key's copies up to the data address it names.
+    private int ReplayTombstones(Dictionary<BlockKey, long> cancelledUpTo)
+    {
+        int corrupt = 0;
+        long end = _log.TailAddress;
+        if (end <= _log.BeginAddress)
+            return 0;
+        using var iterator = _log.Scan(_log.BeginAddress, end);
+        while (iterator.GetNext(MemoryPool<byte>.Shared, out var owner, out int length, out long address, out _))
+        {
+            using (owner)
+            {
+                if (SsdRecordHeader.TryParseTombstone(owner.Memory.Span[..length], out long dataAddress, out _) is { } tombstone)
+                {
+                    cancelledUpTo[tombstone.Key] = Math.Max(cancelledUpTo.GetValueOrDefault(tombstone.Key, -1), dataAddress);
+                    _tombstones.Enqueue((address, dataAddress));
+                }
+                else
+                    corrupt++;
+            }
+            if (iterator.NextAddress >= end)
+                break;
+        }
+        return corrupt;
+    }
+
+    private int[] DataSegmentsOnDisk()
+    {
+        string prefix = Path.GetFileName(_data.FileName) + ".";
+        return System.IO.Directory.EnumerateFiles(Directory, prefix + "*")
+            .Select(f => int.TryParse(Path.GetFileName(f).AsSpan(prefix.Length), NumberStyles.None, CultureInfo.InvariantCulture, out int n) ? n : -1)
+            .Where(n => n >= 0).Order().ToArray();
+    }
+
+    // Every data segment, front to back: a sealed header sector at the expected place is a record (the scan then jumps
+    // past its payload and reads the next sector); anything else (never written, torn) is searched through a window at a
+    // time for the next sealed sector. A read the device keeps failing fails the open: a segment that cannot be scanned
+    // may hold acknowledged blocks, and nothing is changed on disk before the scan has finished.
+    private List<Found> ScanDataSegments(out long tail)
+    {
+        var found = new List<Found>();
+        tail = 0;
+        using var buffer = _data.RentBuffer(ScanWindowBytes);
+        foreach (int segment in DataSegmentsOnDisk())
+        {
+            long start = (long)segment * _options.SegmentBytes, end = start + _options.SegmentBytes;
+            long position = start;
+            bool expectRecord = true;
+            while (position < end)
+            {
+                int window = (int)Math.Min(expectRecord ? SsdRecordHeader.SectorSize : ScanWindowBytes, end - position);
+                ReadForRecovery(segment, position - start, buffer, window);
+                expectRecord = false;
+                long next = position + window;
+                for (int at = 0; at < window; at += SsdRecordHeader.SectorSize)
+                {
+                    var sector = buffer.Span(at, SsdRecordHeader.SectorSize);
+                    if (!SsdRecordHeader.MayBeSector(sector)
+                        || SsdRecordHeader.TryParseSector(sector, position + at, _storeKey, out ulong checksum, out _) is not { } header)
+                        continue;
+                    var entry = new Entry(position + at, header.StoredLength, header.Codec, header.Meta, checksum);
+                    if (entry.Address + entry.DataLength > end)
+                        continue; // a record never straddles a segment
+                    found.Add(new Found(header.Key, entry));
+                    tail = Math.Max(tail, entry.Address + entry.DataLength);
+                    next = entry.Address + entry.DataLength; // the next sector read starts right after it
+                    expectRecord = true;
+                    break;
+                }
+                position = next;
+            }
+        }
+        return found;
+    }
+
+    private void ReadForRecovery(int segment, long offset, DirectFileDevice.AlignedBuffer buffer, int length)
+    {
+        for (int attempt = 1; ; attempt++)
+        {
+            try
+            {
+                _data.ReadAlignedAsync(segment, offset, buffer, length, scan: true).GetAwaiter().GetResult();
+                return;
+            }
+            catch (IOException) when (attempt < RecoveryReadAttempts)
+            {
+                Thread.Sleep(10 * attempt);
+            }
+            catch (IOException e)
+            {
+                throw new TierException($"The SSD tier in {Directory} cannot be opened: reading {_data.FileName}.{segment} at offset {offset} failed "
+                    + $"{RecoveryReadAttempts} times ({e.Message}). Nothing was changed on disk; check the device and open the tier again.", e);
+            }
+        }
+    }
+
+    // Verifies each key's newest copy, eight reads at a time; a key whose copy fails tries its next older one. A read the
+    // device fails is tried again (a transient error must not cost a block); one that keeps failing leaves the copy
+    // indexed and unverified, as a failed read does at run time, so a bad moment of the device at start-up loses nothing:
+    // every later read of the block verifies it.
+    private (int Corrupt, int Incomplete, (int Blocks, string? FirstError) Unreadable) VerifyRecoveredCopies(Dictionary<BlockKey, Queue<Entry>> copies)
+    {
+        int corrupt = 0, incomplete = 0;
+        var unreadable = new ConcurrentQueue<string>();
+        var unverified = new ConcurrentBag<(BlockKey Key, Entry Entry)>();
+        var round = copies.Select(kv => (kv.Key, Entry: kv.Value.Dequeue())).OrderBy(c => c.Entry.Address).ToList();
+        while (round.Count > 0)
+        {
+            var failed = new ConcurrentBag<(BlockKey Key, bool Unwritten)>();
+            Parallel.ForEachAsync(round, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (copy, _) =>
+            {
+                for (int attempt = 1; ; attempt++)
+                {
+                    try
+                    {
+                        var (problem, unwritten) = await ReadDataAsync(copy.Key, copy.Entry, default, verifyOnly: true).ConfigureAwait(false);
+                        if (problem.Length > 0)
+                            failed.Add((copy.Key, unwritten));
+                        return;
+                    }
+                    catch (IOException) when (attempt < RecoveryReadAttempts)
+                    {
+                        await Task.Delay(10 * attempt).ConfigureAwait(false);
+                    }
+                    catch (IOException e)
+                    {
+                        unreadable.Enqueue($"block {copy.Key} at data address {copy.Entry.Address} ({_data.FileName}.{DataSegment(copy.Entry.Address)}): {e.Message}");
+                        unverified.Add(copy);
+                        return;
+                    }
+                }
+            }).GetAwaiter().GetResult();
+            var bad = failed.ToDictionary(f => f.Key, f => f.Unwritten);
+            var next = new List<(BlockKey, Entry)>();
+            foreach (var (key, entry) in round)
+            {
+                if (!bad.TryGetValue(key, out bool unwritten))
+                {
+                    _index[key] = entry;
+                    continue;
+                }
+                if (unwritten)
+                    incomplete++;
+                else
+                    corrupt++;
+                if (copies[key].TryDequeue(out var older))
+                    next.Add((key, older));
+            }
+            round = next;
+        }
+        foreach (var (key, entry) in unverified)
+            _index[key] = entry;
+        return (corrupt, incomplete, (unreadable.Count, unreadable.TryPeek(out string? first) ? first : null));
+    }
+}
