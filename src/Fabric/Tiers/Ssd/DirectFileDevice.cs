@@ -92,7 +92,8 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             // A read of a segment compaction has just deleted must fail (and be retried at the block's new place), not
             // bring back an empty, preallocated file: a read opens without O_CREAT (checking File.Exists first raced
             // with RemoveSegment, which recreated the file).
-            if (!create && !File.Exists(path))
+            bool exists = File.Exists(path);
+            if (!create && !exists)
                 throw new IOException($"segment {path} does not exist (freed by compaction?)");
             int flags = Libc.O_RDWR | Libc.O_CLOEXEC | O_DSYNC | (create ? Libc.O_CREAT : 0);
             int fd = Direct ? Libc.Open(path, flags | O_DIRECT, 0x1A4) : -1;
@@ -107,6 +108,21 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             if (_preallocateBytes > 0 && create)
                 _ = Libc.Fallocate(fd, 0, 0, _preallocateBytes); // best effort: a full disk shows up as the write's ENOSPC
             h = new SafeFileHandle(fd, ownsHandle: true);
+            if (!exists)
+            {
+                // O_DSYNC makes a write's data and the file's size durable, not the new file's name: sync the directory
+                // before the first write into it can complete, or a crash could leave acknowledged records in a file
+                // that has no name.
+                try
+                {
+                    SyncDirectory(Path.GetDirectoryName(path)!);
+                }
+                catch
+                {
+                    h.Dispose();
+                    throw;
+                }
+            }
             _handles[segment] = h;
             return h;
         }
@@ -276,6 +292,23 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         {
             System.Runtime.InteropServices.NativeMemory.AlignedFree(Pointer);
             Pointer = null;
+        }
+    }
+
+    /// <summary>fsync of a directory: the files created, renamed or removed in it are on stable storage when it returns.</summary>
+    internal static void SyncDirectory(string dir)
+    {
+        int fd = Libc.Open(dir, Libc.O_RDONLY | Libc.O_CLOEXEC, 0);
+        if (fd < 0)
+            throw new IOException($"cannot open directory {dir} to sync it: {Libc.LastError()}");
+        try
+        {
+            if (Libc.Fsync(fd) != 0)
+                throw new IOException($"fsync of directory {dir} failed: {Libc.LastError()}");
+        }
+        finally
+        {
+            Libc.Close(fd);
         }
     }
 

@@ -133,7 +133,7 @@ public sealed partial class SsdBlockStore
             _dataBegin = until; // every live block below `until` is now in its copy
         for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
             _data.RemoveSegment(segment);
-        SyncDirectory();
+        DirectFileDevice.SyncDirectory(Directory); // the deletions are durable before the log forgets their tombstones
         lock (_lock)
         {
             // Tombstones that cancel records only in deleted segments are no longer needed.
@@ -145,22 +145,5 @@ public sealed partial class SsdBlockStore
         }
         await JoinCommit().ConfigureAwait(false);
         Interlocked.Increment(ref _compactedSegments);
-    }
-
-    // fsync of the directory: the segments' unlinking is on stable storage before the log forgets their tombstones.
-    private void SyncDirectory()
-    {
-        int fd = KvFabric.Native.Libc.Open(Directory, KvFabric.Native.Libc.O_RDONLY | KvFabric.Native.Libc.O_CLOEXEC, 0);
-        if (fd < 0)
-            throw new IOException($"cannot open {Directory} to sync it: {KvFabric.Native.Libc.LastError()}");
-        try
-        {
-            if (KvFabric.Native.Libc.Fsync(fd) != 0)
-                throw new IOException($"fsync of {Directory} failed: {KvFabric.Native.Libc.LastError()}");
-        }
-        finally
-        {
-            KvFabric.Native.Libc.Close(fd);
-        }
     }
 }

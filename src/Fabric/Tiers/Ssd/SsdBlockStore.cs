@@ -160,6 +160,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 AutoRefreshSafeTailAddress = false,
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
+            DirectFileDevice.SyncDirectory(dir); // the format and commit files just created keep their names after a crash
             // The recovery scan reads every data segment: off the caller's thread.
             var (d, dd, c, l) = (device, data, commits, log);
             return await Task.Run(() => new SsdBlockStore(options, storeKey, lockFile, d, dd, c, l), cancellationToken).ConfigureAwait(false);
