@@ -15,13 +15,15 @@ public sealed record SsdBenchOptions
     public int Runs { get; init; } = 3;
 }
 
-public sealed record SsdBenchResult(Spread WriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds,
+public sealed record SsdBenchResult(Spread WriteGbps, double FirstWriteGbps, Spread SteadyWriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds,
     Spread WriteCpuSecondsPerGb, Spread ReadCpuSecondsPerGb);
 
 /// <summary>
 /// The SSD tier end to end: N writers put distinct 2 MiB blocks of noise (what fp16 KV looks like to zstd) until the set is
 /// written and acknowledged durable, then the store is closed and reopened (recovery scan timed) and the blocks are read back
-/// in write order and in a shuffled order, every read checksum-verified.
+/// in write order and in a shuffled order, every read checksum-verified. The uncompressed runs share one store: after each
+/// run (untimed) its blocks are removed and compaction retires their segments as spares, so the first run writes new space
+/// and the later ones write space the disk has already written, the store's steady state (as fio's overwrite).
 /// </summary>
 public static class SsdBench
 {
@@ -42,12 +44,28 @@ public static class SsdBench
         var readCpu = new List<double>();
         status("warm-up (untimed): FASTER's page buffers, the JIT, the device threads");
         await WarmUpAsync(o, sources, ct);
-        for (int run = 0; run < o.Runs; run++)
+        string steadyDir = Path.Combine(o.Directory, "ssd-steady");
+        if (System.IO.Directory.Exists(steadyDir))
+            System.IO.Directory.Delete(steadyDir, recursive: true);
+        try
+        {
+            for (int run = 0; run < o.Runs; run++)
+                await RunOnceAsync(run);
+        }
+        finally
+        {
+            if (System.IO.Directory.Exists(steadyDir))
+                System.IO.Directory.Delete(steadyDir, recursive: true);
+        }
+        return new SsdBenchResult(Spread.Of(write), write[0], Spread.Of(write.Count > 1 ? write.Skip(1).ToList() : write), Spread.Of(writeCompressed),
+            Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(writeCpu), Spread.Of(readCpu));
+
+        async Task RunOnceAsync(int run)
         {
             foreach (bool compression in new[] { false, true })
             {
-                string dir = Path.Combine(o.Directory, $"ssd-run{run}-{(compression ? "zstd" : "raw")}");
-                if (System.IO.Directory.Exists(dir))
+                string dir = compression ? Path.Combine(o.Directory, $"ssd-run{run}-zstd") : steadyDir;
+                if (compression && System.IO.Directory.Exists(dir))
                     System.IO.Directory.Delete(dir, recursive: true);
                 var options = new SsdBlockStoreOptions
                 {
@@ -56,7 +74,9 @@ public static class SsdBench
                     BlockBytes = o.BlockBytes,
                     MaxBlockBytes = o.BlockBytes,
                     Compression = compression,
+                    CompactionSlack = 0.05, // removing a run's blocks retires all the segments the tail has left
                 };
+                BlockKey Key(int i) => SsdBench.Key(run, i);
                 try
                 {
                     status($"run {run + 1}/{o.Runs}: write {Sizes.Format(total)}{(compression ? " (zstd on)" : "")}");
@@ -81,20 +101,24 @@ public static class SsdBench
                             throw new InvalidOperationException($"reopened store holds {store.Count} blocks, {o.Blocks} were written");
                         var buffers = new ThreadLocal<byte[]>(() => new byte[o.BlockBytes]);
                         var cpu1 = Process.GetCurrentProcess().TotalProcessorTime;
-                        read.Add(total / await ParallelAsync(o, i => ReadAsync(store, i, buffers.Value!, ct), ct) / 1e9);
+                        read.Add(total / await ParallelAsync(o, i => ReadAsync(store, Key(i), buffers.Value!, ct), ct) / 1e9);
                         readCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu1).TotalSeconds / (total / 1e9));
                         int[] order = Enumerable.Range(0, o.Blocks).ToArray();
                         new Random(run).Shuffle(order);
-                        randomRead.Add(total / await ParallelAsync(o, i => ReadAsync(store, order[i], buffers.Value!, ct), ct) / 1e9);
+                        randomRead.Add(total / await ParallelAsync(o, i => ReadAsync(store, Key(order[i]), buffers.Value!, ct), ct) / 1e9);
+                        status($"run {run + 1}/{o.Runs}: remove the run's blocks, compaction retires their segments (untimed)");
+                        for (int i = 0; i < o.Blocks; i++)
+                            store.Remove(Key(i));
+                        await store.WaitForCompactionAsync();
                     }
                 }
                 finally
                 {
-                    System.IO.Directory.Delete(dir, recursive: true);
+                    if (compression)
+                        System.IO.Directory.Delete(dir, recursive: true);
                 }
             }
         }
-        return new SsdBenchResult(Spread.Of(write), Spread.Of(writeCompressed), Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(writeCpu), Spread.Of(readCpu));
     }
 
     private static async Task WarmUpAsync(SsdBenchOptions o, byte[][] sources, CancellationToken ct)
@@ -112,9 +136,9 @@ public static class SsdBench
                 BlockBytes = o.BlockBytes,
                 MaxBlockBytes = o.BlockBytes,
             }, ct);
-            await ParallelAsync(warm, i => store.WriteAsync(Key(i), new BlockMeta(default, 0, o.BlockBytes), sources[i % sources.Length], ct), ct);
+            await ParallelAsync(warm, i => store.WriteAsync(Key(-1, i), new BlockMeta(default, 0, o.BlockBytes), sources[i % sources.Length], ct), ct);
             var buffer = new byte[o.BlockBytes];
-            await ParallelAsync(warm with { Concurrency = 1 }, i => ReadAsync(store, i, buffer, ct), ct);
+            await ParallelAsync(warm with { Concurrency = 1 }, i => ReadAsync(store, Key(-1, i), buffer, ct), ct);
         }
         finally
         {
@@ -122,10 +146,10 @@ public static class SsdBench
         }
     }
 
-    private static BlockKey Key(int i) => new(1, new BlockHash(0xbe9c, (ulong)i));
+    private static BlockKey Key(int run, int i) => new(1, new BlockHash(0xbe9c + (ulong)(run + 1), (ulong)i));
 
-    private static async ValueTask<bool> ReadAsync(SsdBlockStore store, int i, byte[] buffer, CancellationToken ct) =>
-        await store.ReadAsync(Key(i), buffer, ct).ConfigureAwait(false) ? true : throw new InvalidOperationException($"block {i} is missing");
+    private static async ValueTask<bool> ReadAsync(SsdBlockStore store, BlockKey key, byte[] buffer, CancellationToken ct) =>
+        await store.ReadAsync(key, buffer, ct).ConfigureAwait(false) ? true : throw new InvalidOperationException($"block {key} is missing");
 
     // Runs op(0..Blocks-1) with Concurrency operations in flight; returns the seconds from first start to last finish.
     private static async Task<double> ParallelAsync(SsdBenchOptions o, Func<int, ValueTask<bool>> op, CancellationToken ct)

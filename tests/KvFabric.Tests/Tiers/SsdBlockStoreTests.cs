@@ -94,7 +94,7 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
-    public async Task Concurrent_writers_share_commits_and_every_block_reads_back()
+    public async Task Concurrent_writers_each_write_their_own_record_and_every_block_reads_back()
     {
         using var dir = new TempDir();
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))

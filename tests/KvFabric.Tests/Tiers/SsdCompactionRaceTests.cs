@@ -74,6 +74,62 @@ public sealed class SsdCompactionRaceTests
     }
 
     [Fact]
+    public async Task A_key_written_again_after_its_segments_are_gone_is_not_cancelled_by_its_old_tombstone()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.True(await Write(store, 0));
+            Assert.True(await Write(store, 1)); // data segment 0 exactly full
+            Assert.True(store.Remove(SsdWriterTool.KeyOf(0)));
+            Assert.True(store.Remove(SsdWriterTool.KeyOf(1)));
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+            Assert.Equal(0, store.Count); // nothing live: the segment is retired, the tombstones stay in the log
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+            Assert.True(await Write(store, 0)); // must land past the address the old tombstone cancels
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.True(store.Contains(SsdWriterTool.KeyOf(0)), "an acknowledged block was cancelled by a tombstone of its earlier copy");
+            var buffer = new byte[BlockBytes];
+            Assert.True(await store.ReadAsync(SsdWriterTool.KeyOf(0), buffer));
+            Assert.Equal(Block(0), buffer);
+        }
+    }
+
+    [Fact]
+    public async Task A_removal_during_a_copy_that_fails_does_not_cancel_the_keys_next_write()
+    {
+        using var dir = new TempDir();
+        SsdBlockStore? open = null;
+        int hold = 0;
+        var options = Options(dir.Path, () =>
+        {
+            if (Interlocked.Exchange(ref hold, 0) != 1)
+                return null;
+            Assert.True(open!.Remove(SsdWriterTool.KeyOf(0))); // while compaction copies block 0: the tombstone covers the copy
+            return "Input/output error (injected EIO)";
+        });
+        await using (var store = open = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 3; i++)
+                Assert.True(await Write(store, i));
+            Assert.True(store.Remove(SsdWriterTool.KeyOf(1)));
+            Volatile.Write(ref hold, 1);
+            await Assert.ThrowsAnyAsync<Exception>(store.CompactOldestSegmentAsync); // the copy fails: nothing lands there
+            var refused = await Assert.ThrowsAsync<TierException>(() => Write(store, 5));
+            Assert.Contains("stopped accepting writes", refused.Message);
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.False(store.Contains(SsdWriterTool.KeyOf(0))); // the removal was committed despite the data-segment error
+            Assert.True(await Write(store, 0));
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+            Assert.True(store.Contains(SsdWriterTool.KeyOf(0)), "an acknowledged block was cancelled by the tombstone of a copy that never landed");
+    }
+
+    [Fact]
     public async Task Log_truncation_drops_only_tombstones_of_deleted_segments()
     {
         using var dir = new TempDir();

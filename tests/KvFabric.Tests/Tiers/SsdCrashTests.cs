@@ -97,7 +97,7 @@ public sealed class SsdCrashTests
     }
 
     [Fact]
-    public async Task A_flipped_byte_in_the_log_is_detected_and_never_served()
+    public async Task A_flipped_byte_in_a_record_is_detected_and_never_served()
     {
         using var dir = new TempDir();
         var options = Ssd.Options(dir.Path, compression: false);

@@ -98,3 +98,39 @@ public sealed class SsdRecoveryScanTests
         return ulong.Parse(line["store_key=".Length..], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture);
     }
 }
+
+public sealed class SsdSegmentReuseTests
+{
+    [Fact]
+    public async Task Compacted_segments_are_reused_and_the_records_left_in_them_never_come_back()
+    {
+        using var dir = new TempDir();
+        var options = Ssd.Options(dir.Path, capacity: 32L << 20, compression: false) with { CompactionSlack = 0.05 };
+        int CountSpares() => Directory.EnumerateFiles(dir.Path, "blocks.data.spare.*").Count();
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 200; i++)
+                Assert.True(await Ssd.Write(store, i)); // 4 MiB segments of 60 records: segments 0-3
+            for (int i = 0; i < 120; i++)
+                Assert.True(store.Remove(Ssd.Key(i))); // segments 0 and 1 hold nothing live
+            await store.WaitForCompactionAsync();
+            Assert.True(store.CompactedSegments >= 2, $"{store.CompactedSegments} segments compacted");
+            int spares = CountSpares();
+            Assert.True(spares >= 2, $"{spares} spare segment files after compaction");
+            Assert.False(File.Exists(Path.Combine(dir.Path, "blocks.data.0")));
+            for (int i = 200; i < 400; i++)
+                Assert.True(await Ssd.Write(store, i)); // new segments take the spares
+            Assert.True(CountSpares() < spares, "new segments did not reuse the spare files");
+        }
+        // The reused files still hold the removed blocks' old records, sealed for their old data addresses: none is found.
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            Assert.Equal(0, store.RecoveredCorruptRecords + store.RecoveredIncompleteWrites);
+            Assert.Equal(280, store.Count);
+            for (int i = 0; i < 120; i++)
+                Assert.False(store.Contains(Ssd.Key(i)), $"removed block {i} came back from a reused segment file");
+            for (int i = 120; i < 400; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+}

@@ -40,13 +40,18 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     private volatile string? _lastError;
 
     private readonly long _preallocateBytes;
+    private readonly int _maxSpares;
+    private readonly List<string> _spares = []; // segment files kept for reuse (under _openLock)
 
     /// <param name="preallocateBytes">When positive, a new segment file is given this many bytes with fallocate before its
     /// first write: an O_DSYNC write that extends a file also commits the file system's journal (size and block allocation),
     /// which made appends to fresh files about 2.5x slower than writes into allocated space here (fio, docs/tiers-ssd.md).</param>
-    public DirectFileDevice(string fileName, uint sectorSize, int readBufferBytes, long preallocateBytes = 0) : base(fileName, sectorSize, Devices.CAPACITY_UNSPECIFIED)
+    /// <param name="maxSpares">Segment files <see cref="RecycleSegment"/> keeps (renamed FileName.spare.N) for new segments to
+    /// reuse, so that writes go to space the disk has already allocated and written, as an overwrite does.</param>
+    public DirectFileDevice(string fileName, uint sectorSize, int readBufferBytes, long preallocateBytes = 0, int maxSpares = 0) : base(fileName, sectorSize, Devices.CAPACITY_UNSPECIFIED)
     {
         _preallocateBytes = preallocateBytes;
+        _maxSpares = maxSpares;
         _readBufferBytes = (int)((readBufferBytes + 2L * sectorSize + sectorSize - 1) / sectorSize * sectorSize);
         string dir = Path.GetDirectoryName(fileName)!;
         string prefix = Path.GetFileName(fileName) + ".";
@@ -58,6 +63,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             startSegment = segments.Min();
             endSegment = segments.Max();
         }
+        _spares.AddRange(System.IO.Directory.EnumerateFiles(dir, prefix + "spare.*").Order(StringComparer.Ordinal));
         _threads = new Thread[IoThreads];
         for (int i = 0; i < IoThreads; i++)
         {
@@ -95,6 +101,13 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             bool exists = File.Exists(path);
             if (!create && !exists)
                 throw new IOException($"segment {path} does not exist (freed by compaction?)");
+            if (create && !exists && _spares.Count > 0)
+            {
+                // A spare becomes this segment: the records left in it are sealed for their old data addresses, which
+                // differ from every address here, so a recovery scan never takes them for records of this segment.
+                File.Move(_spares[^1], path);
+                _spares.RemoveAt(_spares.Count - 1);
+            }
             int flags = Libc.O_RDWR | Libc.O_CLOEXEC | O_DSYNC | (create ? Libc.O_CREAT : 0);
             int fd = Direct ? Libc.Open(path, flags | O_DIRECT, 0x1A4) : -1;
             if (fd < 0)
@@ -102,7 +115,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
                 // EINVAL: this file system does not do O_DIRECT (tmpfs before Linux 6.6, some FUSE). Durability stays (O_DSYNC).
                 fd = Libc.Open(path, flags, 0x1A4);
                 if (fd < 0)
-                    throw new IOException($"cannot open log segment {path}: {Libc.LastError()}");
+                    throw new IOException($"cannot open segment {path}: {Libc.LastError()}");
                 Direct = false;
             }
             if (_preallocateBytes > 0 && create)
@@ -264,10 +277,10 @@ internal sealed class DirectFileDevice : StorageDeviceBase
 
     private void Return(AlignedBuffer b)
     {
-        if (b.Capacity == _readBufferBytes && _buffers.Count < PooledBuffers && !_work.IsAddingCompleted)
+        if (b.Capacity == _readBufferBytes && _buffers.Count < PooledBuffers && !_closed)
             _buffers.Add(b);
         else
-            b.Free();
+            b.Free(); // after Dispose too: a buffer returned late is freed, not pooled
     }
 
     /// <summary>Native memory aligned for O_DIRECT; Dispose gives it back to the device's small pool.</summary>
@@ -318,6 +331,36 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         callback(result);
     }
 
+    /// <summary>Retires a segment: kept as a spare for a later segment (renamed, its handle closed) while fewer than
+    /// maxSpares are kept, else deleted. The caller syncs the directory before relying on it.</summary>
+    public void RecycleSegment(int segment)
+    {
+        lock (_openLock)
+        {
+            string path = SegmentPath(segment);
+            if (_spares.Count >= _maxSpares || !File.Exists(path))
+            {
+                RemoveSegment(segment);
+                return;
+            }
+            if (_handles.TryRemove(segment, out var h))
+                h.Dispose();
+            string spare = FileName + ".spare." + segment.ToString(CultureInfo.InvariantCulture);
+            File.Move(path, spare, overwrite: true);
+            _spares.Add(spare);
+        }
+    }
+
+    /// <summary>Spare segment files kept for reuse.</summary>
+    public int Spares
+    {
+        get
+        {
+            lock (_openLock)
+                return _spares.Count;
+        }
+    }
+
     public override void RemoveSegment(int segment)
     {
         // Under the open lock: a read opening the segment meanwhile either finds it (and its handle is closed here) or
@@ -336,8 +379,11 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         return info.Exists ? info.Length : 0;
     }
 
+    private volatile bool _closed;
+
     public override void Dispose()
     {
+        _closed = true;
         _work.CompleteAdding();
         foreach (var t in _threads)
         {

@@ -10,7 +10,8 @@ public sealed partial class SsdBlockStore
     /// <summary>Why the last compaction stopped early, if it did; null when every run finished.</summary>
     public string? LastCompactionError { get; private set; }
 
-    /// <summary>Data segments freed by compaction since opening.</summary>
+    /// <summary>Data segments freed by compaction since opening (kept as spare files for new segments, up to the
+    /// footprint the store reserved, or deleted).</summary>
     public int CompactedSegments => Volatile.Read(ref _compactedSegments);
     private int _compactedSegments;
 
@@ -36,14 +37,23 @@ public sealed partial class SsdBlockStore
             {
                 Volatile.Write(ref _compacting, 0);
             }
+            // A removal that made compaction due while this run was deciding to stop saw it running and started none.
+            if (LastCompactionError is null)
+                MaybeStartCompaction();
         });
     }
 
-    /// <summary>Tests and shutdown: waits until no compaction is running.</summary>
-    internal async Task WaitForCompactionAsync()
+    /// <summary>Waits until no compaction is running (compaction starts by itself after writes and removals).</summary>
+    public async Task WaitForCompactionAsync()
     {
-        while (Volatile.Read(ref _compacting) != 0 && _compaction is { } running)
-            await running.ConfigureAwait(false);
+        // The flag is set before the task is assigned: in between, _compaction is null or the previous (finished) run.
+        while (Volatile.Read(ref _compacting) != 0)
+        {
+            if (_compaction is { IsCompleted: false } running)
+                await running.ConfigureAwait(false);
+            else
+                await Task.Delay(1).ConfigureAwait(false);
+        }
     }
 
     private bool NeedsCompaction()
@@ -112,7 +122,17 @@ public sealed partial class SsdBlockStore
                 var sector = buffer.WritableSpan(0, SsdRecordHeader.SectorSize);
                 entry.Header(key).Write(sector, entry.Checksum);
                 SsdRecordHeader.SealSector(sector, to, _storeKey);
-                await _data.WriteAlignedAsync(DataSegment(to), DataOffset(to), buffer, entry.DataLength).ConfigureAwait(false);
+                try
+                {
+                    await _data.WriteAlignedAsync(DataSegment(to), DataOffset(to), buffer, entry.DataLength).ConfigureAwait(false);
+                }
+                catch (IOException e)
+                {
+                    // As a failed block write: the device's next move is unknown, so writes stop (and so does compaction).
+                    _fault ??= new TierException($"compaction's copy of block {key} to {_data.FileName}.{DataSegment(to)} at offset {DataOffset(to)} "
+                        + $"failed: {_data.LastError ?? e.Message}", e);
+                    throw;
+                }
                 lock (_lock)
                 {
                     // Removed meanwhile: its tombstone already cancels up to the copy (DropLocked saw _copying).
@@ -132,8 +152,8 @@ public sealed partial class SsdBlockStore
         lock (_lock)
             _dataBegin = until; // every live block below `until` is now in its copy
         for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
-            _data.RemoveSegment(segment);
-        DirectFileDevice.SyncDirectory(Directory); // the deletions are durable before the log forgets their tombstones
+            _data.RecycleSegment(segment);
+        DirectFileDevice.SyncDirectory(Directory); // retired for good before the log forgets their tombstones
         lock (_lock)
         {
             // Tombstones that cancel records only in deleted segments are no longer needed.

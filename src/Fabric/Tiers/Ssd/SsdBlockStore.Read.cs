@@ -134,6 +134,7 @@ public sealed partial class SsdBlockStore
             DropLocked(key, entry);
         }
         Signal();
+        MaybeStartCompaction();
         return true;
     }
 
@@ -151,7 +152,7 @@ public sealed partial class SsdBlockStore
 
     private void AppendTombstoneLocked(BlockKey key, long upTo)
     {
-        if (_fault is not null)
+        if (_logFault is not null)
             return;
         var bytes = new SsdTombstoneBytes();
         SsdRecordHeader.WriteTombstone(bytes, key, upTo);
@@ -163,6 +164,7 @@ public sealed partial class SsdBlockStore
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
+            _logFault ??= e;
             _fault ??= e;
         }
     }

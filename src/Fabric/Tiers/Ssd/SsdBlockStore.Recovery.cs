@@ -20,6 +20,10 @@ public sealed partial class SsdBlockStore
         var cancelledUpTo = new Dictionary<BlockKey, long>();
         int corrupt = ReplayTombstones(cancelledUpTo);
         var found = ScanDataSegments(out long tail);
+        // New records also go past every address a tombstone cancels: a record there would be cancelled at the next open.
+        // (The segment of such an address may be gone, or its copy never landed: a removal during compaction's copy.)
+        foreach (long cancelled in cancelledUpTo.Values)
+            tail = Math.Max(tail, cancelled + SsdRecordHeader.SectorSize);
         var copies = found.Where(f => f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
             .GroupBy(f => f.Key)
             .ToDictionary(g => g.Key, g => new Queue<Entry>(g.Select(f => f.Entry).OrderByDescending(e => e.Address)));
@@ -29,13 +33,19 @@ public sealed partial class SsdBlockStore
         // read as a record again is ever overwritten. Never-written or torn space past the last one is reused.
         _dataTail = tail;
         _dataBegin = _index.Count == 0 ? tail & ~(_options.SegmentBytes - 1) : _index.Values.Min(e => e.Address) & ~(_options.SegmentBytes - 1);
-        // Segments below the oldest live record (a crash after compaction's copies, before it deleted them) and segments
-        // past the tail's (preallocated, nothing sealed in them) hold nothing live: free them.
+        // Segments below the oldest live record (a crash after compaction's copies, before it retired them) and segments
+        // past the tail's (preallocated, nothing sealed in them) hold nothing live: retire them (kept as spares).
+        bool retired = false;
         foreach (int segment in DataSegmentsOnDisk())
         {
             if (segment < DataSegment(_dataBegin) || segment > DataSegment(Math.Max(tail - 1, 0)))
-                _data.RemoveSegment(segment);
+            {
+                _data.RecycleSegment(segment);
+                retired = true;
+            }
         }
+        if (retired)
+            DirectFileDevice.SyncDirectory(Directory);
         foreach (var entry in _index.Values)
             _used += entry.StoredLength;
         _liveDataBytes = _index.Values.Sum(e => (long)e.DataLength);

@@ -18,7 +18,8 @@ public sealed partial class SsdBlockStore
     private bool _dirty;
     private volatile bool _stopping;          // no new compaction
     private volatile bool _stopCommitter;     // set once compaction is idle: the last commit, then the committer ends
-    private volatile Exception? _fault;
+    private volatile Exception? _fault;       // writes refused: a device error on the data segments or the log
+    private volatile Exception? _logFault;    // the tombstone log failed: no more tombstones or commits
 
     /// <summary>Group commits of the tombstone log completed since opening.</summary>
     public long Commits => Interlocked.Read(ref _commitCount);
@@ -292,7 +293,8 @@ public sealed partial class SsdBlockStore
     {
         try
         {
-            if (_fault is { } fault)
+            // A data-segment error stops writes, not the tombstone log: removals stay durable.
+            if (_logFault is { } fault)
             {
                 batch.TrySetException(fault);
                 return;
@@ -306,6 +308,7 @@ public sealed partial class SsdBlockStore
         }
         catch (Exception e)
         {
+            _logFault ??= e;
             _fault ??= e;
             batch.TrySetException(e);
         }

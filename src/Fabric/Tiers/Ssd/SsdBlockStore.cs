@@ -76,7 +76,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     public long CapacityBytes => _options.CapacityBytes;
     public string Directory { get; }
 
-    /// <summary>Stored bytes of the live blocks (compressed length where compressed); the 64-byte record headers are not counted.</summary>
+    /// <summary>Stored bytes of the live blocks (compressed length where compressed); the 4 KiB header sectors and padding
+    /// are not counted (the free-space check at open allows for them).</summary>
     public long UsedBytes { get { lock (_lock) return _used; } }
 
     public int Count { get { lock (_lock) return _index.Count; } }
@@ -142,8 +143,11 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             CheckFreeSpace(dir, options);
             string logPath = Path.Combine(dir, LogFileName);
             device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.AddressedSize);
+            // Compacted segments are kept as spares for new ones (writes then go to space already written, as fio's
+            // overwrite does), up to the footprint CheckFreeSpace reserved.
+            int spares = (int)Math.Min(4096, (long)(options.CapacityBytes * (1 + options.CompactionSlack)) / options.SegmentBytes + 1);
             data = new DirectFileDevice(Path.Combine(dir, DataFileName), SectorBytes, SsdRecordHeader.SectorSize + DataBytes(options.MaxBlockBytes),
-                preallocateBytes: options.SegmentBytes)
+                preallocateBytes: options.SegmentBytes, maxSpares: spares)
             {
                 ReadFault = options.DataReadFault,
                 WriteFault = options.DataWriteFault,
@@ -220,10 +224,14 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Concat(System.IO.Directory.EnumerateFiles(dir, DataFileName + ".*"))
             .Sum(f => new FileInfo(f).Length);
         long available = new DriveInfo(dir).AvailableFreeSpace + existing;
-        long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack)) + options.SegmentBytes;
+        // Each record also takes a 4 KiB header sector and its padding: count them for the smallest block expected.
+        int block = options.BlockBytes > 0 ? options.BlockBytes : Math.Min(options.MaxBlockBytes, 64 << 10);
+        double perByte = (SsdRecordHeader.SectorSize + DataBytes(block)) / (double)block;
+        long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack) * perByte) + options.SegmentBytes;
         if (available < needed)
             throw new TierException($"The SSD tier in {dir} needs up to {needed >> 20} MiB of disk (CapacityBytes {options.CapacityBytes >> 20} MiB "
-                + $"x (1 + CompactionSlack {options.CompactionSlack}) + one segment), but only {available >> 20} MiB is free there; "
+                + $"x (1 + CompactionSlack {options.CompactionSlack}) x {perByte:F3} for the header sectors of {block}-byte blocks + one segment), "
+                + $"but only {available >> 20} MiB is free there; "
                 + "lower CapacityBytes or free space on that file system.");
     }
 
