@@ -44,9 +44,13 @@ public static class SsdBench
         var readCpu = new List<double>();
         status("warm-up (untimed): FASTER's page buffers, the JIT, the device threads");
         await WarmUpAsync(o, sources, ct);
-        string steadyDir = Path.Combine(o.Directory, "ssd-steady");
-        if (System.IO.Directory.Exists(steadyDir))
-            System.IO.Directory.Delete(steadyDir, recursive: true);
+        // One store for the raw runs, one for the zstd runs: each run writes, then (untimed) removes its blocks.
+        string[] dirs = [Path.Combine(o.Directory, "ssd-raw"), Path.Combine(o.Directory, "ssd-zstd")];
+        foreach (string d in dirs)
+        {
+            if (System.IO.Directory.Exists(d))
+                System.IO.Directory.Delete(d, recursive: true);
+        }
         try
         {
             for (int run = 0; run < o.Runs; run++)
@@ -54,8 +58,11 @@ public static class SsdBench
         }
         finally
         {
-            if (System.IO.Directory.Exists(steadyDir))
-                System.IO.Directory.Delete(steadyDir, recursive: true);
+            foreach (string d in dirs)
+            {
+                if (System.IO.Directory.Exists(d))
+                    System.IO.Directory.Delete(d, recursive: true);
+            }
         }
         return new SsdBenchResult(Spread.Of(write), write[0], Spread.Of(write.Count > 1 ? write.Skip(1).ToList() : write), Spread.Of(writeCompressed),
             Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(writeCpu), Spread.Of(readCpu));
@@ -64,9 +71,7 @@ public static class SsdBench
         {
             foreach (bool compression in new[] { false, true })
             {
-                string dir = compression ? Path.Combine(o.Directory, $"ssd-run{run}-zstd") : steadyDir;
-                if (compression && System.IO.Directory.Exists(dir))
-                    System.IO.Directory.Delete(dir, recursive: true);
+                string dir = dirs[compression ? 1 : 0];
                 var options = new SsdBlockStoreOptions
                 {
                     Directory = dir,
@@ -77,46 +82,43 @@ public static class SsdBench
                     CompactionSlack = 0.05, // removing a run's blocks retires all the segments the tail has left
                 };
                 BlockKey Key(int i) => SsdBench.Key(run, i);
-                try
+                status($"run {run + 1}/{o.Runs}: write {Sizes.Format(total)}{(compression ? " (zstd on)" : "")}");
+                await using (var store = await SsdBlockStore.OpenAsync(options, ct))
                 {
-                    status($"run {run + 1}/{o.Runs}: write {Sizes.Format(total)}{(compression ? " (zstd on)" : "")}");
-                    await using (var store = await SsdBlockStore.OpenAsync(options, ct))
-                    {
-                        var cpu0 = Process.GetCurrentProcess().TotalProcessorTime; // after opening: FASTER zeroes its page buffers there
-                        double s = await ParallelAsync(o, i => store.WriteAsync(Key(i), new BlockMeta(default, 0, o.BlockBytes), sources[i % sources.Length], ct), ct);
-                        (compression ? writeCompressed : write).Add(total / s / 1e9);
-                        if (!compression)
-                        {
-                            writeCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds / (total / 1e9));
-                        }
-                    }
-                    if (compression)
-                        continue;
-                    status($"run {run + 1}/{o.Runs}: reopen and read {Sizes.Format(total)}");
-                    long t0 = Stopwatch.GetTimestamp();
-                    await using (var store = await SsdBlockStore.OpenAsync(options, ct))
-                    {
-                        open.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds);
-                        if (store.Count != o.Blocks)
-                            throw new InvalidOperationException($"reopened store holds {store.Count} blocks, {o.Blocks} were written");
-                        var buffers = new ThreadLocal<byte[]>(() => new byte[o.BlockBytes]);
-                        var cpu1 = Process.GetCurrentProcess().TotalProcessorTime;
-                        read.Add(total / await ParallelAsync(o, i => ReadAsync(store, Key(i), buffers.Value!, ct), ct) / 1e9);
-                        readCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu1).TotalSeconds / (total / 1e9));
-                        int[] order = Enumerable.Range(0, o.Blocks).ToArray();
-                        new Random(run).Shuffle(order);
-                        randomRead.Add(total / await ParallelAsync(o, i => ReadAsync(store, Key(order[i]), buffers.Value!, ct), ct) / 1e9);
-                        status($"run {run + 1}/{o.Runs}: remove the run's blocks, compaction retires their segments (untimed)");
-                        for (int i = 0; i < o.Blocks; i++)
-                            store.Remove(Key(i));
-                        await store.WaitForCompactionAsync();
-                    }
+                    var cpu0 = Process.GetCurrentProcess().TotalProcessorTime; // after opening: FASTER zeroes its page buffers there
+                    double s = await ParallelAsync(o, i => store.WriteAsync(Key(i), new BlockMeta(default, 0, o.BlockBytes), sources[i % sources.Length], ct), ct);
+                    (compression ? writeCompressed : write).Add(total / s / 1e9);
+                    if (!compression)
+                        writeCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu0).TotalSeconds / (total / 1e9));
+                    else
+                        await RemoveAllAsync(store, Key);
                 }
-                finally
+                if (compression)
+                    continue;
+                status($"run {run + 1}/{o.Runs}: reopen and read {Sizes.Format(total)}");
+                long t0 = Stopwatch.GetTimestamp();
+                await using (var store = await SsdBlockStore.OpenAsync(options, ct))
                 {
-                    if (compression)
-                        System.IO.Directory.Delete(dir, recursive: true);
+                    open.Add(Stopwatch.GetElapsedTime(t0).TotalSeconds);
+                    if (store.Count != o.Blocks)
+                        throw new InvalidOperationException($"reopened store holds {store.Count} blocks, {o.Blocks} were written");
+                    var buffers = new ThreadLocal<byte[]>(() => new byte[o.BlockBytes]);
+                    var cpu1 = Process.GetCurrentProcess().TotalProcessorTime;
+                    read.Add(total / await ParallelAsync(o, i => ReadAsync(store, Key(i), buffers.Value!, ct), ct) / 1e9);
+                    readCpu.Add((Process.GetCurrentProcess().TotalProcessorTime - cpu1).TotalSeconds / (total / 1e9));
+                    int[] order = Enumerable.Range(0, o.Blocks).ToArray();
+                    new Random(run).Shuffle(order);
+                    randomRead.Add(total / await ParallelAsync(o, i => ReadAsync(store, Key(order[i]), buffers.Value!, ct), ct) / 1e9);
+                    await RemoveAllAsync(store, Key);
                 }
+            }
+
+            async Task RemoveAllAsync(SsdBlockStore store, Func<int, BlockKey> key)
+            {
+                status($"run {run + 1}/{o.Runs}: remove the run's blocks; compaction retires their segments (untimed)");
+                for (int i = 0; i < o.Blocks; i++)
+                    store.Remove(key(i));
+                await store.WaitForCompactionAsync();
             }
         }
     }
