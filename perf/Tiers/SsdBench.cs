@@ -15,7 +15,7 @@ public sealed record SsdBenchOptions
     public int Runs { get; init; } = 3;
 }
 
-public sealed record SsdBenchResult(Spread WriteGbps, double FirstWriteGbps, Spread SteadyWriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds,
+public sealed record SsdBenchResult(Spread WriteGbps, double FirstWriteGbps, Spread? SteadyWriteGbps, Spread WriteCompressedGbps, Spread ReadGbps, Spread RandomReadGbps, Spread OpenSeconds,
     Spread WriteCpuSecondsPerGb, Spread ReadCpuSecondsPerGb);
 
 /// <summary>
@@ -64,7 +64,7 @@ public static class SsdBench
                     System.IO.Directory.Delete(d, recursive: true);
             }
         }
-        return new SsdBenchResult(Spread.Of(write), write[0], Spread.Of(write.Count > 1 ? write.Skip(1).ToList() : write), Spread.Of(writeCompressed),
+        return new SsdBenchResult(Spread.Of(write), write[0], write.Count > 1 ? Spread.Of(write.Skip(1).ToList()) : null, Spread.Of(writeCompressed),
             Spread.Of(read), Spread.Of(randomRead), Spread.Of(open), Spread.Of(writeCpu), Spread.Of(readCpu));
 
         async Task RunOnceAsync(int run)

@@ -107,8 +107,11 @@ public static class TiersCommand
         report["ssd_write_gbps"] = JsonReport.Round(r.WriteGbps.Median);
         report["ssd_write_gbps_spread"] = JsonReport.Of(r.WriteGbps);
         report["ssd_write_first_run_gbps"] = JsonReport.Round(r.FirstWriteGbps);
-        report["ssd_write_steady_gbps"] = JsonReport.Round(r.SteadyWriteGbps.Median);
-        report["ssd_write_steady_gbps_spread"] = JsonReport.Of(r.SteadyWriteGbps);
+        if (r.SteadyWriteGbps is { } steady) // from the second run on
+        {
+            report["ssd_write_steady_gbps"] = JsonReport.Round(steady.Median);
+            report["ssd_write_steady_gbps_spread"] = JsonReport.Of(steady);
+        }
         report["ssd_write_zstd_on_gbps"] = JsonReport.Round(r.WriteCompressedGbps.Median);
         report["ssd_write_zstd_on_gbps_spread"] = JsonReport.Of(r.WriteCompressedGbps);
         report["ssd_read_gbps"] = JsonReport.Round(r.ReadGbps.Median);
@@ -121,7 +124,8 @@ public static class TiersCommand
         var table = new Table().AddColumns("figure", "value");
         table.AddRow("SSD tier write (durable)", Row(r.WriteGbps));
         table.AddRow("  first run (new space)", $"{r.FirstWriteGbps:F2} GB/s");
-        table.AddRow("  later runs (reused segments)", Row(r.SteadyWriteGbps));
+        if (r.SteadyWriteGbps is { } later)
+            table.AddRow("  later runs (reused segments)", Row(later));
         table.AddRow("SSD tier write, zstd on (noise)", Row(r.WriteCompressedGbps));
         table.AddRow("SSD tier sequential read", Row(r.ReadGbps));
         table.AddRow("SSD tier random read", Row(r.RandomReadGbps));
@@ -142,13 +146,14 @@ public static class TiersCommand
             var ratios = new JsonObject
             {
                 ["ssd_write_vs_fio"] = JsonReport.Round(r.WriteGbps.Median / fio["write"].Median),
-                ["ssd_write_steady_vs_fio"] = JsonReport.Round(r.SteadyWriteGbps.Median / fio["write"].Median),
                 ["ssd_write_first_vs_fio_fresh"] = JsonReport.Round(r.FirstWriteGbps / fio["write_fresh"].Median),
                 ["ssd_write_vs_fio_nosync"] = JsonReport.Round(r.WriteGbps.Median / fio["write_nosync"].Median),
                 ["ssd_read_vs_fio"] = JsonReport.Round(r.ReadGbps.Median / fio["read"].Median),
                 ["ssd_randread_vs_fio"] = JsonReport.Round(r.RandomReadGbps.Median / fio["randread"].Median),
                 ["zstd_on_vs_off_write"] = JsonReport.Round(r.WriteCompressedGbps.Median / r.WriteGbps.Median),
             };
+            if (r.SteadyWriteGbps is { } steadyRuns)
+                ratios["ssd_write_steady_vs_fio"] = JsonReport.Round(steadyRuns.Median / fio["write"].Median);
             report["ratios"] = ratios;
             foreach (var (name, value) in ratios)
                 table.AddRow(name, $"{value!.GetValue<double>():P0}");
