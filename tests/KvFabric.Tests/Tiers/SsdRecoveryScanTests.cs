@@ -133,4 +133,49 @@ public sealed class SsdSegmentReuseTests
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
     }
+
+    [Fact]
+    public async Task A_spare_is_never_reused_at_its_old_place_where_its_records_would_be_valid_again()
+    {
+        using var dir = new TempDir();
+        var options = SsdCompactionRaceTestsOptions(dir.Path);
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(0), SsdWriterTool.MetaOf(0, 4096), Block4k(0)));
+            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(1), SsdWriterTool.MetaOf(1, 4096), Block4k(1))); // segment 0 full
+        }
+        // Segment 0 retired as a spare after its tombstones left the log (simulated: renamed, no tombstones at all).
+        File.Move(Path.Combine(dir.Path, "blocks.data.0"), Path.Combine(dir.Path, "blocks.data.spare.0"));
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            Assert.Equal(0, store.Count);
+            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(7), SsdWriterTool.MetaOf(7, 4096), Block4k(7))); // takes the spare
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            Assert.False(store.Contains(SsdWriterTool.KeyOf(1)), "a record left in a reused spare came back: the spare was reused at its old place");
+            Assert.False(store.Contains(SsdWriterTool.KeyOf(0)));
+            Assert.True(store.Contains(SsdWriterTool.KeyOf(7)));
+            Assert.Equal(1, store.Count);
+        }
+    }
+
+    private static SsdBlockStoreOptions SsdCompactionRaceTestsOptions(string dir) => new()
+    {
+        Directory = dir,
+        CapacityBytes = 4 << 20,
+        BlockBytes = 4096,
+        MaxBlockBytes = 4096,
+        Compression = false,
+        LogPageBytes = 16 << 10,
+        SegmentBytes = 16 << 10,
+        CompactionSlack = 100,
+    };
+
+    private static byte[] Block4k(int i)
+    {
+        var b = new byte[4096];
+        SsdWriterTool.Fill(i, b);
+        return b;
+    }
 }

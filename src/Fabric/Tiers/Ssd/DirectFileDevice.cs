@@ -351,13 +351,13 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         }
     }
 
-    /// <summary>Spare segment files kept for reuse.</summary>
-    public int Spares
+    /// <summary>The segment numbers the spare files had before they were retired.</summary>
+    public int[] SpareOrigins()
     {
-        get
+        lock (_openLock)
         {
-            lock (_openLock)
-                return _spares.Count;
+            return _spares.Select(p => int.TryParse(p.AsSpan(p.LastIndexOf('.') + 1), NumberStyles.None, CultureInfo.InvariantCulture, out int n) ? n : -1)
+                .Where(n => n >= 0).ToArray();
         }
     }
 
