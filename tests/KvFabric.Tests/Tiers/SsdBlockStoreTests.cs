@@ -198,6 +198,50 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task After_a_device_fault_removals_start_no_compaction()
+    {
+        using var dir = new TempDir();
+        bool failing = false;
+        var options = Ssd.Options(dir.Path, capacity: 1L << 20, compression: false) with
+        {
+            CompactionSlack = 0.1,
+            DataWriteFault = () => Volatile.Read(ref failing) ? "Input/output error (injected EIO)" : null,
+        };
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        // 60 records of 68 KiB fill the first 4 MiB data segment, 8 live at a time: dead bytes pile up, but compaction
+        // waits for the tail to leave the segment.
+        for (int i = 0; i < 60; i++)
+        {
+            Assert.True(await Ssd.Write(store, i));
+            if (i >= 8)
+                Assert.True(store.Remove(Ssd.Key(i - 8)));
+        }
+        Assert.Equal(0, store.CompactionRuns);
+        Volatile.Write(ref failing, true);
+        await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 60)); // reserved in segment 1, then failed
+        Assert.True(store.Remove(Ssd.Key(52))); // compaction is due now, but writes stopped: it must not start (and spin)
+        Assert.True(store.Remove(Ssd.Key(53)));
+        await Task.Delay(200);
+        Assert.Equal(0, store.CompactionRuns);
+        Assert.Equal(Ssd.Block(59), await Ssd.Read(store, 59));
+    }
+
+    [Fact]
+    public async Task Blocks_that_compress_to_little_are_refused_once_their_records_fill_the_disk_reserved()
+    {
+        using var dir = new TempDir();
+        // 1 MiB of capacity, 64 KiB blocks: the disk reserved for records is 1 MiB x (4 KiB + 64 KiB) / 64 KiB. A zero
+        // block compresses to a few bytes but its record takes 8 KiB (header sector + one padded payload sector).
+        await using var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, capacity: 1L << 20));
+        var zeros = new byte[Ssd.BlockBytes];
+        int stored = 0;
+        while (stored < 1000 && await store.WriteAsync(Ssd.Key(stored), Ssd.Meta(stored), zeros))
+            stored++;
+        Assert.InRange(stored, 100, (int)((1L << 20) * (4096 + Ssd.BlockBytes) / Ssd.BlockBytes / 8192));
+        Assert.True(store.UsedBytes < (1L << 20) / 8, $"{store.UsedBytes} stored bytes: the disk bound, not the capacity, stopped the writes");
+    }
+
+    [Fact]
     public async Task A_failing_tombstone_log_faults_writes_and_the_removal_is_not_durable()
     {
         using var dir = new TempDir();

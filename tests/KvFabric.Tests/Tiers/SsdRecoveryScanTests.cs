@@ -141,22 +141,28 @@ public sealed class SsdSegmentReuseTests
         var options = SsdCompactionRaceTestsOptions(dir.Path);
         await using (var store = await SsdBlockStore.OpenAsync(options))
         {
-            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(0), SsdWriterTool.MetaOf(0, 4096), Block4k(0)));
-            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(1), SsdWriterTool.MetaOf(1, 4096), Block4k(1))); // segment 0 full
+            for (int i = 0; i < 4; i++) // two records per 16 KiB segment: 0 and 1 in segment 0, 2 and 3 in segment 1
+                Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(i), SsdWriterTool.MetaOf(i, 4096), Block4k(i)));
         }
-        // Segment 0 retired as a spare after its tombstones left the log (simulated: renamed, no tombstones at all).
-        File.Move(Path.Combine(dir.Path, "blocks.data.0"), Path.Combine(dir.Path, "blocks.data.spare.0"));
+        // Segment 1 retired as a spare with its tombstones gone from the log (simulated: renamed, never removed), so the
+        // tail restarts at segment 1 while spare.1 still holds records sealed for exactly those addresses.
+        File.Move(Path.Combine(dir.Path, "blocks.data.1"), Path.Combine(dir.Path, "blocks.data.spare.1"));
         await using (var store = await SsdBlockStore.OpenAsync(options))
         {
-            Assert.Equal(0, store.Count);
-            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(7), SsdWriterTool.MetaOf(7, 4096), Block4k(7))); // takes the spare
+            Assert.Equal(2, store.Count);
+            Assert.True(await store.WriteAsync(SsdWriterTool.KeyOf(7), SsdWriterTool.MetaOf(7, 4096), Block4k(7))); // creates segment 1
         }
         await using (var store = await SsdBlockStore.OpenAsync(options))
         {
-            Assert.False(store.Contains(SsdWriterTool.KeyOf(1)), "a record left in a reused spare came back: the spare was reused at its old place");
-            Assert.False(store.Contains(SsdWriterTool.KeyOf(0)));
-            Assert.True(store.Contains(SsdWriterTool.KeyOf(7)));
-            Assert.Equal(1, store.Count);
+            Assert.False(store.Contains(SsdWriterTool.KeyOf(3)), "a record left in a spare came back: the spare became its own segment again");
+            Assert.False(store.Contains(SsdWriterTool.KeyOf(2)));
+            Assert.Equal(3, store.Count);
+            foreach (int i in new[] { 0, 1, 7 })
+            {
+                var buffer = new byte[4096];
+                Assert.True(await store.ReadAsync(SsdWriterTool.KeyOf(i), buffer));
+                Assert.Equal(Block4k(i), buffer);
+            }
         }
     }
 

@@ -101,12 +101,18 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             bool exists = File.Exists(path);
             if (!create && !exists)
                 throw new IOException($"segment {path} does not exist (freed by compaction?)");
-            if (create && !exists && _spares.Count > 0)
+            if (create && !exists && TakeSpare(segment) is { } spare)
             {
-                // A spare becomes this segment: the records left in it are sealed for their old data addresses, which
-                // differ from every address here, so a recovery scan never takes them for records of this segment.
-                File.Move(_spares[^1], path);
-                _spares.RemoveAt(_spares.Count - 1);
+                // A spare becomes this segment. It only ever moves up: the records left in it are sealed for addresses
+                // of its earlier segments, all below this one's, so a recovery scan never takes them for records here.
+                try
+                {
+                    File.Move(spare, path);
+                }
+                catch (IOException)
+                {
+                    // The spare is gone or unusable: a new file it is.
+                }
             }
             int flags = Libc.O_RDWR | Libc.O_CLOEXEC | O_DSYNC | (create ? Libc.O_CREAT : 0);
             int fd = Direct ? Libc.Open(path, flags | O_DIRECT, 0x1A4) : -1;
@@ -338,28 +344,39 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         lock (_openLock)
         {
             string path = SegmentPath(segment);
-            if (_spares.Count >= _maxSpares || !File.Exists(path))
+            string spare = FileName + ".spare." + segment.ToString(CultureInfo.InvariantCulture);
+            if (_spares.Count >= _maxSpares || !File.Exists(path) || File.Exists(spare))
             {
                 RemoveSegment(segment);
                 return;
             }
             if (_handles.TryRemove(segment, out var h))
                 h.Dispose();
-            string spare = FileName + ".spare." + segment.ToString(CultureInfo.InvariantCulture);
-            File.Move(path, spare, overwrite: true);
+            File.Move(path, spare);
             _spares.Add(spare);
         }
     }
 
-    /// <summary>The segment numbers the spare files had before they were retired.</summary>
-    public int[] SpareOrigins()
+    // Under _openLock: the spare of the highest origin below this segment (a spare named spare.K holds records sealed for
+    // segment K and earlier ones), removed from the list; null when none qualifies.
+    private string? TakeSpare(int segment)
     {
-        lock (_openLock)
+        int best = -1, bestOrigin = -1;
+        for (int i = 0; i < _spares.Count; i++)
         {
-            return _spares.Select(p => int.TryParse(p.AsSpan(p.LastIndexOf('.') + 1), NumberStyles.None, CultureInfo.InvariantCulture, out int n) ? n : -1)
-                .Where(n => n >= 0).ToArray();
+            int origin = Origin(_spares[i]);
+            if (origin >= 0 && origin < segment && origin > bestOrigin)
+                (best, bestOrigin) = (i, origin);
         }
+        if (best < 0)
+            return null;
+        string spare = _spares[best];
+        _spares.RemoveAt(best);
+        return spare;
     }
+
+    private static int Origin(string sparePath) =>
+        int.TryParse(sparePath.AsSpan(sparePath.LastIndexOf('.') + 1), NumberStyles.None, CultureInfo.InvariantCulture, out int n) ? n : -1;
 
     public override void RemoveSegment(int segment)
     {

@@ -15,11 +15,16 @@ public sealed partial class SsdBlockStore
     public int CompactedSegments => Volatile.Read(ref _compactedSegments);
     private int _compactedSegments;
 
+    /// <summary>Tests: compaction runs started since opening.</summary>
+    internal int CompactionRuns => Volatile.Read(ref _compactionRuns);
+    private int _compactionRuns;
+
     // Starts a background compaction when dead payloads exceed the slack and the oldest data segment can be freed.
     private void MaybeStartCompaction()
     {
-        if (_stopping || !NeedsCompaction() || Interlocked.Exchange(ref _compacting, 1) != 0)
+        if (_stopping || _fault is not null || !NeedsCompaction() || Interlocked.Exchange(ref _compacting, 1) != 0)
             return;
+        Interlocked.Increment(ref _compactionRuns);
         _compaction = Task.Run(async () =>
         {
             try
@@ -38,6 +43,7 @@ public sealed partial class SsdBlockStore
                 Volatile.Write(ref _compacting, 0);
             }
             // A removal that made compaction due while this run was deciding to stop saw it running and started none.
+            // (Not after a failure or a fault: MaybeStartCompaction checks the fault; an error ends the restarts.)
             if (LastCompactionError is null)
                 MaybeStartCompaction();
         });

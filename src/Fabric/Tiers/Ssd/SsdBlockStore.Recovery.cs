@@ -24,11 +24,6 @@ public sealed partial class SsdBlockStore
         // (The segment of such an address may be gone, or its copy never landed: a removal during compaction's copy.)
         foreach (long cancelled in cancelledUpTo.Values)
             tail = Math.Max(tail, cancelled + SsdRecordHeader.SectorSize);
-        // And past the segments the spare files came from: a spare taken for a new segment must land at another place
-        // than its own, or the records left in it (sealed for their old addresses) would be valid there again, with no
-        // tombstone left to cancel them once the log has been truncated.
-        foreach (int origin in _data.SpareOrigins())
-            tail = Math.Max(tail, (origin + 1L) * _options.SegmentBytes);
         var copies = found.Where(f => f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
             .GroupBy(f => f.Key)
             .ToDictionary(g => g.Key, g => new Queue<Entry>(g.Select(f => f.Entry).OrderByDescending(e => e.Address)));

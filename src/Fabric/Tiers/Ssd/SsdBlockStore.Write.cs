@@ -60,9 +60,13 @@ public sealed partial class SsdBlockStore
                         return true;
                     if (!_pending.TryGetValue(key, out sameKey))
                     {
-                        if (_used + _reserved + payload.Length > _options.CapacityBytes)
+                        // Stored bytes against the capacity, and disk bytes (header sector, padding) against the disk
+                        // the store reserved at open: a tiny compressed block still takes 8 KiB of disk.
+                        long disk = SsdRecordHeader.SectorSize + DataBytes(payload.Length);
+                        if (_used + _reserved + payload.Length > _options.CapacityBytes || _liveDataBytes + _reservedDisk + disk > _diskBudget)
                             return false;
                         _reserved += payload.Length;
+                        _reservedDisk += disk;
                         done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
                         _pending.Add(key, done);
                         dataAddress = ReserveDataLocked(payload.Length);
@@ -143,6 +147,7 @@ public sealed partial class SsdBlockStore
             {
                 _pending.Remove(key);
                 _reserved -= payload.Length;
+                _reservedDisk -= entry.DataLength;
                 _dataInFlight.Remove(dataAddress);
                 _writers--;
                 _index.Add(key, entry);
@@ -159,6 +164,7 @@ public sealed partial class SsdBlockStore
             {
                 _pending.Remove(key);
                 _reserved -= payload.Length;
+                _reservedDisk -= entry.DataLength;
                 _dataInFlight.Remove(dataAddress);
                 _writers--;
             }

@@ -36,6 +36,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     private readonly KeyValuePair<BlockKey, BlockMeta>[] _recovered;
     private long _used;
     private long _reserved;
+    private long _reservedDisk;        // disk bytes of the records being written (under _lock)
+    private readonly long _diskBudget; // live records' disk bytes the store may hold: CapacityBytes x DiskBytesPerStoredByte
     private int _disposed;
     // Data segments: payloads are appended at _dataTail (4 KiB aligned, never straddling a segment); compaction frees
     // segments below _dataBegin. Addresses are never reused while a committed reference may point at them.
@@ -61,6 +63,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     private SsdBlockStore(SsdBlockStoreOptions options, ulong storeKey, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits, FasterLog log)
     {
         _storeKey = storeKey;
+        _diskBudget = (long)(options.CapacityBytes * DiskBytesPerStoredByte(options));
         _commits = commits;
         _options = options;
         _lockFile = lockFile;
@@ -224,15 +227,23 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Concat(System.IO.Directory.EnumerateFiles(dir, DataFileName + ".*"))
             .Sum(f => new FileInfo(f).Length);
         long available = new DriveInfo(dir).AvailableFreeSpace + existing;
-        // Each record also takes a 4 KiB header sector and its padding: count them for the smallest block expected.
+        double perByte = DiskBytesPerStoredByte(options);
         int block = options.BlockBytes > 0 ? options.BlockBytes : Math.Min(options.MaxBlockBytes, 64 << 10);
-        double perByte = (SsdRecordHeader.SectorSize + DataBytes(block)) / (double)block;
         long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack) * perByte) + options.SegmentBytes;
         if (available < needed)
             throw new TierException($"The SSD tier in {dir} needs up to {needed >> 20} MiB of disk (CapacityBytes {options.CapacityBytes >> 20} MiB "
                 + $"x (1 + CompactionSlack {options.CompactionSlack}) x {perByte:F3} for the header sectors of {block}-byte blocks + one segment), "
                 + $"but only {available >> 20} MiB is free there; "
                 + "lower CapacityBytes or free space on that file system.");
+    }
+
+    // Each record also takes a 4 KiB header sector and its padding: the disk a stored byte takes for the blocks expected
+    // (BlockBytes, or 64 KiB when any length is accepted). The write path holds live records to this times the capacity,
+    // so blocks that compress to little, or smaller ones, are refused before they outgrow the disk the store reserved.
+    private static double DiskBytesPerStoredByte(SsdBlockStoreOptions options)
+    {
+        int block = options.BlockBytes > 0 ? options.BlockBytes : Math.Min(options.MaxBlockBytes, 64 << 10);
+        return (SsdRecordHeader.SectorSize + DataBytes(block)) / (double)block;
     }
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
