@@ -314,6 +314,38 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         }
     }
 
+    /// <summary>
+    /// Retires segments (see <see cref="RecycleSegment"/>) and syncs their directory on the device's threads: renames and
+    /// fsync are blocking calls of a few milliseconds each, which on the thread pool held up timers and continuations of a
+    /// 2-core process. Complete when the retirements are on stable storage.
+    /// </summary>
+    public Task RetireSegmentsAsync(IReadOnlyList<int> segments)
+    {
+        var work = new RetireWork(this, segments);
+        _work.Add(new Queued(work, 0));
+        return work.Done.Task;
+    }
+
+    private sealed class RetireWork(DirectFileDevice device, IReadOnlyList<int> segments) : IoWork
+    {
+        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public override void Run(int part)
+        {
+            try
+            {
+                foreach (int segment in segments)
+                    device.RecycleSegment(segment);
+                SyncDirectory(Path.GetDirectoryName(device.FileName)!);
+                Done.TrySetResult();
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                Done.TrySetException(e);
+            }
+        }
+    }
+
     /// <summary>fsync of a directory: the files created, renamed or removed in it are on stable storage when it returns.</summary>
     internal static void SyncDirectory(string dir)
     {

@@ -157,9 +157,10 @@ public sealed partial class SsdBlockStore
         }
         lock (_lock)
             _dataBegin = until; // every live block below `until` is now in its copy
+        var retired = new List<int>();
         for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
-            _data.RecycleSegment(segment);
-        DirectFileDevice.SyncDirectory(Directory); // retired for good before the log forgets their tombstones
+            retired.Add(segment);
+        await _data.RetireSegmentsAsync(retired).ConfigureAwait(false); // retired for good before the log forgets their tombstones
         lock (_lock)
         {
             // Tombstones that cancel records only in deleted segments are no longer needed.

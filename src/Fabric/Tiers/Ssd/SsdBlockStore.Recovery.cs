@@ -15,11 +15,12 @@ public sealed partial class SsdBlockStore
     // Rebuilds the index: the committed tombstones say, per key, up to which data address its copies are cancelled; a scan
     // of every data segment finds the sealed records; each key's newest uncancelled copy whose payload verifies is live
     // (an older copy is used when a newer one was torn: compaction's copy under way at a crash).
-    private (int Corrupt, int Incomplete, (int, string?) Unreadable, KeyValuePair<BlockKey, BlockMeta>[] Recovered) Recover()
+    // Runs once, from OpenAsync, before the store is handed out; starts the committer at the end.
+    private async Task RecoverAsync()
     {
         var cancelledUpTo = new Dictionary<BlockKey, long>();
         int corrupt = ReplayTombstones(cancelledUpTo);
-        var found = ScanDataSegments(out long tail);
+        var (found, tail) = await ScanDataSegmentsAsync().ConfigureAwait(false);
         // New records also go past every address a tombstone cancels: a record there would be cancelled at the next open.
         // (The segment of such an address may be gone, or its copy never landed: a removal during compaction's copy.)
         foreach (long cancelled in cancelledUpTo.Values)
@@ -27,7 +28,7 @@ public sealed partial class SsdBlockStore
         var copies = found.Where(f => f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
             .GroupBy(f => f.Key)
             .ToDictionary(g => g.Key, g => new Queue<Entry>(g.Select(f => f.Entry).OrderByDescending(e => e.Address)));
-        var (bad, incomplete, unreadable) = VerifyRecoveredCopies(copies);
+        var (bad, incomplete, unreadable) = await VerifyRecoveredCopiesAsync(copies).ConfigureAwait(false);
         corrupt += bad;
         // New records go past every sealed record found (live, cancelled or torn in its payload): nothing that could be
         // read as a record again is ever overwritten. Never-written or torn space past the last one is reused.
@@ -53,7 +54,8 @@ public sealed partial class SsdBlockStore
         int i = 0;
         foreach (var (key, entry) in _index)
             recovered[i++] = new(key, entry.Meta);
-        return (corrupt, incomplete, unreadable, recovered);
+        (RecoveredCorruptRecords, RecoveredIncompleteWrites, RecoveredUnreadable, _recovered) = (corrupt, incomplete, unreadable, recovered);
+        _committer = Task.Run(CommitLoopAsync);
     }
 
     // The committed log: tombstones, each cancelling its key's copies up to the data address it names.
@@ -94,10 +96,10 @@ public sealed partial class SsdBlockStore
     // past its payload and reads the next sector); anything else (never written, torn) is searched through a window at a
     // time for the next sealed sector. A read the device keeps failing fails the open: a segment that cannot be scanned
     // may hold acknowledged blocks, and nothing is changed on disk before the scan has finished.
-    private List<Found> ScanDataSegments(out long tail)
+    private async Task<(List<Found> Found, long Tail)> ScanDataSegmentsAsync()
     {
         var found = new List<Found>();
-        tail = 0;
+        long tail = 0;
         using var buffer = _data.RentBuffer(ScanWindowBytes);
         foreach (int segment in DataSegmentsOnDisk())
         {
@@ -107,7 +109,7 @@ public sealed partial class SsdBlockStore
             while (position < end)
             {
                 int window = (int)Math.Min(expectRecord ? SsdRecordHeader.SectorSize : ScanWindowBytes, end - position);
-                ReadForRecovery(segment, position - start, buffer, window);
+                await ReadForRecoveryAsync(segment, position - start, buffer, window).ConfigureAwait(false);
                 expectRecord = false;
                 long next = position + window;
                 for (int at = 0; at < window; at += SsdRecordHeader.SectorSize)
@@ -128,21 +130,21 @@ public sealed partial class SsdBlockStore
                 position = next;
             }
         }
-        return found;
+        return (found, tail);
     }
 
-    private void ReadForRecovery(int segment, long offset, DirectFileDevice.AlignedBuffer buffer, int length)
+    private async Task ReadForRecoveryAsync(int segment, long offset, DirectFileDevice.AlignedBuffer buffer, int length)
     {
         for (int attempt = 1; ; attempt++)
         {
             try
             {
-                _data.ReadAlignedAsync(segment, offset, buffer, length, scan: true).GetAwaiter().GetResult();
+                await _data.ReadAlignedAsync(segment, offset, buffer, length, scan: true).ConfigureAwait(false);
                 return;
             }
             catch (IOException) when (attempt < RecoveryReadAttempts)
             {
-                Thread.Sleep(10 * attempt);
+                await Task.Delay(10 * attempt).ConfigureAwait(false);
             }
             catch (IOException e)
             {
@@ -156,7 +158,7 @@ public sealed partial class SsdBlockStore
     // device fails is tried again (a transient error must not cost a block); one that keeps failing leaves the copy
     // indexed and unverified, as a failed read does at run time, so a bad moment of the device at start-up loses nothing:
     // every later read of the block verifies it.
-    private (int Corrupt, int Incomplete, (int Blocks, string? FirstError) Unreadable) VerifyRecoveredCopies(Dictionary<BlockKey, Queue<Entry>> copies)
+    private async Task<(int Corrupt, int Incomplete, (int Blocks, string? FirstError) Unreadable)> VerifyRecoveredCopiesAsync(Dictionary<BlockKey, Queue<Entry>> copies)
     {
         int corrupt = 0, incomplete = 0;
         var unreadable = new ConcurrentQueue<string>();
@@ -165,7 +167,7 @@ public sealed partial class SsdBlockStore
         while (round.Count > 0)
         {
             var failed = new ConcurrentBag<(BlockKey Key, bool Unwritten)>();
-            Parallel.ForEachAsync(round, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (copy, _) =>
+            await Parallel.ForEachAsync(round, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (copy, _) =>
             {
                 for (int attempt = 1; ; attempt++)
                 {
@@ -187,7 +189,7 @@ public sealed partial class SsdBlockStore
                         return;
                     }
                 }
-            }).GetAwaiter().GetResult();
+            }).ConfigureAwait(false);
             var bad = failed.ToDictionary(f => f.Key, f => f.Unwritten);
             var next = new List<(BlockKey, Entry)>();
             foreach (var (key, entry) in round)

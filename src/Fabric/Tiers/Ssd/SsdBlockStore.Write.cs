@@ -10,7 +10,7 @@ public sealed partial class SsdBlockStore
     // completes. The log holds tombstones only; group commit makes removals durable: Remove appends and signals, one
     // committer commits the log up to its tail and completes the batch at once.
     private readonly SemaphoreSlim _commitSignal = new(0);
-    private readonly Task _committer;
+    private Task _committer = Task.CompletedTask; // started once recovery is done
     private TaskCompletionSource _batch = NewBatch();
     private int _signalled;
     private long _commitCount;

@@ -33,7 +33,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     private readonly object _lock = new();
     private readonly Dictionary<BlockKey, Entry> _index = [];
     private readonly Dictionary<BlockKey, TaskCompletionSource<bool>> _pending = [];
-    private readonly KeyValuePair<BlockKey, BlockMeta>[] _recovered;
+    private KeyValuePair<BlockKey, BlockMeta>[] _recovered = [];
     private long _used;
     private long _reserved;
     private long _reservedDisk;        // disk bytes of the records being written (under _lock)
@@ -71,8 +71,6 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         _data = data;
         _log = log;
         Directory = Path.GetFullPath(options.Directory);
-        (RecoveredCorruptRecords, RecoveredIncompleteWrites, RecoveredUnreadable, _recovered) = Recover();
-        _committer = Task.Run(CommitLoopAsync);
     }
 
     public TierKind Kind => TierKind.Ssd;
@@ -89,16 +87,16 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     public IReadOnlyCollection<KeyValuePair<BlockKey, BlockMeta>> Recovered => _recovered;
 
     /// <summary>Records and tombstones that failed verification while opening (skipped: their blocks are absent).</summary>
-    public int RecoveredCorruptRecords { get; }
+    public int RecoveredCorruptRecords { get; private set; }
 
     /// <summary>Records found while opening whose payload was not fully on disk: writes under way at a crash (never
     /// acknowledged; the parts not written read as zeros). Skipped like corrupt records, but expected after a crash.</summary>
-    public int RecoveredIncompleteWrites { get; }
+    public int RecoveredIncompleteWrites { get; private set; }
 
     /// <summary>Blocks whose payload the device would not read while opening, after retries (an I/O error, not a bad
     /// checksum): they stay indexed, as after a failed read at run time, and are read (and verified) again when asked
     /// for. Count and the first error; 0 and null when every payload was read.</summary>
-    public (int Blocks, string? FirstError) RecoveredUnreadable { get; }
+    public (int Blocks, string? FirstError) RecoveredUnreadable { get; private set; }
 
     /// <summary>Bytes the data segments and the log span between their heads and tails, dead records included.</summary>
     public long LogBytes
@@ -168,9 +166,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
             DirectFileDevice.SyncDirectory(dir); // the format and commit files just created keep their names after a crash
-            // The recovery scan reads every data segment: off the caller's thread.
-            var (d, dd, c, l) = (device, data, commits, log);
-            return await Task.Run(() => new SsdBlockStore(options, storeKey, lockFile, d, dd, c, l), cancellationToken).ConfigureAwait(false);
+            // The recovery scan reads every data segment: off the caller's thread, and without blocking a pool thread.
+            var store = new SsdBlockStore(options, storeKey, lockFile, device, data, commits, log);
+            await Task.Run(store.RecoverAsync, cancellationToken).ConfigureAwait(false);
+            return store;
         }
         catch (Exception e) when (e is not TierException and not OperationCanceledException and not ArgumentException)
         {
