@@ -157,9 +157,9 @@ public sealed partial class SsdBlockStore
         }
         lock (_lock)
             _dataBegin = until; // every live block below `until` is now in its copy
-        var retired = new List<int>();
-        for (int segment = DataSegment(until) - 1; segment >= 0 && File.Exists($"{_data.FileName}.{segment}"); segment--)
-            retired.Add(segment);
+        // Every segment file below, not only down to the first gap: one left over by a retirement that failed earlier
+        // would otherwise outlive the tombstones truncated below, and its removed blocks would come back.
+        var retired = DataSegmentsOnDisk().Where(s => s < DataSegment(until)).Reverse().ToList();
         await _data.RetireSegmentsAsync(retired).ConfigureAwait(false); // retired for good before the log forgets their tombstones
         lock (_lock)
         {

@@ -129,6 +129,8 @@ public sealed partial class SsdBlockStore
         ThrowIfDisposed();
         lock (_lock)
         {
+            // Again under the lock: a tombstone appended after the committer's last round would never be committed.
+            ThrowIfDisposed();
             if (!_index.TryGetValue(key, out var entry))
                 return false;
             DropLocked(key, entry);
