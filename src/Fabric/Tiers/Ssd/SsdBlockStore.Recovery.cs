@@ -36,17 +36,9 @@ public sealed partial class SsdBlockStore
         _dataBegin = _index.Count == 0 ? tail & ~(_options.SegmentBytes - 1) : _index.Values.Min(e => e.Address) & ~(_options.SegmentBytes - 1);
         // Segments below the oldest live record (a crash after compaction's copies, before it retired them) and segments
         // past the tail's (preallocated, nothing sealed in them) hold nothing live: retire them (kept as spares).
-        bool retired = false;
-        foreach (int segment in DataSegmentsOnDisk())
-        {
-            if (segment < DataSegment(_dataBegin) || segment > DataSegment(Math.Max(tail - 1, 0)))
-            {
-                _data.RecycleSegment(segment);
-                retired = true;
-            }
-        }
-        if (retired)
-            DirectFileDevice.SyncDirectory(Directory);
+        var retired = DataSegmentsOnDisk().Where(s => s < DataSegment(_dataBegin) || s > DataSegment(Math.Max(tail - 1, 0))).ToList();
+        if (retired.Count > 0)
+            await _data.RetireSegmentsAsync(retired).ConfigureAwait(false);
         foreach (var entry in _index.Values)
             _used += entry.StoredLength;
         _liveDataBytes = _index.Values.Sum(e => (long)e.DataLength);

@@ -13,16 +13,12 @@ public sealed partial class SsdBlockStore
     private Task _committer = Task.CompletedTask; // started once recovery is done
     private TaskCompletionSource _batch = NewBatch();
     private int _signalled;
-    private long _commitCount;
     private int _writers;       // writers between reserving their data address and finishing (under _lock)
     private bool _dirty;
     private volatile bool _stopping;          // no new compaction
     private volatile bool _stopCommitter;     // set once compaction is idle: the last commit, then the committer ends
     private volatile Exception? _fault;       // writes refused: a device error on the data segments or the log
     private volatile Exception? _logFault;    // the tombstone log failed: no more tombstones or commits
-
-    /// <summary>Group commits of the tombstone log completed since opening.</summary>
-    public long Commits => Interlocked.Read(ref _commitCount);
 
     private static TaskCompletionSource NewBatch() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 
@@ -309,7 +305,6 @@ public sealed partial class SsdBlockStore
             // The batch's coverage is checked, not assumed: FASTER may complete a commit call on an earlier commit.
             if (_log.CommittedUntilAddress < tail)
                 await _log.WaitForCommitAsync(tail).ConfigureAwait(false);
-            Interlocked.Increment(ref _commitCount);
             batch.TrySetResult();
         }
         catch (Exception e)

@@ -1,5 +1,4 @@
 using System.Globalization;
-using System.Numerics;
 using KvFabric.Blocks;
 using KvFabric.Transfer.Diagnostics;
 
