@@ -40,6 +40,8 @@ public sealed record SidecarOptions
     /// <summary>"seen-twice": the SSD tier takes a block only the second time it is offered (asked on every entry, so it
     /// saves writes even while the SSD has room); "always" (default): every block the tiers above let go.</summary>
     public string SsdAdmission { get; init; } = "always";
+    /// <summary>Read and verify every SSD block while opening (a scrub), not only the writes since the last settled mark.</summary>
+    public bool SsdVerifyOnOpen { get; init; }
     public bool WriteThrough { get; init; }
     /// <summary>Recompute cost for the load-versus-recompute gate (milliseconds per block, plus per block per depth); null: gate off.</summary>
     public double? RecomputeMsPerBlock { get; init; }
@@ -173,6 +175,7 @@ public sealed record SidecarOptions
             Policy = c["policy"] ?? d.Policy,
             SsdPolicy = c["ssd_policy"] ?? d.SsdPolicy,
             SsdAdmission = c["ssd_admission"] ?? d.SsdAdmission,
+            SsdVerifyOnOpen = bool.TryParse(c["ssd_verify_on_open"], out bool scrub) && scrub,
             WriteThrough = bool.TryParse(c["write_through"], out bool wt) && wt,
             RecomputeMsPerBlock = Double(c, "recompute_ms_per_block"),
             RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),

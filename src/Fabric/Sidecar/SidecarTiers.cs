@@ -73,7 +73,10 @@ public sealed class SidecarTiers : IDisposable
                     CapacityBytes = o.SsdCapacityBytes,
                     BlockBytes = blockBytes,
                     MaxBlockBytes = Math.Max(blockBytes, 1 << 20),
+                    VerifyAllOnOpen = o.SsdVerifyOnOpen,
                 }, cancellationToken).ConfigureAwait(false);
+                log.LogInformation("SSD tier in {Directory}: {Count} blocks recovered, {Verified} payloads read and verified (the rest were covered by the settled mark)",
+                    ssd.Directory, ssd.Count, ssd.RecoveredVerifiedPayloads);
                 if (ssd.RecoveredCorruptRecords > 0)
                     log.LogWarning("SSD tier in {Directory}: {Count} records or tombstones failed their checksum while opening and were dropped (recomputed when next needed)",
                         ssd.Directory, ssd.RecoveredCorruptRecords);

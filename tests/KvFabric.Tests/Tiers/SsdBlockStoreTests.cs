@@ -295,6 +295,7 @@ public sealed class SsdBlockStoreTests
         int scanFailures = 2, failures = 4;
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
         {
+            VerifyAllOnOpen = true, // read the payloads (after a clean close the settled mark covers them all)
             DataReadFault = scan => Interlocked.Decrement(ref scan ? ref scanFailures : ref failures) >= 0 ? "injected EIO (transient)" : null,
         }))
         {
@@ -311,6 +312,7 @@ public sealed class SsdBlockStoreTests
         bool failing = true;
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path) with
         {
+            VerifyAllOnOpen = true,
             DataReadFault = scan => !scan && Volatile.Read(ref failing) ? "injected EIO (lasting)" : null,
         }))
         {

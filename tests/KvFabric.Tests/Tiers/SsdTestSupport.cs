@@ -28,6 +28,10 @@ internal static class Ssd
         DeviceFactory = device,
     };
 
+    /// <summary>The state of a directory after a crash before any settled mark covered its records: opening verifies
+    /// every payload (the mark is a cache of what is known whole; without it nothing is trusted).</summary>
+    public static void ForgetSettledMark(string dir) => File.Delete(System.IO.Path.Combine(dir, "settled.slots"));
+
     public static IDevice RealDevice(string logPath) =>
         new DirectFileDevice(logPath, 4096, BlockBytes + 256);
 

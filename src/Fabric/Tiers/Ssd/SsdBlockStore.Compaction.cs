@@ -123,6 +123,7 @@ public sealed partial class SsdBlockStore
                 to = ReserveDataLocked(entry.StoredLength);
                 _copying = (key, to);
             }
+            bool copied = false;
             try
             {
                 var sector = buffer.WritableSpan(0, SsdRecordHeader.SectorSize);
@@ -139,6 +140,7 @@ public sealed partial class SsdBlockStore
                         + $"failed: {_data.LastError ?? e.Message}", e);
                     throw;
                 }
+                copied = true;
                 lock (_lock)
                 {
                     // Removed meanwhile: its tombstone already cancels up to the copy (DropLocked saw _copying).
@@ -151,6 +153,8 @@ public sealed partial class SsdBlockStore
                 lock (_lock)
                 {
                     _dataInFlight.Remove(to);
+                    if (!copied)
+                        WriteFailedLocked(to);
                     _copying = null;
                 }
             }

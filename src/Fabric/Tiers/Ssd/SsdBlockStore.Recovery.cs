@@ -20,7 +20,10 @@ public sealed partial class SsdBlockStore
     {
         var cancelledUpTo = new Dictionary<BlockKey, long>();
         int corrupt = ReplayTombstones(cancelledUpTo);
+        long settled = ReadMark();
         var (found, tail) = await ScanDataSegmentsAsync().ConfigureAwait(false);
+        // New records go past the mark: one placed below it could be torn by a crash before the next mark, and be trusted.
+        tail = Math.Max(tail, settled);
         // New records also go past every address a tombstone cancels: a record there would be cancelled at the next open.
         // (The segment of such an address may be gone, or its copy never landed: a removal during compaction's copy.)
         foreach (long cancelled in cancelledUpTo.Values)
@@ -28,7 +31,7 @@ public sealed partial class SsdBlockStore
         var copies = found.Where(f => f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
             .GroupBy(f => f.Key)
             .ToDictionary(g => g.Key, g => new Queue<Entry>(g.Select(f => f.Entry).OrderByDescending(e => e.Address)));
-        var (bad, incomplete, unreadable) = await VerifyRecoveredCopiesAsync(copies).ConfigureAwait(false);
+        var (bad, incomplete, unreadable) = await VerifyRecoveredCopiesAsync(copies, _options.VerifyAllOnOpen ? 0 : settled).ConfigureAwait(false);
         corrupt += bad;
         // New records go past every sealed record found (live, cancelled or torn in its payload): nothing that could be
         // read as a record again is ever overwritten. Never-written or torn space past the last one is reused.
@@ -48,6 +51,7 @@ public sealed partial class SsdBlockStore
             recovered[i++] = new(key, entry.Meta);
         (RecoveredCorruptRecords, RecoveredIncompleteWrites, RecoveredUnreadable, _recovered) = (corrupt, incomplete, unreadable, recovered);
         _committer = Task.Run(CommitLoopAsync);
+        _markLoop = Task.Run(MarkLoopAsync);
     }
 
     // The committed log: tombstones, each cancelling its key's copies up to the data address it names.
@@ -86,43 +90,75 @@ public sealed partial class SsdBlockStore
 
     // Every data segment, front to back: a sealed header sector at the expected place is a record (the scan then jumps
     // past its payload and reads the next sector); anything else (never written, torn) is searched through a window at a
-    // time for the next sealed sector. A read the device keeps failing fails the open: a segment that cannot be scanned
-    // may hold acknowledged blocks, and nothing is changed on disk before the scan has finished.
+    // time for the next sealed sector. Segments are scanned eight at a time (records never straddle one). A read the device
+    // keeps failing fails the open: a segment that cannot be scanned may hold acknowledged blocks, and nothing is changed
+    // on disk before the scan has finished.
     private async Task<(List<Found> Found, long Tail)> ScanDataSegmentsAsync()
+    {
+        int[] segments = DataSegmentsOnDisk();
+        var perSegment = new (List<Found> Found, long Tail)[segments.Length];
+        await Parallel.ForEachAsync(Enumerable.Range(0, segments.Length), new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (i, _) =>
+        {
+            using var buffer = _data.RentBuffer(ScanWindowBytes);
+            perSegment[i] = await ScanSegmentAsync(segments[i], buffer).ConfigureAwait(false);
+        }).ConfigureAwait(false);
+        return (perSegment.SelectMany(s => s.Found).ToList(), perSegment.Select(s => s.Tail).DefaultIfEmpty(0).Max());
+    }
+
+    private async Task<(List<Found> Found, long Tail)> ScanSegmentAsync(int segment, DirectFileDevice.AlignedBuffer buffer)
     {
         var found = new List<Found>();
         long tail = 0;
-        using var buffer = _data.RentBuffer(ScanWindowBytes);
-        foreach (int segment in DataSegmentsOnDisk())
+        long start = (long)segment * _options.SegmentBytes, end = start + _options.SegmentBytes;
+        long position = start;
+        bool expectRecord = true;
+        while (position < end)
         {
-            long start = (long)segment * _options.SegmentBytes, end = start + _options.SegmentBytes;
-            long position = start;
-            bool expectRecord = true;
-            while (position < end)
+            int window = (int)Math.Min(expectRecord ? SsdRecordHeader.SectorSize : ScanWindowBytes, end - position);
+            await ReadForRecoveryAsync(segment, position - start, buffer, window).ConfigureAwait(false);
+            expectRecord = false;
+            long next = position + window;
+            for (int at = 0; at < window; at += SsdRecordHeader.SectorSize)
             {
-                int window = (int)Math.Min(expectRecord ? SsdRecordHeader.SectorSize : ScanWindowBytes, end - position);
-                await ReadForRecoveryAsync(segment, position - start, buffer, window).ConfigureAwait(false);
-                expectRecord = false;
-                long next = position + window;
-                for (int at = 0; at < window; at += SsdRecordHeader.SectorSize)
-                {
-                    var sector = buffer.Span(at, SsdRecordHeader.SectorSize);
-                    if (!SsdRecordHeader.MayBeSector(sector)
-                        || SsdRecordHeader.TryParseSector(sector, position + at, _storeKey, out ulong checksum, out _) is not { } header)
-                        continue;
-                    var entry = new Entry(position + at, header.StoredLength, header.Codec, header.Meta, checksum);
-                    if (entry.Address + entry.DataLength > end)
-                        continue; // a record never straddles a segment
-                    found.Add(new Found(header.Key, entry));
-                    tail = Math.Max(tail, entry.Address + entry.DataLength);
-                    next = entry.Address + entry.DataLength; // the next sector read starts right after it
-                    expectRecord = true;
-                    break;
-                }
-                position = next;
+                var sector = buffer.Span(at, SsdRecordHeader.SectorSize);
+                if (!SsdRecordHeader.MayBeSector(sector)
+                    || SsdRecordHeader.TryParseSector(sector, position + at, _storeKey, out ulong checksum, out _) is not { } header)
+                    continue;
+                var entry = new Entry(position + at, header.StoredLength, header.Codec, header.Meta, checksum);
+                if (entry.Address + entry.DataLength > end)
+                    continue; // a record never straddles a segment
+                found.Add(new Found(header.Key, entry));
+                tail = Math.Max(tail, entry.Address + entry.DataLength);
+                next = entry.Address + entry.DataLength; // the next sector read starts right after it
+                expectRecord = true;
+                break;
             }
+            position = next;
         }
         return (found, tail);
+    }
+
+    // A copy that failed verification keeps its sealed header on disk: once the settled mark has passed it, a later open
+    // would take it from that header, and prefer it to an older good copy of its key (compaction's copy torn at a crash).
+    // Its header sector is zeroed, so it is never a record again; where that write fails, the mark stays below it.
+    private async Task UnsealAsync(List<Entry> failedCopies)
+    {
+        if (failedCopies.Count == 0)
+            return;
+        using var zeros = _data.RentBuffer(SsdRecordHeader.SectorSize);
+        zeros.WritableSpan(0, SsdRecordHeader.SectorSize).Clear();
+        foreach (var entry in failedCopies)
+        {
+            try
+            {
+                await _data.WriteAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), zeros, SsdRecordHeader.SectorSize).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                lock (_lock)
+                    WriteFailedLocked(entry.Address);
+            }
+        }
     }
 
     private async Task ReadForRecoveryAsync(int segment, long offset, DirectFileDevice.AlignedBuffer buffer, int length)
@@ -146,18 +182,25 @@ public sealed partial class SsdBlockStore
         }
     }
 
-    // Verifies each key's newest copy, eight reads at a time; a key whose copy fails tries its next older one. A read the
+    // Takes each key's newest copy: below the settled mark as its sealed header says (it was written whole), at or above
+    // it only once its payload verifies, eight reads at a time; a key whose copy fails tries its next older one. A read the
     // device fails is tried again (a transient error must not cost a block); one that keeps failing leaves the copy
     // indexed and unverified, as a failed read does at run time, so a bad moment of the device at start-up loses nothing:
     // every later read of the block verifies it.
-    private async Task<(int Corrupt, int Incomplete, (int Blocks, string? FirstError) Unreadable)> VerifyRecoveredCopiesAsync(Dictionary<BlockKey, Queue<Entry>> copies)
+    private async Task<(int Corrupt, int Incomplete, (int Blocks, string? FirstError) Unreadable)> VerifyRecoveredCopiesAsync(
+        Dictionary<BlockKey, Queue<Entry>> copies, long settled)
     {
-        int corrupt = 0, incomplete = 0;
+        int corrupt = 0, incomplete = 0, verified = 0;
+        var failedCopies = new List<Entry>();
         var unreadable = new ConcurrentQueue<string>();
         var unverified = new ConcurrentBag<(BlockKey Key, Entry Entry)>();
         var round = copies.Select(kv => (kv.Key, Entry: kv.Value.Dequeue())).OrderBy(c => c.Entry.Address).ToList();
         while (round.Count > 0)
         {
+            foreach (var (key, entry) in round.Where(c => c.Entry.Address + c.Entry.DataLength <= settled))
+                _index[key] = entry;
+            round.RemoveAll(c => c.Entry.Address + c.Entry.DataLength <= settled);
+            verified += round.Count;
             var failed = new ConcurrentBag<(BlockKey Key, bool Unwritten)>();
             await Parallel.ForEachAsync(round, new ParallelOptions { MaxDegreeOfParallelism = 8 }, async (copy, _) =>
             {
@@ -191,6 +234,7 @@ public sealed partial class SsdBlockStore
                     _index[key] = entry;
                     continue;
                 }
+                failedCopies.Add(entry);
                 if (unwritten)
                     incomplete++;
                 else
@@ -202,6 +246,8 @@ public sealed partial class SsdBlockStore
         }
         foreach (var (key, entry) in unverified)
             _index[key] = entry;
+        RecoveredVerifiedPayloads = verified;
+        await UnsealAsync(failedCopies).ConfigureAwait(false);
         return (corrupt, incomplete, (unreadable.Count, unreadable.TryPeek(out string? first) ? first : null));
     }
 }

@@ -162,6 +162,8 @@ public sealed partial class SsdBlockStore
                 _reserved -= payload.Length;
                 _reservedDisk -= entry.DataLength;
                 _dataInFlight.Remove(dataAddress);
+                if (issued)
+                    WriteFailedLocked(dataAddress);
                 _writers--;
             }
             if (e is OperationCanceledException && !issued)

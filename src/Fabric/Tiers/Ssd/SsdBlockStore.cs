@@ -60,8 +60,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
 
     private static int DataBytes(int storedLength) => (int)((storedLength + SectorBytes - 1) & ~(long)(SectorBytes - 1));
 
-    private SsdBlockStore(SsdBlockStoreOptions options, ulong storeKey, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits, FasterLog log)
+    private SsdBlockStore(SsdBlockStoreOptions options, ulong storeKey, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits,
+        SsdSlotFile mark, FasterLog log)
     {
+        _markFile = mark;
         _storeKey = storeKey;
         _diskBudget = (long)(options.CapacityBytes * DiskBytesPerStoredByte(options));
         _commits = commits;
@@ -97,6 +99,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     /// checksum): they stay indexed, as after a failed read at run time, and are read (and verified) again when asked
     /// for. Count and the first error; 0 and null when every payload was read.</summary>
     public (int Blocks, string? FirstError) RecoveredUnreadable { get; private set; }
+
+    /// <summary>Payloads read and verified while opening: those of records at or above the settled mark (writes that a
+    /// crash may have torn), or every one with <see cref="SsdBlockStoreOptions.VerifyAllOnOpen"/>. 0 after a clean close.</summary>
+    public int RecoveredVerifiedPayloads { get; private set; }
 
     /// <summary>Bytes the data segments and the log span between their heads and tails, dead records included.</summary>
     public long LogBytes
@@ -137,6 +143,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         IDevice? device = null;
         DirectFileDevice? data = null;
         SsdCommitFile? commits = null;
+        SsdSlotFile? mark = null;
         FasterLog? log = null;
         try
         {
@@ -165,9 +172,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
                 AutoRefreshSafeTailAddress = false,
             };
             log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
-            DirectFileDevice.SyncDirectory(dir); // the format and commit files just created keep their names after a crash
+            mark = new SsdSlotFile(Path.Combine(dir, MarkFileName), MarkMagic);
+            DirectFileDevice.SyncDirectory(dir); // the format, commit and mark files just created keep their names after a crash
             // The recovery scan reads every data segment: off the caller's thread, and without blocking a pool thread.
-            var store = new SsdBlockStore(options, storeKey, lockFile, device, data, commits, log);
+            var store = new SsdBlockStore(options, storeKey, lockFile, device, data, commits, mark, log);
             await Task.Run(store.RecoverAsync, cancellationToken).ConfigureAwait(false);
             return store;
         }
@@ -177,6 +185,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             device?.Dispose();
             data?.Dispose();
             commits?.Dispose();
+            mark?.Dispose();
             lockFile.Dispose();
             throw new TierException($"Could not open the SSD tier's log in {dir}: {e.Message}. Check that the directory is on a local file system "
                 + "that supports O_DIRECT (not tmpfs on old kernels) and that its files are not damaged; move the directory aside to start empty.", e);
@@ -187,6 +196,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
             device?.Dispose();
             data?.Dispose();
             commits?.Dispose();
+            mark?.Dispose();
             lockFile.Dispose();
             throw;
         }
@@ -267,6 +277,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
         _stopping = true;
         await WaitForCompactionAsync().ConfigureAwait(false);
         await WaitForWritersAsync().ConfigureAwait(false);
+        await StopMarkAsync().ConfigureAwait(false); // the last mark: a clean close leaves nothing to verify at the next open
         _stopCommitter = true;
         _commitSignal.Release();
         await _committer.ConfigureAwait(false);
