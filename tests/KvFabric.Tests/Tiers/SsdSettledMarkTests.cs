@@ -23,6 +23,14 @@ public sealed class SsdSettledMarkTests
         }
     }
 
+    // The last 32 KiB of the record at this index never reached the disk (preallocated space reads as zeros).
+    private static void TearLastHalf(string dir, int record)
+    {
+        using var f = new FileStream(Path.Combine(dir, "blocks.data.0"), FileMode.Open, FileAccess.Write);
+        f.Position = (long)record * Record + Record - (32 << 10);
+        f.Write(new byte[32 << 10]);
+    }
+
     [Fact]
     public async Task After_a_clean_close_opening_reads_no_payload_and_without_a_mark_it_verifies_every_one()
     {
@@ -100,11 +108,7 @@ public sealed class SsdSettledMarkTests
             for (int i = 0; i < 8; i++)
                 Assert.True(await Ssd.Write(store, i));
         }
-        await using (var f = new FileStream(Path.Combine(dir.Path, "blocks.data.0"), FileMode.Open, FileAccess.Write))
-        {
-            f.Position = 3L * Record + Record - (32 << 10); // block 3's last 32 KiB never reached the disk
-            f.Write(new byte[32 << 10]);
-        }
+        TearLastHalf(dir.Path, 3);
         Ssd.ForgetSettledMark(dir.Path); // a crash before any mark covered it
         await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
         {
@@ -136,11 +140,7 @@ public sealed class SsdSettledMarkTests
             for (int i = 0; i < 8; i++)
                 Assert.True(await Ssd.Write(store, i));
         }
-        await using (var f = new FileStream(Path.Combine(a.Path, "blocks.data.0"), FileMode.Open, FileAccess.Write))
-        {
-            f.Position = 3L * Record + Record - (32 << 10); // block 3's last 32 KiB never reached the disk
-            f.Write(new byte[32 << 10]);
-        }
+        TearLastHalf(a.Path, 3);
         File.Copy(Path.Combine(b.Path, "settled.slots"), Path.Combine(a.Path, "settled.slots"), overwrite: true);
         await using (var store = await SsdBlockStore.OpenAsync(Options(a.Path)))
         {
