@@ -19,6 +19,7 @@ command -v etcd >/dev/null 2>&1 || [ -x /usr/bin/etcd ] || need+=(etcd-server)
 # (in `transfer --backend ucx` and `compare`).
 [ -n "$(ldconfig -p 2>/dev/null | grep libucp.so.0 || true)" ] || need+=(libucx0)
 command -v ucx_perftest >/dev/null 2>&1 || need+=(ucx-utils)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)      # h2load: a C HTTP/2 client driving `kvfabric-bench rpc`'s Lookup
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)        # pins the demo's decode worker to its own CPU
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -31,7 +31,7 @@ $bench transfer --quick --backend ucx --ucx-tls posix,self --ucx-alloc --checksu
 python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['gbps']>0 and r['ucx_alloc'] is True and r['checksum']=='XxHash3', r; print('smoke ok: ucx --ucx-alloc --checksum xxh3', round(r['gbps'],2), 'GB/s')" "$smoke/transfer-ucx-alloc.json"
 
 $bench rpc --quick --blocks 8 --blocks-per-call 4 --callers 8 --lookup-rate 400 --no-reference --json "$smoke/rpc.json" >/dev/null
-python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['get_gbps']>0 and r['lookup_calls_per_second']>0 and r['lookup_open_loop_calls_per_second']>200, r; print('smoke ok: rpc', round(r['get_gbps'],2), 'GB/s get,', round(r['lookup_calls_per_second']), 'lookups/s,', round(r['lookup_open_loop_calls_per_second']), 'open loop')" "$smoke/rpc.json"
+python3 -c "import json,sys; r=json.load(open(sys.argv[1])); assert r['get_gbps']>0 and r['lookup_calls_per_second']>0 and r['lookup_open_loop_calls_per_second']>200 and r['lookup_h2load_calls_per_second']>0 and r['lookup_h2load_p99_us']>0, r; print('smoke ok: rpc', round(r['get_gbps'],2), 'GB/s get,', round(r['lookup_calls_per_second']), 'lookups/s,', round(r['lookup_open_loop_calls_per_second']), 'open loop,', round(r['lookup_h2load_calls_per_second']), 'from h2load')" "$smoke/rpc.json"
 trace=tests/KvFabric.Tests/Tiers/data/conversation_trace_first1500.jsonl
 if [ -f "$trace" ]; then
   $bench replay --quick --trace "$trace" --capacity-blocks 200 --policy cost --no-microbench --json "$smoke/replay.json" >/dev/null

@@ -3,7 +3,7 @@ namespace KvFabric.Bench.References;
 /// <summary>Installs the reference tools from Debian packages when asked, and decides what a missing one means.</summary>
 public static class ReferenceTools
 {
-    public static readonly string[] Packages = ["iperf3", "fio", "redis-server", "redis-tools", "ucx-utils"];
+    public static readonly string[] Packages = ["iperf3", "fio", "redis-server", "redis-tools", "ucx-utils", "nghttp2-client"];
 
     public static async Task InstallAsync(CancellationToken ct)
     {

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using KvFabric.Bench.References;
 using KvFabric.Bench.Reporting;
 using KvFabric.Client;
 using KvFabric.Client.Grpc;
@@ -21,6 +22,9 @@ public sealed record RpcBenchOptions
     /// (open loop), and latency counts from each call's scheduled time, so a stall delays every call behind it.
     /// </summary>
     public double LookupRate { get; init; }
+    /// <summary>Also drive Lookup with h2load (nghttp2's C load generator) as the callers: the server's latency with the
+    /// cores nearly to itself.</summary>
+    public bool H2load { get; init; } = true;
     /// <summary>Largest data chunk per Get response message; 0: the server's default (1 MiB).</summary>
     public uint GetChunkBytes { get; init; }
 }
@@ -41,6 +45,11 @@ public sealed record RpcBenchResult(
 {
     /// <summary>The open-loop phase at <see cref="RpcBenchOptions.LookupRate"/> (calls/s achieved, p50, p99), or null.</summary>
     public (double CallsPerSecond, double P50Us, double P99Us)? OpenLoop { get; init; }
+
+    /// <summary>Lookup from h2load's callers (same chain, same number of concurrent calls) and the server's CPU per call
+    /// meanwhile; null when not run. <see cref="H2loadNote"/> says why when h2load is missing.</summary>
+    public (H2loadReference.Result Lookup, double ServerCpuUsPerCall)? H2load { get; init; }
+    public string? H2loadNote { get; init; }
 }
 
 /// <summary>
@@ -161,6 +170,22 @@ public static class RpcBench
             progress($"lookup: {o.LookupCallers} callers at {o.LookupRate:F0} calls/s in all, open loop, for {o.LookupDuration.TotalSeconds:0} s");
             openLoop = await OpenLoopAsync(client, lookupChain, expected, o, ct);
         }
+        (H2loadReference.Result, double)? h2 = null;
+        string? h2Note = null;
+        if (o.H2load && !H2loadReference.IsInstalled())
+            h2Note = ReferenceTools.Missing("h2load", H2loadReference.Package);
+        else if (o.H2load)
+        {
+            progress($"lookup: h2load, {o.LookupCallers} concurrent streams for {o.LookupDuration.TotalSeconds:0} s");
+            byte[] frame = GrpcFraming.ToFrame(new KvFabric.Rpc.V1.LookupRequest { Hashes = Google.Protobuf.ByteString.CopyFrom(lookupChain) });
+            double s0 = ProcessCpu.Seconds(sidecar.Pid);
+            var lookup = await H2loadReference.MeasureAsync(new Uri(sidecar.GrpcAddress), "kvfabric.v1.Fabric/Lookup", frame,
+                new Dictionary<string, string> { ["authorization"] = "Bearer dev", [GrpcProtocol.TenantHeader] = "dev" },
+                connections: 1, streams: o.LookupCallers, o.LookupDuration.TotalSeconds, minResponseBytes: GrpcProtocol.MessagePrefixBytes + 2 + cachedHalf, ct);
+            // Includes the warm-up second: the CPU over every call made, not only the logged ones.
+            double cpu = ProcessCpu.Seconds(sidecar.Pid) - s0;
+            h2 = (lookup, cpu / (lookup.CallsPerSecond * (o.LookupDuration.TotalSeconds + 1)) * 1e6);
+        }
         int code = await sidecar.StopAsync();
         if (code != 0)
             throw new InvalidOperationException($"kvfabric serve exited with {code}:\n{sidecar.Log}");
@@ -168,7 +193,7 @@ public static class RpcBench
         return new RpcBenchResult(Spread.Of(put), Spread.Of(get), all.Length / lookupSeconds,
             Spread.Percentile(all, 50), Spread.Percentile(all, 99), all.Length,
             lookupClientCpu / all.Length * 1e6, lookupServerCpu / all.Length * 1e6, getClientCpu / gb, getServerCpu / gb,
-            Spread.Of(putSlots), Spread.Of(getSlots)) { OpenLoop = openLoop };
+            Spread.Of(putSlots), Spread.Of(getSlots)) { OpenLoop = openLoop, H2load = h2, H2loadNote = h2Note };
     }
 
     // Caller c makes its k-th call at start + (k + c / callers) / (rate / callers): the callers interleave evenly. A call

@@ -20,12 +20,13 @@ public static class RpcCommand
         var seconds = new Option<double>("--lookup-seconds") { Description = "how long the Lookup load runs", DefaultValueFactory = _ => 3 };
         var rate = new Option<double>("--lookup-rate") { Description = "also run Lookup open loop at this many calls/s in all (0: only the closed loop)" };
         var noReference = new Option<bool>("--no-reference") { Description = "skip the TCP transfer backend reference" };
+        var noH2load = new Option<bool>("--no-h2load") { Description = "skip the Lookup phase driven by h2load (nghttp2-client)" };
         var chunk = new Option<string>("--get-chunk") { Description = "largest data chunk per Get response message (0: the server's 1 MiB default)", DefaultValueFactory = _ => "0" };
         var quick = new Option<bool>("--quick") { Description = "CI-sized run: 16 blocks, 2 runs, 1 s of Lookup" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("rpc", "The gRPC service over loopback: Lookup calls/s and latency with concurrent callers, streamed Put/Get GB/s vs the TCP transfer backend.")
         {
-            blockSize, blocks, perCall, runs, callers, seconds, noReference, quick, json, chunk, rate,
+            blockSize, blocks, perCall, runs, callers, seconds, noReference, noH2load, quick, json, chunk, rate,
         };
         cmd.SetAction(async (p, ct) =>
         {
@@ -39,6 +40,7 @@ public static class RpcCommand
                 LookupCallers = p.GetValue(callers),
                 LookupDuration = TimeSpan.FromSeconds(QuickDefaults.Pick(p, seconds, isQuick, 1.0)),
                 LookupRate = p.GetValue(rate),
+                H2load = !p.GetValue(noH2load),
                 GetChunkBytes = p.GetValue(chunk) is "0" ? 0 : checked((uint)Sizes.Parse(p.GetValue(chunk)!)),
             };
             JsonReport.Write(p.GetValue(json), await RunAsync(o, !p.GetValue(noReference), ct));
@@ -82,6 +84,18 @@ public static class RpcCommand
             report["lookup_open_loop_p50_us"] = JsonReport.Round(open.P50Us);
             report["lookup_open_loop_p99_us"] = JsonReport.Round(open.P99Us);
         }
+        if (r.H2load is { } h2)
+        {
+            report["lookup_h2load_calls_per_second"] = JsonReport.Round(h2.Lookup.CallsPerSecond);
+            report["lookup_h2load_p50_us"] = JsonReport.Round(h2.Lookup.P50Us);
+            report["lookup_h2load_p99_us"] = JsonReport.Round(h2.Lookup.P99Us);
+            report["lookup_h2load_calls"] = h2.Lookup.Calls;
+            report["lookup_h2load_server_cpu_us_per_call"] = JsonReport.Round(h2.ServerCpuUsPerCall);
+        }
+        else if (r.H2loadNote is { } note)
+        {
+            report["h2load_note"] = note;
+        }
         report["get_client_cpu_seconds_per_gb"] = JsonReport.Round(r.GetClientCpuSecondsPerGb);
         report["get_server_cpu_seconds_per_gb"] = JsonReport.Round(r.GetServerCpuSecondsPerGb);
         report["put_gbps"] = JsonReport.Round(r.PutGbps.Median);
@@ -95,6 +109,9 @@ public static class RpcCommand
         table.AddRow("Lookup CPU per call (client / server)", $"{r.LookupClientCpuUsPerCall:F0} / {r.LookupServerCpuUsPerCall:F0} us");
         if (r.OpenLoop is { } ol)
             table.AddRow($"Lookup open loop ({o.LookupCallers} callers, {o.LookupRate:F0} calls/s asked)", $"{ol.CallsPerSecond:F0} calls/s, p50 {ol.P50Us:F0} us, p99 {ol.P99Us:F0} us (from the scheduled time)");
+        if (r.H2load is { } h)
+            table.AddRow($"Lookup from h2load ({o.LookupCallers} streams, server CPU {h.ServerCpuUsPerCall:F0} us per call)",
+                $"{h.Lookup.CallsPerSecond:F0} calls/s, p50 {h.Lookup.P50Us:F0} us, p99 {h.Lookup.P99Us:F0} us");
         table.AddRow("Get CPU s per GB (client / server)", $"{r.GetClientCpuSecondsPerGb:F3} / {r.GetServerCpuSecondsPerGb:F3}");
         table.AddRow($"Put streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.PutGbps.Median:F2} GB/s (min {r.PutGbps.Min:F2}, max {r.PutGbps.Max:F2})");
         table.AddRow($"Get streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.GetGbps.Median:F2} GB/s (min {r.GetGbps.Min:F2}, max {r.GetGbps.Max:F2})");
@@ -118,6 +135,7 @@ public static class RpcCommand
         report["targets"] = new JsonObject
         {
             ["lookup_p99_under_1ms"] = r.LookupP99Us < 1000,
+            ["lookup_h2load_p99_under_1ms"] = r.H2load is { } h2Target ? h2Target.Lookup.P99Us < 1000 : null,
             ["get_at_least_60pct_of_tcp"] = tcp is null ? null : r.GetGbps.Median >= 0.6 * tcp.Gbps.Median,
         };
         AnsiConsole.Write(table);

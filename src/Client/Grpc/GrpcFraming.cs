@@ -24,6 +24,16 @@ public static class GrpcFraming
             message.WriteTo(writer);
     }
 
+    /// <summary>One message as it goes on the wire (prefix and bytes), for tools that send raw request bodies.</summary>
+    public static byte[] ToFrame(IMessage message)
+    {
+        int size = message.CalculateSize();
+        var frame = new byte[GrpcProtocol.MessagePrefixBytes + size];
+        BinaryPrimitives.WriteUInt32BigEndian(frame.AsSpan(1), (uint)size);
+        message.WriteTo(frame.AsSpan(GrpcProtocol.MessagePrefixBytes));
+        return frame;
+    }
+
     public static async ValueTask WriteAndFlushAsync(PipeWriter writer, IMessage message, CancellationToken cancellationToken)
     {
         Write(writer, message);
