@@ -150,4 +150,35 @@ public sealed class SsdSettledMarkTests
             Assert.Equal(7, store.Count);
         }
     }
+
+    // Compaction's copy of block 3 was torn by a crash (the original is intact). At the next open the device fails the
+    // copy's payload reads (transient): the copy stays indexed, unverified. The mark must not pass it: an open after
+    // that would take it from its sealed header, shadow the intact original, and the read would find it corrupt.
+    [Fact]
+    public async Task A_copy_left_unverified_at_open_holds_the_mark_below_it()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            for (int i = 0; i < 8; i++)
+                Assert.True(await Ssd.Write(store, i));
+        }
+        Ssd.PlaceTornCopy(dir.Path, 3L * Record, 8L * Record, Record, 4096 + (32 << 10)); // above the mark (8 records)
+        bool failing = true;
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path) with
+        {
+            DataReadFault = scan => !scan && Volatile.Read(ref failing) ? "injected EIO (transient)" : null,
+        }))
+        {
+            Assert.Equal(1, store.RecoveredUnreadable.Blocks);
+            Assert.Equal(8, store.Count);
+            Volatile.Write(ref failing, false); // the device is fine again; block 3 is not read in this run
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.Equal(8, store.Count);
+            for (int i = 0; i < 8; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
 }

@@ -1,3 +1,4 @@
+using System.Globalization;
 using FASTER.core;
 using KvFabric.Blocks;
 using KvFabric.Tiers;
@@ -31,6 +32,28 @@ internal static class Ssd
     /// <summary>The state of a directory after a crash before any settled mark covered its records: opening verifies
     /// every payload (the mark is a cache of what is known whole; without it nothing is trusted).</summary>
     public static void ForgetSettledMark(string dir) => File.Delete(System.IO.Path.Combine(dir, "settled.slots"));
+
+    /// <summary>The store's secret key, from the directory's format file (what header sectors are sealed with).</summary>
+    public static ulong StoreKey(string dir)
+    {
+        string line = File.ReadAllLines(System.IO.Path.Combine(dir, "kvfabric-ssd.format")).Single(l => l.StartsWith("store_key=", StringComparison.Ordinal));
+        return ulong.Parse(line["store_key=".Length..], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture);
+    }
+
+    /// <summary>Compaction's copy of the record at <paramref name="from"/> (segment 0), torn by a crash at <paramref name="to"/>:
+    /// its header sector sealed for its new place, and only its first <paramref name="landed"/> bytes on disk (the rest
+    /// reads as zeros, as preallocated space does).</summary>
+    public static void PlaceTornCopy(string dir, long from, long to, int recordBytes, int landed)
+    {
+        var record = new byte[recordBytes];
+        using var f = new FileStream(System.IO.Path.Combine(dir, "blocks.data.0"), FileMode.Open, FileAccess.ReadWrite);
+        f.Position = from;
+        f.ReadExactly(record);
+        SsdRecordHeader.SealSector(record.AsSpan(0, SsdRecordHeader.SectorSize), to, StoreKey(dir));
+        record.AsSpan(landed).Clear();
+        f.Position = to;
+        f.Write(record);
+    }
 
     public static IDevice RealDevice(string logPath) =>
         new DirectFileDevice(logPath, 4096, BlockBytes + 256);

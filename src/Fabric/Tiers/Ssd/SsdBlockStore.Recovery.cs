@@ -245,7 +245,16 @@ public sealed partial class SsdBlockStore
             round = next;
         }
         foreach (var (key, entry) in unverified)
+        {
             _index[key] = entry;
+            // Not verified, so possibly torn (compaction's copy under way at a crash, shadowing the intact original): it
+            // holds the mark below it, as a failed write does, so that the next open verifies it instead of trusting it.
+            if (entry.Address + entry.DataLength > _markedBelow)
+            {
+                lock (_lock)
+                    WriteFailedLocked(entry.Address);
+            }
+        }
         RecoveredVerifiedPayloads = verified;
         await UnsealAsync(failedCopies).ConfigureAwait(false);
         return (corrupt, incomplete, (unreadable.Count, unreadable.TryPeek(out string? first) ? first : null));
