@@ -40,8 +40,9 @@ internal sealed unsafe class SsdSlotFile : IDisposable
         {
             _slots[slot] = ReadSlot(slot);
             // Slots past the end are written once as empty, so that later writes overwrite allocated space (a full disk
-            // cannot fail them).
-            if (length < (slot + 1L) * SlotBytes)
+            // cannot fail them). Never one that reads valid (a crash during an extending write can leave the file short
+            // of a slot whose bytes landed): zeroing it would leave the next write the only version on disk.
+            if (_slots[slot] is null && length < (slot + 1L) * SlotBytes)
             {
                 Buffer.Clear();
                 RandomAccess.Write(_file, Buffer, (long)slot * SlotBytes);
