@@ -181,4 +181,43 @@ public sealed class SsdSettledMarkTests
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
     }
+
+    // Unsealing a record found torn can fail (a device error): the mark then stays below it for the whole run, so that the
+    // next open verifies it again instead of taking it from its header.
+    [Fact]
+    public async Task A_torn_record_that_could_not_be_unsealed_holds_the_mark_below_it()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            for (int i = 0; i < 8; i++)
+                Assert.True(await Ssd.Write(store, i));
+        }
+        Ssd.PlaceTornCopy(dir.Path, 3L * Record, 8L * Record, Record, 4096 + (32 << 10));
+        bool failing = true;
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path) with
+        {
+            DataWriteFault = () => Volatile.Read(ref failing) ? "injected EIO" : null,
+        }))
+        {
+            Assert.Equal(1, store.RecoveredIncompleteWrites);
+            Volatile.Write(ref failing, false);
+            Assert.True(await Ssd.Write(store, 8)); // past the torn copy
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.Equal(8L * Record, store.MarkedBelow);
+            Assert.Equal(1, store.RecoveredIncompleteWrites); // found again, and unsealed this time
+            Assert.Equal(9, store.Count);
+            for (int i = 0; i < 9; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.Equal(0, store.RecoveredIncompleteWrites);
+            Assert.Equal(9, store.Count);
+            for (int i = 0; i < 9; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
 }
