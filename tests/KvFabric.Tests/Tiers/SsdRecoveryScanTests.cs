@@ -83,7 +83,7 @@ public sealed class SsdRecoveryScanTests
         var forgedPayload = Ssd.Block(999).AsSpan(0, 4096).ToArray();
         var forged = new byte[4096 + 4096];
         new SsdRecordHeader(SsdRecordKind.Block, SsdCodec.None, forgedKey, new KvFabric.Tiers.BlockMeta(default, 0, 4096), 4096).Write(forged, forgedPayload);
-        ulong key = withStoreKey ? StoreKey(dir.Path) : 0;
+        ulong key = withStoreKey ? Ssd.StoreKey(dir.Path) : 0;
         SsdRecordHeader.SealSector(forged.AsSpan(0, 4096), 8192, key);
         forgedPayload.CopyTo(forged, 4096);
         Overwrite(segment, 8192, forged);
@@ -93,12 +93,6 @@ public sealed class SsdRecoveryScanTests
         Assert.Equal(withStoreKey, store.Contains(forgedKey)); // with the key the scan does find it there: the test reaches the forgery
         Assert.False(store.Contains(Ssd.Key(0)));
         Assert.Equal(Ssd.Block(1), await Ssd.Read(store, 1));
-    }
-
-    private static ulong StoreKey(string dir)
-    {
-        string line = File.ReadAllLines(Path.Combine(dir, "kvfabric-ssd.format")).Single(l => l.StartsWith("store_key=", StringComparison.Ordinal));
-        return ulong.Parse(line["store_key=".Length..], NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture);
     }
 }
 

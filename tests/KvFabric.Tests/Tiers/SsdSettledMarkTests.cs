@@ -127,6 +127,35 @@ public sealed class SsdSettledMarkTests
         }
     }
 
+    // A v3 directory (the same records, no mark) is upgraded in place to v4, so that a v3 binary, which would place records
+    // below a mark it does not know, refuses it afterwards; older formats are still refused.
+    [Fact]
+    public async Task A_v3_directory_is_upgraded_in_place_and_older_formats_are_refused()
+    {
+        using var dir = new TempDir();
+        string format = Path.Combine(dir.Path, "kvfabric-ssd.format");
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            for (int i = 0; i < 4; i++)
+                Assert.True(await Ssd.Write(store, i));
+        }
+        Assert.StartsWith("kvfabric-ssd-log v4\n", File.ReadAllText(format), StringComparison.Ordinal);
+        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v4", "kvfabric-ssd-log v3", StringComparison.Ordinal));
+        Ssd.ForgetSettledMark(dir.Path); // a v3 binary wrote none
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.Equal(4, store.RecoveredVerifiedPayloads);
+            for (int i = 0; i < 4; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+        Assert.StartsWith("kvfabric-ssd-log v4\n", File.ReadAllText(format), StringComparison.Ordinal);
+
+        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v4", "kvfabric-ssd-log v2", StringComparison.Ordinal));
+        var e = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Options(dir.Path)));
+        Assert.Contains("kvfabric-ssd-log v2", e.Message);
+        Assert.Contains("move the directory aside", e.Message);
+    }
+
     // The mark is sealed with the directory's store key: one copied from another store is not believed, and a torn record
     // it would have covered is still found torn.
     [Fact]

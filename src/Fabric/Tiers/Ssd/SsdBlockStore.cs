@@ -101,7 +101,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     public (int Blocks, string? FirstError) RecoveredUnreadable { get; private set; }
 
     /// <summary>Payloads read and verified while opening: those of records at or above the settled mark (writes that a
-    /// crash may have torn), or every one with <see cref="SsdBlockStoreOptions.VerifyAllOnOpen"/>. 0 after a clean close.</summary>
+    /// crash may have torn), or every one with <see cref="SsdBlockStoreOptions.VerifyAllOnOpen"/>. 0 after a clean close
+    /// (unless a write failed, or a payload could not be read at the previous open: those hold the mark below them).</summary>
     public int RecoveredVerifiedPayloads { get; private set; }
 
     /// <summary>Bytes the data segments and the log span between their heads and tails, dead records included.</summary>

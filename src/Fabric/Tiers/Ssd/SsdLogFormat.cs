@@ -10,9 +10,12 @@ namespace KvFabric.Tiers.Ssd;
 internal static class SsdLogFormat
 {
     public const string FileName = "kvfabric-ssd.format";
-    // v3: self-describing records in data segments, tombstones in the FASTER log. A v2 directory (block references in the
-    // log) or v1 (payloads inline in the log) differs in this line and is refused, naming the version.
-    private const string Magic = "kvfabric-ssd-log v3";
+    // v4: self-describing records in data segments, tombstones in the FASTER log, and the settled mark (settled.slots),
+    // below which opening trusts records without reading them. v3 is the same without the mark: it is upgraded in place
+    // (a v3 binary, which would place records below a mark it does not know, then refuses the directory). A v2 directory
+    // (block references in the log) or v1 (payloads inline in the log) differs in this line and is refused, naming the version.
+    private const string Magic = "kvfabric-ssd-log v4";
+    private const string UpgradableMagic = "kvfabric-ssd-log v3";
     private const string KeyPrefix = "store_key=";
 
     /// <summary>Checks the directory's format against the options (or writes it for a new directory); returns the store's key.</summary>
@@ -24,6 +27,12 @@ internal static class SsdLogFormat
         {
             string actual = File.ReadAllText(path);
             int keyAt = actual.IndexOf(KeyPrefix, StringComparison.Ordinal);
+            if (keyAt >= 0 && actual[..keyAt] == Describe(options, UpgradableMagic))
+            {
+                actual = expected + actual[keyAt..];
+                WriteDurably(dir, path, actual);
+                keyAt = actual.IndexOf(KeyPrefix, StringComparison.Ordinal);
+            }
             if (keyAt < 0 || actual[..keyAt] != expected
                 || !ulong.TryParse(actual.AsSpan(keyAt + KeyPrefix.Length).Trim(), NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out ulong key))
             {
@@ -42,19 +51,25 @@ internal static class SsdLogFormat
                     + "Move it aside or point the tier at an empty directory.");
         }
         ulong newKey = BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8));
-        // Durable before the first record: write, fsync, rename, so a crash leaves either no file or the whole file.
-        string temp = path + ".tmp";
-        using (var f = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None))
-        {
-            f.Write(System.Text.Encoding.UTF8.GetBytes(expected + KeyPrefix + newKey.ToString("x16", CultureInfo.InvariantCulture) + "\n"));
-            f.Flush(flushToDisk: true);
-        }
-        File.Move(temp, path, overwrite: true);
+        WriteDurably(dir, path, expected + KeyPrefix + newKey.ToString("x16", CultureInfo.InvariantCulture) + "\n");
         return newKey;
     }
 
-    private static string Describe(SsdBlockStoreOptions o) => string.Create(CultureInfo.InvariantCulture,
-        $"{Magic}\nlog_page_bytes={o.LogPageBytes}\nsegment_bytes={o.SegmentBytes}\n");
+    // Durable before the first record: write, fsync, rename, sync the directory, so a crash leaves the old file or the new one.
+    private static void WriteDurably(string dir, string path, string content)
+    {
+        string temp = path + ".tmp";
+        using (var f = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None))
+        {
+            f.Write(System.Text.Encoding.UTF8.GetBytes(content));
+            f.Flush(flushToDisk: true);
+        }
+        File.Move(temp, path, overwrite: true);
+        DirectFileDevice.SyncDirectory(dir);
+    }
+
+    private static string Describe(SsdBlockStoreOptions o, string magic = Magic) => string.Create(CultureInfo.InvariantCulture,
+        $"{magic}\nlog_page_bytes={o.LogPageBytes}\nsegment_bytes={o.SegmentBytes}\n");
 
     private static string Flat(string s) => s.Trim().Replace('\n', ' ');
 }

@@ -35,6 +35,19 @@ internal sealed unsafe class SsdSlotFile : IDisposable
             throw new IOException($"cannot open {path}: {Libc.LastError()}");
         _file = new SafeFileHandle(fd, ownsHandle: true);
         _buffer = (byte*)NativeMemory.AlignedAlloc(SlotBytes, SlotBytes);
+        try
+        {
+            ReadAndFill();
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    private void ReadAndFill()
+    {
         long length = RandomAccess.GetLength(_file);
         for (int slot = 0; slot < 2; slot++)
         {
