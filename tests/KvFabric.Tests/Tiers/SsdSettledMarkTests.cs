@@ -249,4 +249,41 @@ public sealed class SsdSettledMarkTests
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
     }
+
+    // A scrub (VerifyAllOnOpen) finds a copy below the mark corrupt, and its unsealing fails: the mark moves down below
+    // it, so that the next open, without a scrub, verifies it again instead of trusting its header.
+    [Fact]
+    public async Task A_corrupt_copy_below_the_mark_that_could_not_be_unsealed_lowers_the_mark()
+    {
+        using var dir = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            for (int i = 0; i < 8; i++)
+                Assert.True(await Ssd.Write(store, i));
+        }
+        await using (var f = new FileStream(Path.Combine(dir.Path, "blocks.data.0"), FileMode.Open, FileAccess.ReadWrite))
+        {
+            f.Position = 2L * Record + 4096 + 100; // a bit flipped at rest in block 2's payload
+            int b = f.ReadByte();
+            f.Position--;
+            f.WriteByte((byte)(b ^ 0x01));
+        }
+        bool failing = true;
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path) with
+        {
+            VerifyAllOnOpen = true,
+            DataWriteFault = () => Volatile.Read(ref failing) ? "injected EIO" : null,
+        }))
+        {
+            Assert.Equal(1, store.RecoveredCorruptRecords);
+            Volatile.Write(ref failing, false);
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            Assert.Equal(2L * Record, store.MarkedBelow);
+            Assert.Equal(1, store.RecoveredCorruptRecords); // verified again (and unsealed this time), not trusted
+            Assert.False(store.Contains(Ssd.Key(2)));
+            Assert.Equal(7, store.Count);
+        }
+    }
 }

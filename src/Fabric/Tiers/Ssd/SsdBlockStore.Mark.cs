@@ -66,7 +66,9 @@ public sealed partial class SsdBlockStore
         long below;
         lock (_lock)
             below = SettledBelowLocked();
-        if (below <= _markedBelow)
+        // Lower than the last mark only when a copy below it failed at open and could not be unsealed (a scrub with
+        // VerifyAllOnOpen): the mark then moves down, so that the next open verifies that copy again.
+        if (below == _markedBelow)
             return;
         Span<byte> content = stackalloc byte[16];
         BinaryPrimitives.WriteInt64LittleEndian(content, below);
