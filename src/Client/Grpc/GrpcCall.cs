@@ -27,6 +27,7 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
     private string? _encoding;
     private bool _finished;
     private readonly bool _single;
+    private static readonly TimeSpan MaxTimer = TimeSpan.FromDays(30);
 
     internal GrpcCall(RpcChannel channel, string method, MessageParser<TResponse> parser, CallOptions options, TRequest? single,
         bool unary = false)
@@ -41,7 +42,14 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
             _deadline = null; // an explicit "no deadline" (long-lived streams)
         _cts = CancellationTokenSource.CreateLinkedTokenSource(options.CancellationToken);
         if (_deadline is { } d)
-            _cts.CancelAfter(d);
+        {
+            // A deadline that already passed ends the call as DEADLINE_EXCEEDED; one beyond what a timer can hold (about
+            // 49 days; TimeSpan.MaxValue is a common "no deadline") is no local deadline, as on the server.
+            if (d <= TimeSpan.Zero)
+                _cts.Cancel();
+            else if (d < MaxTimer)
+                _cts.CancelAfter(d);
+        }
 
         HttpRequestMessage request = channel.CreateRequest(method, _deadline, options.Metadata);
         if (single is not null)
