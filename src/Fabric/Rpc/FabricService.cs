@@ -22,13 +22,15 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
     public void Register(GrpcRouter router)
     {
         router.Unary<LookupRequest, LookupResponse>($"/{Name}/Lookup", LookupRequest.Parser, (r, c) => Task.FromResult(Lookup(r, c)));
-        router.Unary<ReserveRequest, ReserveResponse>($"/{Name}/Reserve", ReserveRequest.Parser, (r, c) => Task.FromResult(Reserve(r, c)));
+        router.Unary<ReserveRequest, ReserveResponse>($"/{Name}/Reserve", ReserveRequest.Parser, (r, c) => Task.FromResult(Reserve(r, c)),
+            undelivered: (_, response, c) => staging.Release(c.RequiredTenant.Id, response.ReservationId));
         router.Unary<ReleaseRequest, ReleaseResponse>($"/{Name}/Release", ReleaseRequest.Parser,
             (r, c) => Task.FromResult(new ReleaseResponse { Released = staging.Release(c.RequiredTenant.Id, r.ReservationId) }));
         router.ClientStreaming($"/{Name}/Put", PutAsync);
         router.Unary<FetchRequest, FetchResponse>($"/{Name}/Fetch", FetchRequest.Parser, FetchAsync);
         router.ServerStreaming<GetRequest>($"/{Name}/Get", GetRequest.Parser, GetAsync);
-        router.Unary<PinRequest, PinResponse>($"/{Name}/Pin", PinRequest.Parser, (r, c) => Task.FromResult(Pin(r, c)));
+        router.Unary<PinRequest, PinResponse>($"/{Name}/Pin", PinRequest.Parser, (r, c) => Task.FromResult(Pin(r, c)),
+            undelivered: (_, response, c) => store.Unpin(c.RequiredTenant.Id, response.LeaseId));
         router.Unary<UnpinRequest, UnpinResponse>($"/{Name}/Unpin", UnpinRequest.Parser,
             (r, c) => Task.FromResult(new UnpinResponse { Released = store.Unpin(c.RequiredTenant.Id, r.LeaseId) }));
         router.Unary<DeleteRequest, DeleteResponse>($"/{Name}/Delete", DeleteRequest.Parser, DeleteAsync);

@@ -16,13 +16,29 @@ public sealed class GrpcRouter
 
     internal bool TryGet(string path, out Route route) => _routes.TryGetValue(path, out route!);
 
-    public void Unary<TReq, TResp>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task<TResp>> handler, bool authenticated = true)
+    /// <param name="undelivered">
+    /// Undoes what the handler did when its response could not be delivered (the client reset the stream or the write
+    /// failed): for calls that hand out something only the response names (a reservation, a lease), which nobody could
+    /// otherwise release before it expires.
+    /// </param>
+    public void Unary<TReq, TResp>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task<TResp>> handler, bool authenticated = true,
+        Action<TReq, TResp, ServerCall>? undelivered = null)
         where TReq : class, IMessage<TReq> where TResp : IMessage<TResp> =>
         Add(path, authenticated, async call =>
         {
             TReq request = await ReadSingleAsync(call, parser).ConfigureAwait(false);
             TResp response = await handler(request, call).ConfigureAwait(false);
-            await call.WriteAsync(response).ConfigureAwait(false);
+            bool delivered = false;
+            try
+            {
+                await call.WriteAsync(response).ConfigureAwait(false);
+                delivered = !call.ClientGone; // a client that reset the stream never gets the status that completes the call
+            }
+            finally
+            {
+                if (!delivered)
+                    undelivered?.Invoke(request, response, call);
+            }
         });
 
     public void ServerStreaming<TReq>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task> handler, bool authenticated = true)

@@ -46,6 +46,9 @@ public sealed class ServerCall
 
     internal bool ResponseStarted => _http.Response.HasStarted;
 
+    /// <summary>True once the client reset the stream or the connection broke (not merely the deadline passing).</summary>
+    internal bool ClientGone => _http.RequestAborted.IsCancellationRequested;
+
     /// <summary>Adds custom metadata to the response headers (before the first message is written).</summary>
     public void AddResponseHeader(string name, string value) => _http.Response.Headers.Append(name, value);
 

@@ -28,7 +28,11 @@ public sealed class TransferService(TransferAgent agent, IFabricStore? store = n
         });
         router.Unary<LoadMetadataRequest, LoadMetadataResponse>($"/{Name}/LoadMetadata", LoadMetadataRequest.Parser, LoadAsync);
         router.Unary<NotifyRequest, NotifyResponse>($"/{Name}/Notify", NotifyRequest.Parser, NotifyAsync);
-        router.Unary<ExportRequest, ExportResponse>($"/{Name}/Export", ExportRequest.Parser, ExportAsync);
+        router.Unary<ExportRequest, ExportResponse>($"/{Name}/Export", ExportRequest.Parser, ExportAsync, undelivered: (request, response, _) =>
+        {
+            if (response.ExportId != 0)
+                Staging.Release(TenantIdOf(request.Tenant), response.ExportId);
+        });
         router.Unary<ReleaseExportRequest, ReleaseExportResponse>($"/{Name}/ReleaseExport", ReleaseExportRequest.Parser, (r, c) =>
         {
             RequireAdmin(c);

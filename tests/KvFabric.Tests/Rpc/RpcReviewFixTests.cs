@@ -1,5 +1,10 @@
+using Google.Protobuf;
 using Grpc.Health.V1;
 using KvFabric.Client.Grpc;
+using KvFabric.Rpc;
+using KvFabric.Rpc.V1;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.Logging.Abstractions;
 using Xunit;
 
 namespace KvFabric.Tests.Rpc;
@@ -29,5 +34,70 @@ public sealed class RpcReviewFixTests(SidecarFixture fx) : IClassFixture<Sidecar
         Assert.Equal(StatusCode.DeadlineExceeded, e.Status);
         await using var watch = client.WatchHealth(options: new CallOptions(Deadline: TimeSpan.FromMilliseconds(-5)));
         Assert.Equal(StatusCode.DeadlineExceeded, (await Assert.ThrowsAsync<RpcException>(async () => await watch.ReadAsync())).Status);
+    }
+
+    /// <summary>A response body whose client reset the stream: the first bytes sent find it gone.</summary>
+    private sealed class GoneClient(CancellationTokenSource aborted) : Stream
+    {
+        public override bool CanRead => false;
+        public override bool CanSeek => false;
+        public override bool CanWrite => true;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override void Flush() { }
+        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Write(byte[] buffer, int offset, int count) => Gone();
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => throw Gone();
+        public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) => throw Gone();
+
+        private IOException Gone()
+        {
+            aborted.Cancel();
+            throw new IOException("the client reset the stream");
+        }
+    }
+
+    /// <summary>Runs one unary call of alpha's through the sidecar's own routes, to a client that is gone when the answer is sent.</summary>
+    private async Task CallWithClientGoneAsync(string method, IMessage request)
+    {
+        var dispatcher = new GrpcDispatcher(fx.Host.Router, new TenantRegistry([new TenantConfig("alpha", "alpha-token")]), new MetricsRegistry(),
+            NullLogger.Instance, 1 << 20);
+        using var aborted = new CancellationTokenSource();
+        var http = new DefaultHttpContext { RequestAborted = aborted.Token };
+        http.Request.Method = "POST";
+        http.Request.ContentType = GrpcProtocol.ContentType;
+        http.Request.Path = method;
+        http.Request.Headers.Authorization = "Bearer alpha-token";
+        http.Request.Headers[GrpcProtocol.TenantHeader] = "alpha";
+        byte[] payload = request.ToByteArray();
+        var framed = new byte[5 + payload.Length];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(framed.AsSpan(1), (uint)payload.Length);
+        payload.CopyTo(framed, 5);
+        http.Request.Body = new MemoryStream(framed);
+        http.Response.Body = new GoneClient(aborted);
+        await dispatcher.HandleAsync(http);
+        Assert.True(aborted.IsCancellationRequested, "the handler never answered");
+    }
+
+    [Fact]
+    public async Task A_reservation_whose_answer_cannot_be_delivered_is_released()
+    {
+        int free = fx.Host.Staging.Available;
+        await CallWithClientGoneAsync("/kvfabric.v1.Fabric/Reserve", new ReserveRequest { Blocks = 4, LeaseMs = 3_600_000 });
+        // Nobody knows the reservation's id: its slots must not stay taken for the hour of its lease.
+        Assert.Equal(free, fx.Host.Staging.Available);
+    }
+
+    [Fact]
+    public async Task A_pin_whose_answer_cannot_be_delivered_is_undone()
+    {
+        using var client = fx.Client();
+        var chain = TestBlocks.Chain("undelivered-pin", 1);
+        await client.PutAsync(TestBlocks.ToPut(chain, fx.BlockBytes, 5));
+        await CallWithClientGoneAsync("/kvfabric.v1.Fabric/Pin", new PinRequest { Hashes = ByteString.CopyFrom(TestBlocks.Packed(chain)), LeaseMs = 3_600_000 });
+        // Nobody can Unpin a lease whose id never arrived: the block must not stay undeletable for an hour.
+        Assert.Equal(1u, (await client.DeleteAsync(TestBlocks.Packed(chain))).Deleted);
     }
 }
