@@ -119,6 +119,12 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
             throw new RpcException(StatusCode.InvalidArgument, $"temperature must be a finite number >= 0; got {request.Temperature}");
         BlockHash[] chain = Hashes.Parse(request.Hashes, "hashes", requireOne: false);
         List<RouteCandidateInfo> candidates = Candidates(call.RequiredTenant.Id, chain);
+        if (candidates.Count == 0)
+        {
+            throw new RpcException(StatusCode.Unavailable,
+                $"node {store.Node} knows no live member of the cluster to route to (it has not joined yet, or its lease in {cluster?.StoreDescription} lapsed); retry shortly or ask another node");
+        }
+
         int chosen = RouteCost.Choose(candidates, chain.Length, request.Temperature, request.Seed);
         RouteCandidateInfo pick = candidates[chosen];
         cluster?.NoteRouted(pick.Node);

@@ -62,9 +62,16 @@ public sealed class RpcReviewFixTests(SidecarFixture fx) : IClassFixture<Sidecar
     /// <summary>Runs one unary call of alpha's through the sidecar's own routes, to a client that is gone when the answer is sent.</summary>
     private async Task CallWithClientGoneAsync(string method, IMessage request)
     {
-        var dispatcher = new GrpcDispatcher(fx.Host.Router, new TenantRegistry([new TenantConfig("alpha", "alpha-token")]), new MetricsRegistry(),
-            NullLogger.Instance, 1 << 20);
         using var aborted = new CancellationTokenSource();
+        await CallAsync(fx.Host.Router, method, request, new GoneClient(aborted), aborted);
+        Assert.True(aborted.IsCancellationRequested, "the handler never answered");
+    }
+
+    /// <summary>Runs one unary call of alpha's through a router in process (no HTTP/2 in between); returns its context.</summary>
+    private static async Task<HttpContext> CallAsync(GrpcRouter router, string method, IMessage request, Stream responseBody, CancellationTokenSource aborted)
+    {
+        var dispatcher = new GrpcDispatcher(router, new TenantRegistry([new TenantConfig("alpha", "alpha-token")]), new MetricsRegistry(),
+            NullLogger.Instance, 1 << 20);
         var http = new DefaultHttpContext { RequestAborted = aborted.Token };
         http.Request.Method = "POST";
         http.Request.ContentType = GrpcProtocol.ContentType;
@@ -76,9 +83,9 @@ public sealed class RpcReviewFixTests(SidecarFixture fx) : IClassFixture<Sidecar
         System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(framed.AsSpan(1), (uint)payload.Length);
         payload.CopyTo(framed, 5);
         http.Request.Body = new MemoryStream(framed);
-        http.Response.Body = new GoneClient(aborted);
+        http.Response.Body = responseBody;
         await dispatcher.HandleAsync(http);
-        Assert.True(aborted.IsCancellationRequested, "the handler never answered");
+        return http;
     }
 
     [Fact]
@@ -99,5 +106,22 @@ public sealed class RpcReviewFixTests(SidecarFixture fx) : IClassFixture<Sidecar
         await CallWithClientGoneAsync("/kvfabric.v1.Fabric/Pin", new PinRequest { Hashes = ByteString.CopyFrom(TestBlocks.Packed(chain)), LeaseMs = 3_600_000 });
         // Nobody can Unpin a lease whose id never arrived: the block must not stay undeletable for an hour.
         Assert.Equal(1u, (await client.DeleteAsync(TestBlocks.Packed(chain))).Deleted);
+    }
+
+    [Fact]
+    public async Task Route_without_a_live_member_is_unavailable_and_says_why()
+    {
+        // A clustered node that has not joined yet (its gRPC server starts first) or whose own lease lapsed knows no member.
+        await using var cluster = new KvFabric.Cluster.ClusterNode(new KvFabric.Cluster.InProcessClusterStore("route-empty"),
+            KvFabric.Cluster.ClusterFactory.CreateIndex(new MetricsRegistry()),
+            new KvFabric.Cluster.ClusterNodeOptions { Node = "n", Worker = "w", ClusterTenant = "alpha", ClusterToken = "alpha-token", Tenants = ["alpha"] },
+            fx.Host.Agent, fx.Host.Store, fx.Host.Staging, () => 0, NullLogger.Instance);
+        var router = new GrpcRouter();
+        new IndexService(fx.Host.Store, "w", () => 0, cluster: cluster).Register(router);
+        using var aborted = new CancellationTokenSource();
+        HttpContext http = await CallAsync(router, "/kvfabric.v1.Index/Route",
+            new RouteRequest { Hashes = ByteString.CopyFrom(TestBlocks.Packed(TestBlocks.Chain("route-empty", 1))) }, new MemoryStream(), aborted);
+        Assert.Equal(((int)StatusCode.Unavailable).ToString(System.Globalization.CultureInfo.InvariantCulture), http.Response.Headers[GrpcProtocol.StatusHeader].ToString());
+        Assert.Contains("no live member", GrpcProtocol.DecodeMessage(http.Response.Headers[GrpcProtocol.MessageHeader].ToString()), StringComparison.Ordinal);
     }
 }
