@@ -13,9 +13,18 @@ namespace KvFabric.Rpc;
 /// <summary>The Kestrel server every gRPC service of this project runs on (the sidecar's, a worker's): one listener, tuned for long streams and big messages.</summary>
 public static class KestrelHost
 {
-    /// <summary>A web application listening on address:port (0: any free port) with the given protocols; TLS when cert is set.</summary>
-    public static WebApplication Build(IPAddress address, int port, HttpProtocols protocols, X509Certificate2? cert, ILoggerFactory logs)
+    /// <summary>How long a connection may stay silent before it is PINGed (HTTP/2); see <see cref="Build"/>.</summary>
+    public static readonly TimeSpan DefaultKeepAlive = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// A web application listening on address:port (0: any free port) with the given protocols; TLS when cert is set.
+    /// An HTTP/2 client silent for keepAlive is PINGed, and dropped (its calls cancelled) if it does not answer within
+    /// keepAlive (at most 20 s): without it a frozen or partitioned client's calls would never end.
+    /// </summary>
+    public static WebApplication Build(IPAddress address, int port, HttpProtocols protocols, X509Certificate2? cert, ILoggerFactory logs,
+        TimeSpan? keepAlive = null)
     {
+        TimeSpan ping = keepAlive ?? DefaultKeepAlive;
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
         builder.Services.AddSingleton(logs);
@@ -29,6 +38,8 @@ public static class KestrelHost
             k.Limits.Http2.InitialConnectionWindowSize = 32 << 20;
             k.Limits.Http2.InitialStreamWindowSize = 16 << 20;
             k.Limits.Http2.MaxFrameSize = (1 << 24) - 1;
+            k.Limits.Http2.KeepAlivePingDelay = ping;
+            k.Limits.Http2.KeepAlivePingTimeout = ping < TimeSpan.FromSeconds(20) ? ping : TimeSpan.FromSeconds(20);
             k.Listen(address, port, listen =>
             {
                 listen.Protocols = protocols;

@@ -143,7 +143,7 @@ public sealed class SidecarHost : IAsyncDisposable
             _options.Layout.Describe(), _tiers.Describe(), _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
     }
 
-    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert) => KestrelHost.Build(_options.Listen, port, protocols, cert, _logs);
+    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert) => KestrelHost.Build(_options.Listen, port, protocols, cert, _logs, _options.KeepAlive);
 
     private static IPEndPoint BoundEndpoint(WebApplication app) => KestrelHost.BoundEndpoint(app);
 

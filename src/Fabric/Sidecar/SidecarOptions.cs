@@ -51,6 +51,12 @@ public sealed record SidecarOptions
     public int StagingSlots { get; init; } = 64;
     /// <summary>KV events kept per tenant for subscribers that fall behind; one further back gets a snapshot.</summary>
     public int EventLogCapacity { get; init; } = 65536;
+    /// <summary>
+    /// How long a client connection may stay silent before the server PINGs it; one that answers no PING within this
+    /// (at most 20 s) is dropped and its calls end (a frozen host or a partition, whose open Puts would hold their
+    /// staging buffers, and Watch/SubscribeEvents streams their handlers, forever).
+    /// </summary>
+    public TimeSpan KeepAlive { get; init; } = TimeSpan.FromSeconds(60);
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
     public bool LockInRam { get; init; }
@@ -111,6 +117,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"event_log_capacity must be 1..{1 << 24}; got {EventLogCapacity}");
         if (StagingSlots is < 1 or > 65536)
             throw new ArgumentException($"staging slots must be 1..65536; got {StagingSlots}");
+        if (KeepAlive < TimeSpan.FromSeconds(1))
+            throw new ArgumentException($"keepalive_s must be at least 1 second; got {KeepAlive.TotalSeconds}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
             throw new ArgumentException("max message sizes must be at least 64 KiB");
         if (Cluster is not ("none" or "inproc" or "etcd"))
@@ -182,6 +190,7 @@ public sealed record SidecarOptions
             PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
             EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
+            KeepAlive = Double(c, "keepalive_s") is { } ka ? TimeSpan.FromSeconds(ka) : d.KeepAlive,
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
