@@ -18,6 +18,10 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     private readonly Dictionary<ulong, (uint Tenant, BlockHash[] Hashes, long Deadline)> _leases = new();
     private readonly Lock _lock = new();
     private readonly int _maxStagedBlocks;
+    // Blocks that Put commits in progress are placing (under _lock): how many commits, and whether more than one took
+    // part (one placed it, another found it present and will report it stored), in which case a failed commit's undo
+    // must keep it.
+    private readonly Dictionary<BlockKey, (int Commits, bool Shared)> _placing = new();
     private int _staged;
     private ulong _nextLease;
     private long _lookups, _hitBlocks, _missBlocks;
@@ -242,6 +246,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     private sealed class PutBatch(TieredFabricStore store, uint tenant) : IPutBatch
     {
         private readonly List<(BlockHash Hash, BlockHash? Parent, byte[] Buffer)> _staged = new();
+        private readonly List<BlockKey> _claimed = new();
         private bool _done;
 
         public Memory<byte> Add(BlockHash hash, BlockHash? parent, int depth)
@@ -286,6 +291,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                     for (int k = i; k < end; k++)
                         run.Add(new BlockPut(_staged[k].Hash, _staged[k].Buffer.AsMemory(0, store.BlockBytes)));
                     var mine = new bool[run.Count];
+                    Claim(run);
                     PutResult r;
                     try
                     {
@@ -341,11 +347,54 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
             finally
             {
                 // An error stores nothing: undo what this call stored, children first. A block another call has built on
-                // (it has a cached child) or is using meanwhile stays: it is theirs now too.
+                // (it has a cached child), is using meanwhile, or put too (it found it present: it reports it stored)
+                // stays: it is theirs now too.
                 for (int k = newlyStored.Count - 1; k >= 0; k--)
-                    await store._tiers.RemoveLeafAsync(tenant, newlyStored[k], CancellationToken.None).ConfigureAwait(false);
+                {
+                    var key = new BlockKey(tenant, newlyStored[k]);
+                    await store._tiers.RemoveLeafAsync(tenant, key.Hash, CancellationToken.None, keep: () => SharedWithAnother(key)).ConfigureAwait(false);
+                }
+
+                Unclaim();
                 Release();
             }
+        }
+
+        // Before a run is placed (so before the manager can find any of it present): the run's blocks are this commit's too.
+        private void Claim(List<BlockPut> run)
+        {
+            lock (store._lock)
+            {
+                foreach (BlockPut b in run)
+                {
+                    var key = new BlockKey(tenant, b.Hash);
+                    store._placing[key] = store._placing.TryGetValue(key, out var c) ? (c.Commits + 1, true) : (1, false);
+                    _claimed.Add(key);
+                }
+            }
+        }
+
+        private bool SharedWithAnother(BlockKey key)
+        {
+            lock (store._lock)
+                return store._placing.TryGetValue(key, out var c) && c.Shared;
+        }
+
+        private void Unclaim()
+        {
+            lock (store._lock)
+            {
+                foreach (BlockKey key in _claimed)
+                {
+                    var c = store._placing[key];
+                    if (c.Commits == 1)
+                        store._placing.Remove(key);
+                    else
+                        store._placing[key] = (c.Commits - 1, c.Shared);
+                }
+            }
+
+            _claimed.Clear();
         }
 
         public void Dispose() => Release();

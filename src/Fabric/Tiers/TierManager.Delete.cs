@@ -30,12 +30,15 @@ public sealed partial class TierManager
     }
 
     // Removes the block only if nothing depends on it: no cached child, not pinned, not in use. What a failed put uses to
-    // undo its own blocks (children first) without taking along blocks another caller has since built on.
-    public async ValueTask<bool> RemoveLeafAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken = default)
+    // undo its own blocks (children first) without taking along blocks another caller has since built on. keep, when
+    // given, is asked under the mover gate (so no put can see the block between the answer and the removal): true keeps it.
+    public async ValueTask<bool> RemoveLeafAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken = default, Func<bool>? keep = null)
     {
         await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
+            if (keep?.Invoke() == true)
+                return false;
             int dropped;
             lock (_lock)
             {

@@ -1,5 +1,6 @@
 using Google.Protobuf;
 using Grpc.Health.V1;
+using KvFabric.Client;
 using KvFabric.Client.Grpc;
 using KvFabric.Rpc;
 using KvFabric.Rpc.V1;
@@ -123,5 +124,43 @@ public sealed class RpcReviewFixTests(SidecarFixture fx) : IClassFixture<Sidecar
             new RouteRequest { Hashes = ByteString.CopyFrom(TestBlocks.Packed(TestBlocks.Chain("route-empty", 1))) }, new MemoryStream(), aborted);
         Assert.Equal(((int)StatusCode.Unavailable).ToString(System.Globalization.CultureInfo.InvariantCulture), http.Response.Headers[GrpcProtocol.StatusHeader].ToString());
         Assert.Contains("no live member", GrpcProtocol.DecodeMessage(http.Response.Headers[GrpcProtocol.MessageHeader].ToString()), StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public async Task A_failed_put_never_undoes_a_block_a_concurrent_put_reported_as_stored()
+    {
+        // Half the Puts carry the chain plus a block whose parent is absent (FAILED_PRECONDITION: theirs is undone), half
+        // the chain alone (OK). An OK Put that found the chain already placed by a failing one must still find it after.
+        for (int round = 0; round < 40; round++)
+        {
+            var chain = TestBlocks.Chain($"concurrent-undo-{round}", 4);
+            var orphan = new BlockToPut(TestBlocks.Chain($"concurrent-undo-orphan-{round}", 1)[0], TestBlocks.Chain("concurrent-undo-absent", 1)[0], 9,
+                new byte[fx.BlockBytes]);
+            var clients = Enumerable.Range(0, 8).Select(_ => fx.Client()).ToArray();
+            try
+            {
+                StatusCode[] statuses = await Task.WhenAll(clients.Select(async (client, i) =>
+                {
+                    var blocks = TestBlocks.ToPut(chain, fx.BlockBytes, 1);
+                    try
+                    {
+                        await client.PutAsync(i % 2 == 0 ? blocks.Append(orphan) : blocks);
+                        return StatusCode.OK;
+                    }
+                    catch (RpcException e)
+                    {
+                        return e.Status;
+                    }
+                }));
+                Assert.Equal(4, statuses.Count(s => s == StatusCode.OK));
+                Assert.Equal(4u, (await clients[0].LookupAsync(TestBlocks.Packed(chain))).MatchedBlocks);
+                await clients[0].DeleteAsync(TestBlocks.Packed(chain)); // keep the fixture's small cache clear
+            }
+            finally
+            {
+                foreach (var client in clients)
+                    client.Dispose();
+            }
+        }
     }
 }
