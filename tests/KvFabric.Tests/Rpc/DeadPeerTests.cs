@@ -24,7 +24,7 @@ public sealed class DeadPeerTests : IAsyncLifetime
         _host = new SidecarHost(new SidecarOptions
         {
             Port = 0, MetricsPort = -1, Dev = true, Layout = SidecarFixture.SmallLayout, HostCapacityBytes = 1 << 20, StagingSlots = 1,
-            PutStagingBlocks = 1, KeepAlive = TimeSpan.FromSeconds(1),
+            PutStagingBlocks = 1, KeepAlive = TimeSpan.FromSeconds(2),
         }, NullLoggerFactory.Instance);
         await _host.StartAsync();
     }
