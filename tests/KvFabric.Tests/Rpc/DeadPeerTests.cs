@@ -39,6 +39,8 @@ public sealed class DeadPeerTests : IAsyncLifetime
         private readonly SemaphoreSlim _write = new(1, 1);
         private Task _reader = Task.CompletedTask;
         public volatile bool AnswerPings = true;
+        private readonly System.Collections.Concurrent.ConcurrentDictionary<int, bool> _ended = new();
+        private int _nextStream = 1;
 
         public async Task ConnectAsync(System.Net.IPEndPoint server)
         {
@@ -49,8 +51,12 @@ public sealed class DeadPeerTests : IAsyncLifetime
             _reader = Task.Run(ReadLoopAsync);
         }
 
-        public async Task OpenPutAsync(string authority, byte[] firstMessage)
+        public bool Ended(int stream) => _ended.ContainsKey(stream);
+
+        /// <summary>Opens a Put stream, sends firstMessage and leaves the stream open; returns the stream's id.</summary>
+        public async Task<int> OpenPutAsync(string authority, byte[] firstMessage)
         {
+            int stream = Interlocked.Add(ref _nextStream, 2) - 2;
             var headers = new List<byte>();
             foreach (var (name, value) in new[]
             {
@@ -65,8 +71,9 @@ public sealed class DeadPeerTests : IAsyncLifetime
                 headers.AddRange(Encoding.ASCII.GetBytes(value));
             }
 
-            await SendAsync(Frame(1, 0x4, 1, headers.ToArray())); // HEADERS, END_HEADERS; the request stays open
-            await SendAsync(Frame(0, 0, 1, firstMessage));         // DATA, no END_STREAM
+            await SendAsync(Frame(1, 0x4, stream, headers.ToArray())); // HEADERS, END_HEADERS; the request stays open
+            await SendAsync(Frame(0, 0, stream, firstMessage));         // DATA, no END_STREAM
+            return stream;
         }
 
         private async Task ReadLoopAsync()
@@ -80,6 +87,9 @@ public sealed class DeadPeerTests : IAsyncLifetime
                     int length = (head[0] << 16) | (head[1] << 8) | head[2];
                     byte[] payload = new byte[length];
                     await _stream.ReadExactlyAsync(payload);
+                    int stream = BinaryPrimitives.ReadInt32BigEndian(head.AsSpan(5)) & int.MaxValue;
+                    if (head[3] == 3 || (head[3] is 0 or 1 && (head[4] & 1) != 0))
+                        _ended[stream] = true; // RST_STREAM, or END_STREAM: the server answered (refused) the call
                     if (head[3] == 4 && (head[4] & 1) == 0)
                         await SendAsync(Frame(4, 1, 0, []));      // SETTINGS ACK
                     else if (head[3] == 6 && (head[4] & 1) == 0 && AnswerPings)
@@ -140,7 +150,8 @@ public sealed class DeadPeerTests : IAsyncLifetime
 
         await using var raw = new RawH2Client();
         await raw.ConnectAsync(_host.GrpcEndpoint!);
-        await raw.OpenPutAsync(_host.GrpcEndpoint!.ToString(), message);
+        string authority = _host.GrpcEndpoint!.ToString();
+        int stream = await raw.OpenPutAsync(authority, message);
 
         using var client = new FabricClient(new RpcChannelOptions
         {
@@ -162,10 +173,14 @@ public sealed class DeadPeerTests : IAsyncLifetime
         // While the client answers PINGs it is alive, only slow: its half-sent block holds the one staging buffer.
         var clock = System.Diagnostics.Stopwatch.StartNew();
         StatusCode status;
-        while ((status = await PutOtherAsync()) == StatusCode.OK && clock.Elapsed < TimeSpan.FromSeconds(30))
+        while (true)
         {
-            await client.DeleteAsync(TestBlocks.Packed(other)); // the stalled Put had not started yet: again
             await Task.Delay(50);
+            if ((status = await PutOtherAsync()) != StatusCode.OK || clock.Elapsed > TimeSpan.FromSeconds(30))
+                break;
+            await client.DeleteAsync(TestBlocks.Packed(other)); // it ran before the stalled Put staged its block: again
+            if (raw.Ended(stream))
+                stream = await raw.OpenPutAsync(authority, message); // the stalled Put found the buffer taken: again
         }
 
         Assert.Equal(StatusCode.ResourceExhausted, status);
