@@ -264,6 +264,23 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
         return slots.Slot(index);
     }
 
+    // A block outside host memory is read into one of the node's bounded read buffers as its turn comes.
+    private async ValueTask<ReadOnlyMemory<byte>> LoadAsync(ReadLease lease, BlockHash hash, ServerCall call)
+    {
+        try
+        {
+            return await lease.LoadAsync(call.CancellationToken).ConfigureAwait(false);
+        }
+        catch (StoreFullException e)
+        {
+            throw new RpcException(StatusCode.ResourceExhausted, e.Message);
+        }
+        catch (BlockNotFoundException e)
+        {
+            throw new RpcException(StatusCode.DataLoss, $"{e.Message}; the blocks before it in this call were sent ({hash} and after were not)");
+        }
+    }
+
     private async Task GetAsync(GetRequest request, ServerCall call)
     {
         uint tenant = call.RequiredTenant.Id;
@@ -297,7 +314,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
             for (int i = 0; i < hashes.Length; i++)
             {
                 ReadLease lease = leases[i]!;
-                ReadOnlyMemory<byte> bytes = lease.Bytes;
+                ReadOnlyMemory<byte> bytes = await LoadAsync(lease, hashes[i], call).ConfigureAwait(false);
                 response.Hash = Hashes.Pack(hashes[i]);
                 response.BlockLength = (ulong)bytes.Length;
                 response.Tier = Hashes.ToWire(lease.Tier);

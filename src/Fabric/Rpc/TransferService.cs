@@ -92,8 +92,21 @@ public sealed class TransferService(TransferAgent agent, IFabricStore? store = n
                     using ReadLease? block = await store.OpenReadAsync(tenant, chain[i], call.CancellationToken).ConfigureAwait(false);
                     if (block is null)
                         break; // evicted since Lookup: the prefix ends here
-                    block.Bytes.Span.CopyTo(slots.Slot((uint)i).Span);
-                    response.Blocks.Add(new ExportedBlock { Address = (ulong)slots.Address((uint)i), Length = (ulong)block.Bytes.Length, Tier = Hashes.ToWire(block.Tier) });
+                    ReadOnlyMemory<byte> bytes;
+                    try
+                    {
+                        bytes = await block.LoadAsync(call.CancellationToken).ConfigureAwait(false);
+                    }
+                    catch (BlockNotFoundException)
+                    {
+                        break; // failed its checksum in its tier and was dropped: the prefix ends here
+                    }
+                    catch (StoreFullException e)
+                    {
+                        throw new RpcException(StatusCode.ResourceExhausted, e.Message);
+                    }
+                    bytes.Span.CopyTo(slots.Slot((uint)i).Span);
+                    response.Blocks.Add(new ExportedBlock { Address = (ulong)slots.Address((uint)i), Length = (ulong)bytes.Length, Tier = Hashes.ToWire(block.Tier) });
                 }
             }
 

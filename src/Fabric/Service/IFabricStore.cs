@@ -22,7 +22,8 @@ public interface IFabricStore : IDisposable
     /// <summary>Starts an all-or-nothing Put: blocks are staged, then committed together; disposing uncommitted aborts.</summary>
     IPutBatch BeginPut(uint tenant);
 
-    /// <summary>Opens a block for reading; null when absent. The bytes stay valid (never evicted or reused) until disposed.</summary>
+    /// <summary>Opens a block for reading; null when absent. The block stays (never evicted, moved out or deleted) until
+    /// disposed; its bytes come from <see cref="ReadLease.LoadAsync"/>.</summary>
     ValueTask<ReadLease?> OpenReadAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken);
 
     /// <summary>Pins every block (all present, else BlockNotFoundException and nothing pinned) until Unpin or expiry.</summary>
@@ -56,11 +57,18 @@ public readonly record struct PutOutcome(int Stored, int AlreadyPresent, int Not
 
 public readonly record struct PinLease(ulong LeaseId, int Pinned, DateTimeOffset Expires);
 
-/// <summary>A block opened for reading. Dispose ends the read; until then the bytes cannot change or go away.</summary>
+/// <summary>A block opened for reading. Dispose ends the read; until then the block cannot change or go away.</summary>
 public abstract class ReadLease : IDisposable
 {
-    public abstract ReadOnlyMemory<byte> Bytes { get; }
     public abstract TierKind Tier { get; }
+
+    /// <summary>
+    /// The block's bytes, valid until Dispose: at once for a block served in place (host memory); else read from its
+    /// tier into one of the node's bounded read buffers, waiting for one to be free (StoreFullException after 30 s), and
+    /// BlockNotFoundException if the tier can no longer read it (it failed its checksum and was dropped).
+    /// </summary>
+    public abstract ValueTask<ReadOnlyMemory<byte>> LoadAsync(CancellationToken cancellationToken);
+
     public abstract void Dispose();
 }
 

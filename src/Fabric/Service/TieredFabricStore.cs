@@ -23,12 +23,17 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
     // must keep it.
     private readonly Dictionary<BlockKey, (int Commits, bool Shared)> _placing = new();
     private int _staged;
+    private readonly SemaphoreSlim _readBuffers;
+    private static readonly TimeSpan ReadBufferWait = TimeSpan.FromSeconds(30);
     private ulong _nextLease;
     private long _lookups, _hitBlocks, _missBlocks;
 
     /// <param name="build">Builds the manager with this store as its event sink.</param>
     /// <param name="eventLogCapacity">Events kept per tenant for subscribers that fall behind (they get a snapshot beyond it).</param>
-    public TieredFabricStore(KvLayout layout, string node, int maxStagedBlocks, Func<IKvEventSink, TierManager> build, int eventLogCapacity = 65536)
+    /// <param name="readBuffers">Block buffers that reads of blocks outside host memory (Get, Export) may hold at once,
+    /// node-wide: what bounds the memory of many Gets of SSD or GPU blocks.</param>
+    public TieredFabricStore(KvLayout layout, string node, int maxStagedBlocks, Func<IKvEventSink, TierManager> build, int eventLogCapacity = 65536,
+        int readBuffers = 16)
     {
         ArgumentNullException.ThrowIfNull(layout);
         ArgumentNullException.ThrowIfNull(build);
@@ -41,8 +46,15 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
         Node = node;
         Events = new KvEventLogs(eventLogCapacity);
         _maxStagedBlocks = maxStagedBlocks;
+        if (readBuffers < 1)
+            throw new ArgumentOutOfRangeException(nameof(readBuffers), readBuffers, "reads of blocks outside host memory need at least one buffer");
+        _readBuffers = new SemaphoreSlim(readBuffers, readBuffers);
+        ReadBufferCount = readBuffers;
         _tiers = build(this);
     }
+
+    /// <summary>Block buffers reads of blocks outside host memory may hold at once (node-wide).</summary>
+    public int ReadBufferCount { get; }
 
     public KvLayout Layout { get; }
     public int BlockBytes { get; }
@@ -96,35 +108,22 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
 
     public IPutBatch BeginPut(uint tenant) => new PutBatch(this, tenant);
 
-    public async ValueTask<ReadLease?> OpenReadAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken)
+    public ValueTask<ReadLease?> OpenReadAsync(uint tenant, BlockHash hash, CancellationToken cancellationToken)
     {
-        // Host memory serves in place; other tiers (device memory, SSD) are read into a pooled buffer.
+        // Host memory serves in place; a block in another tier (device memory, SSD) is held in use now and read into a
+        // buffer of the bounded pool when its bytes are asked for, so that a Get of many such blocks holds one at a time.
         if (_tiers.TryOpenInPlace(tenant, hash, out ReadOnlyMemory<byte> inPlace, out TierKind inPlaceTier) is { } scope)
-            return new InPlaceLease(scope, inPlace, inPlaceTier);
-        int held = _tiers.Residency(new BlockKey(tenant, hash));
-        if (held == 0)
+            return ValueTask.FromResult<ReadLease?>(new InPlaceLease(scope, inPlace, inPlaceTier));
+        BlockUseScope held = _tiers.Acquire(tenant, [hash]);
+        int residency = _tiers.Residency(new BlockKey(tenant, hash));
+        if (held.Count == 0 || residency == 0)
         {
+            held.Dispose();
             Interlocked.Increment(ref _missBlocks);
-            return null;
+            return ValueTask.FromResult<ReadLease?>(null);
         }
-        TierKind tier = _tiers.Tiers[System.Numerics.BitOperations.TrailingZeroCount(held)];
-        byte[] buffer = ArrayPool<byte>.Shared.Rent(BlockBytes);
-        try
-        {
-            int read = await _tiers.GetAsync(tenant, new[] { hash }, [buffer.AsMemory(0, BlockBytes)], cancellationToken).ConfigureAwait(false);
-            if (read == 0)
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
-                return null;
-            }
-
-            return new BufferLease(buffer, BlockBytes, tier);
-        }
-        catch
-        {
-            ArrayPool<byte>.Shared.Return(buffer);
-            throw;
-        }
+        TierKind tier = _tiers.Tiers[System.Numerics.BitOperations.TrailingZeroCount(residency)];
+        return ValueTask.FromResult<ReadLease?>(new BufferLease(this, tenant, hash, held, tier));
     }
 
     public PinLease Pin(uint tenant, ReadOnlySpan<BlockHash> hashes, TimeSpan lease)
@@ -223,23 +222,57 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
 
     private sealed class InPlaceLease(BlockUseScope scope, ReadOnlyMemory<byte> bytes, TierKind tier) : ReadLease
     {
-        public override ReadOnlyMemory<byte> Bytes => bytes;
         public override TierKind Tier => tier;
+        public override ValueTask<ReadOnlyMemory<byte>> LoadAsync(CancellationToken cancellationToken) => ValueTask.FromResult(bytes);
         public override void Dispose() => scope.Dispose();
     }
 
-    private sealed class BufferLease(byte[] buffer, int length, TierKind tier) : ReadLease
+    // A block outside host memory: held in use (not evicted, moved out or deleted) from open to Dispose; read on LoadAsync
+    // into a buffer taken from the store's bounded pool (a semaphore over ArrayPool buffers), given back on Dispose.
+    private sealed class BufferLease(TieredFabricStore store, uint tenant, BlockHash hash, BlockUseScope held, TierKind tier) : ReadLease
     {
-        private byte[]? _buffer = buffer;
+        private byte[]? _buffer;
+        private int _disposed;
 
-        public override ReadOnlyMemory<byte> Bytes => (_buffer ?? throw new ObjectDisposedException(nameof(ReadLease))).AsMemory(0, length);
         public override TierKind Tier => tier;
+
+        public override async ValueTask<ReadOnlyMemory<byte>> LoadAsync(CancellationToken cancellationToken)
+        {
+            ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+            if (_buffer is { } loaded)
+                return loaded.AsMemory(0, store.BlockBytes);
+            if (!await store._readBuffers.WaitAsync(ReadBufferWait, cancellationToken).ConfigureAwait(false))
+                throw new StoreFullException($"all {store.ReadBufferCount} read buffers of node {store.Node} (for blocks outside host memory) stayed in use "
+                    + $"for {ReadBufferWait.TotalSeconds:0} s; retry, ask for fewer blocks at once, or raise read_buffers");
+            byte[] buffer = ArrayPool<byte>.Shared.Rent(store.BlockBytes);
+            try
+            {
+                int read = await store._tiers.GetAsync(tenant, new[] { hash }, [buffer.AsMemory(0, store.BlockBytes)], cancellationToken).ConfigureAwait(false);
+                if (read == 0)
+                    throw new BlockNotFoundException($"block {hash} could no longer be read from the {tier} tier of node {store.Node} (it failed its "
+                        + "checksum and was dropped); Put it again or recompute it");
+            }
+            catch
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+                store._readBuffers.Release();
+                throw;
+            }
+            _buffer = buffer;
+            return buffer.AsMemory(0, store.BlockBytes);
+        }
 
         public override void Dispose()
         {
-            byte[]? b = Interlocked.Exchange(ref _buffer, null);
-            if (b is not null)
+            if (Interlocked.Exchange(ref _disposed, 1) != 0)
+                return;
+            if (_buffer is { } b)
+            {
+                _buffer = null;
                 ArrayPool<byte>.Shared.Return(b);
+                store._readBuffers.Release();
+            }
+            held.Dispose();
         }
     }
 

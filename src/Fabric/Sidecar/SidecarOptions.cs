@@ -48,6 +48,8 @@ public sealed record SidecarOptions
     public double? RecomputeMsPerBlockPerDepth { get; init; }
     /// <summary>Blocks all Puts in progress may stage at once (each a block-sized buffer).</summary>
     public int PutStagingBlocks { get; init; } = 64;
+    /// <summary>Block buffers that reads of blocks outside host memory (Get and Export of SSD or GPU blocks) may hold at once.</summary>
+    public int ReadBuffers { get; init; } = 16;
     public int StagingSlots { get; init; } = 64;
     /// <summary>KV events kept per tenant for subscribers that fall behind; one further back gets a snapshot.</summary>
     public int EventLogCapacity { get; init; } = 65536;
@@ -111,6 +113,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"ssd_admission must be 'always' or 'seen-twice'; got '{SsdAdmission}'");
         if (PutStagingBlocks is < 1 or > 65536)
             throw new ArgumentException($"put_staging_blocks must be 1..65536; got {PutStagingBlocks}");
+        if (ReadBuffers is < 1 or > 65536)
+            throw new ArgumentException($"read_buffers must be 1..65536; got {ReadBuffers}");
         foreach (string policy in new[] { Policy, SsdPolicy })
             _ = KvFabric.Tiers.Policies.PolicyFactory.Create(policy, 1, Layout.TokensPerBlock); // fails with the list of names
         if (EventLogCapacity is < 1 or > 1 << 24)
@@ -188,6 +192,7 @@ public sealed record SidecarOptions
             RecomputeMsPerBlock = Double(c, "recompute_ms_per_block"),
             RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),
             PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
+            ReadBuffers = Int(c, "read_buffers", d.ReadBuffers),
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
             EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
             KeepAlive = Double(c, "keepalive_s") is { } ka ? TimeSpan.FromSeconds(ka) : d.KeepAlive,

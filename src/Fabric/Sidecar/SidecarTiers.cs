@@ -106,7 +106,7 @@ public sealed class SidecarTiers : IDisposable
                 RecomputeSecondsPerBlock = o.RecomputeMsPerBlock / 1000,
                 RecomputeSecondsPerBlockPerDepth = (o.RecomputeMsPerBlockPerDepth ?? 0) / 1000,
                 Events = sink,
-            }), o.EventLogCapacity);
+            }), o.EventLogCapacity, o.ReadBuffers);
             described.Add($"policy {o.Policy}, {(o.WriteThrough ? "write-through" : "write-back")}"
                           + (o.RecomputeMsPerBlock is { } ms ? $", load-vs-recompute gate at {ms} ms/block" : ", no load-vs-recompute gate"));
             return new SidecarTiers(store, device, described);

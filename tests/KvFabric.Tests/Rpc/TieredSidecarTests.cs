@@ -1,7 +1,10 @@
+using KvFabric.Blocks;
 using KvFabric.Client;
 using KvFabric.Client.Grpc;
 using KvFabric.Rpc.V1;
+using KvFabric.Service;
 using KvFabric.Sidecar;
+using KvFabric.Tiers;
 using Microsoft.Extensions.Logging.Abstractions;
 using Xunit;
 
@@ -91,5 +94,38 @@ public sealed class TieredSidecarTests : IDisposable
         var e = await Assert.ThrowsAsync<RpcException>(() => client.PutAsync(TestBlocks.ToPut(TestBlocks.Chain("huge", 9), blockBytes, 2)));
         Assert.Equal(StatusCode.ResourceExhausted, e.Status);
         Assert.Equal(2u, (await client.LookupAsync(TestBlocks.Packed(kept))).MatchedBlocks);
+    }
+
+    // Blocks outside host memory are read into a bounded pool of buffers, one per block as its turn comes: a read waits
+    // for a free buffer (here: one) instead of allocating, and a Get of many SSD blocks streams through it.
+    [Fact]
+    public async Task Reads_of_blocks_outside_host_memory_share_a_bounded_pool_of_buffers()
+    {
+        int blockBytes = (int)SidecarFixture.SmallLayout.BlockBytes;
+        var chains = Enumerable.Range(0, 6).Select(c => TestBlocks.Chain($"bounded-{c}", 4).Select(h => BlockHash.FromBytes(h)).ToArray()).ToArray();
+        var options = Options with { GpuCapacityBytes = 0, ReadBuffers = 1 };
+        using var tiers = await SidecarTiers.OpenAsync(options, NullLogger.Instance, CancellationToken.None);
+        var store = tiers.Store;
+        Assert.Equal(1, store.ReadBufferCount);
+        foreach (var (chain, c) in chains.Select((chain, c) => (chain, c)))
+        {
+            using var put = store.BeginPut(0);
+            for (int i = 0; i < chain.Length; i++)
+                TestBlocks.Bytes(blockBytes, 1000 * c + i).CopyTo(put.Add(chain[i], i == 0 ? null : chain[i - 1], i));
+            Assert.Equal(4, (await put.CommitAsync(CancellationToken.None)).Stored);
+        }
+        var onSsd = chains.SelectMany((chain, c) => chain.Select((h, i) => (Hash: h, Value: 1000 * c + i)))
+            .Where(b => { Span<TierKind> t = stackalloc TierKind[1]; return store.Lookup(0, [b.Hash], t) == 1 && t[0] == TierKind.Ssd; })
+            .Take(2).ToArray();
+        Assert.Equal(2, onSsd.Length);
+
+        using ReadLease first = (await store.OpenReadAsync(0, onSsd[0].Hash, CancellationToken.None))!;
+        using ReadLease second = (await store.OpenReadAsync(0, onSsd[1].Hash, CancellationToken.None))!;
+        Assert.Equal(TierKind.Ssd, first.Tier);
+        Assert.Equal(TestBlocks.Bytes(blockBytes, onSsd[0].Value), (await first.LoadAsync(CancellationToken.None)).ToArray());
+        using (var soon = new CancellationTokenSource(TimeSpan.FromMilliseconds(200)))
+            await Assert.ThrowsAnyAsync<OperationCanceledException>(async () => await second.LoadAsync(soon.Token)); // the one buffer is taken
+        first.Dispose();
+        Assert.Equal(TestBlocks.Bytes(blockBytes, onSsd[1].Value), (await second.LoadAsync(CancellationToken.None)).ToArray());
     }
 }
