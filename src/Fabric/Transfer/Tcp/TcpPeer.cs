@@ -72,7 +72,10 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
     {
         foreach (var request in _inflight.Values)
         {
-            int streams = request.BackendState is int s ? s : 1;
+            // A request striped over fewer connections has no chunk on this one: its chunks at these indices are
+            // another connection's, whose receive thread may be writing them right now.
+            if (request.BackendState is not int streams || connection.Index >= streams)
+                continue;
             for (int i = connection.Index; i < request.Chunks.Length; i += streams)
                 request.Settle(i, DescriptorStatus.PeerDisconnected, reason);
         }

@@ -1,0 +1,124 @@
+using System.Net;
+using System.Net.Sockets;
+using KvFabric.Memory;
+using KvFabric.Transfer;
+using KvFabric.Transfer.Diagnostics;
+using KvFabric.Transfer.Tcp;
+using Xunit;
+
+namespace KvFabric.Tests.Transfer;
+
+/// <summary>
+/// A connection carries the chunks i with i % streams == its index, and only those: its failure must not settle chunks
+/// another connection is moving, and a reply on it for another connection's chunk must not land in local memory.
+/// </summary>
+public sealed class TcpStripeReviewTests
+{
+    private const int Chunk = 4096;
+    private static readonly TimeSpan Bound = TimeSpan.FromSeconds(60);
+
+    /// <summary>A hand-driven target: accepts connections in order and speaks the frames the test tells it to.</summary>
+    private sealed class FakeTarget : IAsyncDisposable
+    {
+        private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
+        private readonly List<TcpClient> _clients = [];
+
+        public FakeTarget() => _listener.Start();
+
+        public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
+
+        public async Task<NetworkStream> AcceptAsync(bool answerHello = true)
+        {
+            var client = await _listener.AcceptTcpClientAsync().WaitAsync(Bound);
+            _clients.Add(client);
+            var stream = client.GetStream();
+            var hello = await ReadAsync(stream);
+            await stream.ReadExactlyAsync(new byte[hello.Length]).AsTask().WaitAsync(Bound);
+            if (answerHello)
+                await SendAsync(stream, new FrameHeader { Type = FrameType.HelloOk });
+            return stream;
+        }
+
+        public static async Task<FrameHeader> ReadAsync(NetworkStream stream)
+        {
+            var b = new byte[FrameHeader.Size];
+            await stream.ReadExactlyAsync(b).AsTask().WaitAsync(Bound);
+            return FrameHeader.Read(b);
+        }
+
+        public static async Task SendAsync(NetworkStream stream, FrameHeader h, byte[]? payload = null)
+        {
+            var b = new byte[FrameHeader.Size];
+            h.Write(b);
+            await stream.WriteAsync(b);
+            if (payload is not null)
+                await stream.WriteAsync(payload);
+        }
+
+        public static Task ReadDataAsync(NetworkStream stream, FrameHeader request, byte value) =>
+            SendAsync(stream, new FrameHeader { Type = FrameType.ReadData, RequestId = request.RequestId, Chunk = request.Chunk, Length = request.Length },
+                Enumerable.Repeat(value, (int)request.Length).ToArray());
+
+        public async ValueTask DisposeAsync()
+        {
+            foreach (var c in _clients)
+                c.Dispose();
+            _listener.Stop();
+            _listener.Dispose();
+            await Task.CompletedTask;
+        }
+    }
+
+    private static async Task<(TransferAgent Agent, AnonymousMemory Local, RemoteAgent Remote, AgentMetadata Md, TransferAgent Owner, AnonymousMemory TargetMemory)> SetUpAsync(FakeTarget fake)
+    {
+        // A real agent only to make valid metadata (region ids, keys); the fake answers at its address.
+        var owner = new TransferAgent(new TransferAgentOptions { Name = "fake" });
+        var targetMemory = new AnonymousMemory(16 * Chunk);
+        owner.Register(targetMemory);
+        var md = owner.GetMetadata() with { TcpPort = fake.Port, MaxChunkBytes = Chunk };
+        var agent = new TransferAgent(new TransferAgentOptions { Name = "initiator", ConnectTimeout = TimeSpan.FromSeconds(30) });
+        var local = new AnonymousMemory(16 * Chunk);
+        agent.Register(local);
+        var remote = await agent.LoadRemoteAsync(md.ToBytes());
+        return (agent, local, remote, md, owner, targetMemory);
+    }
+
+    private static TransferRequest Read(TransferAgent agent, AnonymousMemory local, int localOffset, RemoteAgent remote, AnonymousMemory target, int chunks, int streams) =>
+        agent.Prepare(TransferOp.Read, [MemoryDescriptor.Of(local.Address + localOffset, chunks * Chunk)], remote,
+            [MemoryDescriptor.Of(target.Address + localOffset, chunks * Chunk)],
+            new TransferOptions { Backend = BackendKind.Tcp, Streams = streams, Deadline = Bound });
+
+    [Fact]
+    public async Task A_connection_that_breaks_does_not_fail_chunks_of_a_request_striped_over_fewer_connections()
+    {
+        await using var fake = new FakeTarget();
+        var (agent, local, remote, _, owner, target) = await SetUpAsync(fake);
+        await using var _a = agent;
+        await using var _o = owner;
+        using var _l = local;
+        using var _t = target;
+
+        // B: one stream, four chunks, all on connection 0; the fake holds its replies back.
+        var b = Read(agent, local, 0, remote, target, chunks: 4, streams: 1);
+        var bPost = agent.PostAsync(b);
+        var conn0 = await fake.AcceptAsync();
+        var asked = new FrameHeader[4];
+        for (int i = 0; i < 4; i++)
+            asked[i] = await FakeTarget.ReadAsync(conn0);
+
+        // A: two streams; its connection 1 is dropped during the handshake (a target at its connection limit does this).
+        var a = Read(agent, local, 8 * Chunk, remote, target, chunks: 2, streams: 2);
+        var aPost = agent.PostAsync(a);
+        (await fake.AcceptAsync(answerHello: false)).Socket.Dispose();
+        Assert.Equal(TransferStatus.Failed, (await aPost.WaitAsync(Bound)).Status);
+
+        // B's chunks were never on connection 1: they arrive now on connection 0 and B succeeds.
+        foreach (var h in asked)
+            await FakeTarget.ReadDataAsync(conn0, h, (byte)(0x40 + h.Chunk));
+        var result = await bPost.WaitAsync(Bound);
+
+        Assert.True(result.IsSuccess, result.ToString());
+        for (int i = 0; i < 4; i++)
+            Assert.Equal((byte)(0x40 + i), local.GetSpan((long)i * Chunk, Chunk)[Chunk - 1]);
+    }
+}
