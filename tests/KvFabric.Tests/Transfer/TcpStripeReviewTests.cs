@@ -121,4 +121,40 @@ public sealed class TcpStripeReviewTests
         for (int i = 0; i < 4; i++)
             Assert.Equal((byte)(0x40 + i), local.GetSpan((long)i * Chunk, Chunk)[Chunk - 1]);
     }
+
+    [Fact]
+    public async Task A_reply_on_a_connection_that_does_not_carry_that_chunk_is_not_written()
+    {
+        await using var fake = new FakeTarget();
+        var (agent, local, remote, _, owner, target) = await SetUpAsync(fake);
+        await using var _a = agent;
+        await using var _o = owner;
+        using var _l = local;
+        using var _t = target;
+
+        // Open connections 0 and 1 with a two-stream READ the fake answers properly.
+        var warm = agent.PostAsync(Read(agent, local, 8 * Chunk, remote, target, chunks: 2, streams: 2));
+        var conn0 = await fake.AcceptAsync();
+        var conn1 = await fake.AcceptAsync();
+        await FakeTarget.ReadDataAsync(conn0, await FakeTarget.ReadAsync(conn0), 1);
+        await FakeTarget.ReadDataAsync(conn1, await FakeTarget.ReadAsync(conn1), 1);
+        Assert.True((await warm.WaitAsync(Bound)).IsSuccess);
+
+        // B: one stream, so its only chunk is on connection 0 (the one its deadline or cancellation would close).
+        var b = Read(agent, local, 0, remote, target, chunks: 1, streams: 1);
+        var bPost = agent.PostAsync(b);
+        var asked = await FakeTarget.ReadAsync(conn0);
+
+        // The target answers it on connection 1 first, then properly on connection 0.
+        await FakeTarget.ReadDataAsync(conn1, asked, 0xEE);
+        // Either the initiator drops connection 1 for breaking the protocol, or it took the reply and B is over.
+        var conn1Closed = conn1.ReadAsync(new byte[1]).AsTask();
+        await Task.WhenAny(conn1Closed, bPost).WaitAsync(Bound);
+        await FakeTarget.ReadDataAsync(conn0, asked, 0x11);
+        var result = await bPost.WaitAsync(Bound);
+
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.Equal(0x11, local.GetSpan(0, Chunk)[0]);
+        Assert.Equal(0x11, local.GetSpan(0, Chunk)[Chunk - 1]);
+    }
 }

@@ -368,13 +368,19 @@ internal sealed class TcpConnection
             request.Settle((int)h.Chunk, DescriptorStatus.Done);
     }
 
-    /// <summary>A reply must name a chunk of that request and match its direction, or the target is broken or hostile.</summary>
-    private static void CheckReply(TransferRequest request, in FrameHeader h, TransferOp expected)
+    /// <summary>
+    /// A reply must name a chunk of that request that this connection carries, and match its direction, or the target is
+    /// broken or hostile. A chunk of another connection's stripe must not land through this one: aborting a request
+    /// closes only the connections of its stripes, so this thread could still be writing it after the post returned.
+    /// </summary>
+    private void CheckReply(TransferRequest request, in FrameHeader h, TransferOp expected)
     {
         if (request.Op != expected)
             throw new InvalidDataException($"the target sent {h.Type} for a {request.Op} request");
         if (h.Chunk >= (uint)request.Chunks.Length)
             throw new InvalidDataException($"the target sent {h.Type} for chunk {h.Chunk} of a {request.Chunks.Length}-chunk request");
+        if (request.BackendState is int streams && h.Chunk % (uint)streams != (uint)Index)
+            throw new InvalidDataException($"the target sent {h.Type} for chunk {h.Chunk} on connection {Index}, which does not carry it");
     }
 
     private string ReadError(FrameHeader h)
