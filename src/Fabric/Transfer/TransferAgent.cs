@@ -35,6 +35,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
             throw new ArgumentOutOfRangeException(nameof(options), Options.MaxChunkBytes, "MaxChunkBytes must be within 4 KiB..256 MiB");
         if (Options.TcpStreams is < 1 or > TcpPeer.MaxStreams || Options.ShmStreams is < 1 or > TcpPeer.MaxStreams)
             throw new ArgumentOutOfRangeException(nameof(options), $"streams must be within 1..{TcpPeer.MaxStreams}");
+        if (Options.StallTimeout <= TimeSpan.Zero || Options.StallTimeout.TotalMilliseconds > int.MaxValue)
+            throw new ArgumentOutOfRangeException(nameof(options), Options.StallTimeout, "StallTimeout must be positive and at most int.MaxValue ms");
         AgentId = Guid.NewGuid();
         _notifications = Channel.CreateBounded<Notification>(new BoundedChannelOptions(Options.NotificationQueueCapacity)
         {

@@ -26,6 +26,12 @@ public sealed record TransferAgentOptions
     /// <summary>Notifications waiting to be read; when full, senders get a clear QueueFull failure.</summary>
     public int NotificationQueueCapacity { get; init; } = 4096;
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(5);
+    /// <summary>
+    /// How long an inbound connection may make no progress inside a frame (none of a started frame's bytes arrive, or
+    /// the peer takes none of a reply) before it is closed, releasing the regions the frame held. Idle time between
+    /// frames is not a stall.
+    /// </summary>
+    public TimeSpan StallTimeout { get; init; } = TimeSpan.FromSeconds(30);
     /// <summary>Inbound connections served at once (each has a receive thread); more are refused.</summary>
     public int MaxInboundConnections { get; init; } = 256;
     /// <summary>The KV layout fingerprint; peers with a different non-empty one are refused at load time.</summary>

@@ -33,16 +33,26 @@ internal sealed class FrameChannel : IDisposable
         set => _socket.ReceiveTimeout = (int)value.TotalMilliseconds;
     }
 
-    public FrameHeader ReadHeader()
+    /// <summary>Bounds blocking sends: a peer that takes none of our bytes for this long fails the send.</summary>
+    public TimeSpan SendTimeout
+    {
+        set => _socket.SendTimeout = (int)value.TotalMilliseconds;
+    }
+
+    /// <summary>
+    /// Reads the next header. With <paramref name="mayIdle"/>, a receive timeout before any byte of it arrived is idle
+    /// time between frames and the wait goes on; once the header has started, a timeout is a stall and throws.
+    /// </summary>
+    public FrameHeader ReadHeader(bool mayIdle = false)
     {
         while (_inEnd - _inStart < FrameHeader.Size)
-            Fill();
+            Fill(mayIdle);
         var header = FrameHeader.Read(_in.AsSpan(_inStart, FrameHeader.Size));
         _inStart += FrameHeader.Size;
         return header;
     }
 
-    private void Fill()
+    private void Fill(bool mayIdle)
     {
         if (_inStart > 0)
         {
@@ -50,7 +60,15 @@ internal sealed class FrameChannel : IDisposable
             _inEnd -= _inStart;
             _inStart = 0;
         }
-        int n = _socket.Receive(_in.AsSpan(_inEnd));
+        int n;
+        try
+        {
+            n = _socket.Receive(_in.AsSpan(_inEnd));
+        }
+        catch (SocketException e) when (mayIdle && _inEnd == 0 && e.SocketErrorCode is SocketError.TimedOut or SocketError.WouldBlock)
+        {
+            return; // idle between frames
+        }
         if (n == 0)
         {
             throw new EndOfStreamException(_inEnd == 0

@@ -25,13 +25,16 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         try
         {
             _channel.ReceiveTimeout = Agent.Options.ConnectTimeout; // a silent connection may not hold a session thread
+            _channel.SendTimeout = Agent.Options.StallTimeout;
             var hello = _channel.ReadHeader();
             if (hello.Type != FrameType.Hello || !AcceptHello(hello))
                 return;
-            _channel.ReceiveTimeout = TimeSpan.Zero;
+            // Idle between frames for as long as the peer likes; inside a frame (its payload received into a region,
+            // or a READ's reply sent from one) a stalled peer is dropped, so it cannot hold the region from deregistration.
+            _channel.ReceiveTimeout = Agent.Options.StallTimeout;
             while (true)
             {
-                var h = _channel.ReadHeader();
+                var h = _channel.ReadHeader(mayIdle: true);
                 switch (h.Type)
                 {
                     case FrameType.Write: OnWrite(h); break;
