@@ -17,59 +17,7 @@ public sealed class TcpStripeReviewTests
     private const int Chunk = 4096;
     private static readonly TimeSpan Bound = TimeSpan.FromSeconds(60);
 
-    /// <summary>A hand-driven target: accepts connections in order and speaks the frames the test tells it to.</summary>
-    private sealed class FakeTarget : IAsyncDisposable
-    {
-        private readonly TcpListener _listener = new(IPAddress.Loopback, 0);
-        private readonly List<TcpClient> _clients = [];
-
-        public FakeTarget() => _listener.Start();
-
-        public int Port => ((IPEndPoint)_listener.LocalEndpoint).Port;
-
-        public async Task<NetworkStream> AcceptAsync(bool answerHello = true)
-        {
-            var client = await _listener.AcceptTcpClientAsync().WaitAsync(Bound);
-            _clients.Add(client);
-            var stream = client.GetStream();
-            var hello = await ReadAsync(stream);
-            await stream.ReadExactlyAsync(new byte[hello.Length]).AsTask().WaitAsync(Bound);
-            if (answerHello)
-                await SendAsync(stream, new FrameHeader { Type = FrameType.HelloOk });
-            return stream;
-        }
-
-        public static async Task<FrameHeader> ReadAsync(NetworkStream stream)
-        {
-            var b = new byte[FrameHeader.Size];
-            await stream.ReadExactlyAsync(b).AsTask().WaitAsync(Bound);
-            return FrameHeader.Read(b);
-        }
-
-        public static async Task SendAsync(NetworkStream stream, FrameHeader h, byte[]? payload = null)
-        {
-            var b = new byte[FrameHeader.Size];
-            h.Write(b);
-            await stream.WriteAsync(b);
-            if (payload is not null)
-                await stream.WriteAsync(payload);
-        }
-
-        public static Task ReadDataAsync(NetworkStream stream, FrameHeader request, byte value) =>
-            SendAsync(stream, new FrameHeader { Type = FrameType.ReadData, RequestId = request.RequestId, Chunk = request.Chunk, Length = request.Length },
-                Enumerable.Repeat(value, (int)request.Length).ToArray());
-
-        public async ValueTask DisposeAsync()
-        {
-            foreach (var c in _clients)
-                c.Dispose();
-            _listener.Stop();
-            _listener.Dispose();
-            await Task.CompletedTask;
-        }
-    }
-
-    private static async Task<(TransferAgent Agent, AnonymousMemory Local, RemoteAgent Remote, AgentMetadata Md, TransferAgent Owner, AnonymousMemory TargetMemory)> SetUpAsync(FakeTarget fake)
+    internal static async Task<(TransferAgent Agent, AnonymousMemory Local, RemoteAgent Remote, AgentMetadata Md, TransferAgent Owner, AnonymousMemory TargetMemory)> SetUpAsync(FakeTcpTarget fake)
     {
         // A real agent only to make valid metadata (region ids, keys); the fake answers at its address.
         var owner = new TransferAgent(new TransferAgentOptions { Name = "fake" });
@@ -91,7 +39,7 @@ public sealed class TcpStripeReviewTests
     [Fact]
     public async Task A_connection_that_breaks_does_not_fail_chunks_of_a_request_striped_over_fewer_connections()
     {
-        await using var fake = new FakeTarget();
+        await using var fake = new FakeTcpTarget();
         var (agent, local, remote, _, owner, target) = await SetUpAsync(fake);
         await using var _a = agent;
         await using var _o = owner;
@@ -104,7 +52,7 @@ public sealed class TcpStripeReviewTests
         var conn0 = await fake.AcceptAsync();
         var asked = new FrameHeader[4];
         for (int i = 0; i < 4; i++)
-            asked[i] = await FakeTarget.ReadAsync(conn0);
+            asked[i] = await FakeTcpTarget.ReadAsync(conn0);
 
         // A: two streams; its connection 1 is dropped during the handshake (a target at its connection limit does this).
         var a = Read(agent, local, 8 * Chunk, remote, target, chunks: 2, streams: 2);
@@ -114,7 +62,7 @@ public sealed class TcpStripeReviewTests
 
         // B's chunks were never on connection 1: they arrive now on connection 0 and B succeeds.
         foreach (var h in asked)
-            await FakeTarget.ReadDataAsync(conn0, h, (byte)(0x40 + h.Chunk));
+            await FakeTcpTarget.ReadDataAsync(conn0, h, (byte)(0x40 + h.Chunk));
         var result = await bPost.WaitAsync(Bound);
 
         Assert.True(result.IsSuccess, result.ToString());
@@ -125,7 +73,7 @@ public sealed class TcpStripeReviewTests
     [Fact]
     public async Task A_reply_on_a_connection_that_does_not_carry_that_chunk_is_not_written()
     {
-        await using var fake = new FakeTarget();
+        await using var fake = new FakeTcpTarget();
         var (agent, local, remote, _, owner, target) = await SetUpAsync(fake);
         await using var _a = agent;
         await using var _o = owner;
@@ -136,21 +84,21 @@ public sealed class TcpStripeReviewTests
         var warm = agent.PostAsync(Read(agent, local, 8 * Chunk, remote, target, chunks: 2, streams: 2));
         var conn0 = await fake.AcceptAsync();
         var conn1 = await fake.AcceptAsync();
-        await FakeTarget.ReadDataAsync(conn0, await FakeTarget.ReadAsync(conn0), 1);
-        await FakeTarget.ReadDataAsync(conn1, await FakeTarget.ReadAsync(conn1), 1);
+        await FakeTcpTarget.ReadDataAsync(conn0, await FakeTcpTarget.ReadAsync(conn0), 1);
+        await FakeTcpTarget.ReadDataAsync(conn1, await FakeTcpTarget.ReadAsync(conn1), 1);
         Assert.True((await warm.WaitAsync(Bound)).IsSuccess);
 
         // B: one stream, so its only chunk is on connection 0 (the one its deadline or cancellation would close).
         var b = Read(agent, local, 0, remote, target, chunks: 1, streams: 1);
         var bPost = agent.PostAsync(b);
-        var asked = await FakeTarget.ReadAsync(conn0);
+        var asked = await FakeTcpTarget.ReadAsync(conn0);
 
         // The target answers it on connection 1 first, then properly on connection 0.
-        await FakeTarget.ReadDataAsync(conn1, asked, 0xEE);
+        await FakeTcpTarget.ReadDataAsync(conn1, asked, 0xEE);
         // Either the initiator drops connection 1 for breaking the protocol, or it took the reply and B is over.
         var conn1Closed = conn1.ReadAsync(new byte[1]).AsTask();
         await Task.WhenAny(conn1Closed, bPost).WaitAsync(Bound);
-        await FakeTarget.ReadDataAsync(conn0, asked, 0x11);
+        await FakeTcpTarget.ReadDataAsync(conn0, asked, 0x11);
         var result = await bPost.WaitAsync(Bound);
 
         Assert.True(result.IsSuccess, result.ToString());

@@ -362,7 +362,12 @@ internal sealed class TcpConnection
             throw new InvalidDataException($"READ_DATA for chunk {h.Chunk} carries {h.Length} bytes, {c.Length} were asked for");
         _channel.Receive(c.Local, c.Length);
         _peer.Backend.Agent.CountBytes(BackendKind.Tcp, (uint)c.Length, received: true);
-        if (h.HasChecksum && Checksums.Compute(h.ChecksumKind, c.Local, c.Length) != h.Checksum)
+        // A READ that asked for a checksum counts as verified only by one of that kind: a reply without it (a target
+        // that ignores the flag, or a flipped flag bit) must not pass as Done.
+        var wanted = request.Options.Checksum;
+        if (wanted != ChecksumKind.None && (!h.HasChecksum || h.ChecksumKind != wanted))
+            request.Settle((int)h.Chunk, DescriptorStatus.ChecksumMismatch, $"the target sent no {wanted} checksum with the data: it cannot be verified");
+        else if (h.HasChecksum && Checksums.Compute(h.ChecksumKind, c.Local, c.Length) != h.Checksum)
             request.Settle((int)h.Chunk, DescriptorStatus.ChecksumMismatch, FrameHeader.Describe(WireStatus.ChecksumMismatch));
         else
             request.Settle((int)h.Chunk, DescriptorStatus.Done);
