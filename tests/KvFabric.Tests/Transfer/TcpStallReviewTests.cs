@@ -102,4 +102,32 @@ public sealed class TcpStallReviewTests
         Assert.Equal(WireStatus.Ok, ack.Status);
         Assert.Equal(0xCD, memory.GetSpan(4095, 1)[0]);
     }
+
+    [Fact]
+    public async Task A_handshake_dribbled_a_byte_at_a_time_is_cut_off_at_the_connect_timeout()
+    {
+        await using var target = new TransferAgent(new TransferAgentOptions { Name = "target", ConnectTimeout = TimeSpan.FromSeconds(1) });
+        using var client = new TcpClient();
+        await client.ConnectAsync(target.TcpEndpoint).WaitAsync(Bound);
+        var stream = client.GetStream();
+        // A HELLO announcing 1,000 bytes, which then come one every 100 ms: every single receive is well within the
+        // connect timeout, the handshake as a whole never is. Such clients could hold all MaxInboundConnections.
+        await SendAsync(stream, new FrameHeader { Type = FrameType.Hello, Length = 1000 });
+        var closed = stream.ReadAsync(new byte[1]).AsTask();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (!closed.IsCompleted && clock.Elapsed < Bound)
+        {
+            try
+            {
+                await stream.WriteAsync(new byte[1]);
+            }
+            catch (IOException)
+            {
+                break;
+            }
+            await Task.WhenAny(closed, Task.Delay(100));
+        }
+
+        Assert.True(closed.IsCompleted, "the target still waits for the handshake after a minute");
+    }
 }

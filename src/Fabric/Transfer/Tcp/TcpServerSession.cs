@@ -26,9 +26,18 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         {
             _channel.ReceiveTimeout = Agent.Options.ConnectTimeout; // a silent connection may not hold a session thread
             _channel.SendTimeout = Agent.Options.StallTimeout;
-            var hello = _channel.ReadHeader();
-            if (hello.Type != FrameType.Hello || !AcceptHello(hello))
-                return;
+            // Nor may a slow one: the receive timeout bounds each receive, this the whole handshake.
+            int handshake = 0; // 0 running, 1 done, 2 expired
+            using (new Timer(_ =>
+            {
+                if (Interlocked.CompareExchange(ref handshake, 2, 0) == 0)
+                    _channel.Abort();
+            }, null, Agent.Options.ConnectTimeout, Timeout.InfiniteTimeSpan))
+            {
+                var hello = _channel.ReadHeader();
+                if (hello.Type != FrameType.Hello || !AcceptHello(hello) || Interlocked.CompareExchange(ref handshake, 1, 0) != 0)
+                    return;
+            }
             // Idle between frames for as long as the peer likes; inside a frame (its payload received into a region,
             // or a READ's reply sent from one) a stalled peer is dropped, so it cannot hold the region from deregistration.
             _channel.ReceiveTimeout = Agent.Options.StallTimeout;
