@@ -281,6 +281,19 @@ internal sealed class TcpConnection
 
     private void ReceiveLoop()
     {
+        string reason = ReceiveFrames();
+        Break(reason);
+        // Only now, with this thread done writing into local memory, fail what was waiting on the connection.
+        _peer.OnConnectionBroken(this, _fault ?? reason);
+        _receiveStopped.TrySetResult();
+    }
+
+    /// <summary>
+    /// Receives until the connection ends and returns why. Every way out returns here, so the caller always fails what
+    /// waited on the connection and marks the thread stopped (an ERROR frame included: AbortAsync waits for that mark).
+    /// </summary>
+    private string ReceiveFrames()
+    {
         string reason;
         try
         {
@@ -291,8 +304,7 @@ internal sealed class TcpConnection
             {
                 reason = $"agent '{_peer.Remote.Name}' refused the connection: {ReadError(reply)}";
                 _hello.TrySetResult(reason);
-                Break(reason);
-                return;
+                return reason;
             }
             if (reply.Type != FrameType.HelloOk)
                 throw new InvalidDataException($"expected HELLO_OK from '{_peer.Remote.Name}', got {reply.Type}");
@@ -317,9 +329,7 @@ internal sealed class TcpConnection
                         _peer.CompleteControl(h.RequestId, h.Status);
                         break;
                     case FrameType.Error:
-                        reason = $"agent '{_peer.Remote.Name}' closed the connection: {ReadError(h)}";
-                        Break(reason);
-                        return;
+                        return $"agent '{_peer.Remote.Name}' closed the connection: {ReadError(h)}";
                     default:
                         throw new InvalidDataException($"unexpected frame {h.Type} from the target");
                 }
@@ -334,10 +344,7 @@ internal sealed class TcpConnection
         {
             _hello.TrySetResult(_fault ?? "the connection closed during the handshake");
         }
-        Break(reason);
-        // Only now, with this thread done writing into local memory, fail what was waiting on the connection.
-        _peer.OnConnectionBroken(this, _fault ?? reason);
-        _receiveStopped.TrySetResult();
+        return reason;
     }
 
     private void OnReadData(FrameHeader h)
