@@ -10,6 +10,7 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
 {
     private nint _address;
     private readonly bool _unlinkOnDispose;
+    private int _ownerFd = -1; // the creator's descriptor, holding a shared flock: "alive" to stale-segment cleanup
 
     public nint Address => _address != 0 ? _address : throw new ObjectDisposedException(nameof(MappedMemory), $"mapping of {MappedPath} was disposed");
     public long Length { get; }
@@ -35,11 +36,22 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
         int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CREAT | Libc.O_EXCL | Libc.O_CLOEXEC, 0x180 /* 0600: only this user */);
         if (fd < 0)
             throw new IOException($"cannot create '{path}' ({Libc.LastError()}); if it is a stale segment of a dead process, remove it or run 'kvfabric shm-clean'");
+        bool keep = false;
         try
         {
+            // An owner that unlinks on dispose keeps the file locked while it lives: the pid in a segment's name tells
+            // nothing across PID namespaces, the lock does (SharedMemorySegment.RemoveStale).
+            if (unlinkOnDispose && Libc.Flock(fd, Libc.LOCK_SH) != 0)
+                throw new IOException($"cannot lock '{path}' ({Libc.LastError()})");
             if (Libc.Ftruncate(fd, length) != 0)
                 throw new IOException($"cannot size '{path}' to {length} bytes ({Libc.LastError()}); is the file system (or /dev/shm) full?");
-            return MapFd(fd, path, length, kind, unlinkOnDispose, lockInRam);
+            var mapped = MapFd(fd, path, length, kind, unlinkOnDispose, lockInRam);
+            if (unlinkOnDispose)
+            {
+                mapped._ownerFd = fd;
+                keep = true;
+            }
+            return mapped;
         }
         catch
         {
@@ -48,7 +60,8 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
         }
         finally
         {
-            Libc.Close(fd);
+            if (!keep)
+                Libc.Close(fd);
         }
     }
 
@@ -115,5 +128,23 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
         Libc.Munmap(addr, (nuint)Length);
         if (_unlinkOnDispose)
             File.Delete(MappedPath);
+        if (_ownerFd >= 0)
+            Libc.Close(_ownerFd); // after the unlink: cleanup never finds the file unlocked while we own it
+    }
+
+    /// <summary>Whether some process holds the creator's lock on the file at <paramref name="path"/> (or it cannot be told).</summary>
+    internal static bool IsHeld(string path)
+    {
+        int fd = Libc.Open(path, Libc.O_RDONLY | Libc.O_NOFOLLOW | Libc.O_CLOEXEC, 0);
+        if (fd < 0)
+            return true; // gone, or not ours to open: not ours to remove either
+        try
+        {
+            return Libc.Flock(fd, Libc.LOCK_EX | Libc.LOCK_NB) != 0;
+        }
+        finally
+        {
+            Libc.Close(fd); // releases the probe's lock, if it got one
+        }
     }
 }

@@ -33,7 +33,10 @@ public static class SharedMemorySegment
         return MappedMemory.Open(path, expectedLength, MemoryKind.SharedHost);
     }
 
-    /// <summary>Removes segments whose owning process no longer exists (left behind by a crash or SIGKILL).</summary>
+    /// <summary>
+    /// Removes segments whose owning process no longer exists (left behind by a crash or SIGKILL): the pid in the name
+    /// is not visible here and no process holds the creator's lock on the file.
+    /// </summary>
     public static int RemoveStale()
     {
         if (!System.IO.Directory.Exists(Directory))
@@ -45,7 +48,9 @@ public static class SharedMemorySegment
             int dash = rest.IndexOf('-', StringComparison.Ordinal);
             if (dash <= 0 || !int.TryParse(rest.AsSpan(0, dash), out int pid))
                 continue;
-            if (System.IO.Directory.Exists($"/proc/{pid}"))
+            // A pid we cannot see may be a live owner in another PID namespace sharing this /dev/shm (containers):
+            // the owner's lock on the file decides.
+            if (System.IO.Directory.Exists($"/proc/{pid}") || MappedMemory.IsHeld(path))
                 continue;
             try
             {

@@ -57,6 +57,11 @@ internal static partial class Libc
 
     internal const int MS_SYNC = 4;
 
+    [LibraryImport("libc", EntryPoint = "flock", SetLastError = true)]
+    internal static partial int Flock(int fd, int operation);
+
+    internal const int LOCK_SH = 1, LOCK_EX = 2, LOCK_NB = 4;
+
     internal static string LastError()
     {
         int errno = Marshal.GetLastPInvokeError();
