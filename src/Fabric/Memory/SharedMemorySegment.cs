@@ -25,10 +25,19 @@ public static class SharedMemorySegment
         return MappedMemory.Create(Path.Combine(Directory, name), length, MemoryKind.SharedHost, unlinkOnDispose: true, lockInRam);
     }
 
+    /// <summary>
+    /// Whether <paramref name="path"/> names a KvFabric segment: a file directly in /dev/shm. A further '/' would walk
+    /// through a directory (or a link to one) that anyone can plant there, out of /dev/shm; O_NOFOLLOW guards only the
+    /// last component.
+    /// </summary>
+    public static bool IsSegmentPath(string path) =>
+        path.StartsWith(Directory + "/" + Prefix, StringComparison.Ordinal) && path.IndexOf('/', Directory.Length + 1) < 0
+        && !path.Contains("..", StringComparison.Ordinal);
+
     /// <summary>Maps a segment another process created.</summary>
     public static MappedMemory Open(string path, long expectedLength)
     {
-        if (!path.StartsWith(Directory + "/" + Prefix, StringComparison.Ordinal) || path.Contains("..", StringComparison.Ordinal))
+        if (!IsSegmentPath(path))
             throw new ArgumentException($"'{path}' is not a KvFabric shared-memory segment ({Directory}/{Prefix}*)", nameof(path));
         return MappedMemory.Open(path, expectedLength, MemoryKind.SharedHost);
     }

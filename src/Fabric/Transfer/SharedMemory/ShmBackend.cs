@@ -27,6 +27,11 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
                 why = $"remote region {region.Id} ({region.Kind}) is not in a shared segment this process can map";
                 return false;
             }
+            if (region.Kind == MemoryKind.SharedHost && !SharedMemorySegment.IsSegmentPath(region.MappedPath))
+            {
+                why = $"remote region {region.Id} names '{region.MappedPath}', which is not a KvFabric segment in {SharedMemorySegment.Directory}";
+                return false;
+            }
             if (region.Kind == MemoryKind.File && !InsideSharedFileDirectory(region.MappedPath))
             {
                 why = $"remote file region {region.Id} ({region.MappedPath}) is outside SharedFileDirectory, so it is reached over TCP only";
