@@ -153,6 +153,8 @@ public sealed class TransferService(TransferAgent agent, IFabricStore? store = n
         if (request.Message.Length > MaxNotificationBytes)
             throw new RpcException(StatusCode.InvalidArgument, $"notification of {request.Message.Length} bytes is over the {MaxNotificationBytes}-byte limit");
         TimeSpan? deadline = call.Deadline is { } d ? d - DateTime.UtcNow : null;
+        if (deadline <= TimeSpan.Zero)
+            throw new RpcException(StatusCode.DeadlineExceeded, $"the deadline passed before the notification to {remote.Name} was sent; nothing was sent");
         TransferResult result = await agent.SendNotificationAsync(remote, request.Message.Memory, deadline, call.CancellationToken).ConfigureAwait(false);
         if (!result.IsSuccess)
             throw new RpcException(StatusCode.Unavailable, $"notification to {remote.Name} failed: {result}");

@@ -125,6 +125,9 @@ public sealed record SidecarOptions
             throw new ArgumentException($"keepalive_s must be at least 1 second; got {KeepAlive.TotalSeconds}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
             throw new ArgumentException("max message sizes must be at least 64 KiB");
+        if (Cluster == "etcd" && Advertise is null && (Listen.Equals(IPAddress.Any) || Listen.Equals(IPAddress.IPv6Any)))
+            throw new ArgumentException($"listen {Listen} is every address, which other nodes cannot dial: set advertise to the URL they reach this "
+                + "node's gRPC port at (e.g. http://10.0.0.5:50051)");
         if (Cluster is not ("none" or "inproc" or "etcd"))
             throw new ArgumentException($"cluster must be 'none', 'inproc' or 'etcd'; got '{Cluster}'");
         if (Clustered)

@@ -101,7 +101,9 @@ public sealed class WorkerServer : IAsyncDisposable
         router.Unary<WorkerStatusRequest, WorkerStatus>(Service + "Status", WorkerStatusRequest.Parser, (_, _) => Task.FromResult(Status()));
         if (_decode is not null)
         {
-            router.Unary<ReserveHandoffRequest, ReserveHandoffResponse>(Service + "Reserve", ReserveHandoffRequest.Parser, (r, _) => Task.FromResult(Reserve(r)));
+            // A ticket whose answer never reached the prefill side (it reset the stream) would hold its slots for the lease.
+            router.Unary<ReserveHandoffRequest, ReserveHandoffResponse>(Service + "Reserve", ReserveHandoffRequest.Parser, (r, _) => Task.FromResult(Reserve(r)),
+                undelivered: (r, _, _) => ReleaseUnaccepted(r.RequestId));
             router.ServerStreaming<DecodeRequest>(Service + "Decode", DecodeRequest.Parser, DecodeAsync);
         }
 

@@ -111,6 +111,16 @@ public sealed class ChannelTests(SidecarFixture fx) : IClassFixture<SidecarFixtu
     }
 
     [Fact]
+    public void A_cluster_node_listening_on_every_address_must_say_where_it_is_reached()
+    {
+        var tenants = new[] { new KvFabric.Rpc.TenantConfig("ops", "secret-token", Admin: true) };
+        var e = Assert.Throws<ArgumentException>(() => new SidecarOptions { Listen = IPAddress.Any, Cluster = "etcd", Tenants = tenants }.Validate());
+        Assert.Contains("advertise", e.Message, StringComparison.Ordinal);
+        new SidecarOptions { Listen = IPAddress.Any, Cluster = "etcd", Tenants = tenants, Advertise = "http://10.0.0.5:50051" }.Validate();
+        new SidecarOptions { Listen = IPAddress.Any, Cluster = "none", Tenants = tenants }.Validate();
+    }
+
+    [Fact]
     public void Timeouts_and_messages_round_trip_the_protocol_encodings()
     {
         Assert.Equal("200000u", GrpcProtocol.FormatTimeout(TimeSpan.FromMilliseconds(200)));
