@@ -132,17 +132,28 @@ internal sealed class TcpBackend : ITransferBackend
 
     private async Task AcceptLoopAsync()
     {
+        int failures = 0;
         while (!_stop.IsCancellationRequested)
         {
             Socket socket;
             try
             {
                 socket = await _listener.AcceptAsync(_stop.Token).ConfigureAwait(false);
+                failures = 0;
             }
             catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
             {
                 if (_stop.IsCancellationRequested)
                     return;
+                // A failure that repeats at once (out of file descriptors: EMFILE) would spin a core: back off, up to 1 s.
+                try
+                {
+                    await Task.Delay(Math.Min(1000, 10 << Math.Min(failures++, 7)), _stop.Token).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException)
+                {
+                    return;
+                }
                 continue;
             }
             if (_sessions.Count >= Agent.Options.MaxInboundConnections)
