@@ -31,8 +31,15 @@ public sealed class StagingArea : IDisposable
         public bool Ended;
     }
 
-    public StagingArea(int slotBytes, int slots)
+    private readonly Dictionary<uint, int> _held = new(); // slots each tenant holds (until they are back in the pool)
+
+    /// <param name="perTenant">Slots one tenant may hold at once (reservations and exports on its behalf); at most
+    /// <paramref name="slots"/>, which is the default: no tenant limit.</param>
+    public StagingArea(int slotBytes, int slots, int? perTenant = null)
     {
+        PerTenant = perTenant ?? slots;
+        if (PerTenant < 1 || PerTenant > slots)
+            throw new ArgumentOutOfRangeException(nameof(perTenant), perTenant, $"staging_slots_per_tenant must be 1..staging_slots ({slots})");
         _pool = new HostBlockPool(new HostBlockPoolOptions { SlotBytes = slotBytes, SlotCount = slots, Shared = true, Tag = "staging" });
         _memory = new NativeMemoryManager[_pool.Capacity];
         for (int i = 0; i < _memory.Length; i++)
@@ -45,6 +52,14 @@ public sealed class StagingArea : IDisposable
     public int SlotBytes => _pool.SlotBytes;
     public int Capacity => _pool.Capacity;
     public int Available => _pool.Available;
+    public int PerTenant { get; }
+
+    /// <summary>Slots the tenant holds now.</summary>
+    public int HeldBy(uint tenant)
+    {
+        lock (_lock)
+            return _held.GetValueOrDefault(tenant);
+    }
 
     public (ulong Id, StagingSlot[] Slots, DateTimeOffset Expires) Reserve(uint tenant, int count, TimeSpan lease)
     {
@@ -56,9 +71,18 @@ public sealed class StagingArea : IDisposable
                     $"only {_pool.Available} of {_pool.Capacity} staging slots are free, {count} were asked for; release reservations or stream the bytes in the call");
             }
 
+            int held = _held.GetValueOrDefault(tenant);
+            if (held + count > PerTenant)
+            {
+                throw new StoreFullException(
+                    $"this tenant holds {held} staging slots and asked for {count} more; one tenant may hold {PerTenant} of the node's {_pool.Capacity} "
+                    + "(staging_slots_per_tenant): release reservations or stream the bytes in the call");
+            }
+
             var slots = new BlockSlot[count];
             for (int i = 0; i < count; i++)
                 slots[i] = _pool.Rent();
+            _held[tenant] = held + count;
             ulong id = ++_next;
             var r = new Reservation(tenant, slots, lease);
             _reservations[id] = r;
@@ -152,6 +176,11 @@ public sealed class StagingArea : IDisposable
     {
         foreach (BlockSlot s in r.Slots)
             _pool.Return(s);
+        int left = _held[r.Tenant] - r.Slots.Length;
+        if (left == 0)
+            _held.Remove(r.Tenant);
+        else
+            _held[r.Tenant] = left;
     }
 
     private void Expire()

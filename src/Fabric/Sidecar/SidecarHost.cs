@@ -43,7 +43,7 @@ public sealed class SidecarHost : IAsyncDisposable
         _log = _logs.CreateLogger("kvfabric.sidecar");
         Metrics = new MetricsRegistry();
         RpcMetrics = new RpcMetrics(Metrics);
-        Staging = new StagingArea((int)options.Layout.BlockBytes, options.StagingSlots);
+        Staging = new StagingArea((int)options.Layout.BlockBytes, options.StagingSlots, options.StagingSlotsPerTenant);
         Agent = new TransferAgent(new TransferAgentOptions { Name = options.Node, ListenAddress = options.Listen, ListenPort = options.TransferPort });
         Router = new GrpcRouter();
         Health = new HealthService([FabricService.Name, IndexService.Name, TransferService.Name]);

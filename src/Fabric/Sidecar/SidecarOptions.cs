@@ -51,6 +51,8 @@ public sealed record SidecarOptions
     /// <summary>Block buffers that reads of blocks outside host memory (Get and Export of SSD or GPU blocks) may hold at once.</summary>
     public int ReadBuffers { get; init; } = 16;
     public int StagingSlots { get; init; } = 64;
+    /// <summary>Staging slots one tenant may hold at once (its reservations and exports); null: all of them.</summary>
+    public int? StagingSlotsPerTenant { get; init; }
     /// <summary>KV events kept per tenant for subscribers that fall behind; one further back gets a snapshot.</summary>
     public int EventLogCapacity { get; init; } = 65536;
     /// <summary>
@@ -121,6 +123,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"event_log_capacity must be 1..{1 << 24}; got {EventLogCapacity}");
         if (StagingSlots is < 1 or > 65536)
             throw new ArgumentException($"staging slots must be 1..65536; got {StagingSlots}");
+        if (StagingSlotsPerTenant is { } per && (per < 1 || per > StagingSlots))
+            throw new ArgumentException($"staging_slots_per_tenant must be 1..staging_slots ({StagingSlots}); got {per}");
         if (KeepAlive < TimeSpan.FromSeconds(1))
             throw new ArgumentException($"keepalive_s must be at least 1 second; got {KeepAlive.TotalSeconds}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
@@ -197,6 +201,7 @@ public sealed record SidecarOptions
             PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
             ReadBuffers = Int(c, "read_buffers", d.ReadBuffers),
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
+            StagingSlotsPerTenant = c["staging_slots_per_tenant"] is null ? d.StagingSlotsPerTenant : Int(c, "staging_slots_per_tenant", 0),
             EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
             KeepAlive = Double(c, "keepalive_s") is { } ka ? TimeSpan.FromSeconds(ka) : d.KeepAlive,
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
