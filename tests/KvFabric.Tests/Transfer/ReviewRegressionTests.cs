@@ -51,6 +51,26 @@ public sealed class ReviewRegressionTests
         await fake;
     }
 
+    // A peer advertised by name is resolved before the connect (under the request's deadline), not inside a blocking
+    // Connect(host, port) that no deadline can stop.
+    [Fact]
+    public async Task A_peer_advertised_by_host_name_is_resolved_and_reached()
+    {
+        await using var target = new TransferAgent(new TransferAgentOptions { Name = "named", AdvertiseHost = "localhost" });
+        using var dst = new AnonymousMemory(Block);
+        target.Register(dst);
+        await using var agent = new TransferAgent();
+        using var local = new AnonymousMemory(Block);
+        agent.Register(local);
+        local.GetSpan(0, Block).Fill(0x5A);
+        var remote = await agent.LoadRemoteAsync(target.ExportMetadata());
+        Assert.Equal("localhost", remote.Metadata.TcpHost);
+        var result = await agent.PostAsync(agent.Prepare(TransferOp.Write, [MemoryDescriptor.Of(local.Address, Block)], remote,
+            [MemoryDescriptor.Of(dst.Address, Block)], new TransferOptions { Backend = BackendKind.Tcp, Deadline = TimeSpan.FromSeconds(30) }));
+        Assert.True(result.IsSuccess, result.ToString());
+        Assert.True(dst.GetSpan(0, Block).SequenceEqual(local.GetSpan(0, Block)));
+    }
+
     [Fact]
     public async Task A_post_after_its_remote_was_unloaded_fails_clearly_and_maps_nothing()
     {

@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using System.Net;
 using System.Net.Sockets;
 using System.Text;
 
@@ -59,6 +60,13 @@ internal sealed class TcpConnection
     {
         var md = peer.Remote.Metadata;
         var agent = peer.Backend.Agent;
+        // The name is resolved first, under the token: a blocking Connect(host, port) would resolve it synchronously,
+        // past the request's deadline while DNS hangs.
+        IPAddress[] addresses = IPAddress.TryParse(md.TcpHost, out IPAddress? literal)
+            ? [literal]
+            : await Dns.GetHostAddressesAsync(md.TcpHost, ct).ConfigureAwait(false);
+        if (addresses.Length == 0)
+            throw new SocketException((int)SocketError.HostNotFound);
         var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
         // Connect with a blocking call on a thread of its own: an async connect would switch the socket to .NET's
         // emulated blocking mode for good. The token closes the socket to abort a connect that hangs.
@@ -66,7 +74,7 @@ internal sealed class TcpConnection
         {
             try
             {
-                await Task.Factory.StartNew(() => socket.Connect(md.TcpHost, md.TcpPort), CancellationToken.None,
+                await Task.Factory.StartNew(() => socket.Connect(addresses, md.TcpPort), CancellationToken.None,
                     TaskCreationOptions.LongRunning, TaskScheduler.Default).ConfigureAwait(false);
             }
             catch (Exception e) when (ct.IsCancellationRequested && e is SocketException or ObjectDisposedException)
