@@ -14,6 +14,8 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
 
     public nint Address => _address != 0 ? _address : throw new ObjectDisposedException(nameof(MappedMemory), $"mapping of {MappedPath} was disposed");
     public long Length { get; }
+    /// <summary>Whether this mapping was unmapped (its address then throws).</summary>
+    internal bool IsDisposed => Volatile.Read(ref _address) == 0;
     public MemoryKind Kind { get; }
     public string MappedPath { get; }
     public bool IsLocked { get; }

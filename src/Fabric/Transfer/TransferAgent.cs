@@ -229,10 +229,15 @@ public sealed partial class TransferAgent : IAsyncDisposable
         await ForgetAsync(remote).ConfigureAwait(false);
     }
 
+    /// <summary>How long forgetting a peer lets its posts in flight finish before closing its connections (tests shorten it).</summary>
+    internal TimeSpan ForgetDrainTimeout { get; set; } = TimeSpan.FromMinutes(2);
+
     private async Task ForgetAsync(RemoteAgent remote)
     {
-        // Posts in flight end by their deadline at the latest; only then may mappings be unmapped under them.
-        await remote.DrainAsync(TimeSpan.FromMinutes(2)).ConfigureAwait(false);
+        // New posts are refused from here on; those in flight get a bounded grace to finish before their connections
+        // close. Memory safety does not rest on this wait (a deadline may be unbounded): shared-memory mappings are
+        // reference-counted and unmapped only after the last copy through them.
+        await remote.DrainAsync(ForgetDrainTimeout).ConfigureAwait(false);
         await _tcp.ForgetAsync(remote).ConfigureAwait(false);
         await _shm.ForgetAsync(remote).ConfigureAwait(false);
         if (_ucx is not null)
@@ -247,6 +252,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
     };
 
     internal UcxBackend? Ucx => _ucx;
+    internal ShmBackend Shm => _shm;
 
     // ---- target-side hooks used by the backends ----
 

@@ -51,78 +51,163 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
         return full.StartsWith(root, StringComparison.Ordinal);
     }
 
+    /// <summary>
+    /// The mappings of one peer's regions, reference-counted: the peer's view (<see cref="RemoteAgent.ShmState"/>) holds
+    /// one reference and every post holds one per copying stripe. Forgetting the peer drops the view's reference and
+    /// closes it to new posts; the mappings are unmapped only when the last reference goes, so a copy that is still
+    /// running (a post's deadline may be far off) never has its mapping removed under it.
+    /// </summary>
     private sealed class PeerMaps(int count)
     {
-        public readonly MappedMemory?[] Maps = new MappedMemory?[count];
-        public readonly Lock Lock = new();
+        private readonly MappedMemory?[] _maps = new MappedMemory?[count];
+        private readonly Lock _lock = new();
+        private int _refs = 1; // the peer view's own reference
+        private int _closed;
+
+        /// <summary>A reference for a post; false once the peer was forgotten (its mappings are going).</summary>
+        public bool TryAcquire()
+        {
+            while (true)
+            {
+                int refs = Volatile.Read(ref _refs);
+                if (refs == 0 || Volatile.Read(ref _closed) != 0)
+                    return false;
+                if (Interlocked.CompareExchange(ref _refs, refs + 1, refs) == refs)
+                    return true;
+            }
+        }
+
+        /// <summary>More references for a holder that already has one (a post's further stripes).</summary>
+        public void AddRefs(int count) => Interlocked.Add(ref _refs, count);
+
+        public void Release()
+        {
+            int left = Interlocked.Decrement(ref _refs);
+            if (left == 0)
+            {
+                foreach (var m in _maps)
+                    m?.Dispose();
+            }
+            else if (left < 0)
+            {
+                throw new InvalidOperationException("shared-memory peer mappings released more often than acquired");
+            }
+        }
+
+        /// <summary>Closes the peer to new posts and drops the view's reference (once).</summary>
+        public void Close()
+        {
+            if (Interlocked.Exchange(ref _closed, 1) == 0)
+                Release();
+        }
+
+        /// <summary>The mapping of a region, mapped on first use; the caller holds a reference.</summary>
+        public MappedMemory Map(RemoteAgent remote, int regionIndex)
+        {
+            if (Volatile.Read(ref _maps[regionIndex]) is { } ready)
+                return ready;
+            lock (_lock)
+            {
+                if (_maps[regionIndex] is { } raced)
+                    return raced;
+                var info = remote.Metadata.Regions[regionIndex];
+                var map = info.Kind == MemoryKind.SharedHost
+                    ? SharedMemorySegment.Open(info.MappedPath!, (long)info.Length)
+                    : MappedMemory.Open(info.MappedPath!, (long)info.Length, MemoryKind.File);
+                Volatile.Write(ref _maps[regionIndex], map);
+                return map;
+            }
+        }
     }
 
-    private MappedMemory Map(RemoteAgent remote, int regionIndex)
+    /// <summary>Stands in for the forgotten peer's state: no post may map its regions again.</summary>
+    private static readonly object Forgotten = new();
+
+    /// <summary>A reference to the peer's mappings for a post, or null once the peer was unloaded or reloaded.</summary>
+    private static PeerMaps? Acquire(RemoteAgent remote)
     {
-        var maps = remote.ShmState as PeerMaps;
-        if (maps is null)
+        while (true)
         {
-            var created = new PeerMaps(remote.Metadata.Regions.Count);
-            maps = Interlocked.CompareExchange(ref remote.ShmState, created, null) as PeerMaps ?? created;
-        }
-        if (maps.Maps[regionIndex] is { } ready)
-            return ready;
-        lock (maps.Lock)
-        {
-            if (maps.Maps[regionIndex] is { } raced)
-                return raced;
-            var info = remote.Metadata.Regions[regionIndex];
-            var map = info.Kind == MemoryKind.SharedHost
-                ? SharedMemorySegment.Open(info.MappedPath!, (long)info.Length)
-                : MappedMemory.Open(info.MappedPath!, (long)info.Length, MemoryKind.File);
-            maps.Maps[regionIndex] = map;
-            return map;
+            switch (Volatile.Read(ref remote.ShmState))
+            {
+                case PeerMaps maps:
+                    // A failed acquire means forget closed it: ShmState is (or is about to be) Forgotten.
+                    return maps.TryAcquire() ? maps : null;
+                case null:
+                    var created = new PeerMaps(remote.Metadata.Regions.Count);
+                    if (Interlocked.CompareExchange(ref remote.ShmState, created, null) is null)
+                        continue; // installed: acquire it like any other
+                    continue;
+                default:
+                    return null; // Forgotten
+            }
         }
     }
+
+    /// <summary>Test hook: called before each chunk's copy with the mapping it copies through (null in production).</summary>
+    internal Action<MappedMemory>? BeforeCopy;
 
     public Task StartAsync(TransferRequest request, CancellationToken ct)
     {
+        var maps = Acquire(request.Remote);
+        if (maps is null)
+        {
+            request.SettleAllPending(DescriptorStatus.PeerDisconnected,
+                $"remote agent '{request.Remote.Name}' was unloaded or reloaded while this post started: its shared-memory mappings are gone; prepare against the RemoteAgent LoadRemoteAsync returned last");
+            request.BackendState = Task.CompletedTask;
+            return Task.CompletedTask;
+        }
         int streams = Math.Min(request.Streams, request.Chunks.Length);
+        // One reference per stripe, dropped when that stripe stops copying: the last one after a forget unmaps.
+        maps.AddRefs(streams - 1);
         Task work = streams == 1
-            ? Task.Run(() => CopyStripe(request, 0, 1, ct), CancellationToken.None)
-            : Task.WhenAll(Enumerable.Range(0, streams).Select(s => Task.Run(() => CopyStripe(request, s, streams, ct), CancellationToken.None)));
+            ? Task.Run(() => CopyStripe(request, maps, 0, 1, ct), CancellationToken.None)
+            : Task.WhenAll(Enumerable.Range(0, streams).Select(s => Task.Run(() => CopyStripe(request, maps, s, streams, ct), CancellationToken.None)));
         request.BackendState = work;
         return work;
     }
 
-    private unsafe void CopyStripe(TransferRequest request, int stream, int streams, CancellationToken ct)
+    private unsafe void CopyStripe(TransferRequest request, PeerMaps maps, int stream, int streams, CancellationToken ct)
     {
-        var chunks = request.Chunks;
-        var checksum = request.Options.Checksum;
-        var faults = agent.Options.Faults;
-        for (int i = stream; i < chunks.Length; i += streams)
+        try
         {
-            if (ct.IsCancellationRequested)
-                return; // the agent settles the rest as timed out or cancelled
-            var c = chunks[i];
-            MappedMemory map;
-            try
+            var chunks = request.Chunks;
+            var checksum = request.Options.Checksum;
+            var faults = agent.Options.Faults;
+            for (int i = stream; i < chunks.Length; i += streams)
             {
-                map = Map(request.Remote, c.RemoteRegion);
+                if (ct.IsCancellationRequested)
+                    return; // the agent settles the rest as timed out or cancelled
+                var c = chunks[i];
+                MappedMemory map;
+                try
+                {
+                    map = maps.Map(request.Remote, c.RemoteRegion);
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
+                {
+                    request.Settle(i, DescriptorStatus.PeerDisconnected, $"cannot map the peer's segment: {e.Message}");
+                    continue;
+                }
+                BeforeCopy?.Invoke(map);
+                nint remote = map.Address + (nint)c.RemoteOffset;
+                (nint src, nint dst) = request.Op == TransferOp.Write ? (c.Local, remote) : (remote, c.Local);
+                ulong expected = checksum == ChecksumKind.None ? 0 : Checksums.Compute(checksum, src, c.Length);
+                Buffer.MemoryCopy((void*)src, (void*)dst, c.Length, c.Length);
+                if (faults?.ShouldCorrupt() == true)
+                    ((byte*)dst)[c.Length / 2] ^= 0x5A;
+                if (checksum != ChecksumKind.None && Checksums.Compute(checksum, dst, c.Length) != expected)
+                {
+                    request.Settle(i, DescriptorStatus.ChecksumMismatch, "checksum mismatch at the destination after the shared-memory copy");
+                    continue;
+                }
+                agent.CountBytes(BackendKind.SharedMemory, (uint)c.Length, received: request.Op == TransferOp.Read);
+                request.Settle(i, DescriptorStatus.Done);
             }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException)
-            {
-                request.Settle(i, DescriptorStatus.PeerDisconnected, $"cannot map the peer's segment: {e.Message}");
-                continue;
-            }
-            nint remote = map.Address + (nint)c.RemoteOffset;
-            (nint src, nint dst) = request.Op == TransferOp.Write ? (c.Local, remote) : (remote, c.Local);
-            ulong expected = checksum == ChecksumKind.None ? 0 : Checksums.Compute(checksum, src, c.Length);
-            Buffer.MemoryCopy((void*)src, (void*)dst, c.Length, c.Length);
-            if (faults?.ShouldCorrupt() == true)
-                ((byte*)dst)[c.Length / 2] ^= 0x5A;
-            if (checksum != ChecksumKind.None && Checksums.Compute(checksum, dst, c.Length) != expected)
-            {
-                request.Settle(i, DescriptorStatus.ChecksumMismatch, "checksum mismatch at the destination after the shared-memory copy");
-                continue;
-            }
-            agent.CountBytes(BackendKind.SharedMemory, (uint)c.Length, received: request.Op == TransferOp.Read);
-            request.Settle(i, DescriptorStatus.Done);
+        }
+        finally
+        {
+            maps.Release();
         }
     }
 
@@ -133,13 +218,14 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
             await work.ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// Closes the peer's mappings to new posts and drops the view's reference at once, without waiting for copies in
+    /// flight: each mapping is unmapped when the last post copying through it stops.
+    /// </summary>
     public ValueTask ForgetAsync(RemoteAgent remote)
     {
-        if (Interlocked.Exchange(ref remote.ShmState, null) is PeerMaps maps)
-        {
-            foreach (var m in maps.Maps)
-                m?.Dispose();
-        }
+        if (Interlocked.Exchange(ref remote.ShmState, Forgotten) is PeerMaps maps)
+            maps.Close();
         return ValueTask.CompletedTask;
     }
 
