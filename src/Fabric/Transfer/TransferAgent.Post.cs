@@ -215,6 +215,14 @@ public sealed partial class TransferAgent
             return new TransferResult(TransferStatus.TimedOut, $"staging the device chunks (waiting for slots, copying out of the device) took the whole deadline of {request.Options.Deadline.TotalMilliseconds:0} ms; nothing was sent");
         }
         var result = await RunAsync(request, cancellationToken, left).ConfigureAwait(false);
+        if (request.Quarantine is { } stuck)
+        {
+            // The backend may still write into (or read) the slots: they go back to the pool, and the chunks to their
+            // device addresses, only once it stopped. Nothing that arrived is copied into device memory.
+            request.Quarantine = stuck.ContinueWith(_ => Staging.Unstage(request, which, regions, addresses, slots, copyIn: false, _ => false),
+                CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+            return result;
+        }
         try
         {
             // A READ's bytes reach device memory before the post reports them; only descriptors that arrived whole are copied.
@@ -250,13 +258,13 @@ public sealed partial class TransferAgent
         }
         catch (OperationCanceledException) when (deadline.IsCancellationRequested)
         {
-            await backend.AbortAsync(request).ConfigureAwait(false);
-            await io.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+            string? stuck = await StopAsync(backend, request, io).ConfigureAwait(false);
             bool cancelled = cancellationToken.IsCancellationRequested;
             var status = cancelled ? DescriptorStatus.Cancelled : DescriptorStatus.TimedOut;
-            string why = cancelled
+            string why = (cancelled
                 ? "cancelled by the caller"
-                : $"the deadline of {request.Options.Deadline.TotalMilliseconds:0} ms passed before '{request.Remote.Name}' completed it";
+                : $"the deadline of {request.Options.Deadline.TotalMilliseconds:0} ms passed before '{request.Remote.Name}' completed it")
+                + (stuck is null ? "" : $"; {stuck}");
             request.SettleAllPending(status, why);
             request.FailDone(status, why);
             result = new TransferResult(cancelled ? TransferStatus.Cancelled : TransferStatus.TimedOut, why);
@@ -264,9 +272,8 @@ public sealed partial class TransferAgent
         catch (Exception e) when (e is not OperationCanceledException)
         {
             // A defect, not an I/O outcome: still stop all I/O on the request before reporting it.
-            await backend.AbortAsync(request).ConfigureAwait(false);
-            await io.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
-            string why = $"internal error: {e.GetType().Name}: {e.Message}";
+            string? stuck = await StopAsync(backend, request, io).ConfigureAwait(false);
+            string why = $"internal error: {e.GetType().Name}: {e.Message}" + (stuck is null ? "" : $"; {stuck}");
             request.SettleAllPending(DescriptorStatus.Failed, why);
             request.FailDone(DescriptorStatus.Failed, why);
             result = new TransferResult(TransferStatus.Failed, why);
@@ -278,14 +285,40 @@ public sealed partial class TransferAgent
         return result;
     }
 
+    /// <summary>
+    /// Aborts the request's I/O and waits for it; null once nothing of it can touch memory. Otherwise (the backend could
+    /// not confirm that) the I/O task becomes the request's quarantine and the reason is returned.
+    /// </summary>
+    private static async Task<string?> StopAsync(ITransferBackend backend, TransferRequest request, Task io)
+    {
+        string? stuck = await backend.AbortAsync(request).ConfigureAwait(false);
+        if (stuck is null)
+            await io.ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing);
+        else
+            request.Quarantine = io;
+        return stuck;
+    }
+
     private TransferResult Finish(TransferRequest request, TransferResult result, List<RegisteredRegion> held)
+    {
+        if (!result.IsSuccess)
+            Interlocked.Increment(ref Stats.Failures);
+        if (request.Quarantine is { } stuck)
+        {
+            // The backend may still touch the request's memory: its regions stay held (deregistering them fails) and
+            // the request stays posted until it has stopped; the caller gets the result, which says so, now.
+            stuck.ContinueWith(_ => EndPost(request, result, held), CancellationToken.None, TaskContinuationOptions.None, TaskScheduler.Default);
+            return result;
+        }
+        EndPost(request, result, held);
+        return result;
+    }
+
+    private static void EndPost(TransferRequest request, TransferResult result, List<RegisteredRegion> held)
     {
         foreach (var r in held)
             r.Release();
-        if (!result.IsSuccess)
-            Interlocked.Increment(ref Stats.Failures);
         request.EndPost(result);
-        return result;
     }
 
     private List<RegisteredRegion> AcquireLocalRegions(TransferRequest request, out string? closed)

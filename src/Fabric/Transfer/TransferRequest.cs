@@ -47,6 +47,11 @@ public sealed class TransferRequest
     internal ulong PostId { get; private set; }
     /// <summary>Backend-private state of the current post (the tasks that touch memory).</summary>
     internal object? BackendState { get; set; }
+    /// <summary>
+    /// Set when an abort could not confirm that the backend stopped touching the request's memory: the task that ends
+    /// once it has. Until then the post keeps its regions, staging slots and the request itself (see PostAsync).
+    /// </summary>
+    internal Task? Quarantine { get; set; }
 
     public TransferOp Op { get; }
     public RemoteAgent Remote { get; }
@@ -69,6 +74,7 @@ public sealed class TransferRequest
         Array.Copy(_descChunks, _descRemaining, _descChunks.Length);
         _chunksRemaining = Chunks.Length;
         _firstError = null;
+        Quarantine = null;
         _allSettled = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         return true;
     }

@@ -211,11 +211,12 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
         }
     }
 
-    public async Task AbortAsync(TransferRequest request)
+    public async Task<string?> AbortAsync(TransferRequest request)
     {
         // Copies stop at the next chunk boundary once the token is cancelled; wait for the one in progress.
         if (request.BackendState is Task work)
             await work.ConfigureAwait(false);
+        return null;
     }
 
     /// <summary>

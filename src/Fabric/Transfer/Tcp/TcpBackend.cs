@@ -99,10 +99,12 @@ internal sealed class TcpBackend : ITransferBackend
             peer.Untrack(request);
     }
 
-    public async Task AbortAsync(TransferRequest request)
+    public async Task<string?> AbortAsync(TransferRequest request)
     {
+        // Waits (unbounded) until the receive and transmit threads stopped: after that nothing touches the memory.
         if (request.Remote.TcpState is TcpPeer peer)
             await peer.AbortAsync(request.BackendState is int s ? s : TcpPeer.MaxStreams, "the request's deadline passed or it was cancelled").ConfigureAwait(false);
+        return null;
     }
 
     /// <summary>Sends a control frame to a peer over its first connection and waits for the acknowledgement.</summary>

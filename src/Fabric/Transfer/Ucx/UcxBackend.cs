@@ -421,8 +421,18 @@ internal sealed class UcxBackend : ITransferBackend
 
     // ---- posts ----
 
+    /// <summary>How long an abort waits for the force-closed endpoint's operations to complete (tests shorten it).</summary>
+    internal TimeSpan AbortTimeout { get; set; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>
+    /// Test hook: when set, every post also counts one operation that only the action handed to the hook completes
+    /// (on the progress thread), standing for an operation UCX does not complete even after its endpoint is closed.
+    /// </summary>
+    internal Action<Action>? HoldOperation;
+
     private sealed class Post(UcxBackend backend, TransferRequest request, UcxEndpoint ep) : IUcxCompletion
     {
+        private const int HeldTag = -2;
         private readonly bool[] _failed = new bool[request.Chunks.Length];
         // With a checksum, chunks that moved are settled only after verification (StartAsync), not here.
         private readonly bool _verify = request.Options.Checksum != ChecksumKind.None;
@@ -471,6 +481,11 @@ internal sealed class UcxBackend : ITransferBackend
                 _outstanding++;
                 worker.Flush(ep, this, -1);
             }
+            if (backend.HoldOperation is { } hold)
+            {
+                _outstanding++;
+                hold(() => worker.Post(() => Complete(HeldTag, 0)));
+            }
             _issuing = false;
             if (_outstanding == 0)
                 Done.TrySetResult();
@@ -479,7 +494,7 @@ internal sealed class UcxBackend : ITransferBackend
         public void Complete(int tag, int status)
         {
             _outstanding--;
-            if (!Aborting)
+            if (!Aborting && tag != HeldTag)
             {
                 string Why() => ep.Failure ?? $"UCX {(request.Op == TransferOp.Write ? "put" : "get")} to '{ep.PeerName}' failed: {UcpNative.Describe(status)}";
                 if (tag >= 0)
@@ -728,21 +743,31 @@ internal sealed class UcxBackend : ITransferBackend
     private static bool ProcessAlive(int pid) =>
         KvFabric.Native.Libc.Kill(pid, 0) == 0 || System.Runtime.InteropServices.Marshal.GetLastPInvokeError() == 1; // EPERM: alive, not ours
 
-    public async Task AbortAsync(TransferRequest request)
+    /// <summary>
+    /// Force-closes the post's endpoint, which completes its in-flight operations, and waits (bounded) for them. When
+    /// they do not complete, UCX may still write into (or read) the request's memory: the reason is returned and the
+    /// agent quarantines that memory until they do, instead of handing it back.
+    /// </summary>
+    public async Task<string?> AbortAsync(TransferRequest request)
     {
         if (request.BackendState is not Post post)
-            return;
+            return null;
         post.Aborting = true;
         var worker = _worker!;
         // Forcing the endpoint closed completes every in-flight operation (with an error) so none touches memory after.
         worker.Post(() => worker.Close(post.Endpoint, TimeSpan.FromSeconds(5)));
         try
         {
-            await post.Done.Task.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
+            await post.Done.Task.WaitAsync(AbortTimeout).ConfigureAwait(false);
+            return null;
         }
         catch (TimeoutException)
         {
-            Console.Error.WriteLine($"kvfabric: UCX operations to '{request.Remote.Name}' did not complete 30 s after their endpoint was closed");
+            string why = $"UCX operations to '{request.Remote.Name}' did not complete {AbortTimeout.TotalSeconds:0.#} s after their endpoint was force-closed, "
+                + "so UCX may still write into the request's local memory: it stays quarantined (the request stays posted, its regions stay in use so deregistering them fails, "
+                + "its device staging slots are not reused) until UCX completes them; do not reuse or free that memory";
+            Console.Error.WriteLine($"kvfabric: {why}");
+            return why;
         }
     }
 
