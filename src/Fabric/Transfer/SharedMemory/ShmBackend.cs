@@ -134,9 +134,9 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
                     // A failed acquire means forget closed it: ShmState is (or is about to be) Forgotten.
                     return maps.TryAcquire() ? maps : null;
                 case null:
-                    var created = new PeerMaps(remote.Metadata.Regions.Count);
-                    if (Interlocked.CompareExchange(ref remote.ShmState, created, null) is null)
-                        continue; // installed: acquire it like any other
+                    // First post to this peer: install the mappings (or lose the race to another post, or to a forget),
+                    // then look again.
+                    Interlocked.CompareExchange(ref remote.ShmState, new PeerMaps(remote.Metadata.Regions.Count), null);
                     continue;
                 default:
                     return null; // Forgotten
