@@ -70,17 +70,20 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
     /// <summary>Maps an existing file, refusing it unless it is exactly <paramref name="expectedLength"/> bytes.</summary>
     public static MappedMemory Open(string path, long expectedLength, MemoryKind kind)
     {
-        var info = new FileInfo(path);
-        if (!info.Exists)
+        if (!File.Exists(path))
             throw new FileNotFoundException($"shared memory '{path}' does not exist: the peer is gone or not on this host", path);
-        if (info.Length != expectedLength)
-            throw new IOException($"'{path}' is {info.Length} bytes, but the peer's metadata says {expectedLength}: stale metadata or a different segment");
         // The path comes from a peer's metadata: never follow a symbolic link planted in its place.
         int fd = Libc.Open(path, Libc.O_RDWR | Libc.O_CLOEXEC | Libc.O_NOFOLLOW, 0);
         if (fd < 0)
             throw new IOException($"cannot open '{path}' ({Libc.LastError()})");
         try
         {
+            // The size of the file opened, not of whatever the path named a moment before (it could have been swapped).
+            long length;
+            using (var handle = new Microsoft.Win32.SafeHandles.SafeFileHandle(fd, ownsHandle: false))
+                length = RandomAccess.GetLength(handle);
+            if (length != expectedLength)
+                throw new IOException($"'{path}' is {length} bytes, but the peer's metadata says {expectedLength}: stale metadata or a different segment");
             return MapFd(fd, path, expectedLength, kind, unlinkOnDispose: false, lockInRam: false);
         }
         finally

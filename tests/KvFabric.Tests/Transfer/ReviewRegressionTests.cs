@@ -145,4 +145,33 @@ public sealed class ReviewRegressionTests
             Directory.Delete(dir, recursive: true);
         }
     }
+
+    // A directory link planted inside the allowed directory would lead a peer's file region outside it: such a region is
+    // reached over TCP only, never mapped.
+    [Fact]
+    public async Task A_file_region_behind_a_directory_link_inside_the_allowed_directory_is_not_mapped()
+    {
+        string allowedDir = Directory.CreateTempSubdirectory("kvfabric-files-").FullName;
+        string elsewhere = Directory.CreateTempSubdirectory("kvfabric-elsewhere-").FullName;
+        try
+        {
+            using var file = MappedMemory.Create(Path.Combine(elsewhere, "blocks.bin"), Block, MemoryKind.File, unlinkOnDispose: true);
+            Directory.CreateSymbolicLink(Path.Combine(allowedDir, "link"), elsewhere);
+            await using var target = new TransferAgent();
+            var region = target.Register(file);
+            var md = target.GetMetadata();
+            // The peer names its file through the link, inside the allowed directory by the path's text.
+            var named = md with { Regions = md.Regions.Select(r => r.MappedPath is null ? r : r with { MappedPath = Path.Combine(allowedDir, "link", "blocks.bin") }).ToList() };
+            using var local = new AnonymousMemory(Block);
+            await using var allowed = new TransferAgent(new TransferAgentOptions { SharedFileDirectory = allowedDir });
+            allowed.Register(local);
+            var remote = await allowed.LoadRemoteAsync(named.ToBytes());
+            Assert.Equal(BackendKind.Tcp, allowed.Prepare(TransferOp.Write, [MemoryDescriptor.Of(local.Address, Block)], remote, [region.Descriptor()]).Backend);
+        }
+        finally
+        {
+            Directory.Delete(allowedDir, recursive: true);
+            Directory.Delete(elsewhere, recursive: true);
+        }
+    }
 }

@@ -48,7 +48,16 @@ internal sealed class ShmBackend(TransferAgent agent) : ITransferBackend
             return false;
         string full = Path.GetFullPath(path);
         string root = Path.TrimEndingDirectorySeparator(Path.GetFullPath(dir)) + Path.DirectorySeparatorChar;
-        return full.StartsWith(root, StringComparison.Ordinal);
+        if (!full.StartsWith(root, StringComparison.Ordinal))
+            return false;
+        // The path is a peer's: no directory between the shared directory and the file may be a link (one planted there
+        // would lead outside it; the file itself is opened with O_NOFOLLOW).
+        for (string? d = Path.GetDirectoryName(full); d is not null && d.Length >= root.Length; d = Path.GetDirectoryName(d))
+        {
+            if (new DirectoryInfo(d).LinkTarget is not null)
+                return false;
+        }
+        return true;
     }
 
     /// <summary>
