@@ -44,6 +44,7 @@ public sealed partial class TierManager
                 var key = new BlockKey(tenant, blocks[i].Hash);
                 int start;
                 BlockMeta meta;
+                bool stale = false;
                 lock (_lock)
                 {
                     ReportSighting(new PolicyBlockInfo(key, depth, blocks[i].Bytes.Length));
@@ -59,8 +60,22 @@ public sealed partial class TierManager
                         depth = _depth[b] + 1;
                         continue;
                     }
+                    if (_index.TryGetValue(key, out b))
+                    {
+                        // The entry of a block whose last copy was dropped as corrupt while a child or a reader still
+                        // held it. Finish dropping its descendants (DropCorrupt's rule); the entry itself then goes, or,
+                        // still in use by a reader and childless, is reused by PlaceNewAsync.
+                        DropSubtree(b, honorPins: false);
+                        stale = _index.TryGetValue(key, out b) && (_firstChild[b] != None || _parent[b] != held);
+                    }
                     start = held == None ? 0 : Fastest(held);
                     meta = new BlockMeta(held == None ? default : _key[held].Hash, depth, blocks[i].Bytes.Length);
+                }
+                FlushRemovals(); // before any store write of this key
+                if (stale)
+                {
+                    return new PutResult(PutStatus.StoreFailed, stored, present, blocks.Count - i,
+                        $"block {key} failed its checksum and was dropped, but a transfer still holds it or a block below it; retry the put once that transfer ends");
                 }
                 (int placed, var status, string? detail) = await PlaceNewAsync(key, held, start, meta, blocks[i].Bytes).ConfigureAwait(false);
                 if (placed == None)
@@ -164,7 +179,11 @@ public sealed partial class TierManager
                     _tiers[t].Reserved -= bytes.Length;
                     if (written)
                     {
-                        b = NewBlock(key, parent, depth, bytes.Length);
+                        // A stale entry left by a corruption drop (childless, same parent: see PutAsync) is reused.
+                        if (_index.TryGetValue(key, out b))
+                            _length[b] = bytes.Length;
+                        else
+                            b = NewBlock(key, parent, depth, bytes.Length);
                         AddResidency(b, t);
                         AddUse(b);
                         if (parent != None)
