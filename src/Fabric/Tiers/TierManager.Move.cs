@@ -171,11 +171,12 @@ public sealed partial class TierManager
             return CommitEviction(b, t);
     }
 
-    // Under _lock. Removes b from tier t unless a reader took it meanwhile; the store's bytes are freed by the caller's
-    // FlushRemovals once the lock is released.
+    // Under _lock. Removes b from tier t unless a reader took it or a client pinned it meanwhile (Pin takes only the
+    // lock, so it can land while the victim's copy runs); the store's bytes are freed by the caller's FlushRemovals once
+    // the lock is released.
     private bool CommitEviction(int b, int t)
     {
-        if (_inUse[b] > 0)
+        if (_inUse[b] > 0 || IsPinned(b))
             return false;
         var key = _key[b];
         RemoveResidency(b, t);

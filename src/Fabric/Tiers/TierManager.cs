@@ -10,7 +10,7 @@ namespace KvFabric.Tiers;
 // I/O. Operations that change where blocks live (put, promotion, delete, clear, and the evictions they cause) run one
 // at a time under an async "mover" gate, so a move is planned, copied and committed without another move interleaving.
 // Lookup, Pin/Unpin, Acquire and Stats take only the metadata lock; Get takes it briefly around each read and marks the
-// block in use meanwhile, which keeps it from being evicted; an eviction that finds its victim in use at commit time
+// block in use meanwhile, which keeps it from being evicted; an eviction that finds its victim in use (or pinned) at commit time
 // keeps the victim where it was.
 public sealed partial class TierManager : IDisposable, IAsyncDisposable
 {
