@@ -157,6 +157,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         lock (_lock)
         {
             Tick();
+            ExpireLeases(); // retire lapsed entries here too, or a node whose tiers never fill queues one per renewal
             double add = lease.TotalSeconds * _time.TimestampFrequency;
             long until = add >= long.MaxValue - _now ? long.MaxValue : _now + (long)add;
             int pinned = 0;
@@ -234,6 +235,12 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             if (read && --_activeReads == 0 && _readsDrained is { } drained)
                 drained.TrySetResult();
         }
+    }
+
+    // Lease expiry entries not yet retired (tests).
+    internal int LeaseQueueLength
+    {
+        get { lock (_lock) return _leases.Count; }
     }
 
     // Which tiers hold the block (bit i = tier i, fastest first); 0 when it is not cached.
