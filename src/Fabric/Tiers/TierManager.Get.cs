@@ -119,6 +119,10 @@ public sealed partial class TierManager
                 if (!_index.TryGetValue(key, out int now) || now != b || !Holds(b, t))
                     return;
             }
+            // The store dropped the corrupt bytes when it threw; if it holds the key again, a delete and a put ran while we
+            // waited (the table entry can be reused): that copy is fresh and stays. No store write runs under the gate.
+            if (_tiers[t].Store.Contains(key))
+                return;
             DropCorrupt(b, t);
         }
         finally
