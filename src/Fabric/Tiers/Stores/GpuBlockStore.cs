@@ -50,8 +50,15 @@ public sealed class GpuBlockStore : SlottedBlockStore
         {
             lock (_copyLock)
             {
-                _device.CopyToDeviceAsync(_arena, (long)slot * BlockBytes, p, source.Length, _stream);
-                _device.SynchronizeStream(_stream);
+                try
+                {
+                    _device.CopyToDeviceAsync(_arena, (long)slot * BlockBytes, p, source.Length, _stream);
+                    _device.SynchronizeStream(_stream);
+                }
+                catch (DeviceMemoryException e)
+                {
+                    throw DeviceError("write", slot, e);
+                }
             }
         }
     }
@@ -62,11 +69,23 @@ public sealed class GpuBlockStore : SlottedBlockStore
         {
             lock (_copyLock)
             {
-                _device.CopyToHostAsync(p, _arena, (long)slot * BlockBytes, destination.Length, _stream);
-                _device.SynchronizeStream(_stream);
+                try
+                {
+                    _device.CopyToHostAsync(p, _arena, (long)slot * BlockBytes, destination.Length, _stream);
+                    _device.SynchronizeStream(_stream);
+                }
+                catch (DeviceMemoryException e)
+                {
+                    throw DeviceError("read", slot, e);
+                }
             }
         }
     }
+
+    // IBlockStore reports I/O failures as TierException, which the tier manager turns into a lost placement (or a read
+    // that stops) and a StoreErrors count instead of failing the caller's whole put or get.
+    private TierException DeviceError(string what, int slot, DeviceMemoryException e) =>
+        new($"GPU tier: could not {what} slot {slot} on device {_device.DeviceId} ({e.Message}); check the device (nvidia-smi, Xid errors in the kernel log)", e);
 
     public override string ToString() => $"GPU tier on {_device}: {SlotCount} slots of {BlockBytes} bytes";
 
