@@ -172,49 +172,55 @@ public sealed class ClusterNode : IAsyncDisposable
         await _membership.WaitAsync(_stop.Token).ConfigureAwait(false);
         try
         {
-            NodeInfo info = change.Node;
-            if (change.Kind == MembershipChangeKind.Left)
-            {
-                try
-                {
-                    if (_peers.TryRemove(info.Node, out Peer? gone))
-                        await StopPeerAsync(gone).ConfigureAwait(false);
-                }
-                finally
-                {
-                    foreach (var key in _sequencers.Keys.Where(k => k.Node == info.Node).ToList())
-                        _sequencers.TryRemove(key, out _);
-                    _routed.TryRemove(info.Node, out _);
-                    _missing.Remove(info.Node);
-                    // After its feeds stopped, so nothing of it is queued behind the removal.
-                    await _index.RemoveNodeAsync(info.Node, _stop.Token).ConfigureAwait(false);
-                }
-
-                _log.LogWarning("node {Node} left the cluster (its lease ended or it stopped): its blocks left the index and no work is routed to it", info.Node);
-                return;
-            }
-
-            if (_peers.TryGetValue(info.Node, out Peer? known))
-            {
-                if (known.Info.GrpcEndpoint == info.GrpcEndpoint)
-                {
-                    // Load, metadata or a restart on the same address: the feeds notice a restart themselves (snapshot).
-                    known.Info = info;
-                    return;
-                }
-
-                _peers.TryRemove(info.Node, out _);
-                await StopPeerAsync(known).ConfigureAwait(false);
-            }
-
-            StartPeer(info);
-            if (change.Kind == MembershipChangeKind.Joined && info.Node != _options.Node)
-                _log.LogInformation("node {Node} (worker {Worker}) at {Address} is a member", info.Node, info.Worker, info.GrpcEndpoint);
+            await ApplyLockedAsync(change).ConfigureAwait(false);
         }
         finally
         {
             _membership.Release();
         }
+    }
+
+    /// <summary>Applies one change; the caller holds _membership.</summary>
+    private async Task ApplyLockedAsync(MembershipChange change)
+    {
+        NodeInfo info = change.Node;
+        if (change.Kind == MembershipChangeKind.Left)
+        {
+            try
+            {
+                if (_peers.TryRemove(info.Node, out Peer? gone))
+                    await StopPeerAsync(gone).ConfigureAwait(false);
+            }
+            finally
+            {
+                foreach (var key in _sequencers.Keys.Where(k => k.Node == info.Node).ToList())
+                    _sequencers.TryRemove(key, out _);
+                _routed.TryRemove(info.Node, out _);
+                _missing.Remove(info.Node);
+                // After its feeds stopped, so nothing of it is queued behind the removal.
+                await _index.RemoveNodeAsync(info.Node, _stop.Token).ConfigureAwait(false);
+            }
+
+            _log.LogWarning("node {Node} left the cluster (its lease ended or it stopped): its blocks left the index and no work is routed to it", info.Node);
+            return;
+        }
+
+        if (_peers.TryGetValue(info.Node, out Peer? known))
+        {
+            if (known.Info.GrpcEndpoint == info.GrpcEndpoint)
+            {
+                // Load, metadata or a restart on the same address: the feeds notice a restart themselves (snapshot).
+                known.Info = info;
+                return;
+            }
+
+            _peers.TryRemove(info.Node, out _);
+            await StopPeerAsync(known).ConfigureAwait(false);
+        }
+
+        StartPeer(info);
+        if (change.Kind == MembershipChangeKind.Joined && info.Node != _options.Node)
+            _log.LogInformation("node {Node} (worker {Worker}) at {Address} is a member", info.Node, info.Worker, info.GrpcEndpoint);
     }
 
     private void StartPeer(NodeInfo info)
@@ -338,28 +344,31 @@ public sealed class ClusterNode : IAsyncDisposable
     /// </summary>
     private async Task ReconcileAsync()
     {
-        IReadOnlyList<NodeInfo> listed;
-        try
-        {
-            listed = await _store.ListAsync(_stop.Token).ConfigureAwait(false);
-        }
-        catch (Exception e) when (e is not OperationCanceledException)
-        {
-            _log.LogDebug("listing the cluster's members failed ({Error}); the next listing retries", e.Message);
-            return;
-        }
-
-        var names = listed.Select(n => n.Node).ToHashSet(StringComparer.Ordinal);
-        var changes = new List<MembershipChange>();
-        foreach (NodeInfo n in listed)
-        {
-            if (!_peers.ContainsKey(n.Node))
-                changes.Add(new MembershipChange(MembershipChangeKind.Joined, n));
-        }
-
+        // The listing is taken and its differences applied under the membership lock: a change the watch applies while
+        // a listing taken before it is being compared (a member that left, one that came back) must not be undone by
+        // the older listing, which would make a dead member routable again (or drop a live one) until the next listings.
         await _membership.WaitAsync(_stop.Token).ConfigureAwait(false);
         try
         {
+            IReadOnlyList<NodeInfo> listed;
+            try
+            {
+                listed = await _store.ListAsync(_stop.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                _log.LogDebug("listing the cluster's members failed ({Error}); the next listing retries", e.Message);
+                return;
+            }
+
+            var names = listed.Select(n => n.Node).ToHashSet(StringComparer.Ordinal);
+            var changes = new List<MembershipChange>();
+            foreach (NodeInfo n in listed)
+            {
+                if (!_peers.ContainsKey(n.Node))
+                    changes.Add(new MembershipChange(MembershipChangeKind.Joined, n));
+            }
+
             foreach (Peer p in _peers.Values)
             {
                 if (names.Contains(p.Info.Node))
@@ -367,17 +376,17 @@ public sealed class ClusterNode : IAsyncDisposable
                 else if (!_missing.Add(p.Info.Node))
                     changes.Add(new MembershipChange(MembershipChangeKind.Left, p.Info));
             }
+
+            foreach (MembershipChange c in changes)
+            {
+                _log.LogWarning("node {Node} {Kind} without the watch reporting it; reconciled from a listing of the store", c.Node.Node,
+                    c.Kind == MembershipChangeKind.Left ? "left" : "joined");
+                await ApplyLockedAsync(c).ConfigureAwait(false);
+            }
         }
         finally
         {
             _membership.Release();
-        }
-
-        foreach (MembershipChange c in changes)
-        {
-            _log.LogWarning("node {Node} {Kind} without the watch reporting it; reconciled from a listing of the store", c.Node.Node,
-                c.Kind == MembershipChangeKind.Left ? "left" : "joined");
-            await ApplyAsync(c).ConfigureAwait(false);
         }
     }
 
