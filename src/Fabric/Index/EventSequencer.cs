@@ -117,6 +117,14 @@ public sealed class EventSequencer(string node, uint tenant, IIndexUpdates index
 
         if (e.BodyCase == V1.KvEvent.BodyOneofCase.Stored)
         {
+            // A run the index could not take would be left out of the snapshot silently (and every block below it
+            // rejected for its unknown parent) while the snapshot replaces everything known of the node: reject it whole.
+            if (!TryTier(e, out _, out string? badTier))
+            {
+                ResetSnapshot();
+                return Reject($"snapshot of node '{Node}' at {e.Sequence}: {badTier}");
+            }
+
             if (_snapshot.Count >= MaxSnapshotEvents)
             {
                 ResetSnapshot();
@@ -131,6 +139,15 @@ public sealed class EventSequencer(string node, uint tenant, IIndexUpdates index
         {
             ResetSnapshot();
             return Reject($"a snapshot of node '{Node}' may hold only Stored events and SnapshotEnd; got {e.BodyCase}");
+        }
+
+        if (Incarnation != 0 && e.Incarnation == Incarnation && e.Sequence < LastSequence)
+        {
+            // Older than events of the same incarnation already applied: replacing the node's blocks by it would roll
+            // the index (and the numbering) back. Ignored like any older delivery.
+            ResetSnapshot();
+            Interlocked.Increment(ref counters.Stale);
+            return FeedVerdict.Stale;
         }
 
         ulong blocks = 0;
@@ -148,8 +165,8 @@ public sealed class EventSequencer(string node, uint tenant, IIndexUpdates index
             await index.ClearedAsync(Tenant, Node, Worker, null, cancellationToken).ConfigureAwait(false);
         foreach (V1.KvEvent s in _snapshot)
         {
-            if (TryTier(s, out TierKind? tier, out _) && tier is { } t)
-                await index.StoredAsync(Tenant, Node, s.Worker, s.Stored.ParentHash.Memory, s.Stored.Hashes.Memory, t, cancellationToken).ConfigureAwait(false);
+            TryTier(s, out TierKind? tier, out _); // checked when buffered
+            await index.StoredAsync(Tenant, Node, s.Worker, s.Stored.ParentHash.Memory, s.Stored.Hashes.Memory, tier!.Value, cancellationToken).ConfigureAwait(false);
         }
 
         Incarnation = e.Incarnation;
