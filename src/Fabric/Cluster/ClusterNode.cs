@@ -78,6 +78,8 @@ public sealed class ClusterNode : IAsyncDisposable
     private string _advertise = string.Empty;
     // Members a listing of the store lacked once (under _membership): a second miss in a row means it left unseen.
     private readonly HashSet<string> _missing = new(StringComparer.Ordinal);
+    // (node, endpoint) pairs already reported as unusable (under _membership).
+    private readonly HashSet<(string Node, string Endpoint)> _unusable = [];
 
     public ClusterNode(IClusterStore store, IClusterIndex index, ClusterNodeOptions options, TransferAgent agent, IFabricStore fabric,
         StagingArea staging, Func<double> load, ILogger log)
@@ -205,6 +207,15 @@ public sealed class ClusterNode : IAsyncDisposable
             return;
         }
 
+        if (!TryAddress(info.GrpcEndpoint, out Uri? address))
+        {
+            // One member's bad value must not stop the others' changes (applying this one threw, the watch restarted
+            // and stopped at it again, forever; a reconciliation threw and ended the load loop): it is skipped, said once.
+            if (_unusable.Add((info.Node, info.GrpcEndpoint)))
+                _log.LogError("node {Node} publishes gRPC endpoint '{Endpoint}', which is neither host:port nor an http(s) URL: it is not used (no events, no routing, no fetch) until it publishes a usable one", info.Node, info.GrpcEndpoint);
+            return;
+        }
+
         if (_peers.TryGetValue(info.Node, out Peer? known))
         {
             if (known.Info.GrpcEndpoint == info.GrpcEndpoint)
@@ -218,16 +229,23 @@ public sealed class ClusterNode : IAsyncDisposable
             await StopPeerAsync(known).ConfigureAwait(false);
         }
 
-        StartPeer(info);
+        StartPeer(info, address);
         if (change.Kind == MembershipChangeKind.Joined && info.Node != _options.Node)
             _log.LogInformation("node {Node} (worker {Worker}) at {Address} is a member", info.Node, info.Worker, info.GrpcEndpoint);
     }
 
-    private void StartPeer(NodeInfo info)
+    /// <summary>A member's endpoint as a channel address: an http(s) URL, or host:port (docs/cluster.md), taken as h2c.</summary>
+    private static bool TryAddress(string endpoint, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Uri? address)
+    {
+        string text = endpoint.Contains("://", StringComparison.Ordinal) ? endpoint : "http://" + endpoint;
+        return Uri.TryCreate(text, UriKind.Absolute, out address) && address.Scheme is "http" or "https" && address.Host.Length > 0;
+    }
+
+    private void StartPeer(NodeInfo info, Uri address)
     {
         var client = new FabricClient(new RpcChannelOptions
         {
-            Address = new Uri(info.GrpcEndpoint), Tenant = _options.ClusterTenant, Token = _options.ClusterToken,
+            Address = address, Tenant = _options.ClusterTenant, Token = _options.ClusterToken,
         });
         var peer = new Peer(info, client);
         foreach (string tenant in _options.Tenants)

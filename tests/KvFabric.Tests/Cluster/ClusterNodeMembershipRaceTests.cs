@@ -118,4 +118,35 @@ public sealed class ClusterNodeMembershipRaceTests
         Assert.DoesNotContain(node.Candidates(1, [BlockHash.FromBytes(new byte[16] { 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1 })]),
             c => c.Node == "ghost");
     }
+    [Fact]
+    public async Task A_member_publishing_an_unusable_endpoint_does_not_stop_the_membership_of_the_others()
+    {
+        await using var members = new InProcessClusterStore(ClusterNodes.UniqueCluster("bad-endpoint"));
+        // "host:port" (docs/cluster.md's form) and a value no gRPC channel takes: neither may wedge the watch.
+        IClusterRegistration plain = await members.RegisterAsync(
+            ClusterNodes.Node("zz-plain") with { GrpcEndpoint = "127.0.0.1:9" }, TimeSpan.FromSeconds(30), default);
+        IClusterRegistration bad = await members.RegisterAsync(
+            ClusterNodes.Node("zz-bad") with { GrpcEndpoint = "not a url" }, TimeSpan.FromSeconds(30), default);
+        await using var host = new SidecarHost(new SidecarOptions
+        {
+            Node = "node-live", Worker = "w-live", Port = 0, MetricsPort = -1, Dev = true, Layout = SidecarFixture.SmallLayout,
+            HostCapacityBytes = 16 * SidecarFixture.SmallLayout.BlockBytes, Cluster = "inproc", ClusterLeaseTtl = TimeSpan.FromSeconds(1),
+        }, NullLoggerFactory.Instance, members.CreatePeer());
+        await host.StartAsync();
+        ClusterNode node = host.Cluster!;
+        bool Knows(string name) => node.Members.Any(m => m.Node == name);
+
+        // A member that joins later, after the unusable one in the watch's order, is still seen, and so is its departure.
+        IClusterRegistration later = await members.RegisterAsync(
+            ClusterNodes.Node("zzz-later") with { GrpcEndpoint = "http://127.0.0.1:9" }, TimeSpan.FromSeconds(30), default);
+        await ClusterNodes.EventuallyAsync(() => Knows("zzz-later"), TimeSpan.FromSeconds(20),
+            () => $"a member joining after one with an unusable endpoint was never seen; members: {string.Join(", ", node.Members.Select(m => m.Node))}");
+        Assert.True(Knows("zz-plain"), "a member publishing host:port was not taken");
+        Assert.False(Knows("zz-bad"));
+        await later.DisposeAsync();
+        await plain.DisposeAsync();
+        await ClusterNodes.EventuallyAsync(() => !Knows("zzz-later") && !Knows("zz-plain"), TimeSpan.FromSeconds(20),
+            () => "departures after one with an unusable endpoint were never applied");
+        await bad.DisposeAsync();
+    }
 }
