@@ -612,6 +612,21 @@ public sealed class ClusterNode : IAsyncDisposable
         {
             await peer.Client.ReleaseExportAsync(tenantName, exportId, new CallOptions(Deadline: TimeSpan.FromSeconds(5))).ConfigureAwait(false);
         }
+        catch (ObjectDisposedException) when (TryAddress(peer.Info.GrpcEndpoint, out Uri? address))
+        {
+            // The node left the cluster during the fetch and its channel was closed, but it may well be up, its staging
+            // slots held by this export for the rest of the lease: release through a channel of its own. (Escaping from
+            // the fetch's finally, this exception also replaced its outcome, though the blocks were stored.)
+            try
+            {
+                using var client = new FabricClient(new RpcChannelOptions { Address = address, Tenant = _options.ClusterTenant, Token = _options.ClusterToken });
+                await client.ReleaseExportAsync(tenantName, exportId, new CallOptions(Deadline: TimeSpan.FromSeconds(5))).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is RpcException or IOException or HttpRequestException or OperationCanceledException)
+            {
+                _log.LogDebug("releasing export {Export} on node {Node}, which left, failed: {Error}", exportId, peer.Info.Node, e.Message);
+            }
+        }
         catch (Exception e) when (e is RpcException or IOException or HttpRequestException or OperationCanceledException)
         {
             // The export's lease frees it on the peer anyway.
