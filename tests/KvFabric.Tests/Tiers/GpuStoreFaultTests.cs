@@ -7,43 +7,6 @@ using static KvFabric.Tests.Tiers.TierTestData;
 namespace KvFabric.Tests.Tiers;
 
 // Emulated device memory whose copies fail on demand, as a CUDA copy does after a device fault.
-internal sealed class FailingCopyDevice(IDeviceMemory inner) : IDeviceMemory
-{
-    public bool FailCopies { get; set; }
-    public int DeviceId => inner.DeviceId;
-    public bool IsEmulated => inner.IsEmulated;
-    public long TotalBytes => inner.TotalBytes;
-    public long FreeBytes => inner.FreeBytes;
-    public long AllocatedBytes => inner.AllocatedBytes;
-    public DeviceBuffer Allocate(long bytes) => inner.Allocate(bytes);
-    public void Free(DeviceBuffer buffer) => inner.Free(buffer);
-    public DeviceStream CreateStream() => inner.CreateStream();
-    public void DestroyStream(DeviceStream stream) => inner.DestroyStream(stream);
-    public void SynchronizeStream(DeviceStream stream) => inner.SynchronizeStream(stream);
-    public DeviceEvent CreateEvent() => inner.CreateEvent();
-    public void DestroyEvent(DeviceEvent e) => inner.DestroyEvent(e);
-    public void RecordEvent(DeviceEvent e, DeviceStream stream) => inner.RecordEvent(e, stream);
-    public void SynchronizeEvent(DeviceEvent e) => inner.SynchronizeEvent(e);
-
-    public unsafe void CopyToDeviceAsync(DeviceBuffer destination, long offset, void* source, long bytes, DeviceStream stream)
-    {
-        if (FailCopies)
-            throw new DeviceMemoryException("cudaMemcpyAsync failed: CUDA error 700 (an illegal memory access was encountered)");
-        inner.CopyToDeviceAsync(destination, offset, source, bytes, stream);
-    }
-
-    public unsafe void CopyToHostAsync(void* destination, DeviceBuffer source, long offset, long bytes, DeviceStream stream)
-    {
-        if (FailCopies)
-            throw new DeviceMemoryException("cudaMemcpyAsync failed: CUDA error 700 (an illegal memory access was encountered)");
-        inner.CopyToHostAsync(destination, source, offset, bytes, stream);
-    }
-
-    public void PinHost(nint address, long bytes) => inner.PinHost(address, bytes);
-    public void UnpinHost(nint address) => inner.UnpinHost(address);
-    public void Dispose() => inner.Dispose();
-}
-
 public sealed class GpuStoreFaultTests
 {
     // IBlockStore: an I/O failure is a TierException, so the tier manager loses only that placement and tries the next
@@ -52,7 +15,7 @@ public sealed class GpuStoreFaultTests
     public async Task A_failing_device_copy_loses_only_the_gpu_placement()
     {
         const int size = 4096;
-        using var device = new FailingCopyDevice(new EmulatedDeviceMemory(1 << 20));
+        using var device = new FaultyDeviceMemory(new EmulatedDeviceMemory(1 << 20));
         var host = new InMemoryTestStore(TierKind.Host, 4 * size);
         await using var manager = new TierManager(new TierManagerOptions
         {

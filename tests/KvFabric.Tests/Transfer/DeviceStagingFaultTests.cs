@@ -12,60 +12,10 @@ public sealed class DeviceStagingFaultTests
 {
     private const int Block = 1 << 20;
 
-    /// <summary>The emulated device, with copies and pins that fail on request (as a CUDA error would).</summary>
-    private sealed class FaultyDevice(EmulatedDeviceMemory inner) : IDeviceMemory
-    {
-        public volatile bool FailCopies;
-        public volatile bool FailPins;
-        public int DeviceId => inner.DeviceId;
-        public bool IsEmulated => true;
-        public long TotalBytes => inner.TotalBytes;
-        public long FreeBytes => inner.FreeBytes;
-        public long AllocatedBytes => inner.AllocatedBytes;
-        public DeviceBuffer Allocate(long bytes) => inner.Allocate(bytes);
-        public void Free(DeviceBuffer buffer) => inner.Free(buffer);
-        public DeviceStream CreateStream() => inner.CreateStream();
-        public void DestroyStream(DeviceStream stream) => inner.DestroyStream(stream);
-        public void SynchronizeStream(DeviceStream stream) => inner.SynchronizeStream(stream);
-        public DeviceEvent CreateEvent() => inner.CreateEvent();
-        public void DestroyEvent(DeviceEvent e) => inner.DestroyEvent(e);
-        public void RecordEvent(DeviceEvent e, DeviceStream stream) => inner.RecordEvent(e, stream);
-        public void SynchronizeEvent(DeviceEvent e) => inner.SynchronizeEvent(e);
-
-        public unsafe void CopyToDeviceAsync(DeviceBuffer destination, long offset, void* source, long bytes, DeviceStream stream)
-        {
-            if (FailCopies)
-                throw new DeviceMemoryException("injected: cudaMemcpyAsync failed");
-            inner.CopyToDeviceAsync(destination, offset, source, bytes, stream);
-        }
-
-        /// <summary>When positive, each copy out of the device first takes this long (a busy or slow device).</summary>
-        public volatile int CopyOutDelayMs;
-
-        public unsafe void CopyToHostAsync(void* destination, DeviceBuffer source, long offset, long bytes, DeviceStream stream)
-        {
-            if (CopyOutDelayMs > 0)
-                Thread.Sleep(CopyOutDelayMs);
-            if (FailCopies)
-                throw new DeviceMemoryException("injected: cudaMemcpyAsync failed");
-            inner.CopyToHostAsync(destination, source, offset, bytes, stream);
-        }
-
-        public void PinHost(nint address, long bytes)
-        {
-            if (FailPins)
-                throw new DeviceMemoryException("injected: cudaHostRegister failed");
-            inner.PinHost(address, bytes);
-        }
-
-        public void UnpinHost(nint address) => inner.UnpinHost(address);
-        public void Dispose() => inner.Dispose();
-    }
-
     /// <summary>A faulty device with two blocks of KV, an agent staging through two slots, and a host-memory peer.</summary>
     private sealed class Rig : IAsyncDisposable
     {
-        public FaultyDevice Device { get; } = new(new EmulatedDeviceMemory(8 << 20));
+        public FaultyDeviceMemory Device { get; } = new(new EmulatedDeviceMemory(8 << 20));
         public DeviceBuffer Kv { get; }
         public TransferAgent Agent { get; } = new(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 2 });
         public TransferAgent Peer { get; } = new(new TransferAgentOptions { Name = "host-side" });
@@ -152,7 +102,7 @@ public sealed class DeviceStagingFaultTests
     [Fact]
     public async Task A_pin_that_fails_at_registration_is_tried_again_by_the_next_registration()
     {
-        using var device = new FaultyDevice(new EmulatedDeviceMemory(8 << 20));
+        using var device = new FaultyDeviceMemory(new EmulatedDeviceMemory(8 << 20));
         DeviceBuffer kv = device.Allocate(Block);
         await using var agent = new TransferAgent(new TransferAgentOptions { Name = "gpu-side", DeviceStagingSlots = 2 });
         await using var peer = new TransferAgent(new TransferAgentOptions { Name = "host-side" });
