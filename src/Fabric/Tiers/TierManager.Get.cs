@@ -176,9 +176,10 @@ public sealed partial class TierManager
                 {
                     await PromoteAsync(key).ConfigureAwait(false);
                 }
-                catch (Exception e) when (e is not OperationCanceledException)
+                catch (Exception e) when (e is not OperationCanceledException || !ct.IsCancellationRequested)
                 {
-                    // A promotion is an optimization: a failing one must not stop the ones behind it.
+                    // A promotion is an optimization: a failing one (a store's own cancellation included) must not stop
+                    // the ones behind it; only the manager's shutdown ends the loop.
                     lock (_lock)
                         _promotionsFailed++;
                 }

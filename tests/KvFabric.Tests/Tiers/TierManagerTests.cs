@@ -145,6 +145,24 @@ public sealed class TierManagerTests
         Assert.All(rig.Manager.Stats().Tiers, t => Assert.True(t.UsedBytes <= t.CapacityBytes));
     }
 
+    // A store that throws OperationCanceledException during a promotion (its own timeout, not the manager's shutdown)
+    // counts as a failed promotion: the loop goes on, and waiting for promotions to go idle still ends.
+    [Fact]
+    public async Task A_promotion_cancelled_inside_a_store_does_not_stop_the_promotions_behind_it()
+    {
+        await using var rig = new TierRig([2, 4], promote: true);
+        await rig.Put(0, 2);
+        await rig.Put(10, 2); // 0 and 1 go to the host tier
+        rig.Stores[0].CancelWrites = true;
+        Assert.Equal(2, (await rig.Get(0, 2)).Read);
+        await rig.Manager.WhenPromotionsIdleAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.Equal(1, rig.Manager.Stats().PromotionsFailed); // block 0's; block 1 then waits for its parent to move up
+        rig.Stores[0].CancelWrites = false;
+        Assert.Equal(2, (await rig.Get(0, 2)).Read);
+        await rig.Manager.WhenPromotionsIdleAsync().WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.Equal([Gpu | Host, Gpu | Host], new[] { 0, 1 }.Select(rig.Residency));
+    }
+
     [Fact]
     public async Task Write_through_also_places_the_block_in_the_slowest_tier()
     {

@@ -80,6 +80,8 @@ internal class InMemoryTestStore : IBlockStore
     public long UsedBytes { get { lock (_lock) return _blocks.Values.Sum(b => (long)b.Length); } }
     public int Count { get { lock (_lock) return _blocks.Count; } }
     public bool FailWrites { get; set; }
+    /// <summary>Writes throw OperationCanceledException (a store giving up on its own token, not the caller's).</summary>
+    public bool CancelWrites { get; set; }
     public HashSet<BlockKey> CorruptOnRead { get; } = [];
     public Action<int>? OnRead { get; set; }
     public int Writes { get; private set; }
@@ -94,6 +96,8 @@ internal class InMemoryTestStore : IBlockStore
     {
         if (FailWrites)
             throw new TierException($"test store ({Kind}): injected write failure (disk full)");
+        if (CancelWrites)
+            throw new OperationCanceledException($"test store ({Kind}): injected cancellation inside the store");
         lock (_lock)
         {
             if (UsedBytes + block.Length > CapacityBytes)
