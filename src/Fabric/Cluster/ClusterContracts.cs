@@ -73,9 +73,30 @@ public sealed class ClusterStoreUnavailableException : Exception
     }
 }
 
+/// <summary>A watcher fell so far behind that its changes no longer fit its bounded queue; watch again (a fresh listing).</summary>
+public sealed class WatchOverflowException(string message) : Exception(message);
+
 /// <summary>How both stores hand a watch's changes to its caller.</summary>
 internal static class WatchChannel
 {
+    /// <summary>Changes a watcher may have pending; one that falls further behind gets <see cref="WatchOverflowException"/>.</summary>
+    public const int Capacity = 4096;
+
+    /// <summary>A bounded queue for one watcher's changes (writes never wait: see <see cref="Emit"/>).</summary>
+    public static Channel<MembershipChange> Create(bool singleWriter) =>
+        Channel.CreateBounded<MembershipChange>(new BoundedChannelOptions(Capacity) { SingleReader = true, SingleWriter = singleWriter });
+
+    /// <summary>Queues a change; when the watcher's queue is full, ends its watch with WatchOverflowException (the
+    /// watcher lists again from scratch) and returns false. A watch already ended takes nothing.</summary>
+    public static bool Emit(ChannelWriter<MembershipChange> writer, MembershipChange change, string store)
+    {
+        if (writer.TryWrite(change))
+            return true;
+        writer.TryComplete(new WatchOverflowException(
+            $"the watcher of {store} fell {Capacity} membership changes behind; its watch ended: watch again for a fresh listing"));
+        return false;
+    }
+
     /// <summary>
     /// Yields the channel's changes until it completes (rethrowing a failure it was completed with), the caller cancels
     /// (OperationCanceledException), or the store is disposed (the watch just ends).

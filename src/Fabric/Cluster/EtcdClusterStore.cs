@@ -65,7 +65,7 @@ public sealed class EtcdClusterStore : IClusterStore
     public async IAsyncEnumerable<MembershipChange> WatchAsync([EnumeratorCancellation] CancellationToken cancellationToken)
     {
         ObjectDisposedException.ThrowIf(_disposed.IsCancellationRequested, this);
-        var changes = Channel.CreateUnbounded<MembershipChange>(new UnboundedChannelOptions { SingleReader = true, SingleWriter = true });
+        var changes = WatchChannel.Create(singleWriter: true);
         using var both = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _disposed.Token);
         Task pump = Task.Run(() => PumpAsync(changes.Writer, both.Token), CancellationToken.None);
         try
@@ -170,13 +170,20 @@ public sealed class EtcdClusterStore : IClusterStore
         _log.LogWarning("cluster: {Store} ended the watch stream; listing again", Description);
     }
 
+    // A watcher whose queue overflowed has its watch ended with WatchOverflowException; the pump stops with it.
+    private void Emit(ChannelWriter<MembershipChange> writer, MembershipChange change)
+    {
+        if (!WatchChannel.Emit(writer, change, Description))
+            throw new WatchOverflowException($"the watcher of {Description} fell behind");
+    }
+
     private void Apply(Event ev, SortedDictionary<string, NodeInfo> known, ChannelWriter<MembershipChange> writer)
     {
         string name = NameOf(ev.Kv.Key);
         if (ev.Type == Event.Types.EventType.Delete)
         {
             if (known.Remove(name, out NodeInfo? gone))
-                writer.TryWrite(new MembershipChange(MembershipChangeKind.Left, gone));
+                Emit(writer, new MembershipChange(MembershipChangeKind.Left, gone));
             return;
         }
 
@@ -184,27 +191,27 @@ public sealed class EtcdClusterStore : IClusterStore
         if (info is null)
             return;
         if (!known.TryGetValue(name, out NodeInfo? old))
-            writer.TryWrite(new MembershipChange(MembershipChangeKind.Joined, info));
+            Emit(writer, new MembershipChange(MembershipChangeKind.Joined, info));
         else if (!old.SameAs(info))
-            writer.TryWrite(new MembershipChange(MembershipChangeKind.Updated, info));
+            Emit(writer, new MembershipChange(MembershipChangeKind.Updated, info));
         known[name] = info;
     }
 
     /// <summary>Emits what changed between what the watcher knew and a fresh listing, and makes the listing what it knows.</summary>
-    private static void Reconcile(SortedDictionary<string, NodeInfo> known, SortedDictionary<string, NodeInfo> now, ChannelWriter<MembershipChange> writer)
+    private void Reconcile(SortedDictionary<string, NodeInfo> known, SortedDictionary<string, NodeInfo> now, ChannelWriter<MembershipChange> writer)
     {
         foreach (var (name, old) in known.Where(k => !now.ContainsKey(k.Key)).ToList())
         {
             known.Remove(name);
-            writer.TryWrite(new MembershipChange(MembershipChangeKind.Left, old));
+            Emit(writer, new MembershipChange(MembershipChangeKind.Left, old));
         }
 
         foreach (var (name, info) in now)
         {
             if (!known.TryGetValue(name, out NodeInfo? old))
-                writer.TryWrite(new MembershipChange(MembershipChangeKind.Joined, info));
+                Emit(writer, new MembershipChange(MembershipChangeKind.Joined, info));
             else if (!old.SameAs(info))
-                writer.TryWrite(new MembershipChange(MembershipChangeKind.Updated, info));
+                Emit(writer, new MembershipChange(MembershipChangeKind.Updated, info));
             known[name] = info;
         }
     }

@@ -60,11 +60,11 @@ public sealed class InProcessClusterStore : IClusterStore
     public async IAsyncEnumerable<MembershipChange> WatchAsync([EnumeratorCancellation] CancellationToken cancellationToken)
     {
         ObjectDisposedException.ThrowIf(_disposed.IsCancellationRequested, this);
-        var changes = Channel.CreateUnbounded<MembershipChange>(new UnboundedChannelOptions { SingleReader = true });
+        var changes = WatchChannel.Create(singleWriter: false);
         lock (_state.Lock)
         {
             foreach (Member m in _state.Members.Values.OrderBy(m => m.Info.Node, StringComparer.Ordinal))
-                changes.Writer.TryWrite(new MembershipChange(MembershipChangeKind.Joined, m.Info));
+                WatchChannel.Emit(changes.Writer, new MembershipChange(MembershipChangeKind.Joined, m.Info), Description);
             _state.Watchers.Add(changes.Writer);
         }
 
@@ -197,8 +197,8 @@ public sealed class InProcessClusterStore : IClusterStore
 
         private void Publish(MembershipChange change)
         {
-            foreach (ChannelWriter<MembershipChange> w in Watchers)
-                w.TryWrite(change);
+            // A watcher that fell a whole queue behind is ended (it lists again) and dropped: nothing grows without bound.
+            Watchers.RemoveAll(w => !WatchChannel.Emit(w, change, $"in-process (cluster {Cluster})"));
         }
 
         public void Dispose()

@@ -208,4 +208,31 @@ public sealed class InProcessClusterStoreTests : ClusterStoreContractTests
 
     protected override Task<IClusterStore> OpenPeerAsync(IClusterStore first) =>
         Task.FromResult<IClusterStore>(((InProcessClusterStore)first).CreatePeer());
+
+    // A watcher's queue is bounded: one that stops reading is ended with WatchOverflowException once a whole queue of
+    // changes waits for it (nothing grows without bound), and watching again starts from a fresh listing.
+    [Fact]
+    public async Task A_watcher_that_stops_reading_is_ended_after_a_bounded_backlog_and_can_watch_again()
+    {
+        await using IClusterStore store = await OpenAsync(UniqueCluster("overflow"));
+        await using IClusterRegistration r = await store.RegisterAsync(Node("node-a"), LongTtl, CancellationToken.None);
+        await using var stalled = store.WatchAsync(CancellationToken.None).GetAsyncEnumerator();
+        Assert.True(await stalled.MoveNextAsync()); // node-a joined; then the watcher stops reading
+        int updates = WatchChannel.Capacity + 10;
+        for (int i = 1; i <= updates; i++)
+            await r.UpdateAsync(r.Current with { Load = i }, CancellationToken.None);
+        var e = await Assert.ThrowsAsync<WatchOverflowException>(async () =>
+        {
+            while (await stalled.MoveNextAsync())
+            {
+            }
+        });
+        Assert.Contains("watch again", e.Message, StringComparison.Ordinal);
+        await foreach (MembershipChange change in store.WatchAsync(CancellationToken.None))
+        {
+            Assert.Equal(MembershipChangeKind.Joined, change.Kind);
+            Assert.Equal((double)updates, change.Node.Load);
+            break;
+        }
+    }
 }
