@@ -224,7 +224,6 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
     }
 
     internal static readonly TimeSpan DisposeReadDrainTimeout = TimeSpan.FromSeconds(30);
-    internal static readonly TimeSpan DisposeMoveTimeout = TimeSpan.FromSeconds(60);
 
     internal void Release(int[] ids, int count, bool read)
     {
@@ -333,7 +332,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         // Let the running move finish and in-flight reads drain before the stores (and their memory) go away. Later
         // calls find _disposed set and throw ObjectDisposedException. Bounded: a move stuck on a device that no longer
         // answers must not hang shutdown; the stores then stay undisposed (the move still holds them) until the process ends.
-        if (!await _mover.WaitAsync(DisposeMoveTimeout).ConfigureAwait(false))
+        if (!await _mover.WaitAsync(_options.DisposeMoveTimeout).ConfigureAwait(false))
             return;
         try
         {

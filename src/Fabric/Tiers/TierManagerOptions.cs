@@ -46,6 +46,8 @@ public sealed record TierManagerOptions
     public TimeProvider Time { get; init; } = TimeProvider.System;
     // Dispose the stores with the manager.
     public bool OwnsStores { get; init; } = true;
+    // How long disposal waits for a running move (a device that stopped answering); then the stores stay open under it.
+    public TimeSpan DisposeMoveTimeout { get; init; } = TimeSpan.FromSeconds(60);
 }
 
 // A store that keeps blocks of exactly one size (fixed slots); the tier manager refuses other sizes up front.

@@ -67,4 +67,20 @@ public sealed class TierStaleCorruptDropTests
         Assert.Equal(rig.Stores[0].UsedBytes, stats.Tiers[0].UsedBytes);
         Assert.Equal(Bytes(0, TierRig.BlockBytes), (await rig.Get(0, 1)).Buffers[0]);
     }
+
+    // Disposal waits for a running move only so long: a store write that never returns (a device that stopped
+    // answering) must not hang shutdown. The store stays open under the stuck write.
+    [Fact]
+    public async Task Disposal_does_not_wait_forever_for_a_stuck_move()
+    {
+        GatedWriteStore? gated = null;
+        var rig = new TierRig([4], configure: (o, _) => o with { Store = gated = new GatedWriteStore((InMemoryTestStore)o.Store) },
+            configureManager: m => m with { DisposeMoveTimeout = TimeSpan.FromMilliseconds(200) });
+        gated!.HoldKey = new BlockKey(0, Hash(5));
+        var stuck = rig.Put(5, 1).AsTask(); // holds the mover gate inside its store write
+        await gated.Entered.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        await rig.DisposeAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30));
+        gated.Gate.SetResult();
+        await stuck.WaitAsync(TimeSpan.FromSeconds(30));
+    }
 }
