@@ -33,36 +33,19 @@ public sealed class UcxAbortReviewTests
             new TransferOptions { Backend = BackendKind.Ucx, Deadline = TimeSpan.FromSeconds(2) });
 
         // One operation of the post stays in flight past the force-close, as a stuck UCX transport would keep it.
-        var ucx = initiator.Ucx!;
-        ucx.AbortTimeout = TimeSpan.FromMilliseconds(200);
-        var heldRelease = new TaskCompletionSource<Action>(TaskCreationOptions.RunContinuationsAsynchronously);
-        ucx.HoldOperation = release => heldRelease.TrySetResult(release);
-        Action? release = null;
-        try
+        await WithOneOperationHeldAsync(initiator, async () =>
         {
             var result = await initiator.PostAsync(request).WaitAsync(Generous);
-            release = await heldRelease.Task.WaitAsync(Generous);
-
             Assert.Equal(TransferStatus.TimedOut, result.Status);
             Assert.Contains("quarantined", result.Error, StringComparison.Ordinal);
             Assert.True(request.IsPosted, "the request was released while UCX may still use its memory");
             await Assert.ThrowsAsync<InvalidOperationException>(() => initiator.PostAsync(request));
             var refused = await Assert.ThrowsAsync<TimeoutException>(() => initiator.DeregisterAsync(local, TimeSpan.FromMilliseconds(50)));
             Assert.Contains("still in use", refused.Message, StringComparison.Ordinal);
-        }
-        finally
-        {
-            ucx.HoldOperation = null;
-            if (release is null && heldRelease.Task.IsCompletedSuccessfully)
-                release = await heldRelease.Task;
-            release?.Invoke();
-        }
+        });
 
         // UCX completed the operation: the quarantine lifts by itself.
-        var clock = System.Diagnostics.Stopwatch.StartNew();
-        while (request.IsPosted && clock.Elapsed < Generous)
-            await Task.Delay(10);
-        Assert.False(request.IsPosted, "the quarantine never lifted after UCX completed the operation");
+        await WaitUntilUnpostedAsync(request);
         Assert.Equal(TransferStatus.TimedOut, request.LastResult!.Value.Status);
         // The post let go of its region: nothing uses it any more.
         await local.CloseAsync(Generous);
@@ -84,33 +67,46 @@ public sealed class UcxAbortReviewTests
             new TransferOptions { Backend = BackendKind.Ucx, Deadline = TimeSpan.FromSeconds(2) });
         int slots = initiator.Staging.Available;
 
+        await WithOneOperationHeldAsync(initiator, async () =>
+        {
+            var result = await initiator.PostAsync(request).WaitAsync(Generous);
+            Assert.Equal(TransferStatus.TimedOut, result.Status);
+            Assert.Contains("quarantined", result.Error, StringComparison.Ordinal);
+            Assert.Equal(slots - 1, initiator.Staging.Available);
+        });
+
+        await WaitUntilUnpostedAsync(request);
+        Assert.Equal(slots, initiator.Staging.Available);
+        // The request points at device memory again and can be posted as before.
+        Assert.True((await initiator.PostAsync(request).WaitAsync(Generous)).IsSuccess);
+    }
+
+    // Runs the body while one UCX operation of the next post stays in flight past its abort (a short abort timeout), then
+    // lets UCX complete it.
+    private static async Task WithOneOperationHeldAsync(TransferAgent initiator, Func<Task> body)
+    {
         var ucx = initiator.Ucx!;
         ucx.AbortTimeout = TimeSpan.FromMilliseconds(200);
         var heldRelease = new TaskCompletionSource<Action>(TaskCreationOptions.RunContinuationsAsynchronously);
         ucx.HoldOperation = release => heldRelease.TrySetResult(release);
-        Action? release = null;
         try
         {
-            var result = await initiator.PostAsync(request).WaitAsync(Generous);
-            release = await heldRelease.Task.WaitAsync(Generous);
-            Assert.Equal(TransferStatus.TimedOut, result.Status);
-            Assert.Contains("quarantined", result.Error, StringComparison.Ordinal);
-            Assert.Equal(slots - 1, initiator.Staging.Available);
+            await body();
+            await heldRelease.Task.WaitAsync(Generous); // the post did hold one operation
         }
         finally
         {
             ucx.HoldOperation = null;
-            if (release is null && heldRelease.Task.IsCompletedSuccessfully)
-                release = await heldRelease.Task;
-            release?.Invoke();
+            if (heldRelease.Task.IsCompletedSuccessfully)
+                heldRelease.Task.Result();
         }
+    }
 
+    private static async Task WaitUntilUnpostedAsync(TransferRequest request)
+    {
         var clock = System.Diagnostics.Stopwatch.StartNew();
         while (request.IsPosted && clock.Elapsed < Generous)
             await Task.Delay(10);
         Assert.False(request.IsPosted, "the quarantine never lifted after UCX completed the operation");
-        Assert.Equal(slots, initiator.Staging.Available);
-        // The request points at device memory again and can be posted as before.
-        Assert.True((await initiator.PostAsync(request).WaitAsync(Generous)).IsSuccess);
     }
 }
