@@ -574,17 +574,15 @@ public sealed class ClusterNode : IAsyncDisposable
             for (int i = 0; i < n; i++)
             {
                 int depth = start + i;
-                Memory<byte> into;
+                // Stored straight from the staging slot the READ filled (held until the commit ends): no copy between.
                 try
                 {
-                    into = put.Add(chain[depth], depth > 0 ? chain[depth - 1] : null, depth);
+                    put.AddBorrowed(chain[depth], depth > 0 ? chain[depth - 1] : null, depth, slots.Slot((uint)i)[..blockBytes]);
                 }
                 catch (StoreFullException e)
                 {
                     throw new RpcException(StatusCode.ResourceExhausted, $"this node has no room to stage the fetched blocks: {e.Message}");
                 }
-
-                slots.Slot((uint)i).Span[..blockBytes].CopyTo(into.Span);
             }
 
             PutOutcome outcome;

@@ -48,6 +48,13 @@ public interface IPutBatch : IDisposable
     /// <summary>Stages a block and returns the BlockBytes-long buffer its bytes go to. Throws StoreFullException when there is no room.</summary>
     Memory<byte> Add(BlockHash hash, BlockHash? parent, int depth);
 
+    /// <summary>
+    /// Stages a block whose BlockBytes-long bytes are already in memory the caller owns, and keeps unchanged until the
+    /// commit ends or the batch is disposed. A store may store them from there without a staging copy.
+    /// </summary>
+    void AddBorrowed(BlockHash hash, BlockHash? parent, int depth, ReadOnlyMemory<byte> bytes) =>
+        bytes.Span.CopyTo(Add(hash, parent, depth).Span);
+
     /// <summary>Makes every staged block visible at once. Blocks already present stay as they were.</summary>
     ValueTask<PutOutcome> CommitAsync(CancellationToken cancellationToken);
 }

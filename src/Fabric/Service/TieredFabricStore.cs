@@ -278,7 +278,9 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
 
     private sealed class PutBatch(TieredFabricStore store, uint tenant) : IPutBatch
     {
-        private readonly List<(BlockHash Hash, BlockHash? Parent, byte[] Buffer)> _staged = new();
+        // Buffer: a staging buffer rented for the block (null when its bytes are borrowed from the caller).
+        private readonly List<(BlockHash Hash, BlockHash? Parent, byte[]? Buffer, ReadOnlyMemory<byte> Bytes)> _staged = new();
+        private int _rented;
         private readonly List<BlockKey> _claimed = new();
         private bool _done;
 
@@ -293,8 +295,18 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
             }
 
             byte[] buffer = ArrayPool<byte>.Shared.Rent(store.BlockBytes);
-            _staged.Add((hash, parent, buffer));
+            _rented++;
+            _staged.Add((hash, parent, buffer, buffer.AsMemory(0, store.BlockBytes)));
             return buffer.AsMemory(0, store.BlockBytes);
+        }
+
+        // Borrowed bytes hold no staging memory, so they do not count against put_staging_blocks.
+        public void AddBorrowed(BlockHash hash, BlockHash? parent, int depth, ReadOnlyMemory<byte> bytes)
+        {
+            ObjectDisposedException.ThrowIf(_done, this);
+            if (bytes.Length != store.BlockBytes)
+                throw new ArgumentException($"block {hash} has {bytes.Length} bytes; this node's blocks are exactly {store.BlockBytes}", nameof(bytes));
+            _staged.Add((hash, parent, null, bytes));
         }
 
         public async ValueTask<PutOutcome> CommitAsync(CancellationToken cancellationToken)
@@ -322,7 +334,7 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                         end++;
                     var run = new List<BlockPut>(end - i);
                     for (int k = i; k < end; k++)
-                        run.Add(new BlockPut(_staged[k].Hash, _staged[k].Buffer.AsMemory(0, store.BlockBytes)));
+                        run.Add(new BlockPut(_staged[k].Hash, _staged[k].Bytes));
                     var mine = new bool[run.Count];
                     Claim(run);
                     PutResult r;
@@ -438,8 +450,11 @@ public sealed class TieredFabricStore : IFabricStore, IKvEventSink
                 return;
             _done = true;
             foreach (var s in _staged)
-                ArrayPool<byte>.Shared.Return(s.Buffer);
-            Interlocked.Add(ref store._staged, -_staged.Count);
+            {
+                if (s.Buffer is not null)
+                    ArrayPool<byte>.Shared.Return(s.Buffer);
+            }
+            Interlocked.Add(ref store._staged, -_rented);
             _staged.Clear();
         }
     }
