@@ -43,6 +43,9 @@ public sealed record RpcBenchResult(
     Spread PutSlotsGbps,
     Spread GetSlotsGbps)
 {
+    public double PutClientCpuSecondsPerGb { get; init; }
+    public double PutServerCpuSecondsPerGb { get; init; }
+
     /// <summary>The open-loop phase at <see cref="RpcBenchOptions.LookupRate"/> (calls/s achieved, p50, p99), or null.</summary>
     public (double CallsPerSecond, double P50Us, double P99Us)? OpenLoop { get; init; }
 
@@ -97,16 +100,22 @@ public static class RpcBench
                 data.AsMemory(i * o.BlockBytes, o.BlockBytes))).ToArray()).ToArray();
 
         var put = new List<double>();
+        double putClientCpu = 0, putServerCpu = 0;
         for (int run = 0; run <= o.Runs; run++)
         {
             progress($"put run {run}/{o.Runs}" + (run == 0 ? " (warm-up)" : string.Empty));
             await client.DeleteAsync(packedAll, new CallOptions(CancellationToken: ct));
+            double c0 = ProcessCpu.Self, s0 = ProcessCpu.Seconds(sidecar.Pid);
             long start = Stopwatch.GetTimestamp();
             foreach (BlockToPut[] batch in perCall)
                 await client.PutAsync(batch, new CallOptions(CancellationToken: ct));
             double s = Stopwatch.GetElapsedTime(start).TotalSeconds;
             if (run > 0)
+            {
                 put.Add(data.Length / s / 1e9);
+                putClientCpu += ProcessCpu.Self - c0;
+                putServerCpu += ProcessCpu.Seconds(sidecar.Pid) - s0;
+            }
         }
 
         byte[] dest = new byte[o.BlocksPerCall * o.BlockBytes];
@@ -193,7 +202,11 @@ public static class RpcBench
         return new RpcBenchResult(Spread.Of(put), Spread.Of(get), all.Length / lookupSeconds,
             Spread.Percentile(all, 50), Spread.Percentile(all, 99), all.Length,
             lookupClientCpu / all.Length * 1e6, lookupServerCpu / all.Length * 1e6, getClientCpu / gb, getServerCpu / gb,
-            Spread.Of(putSlots), Spread.Of(getSlots)) { OpenLoop = openLoop, H2load = h2, H2loadNote = h2Note };
+            Spread.Of(putSlots), Spread.Of(getSlots))
+        {
+            OpenLoop = openLoop, H2load = h2, H2loadNote = h2Note,
+            PutClientCpuSecondsPerGb = putClientCpu / gb, PutServerCpuSecondsPerGb = putServerCpu / gb,
+        };
     }
 
     // Caller c makes its k-th call at start + (k + c / callers) / (rate / callers): the callers interleave evenly. A call

@@ -98,6 +98,8 @@ public static class RpcCommand
         }
         report["get_client_cpu_seconds_per_gb"] = JsonReport.Round(r.GetClientCpuSecondsPerGb);
         report["get_server_cpu_seconds_per_gb"] = JsonReport.Round(r.GetServerCpuSecondsPerGb);
+        report["put_client_cpu_seconds_per_gb"] = JsonReport.Round(r.PutClientCpuSecondsPerGb);
+        report["put_server_cpu_seconds_per_gb"] = JsonReport.Round(r.PutServerCpuSecondsPerGb);
         report["put_gbps"] = JsonReport.Round(r.PutGbps.Median);
         report["put_gbps_spread"] = JsonReport.Of(r.PutGbps);
         report["get_gbps"] = JsonReport.Round(r.GetGbps.Median);
@@ -113,6 +115,7 @@ public static class RpcCommand
             table.AddRow($"Lookup from h2load ({o.LookupCallers} streams, server CPU {h.ServerCpuUsPerCall:F0} us per call)",
                 $"{h.Lookup.CallsPerSecond:F0} calls/s, p50 {h.Lookup.P50Us:F0} us, p99 {h.Lookup.P99Us:F0} us");
         table.AddRow("Get CPU s per GB (client / server)", $"{r.GetClientCpuSecondsPerGb:F3} / {r.GetServerCpuSecondsPerGb:F3}");
+        table.AddRow("Put CPU s per GB (client / server)", $"{r.PutClientCpuSecondsPerGb:F3} / {r.PutServerCpuSecondsPerGb:F3}");
         table.AddRow($"Put streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.PutGbps.Median:F2} GB/s (min {r.PutGbps.Min:F2}, max {r.PutGbps.Max:F2})");
         table.AddRow($"Get streamed ({Sizes.Format(o.BlockBytes)} blocks)", $"{r.GetGbps.Median:F2} GB/s (min {r.GetGbps.Min:F2}, max {r.GetGbps.Max:F2})");
         table.AddRow("Put via shared-memory slots (node-local)", $"{r.PutSlotsGbps.Median:F2} GB/s (min {r.PutSlotsGbps.Min:F2}, max {r.PutSlotsGbps.Max:F2})");

@@ -88,7 +88,7 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
             throw new InvalidOperationException("this call was created with its request; it takes no more messages");
         try
         {
-            _writer ??= PipeWriter.Create(await _push.Stream.WaitAsync(_cts.Token).ConfigureAwait(false), new StreamPipeWriterOptions(leaveOpen: true));
+            _writer ??= PipeWriter.Create(await _push.Stream.WaitAsync(_cts.Token).ConfigureAwait(false), new StreamPipeWriterOptions(minimumBufferSize: 64 * 1024, leaveOpen: true));
             await GrpcFraming.WriteAndFlushAsync(_writer, message, _cts.Token).ConfigureAwait(false);
         }
         catch (Exception e) when (e is not RpcException)
