@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using KvFabric.Client.Grpc;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Logging;
@@ -34,6 +33,13 @@ public sealed class GrpcDispatcher
         _latency = metrics.CreateHistogram("kvfabric_rpc_duration_seconds", "gRPC call duration from request headers to status, by method.", LatencyBuckets, "method");
     }
 
+    /// <summary>
+    /// The clock deadlines are measured with: its monotonic timestamp decides whether a deadline passed (a wall clock
+    /// stepped by NTP or an operator must neither expire calls early nor let them run late); wall time only fills
+    /// <see cref="ServerCall.Deadline"/>. A test seam.
+    /// </summary>
+    internal TimeProvider Time { get; init; } = TimeProvider.System;
+
     public async Task HandleAsync(HttpContext http)
     {
         HttpRequest request = http.Request;
@@ -48,7 +54,7 @@ public sealed class GrpcDispatcher
         }
 
         string path = request.Path.Value ?? string.Empty;
-        long started = Stopwatch.GetTimestamp();
+        long started = Time.GetTimestamp();
         response.ContentType = GrpcProtocol.ContentType;
         response.Headers[GrpcProtocol.AcceptEncodingHeader] = GrpcProtocol.SupportedEncodings;
 
@@ -57,6 +63,7 @@ public sealed class GrpcDispatcher
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
         bool deadlineHit = false;
         DateTime? deadline = null;
+        TimeSpan? budget = null; // the grpc-timeout, measured on the monotonic clock from `started`
         try
         {
             if (!_router.TryGet(path, out var route))
@@ -71,7 +78,8 @@ public sealed class GrpcDispatcher
                     throw new RpcException(StatusCode.DeadlineExceeded, "the call's deadline had already passed when it arrived");
                 if (t < MaxTimer) // longer deadlines (grpc-timeout allows years) are no deadline in practice
                 {
-                    deadline = DateTime.UtcNow + t;
+                    budget = t;
+                    deadline = Time.GetUtcNow().UtcDateTime + t;
                     cts.CancelAfter(t);
                 }
             }
@@ -83,7 +91,7 @@ public sealed class GrpcDispatcher
             Tenant? tenant = route.Authenticated
                 ? _tenants.Authenticate(request.Headers.Authorization.FirstOrDefault(), request.Headers[GrpcProtocol.TenantHeader].FirstOrDefault())
                 : null;
-            var call = new ServerCall(http, path, tenant, cts.Token, deadline, _maxReceiveBytes);
+            var call = new ServerCall(http, path, tenant, cts.Token, deadline, _maxReceiveBytes, Time, started, budget);
             try
             {
                 await route.Handler(call).ConfigureAwait(false);
@@ -105,7 +113,7 @@ public sealed class GrpcDispatcher
             status = e.Status;
             detail = e.Detail;
         }
-        catch (Exception) when (http.RequestAborted.IsCancellationRequested && deadline <= DateTime.UtcNow)
+        catch (Exception) when (http.RequestAborted.IsCancellationRequested && budget is { } b && Time.GetElapsedTime(started) >= b)
         {
             // The client reset the stream because its deadline passed (it gives up at the same moment we would).
             status = StatusCode.DeadlineExceeded;
@@ -130,7 +138,7 @@ public sealed class GrpcDispatcher
 
         string method = _router.TryGet(path, out _) ? path : "unknown";
         _callSeries.GetOrAdd((method, status), k => _calls.WithLabels(k.Item1, k.Item2.ToString())).Add(1);
-        _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Stopwatch.GetElapsedTime(started).TotalSeconds);
+        _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Time.GetElapsedTime(started).TotalSeconds);
         if (status != StatusCode.OK && status != StatusCode.Cancelled)
             _log.LogInformation("gRPC {Method} from {Peer}: {Status} {Detail}", path, http.Connection.RemoteIpAddress, status, detail);
         if (http.RequestAborted.IsCancellationRequested)

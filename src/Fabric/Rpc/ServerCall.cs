@@ -11,10 +11,16 @@ public sealed class ServerCall
     private readonly HttpContext _http;
     private readonly int _maxReceiveBytes;
     private readonly string? _encoding;
+    private readonly TimeProvider _time;
+    private readonly long _started;
+    private readonly TimeSpan? _budget;
 
     internal ServerCall(HttpContext http, string method, Tenant? tenant, CancellationToken cancellationToken, DateTime? deadline,
-        int maxReceiveBytes)
+        int maxReceiveBytes, TimeProvider? time = null, long started = 0, TimeSpan? budget = null)
     {
+        _time = time ?? TimeProvider.System;
+        _started = started;
+        _budget = budget;
         _http = http;
         Method = method;
         Tenant = tenant;
@@ -35,7 +41,14 @@ public sealed class ServerCall
     /// <summary>Cancelled when the client cancels, the connection breaks, or the deadline passes.</summary>
     public CancellationToken CancellationToken { get; }
 
+    /// <summary>The deadline as wall-clock time (UTC), for display; use <see cref="TimeLeft"/> to budget work.</summary>
     public DateTime? Deadline { get; }
+
+    /// <summary>
+    /// What is left of the call's grpc-timeout (negative once it passed), measured on the monotonic clock so that a
+    /// wall-clock step does not change it; null when the call has no deadline.
+    /// </summary>
+    public TimeSpan? TimeLeft => _budget - _time.GetElapsedTime(_started);
 
     public string Peer => $"{_http.Connection.RemoteIpAddress}:{_http.Connection.RemotePort}";
 

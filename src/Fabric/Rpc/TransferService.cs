@@ -152,7 +152,7 @@ public sealed class TransferService(TransferAgent agent, IFabricStore? store = n
             throw new RpcException(StatusCode.NotFound, $"agent '{request.AgentId}' is not loaded here; call LoadMetadata with its metadata first");
         if (request.Message.Length > MaxNotificationBytes)
             throw new RpcException(StatusCode.InvalidArgument, $"notification of {request.Message.Length} bytes is over the {MaxNotificationBytes}-byte limit");
-        TimeSpan? deadline = call.Deadline is { } d ? d - DateTime.UtcNow : null;
+        TimeSpan? deadline = call.TimeLeft;
         if (deadline <= TimeSpan.Zero)
             throw new RpcException(StatusCode.DeadlineExceeded, $"the deadline passed before the notification to {remote.Name} was sent; nothing was sent");
         TransferResult result = await agent.SendNotificationAsync(remote, request.Message.Memory, deadline, call.CancellationToken).ConfigureAwait(false);
