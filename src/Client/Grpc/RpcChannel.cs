@@ -80,19 +80,25 @@ public sealed class RpcChannel : IDisposable
 
     internal HttpMessageInvoker Http => _http;
 
+    /// <summary>
+    /// The clock a unary call's retries measure its deadline with: the monotonic timestamp, so that a wall-clock step
+    /// (NTP, an operator) neither expires the call's retries early nor lets them run past the deadline. A test seam.
+    /// </summary>
+    internal TimeProvider Time { get; init; } = TimeProvider.System;
+
     public async Task<TResponse> UnaryAsync<TRequest, TResponse>(string method, TRequest request, MessageParser<TResponse> parser,
         CallOptions options = default, bool idempotent = false)
         where TRequest : IMessage<TRequest> where TResponse : class, IMessage<TResponse>
     {
         ArgumentNullException.ThrowIfNull(request);
-        DateTime started = DateTime.UtcNow;
+        long started = Time.GetTimestamp();
         TimeSpan? total = options.Deadline ?? Options.DefaultDeadline;
         if (total == Timeout.InfiniteTimeSpan)
             total = null;
         for (int attempt = 0; ; attempt++)
         {
             // Retries share the call's deadline: each attempt gets what is left of it.
-            TimeSpan? left = total - (DateTime.UtcNow - started);
+            TimeSpan? left = total - Time.GetElapsedTime(started);
             if (left <= TimeSpan.Zero)
                 throw new RpcException(StatusCode.DeadlineExceeded, $"{method}: deadline of {total} expired before the call completed");
             await using var call = new GrpcCall<TRequest, TResponse>(this, method, parser,
@@ -108,7 +114,7 @@ public sealed class RpcChannel : IDisposable
                                          && attempt < Options.MaxRetries && !options.CancellationToken.IsCancellationRequested)
             {
                 TimeSpan backoff = Options.RetryBackoff * (1 << attempt);
-                if (total is { } d && DateTime.UtcNow - started + backoff >= d)
+                if (total is { } d && Time.GetElapsedTime(started) + backoff >= d)
                     throw;
                 try
                 {
