@@ -362,7 +362,11 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
             // the failure (if any) was already reported to the reader/writer
         }
 
-        _response?.Dispose();
+        // A response nobody read (a streaming call disposed before its first ReadAsync, or one only looked at for the
+        // server's status): cancelling the send no longer touches an HTTP/2 stream whose request body was sent, so only
+        // disposing the response resets it; else the stream and the server's call (its leases, its buffers) stay open.
+        HttpResponseMessage? response = _response ?? (_send.IsCompletedSuccessfully ? _send.Result : null);
+        response?.Dispose();
         _cts.Dispose();
     }
 
