@@ -309,6 +309,10 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
 
         if (e is HttpRequestException hre)
             return new RpcException(StatusCode.Unavailable, $"{_method}: cannot reach {_channel.Options.Address}: {hre.Message}", hre);
+        // The body ended cleanly (END_STREAM, not a reset) inside a message, and the server named no error: a truncated
+        // stream is INTERNAL, as GrpcFraming reports it on the message path; not a broken connection worth retrying.
+        if (e is EndOfStreamException)
+            return new RpcException(StatusCode.Internal, $"{_method}: the response stream ended inside a message: {e.Message}", e);
         if (e is IOException or HttpIOException)
             return new RpcException(StatusCode.Unavailable, $"{_method}: the connection to {_channel.Options.Address} broke: {e.Message}", e);
         return new RpcException(StatusCode.Internal, $"{_method}: {e.GetType().Name}: {e.Message}", e);
