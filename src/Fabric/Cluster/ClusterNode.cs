@@ -471,8 +471,9 @@ public sealed class ClusterNode : IAsyncDisposable
     /// Makes the longest prefix of the chain held anywhere local: the blocks this node lacks are exported by the member
     /// holding the most of them, READ through the transfer layer into staging slots here, checked, and stored as a Put.
     /// </summary>
-    public async Task<FetchResponse> FetchAsync(uint tenant, string tenantName, BlockHash[] chain, DateTime? deadline, CancellationToken cancellationToken)
+    public async Task<FetchResponse> FetchAsync(uint tenant, string tenantName, BlockHash[] chain, TimeSpan? timeLeft, CancellationToken cancellationToken)
     {
+        long started = System.Diagnostics.Stopwatch.GetTimestamp(); // the budget runs on the monotonic clock
         var tiers = new TierKind[chain.Length];
         int local = _fabric.Lookup(tenant, chain, tiers);
         var response = new FetchResponse { LocalBlocks = (uint)local };
@@ -496,7 +497,7 @@ public sealed class ClusterNode : IAsyncDisposable
         int done = local;
         while (done < best.Matched)
         {
-            TimeSpan left = deadline is { } d ? d - DateTime.UtcNow : TimeSpan.FromSeconds(60);
+            TimeSpan left = (timeLeft ?? TimeSpan.FromSeconds(60)) - System.Diagnostics.Stopwatch.GetElapsedTime(started);
             if (left <= TimeSpan.Zero)
                 throw new RpcException(StatusCode.DeadlineExceeded, $"fetch from node {peer.Info.Node} ran out of time after {done - local} blocks");
             int want = Math.Min(best.Matched - done, Math.Min(_options.FetchBatchBlocks, Math.Max(1, _staging.Available)));

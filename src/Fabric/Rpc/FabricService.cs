@@ -61,7 +61,7 @@ public sealed class FabricService(IFabricStore store, StagingArea staging, RpcMe
             return new FetchResponse { LocalBlocks = (uint)store.Lookup(tenant.Id, chain, tiers) };
         }
 
-        return await cluster.FetchAsync(tenant.Id, tenant.Name, chain, call.Deadline, call.CancellationToken).ConfigureAwait(false);
+        return await cluster.FetchAsync(tenant.Id, tenant.Name, chain, call.TimeLeft, call.CancellationToken).ConfigureAwait(false);
     }
 
     private ReserveResponse Reserve(ReserveRequest request, ServerCall call)

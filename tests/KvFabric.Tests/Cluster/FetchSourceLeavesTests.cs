@@ -132,7 +132,7 @@ public sealed class FetchSourceLeavesTests
                 return m.Any(x => x.Node == "node-b" && x.Matched == 2);
             }, TimeSpan.FromSeconds(20), () => "node-a's index never learnt what node-b holds");
 
-            Task<FetchResponse> fetch = node.FetchAsync(tenant, "dev", hashes, DateTime.UtcNow.AddSeconds(60), default);
+            Task<FetchResponse> fetch = node.FetchAsync(tenant, "dev", hashes, TimeSpan.FromSeconds(60), default);
             await gated.Committing.Task.WaitAsync(TimeSpan.FromSeconds(20)); // read through the transfer layer, storing now
             IClusterRegistration registration;
             lock (capture.Registrations)
