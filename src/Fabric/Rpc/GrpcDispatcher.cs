@@ -40,6 +40,16 @@ public sealed class GrpcDispatcher
     /// </summary>
     internal TimeProvider Time { get; init; } = TimeProvider.System;
 
+    /// <summary>
+    /// How long one read of a client stream (Put) or one flush of a response stream (Get, SubscribeEvents, Watch) may
+    /// wait on the client before the call ends (see <see cref="ServerCall.StallTimeout"/>); infinite: never. A client
+    /// that is alive but stopped sending or reading would otherwise hold the call's staged blocks, read leases and read
+    /// buffers for as long as its connection lasts.
+    /// </summary>
+    public TimeSpan StreamStallTimeout { get; init; } = DefaultStreamStallTimeout;
+
+    public static readonly TimeSpan DefaultStreamStallTimeout = TimeSpan.FromSeconds(60);
+
     public async Task HandleAsync(HttpContext http)
     {
         HttpRequest request = http.Request;
@@ -61,6 +71,7 @@ public sealed class GrpcDispatcher
         StatusCode status = StatusCode.OK;
         string? detail = null;
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
+        ServerCall? call = null;
         bool deadlineHit = false;
         DateTime? deadline = null;
         TimeSpan? budget = null; // the grpc-timeout, measured on the monotonic clock from `started`
@@ -91,7 +102,7 @@ public sealed class GrpcDispatcher
             Tenant? tenant = route.Authenticated
                 ? _tenants.Authenticate(request.Headers.Authorization.FirstOrDefault(), request.Headers[GrpcProtocol.TenantHeader].FirstOrDefault())
                 : null;
-            var call = new ServerCall(http, path, tenant, cts.Token, deadline, _maxReceiveBytes, Time, started, budget);
+            call = new ServerCall(http, path, tenant, cts.Token, deadline, _maxReceiveBytes, Time, started, budget) { StallTimeout = StreamStallTimeout };
             try
             {
                 await route.Handler(call).ConfigureAwait(false);
@@ -141,8 +152,14 @@ public sealed class GrpcDispatcher
         _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Time.GetElapsedTime(started).TotalSeconds);
         if (status != StatusCode.OK && status != StatusCode.Cancelled)
             _log.LogInformation("gRPC {Method} from {Peer}: {Status} {Detail}", path, http.Connection.RemoteIpAddress, status, detail);
+        call?.End();
         if (http.RequestAborted.IsCancellationRequested)
             return;
+        if (call?.Stalled == true)
+        {
+            http.Abort(); // its flow-control window is shut: a status would never get through; RST_STREAM does
+            return;
+        }
 
         string code = ((int)status).ToString(System.Globalization.CultureInfo.InvariantCulture);
         if (!response.HasStarted)

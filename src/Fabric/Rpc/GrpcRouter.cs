@@ -31,7 +31,7 @@ public sealed class GrpcRouter
             bool delivered = false;
             try
             {
-                await call.WriteAsync(response).ConfigureAwait(false);
+                await call.WriteLastAsync(response).ConfigureAwait(false);
                 delivered = !call.ClientGone; // a client that reset the stream never gets the status that completes the call
             }
             finally
@@ -54,7 +54,7 @@ public sealed class GrpcRouter
         Add(path, authenticated, async call =>
         {
             TResp response = await handler(call).ConfigureAwait(false);
-            await call.WriteAsync(response).ConfigureAwait(false);
+            await call.WriteLastAsync(response).ConfigureAwait(false);
         });
 
     public void Bidirectional(string path, Func<ServerCall, Task> handler, bool authenticated = true) =>

@@ -69,23 +69,111 @@ public sealed class ServerCall
     public ValueTask<T?> ReadAsync<T>(MessageParser<T> parser) where T : class, IMessage<T> =>
         GrpcFraming.ReadAsync(_http.Request.BodyReader, parser, _maxReceiveBytes, _encoding, CancellationToken);
 
-    /// <summary>Reads the next request message with a decoder that sees its raw bytes (valid only during the call); null at the end.</summary>
-    public ValueTask<T?> ReadAsync<T>(Func<System.Buffers.ReadOnlySequence<byte>, T> decode) where T : class =>
-        GrpcFraming.ReadAsync(_http.Request.BodyReader, decode, _maxReceiveBytes, _encoding, CancellationToken);
+    /// <summary>
+    /// Reads the next request message of a client stream with a decoder that sees its raw bytes (valid only during the
+    /// call); null at the end. A client that sends nothing for <see cref="StallTimeout"/> fails the call with
+    /// DEADLINE_EXCEEDED: what it has streamed so far (staged blocks) is not held for a client that stopped.
+    /// </summary>
+    public async ValueTask<T?> ReadAsync<T>(Func<System.Buffers.ReadOnlySequence<byte>, T> decode) where T : class
+    {
+        CancellationToken token = ArmStall();
+        try
+        {
+            return await GrpcFraming.ReadAsync(_http.Request.BodyReader, decode, _maxReceiveBytes, _encoding, token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (StallFired)
+        {
+            throw new RpcException(StatusCode.DeadlineExceeded,
+                $"{Method}: no request message arrived for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); the call ended and nothing it streamed was kept: send the whole stream without pausing, or raise the timeout");
+        }
+        finally
+        {
+            DisarmStall();
+        }
+    }
 
-    /// <summary>Writes one response message and flushes it.</summary>
-    public ValueTask WriteAsync(IMessage message) =>
+    /// <summary>
+    /// Writes one response message of a stream and flushes it. A client that reads nothing for <see cref="StallTimeout"/>
+    /// while the message waits ends the call (its stream is reset): what the call holds, such as the blocks of a Get, is
+    /// not held for a client that stopped reading.
+    /// </summary>
+    public async ValueTask WriteAsync(IMessage message)
+    {
+        GrpcFraming.Write(_http.Response.BodyWriter, message);
+        await FlushAsync().ConfigureAwait(false);
+    }
+
+    /// <summary>Writes a call's one response message and flushes it (unary and client-streaming answers: small, the last).</summary>
+    internal ValueTask WriteLastAsync(IMessage message) =>
         GrpcFraming.WriteAndFlushAsync(_http.Response.BodyWriter, message, CancellationToken);
 
     /// <summary>Writes one response message without flushing (several are sent together by the next flush).</summary>
     public void Write(IMessage message) => GrpcFraming.Write(_http.Response.BodyWriter, message);
 
+    /// <summary>Flushes what was written; bounded by <see cref="StallTimeout"/> as <see cref="WriteAsync"/> is.</summary>
     public async ValueTask FlushAsync()
     {
-        FlushResult result = await _http.Response.BodyWriter.FlushAsync(CancellationToken).ConfigureAwait(false);
+        CancellationToken token = ArmStall();
+        FlushResult result;
+        try
+        {
+            result = await _http.Response.BodyWriter.FlushAsync(token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (StallFired)
+        {
+            Stalled = true;
+            throw new RpcException(StatusCode.DeadlineExceeded,
+                $"{Method}: the client read nothing for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); its stream was reset");
+        }
+        finally
+        {
+            DisarmStall();
+        }
+
         if (result.IsCanceled || result.IsCompleted)
+        {
+            if (StallFired)
+            {
+                Stalled = true;
+                throw new RpcException(StatusCode.DeadlineExceeded,
+                    $"{Method}: the client read nothing for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); its stream was reset");
+            }
+
             throw new RpcException(StatusCode.Cancelled, "the client stopped reading this stream");
+        }
     }
+
+    /// <summary>
+    /// How long one read of a client stream or one flush to the client may wait (infinite: no bound). Set by the
+    /// dispatcher; calls that only wait on their own work (a unary call) are not bounded by it.
+    /// </summary>
+    public TimeSpan StallTimeout { get; internal set; } = Timeout.InfiniteTimeSpan;
+
+    /// <summary>A flush outwaited <see cref="StallTimeout"/>: the dispatcher resets the stream instead of ending it.</summary>
+    internal bool Stalled { get; private set; }
+
+    private CancellationTokenSource? _stall;
+
+    private bool StallFired => _stall is { IsCancellationRequested: true } && !CancellationToken.IsCancellationRequested;
+
+    // One timer per call, re-armed per operation (no allocation per message).
+    private CancellationToken ArmStall()
+    {
+        if (StallTimeout == Timeout.InfiniteTimeSpan)
+            return CancellationToken;
+        _stall ??= CancellationTokenSource.CreateLinkedTokenSource(CancellationToken);
+        _stall.CancelAfter(StallTimeout);
+        return _stall.Token;
+    }
+
+    private void DisarmStall()
+    {
+        if (_stall is { IsCancellationRequested: false } stall)
+            stall.CancelAfter(Timeout.InfiniteTimeSpan);
+    }
+
+    /// <summary>The call ended: its stall timer goes.</summary>
+    internal void End() => _stall?.Dispose();
 
     /// <summary>Sends the response headers now (bidirectional calls, so the client sees the call start).</summary>
     public Task StartResponseAsync() => _http.Response.StartAsync(CancellationToken);
