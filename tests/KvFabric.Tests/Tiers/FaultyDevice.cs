@@ -42,5 +42,12 @@ internal sealed class FaultyDevice : StorageDeviceBase
 
     public override bool TryComplete() => _inner.TryComplete();
 
-    public override void Dispose() => _inner.Dispose();
+    /// <summary>Runs when the store disposes the device (after it has closed the log), before the real device goes.</summary>
+    public Action? OnDispose { get; set; }
+
+    public override void Dispose()
+    {
+        OnDispose?.Invoke();
+        _inner.Dispose();
+    }
 }

@@ -53,6 +53,10 @@ public sealed partial class SsdBlockStore
                     entry = now;
                     continue;
                 }
+                // Disposed while this read was under way: the committer may have ended and the log may be closed (FASTER
+                // would write the tombstone into pages it has freed). Checked under the lock, as Remove does; the bytes
+                // are not served either way.
+                ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
                 DropLocked(key, entry);
             }
             Signal();
