@@ -180,6 +180,38 @@ public sealed class SsdSettledMarkTests
         }
     }
 
+    // The foreign mark's slot numbers are higher than any this store has written: the store's own marks must still become
+    // the newest, or every later open ignores them and reads every payload again.
+    [Fact]
+    public async Task After_a_foreign_mark_was_ignored_the_stores_own_mark_is_used_at_the_next_open()
+    {
+        using var a = new TempDir();
+        using var b = new TempDir();
+        await using (var store = await SsdBlockStore.OpenAsync(Options(b.Path)))
+        {
+            for (int i = 0; i < 8; i++)
+            {
+                Assert.True(await Ssd.Write(store, i));
+                await WaitForMarkAsync(store, (i + 1L) * Record); // one mark per write: b's slot numbers run ahead of a's
+            }
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Options(a.Path)))
+        {
+            for (int i = 0; i < 8; i++)
+                Assert.True(await Ssd.Write(store, i));
+        }
+        File.Copy(Path.Combine(b.Path, "settled.slots"), Path.Combine(a.Path, "settled.slots"), overwrite: true);
+        await using (var store = await SsdBlockStore.OpenAsync(Options(a.Path)))
+            Assert.Equal(8, store.RecoveredVerifiedPayloads); // the foreign mark is not trusted; the clean close writes a's own
+        for (int open = 0; open < 2; open++)
+        {
+            await using var store = await SsdBlockStore.OpenAsync(Options(a.Path));
+            Assert.Equal(8L * Record, store.MarkedBelow);
+            Assert.Equal(0, store.RecoveredVerifiedPayloads);
+            Assert.Equal(8, store.Count);
+        }
+    }
+
     // Compaction's copy of block 3 was torn by a crash (the original is intact). At the next open the device fails the
     // copy's payload reads (transient): the copy stays indexed, unverified. The mark must not pass it: an open after
     // that would take it from its sealed header, shadow the intact original, and the read would find it corrupt.

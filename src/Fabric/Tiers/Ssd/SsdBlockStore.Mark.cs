@@ -37,12 +37,14 @@ public sealed partial class SsdBlockStore
     // The mark read at open: 0 (verify everything) when there is none, or it belongs to another directory's store.
     private long ReadMark()
     {
+        // Numbered past every slot, valid for this store or not: a slot the store ignores (another directory's mark, with
+        // higher numbers) must not stay the newest, or every later open ignores this store's own marks and verifies all.
+        _markNumber = _markFile.Slots.Select(s => s.Number).DefaultIfEmpty(0).Max();
         if (_markFile.Slots is not [var newest, ..] || newest.Content.Length != 16)
             return 0;
         long below = BinaryPrimitives.ReadInt64LittleEndian(newest.Content);
         if (below < 0 || BinaryPrimitives.ReadUInt64LittleEndian(newest.Content.AsSpan(8)) != Checksums.XxHash3(newest.Content.AsSpan(0, 8), _storeKey))
             return 0;
-        _markNumber = newest.Number;
         return _markedBelow = below;
     }
 
