@@ -193,6 +193,28 @@ public sealed class SsdCompactionRaceTests
 
 public sealed class DirectFileDeviceTests
 {
+    // open(2) flag values differ by architecture; 0x4000 is O_DIRECTORY on arm64 (docs/operations.md: x86-64 or arm64).
+    [Theory]
+    [InlineData(System.Runtime.InteropServices.Architecture.X64, 0x4000)]
+    [InlineData(System.Runtime.InteropServices.Architecture.Arm64, 0x10000)]
+    [InlineData(System.Runtime.InteropServices.Architecture.Arm, 0x10000)]
+    [InlineData(System.Runtime.InteropServices.Architecture.Ppc64le, 0x20000)]
+    [InlineData(System.Runtime.InteropServices.Architecture.RiscV64, 0x4000)]
+    public void O_DIRECT_has_the_value_of_the_architecture(System.Runtime.InteropServices.Architecture architecture, int flag) =>
+        Assert.Equal(flag, DirectFileDevice.DirectFlag(architecture));
+
+    [Fact]
+    public async Task Segments_on_a_file_system_with_O_DIRECT_are_opened_with_it()
+    {
+        using var dir = new TempDir();
+        using var device = new DirectFileDevice(Path.Combine(dir.Path, "blocks.data"), 4096, 8192);
+        using (var buffer = device.RentBuffer(4096))
+            await device.WriteAlignedAsync(0, 0, buffer, 4096);
+        string fileSystem = new DriveInfo(dir.Path).DriveFormat;
+        if (fileSystem is "ext4" or "xfs" or "btrfs") // file systems that take O_DIRECT on every kernel
+            Assert.True(device.Direct, $"segments in {dir.Path} ({fileSystem}) went through the page cache");
+    }
+
     [Fact]
     public async Task A_segment_removed_while_being_read_is_neither_recreated_nor_kept_open()
     {

@@ -15,7 +15,20 @@ namespace KvFabric.Tiers.Ssd;
 /// </summary>
 internal sealed class DirectFileDevice : StorageDeviceBase
 {
-    private const int O_DIRECT = 0x4000, O_DSYNC = 0x1000;
+    internal const int O_DSYNC = 0x1000; // 010000 on every Linux architecture .NET runs on
+
+    /// <summary>O_DIRECT of the process's architecture (its system-call ABI): 040000 in the generic ABI (x86-64, RISC-V,
+    /// LoongArch, s390x), but 0200000 on arm and arm64, where 040000 is O_DIRECTORY (opening a segment then failed with
+    /// ENOTDIR and every file fell back to the page cache), and 0400000 on ppc64le.</summary>
+    internal static readonly int O_DIRECT =
+        DirectFlag(System.Runtime.InteropServices.RuntimeInformation.ProcessArchitecture);
+
+    internal static int DirectFlag(System.Runtime.InteropServices.Architecture architecture) => architecture switch
+    {
+        System.Runtime.InteropServices.Architecture.Arm64 or System.Runtime.InteropServices.Architecture.Arm => 0x10000,
+        System.Runtime.InteropServices.Architecture.Ppc64le => 0x20000,
+        _ => 0x4000,
+    };
     private const uint IoError = 5; // EIO: FASTER only needs a non-zero code; LastError has the real message
     internal const int ChunkBytes = 4 << 20;
 

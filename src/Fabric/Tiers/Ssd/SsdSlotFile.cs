@@ -15,7 +15,7 @@ namespace KvFabric.Tiers.Ssd;
 internal sealed unsafe class SsdSlotFile : IDisposable
 {
     public const int SlotBytes = 4096, ContentBytes = SlotBytes - HeaderBytes;
-    private const int HeaderBytes = 24, O_DIRECT = 0x4000, O_DSYNC = 0x1000;
+    private const int HeaderBytes = 24;
 
     private readonly uint _magic;
     private readonly SafeFileHandle _file;
@@ -27,8 +27,8 @@ internal sealed unsafe class SsdSlotFile : IDisposable
     {
         Path = path;
         _magic = magic;
-        int flags = Libc.O_RDWR | Libc.O_CREAT | Libc.O_CLOEXEC | O_DSYNC;
-        int fd = Libc.Open(path, flags | O_DIRECT, 0x1A4);
+        int flags = Libc.O_RDWR | Libc.O_CREAT | Libc.O_CLOEXEC | DirectFileDevice.O_DSYNC;
+        int fd = Libc.Open(path, flags | DirectFileDevice.O_DIRECT, 0x1A4);
         if (fd < 0)
             fd = Libc.Open(path, flags, 0x1A4);
         if (fd < 0)
