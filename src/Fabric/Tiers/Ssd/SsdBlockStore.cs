@@ -15,7 +15,7 @@ namespace KvFabric.Tiers.Ssd;
 /// on open by scanning the data segments and replaying the committed tombstones; every read is checksum-verified.
 /// docs/tiers-ssd.md has the whole design.
 /// </summary>
-public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
+public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockStore, IAsyncDisposable
 {
     private const string LogFileName = "blocks.log";
     private const string DataFileName = "blocks.data";
@@ -76,6 +76,11 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IAsyncDisposable
     }
 
     public TierKind Kind => TierKind.Ssd;
+
+    /// <summary>The one block length accepted (<see cref="SsdBlockStoreOptions.BlockBytes"/>), 0 for any. The tier manager
+    /// refuses other lengths up front, and does not take over recovered blocks of another length (written before a layout
+    /// change): reading one into a block of the current layout would fill only part of it.</summary>
+    int IFixedSizeBlockStore.BlockBytes => _options.BlockBytes;
     public long CapacityBytes => _options.CapacityBytes;
     public string Directory { get; }
 
