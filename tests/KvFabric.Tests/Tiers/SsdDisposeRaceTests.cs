@@ -1,3 +1,4 @@
+using KvFabric.Tiers;
 using KvFabric.Tiers.Ssd;
 using Xunit;
 
@@ -66,5 +67,63 @@ public sealed class SsdDisposeRaceTests
         var error = await Xunit.Record.ExceptionAsync(() => read);
         Assert.True(logBytes == store.TombstoneLogBytes, $"a tombstone was appended to the closed log ({logBytes} bytes, then {store.TombstoneLogBytes})");
         Assert.IsType<ObjectDisposedException>(error); // never the block's bytes
+    }
+}
+
+// A new data segment file's name is durable only once its directory is synced.
+public sealed class SsdSegmentCreationTests
+{
+    // Two writes land in a new data segment. The first creates the file and its directory sync fails (EIO): that write
+    // fails. The second was already under way; it finds the file there and must not be acknowledged before a directory
+    // sync has succeeded, or a crash can take the file's name, and an acknowledged block, with it.
+    [Fact]
+    public async Task A_write_into_a_segment_whose_directory_sync_failed_is_acknowledged_only_after_a_sync_succeeds()
+    {
+        using var dir = new TempDir();
+        using var firstFailed = new ManualResetEventSlim();
+        int arm = 0, writeCalls = 0, syncs = 0, syncsSucceeded = 0;
+        var options = Ssd.Options(dir.Path, compression: false) with
+        {
+            DataWriteFault = () =>
+            {
+                // While armed, the first record write (block 100's) waits until the other has failed.
+                if (Volatile.Read(ref arm) == 1 && Interlocked.Increment(ref writeCalls) == 1)
+                    Assert.True(firstFailed.Wait(TimeSpan.FromSeconds(30)), "the other write never failed");
+                return null;
+            },
+            DirectorySyncFault = () =>
+            {
+                if (Interlocked.Increment(ref syncs) == 2) // the first is segment 0's; the second is segment 1's, once
+                    return "Input/output error (injected EIO)";
+                Interlocked.Increment(ref syncsSucceeded);
+                return null;
+            },
+        };
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        for (int i = 0; i < 60; i++) // 60 records of 68 KiB fill data segment 0 (4 MiB)
+            Assert.True(await Ssd.Write(store, i));
+        Assert.Equal(1, Volatile.Read(ref syncsSucceeded));
+        Volatile.Write(ref arm, 1);
+        var second = Task.Run(() => Ssd.Write(store, 100)); // reserves its place in segment 1, then waits
+        var deadline = DateTime.UtcNow.AddSeconds(30);
+        while (Volatile.Read(ref writeCalls) == 0)
+        {
+            Assert.True(DateTime.UtcNow < deadline, "the second write never started");
+            await Task.Delay(1);
+        }
+        var failure = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 101)); // creates segment 1; its sync fails
+        Assert.Contains("injected EIO", failure.Message);
+        firstFailed.Set();
+        bool acknowledged;
+        try
+        {
+            acknowledged = await second;
+        }
+        catch (TierException)
+        {
+            acknowledged = false;
+        }
+        Assert.True(!acknowledged || Volatile.Read(ref syncsSucceeded) >= 2,
+            "block 100 was acknowledged in a segment file whose directory entry was never synced");
     }
 }

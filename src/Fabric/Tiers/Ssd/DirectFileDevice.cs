@@ -55,6 +55,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     private readonly long _preallocateBytes;
     private readonly int _maxSpares;
     private readonly List<string> _spares = []; // segment files kept for reuse (under _openLock)
+    private bool _directoryUnsynced;            // a segment file was created, or a spare renamed, and the directory sync failed (under _openLock)
 
     /// <param name="preallocateBytes">When positive, a new segment file is given this many bytes with fallocate before its
     /// first write: an O_DSYNC write that extends a file also commits the file system's journal (size and block allocation),
@@ -140,17 +141,22 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             if (_preallocateBytes > 0 && create)
                 _ = Libc.Fallocate(fd, 0, 0, _preallocateBytes); // best effort: a full disk shows up as the write's ENOSPC
             h = new SafeFileHandle(fd, ownsHandle: true);
-            if (!exists)
+            if (!exists || _directoryUnsynced)
             {
                 // O_DSYNC makes a write's data and the file's size durable, not the new file's name: sync the directory
                 // before the first write into it can complete, or a crash could leave acknowledged records in a file
-                // that has no name.
+                // that has no name. Also when an earlier sync failed: the file it created is there now (the next write
+                // into it finds it existing), but its name may not be on stable storage.
                 try
                 {
+                    if (DirectorySyncFault?.Invoke() is { } fault)
+                        throw new IOException($"fsync of directory {Path.GetDirectoryName(path)} failed: {fault}");
                     SyncDirectory(Path.GetDirectoryName(path)!);
+                    _directoryUnsynced = false;
                 }
                 catch
                 {
+                    _directoryUnsynced = true;
                     h.Dispose();
                     throw;
                 }
@@ -241,6 +247,9 @@ internal sealed class DirectFileDevice : StorageDeviceBase
 
     /// <summary>Tests: asked before each WriteAlignedAsync; a message fails that write (see SsdBlockStoreOptions.DataWriteFault).</summary>
     internal Func<string?>? WriteFault { get; init; }
+
+    /// <summary>Tests: asked before the directory is synced for a segment file just created; a message fails that sync.</summary>
+    internal Func<string?>? DirectorySyncFault { get; init; }
 
     public Task ReadAlignedAsync(int segment, long offset, AlignedBuffer buffer, int length, bool scan = false)
     {

@@ -165,6 +165,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
             {
                 ReadFault = options.DataReadFault,
                 WriteFault = options.DataWriteFault,
+                DirectorySyncFault = options.DirectorySyncFault,
             };
             var settings = new FasterLogSettings
             {

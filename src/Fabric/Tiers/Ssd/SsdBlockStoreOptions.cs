@@ -64,6 +64,10 @@ public sealed record SsdBlockStoreOptions
     /// (a full disk, a failing device).</summary>
     internal Func<string?>? DataWriteFault { get; init; }
 
+    /// <summary>Tests: asked before each sync of the directory after a data segment file was created (or a spare renamed
+    /// into one); a message fails that fsync with an IOException.</summary>
+    internal Func<string?>? DirectorySyncFault { get; init; }
+
     internal void Validate()
     {
         if (string.IsNullOrWhiteSpace(Directory))
