@@ -61,7 +61,10 @@ public sealed partial class TierManager
                         drained.TrySetResult();
                 }
             }
-            if (corrupt)
+            // A store may also drop a block on its own (the SSD store's compaction drops a record that fails its checksum,
+            // as a read would): a read that finds it absent repairs the metadata as after a corrupt read. A read that
+            // failed (an I/O error) finds the block still in the store and leaves it.
+            if (corrupt || !ok && !_tiers[t].Store.Contains(key))
             {
                 await DropCorruptGatedAsync(b, key, t).ConfigureAwait(false);
                 continue; // retry this block from another tier, if one still holds it
