@@ -5,7 +5,18 @@ namespace KvFabric.Native;
 /// <summary>The few libc calls the memory layer needs (Linux x86-64/arm64 values).</summary>
 internal static partial class Libc
 {
-    internal const int O_RDONLY = 0x0, O_RDWR = 0x2, O_CREAT = 0x40, O_EXCL = 0x80, O_NOFOLLOW = 0x20000, O_CLOEXEC = 0x80000;
+    internal const int O_RDONLY = 0x0, O_RDWR = 0x2, O_CREAT = 0x40, O_EXCL = 0x80, O_CLOEXEC = 0x80000;
+
+    /// <summary>O_NOFOLLOW of the process's architecture: 0400000 in the generic ABI (x86-64), 0100000 on arm and arm64,
+    /// where 0400000 is O_LARGEFILE (a shared-memory segment's symlink was then followed).</summary>
+    internal static readonly int O_NOFOLLOW = NoFollowFlag(RuntimeInformation.ProcessArchitecture);
+
+    internal static int NoFollowFlag(Architecture architecture) => architecture switch
+    {
+        Architecture.Arm64 or Architecture.Arm => 0x8000,
+        Architecture.Ppc64le => 0x8000,
+        _ => 0x20000,
+    };
     internal const int PROT_READ = 0x1, PROT_WRITE = 0x2;
     internal const int MAP_SHARED = 0x1, MAP_PRIVATE = 0x2, MAP_ANONYMOUS = 0x20;
     internal const int MADV_HUGEPAGE = 14;
