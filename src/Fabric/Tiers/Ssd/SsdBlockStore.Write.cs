@@ -182,8 +182,8 @@ public sealed partial class SsdBlockStore
     /// <summary>Shutdown: waits (up to 30 s, then goes on) until no write is between reserving its place and finishing.</summary>
     private async Task WaitForWritersAsync()
     {
-        var deadline = DateTime.UtcNow.AddSeconds(30);
-        while (DateTime.UtcNow < deadline)
+        long started = System.Diagnostics.Stopwatch.GetTimestamp(); // monotonic: a clock step must not cut the wait short
+        while (System.Diagnostics.Stopwatch.GetElapsedTime(started) < TimeSpan.FromSeconds(30))
         {
             lock (_lock)
             {
