@@ -9,10 +9,13 @@ namespace KvFabric.Bench.References;
 /// request when the previous answer arrived (a closed loop, as the bench's own callers). It costs a few microseconds of
 /// CPU per call where HttpClient's HTTP/2 client costs tens, so on a small machine shared by client and server it shows
 /// what the server does with the cores to itself. Latency per request comes from h2load's --log-file (main duration only,
-/// after a warm-up second).
+/// after two warm-up seconds).
 /// </summary>
 public static partial class H2loadReference
 {
+    /// <summary>Seconds h2load runs before it logs (the server's hot paths reach tier 1 meanwhile).</summary>
+    public const int WarmUpSeconds = 2;
+
     public const string Package = "nghttp2-client";
 
     public static bool IsInstalled() => Tool.Exists("h2load");
@@ -32,7 +35,7 @@ public static partial class H2loadReference
             await File.WriteAllBytesAsync(body, grpcFrame, ct).ConfigureAwait(false);
             var args = new List<string>
             {
-                "-D", seconds.ToString("0.###", CultureInfo.InvariantCulture), "--warm-up-time", "1",
+                "-D", seconds.ToString("0.###", CultureInfo.InvariantCulture), "--warm-up-time", WarmUpSeconds.ToString(CultureInfo.InvariantCulture),
                 "-c", connections.ToString(CultureInfo.InvariantCulture), "-m", ((streams + connections - 1) / connections).ToString(CultureInfo.InvariantCulture),
                 "-d", body, "--log-file", log,
                 "-H", "content-type: application/grpc", "-H", "te: trailers",

@@ -27,6 +27,12 @@ public sealed record RpcBenchOptions
     public bool H2load { get; init; } = true;
     /// <summary>Largest data chunk per Get response message; 0: the server's default (1 MiB).</summary>
     public uint GetChunkBytes { get; init; }
+    /// <summary>
+    /// Each phase repeats its warm-up run for at least this long before any run is timed. Both processes run with tiered
+    /// compilation, as in production, so the hot paths must first be promoted to tier 1 (with dynamic PGO): with 2 s
+    /// the first phase (Put) was still measured during the background compiles.
+    /// </summary>
+    public TimeSpan WarmUp { get; init; } = TimeSpan.FromSeconds(5);
 }
 
 public sealed record RpcBenchResult(
@@ -80,7 +86,6 @@ public static class RpcBench
             ["KVFABRIC_LAYOUT__DTYPE"] = "fp16",
             ["KVFABRIC_LAYOUT__TOKENS_PER_BLOCK"] = "16",
             ["KVFABRIC_HOST_CAPACITY"] = capacity.ToString(System.Globalization.CultureInfo.InvariantCulture),
-            ["DOTNET_TieredCompilation"] = "0",
         };
         progress("starting kvfabric serve");
         await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--log-format", "text"], env);
@@ -101,7 +106,7 @@ public static class RpcBench
 
         var put = new List<double>();
         double putClientCpu = 0, putServerCpu = 0;
-        for (int run = 0; run <= o.Runs; run++)
+        for (int run = 0, warm = Environment.TickCount; run <= o.Runs; run += run > 0 || Environment.TickCount - warm >= o.WarmUp.TotalMilliseconds ? 1 : 0)
         {
             progress($"put run {run}/{o.Runs}" + (run == 0 ? " (warm-up)" : string.Empty));
             await client.DeleteAsync(packedAll, new CallOptions(CancellationToken: ct));
@@ -121,7 +126,7 @@ public static class RpcBench
         byte[] dest = new byte[o.BlocksPerCall * o.BlockBytes];
         var get = new List<double>();
         double getClientCpu = 0, getServerCpu = 0;
-        for (int run = 0; run <= o.Runs; run++)
+        for (int run = 0, warm = Environment.TickCount; run <= o.Runs; run += run > 0 || Environment.TickCount - warm >= o.WarmUp.TotalMilliseconds ? 1 : 0)
         {
             progress($"get run {run}/{o.Runs}" + (run == 0 ? " (warm-up)" : string.Empty));
             double c0 = ProcessCpu.Self, s0 = ProcessCpu.Seconds(sidecar.Pid);
@@ -152,8 +157,13 @@ public static class RpcBench
             .Concat(Enumerable.Range(0, o.LookupChain - cachedHalf).Select(i => System.Security.Cryptography.SHA256.HashData(BitConverter.GetBytes(-1 - i))[..16]))
             .Select(h => (ReadOnlyMemory<byte>)h));
         var expected = (uint)cachedHalf;
-        for (int i = 0; i < 200; i++)
-            await client.LookupAsync(lookupChain, new CallOptions(CancellationToken: ct));
+        // Warm up with the load itself, long enough for the runtime to tier the hot paths up (tier 1, with PGO).
+        long warmEnd = Stopwatch.GetTimestamp() + (long)(o.WarmUp.TotalSeconds * Stopwatch.Frequency);
+        await Task.WhenAll(Enumerable.Range(0, o.LookupCallers).Select(async _ =>
+        {
+            while (Stopwatch.GetTimestamp() < warmEnd)
+                await client.LookupAsync(lookupChain, new CallOptions(CancellationToken: ct)).ConfigureAwait(false);
+        }));
         var latencies = new List<double>[o.LookupCallers];
         long deadline = Stopwatch.GetTimestamp() + (long)(o.LookupDuration.TotalSeconds * Stopwatch.Frequency);
         double lc0 = ProcessCpu.Self, ls0 = ProcessCpu.Seconds(sidecar.Pid);
@@ -193,7 +203,7 @@ public static class RpcBench
                 connections: 1, streams: o.LookupCallers, o.LookupDuration.TotalSeconds, minResponseBytes: GrpcProtocol.MessagePrefixBytes + 2 + cachedHalf, ct);
             // Includes the warm-up second: the CPU over every call made, not only the logged ones.
             double cpu = ProcessCpu.Seconds(sidecar.Pid) - s0;
-            h2 = (lookup, cpu / (lookup.CallsPerSecond * (o.LookupDuration.TotalSeconds + 1)) * 1e6);
+            h2 = (lookup, cpu / (lookup.CallsPerSecond * (o.LookupDuration.TotalSeconds + H2loadReference.WarmUpSeconds)) * 1e6);
         }
         int code = await sidecar.StopAsync();
         if (code != 0)
@@ -264,7 +274,7 @@ public static class RpcBench
             }).ToArray();
             var put = new List<double>();
             var get = new List<double>();
-            for (int run = 0; run <= o.Runs; run++)
+            for (int run = 0, warm = Environment.TickCount; run <= o.Runs; run += run > 0 || Environment.TickCount - warm >= o.WarmUp.TotalMilliseconds ? 1 : 0)
             {
                 progress($"put via shared-memory slots, run {run}/{o.Runs}");
                 await client.DeleteAsync(packedAll, new CallOptions(CancellationToken: ct));
@@ -287,7 +297,7 @@ public static class RpcBench
                     put.Add(data.Length / s / 1e9);
             }
 
-            for (int run = 0; run <= o.Runs; run++)
+            for (int run = 0, warm = Environment.TickCount; run <= o.Runs; run += run > 0 || Environment.TickCount - warm >= o.WarmUp.TotalMilliseconds ? 1 : 0)
             {
                 progress($"get into shared-memory slots, run {run}/{o.Runs}");
                 long start = Stopwatch.GetTimestamp();

@@ -22,7 +22,7 @@ public static class RpcCommand
         var noReference = new Option<bool>("--no-reference") { Description = "skip the TCP transfer backend reference" };
         var noH2load = new Option<bool>("--no-h2load") { Description = "skip the Lookup phase driven by h2load (nghttp2-client)" };
         var chunk = new Option<string>("--get-chunk") { Description = "largest data chunk per Get response message (0: the server's 1 MiB default)", DefaultValueFactory = _ => "0" };
-        var quick = new Option<bool>("--quick") { Description = "CI-sized run: 16 blocks, 2 runs, 1 s of Lookup" };
+        var quick = new Option<bool>("--quick") { Description = "CI-sized run: 16 blocks, 2 runs, 1 s of Lookup, 1 s warm-ups" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var cmd = new Command("rpc", "The gRPC service over loopback: Lookup calls/s and latency with concurrent callers, streamed Put/Get GB/s vs the TCP transfer backend.")
         {
@@ -42,6 +42,7 @@ public static class RpcCommand
                 LookupRate = p.GetValue(rate),
                 H2load = !p.GetValue(noH2load),
                 GetChunkBytes = p.GetValue(chunk) is "0" ? 0 : checked((uint)Sizes.Parse(p.GetValue(chunk)!)),
+                WarmUp = TimeSpan.FromSeconds(isQuick ? 1 : 5),
             };
             JsonReport.Write(p.GetValue(json), await RunAsync(o, !p.GetValue(noReference), ct));
             return 0;
