@@ -20,8 +20,14 @@ public static class KvFabricCli
         root.Subcommands.Add(ShmCleanCommand());
         root.Subcommands.Add(ClientCommands.Create());
         root.Subcommands.Add(SsdWriterCommand());
-        return await root.Parse(args).InvokeAsync();
+        // SIGTERM and Ctrl-C cancel the action's token; System.CommandLine then returns (exit 143/130) after 2 s by default
+        // whether or not the action finished, cutting `serve` off in its drain before it flushes the SSD tier and removes
+        // its shared-memory segments. The drain is bounded itself (5 s for calls, DisposeMoveTimeout for a tier move).
+        return await root.Parse(args).InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = ShutdownTimeout });
     }
+
+    /// <summary>How long `serve` may take to stop after SIGTERM or Ctrl-C before the process exits regardless.</summary>
+    public static readonly TimeSpan ShutdownTimeout = TimeSpan.FromSeconds(90);
 
     private static Command PeerCommand()
     {
