@@ -105,6 +105,14 @@ public sealed record SidecarOptions
             throw new ArgumentException($"--port must be 0..65535; got {Port}");
         if (MetricsPort is < -1 or > 65535)
             throw new ArgumentException($"--metrics-port must be -1 (off) or 0..65535; got {MetricsPort}");
+        if (TransferPort is < 0 or > 65535)
+            throw new ArgumentException($"--transfer-port (transfer_port) must be 0..65535 (0: any free port); got {TransferPort}");
+        if (GpuDevice < 0)
+            throw new ArgumentException($"gpu_device must be a CUDA device number (0, 1, ...); got {GpuDevice}");
+        if (Dev && Tenants.FirstOrDefault(t => t.Name == DevTenant.Name || t.Token == DevTenant.Token) is { } clash)
+            throw new ArgumentException($"tenant '{clash.Name}' clashes with --dev's tenant 'dev' (token 'dev'): rename it and give it another token, or drop --dev");
+        if (EffectiveTenants.Count > 0)
+            _ = new TenantRegistry(EffectiveTenants); // duplicate names or tokens, empty names or tokens: the message says which
         if (HostCapacityBytes < Layout.BlockBytes)
             throw new ArgumentException($"host capacity ({HostCapacityBytes} bytes) must hold at least one block of {Layout.BlockBytes} bytes");
         if (GpuCapacityBytes < 0 || (GpuCapacityBytes > 0 && GpuCapacityBytes < Layout.BlockBytes))
@@ -144,6 +152,19 @@ public sealed record SidecarOptions
 
         if ((TlsCertificate is null) != (TlsKey is null))
             throw new ArgumentException("TLS needs both a certificate (tls:certificate) and its key (tls:key), PEM files");
+        if (TlsCertificate is not null)
+        {
+            try
+            {
+                using var cert = System.Security.Cryptography.X509Certificates.X509Certificate2.CreateFromPemFile(TlsCertificate, TlsKey);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Security.Cryptography.CryptographicException or ArgumentException)
+            {
+                throw new ArgumentException($"cannot load the TLS certificate (--tls-cert, tls:certificate = '{TlsCertificate}') with its key (--tls-key, tls:key = '{TlsKey}'): "
+                    + $"{e.Message} Give PEM files that this user can read, the key matching the certificate.", e);
+            }
+        }
+
         return this;
     }
 
@@ -157,7 +178,7 @@ public sealed record SidecarOptions
             .Select(t => new TenantConfig(
                 t["name"] ?? throw new ArgumentException($"tenant entry {t.Path} has no name"),
                 t["token"] ?? throw new ArgumentException($"tenant '{t["name"]}' has no token"),
-                bool.TryParse(t["admin"], out bool admin) && admin))
+                Bool(t, "admin")))
             .ToList();
         IConfigurationSection l = c.GetSection("layout");
         KvLayout layout = l.Exists()
@@ -181,21 +202,21 @@ public sealed record SidecarOptions
             Port = Int(c, "port", d.Port),
             MetricsPort = Int(c, "metrics_port", d.MetricsPort),
             TransferPort = Int(c, "transfer_port", d.TransferPort),
-            Dev = bool.TryParse(c["dev"], out bool dev) && dev,
+            Dev = Bool(c, "dev"),
             TlsCertificate = c["tls:certificate"],
             TlsKey = c["tls:key"],
             Tenants = tenants,
             Layout = layout,
-            HostCapacityBytes = c["host_capacity"] is { } cap ? ParseBytes(cap) : d.HostCapacityBytes,
-            GpuCapacityBytes = c["gpu_capacity"] is { } gpu ? ParseBytes(gpu) : d.GpuCapacityBytes,
+            HostCapacityBytes = Bytes(c, "host_capacity", d.HostCapacityBytes),
+            GpuCapacityBytes = Bytes(c, "gpu_capacity", d.GpuCapacityBytes),
             GpuDevice = Int(c, "gpu_device", d.GpuDevice),
             SsdDirectory = c["ssd_dir"] ?? d.SsdDirectory,
-            SsdCapacityBytes = c["ssd_capacity"] is { } ssd ? ParseBytes(ssd) : d.SsdCapacityBytes,
+            SsdCapacityBytes = Bytes(c, "ssd_capacity", d.SsdCapacityBytes),
             Policy = c["policy"] ?? d.Policy,
             SsdPolicy = c["ssd_policy"] ?? d.SsdPolicy,
             SsdAdmission = c["ssd_admission"] ?? d.SsdAdmission,
-            SsdVerifyOnOpen = bool.TryParse(c["ssd_verify_on_open"], out bool scrub) && scrub,
-            WriteThrough = bool.TryParse(c["write_through"], out bool wt) && wt,
+            SsdVerifyOnOpen = Bool(c, "ssd_verify_on_open"),
+            WriteThrough = Bool(c, "write_through"),
             RecomputeMsPerBlock = Double(c, "recompute_ms_per_block"),
             RecomputeMsPerBlockPerDepth = Double(c, "recompute_ms_per_block_per_depth"),
             PutStagingBlocks = Int(c, "put_staging_blocks", d.PutStagingBlocks),
@@ -203,15 +224,21 @@ public sealed record SidecarOptions
             StagingSlots = Int(c, "staging_slots", d.StagingSlots),
             StagingSlotsPerTenant = c["staging_slots_per_tenant"] is null ? d.StagingSlotsPerTenant : Int(c, "staging_slots_per_tenant", 0),
             EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
-            KeepAlive = Double(c, "keepalive_s") is { } ka ? TimeSpan.FromSeconds(ka) : d.KeepAlive,
+            KeepAlive = Seconds(c, "keepalive_s") ?? d.KeepAlive,
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
-            LockInRam = bool.TryParse(c["lock_in_ram"], out bool lockRam) && lockRam,
-            JsonLogs = string.Equals(c["log_format"], "json", StringComparison.OrdinalIgnoreCase),
+            LockInRam = Bool(c, "lock_in_ram"),
+            JsonLogs = c["log_format"] switch
+            {
+                null => false,
+                { } f when f.Equals("json", StringComparison.OrdinalIgnoreCase) => true,
+                { } f when f.Equals("text", StringComparison.OrdinalIgnoreCase) => false,
+                { } f => throw new ArgumentException($"log_format (--log-format) must be 'text' or 'json'; got '{f}'"),
+            },
             Cluster = c["cluster"] ?? d.Cluster,
             EtcdEndpoint = c["etcd_endpoint"] ?? d.EtcdEndpoint,
             ClusterName = c["cluster_name"] ?? d.ClusterName,
-            ClusterLeaseTtl = Double(c, "cluster_lease_ttl_s") is { } ttl ? TimeSpan.FromSeconds(ttl) : d.ClusterLeaseTtl,
+            ClusterLeaseTtl = Seconds(c, "cluster_lease_ttl_s") ?? d.ClusterLeaseTtl,
             ClusterTenant = c["cluster_tenant"],
             Advertise = c["advertise"],
         };
@@ -227,15 +254,52 @@ public sealed record SidecarOptions
             : throw new ArgumentException($"{PathOf(c)}{key} must be an integer; got '{v}'");
     }
 
+    /// <summary>A boolean option: absent is false; anything but true or false is refused (a "1" or "yes" must not silently mean false).</summary>
+    private static bool Bool(IConfiguration c, string key) =>
+        c[key] is not { } v ? false
+        : bool.TryParse(v, out bool b) ? b
+        : throw new ArgumentException($"{PathOf(c)}{key} must be true or false; got '{v}'");
+
+    private static long Bytes(IConfiguration c, string key, long fallback)
+    {
+        if (c[key] is not { } v)
+            return fallback;
+        try
+        {
+            return ParseBytes(v);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ArgumentException($"{PathOf(c)}{key}: {e.Message}", e);
+        }
+    }
+
+    private static TimeSpan? Seconds(IConfiguration c, string key) =>
+        Double(c, key) is not { } s ? null
+        : s <= MaxSeconds ? TimeSpan.FromSeconds(s)
+        : throw new ArgumentException($"{PathOf(c)}{key} must be at most {MaxSeconds} seconds (30 days); got '{c[key]}'");
+
+    /// <summary>The longest duration an option in seconds takes (timers and clocks stay far from overflowing).</summary>
+    private const double MaxSeconds = 30 * 24 * 3600;
+
     private static int MessageSize(string text, string key)
     {
-        long bytes = ParseBytes(text);
+        long bytes;
+        try
+        {
+            bytes = ParseBytes(text);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ArgumentException($"{key}: {e.Message}", e);
+        }
+
         return bytes <= 1 << 30 ? (int)bytes : throw new ArgumentException($"{key} is {text}; gRPC messages here are at most 1GiB");
     }
 
     private static double? Double(IConfiguration c, string key) =>
         c[key] is not { } v ? null
-        : double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out double d) && d >= 0 ? d
+        : double.TryParse(v, NumberStyles.Float, CultureInfo.InvariantCulture, out double d) && d >= 0 && double.IsFinite(d) ? d
         : throw new ArgumentException($"{PathOf(c)}{key} must be a number >= 0; got '{v}'");
 
     private static string PathOf(IConfiguration c)
