@@ -116,27 +116,46 @@ public static class KvFabricCli
             if (parse.GetValue(config) is { } file)
             {
                 if (!file.Exists)
-                    throw new FileNotFoundException($"--config {file.FullName} does not exist", file.FullName);
+                    return await FailAsync($"--config {file.FullName} does not exist (or is not a file this user can see)", 2);
                 builder.AddJsonFile(file.FullName, optional: false);
             }
 
-            IConfiguration configuration = builder
-                .AddEnvironmentVariables("KVFABRIC_")
-                .AddInMemoryCollection(flags.Where(kv => kv.Value is not null))
-                .Build();
             SidecarOptions options;
             try
             {
+                IConfiguration configuration = builder
+                    .AddEnvironmentVariables("KVFABRIC_")
+                    .AddInMemoryCollection(flags.Where(kv => kv.Value is not null))
+                    .Build();
                 options = SidecarOptions.From(configuration).Validate();
             }
             catch (ArgumentException e)
             {
-                await Console.Error.WriteLineAsync("kvfabric serve: " + e.Message);
-                return 2;
+                return await FailAsync(e.Message, 2);
+            }
+            catch (InvalidDataException e)
+            {
+                // A config file that is not JSON (or cannot be read): the inner exception says where.
+                return await FailAsync($"{e.Message} {e.InnerException?.InnerException?.Message ?? e.InnerException?.Message} Fix the file given to --config.", 2);
             }
 
-            await using var host = new SidecarHost(options);
-            await host.StartAsync(ct);
+            SidecarHost? started = null;
+            try
+            {
+                started = new SidecarHost(options);
+                await started.StartAsync(ct);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
+                                          or System.Net.Sockets.SocketException or System.Security.Cryptography.CryptographicException)
+            {
+                // A port in use, an SSD directory this user cannot write, /dev/shm full: what failed, without a stack trace.
+                if (started is not null)
+                    await started.DisposeAsync();
+                return await FailAsync($"could not start: {e.Message}{(e.InnerException is { } inner ? " (" + inner.Message + ")" : string.Empty)}", 1);
+            }
+
+            await using SidecarHost host = started;
+
             // The line scripts and tests wait for: where everything listens.
             Console.WriteLine($"READY grpc={(host.Tls ? "https" : "http")}://{host.GrpcEndpoint} metrics={host.MetricsEndpoint?.ToString() ?? "off"} transfer={host.Agent.TcpEndpoint}");
             try
@@ -151,6 +170,12 @@ public static class KvFabricCli
             return 0;
         });
         return cmd;
+    }
+
+    private static async Task<int> FailAsync(string message, int exitCode)
+    {
+        await Console.Error.WriteLineAsync("kvfabric serve: " + message);
+        return exitCode;
     }
 
     private static Command ShmCleanCommand()

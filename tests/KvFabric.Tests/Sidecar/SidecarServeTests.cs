@@ -28,4 +28,42 @@ public sealed class SidecarServeTests
         Assert.True(code == 0, $"exit code {code} (143: the process was cut off while it drained); log:\n{sidecar.Log}");
         Assert.Empty(Directory.EnumerateFiles("/dev/shm", $"kvfabric-{pid}-*"));
     }
+
+    /// <summary>Starts `kvfabric serve` expecting it to refuse; returns what it printed.</summary>
+    private static async Task<string> RefusedAsync(string[] args, Dictionary<string, string>? env = null, bool logged = false)
+    {
+        var e = await Assert.ThrowsAsync<InvalidOperationException>(() => ServiceProcess.StartAsync(args, env ?? TestBlocks.SmallLayoutEnv("refused-model")));
+        Assert.DoesNotContain("Unhandled exception", e.Message, StringComparison.Ordinal);
+        if (!logged) // a failure inside the web host is also in its (structured) error log, with the exception
+            Assert.DoesNotContain("   at ", e.Message, StringComparison.Ordinal);
+        Assert.Contains("kvfabric serve: ", e.Message, StringComparison.Ordinal);
+        return e.Message;
+    }
+
+    [Fact]
+    public async Task Startup_failures_print_what_to_fix_not_a_stack_trace()
+    {
+        string dir = Directory.CreateTempSubdirectory("kvfabric-serve-config-").FullName;
+        try
+        {
+            Assert.Contains("--config", await RefusedAsync(["--config", Path.Combine(dir, "missing.json")]), StringComparison.Ordinal);
+            string bad = Path.Combine(dir, "bad.json");
+            await File.WriteAllTextAsync(bad, "{ \"port\": 0, ");
+            Assert.Contains("bad.json", await RefusedAsync(["--config", bad]), StringComparison.Ordinal);
+            var env = TestBlocks.SmallLayoutEnv("refused-model");
+            env["KVFABRIC_TENANTS__0__NAME"] = "dev";
+            env["KVFABRIC_TENANTS__0__TOKEN"] = "other";
+            Assert.Contains("--dev", await RefusedAsync(["--dev", "--port", "0", "--metrics-port", "-1"], env), StringComparison.Ordinal);
+
+            using var taken = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+            taken.Start();
+            int port = ((System.Net.IPEndPoint)taken.LocalEndpoint).Port;
+            Assert.Contains(port.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                await RefusedAsync(["--dev", "--port", port.ToString(System.Globalization.CultureInfo.InvariantCulture), "--metrics-port", "-1"], logged: true), StringComparison.Ordinal);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 }
