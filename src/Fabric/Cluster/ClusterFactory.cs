@@ -29,9 +29,9 @@ public static class ClusterFactory
             () => [([], index.Index.Counters.Locations)]);
         metrics.AddGauge("kvfabric_index_bytes", "Memory of this node's copy of the cluster index, bytes.", [],
             () => [([], index.Index.Counters.BytesAllocated)]);
-        metrics.AddGauge("kvfabric_index_rejected_events", "Events the index writer rejected, by reason.", ["reason"],
+        metrics.AddCounter("kvfabric_index_rejected_events", "Events the index writer rejected, by reason.", ["reason"],
             () => index.Index.Counters.Rejected.Select(kv => (new[] { kv.Key }, (double)kv.Value)));
-        metrics.AddGauge("kvfabric_index_growths", "Index tables doubled by the writer outside the readers' lock (ahead), and attempts that failed (no memory).", ["outcome"],
+        metrics.AddCounter("kvfabric_index_growths", "Index tables doubled by the writer outside the readers' lock (ahead), and attempts that failed (no memory).", ["outcome"],
             () => [(["ahead"], index.Index.GrowthsAhead), (["failed"], index.Index.GrowthFailures)]);
         return index;
     }

@@ -22,6 +22,13 @@ public sealed class MetricsRegistry
     public void AddGauge(string name, string help, string[] labelNames, Func<IEnumerable<(string[] Labels, double Value)>> read) =>
         _families[name] = new GaugeFamily(name, help, labelNames, read);
 
+    /// <summary>
+    /// A counter whose samples are read when scraped (a running total kept elsewhere, e.g. bytes an agent moved): typed
+    /// counter so that rate() and increase() treat a restart's drop to zero as a reset. Each value must never decrease.
+    /// </summary>
+    public void AddCounter(string name, string help, string[] labelNames, Func<IEnumerable<(string[] Labels, double Value)>> read) =>
+        _families[name] = new GaugeFamily(name, help, labelNames, read, "counter");
+
     public string Render()
     {
         var sb = new StringBuilder(4096);
@@ -159,8 +166,8 @@ public sealed class MetricsRegistry
         }
     }
 
-    private sealed class GaugeFamily(string name, string help, string[] labelNames, Func<IEnumerable<(string[] Labels, double Value)>> read)
-        : Family(name, help, "gauge", labelNames)
+    private sealed class GaugeFamily(string name, string help, string[] labelNames, Func<IEnumerable<(string[] Labels, double Value)>> read, string type = "gauge")
+        : Family(name, help, type, labelNames)
     {
         protected override void RenderSamples(StringBuilder sb)
         {

@@ -155,12 +155,17 @@ public sealed class SidecarHost : IAsyncDisposable
             () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.UsedBytes)));
         Metrics.AddGauge("kvfabric_tier_blocks", "Blocks held in each tier.", ["tier"],
             () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.Blocks)));
-        Metrics.AddGauge("kvfabric_lookup_blocks", "Blocks asked for by Lookup, by outcome (hit rate = hit / (hit + miss)).", ["outcome"], () =>
+        Metrics.AddCounter("kvfabric_tier_hits", "Blocks read from each tier (hit rate of a tier = its rate / the sum of the rates).", ["tier"],
+            () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.Hits)));
+        Metrics.AddCounter("kvfabric_tier_evictions", "Blocks evicted from each tier.", ["tier"],
+            () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.Evictions)));
+        // Running totals: counters (a restart drops them to 0, which rate() reads as a reset, not as negative traffic).
+        Metrics.AddCounter("kvfabric_lookup_blocks", "Blocks asked for by Lookup, by outcome (hit rate = hit / (hit + miss)).", ["outcome"], () =>
         {
             StoreStats? s = _store?.GetStats(0);
             return s is null ? [] : [(["hit"], s.LookupHitBlocks), (["miss"], s.LookupMissBlocks)];
         });
-        Metrics.AddGauge("kvfabric_transfer_bytes", "Bytes moved by the transfer agent, by backend and direction.", ["backend", "direction"], () =>
+        Metrics.AddCounter("kvfabric_transfer_bytes", "Bytes moved by the transfer agent, by backend and direction.", ["backend", "direction"], () =>
         [
             (["tcp", "sent"], Agent.Stats.TcpBytesSent), (["tcp", "received"], Agent.Stats.TcpBytesReceived),
             (["shm", "written"], Agent.Stats.ShmBytesWritten), (["shm", "read"], Agent.Stats.ShmBytesRead),
@@ -168,7 +173,7 @@ public sealed class SidecarHost : IAsyncDisposable
         Metrics.AddGauge("kvfabric_staging_slots_free", "Free shared-memory staging slots for Reserve.", [], () => [([], Staging.Available)]);
         Metrics.AddGauge("kvfabric_cluster_members", "Live members of the cluster this node knows (itself included); 0 when standalone.", [],
             () => [([], Cluster?.Members.Count ?? 0)]);
-        Metrics.AddGauge("kvfabric_index_feed_events", "KV events of the cluster's nodes seen by this node's index feeds, by outcome.", ["outcome"], () =>
+        Metrics.AddCounter("kvfabric_index_feed_events", "KV events of the cluster's nodes seen by this node's index feeds, by outcome.", ["outcome"], () =>
         {
             FeedCounters? f = Cluster?.Counters;
             return f is null ? [] :
