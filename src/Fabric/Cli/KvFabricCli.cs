@@ -146,7 +146,8 @@ public static class KvFabricCli
                 await started.StartAsync(ct);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
-                                          or System.Net.Sockets.SocketException or System.Security.Cryptography.CryptographicException)
+                                          or System.Net.Sockets.SocketException or System.Security.Cryptography.CryptographicException
+                                          or KvFabric.Transfer.TransferException)
             {
                 // A port in use, an SSD directory this user cannot write, /dev/shm full: what failed, without a stack trace.
                 if (started is not null)

@@ -44,7 +44,17 @@ public sealed class SidecarHost : IAsyncDisposable
         Metrics = new MetricsRegistry();
         RpcMetrics = new RpcMetrics(Metrics);
         Staging = new StagingArea((int)options.Layout.BlockBytes, options.StagingSlots, options.StagingSlotsPerTenant);
-        Agent = new TransferAgent(new TransferAgentOptions { Name = options.Node, ListenAddress = options.Listen, ListenPort = options.TransferPort });
+        try
+        {
+            Agent = new TransferAgent(new TransferAgentOptions { Name = options.Node, ListenAddress = options.Listen, ListenPort = options.TransferPort });
+        }
+        catch
+        {
+            // A transfer port in use: no one gets this host to dispose, so its staging segment (in /dev/shm) goes now.
+            Staging.Dispose();
+            throw;
+        }
+
         Router = new GrpcRouter();
         Health = new HealthService([FabricService.Name, IndexService.Name, TransferService.Name]);
         Health.Register(Router);

@@ -66,4 +66,23 @@ public sealed class SidecarServeTests
             Directory.Delete(dir, recursive: true);
         }
     }
+
+    [Fact]
+    public async Task A_transfer_port_in_use_fails_construction_without_leaving_a_staging_segment()
+    {
+        // This collection runs alone, so no other test creates segments of this process meanwhile.
+        using var taken = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        taken.Start();
+        int port = ((System.Net.IPEndPoint)taken.LocalEndpoint).Port;
+        var before = Directory.EnumerateFiles("/dev/shm", $"kvfabric-{Environment.ProcessId}-*").ToHashSet();
+        var e = Assert.Throws<KvFabric.Transfer.TransferException>(() => new SidecarHost(new SidecarOptions
+        {
+            Dev = true, Port = 0, MetricsPort = -1, TransferPort = port, Layout = SidecarFixture.SmallLayout, HostCapacityBytes = 1 << 20,
+        }, Microsoft.Extensions.Logging.Abstractions.NullLoggerFactory.Instance));
+        Assert.Contains("cannot listen", e.Message, StringComparison.Ordinal);
+        Assert.DoesNotContain(Directory.EnumerateFiles("/dev/shm", $"kvfabric-{Environment.ProcessId}-*"), f => !before.Contains(f));
+
+        string refused = await RefusedAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--transfer-port", port.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        Assert.Contains("could not start", refused, StringComparison.Ordinal);
+    }
 }
