@@ -36,7 +36,7 @@ public sealed class SidecarHost : IAsyncDisposable
         {
             b.AddFilter("Microsoft", LogLevel.Warning);
             if (options.JsonLogs)
-                b.AddJsonConsole(o => o.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ");
+                b.AddJsonConsole(o => { o.TimestampFormat = "yyyy-MM-ddTHH:mm:ss.fffZ"; o.UseUtcTimestamp = true; }); // the Z says UTC: it must be
             else
                 b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; o.UseUtcTimestamp = true; });
         });

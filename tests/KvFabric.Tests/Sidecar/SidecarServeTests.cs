@@ -85,4 +85,22 @@ public sealed class SidecarServeTests
         string refused = await RefusedAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--transfer-port", port.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
         Assert.Contains("could not start", refused, StringComparison.Ordinal);
     }
+
+    [Fact]
+    public async Task Json_log_timestamps_marked_Z_are_utc_whatever_the_local_time_zone()
+    {
+        var env = TestBlocks.SmallLayoutEnv("json-log-model");
+        env["TZ"] = "Asia/Tokyo"; // UTC+9, no daylight saving
+        if (!File.Exists("/usr/share/zoneinfo/Asia/Tokyo"))
+            return; // no tz database: the local zone would be UTC anyway
+        await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--log-format", "json"], env);
+        string line = sidecar.Log.Split('\n').First(l => l.StartsWith('{'));
+        using var json = System.Text.Json.JsonDocument.Parse(line);
+        string stamp = json.RootElement.GetProperty("Timestamp").GetString()!;
+        Assert.EndsWith("Z", stamp, StringComparison.Ordinal);
+        DateTime logged = DateTime.Parse(stamp, System.Globalization.CultureInfo.InvariantCulture, System.Globalization.DateTimeStyles.AdjustToUniversal);
+        // Local time labelled Z is 9 hours off; a slow start is minutes at most.
+        Assert.True(Math.Abs((DateTime.UtcNow - logged).TotalHours) < 2, $"logged {stamp}, now {DateTime.UtcNow:O}");
+        Assert.Equal(0, await sidecar.StopAsync());
+    }
 }
