@@ -145,13 +145,17 @@ public static class KvFabricCli
                 started = new SidecarHost(options);
                 await started.StartAsync(ct);
             }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
-                                          or System.Net.Sockets.SocketException or System.Security.Cryptography.CryptographicException
-                                          or KvFabric.Transfer.TransferException)
+            catch (Exception e)
             {
-                // A port in use, an SSD directory this user cannot write, /dev/shm full: what failed, without a stack trace.
+                // Whatever stopped the start (a signal during a long SSD recovery included), what was built is released.
                 if (started is not null)
                     await started.DisposeAsync();
+                if (e is OperationCanceledException && ct.IsCancellationRequested)
+                    return await FailAsync("stopped (SIGTERM or Ctrl-C) before it was ready", 1);
+                if (e is not (IOException or UnauthorizedAccessException or ArgumentException or InvalidOperationException
+                        or System.Net.Sockets.SocketException or System.Security.Cryptography.CryptographicException or KvFabric.Transfer.TransferException))
+                    throw;
+                // A port in use, an SSD directory this user cannot write, /dev/shm full: what failed, without a stack trace.
                 return await FailAsync($"could not start: {e.Message}{(e.InnerException is { } inner ? " (" + inner.Message + ")" : string.Empty)}", 1);
             }
 
