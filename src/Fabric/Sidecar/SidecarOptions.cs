@@ -125,8 +125,17 @@ public sealed record SidecarOptions
             throw new ArgumentException($"put_staging_blocks must be 1..65536; got {PutStagingBlocks}");
         if (ReadBuffers is < 1 or > 65536)
             throw new ArgumentException($"read_buffers must be 1..65536; got {ReadBuffers}");
-        foreach (string policy in new[] { Policy, SsdPolicy })
-            _ = KvFabric.Tiers.Policies.PolicyFactory.Create(policy, 1, Layout.TokensPerBlock); // fails with the list of names
+        foreach (var (key, policy) in new[] { ("policy (--policy)", Policy), ("ssd_policy", SsdPolicy) })
+        {
+            try
+            {
+                _ = KvFabric.Tiers.Policies.PolicyFactory.Create(policy, 1, Layout.TokensPerBlock); // fails with the list of names
+            }
+            catch (ArgumentException e)
+            {
+                throw new ArgumentException($"{key}: {e.Message}", e);
+            }
+        }
         if (EventLogCapacity is < 1 or > 1 << 24)
             throw new ArgumentException($"event_log_capacity must be 1..{1 << 24}; got {EventLogCapacity}");
         if (StagingSlots is < 1 or > 65536)

@@ -118,4 +118,13 @@ public sealed class SidecarOptionsTests
             new SidecarOptions { Dev = true, Listen = IPAddress.Parse(address) }.Validate();
         Assert.Throws<ArgumentException>(() => Read(("dev", "true"), ("listen", "localhost"))); // a name is not an address
     }
+
+    [Fact]
+    public void An_unknown_policy_names_the_option_it_came_from()
+    {
+        Assert.StartsWith("ssd_policy", Assert.Throws<ArgumentException>(() => new SidecarOptions { Tenants = OneTenant, SsdPolicy = "lfu" }.Validate()).Message,
+            StringComparison.Ordinal);
+        Assert.StartsWith("policy", Assert.Throws<ArgumentException>(() => new SidecarOptions { Tenants = OneTenant, Policy = "lfu" }.Validate()).Message,
+            StringComparison.Ordinal);
+    }
 }
