@@ -3,6 +3,7 @@ using System.Globalization;
 using KvFabric.Sidecar;
 using Microsoft.Extensions.Configuration;
 using System.Net;
+using System.Runtime.InteropServices;
 using KvFabric.Memory;
 using KvFabric.Tiers.Ssd;
 using KvFabric.Transfer.Diagnostics;
@@ -20,14 +21,14 @@ public static class KvFabricCli
         root.Subcommands.Add(ShmCleanCommand());
         root.Subcommands.Add(ClientCommands.Create());
         root.Subcommands.Add(SsdWriterCommand());
-        // SIGTERM and Ctrl-C cancel the action's token; System.CommandLine then returns (exit 143/130) after 2 s by default
-        // whether or not the action finished, cutting `serve` off in its drain before it flushes the SSD tier and removes
-        // its shared-memory segments. The drain is bounded itself (5 s for calls, DisposeMoveTimeout for a tier move).
-        return await root.Parse(args).InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = ShutdownTimeout });
+        ParseResult parsed = root.Parse(args);
+        // System.CommandLine's own SIGTERM/Ctrl-C handling returns (exit 143/130) 2 s after the signal whether or not the
+        // action finished, which cut `serve` off in its drain before it closed the SSD tier and removed its shared-memory
+        // segments; and it registers only once the action first waits. `serve` handles the signals itself (ServeCommand);
+        // its drain is bounded (5 s for calls, DisposeMoveTimeout for a tier move).
+        bool serve = parsed.CommandResult.Command.Name == "serve";
+        return await parsed.InvokeAsync(serve ? new InvocationConfiguration { ProcessTerminationTimeout = null } : null);
     }
-
-    /// <summary>How long `serve` may take to stop after SIGTERM or Ctrl-C before the process exits regardless.</summary>
-    public static readonly TimeSpan ShutdownTimeout = TimeSpan.FromSeconds(90);
 
     private static Command PeerCommand()
     {
@@ -139,6 +140,16 @@ public static class KvFabricCli
                 return await FailAsync($"{e.Message} {e.InnerException?.InnerException?.Message ?? e.InnerException?.Message} Fix the file given to --config.", 2);
             }
 
+            // SIGTERM and Ctrl-C, handled from the start: with System.CommandLine's handler (registered only once the action
+            // first waited) a SIGTERM right after READY could go to the web hosts' console lifetimes alone, which swallow it
+            // (the process hung until SIGKILL). Held in a static field, so no collection can finalize them.
+            var stop = CancellationTokenSource.CreateLinkedTokenSource(ct); // not disposed: a late second signal still cancels it
+            StopSignals = [.. new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT }.Select(signal => PosixSignalRegistration.Create(signal, context =>
+            {
+                context.Cancel = true; // this action stops the host and returns; the process then exits 0
+                stop.Cancel();
+            }))];
+            ct = stop.Token;
             SidecarHost? started = null;
             try
             {
@@ -176,6 +187,9 @@ public static class KvFabricCli
         });
         return cmd;
     }
+
+    /// <summary>`serve`'s SIGTERM and SIGINT handlers, for the life of the process.</summary>
+    private static PosixSignalRegistration[]? StopSignals;
 
     private static async Task<int> FailAsync(string message, int exitCode)
     {

@@ -94,13 +94,38 @@ public sealed class SidecarServeTests
         if (!File.Exists("/usr/share/zoneinfo/Asia/Tokyo"))
             return; // no tz database: the local zone would be UTC anyway
         await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1", "--log-format", "json"], env);
-        string line = sidecar.Log.Split('\n').First(l => l.StartsWith('{'));
+        // The console logger writes from its own thread: the line may follow READY.
+        string? line = null;
+        for (int i = 0; i < 600 && line is null; i++)
+        {
+            line = sidecar.Log.Split('\n').FirstOrDefault(l => l.StartsWith('{'));
+            if (line is null)
+                await Task.Delay(100);
+        }
+
+        Assert.True(line is not null, $"no JSON log line; output:\n{sidecar.Log}");
         using var json = System.Text.Json.JsonDocument.Parse(line);
         string stamp = json.RootElement.GetProperty("Timestamp").GetString()!;
         Assert.EndsWith("Z", stamp, StringComparison.Ordinal);
         DateTime logged = DateTime.Parse(stamp, System.Globalization.CultureInfo.InvariantCulture, System.Globalization.DateTimeStyles.AdjustToUniversal);
         // Local time labelled Z is 9 hours off; a slow start is minutes at most.
         Assert.True(Math.Abs((DateTime.UtcNow - logged).TotalHours) < 2, $"logged {stamp}, now {DateTime.UtcNow:O}");
-        Assert.Equal(0, await sidecar.StopAsync());
+        int code = await sidecar.StopAsync(TimeSpan.FromSeconds(60));
+        Assert.True(code == 0, $"exit code {code}; output:\n{sidecar.Log}");
+    }
+
+    [Fact]
+    public async Task Sigterm_right_after_ready_stops_the_sidecar_cleanly()
+    {
+        // The signal handler used to be registered only after READY could be printed; a SIGTERM in that window went to
+        // the web hosts' console lifetimes alone, which swallow it: the process hung (about one start in two here).
+        for (int round = 0; round < 5; round++)
+        {
+            await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "0"], TestBlocks.SmallLayoutEnv("early-sigterm-model"));
+            int pid = sidecar.Pid;
+            int code = await sidecar.StopAsync(TimeSpan.FromSeconds(30));
+            Assert.True(code == 0, $"round {round}: exit code {code} (137: it ignored SIGTERM and was killed); log:\n{sidecar.Log}");
+            Assert.Empty(Directory.EnumerateFiles("/dev/shm", $"kvfabric-{pid}-*"));
+        }
     }
 }
