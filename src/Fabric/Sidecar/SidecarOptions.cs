@@ -149,6 +149,10 @@ public sealed record SidecarOptions
         if (Cluster == "etcd" && Advertise is null && (Listen.Equals(IPAddress.Any) || Listen.Equals(IPAddress.IPv6Any)))
             throw new ArgumentException($"listen {Listen} is every address, which other nodes cannot dial: set advertise to the URL they reach this "
                 + "node's gRPC port at (e.g. http://10.0.0.5:50051)");
+        if (Advertise is not null && !(Uri.TryCreate(Advertise.Contains("://", StringComparison.Ordinal) ? Advertise : "http://" + Advertise, UriKind.Absolute, out Uri? advertised)
+                                       && advertised.Scheme is "http" or "https" && advertised.Host.Length > 0))
+            throw new ArgumentException($"advertise must be host:port or an http(s) URL such as http://10.0.0.5:50051; got '{Advertise}' "
+                + "(the other nodes would ignore this node)");
         if (Cluster is not ("none" or "inproc" or "etcd"))
             throw new ArgumentException($"cluster must be 'none', 'inproc' or 'etcd'; got '{Cluster}'");
         if (Clustered)

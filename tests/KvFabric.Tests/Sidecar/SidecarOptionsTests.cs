@@ -127,4 +127,18 @@ public sealed class SidecarOptionsTests
         Assert.StartsWith("policy", Assert.Throws<ArgumentException>(() => new SidecarOptions { Tenants = OneTenant, Policy = "lfu" }.Validate()).Message,
             StringComparison.Ordinal);
     }
+
+    [Theory]
+    [InlineData("ftp://10.0.0.5:50051")]
+    [InlineData("http://")]
+    [InlineData("10.0.0.5 50051")]
+    public void An_advertise_address_other_nodes_would_ignore_fails_at_start(string advertise)
+    {
+        // The node started, and only the other nodes logged that they ignore it (no events, routing or fetch).
+        var admin = new TenantConfig("ops", "ops-token", Admin: true);
+        var e = Assert.Throws<ArgumentException>(() => new SidecarOptions { Tenants = [admin], Cluster = "inproc", Advertise = advertise }.Validate());
+        Assert.Contains("advertise", e.Message, StringComparison.Ordinal);
+        new SidecarOptions { Tenants = [admin], Cluster = "inproc", Advertise = "10.0.0.5:50051" }.Validate();
+        new SidecarOptions { Tenants = [admin], Cluster = "inproc", Advertise = "https://node-a.example:50051" }.Validate();
+    }
 }
