@@ -24,7 +24,7 @@ public static class KvFabricCli
         ParseResult parsed = root.Parse(args);
         // System.CommandLine's own SIGTERM/Ctrl-C handling returns (exit 143/130) 2 s after the signal whether or not the
         // action finished, which cut `serve` off in its drain before it closed the SSD tier and removed its shared-memory
-        // segments; and it registers only once the action first waits. `serve` handles the signals itself (ServeCommand);
+        // segments; and a SIGTERM soon after READY could come before it had registered. `serve` handles the signals itself;
         // its drain is bounded (5 s for calls, DisposeMoveTimeout for a tier move).
         bool serve = parsed.CommandResult.Command.Name == "serve";
         return await parsed.InvokeAsync(serve ? new InvocationConfiguration { ProcessTerminationTimeout = null } : null);
@@ -140,9 +140,9 @@ public static class KvFabricCli
                 return await FailAsync($"{e.Message} {e.InnerException?.InnerException?.Message ?? e.InnerException?.Message} Fix the file given to --config.", 2);
             }
 
-            // SIGTERM and Ctrl-C, handled from the start: with System.CommandLine's handler (registered only once the action
-            // first waited) a SIGTERM right after READY could go to the web hosts' console lifetimes alone, which swallow it
-            // (the process hung until SIGKILL). Held in a static field, so no collection can finalize them.
+            // SIGTERM and Ctrl-C, handled from before anything starts. With System.CommandLine's handler, a SIGTERM right
+            // after READY often found it not yet registered and went to the web hosts' console lifetimes alone, which
+            // swallow it (the process hung until SIGKILL). Held in a static field, so no collection can finalize them.
             var stop = CancellationTokenSource.CreateLinkedTokenSource(ct); // not disposed: a late second signal still cancels it
             StopSignals = [.. new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT }.Select(signal => PosixSignalRegistration.Create(signal, context =>
             {
