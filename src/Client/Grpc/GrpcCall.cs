@@ -26,6 +26,9 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
     private PipeReader? _reader;
     private string? _encoding;
     private bool _finished;
+    private int _disposed;
+    // Once the response arrived: disposing it is what resets the HTTP/2 stream (cancelling the send no longer does).
+    private CancellationTokenRegistration _resetOnCancel;
     private readonly bool _single;
     private static readonly TimeSpan MaxTimer = TimeSpan.FromDays(30);
 
@@ -135,6 +138,7 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
             if (_reader is null)
             {
                 _response = await _send.WaitAsync(_cts.Token).ConfigureAwait(false);
+                ResetOnCancel(_response);
                 CheckHeaders(_response);
                 if (_finished)
                     return null;
@@ -187,6 +191,7 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
         try
         {
             _response = await _send.WaitAsync(_cts.Token).ConfigureAwait(false);
+            ResetOnCancel(_response);
             CheckHeaders(_response);
             if (_finished)
                 return null;
@@ -350,10 +355,18 @@ public sealed class GrpcCall<TRequest, TResponse> : IAsyncDisposable
         }
     }
 
+    // The caller's cancellation or the deadline resets the stream at once, whether or not a read is waiting: the server's
+    // call (a Watch, a Get holding its blocks) ends then, not when the call object is disposed.
+    private void ResetOnCancel(HttpResponseMessage response) =>
+        _resetOnCancel = _cts.Token.UnsafeRegister(static r => ((HttpResponseMessage)r!).Dispose(), response);
+
     public async ValueTask DisposeAsync()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+            return;
+        await _resetOnCancel.DisposeAsync().ConfigureAwait(false);
         if (!_finished)
-            await _cts.CancelAsync().ConfigureAwait(false); // resets the HTTP/2 stream: the server sees the cancellation
+            await _cts.CancelAsync().ConfigureAwait(false); // ends a request still being sent; the response is disposed below
         _push?.Fail(new OperationCanceledException("call disposed"));
         if (_reader is not null)
             await _reader.CompleteAsync().ConfigureAwait(false);

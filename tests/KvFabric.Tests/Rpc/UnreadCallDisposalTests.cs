@@ -66,5 +66,21 @@ public sealed class UnreadCallDisposalTests : IAsyncLifetime
         // The server must see the stream reset; a call left open would hold what it holds until the connection closes.
         await _cancelled.Task.WaitAsync(TimeSpan.FromSeconds(30));
     }
+
+    [Fact]
+    public async Task Cancelling_a_streaming_call_between_reads_ends_the_servers_call_before_it_is_disposed()
+    {
+        using var channel = new RpcChannel(new RpcChannelOptions { Address = new Uri($"http://{_host.GrpcEndpoint}") });
+        using var cts = new CancellationTokenSource();
+        var call = channel.ServerStreaming(Stream, new HealthCheckRequest(), HealthCheckResponse.Parser,
+            new CallOptions(Deadline: Timeout.InfiniteTimeSpan, CancellationToken: cts.Token));
+        Assert.NotNull(await call.ReadAsync()); // the response started; no read is waiting when the caller cancels
+        await cts.CancelAsync();
+        await _cancelled.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        var e = await Assert.ThrowsAsync<RpcException>(async () => await call.ReadAsync());
+        Assert.Equal(StatusCode.Cancelled, e.Status);
+        await call.DisposeAsync();
+        await call.DisposeAsync(); // a second dispose is a no-op
+    }
 }
 

@@ -34,7 +34,7 @@ public sealed class SidecarHealthTests(SidecarFixture fx) : IClassFixture<Sideca
         double before = calls.Get("/grpc.health.v1.Health/Watch", "Cancelled");
         await cts.CancelAsync();
         await Assert.ThrowsAnyAsync<Exception>(async () => await watch.ReadAsync());
-        await watch.DisposeAsync(); // resets the HTTP/2 stream (cancelling the token alone does not: see the report)
+        await watch.DisposeAsync(); // cancelling already reset the stream; disposing is still the caller's part
         for (int i = 0; i < 300 && calls.Get("/grpc.health.v1.Health/Watch", "Cancelled") <= before; i++)
             await Task.Delay(100);
         Assert.True(calls.Get("/grpc.health.v1.Health/Watch", "Cancelled") > before, "the Watch handler did not end after the client cancelled: "
