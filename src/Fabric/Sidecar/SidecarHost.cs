@@ -99,7 +99,10 @@ public sealed class SidecarHost : IAsyncDisposable
         new FabricService(Store, Staging, RpcMetrics, _options.MaxSendMessageBytes, Cluster).Register(Router);
         new IndexService(Store, _options.Worker, load, tenants, Cluster).Register(Router);
         new TransferService(Agent, Store, Staging, tenants).Register(Router);
-        var dispatcher = new GrpcDispatcher(Router, tenants, Metrics, _logs.CreateLogger("kvfabric.rpc"), _options.MaxReceiveMessageBytes);
+        var dispatcher = new GrpcDispatcher(Router, tenants, Metrics, _logs.CreateLogger("kvfabric.rpc"), _options.MaxReceiveMessageBytes)
+        {
+            StreamStallTimeout = _options.StreamStallTimeout,
+        };
         X509Certificate2? cert = Tls ? X509Certificate2.CreateFromPemFile(_options.TlsCertificate!, _options.TlsKey) : null;
         _grpc = Build(_options.Port, HttpProtocols.Http2, cert);
         _grpc.Run(async http =>

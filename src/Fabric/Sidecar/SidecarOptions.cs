@@ -61,6 +61,13 @@ public sealed record SidecarOptions
     /// staging buffers, and Watch/SubscribeEvents streams their handlers, forever).
     /// </summary>
     public TimeSpan KeepAlive { get; init; } = TimeSpan.FromSeconds(60);
+
+    /// <summary>
+    /// How long one read of a client stream (a Put waiting for its next message) or one flush of a response stream (a
+    /// Get, SubscribeEvents or Watch whose client reads nothing) may wait on a client that is alive but stuck; then the
+    /// call ends (Rpc.GrpcDispatcher.StreamStallTimeout). Keepalive catches dead peers; this catches live ones.
+    /// </summary>
+    public TimeSpan StreamStallTimeout { get; init; } = KvFabric.Rpc.GrpcDispatcher.DefaultStreamStallTimeout;
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
     public bool LockInRam { get; init; }
@@ -144,6 +151,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"staging_slots_per_tenant must be 1..staging_slots ({StagingSlots}); got {per}");
         if (KeepAlive < TimeSpan.FromSeconds(1))
             throw new ArgumentException($"keepalive_s must be at least 1 second; got {KeepAlive.TotalSeconds}");
+        if (StreamStallTimeout < TimeSpan.FromSeconds(1))
+            throw new ArgumentException($"stream_stall_timeout_s must be at least 1 second; got {StreamStallTimeout.TotalSeconds}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
             throw new ArgumentException("max message sizes must be at least 64 KiB");
         if (Cluster == "etcd" && Advertise is null && (Listen.Equals(IPAddress.Any) || Listen.Equals(IPAddress.IPv6Any)))
@@ -238,6 +247,7 @@ public sealed record SidecarOptions
             StagingSlotsPerTenant = c["staging_slots_per_tenant"] is null ? d.StagingSlotsPerTenant : Int(c, "staging_slots_per_tenant", 0),
             EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
             KeepAlive = Seconds(c, "keepalive_s") ?? d.KeepAlive,
+            StreamStallTimeout = Seconds(c, "stream_stall_timeout_s") ?? d.StreamStallTimeout,
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = Bool(c, "lock_in_ram"),

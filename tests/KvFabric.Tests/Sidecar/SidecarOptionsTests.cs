@@ -73,6 +73,15 @@ public sealed class SidecarOptionsTests
     }
 
     [Fact]
+    public void The_stream_stall_timeout_is_read_and_checked()
+    {
+        Assert.Equal(TimeSpan.FromSeconds(60), Read().StreamStallTimeout);
+        Assert.Equal(TimeSpan.FromSeconds(5), Read(("stream_stall_timeout_s", "5")).StreamStallTimeout);
+        var e = Assert.Throws<ArgumentException>(() => new SidecarOptions { Tenants = OneTenant, StreamStallTimeout = TimeSpan.Zero }.Validate());
+        Assert.Contains("stream_stall_timeout_s", e.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public void A_negative_gpu_device_is_refused_by_validation() =>
         Assert.Contains("gpu_device", Assert.Throws<ArgumentException>(() => new SidecarOptions { Tenants = OneTenant, GpuDevice = -1 }.Validate()).Message,
             StringComparison.Ordinal);
