@@ -15,7 +15,11 @@ public static class WorkerCli
         var root = new RootCommand("KvFabric workers: prefill and decode workers on a small CPU transformer, disaggregated through the fabric.");
         root.Subcommands.Add(ServeCommand());
         root.Subcommands.Add(DemoCommand());
-        return await root.Parse(args).InvokeAsync();
+        ParseResult parsed = root.Parse(args);
+        // System.CommandLine's own SIGTERM/Ctrl-C handling returns (exit 143/130) 2 s after the signal whether or not the
+        // action finished; `serve` handles the signals itself, from before it starts, and stops within its own bounds.
+        bool serve = parsed.CommandResult.Command.Name == "serve";
+        return await parsed.InvokeAsync(serve ? new InvocationConfiguration { ProcessTerminationTimeout = null } : null);
     }
 
     private static Command ServeCommand()
@@ -79,22 +83,29 @@ public static class WorkerCli
                 b.AddFilter("Microsoft", LogLevel.Warning);
                 b.AddSimpleConsole(o => { o.SingleLine = true; o.TimestampFormat = "HH:mm:ss.fff "; o.UseUtcTimestamp = true; });
             });
-            await using var server = new WorkerServer(options, logs);
-            await server.StartAsync(ct).ConfigureAwait(false);
-            using var stop = new CancellationTokenSource();
+            // SIGTERM and Ctrl-C are handled from before the server starts: registered only after READY, a signal in
+            // between went to the web host's console lifetime alone, which swallows it (the process ran on until killed).
+            using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, c =>
+            {
+                c.Cancel = true; // the action stops the server and returns; the process then exits 0
+                stop.Cancel();
+            });
+            using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, c =>
             {
                 c.Cancel = true;
                 stop.Cancel();
             });
-            Console.WriteLine($"READY grpc=http://{server.Endpoint} name={options.Name} role={options.Role.ToString().ToLowerInvariant()} agent={server.AgentId}");
+            await using var server = new WorkerServer(options, logs);
             try
             {
-                await Task.Delay(Timeout.Infinite, CancellationTokenSource.CreateLinkedTokenSource(ct, stop.Token).Token).ConfigureAwait(false);
+                await server.StartAsync(stop.Token).ConfigureAwait(false);
+                Console.WriteLine($"READY grpc=http://{server.Endpoint} name={options.Name} role={options.Role.ToString().ToLowerInvariant()} agent={server.AgentId}");
+                await Task.Delay(Timeout.Infinite, stop.Token).ConfigureAwait(false);
             }
-            catch (OperationCanceledException)
+            catch (OperationCanceledException) when (stop.IsCancellationRequested)
             {
-                // stopping
+                // stopping: the server is disposed on the way out
             }
 
             return 0;
