@@ -38,17 +38,9 @@ public sealed class RpcReviewFixTests(SidecarFixture fx) : IClassFixture<Sidecar
     }
 
     /// <summary>A response body whose client reset the stream: the first bytes sent find it gone.</summary>
-    private sealed class GoneClient(CancellationTokenSource aborted) : Stream
+    private sealed class GoneClient(CancellationTokenSource aborted) : TestStream
     {
-        public override bool CanRead => false;
-        public override bool CanSeek => false;
         public override bool CanWrite => true;
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override void Flush() { }
-        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
         public override void Write(byte[] buffer, int offset, int count) => Gone();
         public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => throw Gone();
         public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) => throw Gone();

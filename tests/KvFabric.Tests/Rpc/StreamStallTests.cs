@@ -89,19 +89,11 @@ public sealed class StreamStallTests(SidecarFixture fx) : IClassFixture<SidecarF
     }
 
     /// <summary>A request body that delivers its bytes, then neither more nor its end: a client that stopped sending.</summary>
-    private sealed class StallingRequest(byte[] bytes) : Stream
+    private sealed class StallingRequest(byte[] bytes) : TestStream
     {
         private int _position;
         public override bool CanRead => true;
-        public override bool CanSeek => false;
-        public override bool CanWrite => false;
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override void Flush() { }
         public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException("async only");
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
-        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
 
         public override async ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default)
         {
@@ -122,18 +114,10 @@ public sealed class StreamStallTests(SidecarFixture fx) : IClassFixture<SidecarF
     }
 
     /// <summary>A response body whose writes never complete until cancelled: a client that stopped reading.</summary>
-    private sealed class StalledReader : Stream
+    private sealed class StalledReader : TestStream
     {
         public readonly TaskCompletionSource Writing = new(TaskCreationOptions.RunContinuationsAsynchronously);
-        public override bool CanRead => false;
-        public override bool CanSeek => false;
         public override bool CanWrite => true;
-        public override long Length => throw new NotSupportedException();
-        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
-        public override void Flush() { }
-        public override int Read(byte[] buffer, int offset, int count) => throw new NotSupportedException();
-        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
-        public override void SetLength(long value) => throw new NotSupportedException();
         public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException("async only");
 
         public override async ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default)
