@@ -15,6 +15,18 @@ public sealed partial class SsdBlockStore
     public int CompactedSegments => Volatile.Read(ref _compactedSegments);
     private int _compactedSegments;
 
+    /// <summary>How many times in a row compaction may fail to read a record before it drops the record as lost.</summary>
+    internal const int CompactionReadAttempts = 3;
+
+    // Records compaction could not read (their consecutive failed attempts), under _lock. A read error that lasts would
+    // otherwise stop compaction at the oldest segment for good: dead space would grow until the disk filled.
+    private readonly Dictionary<BlockKey, int> _compactionReadFailures = new();
+
+    /// <summary>Records compaction dropped because their segment could not be read back <see cref="CompactionReadAttempts"/>
+    /// times in a row (the block is gone from this tier, as after a checksum failure).</summary>
+    public int CompactionDroppedUnreadable => Volatile.Read(ref _compactionDroppedUnreadable);
+    private int _compactionDroppedUnreadable;
+
     /// <summary>Tests: compaction runs started since opening.</summary>
     internal int CompactionRuns => Volatile.Read(ref _compactionRuns);
     private int _compactionRuns;
@@ -27,6 +39,7 @@ public sealed partial class SsdBlockStore
         Interlocked.Increment(ref _compactionRuns);
         _compaction = Task.Run(async () =>
         {
+            bool failed = false;
             try
             {
                 while (NeedsCompaction() && !_stopping && _fault is null)
@@ -36,15 +49,17 @@ public sealed partial class SsdBlockStore
             {
                 // A failure leaves every block readable (the index moves only to a copy on stable storage); the segments stay
                 // longer than they should, which LastCompactionError tells an operator. Device errors also fault writes.
+                // The next write or removal starts another run.
                 LastCompactionError = $"{e.GetType().Name}: {e.Message}";
+                failed = true;
             }
             finally
             {
                 Volatile.Write(ref _compacting, 0);
             }
             // A removal that made compaction due while this run was deciding to stop saw it running and started none.
-            // (Not after a failure or a fault: MaybeStartCompaction checks the fault; an error ends the restarts.)
-            if (LastCompactionError is null)
+            // (Not right after a failure: that would retry at once, in a loop; MaybeStartCompaction checks the fault.)
+            if (!failed)
                 MaybeStartCompaction();
         });
     }
@@ -108,10 +123,36 @@ public sealed partial class SsdBlockStore
         foreach (var (key, entry) in victims.OrderBy(v => v.Entry.Address))
         {
             using var buffer = _data.RentBuffer(entry.DataLength);
-            await _data.ReadAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), buffer, entry.DataLength).ConfigureAwait(false);
+            try
+            {
+                await _data.ReadAlignedAsync(DataSegment(entry.Address), DataOffset(entry.Address), buffer, entry.DataLength).ConfigureAwait(false);
+            }
+            catch (IOException e)
+            {
+                // Unreadable: kept (a device may recover, as a read of it would hope), and this run ends; after
+                // CompactionReadAttempts runs in a row the record is taken as lost, so that the segment can be freed.
+                lock (_lock)
+                {
+                    if (!_index.TryGetValue(key, out var current) || current != entry)
+                    {
+                        _compactionReadFailures.Remove(key); // removed (or moved) meanwhile: nothing to copy
+                        continue;
+                    }
+
+                    int attempts = _compactionReadFailures[key] = _compactionReadFailures.GetValueOrDefault(key) + 1;
+                    if (attempts < CompactionReadAttempts)
+                        throw new IOException($"compaction could not read block {key} at data address {entry.Address} (attempt {attempts} of {CompactionReadAttempts}): {e.Message}", e);
+                    _compactionReadFailures.Remove(key);
+                    DropLocked(key, entry);
+                    Interlocked.Increment(ref _compactionDroppedUnreadable);
+                    LastCompactionError = $"block {key} at data address {entry.Address} could not be read {CompactionReadAttempts} times and was dropped: {e.Message}";
+                }
+                continue;
+            }
             long to;
             lock (_lock)
             {
+                _compactionReadFailures.Remove(key);
                 if (!_index.TryGetValue(key, out var now) || now != entry)
                     continue;
                 var payload = buffer.Span(SsdRecordHeader.SectorSize, entry.StoredLength);

@@ -1,0 +1,82 @@
+using KvFabric.Tiers.Ssd;
+using Xunit;
+
+namespace KvFabric.Tests.Tiers;
+
+/// <summary>
+/// A record compaction cannot read must not stop compaction at the oldest segment for good (dead space would then grow
+/// until the disk filled): it is kept while the error may pass, and dropped after a few failed runs in a row.
+/// </summary>
+public sealed class SsdCompactionReadErrorTests
+{
+    [Fact]
+    public async Task A_record_compaction_cannot_read_is_kept_at_first_then_dropped_so_the_segment_is_freed()
+    {
+        using var dir = new TempDir();
+        int failNext = 0;
+        // Slack 0.99: compaction never starts by itself here; the test runs it.
+        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
+        {
+            CompactionSlack = 0.99,
+            DataReadFault = scan => !scan && Interlocked.Decrement(ref failNext) >= 0 ? "injected EIO" : null,
+        };
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 70; i++)
+                Assert.True(await Ssd.Write(store, i));
+            for (int i = 1; i < 60; i++)
+                Assert.True(store.Remove(Ssd.Key(i))); // the first segment keeps block 0 (its lowest address) live
+
+            for (int attempt = 1; attempt < SsdBlockStore.CompactionReadAttempts; attempt++)
+            {
+                Volatile.Write(ref failNext, 1); // the read of block 0 fails, the first of the run
+                var e = await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync());
+                Assert.Contains($"attempt {attempt} of {SsdBlockStore.CompactionReadAttempts}", e.Message);
+                Assert.True(store.Contains(Ssd.Key(0)), "a record that failed to read once is kept: the device may recover");
+                Assert.Equal(0, store.CompactedSegments);
+            }
+
+            Volatile.Write(ref failNext, 1);
+            await store.CompactOldestSegmentAsync();
+            Assert.Equal(1, store.CompactionDroppedUnreadable);
+            Assert.False(store.Contains(Ssd.Key(0)));
+            Assert.Equal(1, store.CompactedSegments);
+            Assert.Contains("dropped", store.LastCompactionError);
+            for (int i = 60; i < 70; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+
+        await using (var store = await SsdBlockStore.OpenAsync(options with { DataReadFault = null }))
+        {
+            Assert.False(store.Contains(Ssd.Key(0)), "the dropped block came back after reopening");
+            Assert.Equal(10, store.Count);
+        }
+    }
+
+    [Fact]
+    public async Task A_record_that_reads_again_before_the_last_attempt_is_copied_not_dropped()
+    {
+        using var dir = new TempDir();
+        int failNext = 0;
+        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
+        {
+            CompactionSlack = 0.99,
+            DataReadFault = scan => !scan && Interlocked.Decrement(ref failNext) >= 0 ? "injected EIO (transient)" : null,
+        };
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        for (int i = 0; i < 70; i++)
+            Assert.True(await Ssd.Write(store, i));
+        for (int i = 1; i < 60; i++)
+            Assert.True(store.Remove(Ssd.Key(i)));
+        for (int attempt = 1; attempt < SsdBlockStore.CompactionReadAttempts; attempt++)
+        {
+            Volatile.Write(ref failNext, 1);
+            await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync());
+        }
+
+        await store.CompactOldestSegmentAsync(); // the device recovered: block 0 is copied, not dropped
+        Assert.Equal(0, store.CompactionDroppedUnreadable);
+        Assert.Equal(Ssd.Block(0), await Ssd.Read(store, 0));
+        Assert.Equal(1, store.CompactedSegments);
+    }
+}
