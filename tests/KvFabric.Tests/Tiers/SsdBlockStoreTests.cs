@@ -166,11 +166,59 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
+    public async Task A_full_file_system_pauses_writes_and_they_resume_once_space_is_back()
+    {
+        using var dir = new TempDir();
+        bool full = false;
+        int deviceWrites = 0;
+        var options = Ssd.Options(dir.Path) with
+        {
+            NoSpaceRetry = TimeSpan.FromMilliseconds(200),
+            DataWriteFault = () =>
+            {
+                Interlocked.Increment(ref deviceWrites);
+                return Volatile.Read(ref full) ? "ENOSPC: No space left on device (injected)" : null;
+            },
+        };
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 5; i++)
+                Assert.True(await Ssd.Write(store, i));
+            Volatile.Write(ref full, true);
+            var e = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 5));
+            Assert.Contains("is full", e.Message);
+            Assert.Contains("No space left on device", e.Message);
+            Assert.Contains("resume", e.Message);
+            Assert.Equal(1, store.NoSpaceWrites);
+
+            // During the pause writes are refused without touching the disk.
+            int before = Volatile.Read(ref deviceWrites);
+            var paused = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 6));
+            Assert.Contains("is full", paused.Message);
+            Assert.Equal(before, Volatile.Read(ref deviceWrites));
+
+            // Space comes back: after the pause the next write is tried, and it lands.
+            Volatile.Write(ref full, false);
+            await Task.Delay(400);
+            Assert.True(await Ssd.Write(store, 6));
+            Assert.True(await Ssd.Write(store, 5));
+            for (int i = 0; i < 7; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
+        {
+            Assert.Equal(7, store.Count);
+            for (int i = 0; i < 7; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+    }
+
+    [Fact]
     public async Task A_failing_device_faults_writes_with_a_clear_error_and_keeps_serving_what_it_has()
     {
         using var dir = new TempDir();
         bool failing = false;
-        var options = Ssd.Options(dir.Path) with { DataWriteFault = () => Volatile.Read(ref failing) ? "No space left on device (injected ENOSPC)" : null };
+        var options = Ssd.Options(dir.Path) with { DataWriteFault = () => Volatile.Read(ref failing) ? "Input/output error (injected EIO)" : null };
         await using (var store = await SsdBlockStore.OpenAsync(options))
         {
             for (int i = 0; i < 5; i++)
@@ -178,8 +226,8 @@ public sealed class SsdBlockStoreTests
             Volatile.Write(ref failing, true);
             var e = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 5));
             Assert.Contains(dir.Path, e.Message);
-            Assert.Contains("No space left on device", e.Message);
-            Assert.Contains("Free space", e.Message, StringComparison.OrdinalIgnoreCase);
+            Assert.Contains("Input/output error", e.Message);
+            Assert.Contains("check the device", e.Message, StringComparison.OrdinalIgnoreCase);
             Assert.False(store.Contains(Ssd.Key(5)));
             Volatile.Write(ref failing, false);
             var again = await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 6));

@@ -80,3 +80,17 @@ public sealed class SsdCompactionReadErrorTests
         Assert.Equal(1, store.CompactedSegments);
     }
 }
+
+/// <summary>What the SSD tier takes for a full file system: the IOException .NET raises for ENOSPC.</summary>
+public sealed class SsdNoSpaceErrorTests
+{
+    [Fact]
+    public void A_real_ENOSPC_from_the_kernel_is_recognized_as_a_full_file_system()
+    {
+        // /dev/full answers every write with ENOSPC: the same exception a full segment file system gives a pwrite.
+        using var handle = File.OpenHandle("/dev/full", FileMode.Open, FileAccess.Write);
+        var e = Assert.ThrowsAny<IOException>(() => RandomAccess.Write(handle, new byte[4096], 0));
+        Assert.True(DirectFileDevice.IsNoSpace(e), $"HResult {e.HResult}: {e.Message}");
+        Assert.False(DirectFileDevice.IsNoSpace(new IOException("Input/output error", 5)));
+    }
+}

@@ -30,6 +30,12 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         _ => 0x4000,
     };
     private const uint IoError = 5; // EIO: FASTER only needs a non-zero code; LastError has the real message
+
+    /// <summary>The HResult of an IOException for a write the file system had no room for (ENOSPC, or EDQUOT: a quota),
+    /// which .NET sets to the errno: space can come back, unlike a device error.</summary>
+    internal const int NoSpace = 28;
+
+    internal static bool IsNoSpace(Exception e) => e is IOException { HResult: NoSpace or 122 };
     internal const int ChunkBytes = 4 << 20;
 
     // Blocking pread/pwrite run on the device's own threads: on the thread pool they starved the commit and writer
@@ -193,11 +199,13 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ObjectDisposedException)
             {
                 device._lastError = $"writing {n} bytes at {offset + start} of {device.SegmentPath(segment)}: {e.Message}";
-                Volatile.Write(ref _failed, 1);
+                // The error code the callback gets: ENOSPC when the file system was full, else EIO (the first one wins).
+                Interlocked.CompareExchange(ref _failed, IsNoSpace(e) ? NoSpace : (int)IoError, 0);
             }
             if (Interlocked.Decrement(ref _remaining) == 0)
             {
-                callback(Volatile.Read(ref _failed) == 0 ? 0 : IoError, Volatile.Read(ref _failed) == 0 ? length : 0, context);
+                int failed = Volatile.Read(ref _failed);
+                callback((uint)failed, failed == 0 ? length : 0, context);
             }
         }
     }
@@ -279,7 +287,8 @@ internal sealed class DirectFileDevice : StorageDeviceBase
         if (WriteFault?.Invoke() is { } fault)
         {
             _lastError = $"writing {length} bytes at {offset} of {SegmentPath(segment)}: {fault}";
-            return Task.FromException(new IOException(_lastError));
+            // A message that starts with ENOSPC stands for a full file system.
+            return Task.FromException(new IOException(_lastError, fault.StartsWith("ENOSPC", StringComparison.Ordinal) ? NoSpace : (int)IoError));
         }
         var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         unsafe
@@ -290,7 +299,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
                 if (error == 0)
                     tcs.TrySetResult();
                 else
-                    tcs.TrySetException(new IOException(device.LastError ?? $"write failed with error {error}"));
+                    tcs.TrySetException(new IOException(device.LastError ?? $"write failed with error {error}", (int)error));
             }, (this, done));
         }
         return done.Task;

@@ -174,6 +174,13 @@ public sealed partial class SsdBlockStore
                 {
                     await _data.WriteAlignedAsync(DataSegment(to), DataOffset(to), buffer, entry.DataLength).ConfigureAwait(false);
                 }
+                catch (IOException e) when (DirectFileDevice.IsNoSpace(e))
+                {
+                    // A full file system: the original stays indexed, this run ends, writes pause (the next write or
+                    // removal after the pause starts another run, which may free a segment).
+                    lock (_lock)
+                        throw NoSpaceLocked($"compaction's copy of block {key} was not written", e);
+                }
                 catch (IOException e)
                 {
                     // As a failed block write: the device's next move is unknown, so writes stop (and so does compaction).

@@ -19,6 +19,28 @@ public sealed partial class SsdBlockStore
     private volatile bool _stopCommitter;     // set once compaction is idle: the last commit, then the committer ends
     private volatile Exception? _fault;       // writes refused: a device error on the data segments or the log
     private volatile Exception? _logFault;    // the tombstone log failed: no more tombstones or commits
+    private long _noSpaceUntil;               // Environment.TickCount64 until which writes are refused: the file system was full
+    private volatile string? _noSpace;        // the last ENOSPC write's error
+    private int _noSpaceWrites;
+
+    /// <summary>Writes (block records and compaction copies) that found the file system full since opening.</summary>
+    public int NoSpaceWrites => Volatile.Read(ref _noSpaceWrites);
+
+    // A full file system: writes are refused for NoSpaceRetry, then tried again (space may have been freed meanwhile).
+    private TierException NoSpaceLocked(string what, Exception e)
+    {
+        _noSpace = _data.LastError ?? e.Message;
+        _noSpaceUntil = Environment.TickCount64 + (long)_options.NoSpaceRetry.TotalMilliseconds;
+        Interlocked.Increment(ref _noSpaceWrites);
+        return NoSpaceFailure(what, e);
+    }
+
+    private TierException NoSpaceFailure(string what, Exception? e)
+    {
+        string message = $"{what}: the file system of the SSD tier in {Directory} is full ({_noSpace}). Blocks already stored stay readable; "
+            + $"writes are refused for {_options.NoSpaceRetry.TotalSeconds:0.#} s at a time and resume once a write fits again: free space on that file system.";
+        return e is null ? new TierException(message) : new TierException(message, e);
+    }
 
     private static TaskCompletionSource NewBatch() => new(TaskCreationOptions.RunContinuationsAsynchronously);
 
@@ -34,6 +56,8 @@ public sealed partial class SsdBlockStore
         cancellationToken.ThrowIfCancellationRequested();
         if (_fault is { } fault)
             ThrowFaulted(fault);
+        if (Environment.TickCount64 < Interlocked.Read(ref _noSpaceUntil))
+            throw NoSpaceFailure($"block {key} was not written", null);
 
         byte[]? compressed = null;
         try
@@ -130,9 +154,17 @@ public sealed partial class SsdBlockStore
                 {
                     await _data.WriteAlignedAsync(DataSegment(dataAddress), DataOffset(dataAddress), buffer, entry.DataLength).ConfigureAwait(false);
                 }
+                catch (Exception e) when (DirectFileDevice.IsNoSpace(e))
+                {
+                    // A full file system: nothing is wrong with the device, and space can come back. Writes pause and are
+                    // tried again; a partly written record fails its checksum at recovery and is never served (the
+                    // settled mark stays below it, WriteFailedLocked).
+                    lock (_lock)
+                        throw NoSpaceLocked($"block {key} was not written", e);
+                }
                 catch (Exception e) when (e is IOException or ObjectDisposedException or InvalidOperationException)
                 {
-                    // A failed record write (disk full, device error) stops writes: what the device does next is unknown.
+                    // A failed record write (device error) stops writes: what the device does next is unknown.
                     // A partly written record fails its checksum at recovery and is never served.
                     _fault ??= new TierException($"writing a block's record to {_data.FileName}.{DataSegment(dataAddress)} at offset "
                         + $"{DataOffset(dataAddress)} failed: {_data.LastError ?? e.Message}", e);
@@ -172,7 +204,9 @@ public sealed partial class SsdBlockStore
                 throw;
             }
             var failure = e as TierException ?? new TierException($"Writing block {key} to the SSD tier in {Directory} failed ({DeviceError(e)}); "
-                + "the block is not stored. Free space on that file system or check the device, then retry or reopen the store.", e);
+                + (_fault is not null
+                    ? "the block is not stored, and the tier takes no more writes until it is reopened: check the device, then reopen the store (restart the sidecar); blocks stored before stay readable."
+                    : "the block is not stored; retry it."), e);
             done.TrySetException(failure);
             _ = done.Task.Exception; // observed here; a same-key waiter rethrows it
             throw failure;

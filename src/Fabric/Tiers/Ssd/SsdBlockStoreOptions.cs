@@ -49,6 +49,13 @@ public sealed record SsdBlockStoreOptions
     /// </summary>
     public TimeSpan SettledMarkInterval { get; init; } = TimeSpan.FromSeconds(1);
 
+    /// <summary>
+    /// After a write finds the file system full (ENOSPC, or a quota's EDQUOT), writes are refused for this long without
+    /// touching the disk, then tried again: they resume by themselves once space is freed. Any other write error stops
+    /// writes until the store is reopened (the device's next move is unknown).
+    /// </summary>
+    public TimeSpan NoSpaceRetry { get; init; } = TimeSpan.FromSeconds(5);
+
     /// <summary>Read and verify every block's payload while opening (a scrub of the whole tier), not only those the settled
     /// mark does not cover. Every read verifies its block either way.</summary>
     public bool VerifyAllOnOpen { get; init; }
@@ -60,8 +67,8 @@ public sealed record SsdBlockStoreOptions
     /// that read with an IOException.</summary>
     internal Func<bool, string?>? DataReadFault { get; init; }
 
-    /// <summary>Tests: asked before each write of a data segment; a message fails that write with an IOException
-    /// (a full disk, a failing device).</summary>
+    /// <summary>Tests: asked before each write of a data segment; a message fails that write with an IOException (a
+    /// message that starts with "ENOSPC" stands for a full file system, any other for a failing device).</summary>
     internal Func<string?>? DataWriteFault { get; init; }
 
     /// <summary>Tests: asked before each sync of the directory after a data segment file was created (or a spare renamed
