@@ -172,6 +172,15 @@ public sealed class SidecarHost : IAsyncDisposable
             () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.Hits)));
         Metrics.AddCounter("kvfabric_tier_evictions", "Blocks evicted from each tier.", ["tier"],
             () => (_store?.GetStats(0).Tiers ?? []).Select(t => (new[] { t.Tier.ToString() }, (double)t.Evictions)));
+        // The SSD tier's health: what an operator alerts on (a stopped or full tier, compaction that drops what it cannot read).
+        Metrics.AddGauge("kvfabric_ssd_writes_stopped", "1 when a device error stopped the SSD tier's writes (until a restart); reads go on.", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.WritesStopped ? 1 : 0)] : []);
+        Metrics.AddCounter("kvfabric_ssd_no_space_writes", "SSD tier writes that found its file system full (writes then pause and resume by themselves).", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.NoSpaceWrites)] : []);
+        Metrics.AddCounter("kvfabric_ssd_compacted_segments", "SSD tier data segments freed by compaction.", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.CompactedSegments)] : []);
+        Metrics.AddCounter("kvfabric_ssd_compaction_dropped_unreadable", "Blocks SSD compaction dropped because they could not be read back.", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.CompactionDroppedUnreadable)] : []);
         // Running totals: counters (a restart drops them to 0, which rate() reads as a reset, not as negative traffic).
         Metrics.AddCounter("kvfabric_lookup_blocks", "Blocks asked for by Lookup, by outcome (hit rate = hit / (hit + miss)).", ["outcome"], () =>
         {

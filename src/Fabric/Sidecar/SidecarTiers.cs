@@ -18,14 +18,18 @@ public sealed class SidecarTiers : IDisposable
     private readonly IDeviceMemory? _device;
     private readonly List<string> _described;
 
-    private SidecarTiers(TieredFabricStore store, IDeviceMemory? device, List<string> described)
+    private SidecarTiers(TieredFabricStore store, IDeviceMemory? device, List<string> described, SsdBlockStore? ssd)
     {
         Store = store;
         _device = device;
         _described = described;
+        Ssd = ssd;
     }
 
     public TieredFabricStore Store { get; }
+
+    /// <summary>The SSD tier's store, for its health figures (the manager owns it); null without an SSD tier.</summary>
+    public SsdBlockStore? Ssd { get; }
 
     public string Describe() => string.Join("; ", _described);
 
@@ -109,7 +113,7 @@ public sealed class SidecarTiers : IDisposable
             }), o.EventLogCapacity, o.ReadBuffers);
             described.Add($"policy {o.Policy}, {(o.WriteThrough ? "write-through" : "write-back")}"
                           + (o.RecomputeMsPerBlock is { } ms ? $", load-vs-recompute gate at {ms} ms/block" : ", no load-vs-recompute gate"));
-            return new SidecarTiers(store, device, described);
+            return new SidecarTiers(store, device, described, ssd);
         }
         catch
         {

@@ -31,6 +31,21 @@ public sealed class TieredSidecarTests : IDisposable
         new(new RpcChannelOptions { Address = new Uri($"http://{host.GrpcEndpoint}"), Tenant = "dev", Token = "dev" });
 
     [Fact]
+    public async Task The_ssd_tiers_health_is_exported_as_metrics()
+    {
+        await using var host = new SidecarHost(Options with { MetricsPort = 0 }, NullLoggerFactory.Instance);
+        await host.StartAsync();
+        using var http = new HttpClient();
+        string text = await http.GetStringAsync($"http://{host.MetricsEndpoint}/metrics");
+        Dictionary<string, string> types = KvFabric.Tests.Sidecar.SidecarMetricsTests.CheckExposition(text);
+        Assert.Equal("gauge", types["kvfabric_ssd_writes_stopped"]);
+        Assert.Equal("counter", types["kvfabric_ssd_no_space_writes"]);
+        Assert.Equal("counter", types["kvfabric_ssd_compacted_segments"]);
+        Assert.Equal("counter", types["kvfabric_ssd_compaction_dropped_unreadable"]);
+        Assert.Contains("kvfabric_ssd_writes_stopped 0\n", text, StringComparison.Ordinal);
+    }
+
+    [Fact]
     public async Task Blocks_demote_to_ssd_are_served_from_there_and_survive_a_restart()
     {
         int blockBytes = (int)SidecarFixture.SmallLayout.BlockBytes;

@@ -23,6 +23,9 @@ public sealed partial class SsdBlockStore
     private volatile string? _noSpace;        // the last ENOSPC write's error
     private int _noSpaceWrites;
 
+    /// <summary>True once a device error stopped writes (until the store is reopened); a full file system only pauses them.</summary>
+    public bool WritesStopped => _fault is not null;
+
     /// <summary>Writes (block records and compaction copies) that found the file system full since opening.</summary>
     public int NoSpaceWrites => Volatile.Read(ref _noSpaceWrites);
 
