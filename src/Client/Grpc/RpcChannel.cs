@@ -35,6 +35,14 @@ public readonly record struct CallOptions(TimeSpan? Deadline = null, Cancellatio
 /// </summary>
 public sealed class RpcChannel : IDisposable
 {
+    /// <summary>The longest wait between two attempts of a retried call.</summary>
+    public static readonly TimeSpan MaxRetryBackoff = TimeSpan.FromSeconds(30);
+
+    /// <summary>The wait before retry attempt + 1: the backoff doubled per attempt, at most MaxRetryBackoff (a large
+    /// MaxRetries or backoff must neither overflow nor ask Task.Delay for more than it can wait).</summary>
+    internal static TimeSpan RetryDelay(TimeSpan backoff, int attempt) =>
+        TimeSpan.FromMilliseconds(Math.Min(backoff.TotalMilliseconds * Math.Pow(2, Math.Min(attempt, 30)), MaxRetryBackoff.TotalMilliseconds));
+
     private readonly HttpMessageInvoker _http;
     private readonly bool _ownsHandler;
 
@@ -113,7 +121,7 @@ public sealed class RpcChannel : IDisposable
             catch (RpcException e) when (idempotent && e.Status == StatusCode.Unavailable && !call.ResponseStarted
                                          && attempt < Options.MaxRetries && !options.CancellationToken.IsCancellationRequested)
             {
-                TimeSpan backoff = Options.RetryBackoff * (1 << attempt);
+                TimeSpan backoff = RetryDelay(Options.RetryBackoff, attempt);
                 if (total is { } d && Time.GetElapsedTime(started) + backoff >= d)
                     throw;
                 try

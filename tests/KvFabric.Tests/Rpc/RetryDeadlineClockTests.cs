@@ -37,4 +37,13 @@ public sealed class RetryDeadlineClockTests(SidecarFixture fx) : IClassFixture<S
         Assert.Equal(0u, r.MatchedBlocks);
         Assert.Equal(2, handler.Attempts);
     }
+
+    [Theory]
+    [InlineData(50, 0, 50)]
+    [InlineData(50, 3, 400)]
+    [InlineData(50, 31, 30_000)]        // 1 << 31 overflowed to a negative delay
+    [InlineData(50, 1000, 30_000)]
+    [InlineData(86_400_000, 1, 30_000)] // a day, doubled: more than the cap, never more than Task.Delay takes
+    public void Retry_delays_double_and_stay_under_the_cap(double backoffMs, int attempt, double expectedMs) =>
+        Assert.Equal(TimeSpan.FromMilliseconds(expectedMs), RpcChannel.RetryDelay(TimeSpan.FromMilliseconds(backoffMs), attempt));
 }
