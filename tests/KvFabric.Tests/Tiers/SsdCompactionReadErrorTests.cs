@@ -94,3 +94,53 @@ public sealed class SsdNoSpaceErrorTests
         Assert.False(DirectFileDevice.IsNoSpace(new IOException("Input/output error", 5)));
     }
 }
+
+/// <summary>
+/// The failed attempts compaction counts belong to one record: a block removed after a failed attempt and written again
+/// later is a new record, which gets every attempt, not what is left of the old one's.
+/// </summary>
+public sealed class SsdCompactionReadErrorCountTests
+{
+    [Fact]
+    public async Task A_block_written_again_after_a_failed_compaction_read_gets_all_its_attempts()
+    {
+        using var dir = new TempDir();
+        int failNext = 0;
+        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
+        {
+            CompactionSlack = 0.99,
+            DataReadFault = scan => !scan && Interlocked.Decrement(ref failNext) >= 0 ? "injected EIO (transient)" : null,
+        };
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        for (int i = 0; i < 70; i++)
+            Assert.True(await Ssd.Write(store, i));
+        for (int i = 1; i < 70; i++)
+            Assert.True(store.Remove(Ssd.Key(i))); // block 0 is the only live record
+
+        Volatile.Write(ref failNext, 1);
+        await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync()); // attempt 1 on the old record
+
+        // Evicted, then written again (a cache block comes back): a new record, in a later segment.
+        Assert.True(store.Remove(Ssd.Key(0)));
+        Assert.True(await Ssd.Write(store, 0));
+        for (int i = 100; i < 160; i++)
+            Assert.True(await Ssd.Write(store, i)); // the tail leaves the new record's segment
+        for (int i = 100; i < 160; i++)
+            Assert.True(store.Remove(Ssd.Key(i)));
+
+        // Compaction reaches the new record (segments without live records need no reads); its read fails.
+        Volatile.Write(ref failNext, 1);
+        IOException? first = null;
+        for (int run = 0; run < 10 && first is null; run++)
+            first = await Record.ExceptionAsync(() => store.CompactOldestSegmentAsync()) as IOException;
+        Assert.NotNull(first);
+        Assert.Contains($"attempt 1 of {SsdBlockStore.CompactionReadAttempts}", first.Message);
+
+        Volatile.Write(ref failNext, 1);
+        var second = await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync());
+        Assert.Contains($"attempt 2 of {SsdBlockStore.CompactionReadAttempts}", second.Message);
+        Assert.True(store.Contains(Ssd.Key(0)), "a record that failed to read twice is kept: it has one more attempt");
+        Assert.Equal(0, store.CompactionDroppedUnreadable);
+        Assert.Equal(Ssd.Block(0), await Ssd.Read(store, 0));
+    }
+}

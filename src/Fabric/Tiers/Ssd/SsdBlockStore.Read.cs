@@ -150,6 +150,8 @@ public sealed partial class SsdBlockStore
     private void DropLocked(BlockKey key, Entry entry)
     {
         _index.Remove(key);
+        // Compaction's failed reads count against this record only: the key written again is a new record.
+        _compactionReadFailures.Remove(key);
         _used -= entry.StoredLength;
         _liveDataBytes -= entry.DataLength;
         long upTo = _copying is { } copy && copy.Key == key ? Math.Max(entry.Address, copy.To) : entry.Address;
