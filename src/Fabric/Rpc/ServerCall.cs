@@ -161,16 +161,10 @@ public sealed class ServerCall
     {
         if (StallTimeout == Timeout.InfiniteTimeSpan)
             return CancellationToken;
-        // A timer that fired as the last operation completed anyway (or whose callback was already on its way when it
-        // was disarmed) left its source cancelled: the next operation gets a fresh one, not a token that is already
-        // cancelled and would report a stall (and reset the stream) at once.
-        if (_stall is { IsCancellationRequested: true } fired)
-        {
-            fired.Dispose();
-            _stall = null;
-        }
-
-        _stall ??= CancellationTokenSource.CreateLinkedTokenSource(CancellationToken);
+        // One source per operation: the timer of an earlier one (even a callback already on its way when that operation
+        // completed) can never cancel this one, and no operation starts with a token that is already cancelled.
+        _stall?.Dispose();
+        _stall = CancellationTokenSource.CreateLinkedTokenSource(CancellationToken);
         _stall.CancelAfter(StallTimeout);
         return _stall.Token;
     }
