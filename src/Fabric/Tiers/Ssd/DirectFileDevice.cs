@@ -199,8 +199,12 @@ internal sealed class DirectFileDevice : StorageDeviceBase
             catch (Exception e) when (e is IOException or UnauthorizedAccessException or ObjectDisposedException)
             {
                 device._lastError = $"writing {n} bytes at {offset + start} of {device.SegmentPath(segment)}: {e.Message}";
-                // The error code the callback gets: ENOSPC when the file system was full, else EIO (the first one wins).
-                Interlocked.CompareExchange(ref _failed, IsNoSpace(e) ? NoSpace : (int)IoError, 0);
+                // The error code the callback gets: ENOSPC when the file system was full; EIO when any chunk hit a device
+                // error, whatever the other chunks got (a device error stops writes, a full disk only pauses them).
+                if (IsNoSpace(e))
+                    Interlocked.CompareExchange(ref _failed, NoSpace, 0);
+                else
+                    Volatile.Write(ref _failed, (int)IoError);
             }
             if (Interlocked.Decrement(ref _remaining) == 0)
             {
