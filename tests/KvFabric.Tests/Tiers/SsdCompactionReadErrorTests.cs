@@ -14,10 +14,11 @@ public sealed class SsdCompactionReadErrorTests
     {
         using var dir = new TempDir();
         int failNext = 0;
-        // Slack 0.99: compaction never starts by itself here; the test runs it.
+        // Slack 0.99: compaction never starts by itself here; the test runs it. No grace: three failed runs are enough.
         var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
         {
             CompactionSlack = 0.99,
+            CompactionUnreadableGrace = TimeSpan.Zero,
             DataReadFault = scan => !scan && Interlocked.Decrement(ref failNext) >= 0 ? "injected EIO" : null,
         };
         await using (var store = await SsdBlockStore.OpenAsync(options))
@@ -51,6 +52,27 @@ public sealed class SsdCompactionReadErrorTests
             Assert.False(store.Contains(Ssd.Key(0)), "the dropped block came back after reopening");
             Assert.Equal(10, store.Count);
         }
+    }
+
+    [Fact]
+    public async Task Failed_runs_in_quick_succession_drop_nothing_within_the_grace()
+    {
+        using var dir = new TempDir();
+        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
+        {
+            CompactionSlack = 0.99,
+            CompactionUnreadableGrace = TimeSpan.FromHours(1),
+            DataReadFault = scan => scan ? null : "injected EIO (a burst)",
+        };
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        for (int i = 0; i < 70; i++)
+            Assert.True(await Ssd.Write(store, i));
+        for (int i = 1; i < 60; i++)
+            Assert.True(store.Remove(Ssd.Key(i)));
+        for (int run = 0; run < 2 * SsdBlockStore.CompactionReadAttempts; run++)
+            await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync());
+        Assert.True(store.Contains(Ssd.Key(0)), "runs milliseconds apart dropped a block a short error burst made unreadable");
+        Assert.Equal(0, store.CompactionDroppedUnreadable);
     }
 
     [Fact]

@@ -20,7 +20,8 @@ public sealed partial class SsdBlockStore
 
     // Records compaction could not read (their consecutive failed attempts), under _lock. A read error that lasts would
     // otherwise stop compaction at the oldest segment for good: dead space would grow until the disk filled.
-    private readonly Dictionary<BlockKey, int> _compactionReadFailures = new();
+    // Each with its count and when the first of them happened (Environment.TickCount64).
+    private readonly Dictionary<BlockKey, (int Attempts, long First)> _compactionReadFailures = new();
 
     /// <summary>Records compaction dropped because their segment could not be read back <see cref="CompactionReadAttempts"/>
     /// times in a row (the block is gone from this tier, as after a checksum failure).</summary>
@@ -139,9 +140,16 @@ public sealed partial class SsdBlockStore
                         continue;
                     }
 
-                    int attempts = _compactionReadFailures[key] = _compactionReadFailures.GetValueOrDefault(key) + 1;
-                    if (attempts < CompactionReadAttempts)
-                        throw new IOException($"compaction could not read block {key} at data address {entry.Address} (attempt {attempts} of {CompactionReadAttempts}): {e.Message}", e);
+                    // Runs can follow each other within milliseconds (every write or removal starts one): the attempts
+                    // must also span CompactionUnreadableGrace, so that a short burst of errors drops nothing.
+                    var (before, first) = _compactionReadFailures.GetValueOrDefault(key, (0, Environment.TickCount64));
+                    int attempts = before + 1;
+                    _compactionReadFailures[key] = (attempts, first);
+                    if (attempts < CompactionReadAttempts || Environment.TickCount64 - first < (long)_options.CompactionUnreadableGrace.TotalMilliseconds)
+                    {
+                        throw new IOException($"compaction could not read block {key} at data address {entry.Address} (attempt {attempts} of {CompactionReadAttempts}, "
+                            + $"over at least {_options.CompactionUnreadableGrace.TotalSeconds:0.#} s, before it is dropped): {e.Message}", e);
+                    }
                     _compactionReadFailures.Remove(key);
                     DropLocked(key, entry);
                     Interlocked.Increment(ref _compactionDroppedUnreadable);

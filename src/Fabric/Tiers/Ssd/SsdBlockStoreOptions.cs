@@ -56,6 +56,12 @@ public sealed record SsdBlockStoreOptions
     /// </summary>
     public TimeSpan NoSpaceRetry { get; init; } = TimeSpan.FromSeconds(5);
 
+    /// <summary>
+    /// Compaction drops a record it cannot read (so that its segment can be freed) only after three runs in a row failed
+    /// on it and at least this long after the first: a device error that passes within it drops nothing.
+    /// </summary>
+    public TimeSpan CompactionUnreadableGrace { get; init; } = TimeSpan.FromSeconds(30);
+
     /// <summary>Read and verify every block's payload while opening (a scrub of the whole tier), not only those the settled
     /// mark does not cover. Every read verifies its block either way.</summary>
     public bool VerifyAllOnOpen { get; init; }
