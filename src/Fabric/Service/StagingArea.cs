@@ -18,6 +18,7 @@ public sealed class StagingArea : IDisposable
     private readonly Lock _lock = new();
     private readonly Timer _timer;
     private ulong _next;
+    private int _busy; // slot scopes not yet disposed: calls still reading or writing slot memory
 
     // Leases end on the monotonic clock (a stepped wall clock must not end them early or keep them); the wall-clock
     // time is only what the client is told.
@@ -116,6 +117,7 @@ public sealed class StagingArea : IDisposable
             if (!_reservations.TryGetValue(id, out Reservation? r) || r.Tenant != tenant || r.Ended)
                 throw new BlockNotFoundException($"reservation {id} does not exist (it was released, it expired, or it belongs to another tenant); call Reserve again");
             r.Busy++;
+            _busy++;
             return new SlotScope(this, id, r);
         }
     }
@@ -158,6 +160,7 @@ public sealed class StagingArea : IDisposable
             lock (_area._lock)
             {
                 _r.Busy--;
+                _area._busy--;
                 if (_r.Ended && _r.Busy == 0)
                     _area.ReturnSlots(_r);
             }
@@ -193,9 +196,38 @@ public sealed class StagingArea : IDisposable
         }
     }
 
+    /// <summary>How long disposal waits for calls still using slots (a fetch storing from them, an export being copied).</summary>
+    internal TimeSpan DisposeWait { get; init; } = TimeSpan.FromSeconds(30);
+
+    /// <summary>True when disposal gave up waiting for a call still using slots and left the memory mapped.</summary>
+    public bool LeftMapped { get; private set; }
+
+    /// <summary>
+    /// Unmaps the slots once no call uses them any more (a fetch that outlived the server's stop may still be storing
+    /// blocks from them). After <see cref="DisposeWait"/> it gives up and leaves the memory mapped: a leak in a process
+    /// that is stopping, instead of a call touching unmapped memory.
+    /// </summary>
     public void Dispose()
     {
         _timer.Dispose();
+        var waited = Stopwatch.StartNew();
+        while (Busy() > 0)
+        {
+            if (waited.Elapsed >= DisposeWait)
+            {
+                LeftMapped = true;
+                return;
+            }
+
+            Thread.Sleep(10);
+        }
+
         _pool.Dispose();
+    }
+
+    private int Busy()
+    {
+        lock (_lock)
+            return _busy;
     }
 }

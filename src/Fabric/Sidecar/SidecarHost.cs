@@ -230,7 +230,9 @@ public sealed class SidecarHost : IAsyncDisposable
         if (_metrics is not null)
             await _metrics.DisposeAsync().ConfigureAwait(false);
         await Agent.DisposeAsync().ConfigureAwait(false);
-        Staging.Dispose();
+        await Task.Run(Staging.Dispose).ConfigureAwait(false); // waits (bounded) for a fetch still storing from its slots
+        if (Staging.LeftMapped)
+            _log.LogWarning("a call still used staging slots {Seconds} s after the stop began; their shared memory stays mapped until the process exits", 30);
         _tiers?.Dispose();
     }
 }

@@ -31,4 +31,34 @@ public sealed class StagingAreaTests
         Assert.Equal(0, staging.Available);
         Assert.Throws<StoreFullException>(() => staging.Reserve(2, 1, TimeSpan.FromMinutes(1)));
     }
+
+    // A fetch stores blocks straight from its staging slots (IPutBatch.AddBorrowed) and may outlive the server's stop:
+    // disposal must not unmap memory a call still reads.
+    [Fact]
+    public async Task Disposal_waits_for_calls_still_using_slots()
+    {
+        var staging = new StagingArea(4096, 2);
+        var (id, _, _) = staging.Reserve(1, 1, TimeSpan.FromMinutes(1));
+        var scope = staging.Use(1, id);
+        Task disposed = Task.Run(staging.Dispose);
+        await Task.Delay(300);
+        Assert.False(disposed.IsCompleted, "the slots were unmapped under a call still using them");
+        scope.Slot(0).Span.Fill(7); // still mapped
+        scope.Dispose();
+        await disposed.WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.False(staging.LeftMapped);
+    }
+
+    [Fact]
+    public void Disposal_leaves_the_memory_mapped_when_a_call_never_lets_go()
+    {
+        var staging = new StagingArea(4096, 2) { DisposeWait = TimeSpan.FromMilliseconds(100) };
+        var (id, _, _) = staging.Reserve(1, 1, TimeSpan.FromMinutes(1));
+        var scope = staging.Use(1, id);
+        staging.Dispose();
+        Assert.True(staging.LeftMapped);
+        scope.Slot(0).Span.Fill(7); // a late call writes into memory that is still there, not into an unmapped page
+        scope.Dispose();
+        staging.Pool.Dispose(); // the test's own cleanup of what disposal left
+    }
 }
