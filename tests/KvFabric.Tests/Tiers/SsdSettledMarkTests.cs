@@ -318,4 +318,43 @@ public sealed class SsdSettledMarkTests
             Assert.Equal(7, store.Count);
         }
     }
+
+    // A full disk only pauses writes now, so a write that failed on ENOSPC must hold the mark only until compaction
+    // retires its segment, not for the rest of the process (every later crash would verify everything written since).
+    [Fact]
+    public async Task A_write_that_found_the_disk_full_holds_the_mark_only_until_its_segment_is_retired()
+    {
+        using var dir = new TempDir();
+        bool full = false;
+        var options = Options(dir.Path) with
+        {
+            CapacityBytes = 32L << 20,
+            CompactionSlack = 0.1,
+            NoSpaceRetry = TimeSpan.FromMilliseconds(1),
+            DataWriteFault = () => Volatile.Read(ref full) ? "ENOSPC: No space left on device (injected)" : null,
+        };
+        const int PerSegment = (4 << 20) / Record; // records in one 4 MiB data segment
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        for (int i = 0; i < 10; i++)
+            Assert.True(await Ssd.Write(store, i));
+        Volatile.Write(ref full, true);
+        await Assert.ThrowsAsync<TierException>(() => Ssd.Write(store, 10)); // the record at index 10 may be torn
+        Volatile.Write(ref full, false);
+        await Task.Delay(20);
+        for (int i = 11; i < 3 * PerSegment; i++)
+            Assert.True(await Ssd.Write(store, i));
+        await Task.Delay(200);
+        Assert.True(store.MarkedBelow <= 10L * Record, $"the mark passed a record whose write failed: {store.MarkedBelow}");
+
+        // Remove everything in the first segment: compaction retires it, and the failed record with it.
+        for (int i = 0; i < PerSegment + 1; i++)
+        {
+            if (i != 10)
+                store.Remove(Ssd.Key(i));
+        }
+
+        await store.WaitForCompactionAsync();
+        Assert.True(store.CompactedSegments > 0, "compaction retired no segment");
+        await WaitForMarkAsync(store, 4L << 20);
+    }
 }

@@ -223,6 +223,7 @@ public sealed partial class SsdBlockStore
         await _data.RetireSegmentsAsync(retired).ConfigureAwait(false); // retired for good before the log forgets their tombstones
         lock (_lock)
         {
+            SegmentsRetiredLocked(until);
             // Tombstones that cancel records only in deleted segments are no longer needed.
             while (_tombstones.TryPeek(out var t) && t.DataAddress < _dataBegin)
                 _tombstones.Dequeue();

@@ -16,7 +16,9 @@ public sealed partial class SsdBlockStore
     private readonly SsdSlotFile _markFile;
     private long _markNumber;
     private long _markedBelow;                       // the last mark written (or read at open)
-    private long _failedWriteFloor = long.MaxValue;  // lowest record whose write failed after it was issued (under _lock)
+    // Records whose write failed after it was issued (under _lock): each holds the mark below it until compaction retires
+    // its segment (a full disk no longer stops writes, so one failure must not hold the mark for the process's life).
+    private readonly SortedSet<long> _failedWrites = new();
     private Task _markLoop = Task.CompletedTask;
     private readonly CancellationTokenSource _markStop = new();
 
@@ -29,10 +31,14 @@ public sealed partial class SsdBlockStore
     // Under _lock: every record starting below this was written whole. Records are placed in address order; one still
     // being written, or one whose issued write failed (it may be torn), holds the mark at its address.
     private long SettledBelowLocked() =>
-        Math.Min(_dataInFlight.Count > 0 ? _dataInFlight.Min : _dataTail, _failedWriteFloor);
+        Math.Min(_dataInFlight.Count > 0 ? _dataInFlight.Min : _dataTail, _failedWrites.Count > 0 ? _failedWrites.Min : long.MaxValue);
 
     // Under _lock: a record's write was issued and did not complete: it may be partly on disk.
-    private void WriteFailedLocked(long dataAddress) => _failedWriteFloor = Math.Min(_failedWriteFloor, dataAddress);
+    private void WriteFailedLocked(long dataAddress) => _failedWrites.Add(dataAddress);
+
+    // Under _lock: the data segments below begin are retired, and with them every failed record in them (addresses are
+    // never reused, and a header is sealed for its address, so nothing left in a reused file can be read as a record).
+    private void SegmentsRetiredLocked(long begin) => _failedWrites.RemoveWhere(a => a < begin);
 
     // The mark read at open: 0 (verify everything) when there is none, or it belongs to another directory's store.
     private long ReadMark()
