@@ -162,6 +162,31 @@ public sealed class HandoffReceiver : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Gives back a reservation whose ticket never reached anyone (the Reserve's answer could not be delivered: no status
+    /// ever completed that call, so no client uses its ticket): no WRITE can be on its way, so its slots come back at once
+    /// instead of after the lease. The nonce names that reservation: a later one under the same request id is left alone.
+    /// </summary>
+    public void ReleaseUndelivered(ulong requestId, ulong nonce)
+    {
+        lock (_lock)
+        {
+            if (!_pending.TryGetValue(requestId, out Pending? pending) || pending.Nonce != nonce)
+                return;
+            if (pending.Done.Task.IsCompleted)
+            {
+                // KV arrived after all (someone had the ticket): an ordinary release.
+                Release(requestId);
+                return;
+            }
+
+            _pending.Remove(requestId);
+            pending.Done.TrySetCanceled();
+            foreach (BlockSlot s in pending.Slots)
+                _pool.Return(s);
+        }
+    }
+
     private readonly List<Pending> _late = [];
 
     private void Reclaim()

@@ -91,6 +91,8 @@ public sealed class WorkerServer : IAsyncDisposable
     public IPEndPoint? Endpoint { get; private set; }
     public Guid AgentId => _agent.AgentId;
     public WorkerOptions Options => _options;
+    /// <summary>The gRPC methods this worker serves (set by StartAsync): for tests that drive a call in process.</summary>
+    internal GrpcRouter? Routes { get; private set; }
 
     public async Task StartAsync(CancellationToken cancellationToken = default)
     {
@@ -101,9 +103,10 @@ public sealed class WorkerServer : IAsyncDisposable
         router.Unary<WorkerStatusRequest, WorkerStatus>(Service + "Status", WorkerStatusRequest.Parser, (_, _) => Task.FromResult(Status()));
         if (_decode is not null)
         {
-            // A ticket whose answer never reached the prefill side (it reset the stream) would hold its slots for the lease.
+            // A ticket whose answer never reached the caller (it reset the stream) would hold its slots for the lease:
+            // nobody can WRITE into them, so they come back at once.
             router.Unary<ReserveHandoffRequest, ReserveHandoffResponse>(Service + "Reserve", ReserveHandoffRequest.Parser, (r, _) => Task.FromResult(Reserve(r)),
-                undelivered: (r, _, _) => ReleaseUnaccepted(r.RequestId));
+                undelivered: (r, response, _) => _handoff!.ReleaseUndelivered(r.RequestId, response.Ticket.Nonce));
             router.ServerStreaming<DecodeRequest>(Service + "Decode", DecodeRequest.Parser, DecodeAsync);
         }
 
@@ -119,6 +122,7 @@ public sealed class WorkerServer : IAsyncDisposable
         {
             await dispatcher.HandleAsync(http).ConfigureAwait(false);
         });
+        Routes = router;
         await _app.StartAsync(cancellationToken).ConfigureAwait(false);
         Endpoint = KestrelHost.BoundEndpoint(_app);
         _log.LogInformation("kvfabric {Role} worker {Name} serving gRPC on http://{Endpoint}; model {Model} ({Threads} threads, {Layout}); {Blocks} KV blocks; transfer agent {Agent}{Faults}",

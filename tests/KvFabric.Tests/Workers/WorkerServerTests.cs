@@ -151,6 +151,56 @@ public sealed class WorkerServerTests
         Assert.Equal(reference.Generate(prompt, 8, KvFabric.Workers.Model.Sampler.Greedy(), cache), tokens);
     }
 
+    [Fact]
+    public async Task A_reservation_whose_ticket_cannot_be_delivered_gives_its_slots_back_at_once()
+    {
+        await using var rig = await DecodeRig.StartAsync(kvBlocks: 64);
+        var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        WorkerStatus before = await rig.Client.StatusAsync(call);
+        Assert.Equal(before.HandoffSlotsTotal, before.HandoffSlotsFree);
+
+        // The Reserve is served, but the caller reset the stream as its answer went out: nobody ever got the ticket.
+        using var aborted = new CancellationTokenSource();
+        var dispatcher = new KvFabric.Rpc.GrpcDispatcher(rig.Server.Routes!, new KvFabric.Rpc.TenantRegistry([new KvFabric.Rpc.TenantConfig("dev", "dev")]),
+            new KvFabric.Rpc.MetricsRegistry(), NullLogger.Instance, 1 << 20);
+        var http = new Microsoft.AspNetCore.Http.DefaultHttpContext { RequestAborted = aborted.Token };
+        http.Request.Method = "POST";
+        http.Request.ContentType = GrpcProtocol.ContentType;
+        http.Request.Path = "/kvfabric.v1.Worker/Reserve";
+        http.Request.Headers.Authorization = "Bearer dev";
+        http.Request.Headers[GrpcProtocol.TenantHeader] = "dev";
+        byte[] payload = Google.Protobuf.MessageExtensions.ToByteArray(new ReserveHandoffRequest { RequestId = 21, PromptTokens = (uint)(2 * tpb), LeaseMs = 3_600_000 });
+        var framed = new byte[5 + payload.Length];
+        System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(framed.AsSpan(1), (uint)payload.Length);
+        payload.CopyTo(framed, 5);
+        http.Request.Body = new MemoryStream(framed);
+        http.Response.Body = new GoneClient(aborted);
+        await dispatcher.HandleAsync(http);
+        Assert.True(aborted.IsCancellationRequested, "the Reserve never answered");
+
+        // Its slots are free now, not after the hour of its lease, and the request can reserve again.
+        WorkerStatus after = await rig.Client.StatusAsync(call);
+        Assert.Equal(after.HandoffSlotsTotal, after.HandoffSlotsFree);
+        HandoffReservation again = (await rig.Client.ReserveAsync(requestId: 21, promptTokens: 2 * tpb, call)).Ticket;
+        Assert.Equal(3, again.Addresses.Count);
+    }
+
+    /// <summary>A response body whose client reset the stream: the first bytes sent find it gone.</summary>
+    private sealed class GoneClient(CancellationTokenSource aborted) : KvFabric.Tests.Rpc.TestStream
+    {
+        public override bool CanWrite => true;
+        public override void Write(byte[] buffer, int offset, int count) => throw Gone();
+        public override ValueTask WriteAsync(ReadOnlyMemory<byte> buffer, CancellationToken cancellationToken = default) => throw Gone();
+        public override Task WriteAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) => throw Gone();
+
+        private IOException Gone()
+        {
+            aborted.Cancel();
+            return new IOException("the client reset the stream");
+        }
+    }
+
     /// <summary>A decode worker in this process, and a test transfer agent with registered blocks standing in for the prefill side.</summary>
     private sealed class DecodeRig : IAsyncDisposable
     {
@@ -159,6 +209,7 @@ public sealed class WorkerServerTests
         private HostBlockPool _blocks = null!;
 
         public WorkerClient Client { get; private set; } = null!;
+        public WorkerServer Server => _server;
 
         public static async Task<DecodeRig> StartAsync(int kvBlocks)
         {
