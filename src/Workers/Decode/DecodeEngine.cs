@@ -23,9 +23,20 @@ public sealed class DecodeEngine(Transformer model, HandoffReceiver handoff)
     {
         int tpb = Model.Layout.TokensPerBlock;
         int full = prompt.Length / tpb, tail = prompt.Length % tpb;
+        bool mine = true;
         try
         {
-            BlockSlot[] slots = await handoff.WaitAsync(requestId, cancellationToken).ConfigureAwait(false);
+            BlockSlot[] slots;
+            try
+            {
+                slots = await handoff.WaitAsync(requestId, cancellationToken).ConfigureAwait(false);
+            }
+            catch (HandoffTakenException)
+            {
+                mine = false; // another Decode of this request has the slots: not this call's to release
+                throw;
+            }
+
             int blockBytes = checked((int)Model.Layout.BlockBytes);
             if (slots.Length != HandoffLayout.Slots(prompt.Length, tpb, Model.Config.Vocab, blockBytes))
                 throw new InvalidOperationException($"request {requestId} was reserved for another prompt length ({slots.Length} slots); reserve with this prompt's {prompt.Length} tokens");
@@ -37,7 +48,8 @@ public sealed class DecodeEngine(Transformer model, HandoffReceiver handoff)
         }
         finally
         {
-            handoff.Release(requestId);
+            if (mine)
+                handoff.Release(requestId);
         }
     }
 

@@ -53,6 +53,7 @@ public sealed class HandoffReceiver : IAsyncDisposable
         public readonly TaskCompletionSource<BlockSlot[]> Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
         public TimeSpan FilledAt;       // when the notification came, on Now's clock (under the receiver's lock)
         public bool Claimed;            // WaitAsync handed the slots to the decoder (under the receiver's lock)
+        public bool Taken;              // a WaitAsync waits for (or has) the slots: a second one is refused (under the receiver's lock)
     }
 
     /// <param name="agent">The decode process's transfer agent; this receiver reads all of its notifications.</param>
@@ -102,6 +103,10 @@ public sealed class HandoffReceiver : IAsyncDisposable
         {
             if (!_pending.TryGetValue(requestId, out pending!))
                 throw new InvalidOperationException($"request {requestId} has no hand-off reservation (never reserved, or it expired)");
+            // One decoder per reservation: a second (a duplicated or retried Decode) would read slots the first releases.
+            if (pending.Taken)
+                throw new HandoffTakenException($"request {requestId}'s KV is already taken by another Decode of it; that call streams its tokens (a retry needs a new request id and reservation)");
+            pending.Taken = true;
         }
 
         TimeSpan left = pending.Expires - Now + Grace;
@@ -184,6 +189,19 @@ public sealed class HandoffReceiver : IAsyncDisposable
             pending.Done.TrySetCanceled();
             foreach (BlockSlot s in pending.Slots)
                 _pool.Return(s);
+        }
+    }
+
+    /// <summary>
+    /// Releases a reservation that no decoder has taken yet (a Decode refused before it waited for the KV); one that
+    /// another Decode of the same request waits for or decodes is left to that call.
+    /// </summary>
+    public void ReleaseUntaken(ulong requestId)
+    {
+        lock (_lock)
+        {
+            if (_pending.TryGetValue(requestId, out Pending? pending) && !pending.Taken)
+                Release(requestId);
         }
     }
 
@@ -283,6 +301,9 @@ public sealed class HandoffReceiver : IAsyncDisposable
         _pool.Dispose();
     }
 }
+
+/// <summary>A request's hand-off is already taken by another decoder (a duplicated Decode): it belongs to that one.</summary>
+public sealed class HandoffTakenException(string message) : InvalidOperationException(message);
 
 /// <summary>
 /// What a hand-off carries, slot by slot: the prompt's full KV blocks, its partial tail block (when the prompt does not

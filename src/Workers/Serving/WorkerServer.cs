@@ -360,6 +360,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 throw e switch
                 {
                     TimeoutException => new RpcException(StatusCode.DeadlineExceeded, e.Message),
+                    HandoffTakenException => new RpcException(StatusCode.AlreadyExists, e.Message),
                     InvalidOperationException when IsPoolDry(e) => PoolDry(e),
                     InvalidOperationException => new RpcException(StatusCode.FailedPrecondition, e.Message),
                     ArgumentException => new RpcException(StatusCode.InvalidArgument, e.Message),
@@ -373,9 +374,10 @@ public sealed class WorkerServer : IAsyncDisposable
 
     /// <summary>
     /// A Decode that fails before AcceptAsync (which releases the reservation itself) gives its slots back here: once the
-    /// prefill's WRITE has landed, nothing else would ever reclaim them (only unfilled reservations expire).
+    /// prefill's WRITE has landed, nothing else would ever reclaim them (only unfilled reservations expire). A duplicated
+    /// Decode of the same request leaves alone the reservation another Decode already waits for.
     /// </summary>
-    private void ReleaseUnaccepted(ulong requestId) => _handoff!.Release(requestId);
+    private void ReleaseUnaccepted(ulong requestId) => _handoff!.ReleaseUntaken(requestId);
 
     private async Task GenerateAsync(GenerateRequest r, ServerCall call)
     {

@@ -186,6 +186,46 @@ public sealed class WorkerServerTests
         Assert.Equal(3, again.Addresses.Count);
     }
 
+    [Fact]
+    public async Task A_duplicated_decode_of_a_request_leaves_the_first_ones_hand_off_alone()
+    {
+        await using var rig = await DecodeRig.StartAsync(kvBlocks: 64);
+        WorkerClient client = rig.Client;
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
+        HandoffReservation t = (await client.ReserveAsync(requestId: 31, promptTokens: prompt.Length, call)).Ticket;
+
+        // The first Decode waits for the KV ...
+        var first = new DecodeRequest { RequestId = 31, MaxNewTokens = 4 };
+        first.Prompt.Add(prompt);
+        Task<int> firstTokens = Task.Run(async () =>
+        {
+            int n = 0;
+            await using var stream = client.Decode(first, call);
+            while (await stream.ReadAsync() is { } m)
+                n += m.Tokens.Count;
+            return n;
+        });
+        for (int i = 0; i < 400 && (await client.StatusAsync(call)).Active == 0; i++)
+            await Task.Delay(25);
+        await Task.Delay(200); // from counted as active to waiting on the hand-off: no await in between
+
+        // ... while duplicates of it come: a bad one (refused before it waits) and a good one.
+        await using (var stream = client.Decode(new DecodeRequest { RequestId = 31, MaxNewTokens = 4 }, call))
+            Assert.Equal(StatusCode.InvalidArgument, (await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync())).Status);
+        var duplicate = new DecodeRequest { RequestId = 31, MaxNewTokens = 4 };
+        duplicate.Prompt.Add(prompt);
+        await using (var stream = client.Decode(duplicate, call))
+            Assert.Equal(StatusCode.AlreadyExists, (await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync())).Status);
+
+        // Neither took the first one's reservation: its KV lands, and it decodes.
+        Assert.True((await rig.SendAsync(t)).IsSuccess);
+        Assert.Equal(4, await firstTokens);
+        WorkerStatus status = await client.StatusAsync(call);
+        Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+    }
+
     /// <summary>A response body whose client reset the stream: the first bytes sent find it gone.</summary>
     private sealed class GoneClient(CancellationTokenSource aborted) : KvFabric.Tests.Rpc.TestStream
     {
