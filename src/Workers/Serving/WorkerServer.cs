@@ -324,9 +324,16 @@ public sealed class WorkerServer : IAsyncDisposable
     private async Task DecodeAsync(DecodeRequest r, ServerCall call)
     {
         int[] prompt;
+        int maxNew;
         try
         {
+            // All of the request checked before it waits for the KV: a bad one is told now, not after the hand-off
+            // (up to its lease), and does not use up the KV its prefill sent.
             prompt = Prompt(r.Prompt);
+            maxNew = MaxNew(r.MaxNewTokens);
+            // Every generated token but the last is appended to the prompt's cache.
+            if (maxNew - 1 > _model.Config.MaxPositions - prompt.Length)
+                throw new RpcException(StatusCode.InvalidArgument, $"a prompt of {prompt.Length} tokens leaves room for {_model.Config.MaxPositions - prompt.Length + 1} new tokens in the model ({_options.Model}, {_model.Config.MaxPositions} positions); max_new_tokens is {maxNew}");
         }
         catch
         {
@@ -352,7 +359,7 @@ public sealed class WorkerServer : IAsyncDisposable
             try
             {
                 await _decode!.AcceptAsync(r.RequestId, prompt, cache, logits, call.CancellationToken).ConfigureAwait(false);
-                tokens = await _scheduler!.StartAsync(cache, logits, MaxNew(r.MaxNewTokens), Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
+                tokens = await _scheduler!.StartAsync(cache, logits, maxNew, Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
             }
             catch (Exception e)
             {

@@ -226,6 +226,26 @@ public sealed class WorkerServerTests
         Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
     }
 
+    [Fact]
+    public async Task A_decode_asking_for_no_tokens_or_too_many_is_refused_at_once_and_gives_the_reservation_back()
+    {
+        await using var rig = await DecodeRig.StartAsync(kvBlocks: 64);
+        WorkerClient client = rig.Client;
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb)];
+        foreach (uint maxNew in new[] { 0u, (uint)(ModelConfigs.Tiny.MaxPositions - prompt.Length + 2) })
+        {
+            // No KV is ever sent: the answer must not wait for it (up to the lease).
+            await client.ReserveAsync(41, prompt.Length, call);
+            var request = new DecodeRequest { RequestId = 41, MaxNewTokens = maxNew };
+            request.Prompt.Add(prompt);
+            using var quick = new CancellationTokenSource(TimeSpan.FromSeconds(30)); // the lease is 60 s: without the check, it waits that long
+            await using (var stream = client.Decode(request, new CallOptions(TimeSpan.FromSeconds(60), quick.Token)))
+                Assert.Equal(StatusCode.InvalidArgument, (await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync())).Status);
+        }
+    }
+
     /// <summary>A response body whose client reset the stream: the first bytes sent find it gone.</summary>
     private sealed class GoneClient(CancellationTokenSource aborted) : KvFabric.Tests.Rpc.TestStream
     {
