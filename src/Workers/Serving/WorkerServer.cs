@@ -31,6 +31,7 @@ namespace KvFabric.Workers.Serving;
 public sealed class WorkerServer : IAsyncDisposable
 {
     private const string Service = "/kvfabric.v1.Worker/";
+    private static readonly TimeSpan MaxHandoffLease = TimeSpan.FromHours(1);
     private readonly WorkerOptions _options;
     private readonly ILogger _log;
     private readonly ILoggerFactory _logs;
@@ -149,6 +150,10 @@ public sealed class WorkerServer : IAsyncDisposable
     private ReserveHandoffResponse Reserve(ReserveHandoffRequest r)
     {
         TimeSpan lease = r.LeaseMs == 0 ? _options.HandoffLease : TimeSpan.FromMilliseconds(r.LeaseMs);
+        // Bounded: a reservation nobody fills holds its slots for the lease, and the Decode's wait for the KV (a timer:
+        // at most ~49 days) could not even be armed for the longest lease_ms.
+        if (lease > MaxHandoffLease)
+            throw new RpcException(StatusCode.InvalidArgument, $"lease_ms is {r.LeaseMs}; at most {MaxHandoffLease.TotalMilliseconds:0} (1 hour), or 0 for the worker's default ({_options.HandoffLease.TotalMilliseconds:0})");
         if (r.PromptTokens == 0 || r.PromptTokens >= _model.Config.MaxPositions)
             throw new RpcException(StatusCode.InvalidArgument, $"prompt_tokens is {r.PromptTokens}; the model ({_options.Model}) takes 1 to {_model.Config.MaxPositions - 1}");
         HandoffTicket t;

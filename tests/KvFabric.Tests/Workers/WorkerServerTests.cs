@@ -246,6 +246,23 @@ public sealed class WorkerServerTests
         }
     }
 
+    [Fact]
+    public async Task A_reservation_asking_for_a_lease_beyond_an_hour_is_refused_and_holds_nothing()
+    {
+        await using var rig = await DecodeRig.StartAsync(kvBlocks: 64);
+        var call = new CallOptions(TimeSpan.FromSeconds(20), CancellationToken.None);
+        var reserve = new ReserveHandoffRequest { RequestId = 51, PromptTokens = (uint)ModelConfigs.Tiny.TokensPerBlock, LeaseMs = uint.MaxValue };
+        RpcException e = await Assert.ThrowsAsync<RpcException>(() =>
+            rig.Client.Channel.UnaryAsync("/kvfabric.v1.Worker/Reserve", reserve, ReserveHandoffResponse.Parser, call));
+        Assert.Equal(StatusCode.InvalidArgument, e.Status);
+        Assert.Contains("lease_ms", e.Message, StringComparison.Ordinal);
+        WorkerStatus status = await rig.Client.StatusAsync(call);
+        Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+
+        reserve.LeaseMs = 3_600_000; // an hour is fine
+        Assert.Equal(3_600_000u, (await rig.Client.Channel.UnaryAsync("/kvfabric.v1.Worker/Reserve", reserve, ReserveHandoffResponse.Parser, call)).Ticket.LeaseMs);
+    }
+
     /// <summary>A response body whose client reset the stream: the first bytes sent find it gone.</summary>
     private sealed class GoneClient(CancellationTokenSource aborted) : KvFabric.Tests.Rpc.TestStream
     {
