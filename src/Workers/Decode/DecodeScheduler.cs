@@ -36,7 +36,11 @@ public sealed class DecodeScheduler : IAsyncDisposable
         });
         public int Produced;
         public int Next;
+        public int State;                                  // Waiting, Joined or Abandoned (Interlocked)
+        public CancellationTokenRegistration WhileWaiting; // abandons it if cancelled before it joins
     }
+
+    private const int Waiting = 0, Joined = 1, Abandoned = 2;
 
     public DecodeScheduler(Transformer model, int maxBatch = 16, int maxWaiting = 256)
     {
@@ -88,6 +92,17 @@ public sealed class DecodeScheduler : IAsyncDisposable
             throw;
         }
 
+        // Cancelled while it waits for room in a full batch: it ends, and its KV goes back, now, not when it would have joined
+        // (after however long the active sequences run).
+        s.WhileWaiting = cancellationToken.Register(static state =>
+        {
+            var (scheduler, waiting) = ((DecodeScheduler, Sequence))state!;
+            if (Interlocked.CompareExchange(ref waiting.State, Abandoned, Waiting) == Waiting)
+            {
+                waiting.Tokens.Writer.TryComplete(new OperationCanceledException(waiting.Cancellation));
+                scheduler.Disown(waiting.Cache);
+            }
+        }, (this, s));
         return s.Tokens.Reader;
     }
 
@@ -104,7 +119,10 @@ public sealed class DecodeScheduler : IAsyncDisposable
                 if (_active.Count == 0 && !await _incoming.Reader.WaitToReadAsync(_stop.Token).ConfigureAwait(false))
                     return;
                 while (_active.Count < MaxBatch && _incoming.Reader.TryRead(out Sequence? joined))
-                    _active.Add(joined);
+                {
+                    if (Interlocked.CompareExchange(ref joined.State, Joined, Waiting) == Waiting)
+                        _active.Add(joined); // else cancelled while it waited: already ended, its cache already disposed
+                }
 
                 // Sample each active sequence's next token from its logits, stream it, retire the finished.
                 tokens.Clear();
@@ -188,6 +206,7 @@ public sealed class DecodeScheduler : IAsyncDisposable
     {
         Sequence s = _active[index];
         _active.RemoveAt(index);
+        s.WhileWaiting.Dispose();
         s.Tokens.Writer.TryComplete(error);
         Disown(s.Cache);
     }

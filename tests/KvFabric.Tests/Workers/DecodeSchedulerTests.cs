@@ -96,6 +96,31 @@ public sealed class DecodeSchedulerTests
     }
 
     [Fact]
+    public async Task A_sequence_cancelled_while_it_waits_for_a_full_batch_ends_and_frees_its_blocks_at_once()
+    {
+        // Long enough that the one active sequence is still running when the waiting one is cancelled.
+        var model = new Transformer(Config with { MaxPositions = 8192, Layers = 8 }, threads: 1);
+        using HostBlockPool pool = model.CreatePool(4096);
+        using HostBlockPool waitingPool = model.CreatePool(64); // its own pool: the running sequence grows in the other
+        await using var scheduler = new DecodeScheduler(model, maxBatch: 1);
+        KvCache running = model.CreateCache(pool);
+        ChannelReader<GeneratedToken> first = await scheduler.StartAsync(running, model.Prefill(Prompt(5, 10), running), 8000, Sampler.Greedy());
+        await first.ReadAsync(); // it holds the batch
+
+        using var cts = new CancellationTokenSource();
+        KvCache waiting = model.CreateCache(waitingPool);
+        ChannelReader<GeneratedToken> second = await scheduler.StartAsync(waiting, model.Prefill(Prompt(6, 40), waiting), 4, Sampler.Greedy(), cts.Token);
+        Assert.True(waitingPool.Available < waitingPool.Capacity);
+        await cts.CancelAsync();
+
+        // Ended and given back now, not when the batch has room (thousands of steps later).
+        Assert.True(second.Completion.IsCompleted, "the cancelled sequence still waits for the batch");
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => second.Completion);
+        Assert.False(first.Completion.IsCompleted);
+        Assert.Equal(waitingPool.Capacity, waitingPool.Available);
+    }
+
+    [Fact]
     public async Task Bad_requests_are_refused_with_the_reason()
     {
         var model = new Transformer(Config, threads: 1);
