@@ -186,6 +186,12 @@ public sealed class PrefillEngine(Transformer model, FabricClient sidecar, strin
                     Breaker.Failed(e.Status, e.Message);
                     return (stored, $"Put: {e.Status}: {e.Message}");
                 }
+                catch (RpcException e) when (e.Status == StatusCode.FailedPrecondition)
+                {
+                    // The reused prefix these blocks extend was evicted since the Fetch: the sidecar is healthy, only this
+                    // offload is lost (the request has its KV; a later one computes and offloads these blocks again).
+                    return (stored, $"Put: {e.Status}: {e.Message}");
+                }
             }
         }
 
