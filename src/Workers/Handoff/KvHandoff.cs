@@ -70,7 +70,19 @@ public sealed class HandoffReceiver : IAsyncDisposable
     }
 
     public int BlockBytes => _pool.SlotBytes;
-    public int FreeSlots => _pool.Available;
+    /// <summary>Slots free now, with what is due for reclaiming reclaimed first (else an idle worker reported slots taken that no request holds).</summary>
+    public int FreeSlots
+    {
+        get
+        {
+            lock (_lock)
+            {
+                Reclaim();
+                return _pool.Available;
+            }
+        }
+    }
+
     /// <summary>Notifications that named no pending request (late, duplicated or foreign): counted and dropped.</summary>
     public long UnknownNotifications => Interlocked.Read(ref _unknown);
 

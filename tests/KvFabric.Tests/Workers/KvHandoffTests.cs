@@ -104,6 +104,20 @@ public sealed class KvHandoffTests
     }
 
     [Fact]
+    public async Task Slots_given_up_before_their_kv_came_show_as_free_once_the_lease_is_over_without_another_reservation()
+    {
+        await using Pair p = await Pair.StartAsync(receiverSlots: 4);
+        p.Receiver.Reserve(12, 3, TimeSpan.FromMilliseconds(200));
+        p.Receiver.Release(12); // the Decode was cancelled: a WRITE may still come within the lease, so they are kept until then
+        Assert.Equal(1, p.Receiver.FreeSlots);
+        // No reservation follows (an idle worker): what Status reports must still come back.
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(20);
+        while (p.Receiver.FreeSlots != 4 && DateTime.UtcNow < deadline)
+            await Task.Delay(100);
+        Assert.Equal(4, p.Receiver.FreeSlots);
+    }
+
+    [Fact]
     public async Task Kv_that_arrives_but_is_never_claimed_is_reclaimed_a_lease_after_it_arrived()
     {
         await using Pair p = await Pair.StartAsync(receiverSlots: 4);
