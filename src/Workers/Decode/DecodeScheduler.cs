@@ -3,6 +3,9 @@ using KvFabric.Workers.Model;
 
 namespace KvFabric.Workers.Decode;
 
+/// <summary>The scheduler takes no more sequences (its loop failed, or it is stopping): the request belongs on another worker.</summary>
+public sealed class DecodeUnavailableException(string message, Exception? inner) : InvalidOperationException(message, inner);
+
 /// <summary>A generated token as the scheduler streams it: its index in the output, and when it was made.</summary>
 public readonly record struct GeneratedToken(int Index, int Token, long TimestampTicks);
 
@@ -84,11 +87,19 @@ public sealed class DecodeScheduler : IAsyncDisposable
         {
             await _incoming.Writer.WriteAsync(s, cancellationToken).ConfigureAwait(false);
         }
-        catch
+        catch (Exception e)
         {
             // Not taken: the cache stays the caller's.
             lock (_owned)
                 _owned.Remove(cache);
+            if (e is ChannelClosedException)
+            {
+                // Not the channel's "The channel has been closed.": whoever reads it must know the worker decodes no more.
+                throw _loop.IsFaulted
+                    ? new DecodeUnavailableException($"this worker's decode loop failed ({_loop.Exception?.InnerException?.Message}) and takes no more sequences; restart the worker", _loop.Exception?.InnerException)
+                    : new DecodeUnavailableException("this worker's decode scheduler is stopping and takes no more sequences; retry on another worker", null);
+            }
+
             throw;
         }
 
@@ -231,6 +242,11 @@ public sealed class DecodeScheduler : IAsyncDisposable
         catch (OperationCanceledException)
         {
             // stopped
+        }
+        catch (Exception)
+        {
+            // The loop failed earlier: every sequence was told, and so is every StartAsync since; disposing (the worker's
+            // shutdown, which still has its hand-off slots, agent and pool to free) goes on.
         }
 
         _stop.Dispose();

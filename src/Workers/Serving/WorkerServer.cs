@@ -373,6 +373,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 {
                     TimeoutException => new RpcException(StatusCode.DeadlineExceeded, e.Message),
                     HandoffTakenException => new RpcException(StatusCode.AlreadyExists, e.Message),
+                    DecodeUnavailableException => new RpcException(StatusCode.Unavailable, e.Message),
                     InvalidOperationException when IsPoolDry(e) => PoolDry(e),
                     InvalidOperationException => new RpcException(StatusCode.FailedPrecondition, e.Message),
                     ArgumentException => new RpcException(StatusCode.InvalidArgument, e.Message),
@@ -409,7 +410,12 @@ public sealed class WorkerServer : IAsyncDisposable
             catch (Exception e)
             {
                 cache.Dispose();
-                throw e is ArgumentException ? new RpcException(StatusCode.InvalidArgument, e.Message) : e;
+                throw e switch
+                {
+                    ArgumentException => new RpcException(StatusCode.InvalidArgument, e.Message),
+                    DecodeUnavailableException => new RpcException(StatusCode.Unavailable, e.Message),
+                    _ => e,
+                };
             }
 
             await StreamAsync(tokens, call, response).ConfigureAwait(false);

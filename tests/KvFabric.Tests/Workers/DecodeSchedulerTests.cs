@@ -121,6 +121,27 @@ public sealed class DecodeSchedulerTests
     }
 
     [Fact]
+    public async Task After_the_decode_loop_failed_a_new_sequence_is_told_the_worker_decodes_no_more()
+    {
+        var model = new Transformer(Config, threads: 1);
+        using HostBlockPool pool = model.CreatePool(64);
+        await using var scheduler = new DecodeScheduler(model);
+        // A cache of another model's layout fails the batch step: the loop ends, and every sequence with it.
+        var other = new Transformer(Config with { TokensPerBlock = 8 }, threads: 1);
+        using HostBlockPool otherPool = other.CreatePool(8);
+        KvCache foreign = other.CreateCache(otherPool);
+        ChannelReader<GeneratedToken> doomed = await scheduler.StartAsync(foreign, other.Prefill(Prompt(7, 10), foreign), 4, Sampler.Greedy());
+        await Assert.ThrowsAnyAsync<InvalidOperationException>(async () => await ReadAllAsync(doomed));
+
+        KvCache cache = model.CreateCache(pool);
+        float[] logits = model.Prefill(Prompt(8, 10), cache);
+        var e = await Assert.ThrowsAsync<DecodeUnavailableException>(async () => await scheduler.StartAsync(cache, logits, 4, Sampler.Greedy()));
+        Assert.Contains("decode loop failed", e.Message, StringComparison.Ordinal);
+        Assert.Contains("restart", e.Message, StringComparison.Ordinal);
+        cache.Dispose(); // refused: still the caller's
+    }
+
+    [Fact]
     public async Task Bad_requests_are_refused_with_the_reason()
     {
         var model = new Transformer(Config, threads: 1);
