@@ -196,7 +196,7 @@ public sealed class WorkerServer : IAsyncDisposable
             var response = new PrefillResponse { Worker = _options.Name };
             using KvCache cache = NewCache();
             var logits = new float[_model.Config.Vocab];
-            PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
+            PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken, ticket).ConfigureAwait(false);
 
             // Hand-off: the WRITE reads the cache's blocks (full and tail) in place, then the logits; the notification
             // fires on the decode side only when every byte is there and its checksum verified.
@@ -260,7 +260,9 @@ public sealed class WorkerServer : IAsyncDisposable
     }
 
     /// <summary>Prefill on this worker's compute (one at a time, a bounded queue in front), filling the response's prefill fields.</summary>
-    private async Task<PrefillOutcome> ComputeAsync(int[] prompt, KvCache cache, float[] logits, bool reuse, PrefillResponse response, CancellationToken cancellationToken)
+    /// <param name="handoff">The ticket the result goes to: a prefill whose lease ran out while it queued is not computed.</param>
+    private async Task<PrefillOutcome> ComputeAsync(int[] prompt, KvCache cache, float[] logits, bool reuse, PrefillResponse response, CancellationToken cancellationToken,
+        HandoffTicket? handoff = null)
     {
         if (Interlocked.Increment(ref _queued) > _options.MaxQueued)
         {
@@ -282,6 +284,11 @@ public sealed class WorkerServer : IAsyncDisposable
         try
         {
             response.QueueMs = clock.Elapsed.TotalMilliseconds;
+            // Its KV could no longer be sent (the WRITE must end inside the lease): computing it would only delay the
+            // prefills queued behind it, whose leases then run out too.
+            if (handoff is not null && handoff.Remaining(TimeSpan.FromMilliseconds(100)) <= TimeSpan.Zero)
+                throw new RpcException(StatusCode.DeadlineExceeded,
+                    $"the hand-off lease of request {handoff.RequestId} ({handoff.Lease.TotalMilliseconds:0} ms) ended while it waited {response.QueueMs:0} ms for worker {_options.Name}'s compute; nothing was computed: add prefill workers or reserve with a longer lease");
             outcome = await _prefill!.PrefillAsync(prompt, cache, logits, cancellationToken, reuse, offload: false).ConfigureAwait(false);
         }
         catch (InvalidOperationException e) when (IsPoolDry(e))

@@ -81,6 +81,32 @@ public sealed class WorkerServerTests
     }
 
     [Fact]
+    public async Task A_prefill_whose_lease_ran_out_before_its_turn_is_not_computed()
+    {
+        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
+        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
+        await decode.StartAsync();
+        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
+        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
+        await prefill.StartAsync();
+        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
+        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int[] prompt = [.. Enumerable.Range(1, (2 * ModelConfigs.Tiny.TokensPerBlock) + 1)];
+
+        // A lease shorter than the WRITE's safety margin: it has run out by the time the prefill's turn comes.
+        var reserve = new ReserveHandoffRequest { RequestId = 61, PromptTokens = (uint)prompt.Length, LeaseMs = 50 };
+        HandoffReservation ticket = (await decodeClient.Channel.UnaryAsync("/kvfabric.v1.Worker/Reserve", reserve, ReserveHandoffResponse.Parser, call)).Ticket;
+        var request = new PrefillRequest { RequestId = 61, Ticket = ticket };
+        request.Prompt.Add(prompt);
+        RpcException e = await Assert.ThrowsAsync<RpcException>(() => prefillClient.PrefillAsync(request, call));
+        Assert.Equal(StatusCode.DeadlineExceeded, e.Status);
+        Assert.Contains("nothing was computed", e.Message, StringComparison.Ordinal);
+        // Nor did it try the fabric for the prompt's prefix (the sidecar is unreachable: that would be a fallback).
+        Assert.Equal(0ul, (await prefillClient.StatusAsync(call)).Fallbacks);
+    }
+
+    [Fact]
     public async Task A_decode_whose_kv_pool_runs_dry_is_resource_exhausted_and_gives_everything_back()
     {
         // Two KV blocks: the prompt's two full blocks import, its tail needs a third.
