@@ -342,10 +342,7 @@ public sealed class WorkerServer : IAsyncDisposable
             // All of the request checked before it waits for the KV: a bad one is told now, not after the hand-off
             // (up to its lease), and does not use up the KV its prefill sent.
             prompt = Prompt(r.Prompt);
-            maxNew = MaxNew(r.MaxNewTokens);
-            // Every generated token but the last is appended to the prompt's cache.
-            if (maxNew - 1 > _model.Config.MaxPositions - prompt.Length)
-                throw new RpcException(StatusCode.InvalidArgument, $"a prompt of {prompt.Length} tokens leaves room for {_model.Config.MaxPositions - prompt.Length + 1} new tokens in the model ({_options.Model}, {_model.Config.MaxPositions} positions); max_new_tokens is {maxNew}");
+            maxNew = MaxNew(r.MaxNewTokens, prompt.Length);
         }
         catch
         {
@@ -402,6 +399,7 @@ public sealed class WorkerServer : IAsyncDisposable
     private async Task GenerateAsync(GenerateRequest r, ServerCall call)
     {
         int[] prompt = Prompt(r.Prompt);
+        int maxNew = MaxNew(r.MaxNewTokens, prompt.Length); // before the prefill, not after computing it
         await TrackedAsync(async () =>
         {
             var response = new PrefillResponse { Worker = _options.Name };
@@ -412,7 +410,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 var logits = new float[_model.Config.Vocab];
                 PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
                 await OffloadAsync(cache, outcome, response, call.CancellationToken).ConfigureAwait(false);
-                tokens = await _scheduler!.StartAsync(cache, logits, MaxNew(r.MaxNewTokens), Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
+                tokens = await _scheduler!.StartAsync(cache, logits, maxNew, Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
             }
             catch (Exception e)
             {
@@ -519,8 +517,17 @@ public sealed class WorkerServer : IAsyncDisposable
         return prompt;
     }
 
-    private static int MaxNew(uint maxNewTokens) =>
-        maxNewTokens == 0 ? throw new RpcException(StatusCode.InvalidArgument, "max_new_tokens must be at least 1") : (int)maxNewTokens;
+    /// <summary>max_new_tokens, checked against the prompt before any work is done for the request.</summary>
+    private int MaxNew(uint maxNewTokens, int promptTokens)
+    {
+        if (maxNewTokens == 0)
+            throw new RpcException(StatusCode.InvalidArgument, "max_new_tokens must be at least 1");
+        // Every generated token but the last is appended to the prompt's cache.
+        int room = _model.Config.MaxPositions - promptTokens + 1;
+        if (maxNewTokens > (uint)room)
+            throw new RpcException(StatusCode.InvalidArgument, $"a prompt of {promptTokens} tokens leaves room for {room} new tokens in the model ({_options.Model}, {_model.Config.MaxPositions} positions); max_new_tokens is {maxNewTokens}");
+        return (int)maxNewTokens;
+    }
 
     private static Sampler Sampling(float temperature, ulong seed) => temperature > 0 ? Sampler.WithTemperature(temperature, seed) : Sampler.Greedy();
 

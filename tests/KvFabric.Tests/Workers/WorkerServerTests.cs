@@ -107,6 +107,29 @@ public sealed class WorkerServerTests
     }
 
     [Fact]
+    public async Task A_generate_asking_for_no_tokens_or_too_many_is_refused_before_its_prefill()
+    {
+        var options = new WorkerOptions { Role = WorkerRole.Colocated, Name = "colocated-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
+        await using var worker = new WorkerServer(options, NullLoggerFactory.Instance);
+        await worker.StartAsync();
+        using var client = new WorkerClient("colocated-test", $"http://{worker.Endpoint}", "dev", "dev");
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int[] prompt = [.. Enumerable.Range(1, (2 * ModelConfigs.Tiny.TokensPerBlock) + 1)];
+        foreach (uint maxNew in new[] { 0u, (uint)(ModelConfigs.Tiny.MaxPositions - prompt.Length + 2) })
+        {
+            var request = new GenerateRequest { RequestId = 71, MaxNewTokens = maxNew };
+            request.Prompt.Add(prompt);
+            await using var stream = client.Generate(request, call);
+            Assert.Equal(StatusCode.InvalidArgument, (await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync())).Status);
+        }
+
+        // No prefill ran for them (it would have asked the unreachable sidecar for the prefix: a fallback).
+        WorkerStatus status = await client.StatusAsync(call);
+        Assert.Equal(0ul, status.Fallbacks);
+        Assert.Equal(status.KvBlocksTotal, status.KvBlocksFree);
+    }
+
+    [Fact]
     public async Task A_decode_whose_kv_pool_runs_dry_is_resource_exhausted_and_gives_everything_back()
     {
         // Two KV blocks: the prompt's two full blocks import, its tail needs a third.
