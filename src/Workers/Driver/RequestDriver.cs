@@ -172,6 +172,7 @@ public static class RequestDriver
         ulong id = (ulong)Interlocked.Increment(ref s_nextId);
         var call = new CallOptions(options.RequestDeadline, cancellationToken);
         ReserveHandoffResponse reserved;
+        long reserving = Stopwatch.GetTimestamp(); // the decode worker's lease runs from about here
         try
         {
             reserved = await decode.ReserveAsync(id, r.Prompt.Length, call).ConfigureAwait(false);
@@ -186,7 +187,7 @@ public static class RequestDriver
         using var cancelDecode = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         if (beforeDecode is not null)
         {
-            PrefillResponse early = await PrefillAsync(prefill, id, r, reserved.Ticket, options, call).ConfigureAwait(false);
+            PrefillResponse early = await PrefillAsync(prefill, id, r, LeaseLeft(reserved.Ticket, Stopwatch.GetElapsedTime(reserving)), options, call).ConfigureAwait(false);
             await beforeDecode().ConfigureAwait(false);
             clock.Restart(); // TTFT of a prefill-first run is not meaningful; ITL is what it measures
             return (await ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock).ConfigureAwait(false), early);
@@ -196,7 +197,7 @@ public static class RequestDriver
         PrefillResponse pre;
         try
         {
-            pre = await PrefillAsync(prefill, id, r, reserved.Ticket, options, call).ConfigureAwait(false);
+            pre = await PrefillAsync(prefill, id, r, LeaseLeft(reserved.Ticket, Stopwatch.GetElapsedTime(reserving)), options, call).ConfigureAwait(false);
         }
         catch (Exception) when (tokens is { IsFaulted: true, Exception.InnerException: DecodeFailedException decodeFailed })
         {
@@ -223,6 +224,19 @@ public static class RequestDriver
         }
 
         return (await tokens.ConfigureAwait(false), pre);
+    }
+
+    /// <summary>
+    /// The ticket as the prefill worker must see it: its lease less what already passed since the Reserve. The prefill
+    /// side counts the lease from when the ticket reaches it, the decode side from the Reserve; a ticket passed on with
+    /// its whole lease let a WRITE that started late run past the decode side's reservation (only its 2 s grace in
+    /// between), into slots it may have given to another request.
+    /// </summary>
+    internal static HandoffReservation LeaseLeft(HandoffReservation ticket, TimeSpan sinceReserve)
+    {
+        var left = ticket.Clone();
+        left.LeaseMs = (uint)Math.Clamp(ticket.LeaseMs - Math.Ceiling(sinceReserve.TotalMilliseconds), 1, ticket.LeaseMs == 0 ? 1 : ticket.LeaseMs);
+        return left;
     }
 
     private static async Task<PrefillResponse> PrefillAsync(WorkerClient prefill, ulong id, WorkloadRequest r, HandoffReservation ticket, DriverOptions options, CallOptions call)
