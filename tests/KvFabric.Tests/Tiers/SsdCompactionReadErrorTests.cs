@@ -58,17 +58,9 @@ public sealed class SsdCompactionReadErrorTests
     public async Task Failed_runs_in_quick_succession_drop_nothing_within_the_grace()
     {
         using var dir = new TempDir();
-        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
-        {
-            CompactionSlack = 0.99,
-            CompactionUnreadableGrace = TimeSpan.FromHours(1),
-            DataReadFault = scan => scan ? null : "injected EIO (a burst)",
-        };
+        var options = CompactionFixture.Options(dir.Path, () => 0, "injected EIO (a burst)") with { CompactionUnreadableGrace = TimeSpan.FromHours(1) };
         await using var store = await SsdBlockStore.OpenAsync(options);
-        for (int i = 0; i < 70; i++)
-            Assert.True(await Ssd.Write(store, i));
-        for (int i = 1; i < 60; i++)
-            Assert.True(store.Remove(Ssd.Key(i)));
+        await CompactionFixture.FillAsync(store);
         for (int run = 0; run < 2 * SsdBlockStore.CompactionReadAttempts; run++)
             await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync());
         Assert.True(store.Contains(Ssd.Key(0)), "runs milliseconds apart dropped a block a short error burst made unreadable");
@@ -80,16 +72,8 @@ public sealed class SsdCompactionReadErrorTests
     {
         using var dir = new TempDir();
         int failNext = 0;
-        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
-        {
-            CompactionSlack = 0.99,
-            DataReadFault = scan => !scan && Interlocked.Decrement(ref failNext) >= 0 ? "injected EIO (transient)" : null,
-        };
-        await using var store = await SsdBlockStore.OpenAsync(options);
-        for (int i = 0; i < 70; i++)
-            Assert.True(await Ssd.Write(store, i));
-        for (int i = 1; i < 60; i++)
-            Assert.True(store.Remove(Ssd.Key(i)));
+        await using var store = await SsdBlockStore.OpenAsync(CompactionFixture.Options(dir.Path, () => Interlocked.Decrement(ref failNext)));
+        await CompactionFixture.FillAsync(store);
         for (int attempt = 1; attempt < SsdBlockStore.CompactionReadAttempts; attempt++)
         {
             Volatile.Write(ref failNext, 1);
@@ -128,16 +112,9 @@ public sealed class SsdCompactionReadErrorCountTests
     {
         using var dir = new TempDir();
         int failNext = 0;
-        var options = Ssd.Options(dir.Path, capacity: 8L << 20, compression: false) with
-        {
-            CompactionSlack = 0.99,
-            DataReadFault = scan => !scan && Interlocked.Decrement(ref failNext) >= 0 ? "injected EIO (transient)" : null,
-        };
+        var options = CompactionFixture.Options(dir.Path, () => Interlocked.Decrement(ref failNext));
         await using var store = await SsdBlockStore.OpenAsync(options);
-        for (int i = 0; i < 70; i++)
-            Assert.True(await Ssd.Write(store, i));
-        for (int i = 1; i < 70; i++)
-            Assert.True(store.Remove(Ssd.Key(i))); // block 0 is the only live record
+        await CompactionFixture.FillAsync(store, upTo: 70); // block 0 is the only live record
 
         Volatile.Write(ref failNext, 1);
         await Assert.ThrowsAsync<IOException>(() => store.CompactOldestSegmentAsync()); // attempt 1 on the old record
@@ -164,5 +141,26 @@ public sealed class SsdCompactionReadErrorCountTests
         Assert.True(store.Contains(Ssd.Key(0)), "a record that failed to read twice is kept: it has one more attempt");
         Assert.Equal(0, store.CompactionDroppedUnreadable);
         Assert.Equal(Ssd.Block(0), await Ssd.Read(store, 0));
+    }
+}
+
+/// <summary>Stores whose oldest data segment keeps one live record, block 0: what compaction must copy or drop.</summary>
+internal static class CompactionFixture
+{
+    /// <summary>Slack 0.99: compaction never starts by itself; tests run it. failNext: the next reads that fail.</summary>
+    public static SsdBlockStoreOptions Options(string dir, Func<int> failNext, string error = "injected EIO (transient)") =>
+        Ssd.Options(dir, capacity: 8L << 20, compression: false) with
+        {
+            CompactionSlack = 0.99,
+            DataReadFault = scan => !scan && failNext() >= 0 ? error : null,
+        };
+
+    /// <summary>Writes blocks 0..69 and removes 1..upTo-1, so that block 0 (the lowest address) stays live in the first segment.</summary>
+    public static async Task FillAsync(SsdBlockStore store, int upTo = 60)
+    {
+        for (int i = 0; i < 70; i++)
+            Assert.True(await Ssd.Write(store, i));
+        for (int i = 1; i < upTo; i++)
+            Assert.True(store.Remove(Ssd.Key(i)));
     }
 }
