@@ -121,9 +121,7 @@ public sealed class ServerCall
         }
         catch (OperationCanceledException) when (StallFired)
         {
-            Stalled = true;
-            throw new RpcException(StatusCode.DeadlineExceeded,
-                $"{Method}: the client read nothing for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); its stream was reset");
+            throw WriteStalled();
         }
         finally
         {
@@ -133,11 +131,7 @@ public sealed class ServerCall
         if (result.IsCanceled || result.IsCompleted)
         {
             if (StallFired)
-            {
-                Stalled = true;
-                throw new RpcException(StatusCode.DeadlineExceeded,
-                    $"{Method}: the client read nothing for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); its stream was reset");
-            }
+                throw WriteStalled();
 
             throw new RpcException(StatusCode.Cancelled, "the client stopped reading this stream");
         }
@@ -156,7 +150,14 @@ public sealed class ServerCall
 
     private bool StallFired => _stall is { IsCancellationRequested: true } && !CancellationToken.IsCancellationRequested;
 
-    // One timer per call, re-armed per operation (no allocation per message).
+    // A flush outwaited the stall timeout: the dispatcher resets the stream (Stalled) instead of sending a status.
+    private RpcException WriteStalled()
+    {
+        Stalled = true;
+        return new RpcException(StatusCode.DeadlineExceeded,
+            $"{Method}: the client read nothing for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); its stream was reset");
+    }
+
     private CancellationToken ArmStall()
     {
         if (StallTimeout == Timeout.InfiniteTimeSpan)
