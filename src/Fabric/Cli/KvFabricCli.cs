@@ -86,7 +86,7 @@ public static class KvFabricCli
         var cluster = new Option<string?>("--cluster") { Description = "cluster store: none (standalone, default), inproc, or etcd" };
         var etcd = new Option<string?>("--etcd") { Description = "etcd client URL, e.g. http://127.0.0.1:2379 (with --cluster etcd)" };
         var leaseTtl = new Option<double?>("--lease-ttl") { Description = "seconds the node's cluster lease outlives its last keepalive (default 5)" };
-        var cmd = new Command("serve", "Run the sidecar: gRPC API (kvfabric.v1 Fabric, Index, Transfer; grpc.health.v1), metrics, transfer agent.")
+        var cmd = new Command("serve", "Run the sidecar: gRPC API (kvfabric.v1 Fabric, Index, Transfer; grpc.health.v1; grpc.reflection), metrics, transfer agent.")
         {
             config, port, metricsPort, listen, dev, node, worker, capacity, transferPort, tlsCert, tlsKey, logFormat, gpuCapacity, ssdDir, ssdCapacity, policy, cluster, etcd, leaseTtl,
         };

@@ -99,6 +99,11 @@ public sealed class SidecarHost : IAsyncDisposable
         new FabricService(Store, Staging, RpcMetrics, _options.MaxSendMessageBytes, Cluster).Register(Router);
         new IndexService(Store, _options.Worker, load, tenants, Cluster).Register(Router);
         new TransferService(Agent, Store, Staging, tenants).Register(Router);
+        if (_options.Reflection)
+        {
+            new ReflectionService(Router, [KvFabric.Rpc.V1.FabricReflection.Descriptor, KvFabric.Rpc.V1.IndexReflection.Descriptor,
+                KvFabric.Rpc.V1.TransferReflection.Descriptor, Grpc.Health.V1.HealthReflection.Descriptor]).Register(Router);
+        }
         var dispatcher = new GrpcDispatcher(Router, tenants, Metrics, _logs.CreateLogger("kvfabric.rpc"), _options.MaxReceiveMessageBytes)
         {
             StreamStallTimeout = _options.StreamStallTimeout,

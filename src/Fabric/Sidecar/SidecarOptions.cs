@@ -71,6 +71,8 @@ public sealed record SidecarOptions
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
     public bool LockInRam { get; init; }
+    /// <summary>Serve grpc.reflection (v1 and v1alpha), so grpcurl and other generic clients find the API's schema.</summary>
+    public bool Reflection { get; init; } = true;
     /// <summary>Structured logs as one JSON object per line (for log shippers) instead of text lines.</summary>
     public bool JsonLogs { get; init; }
     /// <summary>The cluster store: "none" (standalone, the default), "inproc" (a cluster of this process alone), "etcd".</summary>
@@ -251,6 +253,7 @@ public sealed record SidecarOptions
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = Bool(c, "lock_in_ram"),
+            Reflection = c["reflection"] is null ? d.Reflection : Bool(c, "reflection"),
             JsonLogs = c["log_format"] switch
             {
                 null => false,

@@ -101,6 +101,7 @@ public sealed class WorkerServer : IAsyncDisposable
         var router = new GrpcRouter();
         var health = new HealthService([Service.Trim('/')]);
         health.Register(router);
+        new ReflectionService(router, [WorkerReflection.Descriptor, Grpc.Health.V1.HealthReflection.Descriptor]).Register(router);
         router.Unary<WorkerStatusRequest, WorkerStatus>(Service + "Status", WorkerStatusRequest.Parser, (_, _) => Task.FromResult(Status()));
         if (_decode is not null)
         {

@@ -46,6 +46,25 @@ public sealed class GrpcioInteropTests
     }
 
     [Fact]
+    public async Task A_client_with_no_kvfabric_stubs_finds_and_calls_the_api_through_server_reflection()
+    {
+        PythonGrpc.RequireGrpcio();
+        await using var sidecar = await ServiceProcess.StartAsync(["--dev", "--port", "0", "--metrics-port", "-1"], SmallLayoutEnv);
+        using var client = new FabricClient(new RpcChannelOptions { Address = new Uri(sidecar.GrpcAddress), Tenant = "dev", Token = "dev" });
+        var chain = TestBlocks.Chain("reflected", 3);
+        Assert.Equal(3u, (await client.PutAsync(TestBlocks.ToPut(chain, 4096, 5))).Stored);
+
+        string address = sidecar.GrpcAddress.Replace("http://", string.Empty, StringComparison.Ordinal);
+        var (code, output) = await PythonGrpc.RunAsync(
+            ["grpcio_reflection_client.py", PythonGrpc.ProtoRoot, address, "dev", "dev", Convert.ToHexString(TestBlocks.Packed(chain))],
+            TimeSpan.FromMinutes(3));
+        Assert.True(code == 0, $"reflection client failed (exit {code}):\n{output}\n--- sidecar log ---\n{sidecar.Log}");
+        Assert.Contains("OK reflected Lookup: 3 blocks in TIER_HOST", output, StringComparison.Ordinal);
+        Assert.Contains("ALL OK", output, StringComparison.Ordinal);
+        Assert.Equal(0, await sidecar.StopAsync());
+    }
+
+    [Fact]
     public async Task FabricClient_calls_a_grpcio_server()
     {
         PythonGrpc.RequireGrpcio();

@@ -20,6 +20,7 @@ public sealed class SidecarOptionsTests
     [InlineData("lock_in_ram", "yes")]
     [InlineData("write_through", "on")]
     [InlineData("ssd_verify_on_open", "1")]
+    [InlineData("reflection", "no")]
     [InlineData("tenants:0:admin", "yes")]
     public void A_boolean_that_is_not_true_or_false_is_refused_not_read_as_false(string key, string value)
     {
@@ -28,6 +29,8 @@ public sealed class SidecarOptionsTests
         Assert.Contains("true or false", e.Message, StringComparison.Ordinal);
         Assert.True(Read(("dev", "True")).Dev);
         Assert.False(Read(("dev", "false")).Dev);
+        Assert.True(Read().Reflection); // on unless the configuration says false
+        Assert.False(Read(("reflection", "false")).Reflection);
     }
 
     [Fact]

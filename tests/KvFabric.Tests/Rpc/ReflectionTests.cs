@@ -1,0 +1,106 @@
+using Google.Protobuf;
+using Google.Protobuf.Reflection;
+using Grpc.Reflection.V1;
+using KvFabric.Client.Grpc;
+using KvFabric.Sidecar;
+using Microsoft.Extensions.Logging.Abstractions;
+using Xunit;
+
+namespace KvFabric.Tests.Rpc;
+
+/// <summary>grpc.reflection on a real sidecar: what grpcurl asks, answered so that a client can rebuild the schema.</summary>
+public sealed class ReflectionTests
+{
+    private const string V1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+    private const string V1Alpha = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+    private static SidecarHost Host(bool reflection = true) => new(new SidecarOptions
+    {
+        Port = 0, MetricsPort = -1, Dev = true, Layout = SidecarFixture.SmallLayout, HostCapacityBytes = 1 << 20, StagingSlots = 1,
+        Reflection = reflection,
+    }, NullLoggerFactory.Instance);
+
+    // No tenant and no token: reflection, like health, answers anyone.
+    private static RpcChannel Channel(SidecarHost host) => new(new RpcChannelOptions { Address = new Uri($"http://{host.GrpcEndpoint}") });
+
+    private static async Task<List<ServerReflectionResponse>> AskAsync(SidecarHost host, string path, params ServerReflectionRequest[] requests)
+    {
+        using var channel = Channel(host);
+        await using var call = channel.Streaming<ServerReflectionRequest, ServerReflectionResponse>(path, ServerReflectionResponse.Parser,
+            new CallOptions(Deadline: TimeSpan.FromSeconds(30)));
+        var answers = new List<ServerReflectionResponse>();
+        foreach (ServerReflectionRequest r in requests)
+        {
+            await call.WriteAsync(r);
+            answers.Add(await call.ReadAsync() ?? throw new InvalidOperationException("the stream ended before the answer"));
+        }
+
+        await call.CompleteAsync();
+        Assert.Null(await call.ReadAsync());
+        return answers;
+    }
+
+    [Fact]
+    public async Task Lists_every_served_service_and_hands_out_a_schema_a_client_can_build()
+    {
+        await using var host = Host();
+        await host.StartAsync();
+        var answers = await AskAsync(host, V1,
+            new ServerReflectionRequest { ListServices = "*" },
+            new ServerReflectionRequest { FileContainingSymbol = "kvfabric.v1.Fabric.Lookup" },
+            new ServerReflectionRequest { FileContainingSymbol = ".kvfabric.v1.LookupResponse" },
+            new ServerReflectionRequest { FileContainingSymbol = "kvfabric.v1.TIER_HOST" });
+
+        Assert.Equal(
+            ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
+             "kvfabric.v1.Fabric", "kvfabric.v1.Index", "kvfabric.v1.Transfer"],
+            answers[0].ListServicesResponse.Service.Select(s => s.Name));
+
+        // The file that defines the method, then what it imports: enough to rebuild the descriptors with no .proto.
+        var files = answers[1].FileDescriptorResponse.FileDescriptorProto;
+        Assert.Equal(["kvfabric/v1/fabric.proto", "kvfabric/v1/common.proto"], files.Select(b => FileDescriptorProto.Parser.ParseFrom(b).Name));
+        IReadOnlyList<FileDescriptor> built = FileDescriptor.BuildFromByteStrings(files.Reverse());
+        MethodDescriptor lookup = built.Single(f => f.Name == "kvfabric/v1/fabric.proto").FindTypeByName<ServiceDescriptor>("Fabric").FindMethodByName("Lookup");
+        Assert.Equal("kvfabric.v1.LookupRequest", lookup.InputType.FullName);
+        Assert.Equal("kvfabric.v1.LookupResponse", lookup.OutputType.FullName);
+        Assert.Equal("kvfabric/v1/fabric.proto", FileDescriptorProto.Parser.ParseFrom(answers[2].FileDescriptorResponse.FileDescriptorProto[0]).Name);
+        Assert.Equal("kvfabric/v1/common.proto", FileDescriptorProto.Parser.ParseFrom(answers[3].FileDescriptorResponse.FileDescriptorProto[0]).Name);
+        Assert.Equal("kvfabric.v1.Fabric.Lookup", answers[1].OriginalRequest.FileContainingSymbol);
+    }
+
+    [Fact]
+    public async Task A_question_it_cannot_answer_gets_an_error_response_and_the_stream_goes_on()
+    {
+        await using var host = Host();
+        await host.StartAsync();
+        var answers = await AskAsync(host, V1Alpha,
+            new ServerReflectionRequest { FileContainingSymbol = "kvfabric.v1.NoSuchThing" },
+            new ServerReflectionRequest { FileByFilename = "nope.proto" },
+            new ServerReflectionRequest(),
+            new ServerReflectionRequest { FileContainingExtension = new ExtensionRequest { ContainingType = "kvfabric.v1.LookupRequest", ExtensionNumber = 100 } },
+            new ServerReflectionRequest { AllExtensionNumbersOfType = "kvfabric.v1.LookupRequest" },
+            new ServerReflectionRequest { AllExtensionNumbersOfType = "kvfabric.v1.Nope" },
+            new ServerReflectionRequest { FileByFilename = "grpc/health/v1/health.proto" });
+
+        Assert.Equal((int)StatusCode.NotFound, answers[0].ErrorResponse.ErrorCode);
+        Assert.Contains("kvfabric.v1.NoSuchThing", answers[0].ErrorResponse.ErrorMessage, StringComparison.Ordinal);
+        Assert.Equal((int)StatusCode.NotFound, answers[1].ErrorResponse.ErrorCode);
+        Assert.Contains("kvfabric/v1/fabric.proto", answers[1].ErrorResponse.ErrorMessage, StringComparison.Ordinal); // it says what there is
+        Assert.Equal((int)StatusCode.InvalidArgument, answers[2].ErrorResponse.ErrorCode);
+        Assert.Equal((int)StatusCode.NotFound, answers[3].ErrorResponse.ErrorCode);
+        Assert.Equal("kvfabric.v1.LookupRequest", answers[4].AllExtensionNumbersResponse.BaseTypeName);
+        Assert.Empty(answers[4].AllExtensionNumbersResponse.ExtensionNumber);
+        Assert.Equal((int)StatusCode.NotFound, answers[5].ErrorResponse.ErrorCode);
+        Assert.Equal("grpc/health/v1/health.proto", FileDescriptorProto.Parser.ParseFrom(answers[6].FileDescriptorResponse.FileDescriptorProto[0]).Name);
+    }
+
+    [Fact]
+    public async Task Turned_off_it_is_not_served()
+    {
+        await using var host = Host(reflection: false);
+        await host.StartAsync();
+        var e = await Assert.ThrowsAsync<RpcException>(() => AskAsync(host, V1, new ServerReflectionRequest { ListServices = "" }));
+        Assert.Equal(StatusCode.Unimplemented, e.Status);
+        Assert.DoesNotContain(host.Router.Services, s => s.StartsWith("grpc.reflection", StringComparison.Ordinal));
+    }
+}
