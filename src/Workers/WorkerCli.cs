@@ -39,9 +39,11 @@ public static class WorkerCli
         var maxQueued = new Option<int>("--max-queued") { Description = "prefill: prefills waiting for the compute beyond this are refused with RESOURCE_EXHAUSTED", DefaultValueFactory = _ => 64 };
         var transfer = new Option<string>("--transfer") { Description = "hand-off backend: auto, tcp, shm or ucx (ucx: needs libucx0 on every worker; UCX_TLS picks its transports)", DefaultValueFactory = _ => "auto" };
         var corrupt = new Option<int>("--corrupt-nth-payload") { Description = "fault injection (tests): corrupt the Nth payload this worker sends" };
+        var stepDelay = new Option<int>("--decode-step-delay-ms") { Description = "fault injection (tests): sleep this long after every decode step (a slow accelerator)" };
+        var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM: seconds running calls get to finish (new calls are refused with UNAVAILABLE); calls still running then end with UNAVAILABLE", DefaultValueFactory = _ => 10 };
         var cmd = new Command("serve", "Run one worker (prints READY grpc=... when serving; SIGTERM stops it).")
         {
-            role, name, listen, port, sidecar, tenant, token, model, threads, kvBlocks, slots, maxBatch, maxQueued, transfer, corrupt,
+            role, name, listen, port, sidecar, tenant, token, model, threads, kvBlocks, slots, maxBatch, maxQueued, transfer, corrupt, stepDelay, drain,
         };
         cmd.SetAction(async (parse, ct) =>
         {
@@ -70,6 +72,8 @@ public static class WorkerCli
                         var t => throw new ArgumentException($"--transfer must be auto, tcp, shm or ucx; got '{t}'"),
                     },
                     CorruptNthPayload = parse.GetValue(corrupt),
+                    DecodeStepDelay = TimeSpan.FromMilliseconds(parse.GetValue(stepDelay)),
+                    DrainTimeout = Seconds(parse.GetValue(drain), "--drain-seconds"),
                 }.Validate();
             }
             catch (Exception e) when (e is ArgumentException or FormatException)
@@ -112,6 +116,10 @@ public static class WorkerCli
         });
         return cmd;
     }
+
+    /// <summary>A flag in seconds as a TimeSpan; NaN or infinity is refused with the flag's name (TimeSpan.FromSeconds would throw its own message).</summary>
+    private static TimeSpan Seconds(double value, string flag) =>
+        double.IsFinite(value) && Math.Abs(value) <= 86_400 ? TimeSpan.FromSeconds(value) : throw new ArgumentException($"{flag} is {value}; give a number of seconds (0 to 3600)");
 
     private static Command DemoCommand()
     {

@@ -45,8 +45,12 @@ public sealed class DecodeScheduler : IAsyncDisposable
 
     private const int Waiting = 0, Joined = 1, Abandoned = 2;
 
-    public DecodeScheduler(Transformer model, int maxBatch = 16, int maxWaiting = 256)
+    private readonly TimeSpan _stepDelay;
+
+    /// <param name="stepDelay">Fault injection (tests): a sleep after every step, as a slow accelerator would take.</param>
+    public DecodeScheduler(Transformer model, int maxBatch = 16, int maxWaiting = 256, TimeSpan stepDelay = default)
     {
+        _stepDelay = stepDelay;
         ArgumentOutOfRangeException.ThrowIfLessThan(maxBatch, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(maxWaiting, 1);
         _model = model;
@@ -185,7 +189,10 @@ public sealed class DecodeScheduler : IAsyncDisposable
                 // Between steps, let the threads that stream tokens out and take requests in run: on a CPU the worker
                 // has to itself (pinned), this loop would otherwise hold it for a whole scheduler slice and tokens
                 // would leave in bursts. Returns at once when nothing else is runnable.
-                Thread.Yield();
+                if (_stepDelay > TimeSpan.Zero)
+                    Thread.Sleep(_stepDelay);
+                else
+                    Thread.Yield();
             }
         }
         catch (OperationCanceledException) when (_stop.IsCancellationRequested)

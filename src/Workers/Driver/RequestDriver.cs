@@ -37,14 +37,21 @@ public sealed record DriverOptions
     /// <summary>Progress lines (null: none).</summary>
     public TextWriter? Progress { get; init; }
     public string Label { get; init; } = "run";
+    /// <summary>The whole request's, across its attempts.</summary>
     public TimeSpan RequestDeadline { get; init; } = TimeSpan.FromMinutes(5);
+    /// <summary>
+    /// Most attempts of a request: one whose worker failed (UNAVAILABLE: it died or is shutting down) before any token
+    /// reached the driver is tried again on workers that have not failed it, within RequestDeadline.
+    /// </summary>
+    public int MaxAttempts { get; init; } = 3;
 }
 
 /// <summary>
 /// Replays a workload against the workers: at each request's arrival (bounded by MaxInFlight), disaggregated as
 /// Reserve on a decode worker, its Decode stream, and Prefill on the routed prefill worker; or colocated as Generate.
-/// A request whose decode worker fails is retried once on another decode worker (its prefix is then reused from the
-/// fabric); otherwise it fails with the reason.
+/// A request whose worker fails before any of its tokens arrived (the worker died, or answers UNAVAILABLE because it is
+/// shutting down) is tried again on another worker (its prefix is then reused from the fabric), at most MaxAttempts
+/// times within its deadline. One whose stream breaks after tokens arrived is not replayed: it fails, saying so.
 /// </summary>
 public static class RequestDriver
 {
@@ -65,7 +72,7 @@ public static class RequestDriver
         CancellationToken cancellationToken = default)
     {
         int next = 0;
-        return ReplayAsync(requests, options, r => OneColocatedAsync(workers[(int)((uint)Interlocked.Increment(ref next) % (uint)workers.Count)], r, options, cancellationToken),
+        return ReplayAsync(requests, options, r => OneColocatedAsync(workers, (int)((uint)Interlocked.Increment(ref next) % (uint)workers.Count), r, options, cancellationToken),
             cancellationToken);
     }
 
@@ -120,30 +127,38 @@ public static class RequestDriver
     private static async Task<RequestResult> OneDisaggregatedAsync(Router router, WorkloadRequest r, DriverOptions options, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
-        WorkerClient? failed = null;
-        string? error = null;
-        for (int attempt = 1; attempt <= 2; attempt++)
+        var failedDecode = new HashSet<WorkerClient>();
+        var failedPrefill = new HashSet<WorkerClient>();
+        for (int attempt = 1; ; attempt++)
         {
-            using Router.DecodeLease decode = router.PickDecode(failed);
-            WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken).ConfigureAwait(false);
+            using Router.DecodeLease decode = router.PickDecode(failedDecode);
+            WorkerClient prefill = await router.PickPrefillAsync(r.Prompt, cancellationToken, failedPrefill).ConfigureAwait(false);
             try
             {
                 var (c, pre) = await HandOffAndDecodeAsync(prefill, decode.Worker, r, options, clock, null, cancellationToken).ConfigureAwait(false);
                 return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, prefill.Name, decode.Worker.Name, attempt, null, c.Delivered);
             }
-            catch (DecodeFailedException e) when (attempt == 1 && router.HasOtherDecoder(decode.Worker) && !cancellationToken.IsCancellationRequested)
+            catch (WorkerFailedException e) when (!cancellationToken.IsCancellationRequested)
             {
-                failed = decode.Worker; // retried on another decode worker
-                error = e.Message;
+                (e is DecodeFailedException ? failedDecode : failedPrefill).Add(e is DecodeFailedException ? decode.Worker : prefill);
+                string? stop = attempt >= options.MaxAttempts ? $"{attempt} attempts made, the most allowed"
+                    : clock.Elapsed >= options.RequestDeadline ? $"its deadline ({options.RequestDeadline.TotalSeconds:0.#} s) passed"
+                    : !router.HasDecoderBesides(failedDecode) ? "no other decode worker to retry on"
+                    : !router.HasPrefillBesides(failedPrefill) ? "no other prefill worker to retry on"
+                    : null;
+                if (stop is not null)
+                    return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, prefill.Name, decode.Worker.Name, attempt, $"{e.Message} (not retried: {stop})");
             }
             catch (Exception e) when (!cancellationToken.IsCancellationRequested)
             {
                 return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, prefill.Name, decode.Worker.Name, attempt, e.Message);
             }
         }
-
-        return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, "", "", 2, error);
     }
+
+    /// <summary>What is left of the request's deadline (at least a millisecond: a call with none left fails at once as DEADLINE_EXCEEDED).</summary>
+    private static TimeSpan Left(DriverOptions options, Stopwatch clock) =>
+        TimeSpan.FromMilliseconds(Math.Max(1, (options.RequestDeadline - clock.Elapsed).TotalMilliseconds));
 
     /// <summary>Whether a worker answers Status within a short deadline.</summary>
     private static async Task<bool> AliveAsync(WorkerClient worker)
@@ -159,8 +174,20 @@ public static class RequestDriver
         }
     }
 
-    /// <summary>The decode side failed (the worker died, its stream broke): worth retrying elsewhere.</summary>
-    private sealed class DecodeFailedException(string message, Exception inner) : Exception(message, inner);
+    /// <summary>A worker failed the request before any of its tokens arrived: worth trying again on another worker.</summary>
+    private abstract class WorkerFailedException(string message, Exception inner) : Exception(message, inner);
+
+    /// <summary>The decode side failed (the worker died, its stream broke or it is shutting down) before any token.</summary>
+    private sealed class DecodeFailedException(string message, Exception inner) : WorkerFailedException(message, inner);
+
+    /// <summary>The prefill worker is unavailable (shutting down, unreachable) while the decode worker is fine.</summary>
+    private sealed class PrefillFailedException(string message, Exception inner) : WorkerFailedException(message, inner);
+
+    /// <summary>Tokens of the current attempt that reached the driver (read by the attempt's prefill failure path).</summary>
+    private sealed class Received
+    {
+        public int Tokens;
+    }
 
     /// <summary>
     /// One disaggregated request: Reserve, open the Decode stream, Prefill (which WRITEs the KV), read the tokens.
@@ -170,7 +197,8 @@ public static class RequestDriver
         WorkloadRequest r, DriverOptions options, Stopwatch clock, Func<Task>? beforeDecode, CancellationToken cancellationToken)
     {
         ulong id = (ulong)Interlocked.Increment(ref s_nextId);
-        var call = new CallOptions(options.RequestDeadline, cancellationToken);
+        var call = new CallOptions(Left(options, clock), cancellationToken);
+        var received = new Received();
         ReserveHandoffResponse reserved;
         long reserving = Stopwatch.GetTimestamp(); // the decode worker's lease runs from about here
         try
@@ -190,10 +218,10 @@ public static class RequestDriver
             PrefillResponse early = await PrefillAsync(prefill, id, r, LeaseLeft(reserved.Ticket, Stopwatch.GetElapsedTime(reserving)), options, call).ConfigureAwait(false);
             await beforeDecode().ConfigureAwait(false);
             clock.Restart(); // TTFT of a prefill-first run is not meaningful; ITL is what it measures
-            return (await ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock).ConfigureAwait(false), early);
+            return (await ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock, received).ConfigureAwait(false), early);
         }
 
-        Task<Collected> tokens = ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock);
+        Task<Collected> tokens = ReadTokensAsync(decode, decodeRequest, options, cancelDecode.Token, clock, received);
         PrefillResponse pre;
         try
         {
@@ -218,8 +246,15 @@ public static class RequestDriver
             }
 
             // The prefill may notice first that the decode worker is gone (its hand-off found nobody): a decode failure too.
-            if (e is RpcException { Status: StatusCode.Unavailable } && !cancellationToken.IsCancellationRequested && !await AliveAsync(decode).ConfigureAwait(false))
-                throw new DecodeFailedException($"decode worker {decode.Name} is unreachable: {e.Message}", e);
+            // Otherwise the prefill worker is unavailable (shutting down, gone): worth another prefill worker, unless
+            // tokens already came (then the KV was handed off and the failure came after; nothing is replayed).
+            if (e is RpcException { Status: StatusCode.Unavailable } && !cancellationToken.IsCancellationRequested && Volatile.Read(ref received.Tokens) == 0)
+            {
+                if (!await AliveAsync(decode).ConfigureAwait(false))
+                    throw new DecodeFailedException($"decode worker {decode.Name} is unreachable: {e.Message}", e);
+                throw new PrefillFailedException($"prefill worker {prefill.Name} failed: {e.Message}", e);
+            }
+
             throw;
         }
 
@@ -247,20 +282,33 @@ public static class RequestDriver
     }
 
     private static async Task<Collected> ReadTokensAsync(WorkerClient decode, DecodeRequest request, DriverOptions options, CancellationToken cancellationToken,
-        Stopwatch clock)
+        Stopwatch clock, Received received)
     {
         try
         {
-            await using var stream = decode.Decode(request, new CallOptions(options.RequestDeadline, cancellationToken));
-            return await CollectAsync(stream.ReadAsync, (int)request.MaxNewTokens, clock, null).ConfigureAwait(false);
+            await using var stream = decode.Decode(request, new CallOptions(Left(options, clock), cancellationToken));
+            return await CollectAsync(stream.ReadAsync, (int)request.MaxNewTokens, clock, null, received).ConfigureAwait(false);
         }
         catch (RpcException e) when (e.Status is StatusCode.Unavailable or StatusCode.Internal or StatusCode.Unknown && !cancellationToken.IsCancellationRequested)
         {
-            throw new DecodeFailedException($"decode worker {decode.Name} failed mid-stream: {e.Message}", e);
+            throw Broken($"decode worker {decode.Name}", e, received, (int)request.MaxNewTokens);
         }
     }
 
-    private static async Task<Collected> CollectAsync(Func<ValueTask<GeneratedTokens?>> read, int maxNew, Stopwatch clock, Action<PrefillResponse>? prefill)
+    /// <summary>
+    /// A worker's stream failed: before any token, a failure worth another worker; after some, the request fails with
+    /// what happened. A replay elsewhere would start from the first token again, under tokens the caller may have acted on.
+    /// </summary>
+    private static Exception Broken(string worker, RpcException e, Received received, int maxNew)
+    {
+        int got = Volatile.Read(ref received.Tokens);
+        return got == 0
+            ? new DecodeFailedException($"{worker} failed before its first token: {e.Message}", e)
+            : new InvalidOperationException($"{worker} failed after {got} of {maxNew} tokens had been streamed ({e.Message}); the request is not replayed on another worker, which would stream it again from its first token: send it again if a restart is acceptable", e);
+    }
+
+    private static async Task<Collected> CollectAsync(Func<ValueTask<GeneratedTokens?>> read, int maxNew, Stopwatch clock, Action<PrefillResponse>? prefill,
+        Received received)
     {
         var tokens = new List<int>(maxNew);
         var stamps = new List<long>(maxNew);
@@ -275,6 +323,7 @@ public static class RequestDriver
                 throw new RpcException(StatusCode.Internal, $"token {m.FirstIndex} arrived when {tokens.Count} was expected");
             tokens.AddRange(m.Tokens);
             stamps.AddRange(m.UnixNanos);
+            Volatile.Write(ref received.Tokens, tokens.Count);
         }
 
         if (tokens.Count != maxNew)
@@ -288,22 +337,47 @@ public static class RequestDriver
         return new Collected([.. tokens], made, delivered, itl);
     }
 
-    private static async Task<RequestResult> OneColocatedAsync(WorkerClient worker, WorkloadRequest r, DriverOptions options, CancellationToken cancellationToken)
+    private static async Task<RequestResult> OneColocatedAsync(IReadOnlyList<WorkerClient> workers, int first, WorkloadRequest r, DriverOptions options,
+        CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
-        var request = new GenerateRequest { RequestId = (ulong)Interlocked.Increment(ref s_nextId), MaxNewTokens = (uint)r.MaxNewTokens, NoReuse = options.NoReuse,
-            Temperature = options.Temperature, Seed = options.Seed + (ulong)r.Id };
-        request.Prompt.Add(r.Prompt);
-        try
+        var failed = new HashSet<WorkerClient>();
+        for (int attempt = 1; ; attempt++)
         {
-            await using var stream = worker.Generate(request, new CallOptions(options.RequestDeadline, cancellationToken));
-            PrefillResponse? pre = null;
-            Collected c = await CollectAsync(stream.ReadAsync, r.MaxNewTokens, clock, p => pre = p).ConfigureAwait(false);
-            return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, worker.Name, worker.Name, 1, null, c.Delivered);
-        }
-        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
-        {
-            return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, worker.Name, worker.Name, 1, e.Message);
+            // The worker round robin chose, else the next one that has not failed this request.
+            WorkerClient worker = Enumerable.Range(0, workers.Count).Select(i => workers[(first + i) % workers.Count]).First(w => !failed.Contains(w));
+            var request = new GenerateRequest { RequestId = (ulong)Interlocked.Increment(ref s_nextId), MaxNewTokens = (uint)r.MaxNewTokens, NoReuse = options.NoReuse,
+                Temperature = options.Temperature, Seed = options.Seed + (ulong)r.Id };
+            request.Prompt.Add(r.Prompt);
+            var received = new Received();
+            try
+            {
+                try
+                {
+                    await using var stream = worker.Generate(request, new CallOptions(Left(options, clock), cancellationToken));
+                    PrefillResponse? pre = null;
+                    Collected c = await CollectAsync(stream.ReadAsync, r.MaxNewTokens, clock, p => pre = p, received).ConfigureAwait(false);
+                    return new RequestResult(r.Id, c.Tokens, c.Ttft, c.Itl, clock.Elapsed.TotalMilliseconds, pre, worker.Name, worker.Name, attempt, null, c.Delivered);
+                }
+                catch (RpcException e) when (e.Status is StatusCode.Unavailable && !cancellationToken.IsCancellationRequested)
+                {
+                    throw Broken($"worker {worker.Name}", e, received, r.MaxNewTokens);
+                }
+            }
+            catch (DecodeFailedException e) when (!cancellationToken.IsCancellationRequested)
+            {
+                failed.Add(worker);
+                string? stop = attempt >= options.MaxAttempts ? $"{attempt} attempts made, the most allowed"
+                    : clock.Elapsed >= options.RequestDeadline ? $"its deadline ({options.RequestDeadline.TotalSeconds:0.#} s) passed"
+                    : failed.Count == workers.Count ? "no other worker to retry on"
+                    : null;
+                if (stop is not null)
+                    return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, worker.Name, worker.Name, attempt, $"{e.Message} (not retried: {stop})");
+            }
+            catch (Exception e) when (!cancellationToken.IsCancellationRequested)
+            {
+                return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, worker.Name, worker.Name, attempt, e.Message);
+            }
         }
     }
 

@@ -41,8 +41,11 @@ public sealed class Router
     public long Routed => Interlocked.Read(ref _routed);
     public long Fallbacks => Interlocked.Read(ref _fallbacks);
 
-    public async Task<WorkerClient> PickPrefillAsync(ReadOnlyMemory<int> prompt, CancellationToken cancellationToken)
+    /// <param name="exclude">Workers not to pick (a retry's failed ones); when Route names one of them, round robin over the rest.</param>
+    public async Task<WorkerClient> PickPrefillAsync(ReadOnlyMemory<int> prompt, CancellationToken cancellationToken, IReadOnlyCollection<WorkerClient>? exclude = null)
     {
+        if (exclude is { Count: > 0 } && !_prefill.Any(w => !exclude.Contains(w)))
+            throw new InvalidOperationException("no other prefill worker to retry on");
         int full = prompt.Length / _layout.TokensPerBlock;
         if (full > 0 && _prefill.Count > 1)
         {
@@ -54,7 +57,7 @@ public sealed class Router
             try
             {
                 RouteResponse route = await _index.RouteAsync(packed, options: new CallOptions(TimeSpan.FromSeconds(2), cancellationToken)).ConfigureAwait(false);
-                if (_byName.TryGetValue(route.Worker, out WorkerClient? chosen))
+                if (_byName.TryGetValue(route.Worker, out WorkerClient? chosen) && exclude?.Contains(chosen) != true)
                 {
                     Interlocked.Increment(ref _routed);
                     return chosen;
@@ -68,18 +71,26 @@ public sealed class Router
 
         if (_prefill.Count > 1)
             Interlocked.Increment(ref _fallbacks);
-        return _prefill[(int)((uint)Interlocked.Increment(ref _roundRobin) % (uint)_prefill.Count)];
+        // At most one turn around the workers (concurrent picks move the counter too; then the first allowed one).
+        for (int i = 0; i < _prefill.Count; i++)
+        {
+            WorkerClient w = _prefill[(int)((uint)Interlocked.Increment(ref _roundRobin) % (uint)_prefill.Count)];
+            if (exclude?.Contains(w) != true)
+                return w;
+        }
+
+        return _prefill.First(p => exclude?.Contains(p) != true);
     }
 
     /// <summary>The least-loaded decode worker not in exclude; dispose the lease when the request is done with it.</summary>
-    public DecodeLease PickDecode(WorkerClient? exclude = null)
+    public DecodeLease PickDecode(IReadOnlyCollection<WorkerClient>? exclude = null)
     {
         lock (_inFlight)
         {
             int best = -1;
             for (int i = 0; i < _decode.Count; i++)
             {
-                if (_decode[i] != exclude && (best < 0 || _inFlight[i] < _inFlight[best]))
+                if (exclude?.Contains(_decode[i]) != true && (best < 0 || _inFlight[i] < _inFlight[best]))
                     best = i;
             }
 
@@ -90,7 +101,10 @@ public sealed class Router
         }
     }
 
-    public bool HasOtherDecoder(WorkerClient worker) => _decode.Any(d => d != worker);
+    /// <summary>Whether a decode / prefill worker outside exclude is left (a retry has somewhere to go).</summary>
+    public bool HasDecoderBesides(IReadOnlyCollection<WorkerClient> exclude) => _decode.Any(d => !exclude.Contains(d));
+
+    public bool HasPrefillBesides(IReadOnlyCollection<WorkerClient> exclude) => _prefill.Any(p => !exclude.Contains(p));
 
     public sealed class DecodeLease(Router router, int index) : IDisposable
     {

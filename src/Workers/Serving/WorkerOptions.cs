@@ -45,6 +45,13 @@ public sealed record WorkerOptions
     public ChecksumKind Checksum { get; init; } = ChecksumKind.XxHash3;
     /// <summary>Fault injection (tests): corrupt the Nth payload this worker's agent sends.</summary>
     public int CorruptNthPayload { get; init; }
+    /// <summary>Fault injection (tests): sleep this long after every decode step, as a slow accelerator would take (0: none).</summary>
+    public TimeSpan DecodeStepDelay { get; init; }
+    /// <summary>
+    /// Graceful shutdown (SIGTERM, DisposeAsync): how long running Prefill, Decode and Generate calls may take to finish
+    /// while new calls are refused with UNAVAILABLE; whatever still runs after it ends with UNAVAILABLE too (retryable).
+    /// </summary>
+    public TimeSpan DrainTimeout { get; init; } = TimeSpan.FromSeconds(10);
 
     public WorkerOptions Validate()
     {
@@ -54,6 +61,10 @@ public sealed record WorkerOptions
             throw new ArgumentException($"a {Role.ToString().ToLowerInvariant()} worker needs its sidecar's address (--sidecar http://host:port)");
         if (KvBlocks < 1 || HandoffSlots < 1 || MaxBatch < 1 || MaxQueued < 1 || HandoffAttempts < 1)
             throw new ArgumentException("kv-blocks, handoff-slots, max-batch, max-queued and handoff-attempts must be at least 1");
+        if (DrainTimeout < TimeSpan.Zero || DrainTimeout > TimeSpan.FromHours(1))
+            throw new ArgumentException($"the drain period (--drain-seconds) is {DrainTimeout.TotalSeconds} s; give 0 (end running calls at once) to 3600");
+        if (DecodeStepDelay < TimeSpan.Zero || DecodeStepDelay > TimeSpan.FromSeconds(10))
+            throw new ArgumentException($"--decode-step-delay-ms is {DecodeStepDelay.TotalMilliseconds} ms; give 0 to 10000");
         _ = ModelConfigs.Get(Model);
         return this;
     }

@@ -47,6 +47,11 @@ public sealed class WorkerServer : IAsyncDisposable
     private readonly ConcurrentDictionary<Guid, Lazy<Task<RemoteAgent>>> _remotes = new();
     private byte[] _metadata = [];
     private WebApplication? _app;
+    private HealthService? _health;
+    // Graceful shutdown: once draining, new calls are refused (UNAVAILABLE); the calls running (_calls) get the drain
+    // period to finish, then _drainOver ends them, also as UNAVAILABLE (the client did not cancel: retry elsewhere).
+    private readonly CancellationTokenSource _drainOver = new();
+    private int _draining, _calls;
     private int _active, _queued;
     private long _completed, _failed, _retries, _fallbacks;
 
@@ -86,7 +91,7 @@ public sealed class WorkerServer : IAsyncDisposable
         }
 
         if (options.Role != WorkerRole.Prefill)
-            _scheduler = new DecodeScheduler(_model, options.MaxBatch);
+            _scheduler = new DecodeScheduler(_model, options.MaxBatch, stepDelay: options.DecodeStepDelay);
     }
 
     public IPEndPoint? Endpoint { get; private set; }
@@ -101,6 +106,7 @@ public sealed class WorkerServer : IAsyncDisposable
         var router = new GrpcRouter();
         var health = new HealthService([Service.Trim('/')]);
         health.Register(router);
+        _health = health;
         new ReflectionService(router, [WorkerReflection.Descriptor, Grpc.Health.V1.HealthReflection.Descriptor]).Register(router);
         router.Unary<WorkerStatusRequest, WorkerStatus>(Service + "Status", WorkerStatusRequest.Parser, (_, _) => Task.FromResult(Status()));
         if (_decode is not null)
@@ -109,13 +115,13 @@ public sealed class WorkerServer : IAsyncDisposable
             // nobody can WRITE into them, so they come back at once.
             router.Unary<ReserveHandoffRequest, ReserveHandoffResponse>(Service + "Reserve", ReserveHandoffRequest.Parser, (r, _) => Task.FromResult(Reserve(r)),
                 undelivered: (r, response, _) => _handoff!.ReleaseUndelivered(r.RequestId, response.Ticket.Nonce));
-            router.ServerStreaming<DecodeRequest>(Service + "Decode", DecodeRequest.Parser, DecodeAsync);
+            router.ServerStreaming<DecodeRequest>(Service + "Decode", DecodeRequest.Parser, (r, call) => DrainedAsync(call, ct => DecodeAsync(r, call, ct)));
         }
 
         if (_options.Role == WorkerRole.Prefill)
-            router.Unary<PrefillRequest, PrefillResponse>(Service + "Prefill", PrefillRequest.Parser, PrefillAsync);
+            router.Unary<PrefillRequest, PrefillResponse>(Service + "Prefill", PrefillRequest.Parser, (r, call) => DrainedAsync(call, ct => PrefillAsync(r, call, ct)));
         if (_options.Role == WorkerRole.Colocated)
-            router.ServerStreaming<GenerateRequest>(Service + "Generate", GenerateRequest.Parser, GenerateAsync);
+            router.ServerStreaming<GenerateRequest>(Service + "Generate", GenerateRequest.Parser, (r, call) => DrainedAsync(call, ct => GenerateAsync(r, call, ct)));
 
         var tenants = new TenantRegistry([new TenantConfig(_options.Tenant, _options.Token)]);
         var dispatcher = new GrpcDispatcher(router, tenants, new MetricsRegistry(), _logs.CreateLogger("kvfabric.worker.rpc"), 64 << 20);
@@ -150,6 +156,8 @@ public sealed class WorkerServer : IAsyncDisposable
 
     private ReserveHandoffResponse Reserve(ReserveHandoffRequest r)
     {
+        if (Volatile.Read(ref _draining) != 0)
+            throw ShuttingDown("Reserve");
         TimeSpan lease = r.LeaseMs == 0 ? _options.HandoffLease : TimeSpan.FromMilliseconds(r.LeaseMs);
         // Bounded: a reservation nobody fills holds its slots for the lease, and the Decode's wait for the KV (a timer:
         // at most ~49 days) could not even be armed for the longest lease_ms.
@@ -176,7 +184,7 @@ public sealed class WorkerServer : IAsyncDisposable
         return new ReserveHandoffResponse { Ticket = ticket };
     }
 
-    private async Task<PrefillResponse> PrefillAsync(PrefillRequest r, ServerCall call)
+    private async Task<PrefillResponse> PrefillAsync(PrefillRequest r, ServerCall call, CancellationToken cancellationToken)
     {
         if (r.Ticket is null)
             throw new RpcException(StatusCode.InvalidArgument, "Prefill needs the decode worker's hand-off ticket (from its Reserve)");
@@ -197,7 +205,7 @@ public sealed class WorkerServer : IAsyncDisposable
             var response = new PrefillResponse { Worker = _options.Name };
             using KvCache cache = NewCache();
             var logits = new float[_model.Config.Vocab];
-            PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken, ticket).ConfigureAwait(false);
+            PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, cancellationToken, ticket).ConfigureAwait(false);
 
             // Hand-off: the WRITE reads the cache's blocks (full and tail) in place, then the logits; the notification
             // fires on the decode side only when every byte is there and its checksum verified.
@@ -215,7 +223,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 receiver = await RemoteAsync(ticket.ReceiverAgent, r.Ticket.AgentMetadata).ConfigureAwait(false);
                 try
                 {
-                    sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, _options.Checksum, _options.Backend, call.CancellationToken).ConfigureAwait(false);
+                    sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, _options.Checksum, _options.Backend, cancellationToken).ConfigureAwait(false);
                 }
                 catch (TransferException e)
                 {
@@ -245,7 +253,7 @@ public sealed class WorkerServer : IAsyncDisposable
             response.HandoffAttempts = (uint)attempt;
 
             // Offload after the hand-off: the decode side is already generating; this only serves later requests.
-            await OffloadAsync(cache, outcome, response, call.CancellationToken).ConfigureAwait(false);
+            await OffloadAsync(cache, outcome, response, cancellationToken).ConfigureAwait(false);
             Interlocked.Increment(ref _completed);
             return response;
         }
@@ -334,7 +342,7 @@ public sealed class WorkerServer : IAsyncDisposable
         }
     }
 
-    private async Task DecodeAsync(DecodeRequest r, ServerCall call)
+    private async Task DecodeAsync(DecodeRequest r, ServerCall call, CancellationToken cancellationToken)
     {
         int[] prompt;
         int maxNew;
@@ -368,8 +376,8 @@ public sealed class WorkerServer : IAsyncDisposable
             ChannelReader<GeneratedToken> tokens;
             try
             {
-                await _decode!.AcceptAsync(r.RequestId, prompt, cache, logits, call.CancellationToken).ConfigureAwait(false);
-                tokens = await _scheduler!.StartAsync(cache, logits, maxNew, Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
+                await _decode!.AcceptAsync(r.RequestId, prompt, cache, logits, cancellationToken).ConfigureAwait(false);
+                tokens = await _scheduler!.StartAsync(cache, logits, maxNew, Sampling(r.Temperature, r.Seed), cancellationToken).ConfigureAwait(false);
             }
             catch (Exception e)
             {
@@ -397,7 +405,7 @@ public sealed class WorkerServer : IAsyncDisposable
     /// </summary>
     private void ReleaseUnaccepted(ulong requestId) => _handoff!.ReleaseUntaken(requestId);
 
-    private async Task GenerateAsync(GenerateRequest r, ServerCall call)
+    private async Task GenerateAsync(GenerateRequest r, ServerCall call, CancellationToken cancellationToken)
     {
         int[] prompt = Prompt(r.Prompt);
         int maxNew = MaxNew(r.MaxNewTokens, prompt.Length); // before the prefill, not after computing it
@@ -409,9 +417,9 @@ public sealed class WorkerServer : IAsyncDisposable
             try
             {
                 var logits = new float[_model.Config.Vocab];
-                PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, call.CancellationToken).ConfigureAwait(false);
-                await OffloadAsync(cache, outcome, response, call.CancellationToken).ConfigureAwait(false);
-                tokens = await _scheduler!.StartAsync(cache, logits, maxNew, Sampling(r.Temperature, r.Seed), call.CancellationToken).ConfigureAwait(false);
+                PrefillOutcome outcome = await ComputeAsync(prompt, cache, logits, !r.NoReuse, response, cancellationToken).ConfigureAwait(false);
+                await OffloadAsync(cache, outcome, response, cancellationToken).ConfigureAwait(false);
+                tokens = await _scheduler!.StartAsync(cache, logits, maxNew, Sampling(r.Temperature, r.Seed), cancellationToken).ConfigureAwait(false);
             }
             catch (Exception e)
             {
@@ -427,6 +435,46 @@ public sealed class WorkerServer : IAsyncDisposable
             await StreamAsync(tokens, call, response).ConfigureAwait(false);
         }).ConfigureAwait(false);
     }
+
+    /// <summary>
+    /// Runs a call that holds work (Prefill, Decode, Generate) under the worker's graceful shutdown: refused once the worker
+    /// drains, counted while it runs (the drain waits for these), and given a token that also fires when the drain period
+    /// is over. A call ended by that is UNAVAILABLE (retry on another worker), never CANCELLED, which says the client
+    /// cancelled.
+    /// </summary>
+    private async Task<T> DrainedAsync<T>(ServerCall call, Func<CancellationToken, Task<T>> handler)
+    {
+        Interlocked.Increment(ref _calls);
+        try
+        {
+            if (Volatile.Read(ref _draining) != 0)
+                throw ShuttingDown(call.Method);
+            using var linked = CancellationTokenSource.CreateLinkedTokenSource(call.CancellationToken, _drainOver.Token);
+            try
+            {
+                return await handler(linked.Token).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or RpcException { Status: StatusCode.Cancelled }
+                                      && _drainOver.IsCancellationRequested && !call.CancellationToken.IsCancellationRequested)
+            {
+                throw new RpcException(StatusCode.Unavailable,
+                    $"worker {_options.Name} is shutting down and its drain period ({_options.DrainTimeout.TotalSeconds:0.#} s) ended before this call finished; retry on another worker");
+            }
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _calls);
+        }
+    }
+
+    private Task DrainedAsync(ServerCall call, Func<CancellationToken, Task> handler) => DrainedAsync(call, async ct =>
+    {
+        await handler(ct).ConfigureAwait(false);
+        return true;
+    });
+
+    private RpcException ShuttingDown(string method) =>
+        new(StatusCode.Unavailable, $"worker {_options.Name} is shutting down and takes no new calls ({method.Replace(Service, string.Empty, StringComparison.Ordinal)}); retry on another worker");
 
     /// <summary>Runs one request's work, counted as active while it runs, then as completed or failed.</summary>
     private async Task TrackedAsync(Func<Task> work)
@@ -581,10 +629,48 @@ public sealed class WorkerServer : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// Graceful shutdown, first part: new calls are refused (UNAVAILABLE, health NOT_SERVING) while the listener stays
+    /// open to say so; running calls get up to DrainTimeout to finish; those still running then end as UNAVAILABLE.
+    /// Bounded: the drain period, then at most DrainEndGrace for the ended calls to send their status.
+    /// </summary>
+    private async Task DrainAsync()
+    {
+        if (Interlocked.Exchange(ref _draining, 1) != 0)
+            return;
+        _health?.SetAllNotServing();
+        int running = Volatile.Read(ref _calls);
+        if (running > 0)
+            _log.LogInformation("worker {Name} is shutting down: {Calls} call(s) running get up to {Drain} s to finish; new calls are refused", _options.Name, running, _options.DrainTimeout.TotalSeconds);
+        if (await CallsEndedAsync(_options.DrainTimeout).ConfigureAwait(false))
+            return;
+        _log.LogWarning("worker {Name}: {Calls} call(s) still running after the drain period ({Drain} s) end as UNAVAILABLE", _options.Name, Volatile.Read(ref _calls), _options.DrainTimeout.TotalSeconds);
+        await _drainOver.CancelAsync().ConfigureAwait(false);
+        if (!await CallsEndedAsync(DrainEndGrace).ConfigureAwait(false))
+            _log.LogWarning("worker {Name}: {Calls} call(s) did not end within {Grace} s of being told to; the server stops under them", _options.Name, Volatile.Read(ref _calls), DrainEndGrace.TotalSeconds);
+    }
+
+    private static readonly TimeSpan DrainEndGrace = TimeSpan.FromSeconds(5);
+
+    /// <summary>Whether every counted call ended within limit (polled: this runs once, at shutdown).</summary>
+    private async Task<bool> CallsEndedAsync(TimeSpan limit)
+    {
+        long start = Stopwatch.GetTimestamp();
+        while (Volatile.Read(ref _calls) > 0)
+        {
+            if (Stopwatch.GetElapsedTime(start) >= limit)
+                return false;
+            await Task.Delay(10).ConfigureAwait(false);
+        }
+
+        return true;
+    }
+
     public async ValueTask DisposeAsync()
     {
         if (_app is not null)
         {
+            await DrainAsync().ConfigureAwait(false);
             await _app.StopAsync().ConfigureAwait(false);
             await _app.DisposeAsync().ConfigureAwait(false);
         }
@@ -597,5 +683,6 @@ public sealed class WorkerServer : IAsyncDisposable
         _sidecar?.Dispose();
         _pool.Dispose();
         _compute.Dispose();
+        _drainOver.Dispose();
     }
 }
