@@ -31,6 +31,8 @@ public sealed class HandoffReceiver : IAsyncDisposable
 {
     public const int NotificationBytes = 24;
     private static readonly byte[] Magic = "KVHO"u8.ToArray();
+    // From the prefill side: "I never started a WRITE for this reservation (nonce) and never will" (its Prefill failed first).
+    private static readonly byte[] CancelMagic = "KVCN"u8.ToArray();
     private static readonly TimeSpan Grace = TimeSpan.FromSeconds(2);
     private readonly TransferAgent _agent;
     private readonly HostBlockPool _pool;
@@ -251,6 +253,43 @@ public sealed class HandoffReceiver : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// The prefill side's cancellation of a reservation it never started a WRITE into (its Prefill failed first): nothing
+    /// can land in its slots any more, so the receiver gives them back at once instead of after the lease. Only the one
+    /// Prefill that holds a ticket may send it.
+    /// </summary>
+    public static byte[] Cancellation(ulong requestId, ulong nonce)
+    {
+        byte[] message = Notification(requestId, nonce, 0);
+        CancelMagic.CopyTo(message, 0);
+        return message;
+    }
+
+    /// <summary>Cancels the reservation (requestId, nonce) whose KV never came, also one a Decode gave up on (waiting out its lease).</summary>
+    private bool Cancel(ulong requestId, ulong nonce)
+    {
+        lock (_lock)
+        {
+            if (_pending.TryGetValue(requestId, out Pending? p) && p.Nonce == nonce && !p.Done.Task.IsCompleted)
+            {
+                _pending.Remove(requestId);
+                p.Done.TrySetException(new InvalidOperationException(
+                    $"the prefill worker cancelled the hand-off of request {requestId}: its Prefill failed before sending the KV (see its error); reserve and prefill again"));
+                foreach (BlockSlot s in p.Slots)
+                    _pool.Return(s);
+                return true;
+            }
+
+            int late = _late.FindIndex(l => l.Nonce == nonce);
+            if (late < 0)
+                return false;
+            foreach (BlockSlot s in _late[late].Slots)
+                _pool.Return(s);
+            _late.RemoveAt(late);
+            return true;
+        }
+    }
+
     public static byte[] Notification(ulong requestId, ulong nonce, int blocks)
     {
         var message = new byte[NotificationBytes];
@@ -268,6 +307,13 @@ public sealed class HandoffReceiver : IAsyncDisposable
             await foreach (Notification n in _agent.Notifications.ReadAllAsync(_stop.Token).ConfigureAwait(false))
             {
                 byte[] m = n.Message;
+                if (m.Length == NotificationBytes && m.AsSpan(0, 4).SequenceEqual(CancelMagic))
+                {
+                    if (!Cancel(BinaryPrimitives.ReadUInt64LittleEndian(m.AsSpan(8)), BinaryPrimitives.ReadUInt64LittleEndian(m.AsSpan(16))))
+                        Interlocked.Increment(ref _unknown);
+                    continue;
+                }
+
                 if (m.Length != NotificationBytes || !m.AsSpan(0, 4).SequenceEqual(Magic))
                 {
                     Interlocked.Increment(ref _unknown);

@@ -1,6 +1,7 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Net;
+using System.Runtime.CompilerServices;
 using System.Threading.Channels;
 using Google.Protobuf;
 using KvFabric.Client;
@@ -119,7 +120,7 @@ public sealed class WorkerServer : IAsyncDisposable
         }
 
         if (_options.Role == WorkerRole.Prefill)
-            router.Unary<PrefillRequest, PrefillResponse>(Service + "Prefill", PrefillRequest.Parser, (r, call) => DrainedAsync(call, ct => PrefillAsync(r, call, ct)));
+            router.Unary<PrefillRequest, PrefillResponse>(Service + "Prefill", PrefillRequest.Parser, PrefillOrCancelAsync);
         if (_options.Role == WorkerRole.Colocated)
             router.ServerStreaming<GenerateRequest>(Service + "Generate", GenerateRequest.Parser, (r, call) => DrainedAsync(call, ct => GenerateAsync(r, call, ct)));
 
@@ -184,7 +185,38 @@ public sealed class WorkerServer : IAsyncDisposable
         return new ReserveHandoffResponse { Ticket = ticket };
     }
 
-    private async Task<PrefillResponse> PrefillAsync(PrefillRequest r, ServerCall call, CancellationToken cancellationToken)
+    /// <summary>
+    /// A Prefill that fails before its first WRITE tells the decode worker so (a cancellation notification through the
+    /// transfer layer, awaited for at most 2 s): its slots come back at once, not when the lease ends, since nothing can
+    /// land in them any more (also when it is refused because this worker is shutting down). After a WRITE was posted
+    /// it may still land: the slots then wait out the lease as before.
+    /// </summary>
+    private async Task<PrefillResponse> PrefillOrCancelAsync(PrefillRequest r, ServerCall call)
+    {
+        var posted = new StrongBox<bool>();
+        try
+        {
+            return await DrainedAsync(call, ct => PrefillAsync(r, call, posted, ct)).ConfigureAwait(false);
+        }
+        catch when (!posted.Value && r.Ticket is { ReceiverAgent.Length: 16 } t)
+        {
+            try
+            {
+                RemoteAgent receiver = await RemoteAsync(new Guid(t.ReceiverAgent.Span), t.AgentMetadata).ConfigureAwait(false);
+                TransferResult sent = await _agent.SendNotificationAsync(receiver, HandoffReceiver.Cancellation(t.RequestId, t.Nonce), TimeSpan.FromSeconds(2)).ConfigureAwait(false);
+                if (!sent.IsSuccess)
+                    _log.LogDebug("the cancellation of request {Request}'s hand-off did not reach its decode worker ({Error}); its slots come back when the lease ends", t.RequestId, sent.Error);
+            }
+            catch (Exception e)
+            {
+                _log.LogDebug("the cancellation of request {Request}'s hand-off did not reach its decode worker ({Error}); its slots come back when the lease ends", t.RequestId, e.Message);
+            }
+
+            throw;
+        }
+    }
+
+    private async Task<PrefillResponse> PrefillAsync(PrefillRequest r, ServerCall call, StrongBox<bool> posted, CancellationToken cancellationToken)
     {
         if (r.Ticket is null)
             throw new RpcException(StatusCode.InvalidArgument, "Prefill needs the decode worker's hand-off ticket (from its Reserve)");
@@ -221,6 +253,7 @@ public sealed class WorkerServer : IAsyncDisposable
                 // Resolved each attempt: a request whose hand-off failed for good unloads the agent (below), and one
                 // still holding that view then loads it afresh instead of failing on the unloaded one.
                 receiver = await RemoteAsync(ticket.ReceiverAgent, r.Ticket.AgentMetadata).ConfigureAwait(false);
+                posted.Value = true; // from here a WRITE may be on its way into the slots
                 try
                 {
                     sent = await HandoffSender.SendAsync(_agent, receiver, ticket, blocks, _options.Checksum, _options.Backend, cancellationToken).ConfigureAwait(false);

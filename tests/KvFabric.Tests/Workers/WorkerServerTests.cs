@@ -107,6 +107,45 @@ public sealed class WorkerServerTests
     }
 
     [Fact]
+    public async Task A_prefill_that_fails_before_sending_gives_the_decode_workers_slots_back_at_once()
+    {
+        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
+        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
+        await decode.StartAsync();
+        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
+        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
+        await prefill.StartAsync();
+        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
+        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+        int tpb = ModelConfigs.Tiny.TokensPerBlock;
+        int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
+
+        // Reserved (with the default 60 s lease) for a shorter prompt: the Prefill is refused before it sends anything.
+        HandoffReservation ticket = (await decodeClient.ReserveAsync(81, tpb, call)).Ticket;
+        Assert.True((await decodeClient.StatusAsync(call)).HandoffSlotsFree < 8);
+        var request = new PrefillRequest { RequestId = 81, Ticket = ticket };
+        request.Prompt.Add(prompt);
+        Assert.Equal(StatusCode.InvalidArgument, (await Assert.ThrowsAsync<RpcException>(() => prefillClient.PrefillAsync(request, call))).Status);
+
+        // The prefill worker cancelled the hand-off: the slots are free now, not after the lease (60 s) and its grace.
+        WorkerStatus status = await decodeClient.StatusAsync(call);
+        for (int i = 0; i < 100 && status.HandoffSlotsFree != status.HandoffSlotsTotal; i++)
+        {
+            await Task.Delay(50);
+            status = await decodeClient.StatusAsync(call);
+        }
+
+        Assert.Equal(status.HandoffSlotsTotal, status.HandoffSlotsFree);
+        Assert.Equal(0ul, status.UnknownNotifications);
+        // A Decode that comes for it after all is told the reservation is gone (not left waiting out the lease).
+        var decodeRequest = new DecodeRequest { RequestId = 81, MaxNewTokens = 4 };
+        decodeRequest.Prompt.Add(prompt[..tpb]);
+        await using var stream = decodeClient.Decode(decodeRequest, call);
+        Assert.Equal(StatusCode.FailedPrecondition, (await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync())).Status);
+    }
+
+    [Fact]
     public async Task A_generate_asking_for_no_tokens_or_too_many_is_refused_before_its_prefill()
     {
         var options = new WorkerOptions { Role = WorkerRole.Colocated, Name = "colocated-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
