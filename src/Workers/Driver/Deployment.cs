@@ -31,6 +31,8 @@ public sealed record DeploymentOptions
     public string Tenant { get; init; } = "dev";
     public string Token { get; init; } = "dev";
     public ILoggerFactory? Logs { get; init; }
+    /// <summary>Extra `serve` flags for the named workers (e.g. "decode-0": --drain-seconds 30); they come after the deployment's own.</summary>
+    public IReadOnlyDictionary<string, string[]>? WorkerArgs { get; init; }
 }
 
 /// <summary>
@@ -46,6 +48,8 @@ public sealed class Deployment : IAsyncDisposable
     private readonly InProcessClusterStore? _cluster;
     private readonly List<ServiceProcess> _processes = [];
     private readonly Dictionary<string, ServiceProcess> _byName = new(StringComparer.Ordinal);
+    private readonly List<WorkerClient> _clients = []; // every client made, also of a start that failed part-way
+    private nint? _affinityBefore; // this process's CPU mask before it pinned itself; restored on disposal
 
     private Deployment(DeploymentOptions options)
     {
@@ -72,9 +76,18 @@ public sealed class Deployment : IAsyncDisposable
             await d.StartCoreAsync(cancellationToken).ConfigureAwait(false);
             return d;
         }
-        catch
+        catch (Exception start)
         {
-            await d.DisposeAsync().ConfigureAwait(false);
+            // Whatever did start (workers, their clients, sidecars) goes, and the CPU mask comes back, before the caller hears why.
+            try
+            {
+                await d.DisposeAsync().ConfigureAwait(false);
+            }
+            catch (Exception dispose)
+            {
+                throw new AggregateException($"the deployment did not start ({start.Message}), and cleaning up after it failed too ({dispose.Message})", start, dispose);
+            }
+
             throw;
         }
     }
@@ -88,6 +101,7 @@ public sealed class Deployment : IAsyncDisposable
         int[] otherCpus = pin ? allowed[..^1] : [];
         if (pin)
         {
+            _affinityBefore = CpuAffinity.Current();
             CpuAffinity.PinCurrentProcess(otherCpus); // the sidecars and the driver live here
             Placement = $"decode/colocated workers on CPU {allowed[^1]}; prefill workers, sidecars and the driver on CPU {string.Join(',', otherCpus)}";
         }
@@ -147,15 +161,28 @@ public sealed class Deployment : IAsyncDisposable
             args.AddRange(["--sidecar", sidecar]);
         if (corrupt > 0)
             args.AddRange(["--corrupt-nth-payload", corrupt.ToString(System.Globalization.CultureInfo.InvariantCulture)]);
+        if (_options.WorkerArgs?.GetValueOrDefault(name) is { } extra)
+            args.AddRange(extra);
         cancellationToken.ThrowIfCancellationRequested();
-        ServiceProcess p = await ServiceProcess.StartAsync("kvfabric-worker.dll", "serve", args, cpus: cpus).ConfigureAwait(false);
+        ServiceProcess p;
+        try
+        {
+            p = await ServiceProcess.StartAsync("kvfabric-worker.dll", "serve", args, cpus: cpus).ConfigureAwait(false);
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new InvalidOperationException($"worker {name} did not start: {e.Message}", e);
+        }
+
+        var client = new WorkerClient(name, p.GrpcAddress, _options.Tenant, _options.Token);
         lock (_processes)
         {
             _processes.Add(p);
             _byName[name] = p;
+            _clients.Add(client);
         }
 
-        return new WorkerClient(name, p.GrpcAddress, _options.Tenant, _options.Token);
+        return client;
     }
 
     /// <summary>The process of a worker (to kill it in a fault test).</summary>
@@ -171,11 +198,25 @@ public sealed class Deployment : IAsyncDisposable
         _sidecars[i] = await StartSidecarAsync(_sidecarOptions[i], cancellationToken).ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// Stops everything this deployment started (worker processes, their clients, sidecars, the cluster store) and gives
+    /// this process its CPU mask back. Each part is disposed even when another's disposal throws; the failures are
+    /// thrown together at the end.
+    /// </summary>
     public async ValueTask DisposeAsync()
     {
-        foreach (WorkerClient w in Prefill.Concat(Decode).Concat(Colocated))
-            w.Dispose();
-        await Task.WhenAll(_processes.Select(async p =>
+        var errors = new List<Exception>();
+        List<WorkerClient> clients;
+        List<ServiceProcess> processes;
+        lock (_processes)
+        {
+            clients = [.. _clients];
+            processes = [.. _processes];
+        }
+
+        foreach (WorkerClient w in clients)
+            Try(w.Dispose);
+        await Task.WhenAll(processes.Select(async p =>
         {
             try
             {
@@ -185,12 +226,53 @@ public sealed class Deployment : IAsyncDisposable
             {
                 // already gone
             }
+            catch (Exception e)
+            {
+                lock (errors)
+                    errors.Add(e);
+            }
         })).ConfigureAwait(false);
-        IndexClient?.Dispose();
+        Try(() => IndexClient?.Dispose());
         foreach (SidecarHost s in _sidecars)
-            await s.DisposeAsync().ConfigureAwait(false);
+            await TryAsync(() => s.DisposeAsync()).ConfigureAwait(false);
         if (_cluster is not null)
-            await _cluster.DisposeAsync().ConfigureAwait(false);
+            await TryAsync(() => _cluster.DisposeAsync()).ConfigureAwait(false);
+        if (_affinityBefore is { } mask)
+        {
+            Try(() => CpuAffinity.Restore(mask));
+            _affinityBefore = null;
+        }
+
+        if (errors.Count == 1)
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(errors[0]);
+        if (errors.Count > 1)
+            throw new AggregateException("disposing the deployment failed in more than one part (everything else was disposed)", errors);
+
+        void Try(Action dispose)
+        {
+            try
+            {
+                dispose();
+            }
+            catch (Exception e)
+            {
+                lock (errors)
+                    errors.Add(e);
+            }
+        }
+
+        async Task TryAsync(Func<ValueTask> dispose)
+        {
+            try
+            {
+                await dispose().ConfigureAwait(false);
+            }
+            catch (Exception e)
+            {
+                lock (errors)
+                    errors.Add(e);
+            }
+        }
     }
 }
 
@@ -216,13 +298,26 @@ public static partial class CpuAffinity
         return [.. cpus];
     }
 
+    /// <summary>This process's CPU mask now (the first 64 CPUs), for <see cref="Restore"/>.</summary>
+    public static nint Current() => OperatingSystem.IsLinux() || OperatingSystem.IsWindows() ? System.Diagnostics.Process.GetCurrentProcess().ProcessorAffinity : -1;
+
+    /// <summary>Gives every thread of this process the mask <see cref="Current"/> returned (undoes <see cref="PinCurrentProcess"/>).</summary>
+    public static void Restore(nint mask) => SetAll((ulong)mask);
+
     public static void PinCurrentProcess(IReadOnlyList<int> cpus)
     {
-        if (!OperatingSystem.IsLinux() || cpus.Count == 0)
+        if (cpus.Count == 0)
             return;
         ulong mask = 0;
         foreach (int c in cpus)
             mask |= c < 64 ? 1UL << c : 0;
+        SetAll(mask);
+    }
+
+    private static void SetAll(ulong mask)
+    {
+        if (!OperatingSystem.IsLinux())
+            return;
         foreach (string task in Directory.EnumerateDirectories("/proc/self/task"))
         {
             if (int.TryParse(Path.GetFileName(task), out int tid))
