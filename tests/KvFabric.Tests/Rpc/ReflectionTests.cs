@@ -21,11 +21,12 @@ public sealed class ReflectionTests
     }, NullLoggerFactory.Instance);
 
     // No tenant and no token: reflection, like health, answers anyone.
-    private static RpcChannel Channel(SidecarHost host) => new(new RpcChannelOptions { Address = new Uri($"http://{host.GrpcEndpoint}") });
+    private static async Task<List<ServerReflectionResponse>> AskAsync(SidecarHost host, string path, params ServerReflectionRequest[] requests) =>
+        await AskAsync(host.GrpcEndpoint!, path, requests);
 
-    private static async Task<List<ServerReflectionResponse>> AskAsync(SidecarHost host, string path, params ServerReflectionRequest[] requests)
+    private static async Task<List<ServerReflectionResponse>> AskAsync(System.Net.IPEndPoint server, string path, params ServerReflectionRequest[] requests)
     {
-        using var channel = Channel(host);
+        using var channel = new RpcChannel(new RpcChannelOptions { Address = new Uri($"http://{server}") });
         await using var call = channel.Streaming<ServerReflectionRequest, ServerReflectionResponse>(path, ServerReflectionResponse.Parser,
             new CallOptions(Deadline: TimeSpan.FromSeconds(30)));
         var answers = new List<ServerReflectionResponse>();
@@ -92,6 +93,25 @@ public sealed class ReflectionTests
         Assert.Empty(answers[4].AllExtensionNumbersResponse.ExtensionNumber);
         Assert.Equal((int)StatusCode.NotFound, answers[5].ErrorResponse.ErrorCode);
         Assert.Equal("grpc/health/v1/health.proto", FileDescriptorProto.Parser.ParseFrom(answers[6].FileDescriptorResponse.FileDescriptorProto[0]).Name);
+    }
+
+    [Fact]
+    public async Task A_worker_serves_its_own_schema()
+    {
+        var options = new KvFabric.Workers.Serving.WorkerOptions
+        {
+            Role = KvFabric.Workers.Serving.WorkerRole.Colocated, Name = "reflected", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1",
+        };
+        await using var worker = new KvFabric.Workers.Serving.WorkerServer(options, NullLoggerFactory.Instance);
+        await worker.StartAsync();
+        var answers = await AskAsync(worker.Endpoint!, V1,
+            new ServerReflectionRequest { ListServices = "" },
+            new ServerReflectionRequest { FileContainingSymbol = "kvfabric.v1.Worker.Generate" },
+            new ServerReflectionRequest { FileContainingSymbol = "kvfabric.v1.Fabric" });
+        Assert.Equal(["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection", "kvfabric.v1.Worker"],
+            answers[0].ListServicesResponse.Service.Select(s => s.Name));
+        Assert.Equal("kvfabric/v1/worker.proto", FileDescriptorProto.Parser.ParseFrom(answers[1].FileDescriptorResponse.FileDescriptorProto[0]).Name);
+        Assert.Equal((int)StatusCode.NotFound, answers[2].ErrorResponse.ErrorCode); // a worker does not serve the sidecar's API
     }
 
     [Fact]
