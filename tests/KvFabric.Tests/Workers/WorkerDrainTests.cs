@@ -126,6 +126,8 @@ public sealed class WorkerDrainTests(ITestOutputHelper output) : IAsyncLifetime
         }
 
         // The stream in flight still gets its KV and all its tokens; only then does the worker exit (0: a clean stop).
+        // Held past 2 s first: System.CommandLine used to cut a stop off after 2 s (exit 143), whatever was in flight.
+        await Task.Delay(TimeSpan.FromSeconds(3));
         Assert.False(stopped.IsCompleted, $"the worker stopped with a stream in flight; log:\n{worker.Log}");
         await SendKvAsync(ticket);
         Assert.Equal(8, await tokens.WaitAsync(TimeSpan.FromSeconds(60)));
