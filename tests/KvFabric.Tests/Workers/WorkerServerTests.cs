@@ -50,15 +50,8 @@ public sealed class WorkerServerTests
     [Fact]
     public async Task A_ticket_whose_metadata_names_another_agent_is_refused_and_does_not_poison_the_agent_cache()
     {
-        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
-        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
-        await decode.StartAsync();
-        // No sidecar listens there: the prefill computes the whole prompt (a fallback), which is all this test needs.
-        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
-        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
-        await prefill.StartAsync();
-        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
-        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        await using var pair = await WorkerPair.StartAsync();
+        WorkerClient decodeClient = pair.DecodeClient, prefillClient = pair.PrefillClient;
         await using var stranger = new TransferAgent(new TransferAgentOptions { Name = "stranger" });
         var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
         int tpb = ModelConfigs.Tiny.TokensPerBlock;
@@ -83,14 +76,8 @@ public sealed class WorkerServerTests
     [Fact]
     public async Task A_prefill_whose_lease_ran_out_before_its_turn_is_not_computed()
     {
-        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
-        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
-        await decode.StartAsync();
-        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
-        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
-        await prefill.StartAsync();
-        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
-        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        await using var pair = await WorkerPair.StartAsync();
+        WorkerClient decodeClient = pair.DecodeClient, prefillClient = pair.PrefillClient;
         var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
         int[] prompt = [.. Enumerable.Range(1, (2 * ModelConfigs.Tiny.TokensPerBlock) + 1)];
 
@@ -109,14 +96,8 @@ public sealed class WorkerServerTests
     [Fact]
     public async Task A_prefill_that_fails_before_sending_gives_the_decode_workers_slots_back_at_once()
     {
-        var decodeOptions = new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 };
-        await using var decode = new WorkerServer(decodeOptions, NullLoggerFactory.Instance);
-        await decode.StartAsync();
-        var prefillOptions = new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" };
-        await using var prefill = new WorkerServer(prefillOptions, NullLoggerFactory.Instance);
-        await prefill.StartAsync();
-        using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
-        using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+        await using var pair = await WorkerPair.StartAsync();
+        WorkerClient decodeClient = pair.DecodeClient, prefillClient = pair.PrefillClient;
         var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
         int tpb = ModelConfigs.Tiny.TokensPerBlock;
         int[] prompt = [.. Enumerable.Range(1, 2 * tpb + 1)];
@@ -402,6 +383,49 @@ public sealed class WorkerServerTests
             await _sender.DisposeAsync();
             _blocks.Dispose();
             await _server.DisposeAsync();
+        }
+    }
+
+    /// <summary>
+    /// A decode worker and a prefill worker in this process, with clients. No sidecar listens where the prefill worker
+    /// looks for one: it computes the whole prompt (a fallback), which is all these tests need.
+    /// </summary>
+    private sealed class WorkerPair : IAsyncDisposable
+    {
+        private WorkerServer? _decode, _prefill;
+        public WorkerClient DecodeClient { get; private set; } = null!;
+        public WorkerClient PrefillClient { get; private set; } = null!;
+
+        public static async Task<WorkerPair> StartAsync()
+        {
+            var pair = new WorkerPair();
+            try
+            {
+                pair._decode = new WorkerServer(new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 },
+                    NullLoggerFactory.Instance);
+                await pair._decode.StartAsync();
+                pair._prefill = new WorkerServer(new WorkerOptions { Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = "http://127.0.0.1:1" },
+                    NullLoggerFactory.Instance);
+                await pair._prefill.StartAsync();
+                pair.DecodeClient = new WorkerClient("decode-test", $"http://{pair._decode.Endpoint}", "dev", "dev");
+                pair.PrefillClient = new WorkerClient("prefill-test", $"http://{pair._prefill.Endpoint}", "dev", "dev");
+                return pair;
+            }
+            catch
+            {
+                await pair.DisposeAsync();
+                throw;
+            }
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            DecodeClient?.Dispose();
+            PrefillClient?.Dispose();
+            if (_prefill is not null)
+                await _prefill.DisposeAsync();
+            if (_decode is not null)
+                await _decode.DisposeAsync();
         }
     }
 }
