@@ -182,6 +182,10 @@ public sealed class SidecarHost : IAsyncDisposable
             () => _tiers?.Ssd is { } ssd ? [([], ssd.WritesStopped ? 1 : 0)] : []);
         Metrics.AddCounter("kvfabric_ssd_no_space_writes", "SSD tier writes that found its file system full (writes then pause and resume by themselves).", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.NoSpaceWrites)] : []);
+        Metrics.AddCounter("kvfabric_ssd_no_space_log_commits", "SSD tier tombstone-log commits that found its file system full (removals then stay done but not durable until a retry fits).", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.NoSpaceLogCommits)] : []);
+        Metrics.AddGauge("kvfabric_ssd_removals_not_durable", "SSD tier removals whose tombstone is not committed yet (a crash now would bring those blocks back).", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.RemovalsNotDurable)] : []);
         Metrics.AddCounter("kvfabric_ssd_compacted_segments", "SSD tier data segments freed by compaction.", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.CompactedSegments)] : []);
         Metrics.AddCounter("kvfabric_ssd_compaction_dropped_unreadable", "Blocks SSD compaction dropped because they could not be read back.", [],

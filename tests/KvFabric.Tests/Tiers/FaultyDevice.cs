@@ -16,6 +16,12 @@ internal sealed class FaultyDevice : StorageDeviceBase
 
     public bool FailWrites { get => _failWrites; set => _failWrites = value; }
 
+    /// <summary>Also fails writes while this says so (a file system full across the store's reopenings of its log).</summary>
+    public Func<bool>? FailWhen { get; init; }
+
+    /// <summary>The code a failed write completes with: ENOSPC unless set (5 is EIO, a device error).</summary>
+    public uint ErrorCode { get; init; } = ENOSPC;
+
     public override void Initialize(long segmentSize, LightEpoch? epoch = null, bool omitSegmentIdFromFilename = false)
     {
         base.Initialize(segmentSize, epoch, omitSegmentIdFromFilename);
@@ -24,10 +30,10 @@ internal sealed class FaultyDevice : StorageDeviceBase
 
     public override void WriteAsync(IntPtr sourceAddress, int segmentId, ulong destinationAddress, uint numBytesToWrite, DeviceIOCompletionCallback callback, object context)
     {
-        if (_failWrites)
+        if (_failWrites || FailWhen?.Invoke() == true)
         {
             Interlocked.Increment(ref FailedWrites);
-            callback(ENOSPC, 0, context);
+            callback(ErrorCode, 0, context);
             return;
         }
         _inner.WriteAsync(sourceAddress, segmentId, destinationAddress, numBytesToWrite, callback, context);

@@ -290,11 +290,12 @@ public sealed class SsdBlockStoreTests
     }
 
     [Fact]
-    public async Task A_failing_tombstone_log_faults_writes_and_the_removal_is_not_durable()
+    public async Task A_device_error_on_the_tombstone_log_faults_writes_and_the_removal_is_not_durable()
     {
         using var dir = new TempDir();
         FaultyDevice? device = null;
-        await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)))))
+        var options = Ssd.Options(dir.Path, device: path => device = new FaultyDevice(Ssd.RealDevice(path)) { ErrorCode = 5 /* EIO */ });
+        await using (var store = await SsdBlockStore.OpenAsync(options))
         {
             for (int i = 0; i < 5; i++)
                 Assert.True(await Ssd.Write(store, i));
@@ -316,6 +317,7 @@ public sealed class SsdBlockStoreTests
             }
             Assert.NotNull(refused);
             Assert.Contains("stopped accepting writes", refused.Message);
+            Assert.Equal(0, store.NoSpaceLogCommits); // a device error, not a full disk: no pause and retry
             for (int i = 1; i < 5; i++)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
             device.FailWrites = false;

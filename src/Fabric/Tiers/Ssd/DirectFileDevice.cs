@@ -34,7 +34,7 @@ internal sealed class DirectFileDevice : StorageDeviceBase
     /// <summary>The HResult of an IOException for a write the file system had no room for (ENOSPC, or EDQUOT: a quota),
     /// which .NET sets to the errno: space can come back, unlike a device error.</summary>
     internal const int NoSpace = 28;
-    private const int QuotaExceeded = 122; // EDQUOT
+    internal const int QuotaExceeded = 122; // EDQUOT
 
     internal static bool IsNoSpace(Exception e) => e is IOException { HResult: NoSpace or QuotaExceeded };
     internal const int ChunkBytes = 4 << 20;

@@ -227,9 +227,13 @@ public sealed partial class SsdBlockStore
             // Tombstones that cancel records only in deleted segments are no longer needed.
             while (_tombstones.TryPeek(out var t) && t.DataAddress < _dataBegin)
                 _tombstones.Dequeue();
-            long keepFrom = _tombstones.TryPeek(out var first) ? first.LogAddress : _log.TailAddress;
-            _log.TruncateUntilPageStart(keepFrom);
-            _dirty = true;
+            // Not while the log is paused: it is reopened from its last good commit, and truncated at the next run.
+            if (!_logPaused && _logOpen)
+            {
+                long keepFrom = _tombstones.TryPeek(out var first) ? first.LogAddress : _log.TailAddress;
+                _log.TruncateUntilPageStart(keepFrom);
+                _dirty = true;
+            }
         }
         await JoinCommit().ConfigureAwait(false);
         Interlocked.Increment(ref _compactedSegments);

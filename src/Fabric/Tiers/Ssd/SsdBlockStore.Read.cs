@@ -158,16 +158,28 @@ public sealed partial class SsdBlockStore
         AppendTombstoneLocked(key, upTo);
     }
 
+    private static SsdLogEntry TombstoneEntry(BlockKey key, long upTo)
+    {
+        var bytes = new SsdTombstoneBytes();
+        SsdRecordHeader.WriteTombstone(bytes, key, upTo);
+        return new SsdLogEntry(bytes);
+    }
+
     private void AppendTombstoneLocked(BlockKey key, long upTo)
     {
         if (_logFault is not null)
             return;
-        var bytes = new SsdTombstoneBytes();
-        SsdRecordHeader.WriteTombstone(bytes, key, upTo);
+        if (_logPaused)
+        {
+            // The log's file system was full: the tombstone waits here, and is appended when the log is reopened.
+            _tombstones.Enqueue((NotAppended, key, upTo));
+            _dirty = true;
+            return;
+        }
         try
         {
-            long logAddress = _log.Enqueue(new SsdLogEntry(bytes));
-            _tombstones.Enqueue((logAddress, upTo));
+            long logAddress = _log.Enqueue(TombstoneEntry(key, upTo));
+            _tombstones.Enqueue((logAddress, key, upTo));
             _dirty = true;
         }
         catch (Exception e) when (e is not OutOfMemoryException)

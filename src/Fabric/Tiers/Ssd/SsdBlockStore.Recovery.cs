@@ -50,6 +50,7 @@ public sealed partial class SsdBlockStore
         foreach (var (key, entry) in _index)
             recovered[i++] = new(key, entry.Meta);
         (RecoveredCorruptRecords, RecoveredIncompleteWrites, RecoveredUnreadable, _recovered) = (corrupt, incomplete, unreadable, recovered);
+        _durableLogAddress = _log.TailAddress; // the log was recovered to its newest commit
         _committer = Task.Run(CommitLoopAsync);
         _markLoop = Task.Run(MarkLoopAsync);
     }
@@ -69,7 +70,7 @@ public sealed partial class SsdBlockStore
                 if (SsdRecordHeader.TryParseTombstone(owner.Memory.Span[..length], out long dataAddress, out _) is { } tombstone)
                 {
                     cancelledUpTo[tombstone.Key] = Math.Max(cancelledUpTo.GetValueOrDefault(tombstone.Key, -1), dataAddress);
-                    _tombstones.Enqueue((address, dataAddress));
+                    _tombstones.Enqueue((address, tombstone.Key, dataAddress));
                 }
                 else
                     corrupt++;

@@ -18,7 +18,7 @@ public sealed partial class SsdBlockStore
     private volatile bool _stopping;          // no new compaction
     private volatile bool _stopCommitter;     // set once compaction is idle: the last commit, then the committer ends
     private volatile Exception? _fault;       // writes refused: a device error on the data segments or the log
-    private volatile Exception? _logFault;    // the tombstone log failed: no more tombstones or commits
+    private volatile Exception? _logFault;    // the tombstone log failed (a device error, not a full disk): no more tombstones or commits
     private long _noSpaceUntil;               // Environment.TickCount64 until which writes are refused: the file system was full
     private volatile string? _noSpace;        // the last ENOSPC write's error
     private int _noSpaceWrites;
@@ -298,10 +298,31 @@ public sealed partial class SsdBlockStore
 
     private async Task CommitLoopAsync()
     {
+        int reopensAtStop = 0;
         while (true)
         {
-            await _commitSignal.WaitAsync().ConfigureAwait(false);
-            Volatile.Write(ref _signalled, 0);
+            // While the log is paused (its file system was full) the committer wakes when the pause ends; at shutdown at once.
+            var wait = _stopCommitter ? TimeSpan.Zero
+                : _logPaused ? TimeSpan.FromMilliseconds(Math.Max(0, Interlocked.Read(ref _logRetryAt) - Environment.TickCount64))
+                : Timeout.InfiniteTimeSpan;
+            if (await _commitSignal.WaitAsync(wait).ConfigureAwait(false))
+                Volatile.Write(ref _signalled, 0);
+            if (_logPaused)
+            {
+                // Shutdown tries once more at once (space may be back), and gives up after a second failure: the removals
+                // not yet durable are then lost, as at a crash (docs/tiers-ssd.md).
+                bool reopened = (_stopCommitter || Environment.TickCount64 >= Interlocked.Read(ref _logRetryAt)) && await ReopenLogAsync().ConfigureAwait(false);
+                if (!reopened)
+                {
+                    FailBatchWhilePaused();
+                    if (_stopCommitter && (++reopensAtStop >= 2 || _logFault is not null))
+                    {
+                        await DrainCommitsAsync().ConfigureAwait(false);
+                        return;
+                    }
+                    continue;
+                }
+            }
             await _commitSlots.WaitAsync().ConfigureAwait(false);
             TaskCompletionSource batch;
             long tail;
@@ -311,7 +332,7 @@ public sealed partial class SsdBlockStore
                 _batch = NewBatch();
                 _dirty = false;
                 // Every tombstone of this batch was appended before it joined the batch, so it lies below this tail.
-                tail = _log.TailAddress;
+                tail = _logOpen ? _log.TailAddress : 0;
             }
             var commit = CommitAsync(batch, tail);
             if (_stopCommitter)
@@ -319,15 +340,22 @@ public sealed partial class SsdBlockStore
                 await commit.ConfigureAwait(false);
                 bool more;
                 lock (_lock)
-                    more = _dirty;
+                    more = _dirty || (_logPaused && _logFault is null && reopensAtStop < 2);
                 if (!more)
                 {
-                    for (int i = 0; i < CommitsInFlight; i++)
-                        await _commitSlots.WaitAsync().ConfigureAwait(false);
+                    await DrainCommitsAsync().ConfigureAwait(false);
                     return;
                 }
+                if (_logPaused)
+                    reopensAtStop++;
             }
         }
+    }
+
+    private async Task DrainCommitsAsync()
+    {
+        for (int i = 0; i < CommitsInFlight; i++)
+            await _commitSlots.WaitAsync().ConfigureAwait(false);
     }
 
     private async Task CommitAsync(TaskCompletionSource batch, long tail)
@@ -340,17 +368,41 @@ public sealed partial class SsdBlockStore
                 batch.TrySetException(fault);
                 return;
             }
+            if (_logPaused)
+            {
+                batch.TrySetException(LogNoSpaceFailure(null));
+                return;
+            }
             await _log.CommitAsync().ConfigureAwait(false);
             // The batch's coverage is checked, not assumed: FASTER may complete a commit call on an earlier commit.
             if (_log.CommittedUntilAddress < tail)
                 await _log.WaitForCommitAsync(tail).ConfigureAwait(false);
+            // A write that failed below the tail (a page flushed on its own, or a commit beside this one) lost its range,
+            // and FASTER moved past it: nothing was committed (SsdCommitFile refused the record).
+            if (_device.FailedCode != 0)
+                throw new IOException($"a write of the tombstone log failed ({_device.LastError ?? "error " + _device.FailedCode})", _device.FailedCode);
+            lock (_lock)
+            {
+                _durableLogAddress = Math.Max(_durableLogAddress, tail);
+                if (!_logPaused)
+                    _removalsPaused = false;
+            }
             batch.TrySetResult();
         }
         catch (Exception e)
         {
-            _logFault ??= e;
-            _fault ??= e;
-            batch.TrySetException(e);
+            if (IsLogNoSpace(e))
+            {
+                // A full file system: the removals stay done in this process, not durable; the log pauses and is reopened
+                // from its last good commit after NoSpaceRetry, and every tombstone past that commit is appended again.
+                batch.TrySetException(PauseLog(e));
+            }
+            else
+            {
+                _logFault ??= e;
+                _fault ??= e;
+                batch.TrySetException(e);
+            }
         }
         finally
         {

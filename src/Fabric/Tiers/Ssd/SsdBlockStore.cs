@@ -26,10 +26,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
 
     private readonly SsdBlockStoreOptions _options;
     private readonly FileStream _lockFile;
-    private readonly IDevice _device;
+    private SsdLogDevice _device;      // replaced, with _log, when the log is reopened after a full file system
     private readonly DirectFileDevice _data;
     private readonly SsdCommitFile _commits;
-    private readonly FasterLog _log;
+    private FasterLog _log;
     private readonly object _lock = new();
     private readonly Dictionary<BlockKey, Entry> _index = [];
     private readonly Dictionary<BlockKey, TaskCompletionSource<bool>> _pending = [];
@@ -46,7 +46,10 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
     private readonly SortedSet<long> _dataInFlight = []; // data addresses being written, not yet indexed (under _lock)
     // Tombstones in the log, in log order: (log address, data address cancelled). The log is truncated below the first one
     // whose data address is still in a data segment (under _lock).
-    private readonly Queue<(long LogAddress, long DataAddress)> _tombstones = new();
+    // A tombstone appended while the log was paused (full file system) has no log address yet (NotAppended) until the log
+    // is reopened; so has one the log lost: reopening appends every tombstone past the last good commit again.
+    private Queue<(long LogAddress, BlockKey Key, long DataAddress)> _tombstones = new();
+    private const long NotAppended = long.MaxValue;
     private readonly ulong _storeKey;
 
     // Where a live block is: its record's data address (header sector, then payload) and what its header says, so a read
@@ -60,7 +63,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
 
     private static int DataBytes(int storedLength) => (int)((storedLength + SectorBytes - 1) & ~(long)(SectorBytes - 1));
 
-    private SsdBlockStore(SsdBlockStoreOptions options, ulong storeKey, FileStream lockFile, IDevice device, DirectFileDevice data, SsdCommitFile commits,
+    private SsdBlockStore(SsdBlockStoreOptions options, ulong storeKey, FileStream lockFile, SsdLogDevice device, DirectFileDevice data, SsdCommitFile commits,
         SsdSlotFile mark, FasterLog log)
     {
         _markFile = mark;
@@ -72,6 +75,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         _device = device;
         _data = data;
         _log = log;
+        _commits.Refuse = () => _device.FailedCode != 0;
         Directory = Path.GetFullPath(options.Directory);
     }
 
@@ -116,7 +120,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         get
         {
             lock (_lock)
-                return _dataTail - _dataBegin + (_log.TailAddress - _log.BeginAddress);
+                return _dataTail - _dataBegin + (_logOpen ? _log.TailAddress - _log.BeginAddress : 0);
         }
     }
 
@@ -126,7 +130,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         get
         {
             lock (_lock)
-                return _log.TailAddress - _log.BeginAddress;
+                return _logOpen ? _log.TailAddress - _log.BeginAddress : 0;
         }
     }
 
@@ -146,7 +150,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
             Zstd.EnsureAvailable();
         string dir = Path.GetFullPath(options.Directory);
         var lockFile = TakeDirectory(dir);
-        IDevice? device = null;
+        SsdLogDevice? device = null;
         DirectFileDevice? data = null;
         SsdCommitFile? commits = null;
         SsdSlotFile? mark = null;
@@ -155,8 +159,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         {
             ulong storeKey = SsdLogFormat.CheckOrCreate(dir, options, LogFileName, DataFileName);
             CheckFreeSpace(dir, options);
-            string logPath = Path.Combine(dir, LogFileName);
-            device = options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.AddressedSize);
+            device = CreateLogDevice(options);
             // Compacted segments are kept as spares for new ones (writes then go to space already written, as fio's
             // overwrite does), up to the footprint CheckFreeSpace reserved.
             int spares = (int)Math.Min(4096, (long)(options.CapacityBytes * (1 + options.CompactionSlack)) / options.SegmentBytes + 1);
@@ -167,18 +170,8 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
                 WriteFault = options.DataWriteFault,
                 DirectorySyncFault = options.DirectorySyncFault,
             };
-            var settings = new FasterLogSettings
-            {
-                LogDevice = device,
-                LogCommitManager = commits = new SsdCommitFile(Path.Combine(dir, CommitFileName)),
-                PageSizeBits = BitOperations.Log2((uint)options.LogPageBytes),
-                MemorySizeBits = BitOperations.Log2((ulong)options.LogPageBytes * (ulong)options.LogMemoryPages),
-                SegmentSizeBits = BitOperations.Log2((ulong)options.SegmentBytes),
-                TryRecoverLatest = true,
-                RemoveOutdatedCommits = true,
-                AutoRefreshSafeTailAddress = false,
-            };
-            log = await FasterLog.CreateAsync(settings, cancellationToken).ConfigureAwait(false);
+            commits = new SsdCommitFile(Path.Combine(dir, CommitFileName));
+            log = await FasterLog.CreateAsync(LogSettings(options, device, commits), cancellationToken).ConfigureAwait(false);
             mark = new SsdSlotFile(Path.Combine(dir, MarkFileName), MarkMagic);
             DirectFileDevice.SyncDirectory(dir); // the format, commit and mark files just created keep their names after a crash
             // The recovery scan reads every data segment: off the caller's thread, and without blocking a pool thread.
@@ -208,6 +201,25 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
             throw;
         }
     }
+
+    private static SsdLogDevice CreateLogDevice(SsdBlockStoreOptions options)
+    {
+        string logPath = Path.Combine(Path.GetFullPath(options.Directory), LogFileName);
+        return new SsdLogDevice(options.DeviceFactory?.Invoke(logPath) ?? new DirectFileDevice(logPath, SectorBytes, SsdRecordHeader.AddressedSize));
+    }
+
+    // Recovers the log to its newest good commit (FASTER's tail is then that commit's address).
+    private static FasterLogSettings LogSettings(SsdBlockStoreOptions options, IDevice device, SsdCommitFile commits) => new()
+    {
+        LogDevice = device,
+        LogCommitManager = commits,
+        PageSizeBits = BitOperations.Log2((uint)options.LogPageBytes),
+        MemorySizeBits = BitOperations.Log2((ulong)options.LogPageBytes * (ulong)options.LogMemoryPages),
+        SegmentSizeBits = BitOperations.Log2((ulong)options.SegmentBytes),
+        TryRecoverLatest = true,
+        RemoveOutdatedCommits = true,
+        AutoRefreshSafeTailAddress = false,
+    };
 
     // One process per directory: two writers appending to one log would destroy it. FileShare.None takes flock(LOCK_EX).
     private static FileStream TakeDirectory(string dir)
@@ -266,7 +278,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
 
     // FASTER reports a device error as a bare code; the device keeps the message with the file and the errno text.
     private string DeviceError(Exception e) =>
-        _device is DirectFileDevice { LastError: { } detail } && !e.Message.Contains(detail, StringComparison.Ordinal) ? $"{e.Message}: {detail}" : e.Message;
+        _device.LastError is { } detail && !e.Message.Contains(detail, StringComparison.Ordinal) ? $"{e.Message}: {detail}" : e.Message;
 
     [DoesNotReturn]
     private void ThrowFaulted(Exception fault) =>
@@ -288,8 +300,11 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         _stopCommitter = true;
         _commitSignal.Release();
         await _committer.ConfigureAwait(false);
-        _log.Dispose();
-        _device.Dispose();
+        if (_logOpen)
+        {
+            _log.Dispose();
+            _device.Dispose();
+        }
         _data.Dispose();
         _commits.Dispose();
         _lockFile.Dispose();

@@ -15,8 +15,14 @@ internal sealed class SsdCommitFile(string path) : ILogCommitManager
 
     private readonly SsdSlotFile _slots = new(path, Magic);
 
+    /// <summary>Asked before each commit record: true skips it (a write of the log failed, and FASTER would record an
+    /// address past the lost range; the store reopens the log from the last good commit instead).</summary>
+    public Func<bool>? Refuse { get; set; }
+
     public void Commit(long beginAddress, long untilAddress, byte[] commitMetadata, long commitNum, bool forceWriteMetadata)
     {
+        if (Refuse?.Invoke() == true)
+            return;
         if (commitMetadata.Length > SsdSlotFile.ContentBytes)
             throw new TierException($"FASTER commit metadata of {commitMetadata.Length} bytes does not fit a {SsdSlotFile.SlotBytes}-byte slot of {path}; "
                 + "this SSD tier uses no named iterators or cookies, so this is a bug: report it.");
