@@ -9,7 +9,8 @@ public enum KvEventKind : byte
     Stored = 0,
     // The block is no longer held in Tier (evicted, demoted out of it, deleted, or dropped after corruption).
     Removed = 1,
-    // Every block of Tier is gone (ClearAsync). Block, Parent and Depth are unset; Tenant is 0 (all tenants).
+    // Every block of Tier is gone (ClearAsync, when it kept no pinned or in-use block; otherwise it sends a Removed per
+    // block it dropped). Block, Parent and Depth are unset; Tenant is 0 (all tenants).
     Cleared = 2,
 }
 

@@ -102,43 +102,53 @@ public sealed partial class TierManager
         return (dropped, kept);
     }
 
-    // Drops every block of every tier, with a Cleared event per tier. Refused while any block is in use by a transfer.
-    public async ValueTask ClearAsync(CancellationToken cancellationToken = default)
+    // Drops every block of every tier except those a transfer relies on: a block in use (a read or a transfer reading it
+    // in place) or pinned by a lease stays, with its ancestors (leaf-first), so a Clear never pulls bytes out from under
+    // a transfer; the result counts both. Events say exactly what went: when nothing stays, one Cleared per tier (every
+    // block of the tier is gone); when something stays, a Removed per dropped copy, and no Cleared.
+    public async ValueTask<ClearResult> ClearAsync(CancellationToken cancellationToken = default)
     {
         await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
+            int dropped = 0, kept = 0;
             lock (_lock)
             {
                 ObjectDisposedException.ThrowIf(_disposed, this);
-                foreach (var (key, b) in _index)
+                Tick();
+                bool anyBusy = false;
+                var roots = new List<int>();
+                foreach (var (_, b) in _index)
                 {
-                    if (_inUse[b] > 0)
-                        throw new TierException($"cannot clear: block {key} is in use by a transfer; dispose its BlockUseScope (or wait for the read) and retry");
+                    anyBusy |= _inUse[b] > 0 || IsPinned(b);
+                    if (_parent[b] == None)
+                        roots.Add(b);
                 }
-                _muted = true; // one Cleared per tier instead of a Removed per block
+                _muted = !anyBusy; // one Cleared per tier instead of a Removed per block
                 try
                 {
-                    var roots = new List<int>();
-                    foreach (var (_, b) in _index)
-                    {
-                        if (_parent[b] == None)
-                            roots.Add(b);
-                    }
                     foreach (int root in roots)
-                        DropSubtree(root, honorPins: false);
+                    {
+                        var (d, k) = DropSubtree(root, honorPins: true);
+                        dropped += d;
+                        kept += k;
+                    }
                 }
                 finally
                 {
                     _muted = false;
                 }
-                foreach (var tier in _tiers)
+                if (!anyBusy)
                 {
-                    ++_sequence;
-                    _events?.OnEvent(new KvEvent(_sequence, KvEventKind.Cleared, 0, tier.Kind, default, default, 0));
+                    foreach (var tier in _tiers)
+                    {
+                        ++_sequence;
+                        _events?.OnEvent(new KvEvent(_sequence, KvEventKind.Cleared, 0, tier.Kind, default, default, 0));
+                    }
                 }
             }
             FlushRemovals();
+            return new ClearResult(dropped, kept);
         }
         finally
         {

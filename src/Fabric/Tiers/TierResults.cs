@@ -44,6 +44,9 @@ public readonly record struct LookupResult(int Matched, int Served);
 
 public readonly record struct DeleteResult(int Deleted, int KeptBusy);
 
+// Cleared: blocks dropped. KeptBusy: blocks kept because they were pinned or in use by a transfer, with their ancestors.
+public readonly record struct ClearResult(int Cleared, int KeptBusy);
+
 // Per tier. BytesIn/BytesOut count every block that entered or left the tier (puts, moves, deletes); BytesMovedIn
 // only what arrived by demotion or promotion from another tier. Evictions counts blocks evicted to make room.
 public sealed record TierStats(

@@ -1,3 +1,4 @@
+using KvFabric.Blocks;
 using KvFabric.Tiers;
 using Xunit;
 using static KvFabric.Tests.Tiers.TierTestData;
@@ -292,12 +293,69 @@ public sealed class TierManagerTests
     {
         await using var rig = new TierRig([1, 4]);
         await rig.Put(0, 3);
-        await rig.Manager.ClearAsync();
+        Assert.Equal(new ClearResult(3, 0), await rig.Manager.ClearAsync());
         Assert.Equal(0, rig.Manager.Stats().Blocks);
         Assert.All(rig.Stores, s => Assert.Equal(0, s.Count));
         Assert.Equal([KvEventKind.Cleared, KvEventKind.Cleared], rig.Sink.Events.TakeLast(2).Select(e => e.Kind));
         var seq = rig.Sink.Events.Select(e => e.Sequence).ToArray();
         Assert.Equal(Enumerable.Range(1, seq.Length).Select(i => (ulong)i), seq);
+    }
+
+    // A Clear must not pull bytes out from under a transfer: pinned and in-use blocks stay (with their ancestors), and
+    // the events name exactly the copies that went, so an index fed by them matches what the tiers hold.
+    [Fact]
+    public async Task Clear_keeps_pinned_and_in_use_blocks_and_its_events_say_exactly_what_went()
+    {
+        await using var rig = new TierRig([2, 8]);
+        await rig.Put(0, 3);            // 0 <- 1 <- 2
+        await rig.Put(10, 2);           // 10 <- 11
+        await rig.Put(20, 2);           // 20 <- 21: nothing holds it
+        Assert.Equal(2, rig.Manager.Pin(0, Hashes(0, 2), TimeSpan.FromHours(1)));
+        rig.Time.Advance(TimeSpan.FromMinutes(1));
+        using (var use = rig.Manager.Acquire(0, Hashes(10, 1)))
+        {
+            Assert.Equal(1, use.Count);
+            int before = rig.Sink.Events.Count;
+            Assert.Equal(new ClearResult(Cleared: 4, KeptBusy: 3), await rig.Manager.ClearAsync());
+
+            foreach (int kept in new[] { 0, 1, 10 })
+                Assert.NotEqual(0, rig.Residency(kept));
+            foreach (int gone in new[] { 2, 11, 20, 21 })
+                Assert.Equal(0, rig.Residency(gone));
+            Assert.Equal(3, rig.Manager.Stats().Blocks);
+            foreach (int gone in new[] { 2, 11, 20, 21 })
+                Assert.All(rig.Stores, store => Assert.False(store.Contains(new BlockKey(0, Hash(gone))), $"block {gone} still in {store.Kind}"));
+            var (read, buffers) = await rig.Get(0, 2);
+            Assert.Equal(2, read);
+            Assert.Equal(Bytes(0, TierRig.BlockBytes), buffers[0]);
+            Assert.Equal(Bytes(1, TierRig.BlockBytes), buffers[1]);
+
+            var after = rig.Sink.Events.Skip(before).ToList();
+            Assert.DoesNotContain(after, e => e.Kind == KvEventKind.Cleared); // Cleared would say the kept blocks went too
+            Assert.All(after, e => Assert.Equal(KvEventKind.Removed, e.Kind));
+            Assert.Equal(new[] { 2, 11, 20, 21 }.Select(n => Hash(n).ToString()).Order(), after.Select(e => e.Block.ToString()).Distinct().Order());
+        }
+
+        // Every event replayed over an empty index gives what the tiers hold (a snapshot lists it).
+        var model = new HashSet<(TierKind Tier, BlockHash Block)>();
+        foreach (var e in rig.Sink.Events)
+        {
+            if (e.Kind == KvEventKind.Stored)
+                Assert.True(model.Add((e.Tier, e.Block)), $"stored twice: {e.Block} in {e.Tier}");
+            else if (e.Kind == KvEventKind.Removed)
+                Assert.True(model.Remove((e.Tier, e.Block)), $"removed but not held: {e.Block} in {e.Tier}");
+            else
+                model.RemoveWhere(x => x.Tier == e.Tier);
+        }
+        Assert.Equal(rig.Manager.SnapshotEvents().Select(e => $"{e.Tier} {e.Block}").Order(), model.Select(x => $"{x.Tier} {x.Block}").Order());
+        var seq = rig.Sink.Events.Select(e => e.Sequence).ToArray();
+        Assert.Equal(Enumerable.Range(1, seq.Length).Select(i => (ulong)i), seq);
+
+        // Once nothing holds them, the next Clear takes them and says so with one Cleared per tier.
+        Assert.Equal(2, rig.Manager.Unpin(0, Hashes(0, 2)));
+        Assert.Equal(new ClearResult(3, 0), await rig.Manager.ClearAsync());
+        Assert.Equal(0, rig.Manager.Stats().Blocks);
+        Assert.Equal([KvEventKind.Cleared, KvEventKind.Cleared], rig.Sink.Events.TakeLast(2).Select(e => e.Kind));
     }
 
     [Fact]
