@@ -186,6 +186,8 @@ public sealed class SidecarHost : IAsyncDisposable
             () => _tiers?.Ssd is { } ssd ? [([], ssd.NoSpaceLogCommits)] : []);
         Metrics.AddGauge("kvfabric_ssd_removals_not_durable", "SSD tier removals whose tombstone is not committed yet (a crash now would bring those blocks back).", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.RemovalsNotDurable)] : []);
+        Metrics.AddCounter("kvfabric_ssd_writes_refused_compaction_behind", "SSD tier writes refused because compaction had fallen behind (the data segments would outgrow the disk reserved at start).", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.WritesRefusedCompactionBehind)] : []);
         Metrics.AddCounter("kvfabric_ssd_compacted_segments", "SSD tier data segments freed by compaction.", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.CompactedSegments)] : []);
         Metrics.AddCounter("kvfabric_ssd_compaction_dropped_unreadable", "Blocks SSD compaction dropped because they could not be read back.", [],

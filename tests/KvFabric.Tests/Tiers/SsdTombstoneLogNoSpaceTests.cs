@@ -128,7 +128,7 @@ public sealed class SsdTombstoneLogNoSpaceTests
     public async Task A_real_full_file_system_pauses_removals_and_they_resume_once_space_is_freed()
     {
         using var mount = new TempDir();
-        RunMount($"-t tmpfs -o size=24m tmpfs {mount.Path}");
+        RunMount($"-t tmpfs -o size=40m tmpfs {mount.Path}"); // the store's reserve (SsdBlockStore.FootprintBytes: 27 MiB) must fit
         try
         {
             string dir = Path.Combine(mount.Path, "ssd");

@@ -22,6 +22,11 @@ public sealed partial class SsdBlockStore
     private long _noSpaceUntil;               // Environment.TickCount64 until which writes are refused: the file system was full
     private volatile string? _noSpace;        // the last ENOSPC write's error
     private int _noSpaceWrites;
+    private int _writesRefusedCompactionBehind;
+
+    /// <summary>Writes refused (false) because compaction had fallen behind: the data segments would have outgrown the disk
+    /// the store reserved at open (<see cref="SsdBlockStoreOptions.CompactionSlack"/> and one segment past the live records).</summary>
+    public int WritesRefusedCompactionBehind => Volatile.Read(ref _writesRefusedCompactionBehind);
 
     /// <summary>True once a device error stopped writes (until the store is reopened); a full file system only pauses them.</summary>
     public bool WritesStopped => _fault is not null;
@@ -77,6 +82,7 @@ public sealed partial class SsdBlockStore
             {
                 TaskCompletionSource<bool>? sameKey, done = null;
                 long dataAddress = -1;
+                bool behind = false;
                 lock (_lock)
                 {
                     if (_index.ContainsKey(key))
@@ -88,6 +94,13 @@ public sealed partial class SsdBlockStore
                         long disk = SsdRecordHeader.SectorSize + DataBytes(payload.Length);
                         if (_used + _reserved + payload.Length > _options.CapacityBytes || _liveDataBytes + _reservedDisk + disk > _diskBudget)
                             return false;
+                        // Compaction is behind (dead records past the slack and a segment more): the store would outgrow
+                        // the disk it reserved at open. Refused like a full tier, until compaction frees a segment.
+                        behind = _dataTail - _dataBegin + disk > _spanLimit;
+                    }
+                    if (sameKey is null && !behind)
+                    {
+                        long disk = SsdRecordHeader.SectorSize + DataBytes(payload.Length);
                         _reserved += payload.Length;
                         _reservedDisk += disk;
                         done = new TaskCompletionSource<bool>(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -95,6 +108,12 @@ public sealed partial class SsdBlockStore
                         dataAddress = ReserveDataLocked(payload.Length);
                         _writers++;
                     }
+                }
+                if (behind)
+                {
+                    Interlocked.Increment(ref _writesRefusedCompactionBehind);
+                    MaybeStartCompaction();
+                    return false;
                 }
                 if (sameKey is null)
                     return await WriteRecordAsync(key, meta, payload, codec, dataAddress, done!, cancellationToken).ConfigureAwait(false);

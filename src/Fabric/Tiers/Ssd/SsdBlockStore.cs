@@ -38,6 +38,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
     private long _reserved;
     private long _reservedDisk;        // disk bytes of the records being written (under _lock)
     private readonly long _diskBudget; // live records' disk bytes the store may hold: CapacityBytes x DiskBytesPerStoredByte
+    private readonly long _spanLimit;  // data bytes writes may span, dead ones included (DataSpanLimit): beyond, compaction is behind
     private int _disposed;
     // Data segments: payloads are appended at _dataTail (4 KiB aligned, never straddling a segment); compaction frees
     // segments below _dataBegin. Addresses are never reused while a committed reference may point at them.
@@ -69,6 +70,7 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         _markFile = mark;
         _storeKey = storeKey;
         _diskBudget = (long)(options.CapacityBytes * DiskBytesPerStoredByte(options));
+        _spanLimit = DataSpanLimit(options);
         _commits = commits;
         _options = options;
         _lockFile = lockFile;
@@ -248,8 +250,25 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         }
     }
 
-    // The log may grow to capacity x (1 + slack) plus a segment before compaction frees one: refuse a capacity the file
-    // system cannot hold, rather than fail with ENOSPC hours later.
+    // The data segments span at most DataSpanLimit for writes: live records (CapacityBytes x perByte) and dead ones up to
+    // the slack (compaction starts there), plus one segment of lag for compaction; past it writes are refused until
+    // compaction frees a segment. Compaction's copies go past the limit (they are what frees space): up to one segment's
+    // live records while the segment they leave is still on disk. The tail segment is preallocated whole. The log keeps
+    // a segment below its begin address until FASTER deletes the file, and a tombstone (96 bytes with FASTER's framing)
+    // per removed record not yet compacted away (a record takes at least 8 KiB). So the disk the store may take:
+    internal static long DataSpanLimit(SsdBlockStoreOptions options) =>
+        (long)(options.CapacityBytes * (1 + options.CompactionSlack) * DiskBytesPerStoredByte(options)) + options.SegmentBytes;
+
+    internal static long FootprintBytes(SsdBlockStoreOptions options)
+    {
+        long span = DataSpanLimit(options);
+        long tombstones = span / (2 * SsdRecordHeader.SectorSize) * 96;
+        return span + 2L * options.SegmentBytes /* compaction's copies, the preallocated tail */
+            + options.SegmentBytes + tombstones + 2L * options.LogPageBytes /* the log */;
+    }
+
+    // Refuse a capacity the file system cannot hold, rather than fail with ENOSPC hours later (or leave compaction no
+    // room to copy into, which is the only way space comes back).
     private static void CheckFreeSpace(string dir, SsdBlockStoreOptions options)
     {
         long existing = System.IO.Directory.EnumerateFiles(dir, LogFileName + ".*").Concat(System.IO.Directory.EnumerateFiles(dir, DataFileName + ".*"))
@@ -257,12 +276,13 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
         long available = new DriveInfo(dir).AvailableFreeSpace + existing;
         double perByte = DiskBytesPerStoredByte(options);
         int block = options.BlockBytes > 0 ? options.BlockBytes : Math.Min(options.MaxBlockBytes, 64 << 10);
-        long needed = (long)(options.CapacityBytes * (1 + options.CompactionSlack) * perByte) + options.SegmentBytes;
+        long needed = FootprintBytes(options);
         if (available < needed)
             throw new TierException($"The SSD tier in {dir} needs up to {needed >> 20} MiB of disk (CapacityBytes {options.CapacityBytes >> 20} MiB "
-                + $"x (1 + CompactionSlack {options.CompactionSlack}) x {perByte:F3} for the header sectors of {block}-byte blocks + one segment), "
-                + $"but only {available >> 20} MiB is free there; "
-                + "lower CapacityBytes or free space on that file system.");
+                + $"x (1 + CompactionSlack {options.CompactionSlack}) x {perByte:F3} for the header sectors of {block}-byte blocks, + 4 segments of "
+                + $"{options.SegmentBytes >> 20} MiB for compaction's lag and copies, the preallocated tail and the log, + the tombstones), "
+                + $"but only {available >> 20} MiB is free there (counting the store's own files); "
+                + "lower CapacityBytes or free space on that file system (for a small tier, a smaller SegmentBytes also lowers the reserve).");
     }
 
     // Each record also takes a 4 KiB header sector and its padding: the disk a stored byte takes for the blocks expected
