@@ -61,6 +61,9 @@ public interface IBlockStore : IDisposable
     // Throws BlockCorruptException when the bytes fail their checksum.
     ValueTask<bool> ReadAsync(BlockKey key, Memory<byte> destination, CancellationToken cancellationToken = default);
 
+    // Removes a block from this process at once (true when it was stored). For a durable store the removal may become
+    // durable later (the SSD store's next group commit, or once a full file system has room again): a crash before
+    // then can bring the block back, intact, and a restart lists it in Recovered.
     bool Remove(BlockKey key);
 }
 

@@ -126,7 +126,8 @@ public sealed partial class SsdBlockStore
 
     /// <summary>
     /// Removes a block: it is gone from this process at once, and a tombstone record makes the removal durable at the next
-    /// group commit (started right away). A crash before that commit can bring the block back, intact.
+    /// group commit (started right away). A crash before that commit can bring the block back, intact. While the log's
+    /// file system is full, that commit waits until space is back (<see cref="RemovalsNotDurable"/> counts such removals).
     /// </summary>
     public bool Remove(BlockKey key)
     {
