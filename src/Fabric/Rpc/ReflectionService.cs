@@ -29,7 +29,43 @@ public sealed class ReflectionService
         foreach (FileDescriptor f in files)
             Index(f);
         Index(ReflectionReflection.Descriptor);
+        Index(AlphaDescriptor.Value);
     }
+
+    /// <summary>
+    /// The schema of grpc.reflection.v1alpha: v1's file under v1alpha's name and package (the protocol's two versions are
+    /// the same messages). list_services names the v1alpha service, so it must resolve too: grpcurl's describe (all
+    /// services), grpcui and Postman fetch the schema of every listed service and fail on one that is NOT_FOUND.
+    /// </summary>
+    internal static readonly Lazy<FileDescriptor> AlphaDescriptor = new(() =>
+    {
+        const string from = ".grpc.reflection.v1.", to = ".grpc.reflection.v1alpha.";
+        FileDescriptorProto proto = FileDescriptorProto.Parser.ParseFrom(ReflectionReflection.Descriptor.SerializedData);
+        proto.Name = "grpc/reflection/v1alpha/reflection.proto";
+        proto.Package = "grpc.reflection.v1alpha";
+        proto.Options?.ClearCsharpNamespace();
+        static string Renamed(string type) => type.StartsWith(from, StringComparison.Ordinal) ? to + type[from.Length..] : type;
+        static void Rename(DescriptorProto message)
+        {
+            foreach (FieldDescriptorProto f in message.Field.Where(f => f.HasTypeName))
+                f.TypeName = Renamed(f.TypeName);
+            foreach (DescriptorProto nested in message.NestedType)
+                Rename(nested);
+        }
+
+        foreach (DescriptorProto m in proto.MessageType)
+            Rename(m);
+        foreach (ServiceDescriptorProto s in proto.Service)
+        {
+            foreach (MethodDescriptorProto m in s.Method)
+            {
+                m.InputType = Renamed(m.InputType);
+                m.OutputType = Renamed(m.OutputType);
+            }
+        }
+
+        return FileDescriptor.BuildFromByteStrings([proto.ToByteString()])[0];
+    });
 
     public void Register(GrpcRouter router)
     {

@@ -69,6 +69,34 @@ public sealed class ReflectionTests
         Assert.Equal("kvfabric.v1.Fabric.Lookup", answers[1].OriginalRequest.FileContainingSymbol);
     }
 
+    /// <summary>
+    /// What grpcurl's describe (with no symbol), grpcui and Postman do: list the services, then fetch the schema of each.
+    /// One listed but not resolvable (v1alpha was) fails the whole client.
+    /// </summary>
+    [Fact]
+    public async Task Every_listed_service_resolves_to_a_file_that_defines_it()
+    {
+        await using var host = Host();
+        await host.StartAsync();
+        await AssertEveryServiceResolvesAsync(host.GrpcEndpoint!);
+    }
+
+    private static async Task AssertEveryServiceResolvesAsync(System.Net.IPEndPoint server)
+    {
+        string[] services = [.. (await AskAsync(server, V1, new ServerReflectionRequest { ListServices = "*" }))[0].ListServicesResponse.Service.Select(s => s.Name)];
+        Assert.Contains("grpc.reflection.v1alpha.ServerReflection", services);
+        var answers = await AskAsync(server, V1Alpha, [.. services.Select(s => new ServerReflectionRequest { FileContainingSymbol = s })]);
+        for (int i = 0; i < services.Length; i++)
+        {
+            Assert.True(answers[i].MessageResponseCase == ServerReflectionResponse.MessageResponseOneofCase.FileDescriptorResponse,
+                $"{services[i]}: {answers[i].ErrorResponse?.ErrorMessage}");
+            IReadOnlyList<FileDescriptor> built = FileDescriptor.BuildFromByteStrings(answers[i].FileDescriptorResponse.FileDescriptorProto.Reverse());
+            ServiceDescriptor service = built.SelectMany(f => f.Services).Single(s => s.FullName == services[i]);
+            Assert.NotEmpty(service.Methods);
+            Assert.All(service.Methods, m => Assert.StartsWith(service.File.Package + ".", m.InputType.FullName, StringComparison.Ordinal));
+        }
+    }
+
     [Fact]
     public async Task A_question_it_cannot_answer_gets_an_error_response_and_the_stream_goes_on()
     {
@@ -112,6 +140,7 @@ public sealed class ReflectionTests
             answers[0].ListServicesResponse.Service.Select(s => s.Name));
         Assert.Equal("kvfabric/v1/worker.proto", FileDescriptorProto.Parser.ParseFrom(answers[1].FileDescriptorResponse.FileDescriptorProto[0]).Name);
         Assert.Equal((int)StatusCode.NotFound, answers[2].ErrorResponse.ErrorCode); // a worker does not serve the sidecar's API
+        await AssertEveryServiceResolvesAsync(worker.Endpoint!);
     }
 
     [Fact]
