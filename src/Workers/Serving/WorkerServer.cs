@@ -286,7 +286,20 @@ public sealed class WorkerServer : IAsyncDisposable
             response.HandoffAttempts = (uint)attempt;
 
             // Offload after the hand-off: the decode side is already generating; this only serves later requests.
-            await OffloadAsync(cache, outcome, response, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                await OffloadAsync(cache, outcome, response, cancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or RpcException { Status: StatusCode.Cancelled } && cancellationToken.IsCancellationRequested)
+            {
+                // Cut off (the drain period ended, or the caller left): the KV is with the decode worker, which streams the
+                // tokens, so the Prefill did its job. An error here would make the driver give up (or redo) a request
+                // that is being served; only later requests' reuse of these blocks is lost.
+                Interlocked.Increment(ref _fallbacks);
+                _log.LogWarning("the offload of request {Request}'s computed blocks was cut off ({Error}); its hand-off is done, later requests will compute them again",
+                    ticket.RequestId, e.Message);
+            }
+
             Interlocked.Increment(ref _completed);
             return response;
         }

@@ -126,6 +126,72 @@ public sealed class WorkerServerTests
         Assert.Equal(StatusCode.FailedPrecondition, (await Assert.ThrowsAsync<RpcException>(async () => await stream.ReadAsync())).Status);
     }
 
+    /// <summary>
+    /// A prefill worker stops while a Prefill whose hand-off is done offloads to a sidecar that does not answer: the
+    /// drain period cuts the offload off, but the Prefill still succeeds (its decode worker is streaming the tokens; an
+    /// UNAVAILABLE made the driver cancel that stream and redo the request, or fail it once tokens had come).
+    /// </summary>
+    [Fact]
+    public async Task A_prefill_whose_offload_the_drain_cuts_off_still_succeeds()
+    {
+        // A "sidecar" that takes connections and never answers: the offload's Put hangs until it is cancelled.
+        using var silent = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        silent.Start();
+        var held = new System.Collections.Concurrent.ConcurrentBag<System.Net.Sockets.TcpClient>();
+        _ = Task.Run(async () =>
+        {
+            try
+            {
+                while (true)
+                    held.Add(await silent.AcceptTcpClientAsync());
+            }
+            catch (Exception e) when (e is ObjectDisposedException or System.Net.Sockets.SocketException)
+            {
+                // the test ended
+            }
+        });
+
+        await using var decode = new WorkerServer(new WorkerOptions { Role = WorkerRole.Decode, Name = "decode-test", Model = "tiny", KvBlocks = 64, HandoffSlots = 8 },
+            NullLoggerFactory.Instance);
+        await decode.StartAsync();
+        var prefill = new WorkerServer(new WorkerOptions
+        {
+            Role = WorkerRole.Prefill, Name = "prefill-test", Model = "tiny", KvBlocks = 64, Sidecar = $"http://{silent.LocalEndpoint}",
+            DrainTimeout = TimeSpan.FromMilliseconds(300),
+        }, NullLoggerFactory.Instance);
+        Task? stopping = null;
+        try
+        {
+            await prefill.StartAsync();
+            using var decodeClient = new WorkerClient("decode-test", $"http://{decode.Endpoint}", "dev", "dev");
+            using var prefillClient = new WorkerClient("prefill-test", $"http://{prefill.Endpoint}", "dev", "dev");
+            var call = new CallOptions(TimeSpan.FromSeconds(60), CancellationToken.None);
+            int[] prompt = [.. Enumerable.Range(1, 2 * ModelConfigs.Tiny.TokensPerBlock + 1)];
+
+            HandoffReservation ticket = (await decodeClient.ReserveAsync(91, prompt.Length, call)).Ticket;
+            var decodeRequest = new DecodeRequest { RequestId = 91, MaxNewTokens = 4 };
+            decodeRequest.Prompt.Add(prompt);
+            await using var stream = decodeClient.Decode(decodeRequest, call);
+            var request = new PrefillRequest { RequestId = 91, Ticket = ticket, NoReuse = true }; // no Fetch: only the offload meets the silent sidecar
+            request.Prompt.Add(prompt);
+            Task<PrefillResponse> prefilled = prefillClient.PrefillAsync(request, call);
+
+            // The first token means the KV arrived: the Prefill is past its hand-off, in (or on its way to) the offload.
+            Assert.NotNull(await stream.ReadAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.False(prefilled.IsCompleted, "the offload to a sidecar that never answers finished");
+            stopping = prefill.DisposeAsync().AsTask();
+            PrefillResponse response = await prefilled.WaitAsync(TimeSpan.FromSeconds(60));
+            Assert.Equal(0u, response.OffloadedBlocks);
+            Assert.Equal(1u, response.HandoffAttempts);
+        }
+        finally
+        {
+            await (stopping ?? prefill.DisposeAsync().AsTask()).WaitAsync(TimeSpan.FromSeconds(60));
+            foreach (var c in held)
+                c.Dispose();
+        }
+    }
+
     [Fact]
     public async Task A_generate_asking_for_no_tokens_or_too_many_is_refused_before_its_prefill()
     {
