@@ -145,7 +145,26 @@ public sealed class Deployment : IAsyncDisposable
     private async Task<SidecarHost> StartSidecarAsync(SidecarOptions options, CancellationToken cancellationToken)
     {
         var host = new SidecarHost(options, _options.Logs, _cluster?.CreatePeer());
-        await host.StartAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await host.StartAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (Exception start)
+        {
+            // Not in _sidecars yet, so DisposeAsync would never reach it: its transfer agent, staging memory and (when the
+            // failure came after it) its gRPC server would outlive the failed start.
+            try
+            {
+                await host.DisposeAsync().ConfigureAwait(false);
+            }
+            catch (Exception dispose)
+            {
+                throw new AggregateException($"sidecar {options.Node} did not start ({start.Message}), and stopping what it had opened failed too ({dispose.Message})", start, dispose);
+            }
+
+            throw;
+        }
+
         return host;
     }
 
