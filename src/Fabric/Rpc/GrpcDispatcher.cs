@@ -8,9 +8,9 @@ namespace KvFabric.Rpc;
 /// Turns an HTTP/2 request into a gRPC call: checks the protocol, authenticates, applies grpc-timeout, runs the handler,
 /// and always ends with grpc-status/grpc-message (in headers for a trailers-only response, else in trailers). A handler
 /// that throws never drops the stream: RpcException keeps its status, cancellation becomes CANCELLED or
-/// DEADLINE_EXCEEDED, anything else INTERNAL (logged with the call).
+/// DEADLINE_EXCEEDED, anything else INTERNAL (logged with the call). At shutdown (<see cref="ShutdownAsync"/>) calls end as UNAVAILABLE.
 /// </summary>
-public sealed class GrpcDispatcher
+public sealed partial class GrpcDispatcher
 {
     private static readonly double[] LatencyBuckets = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
     private static readonly TimeSpan MaxTimer = TimeSpan.FromDays(30);
@@ -52,6 +52,20 @@ public sealed class GrpcDispatcher
 
     public async Task HandleAsync(HttpContext http)
     {
+        // Counted before the shutdown check inside: ShutdownAsync cancels first, then waits for the count.
+        Interlocked.Increment(ref _running);
+        try
+        {
+            await HandleCoreAsync(http).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _running);
+        }
+    }
+
+    private async Task HandleCoreAsync(HttpContext http)
+    {
         HttpRequest request = http.Request;
         HttpResponse response = http.Response;
         if (!HttpMethods.IsPost(request.Method) || !GrpcProtocol.IsGrpcContentType(request.ContentType))
@@ -70,14 +84,20 @@ public sealed class GrpcDispatcher
 
         StatusCode status = StatusCode.OK;
         string? detail = null;
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
+        bool routed = _router.TryGet(path, out var route);
+        bool watch = routed && route.Watch;
+        CancellationToken shutdown = watch ? _stopping.Token : _drainOver.Token;
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted); // the client and the deadline
+        using var callCts = CancellationTokenSource.CreateLinkedTokenSource(cts.Token, shutdown);
         ServerCall? call = null;
         bool deadlineHit = false;
         DateTime? deadline = null;
         TimeSpan? budget = null; // the grpc-timeout, measured on the monotonic clock from `started`
         try
         {
-            if (!_router.TryGet(path, out var route))
+            if (_stopping.IsCancellationRequested)
+                throw Refused(path);
+            if (!routed)
                 throw new RpcException(StatusCode.Unimplemented, $"method {path} is not served here; served: {string.Join(", ", _router.Services)}");
 
             string? timeout = request.Headers[GrpcProtocol.TimeoutHeader].FirstOrDefault();
@@ -102,10 +122,20 @@ public sealed class GrpcDispatcher
             Tenant? tenant = route.Authenticated
                 ? _tenants.Authenticate(request.Headers.Authorization.FirstOrDefault(), request.Headers[GrpcProtocol.TenantHeader].FirstOrDefault())
                 : null;
-            call = new ServerCall(http, path, tenant, cts.Token, deadline, _maxReceiveBytes, Time, started, budget) { StallTimeout = StreamStallTimeout };
+            call = new ServerCall(http, path, tenant, callCts.Token, deadline, _maxReceiveBytes, Time, started, budget)
+            {
+                StallTimeout = StreamStallTimeout, Shutdown = shutdown, WriteToken = cts.Token,
+            };
             try
             {
                 await route.Handler(call).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or RpcException { Status: StatusCode.Cancelled }
+                                      && shutdown.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested
+                                      && !(budget is { } b && Time.GetElapsedTime(started) >= b))
+            {
+                // The node is stopping, not the client cancelling: UNAVAILABLE says to go elsewhere.
+                throw EndedByShutdown(path, watch);
             }
             catch (OperationCanceledException) when (cts.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
             {
@@ -147,7 +177,7 @@ public sealed class GrpcDispatcher
             _log.LogError(e, "gRPC {Method} from {Peer} failed", path, http.Connection.RemoteIpAddress);
         }
 
-        string method = _router.TryGet(path, out _) ? path : "unknown";
+        string method = routed ? path : "unknown";
         _callSeries.GetOrAdd((method, status), k => _calls.WithLabels(k.Item1, k.Item2.ToString())).Add(1);
         _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Time.GetElapsedTime(started).TotalSeconds);
         if (status != StatusCode.OK && status != StatusCode.Cancelled)

@@ -8,7 +8,11 @@ public sealed class GrpcRouter
 {
     private readonly Dictionary<string, Route> _routes = new(StringComparer.Ordinal);
 
-    internal sealed record Route(string Path, bool Authenticated, Func<ServerCall, Task> Handler);
+    /// <param name="Watch">
+    /// A long-lived stream that only waits for changes (health Watch, SubscribeEvents): at shutdown it ends at once (as
+    /// UNAVAILABLE, so its client resubscribes elsewhere) instead of holding the drain period that calls doing work get.
+    /// </param>
+    internal sealed record Route(string Path, bool Authenticated, Func<ServerCall, Task> Handler, bool Watch = false);
 
     public IEnumerable<string> Paths => _routes.Keys;
 
@@ -41,13 +45,15 @@ public sealed class GrpcRouter
             }
         });
 
-    public void ServerStreaming<TReq>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task> handler, bool authenticated = true)
+    /// <param name="watch">A stream that only waits for changes and ends at once at shutdown (see <see cref="Route.Watch"/>).</param>
+    public void ServerStreaming<TReq>(string path, MessageParser<TReq> parser, Func<TReq, ServerCall, Task> handler, bool authenticated = true,
+        bool watch = false)
         where TReq : class, IMessage<TReq> =>
         Add(path, authenticated, async call =>
         {
             TReq request = await ReadSingleAsync(call, parser).ConfigureAwait(false);
             await handler(request, call).ConfigureAwait(false);
-        });
+        }, watch);
 
     public void ClientStreaming<TResp>(string path, Func<ServerCall, Task<TResp>> handler, bool authenticated = true)
         where TResp : IMessage<TResp> =>
@@ -64,11 +70,11 @@ public sealed class GrpcRouter
             await handler(call).ConfigureAwait(false);
         });
 
-    private void Add(string path, bool authenticated, Func<ServerCall, Task> handler)
+    private void Add(string path, bool authenticated, Func<ServerCall, Task> handler, bool watch = false)
     {
         if (!path.StartsWith('/') || path.Count(c => c == '/') != 2)
             throw new ArgumentException($"a gRPC method path looks like /package.Service/Method; got '{path}'", nameof(path));
-        if (!_routes.TryAdd(path, new Route(path, authenticated, handler)))
+        if (!_routes.TryAdd(path, new Route(path, authenticated, handler, watch)))
             throw new ArgumentException($"{path} is registered twice", nameof(path));
     }
 

@@ -56,29 +56,43 @@ public sealed class HealthService
                     : throw new RpcException(StatusCode.NotFound, $"unknown service '{r.Service}'");
             }
         }, authenticated: false);
-        router.ServerStreaming<HealthCheckRequest>($"/{Name}/Watch", HealthCheckRequest.Parser, WatchAsync, authenticated: false);
+        router.ServerStreaming<HealthCheckRequest>($"/{Name}/Watch", HealthCheckRequest.Parser, WatchAsync, authenticated: false, watch: true);
     }
 
     private async Task WatchAsync(HealthCheckRequest request, ServerCall call)
     {
         ServingStatus? last = null;
-        while (true)
+        try
         {
-            ServingStatus now;
-            Task changed;
-            lock (_lock)
+            while (true)
             {
-                now = _status.TryGetValue(request.Service, out ServingStatus s) ? s : ServingStatus.ServiceUnknown;
-                changed = _changed.Task;
-            }
+                ServingStatus now = Current(request.Service, out Task changed);
+                if (now != last)
+                {
+                    last = now; // in the response body from here on, even if the flush below is cut off
+                    await call.WriteAsync(new HealthCheckResponse { Status = now }).ConfigureAwait(false);
+                }
 
+                await changed.WaitAsync(call.CancellationToken).ConfigureAwait(false);
+            }
+        }
+        catch (OperationCanceledException) when (call.ShuttingDown)
+        {
+            // The shutdown ends watches as it sets NOT_SERVING: whichever came first, the watcher hears the last status
+            // (it goes out with the UNAVAILABLE that ends the stream) before it turns to another node.
+            ServingStatus now = Current(request.Service, out _);
             if (now != last)
-            {
-                await call.WriteAsync(new HealthCheckResponse { Status = now }).ConfigureAwait(false);
-                last = now;
-            }
+                call.Write(new HealthCheckResponse { Status = now });
+            throw;
+        }
+    }
 
-            await changed.WaitAsync(call.CancellationToken).ConfigureAwait(false);
+    private ServingStatus Current(string service, out Task changed)
+    {
+        lock (_lock)
+        {
+            changed = _changed.Task;
+            return _status.TryGetValue(service, out ServingStatus s) ? s : ServingStatus.ServiceUnknown;
         }
     }
 }

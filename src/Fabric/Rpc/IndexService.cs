@@ -70,7 +70,7 @@ public sealed class IndexService(IFabricStore store, string worker, Func<double>
     {
         router.Unary<MatchRequest, MatchResponse>($"/{Name}/Match", MatchRequest.Parser, (r, c) => Task.FromResult(Match(r, c)));
         router.Unary<RouteRequest, RouteResponse>($"/{Name}/Route", RouteRequest.Parser, (r, c) => Task.FromResult(Route(r, c)));
-        router.ServerStreaming<SubscribeEventsRequest>($"/{Name}/SubscribeEvents", SubscribeEventsRequest.Parser, SubscribeAsync);
+        router.ServerStreaming<SubscribeEventsRequest>($"/{Name}/SubscribeEvents", SubscribeEventsRequest.Parser, SubscribeAsync, watch: true);
     }
 
     private List<RouteCandidateInfo> Candidates(uint tenant, BlockHash[] chain)

@@ -19,10 +19,11 @@ public static class KestrelHost
     /// <summary>
     /// A web application listening on address:port (0: any free port) with the given protocols; TLS when cert is set.
     /// An HTTP/2 client silent for keepAlive is PINGed, and dropped (its calls cancelled) if it does not answer within
-    /// keepAlive (at most 20 s): without it a frozen or partitioned client's calls would never end.
+    /// keepAlive (at most 20 s): without it a frozen or partitioned client's calls would never end. On stop, calls still
+    /// running after shutdownTimeout (default 5 s) are cut off (their connections aborted).
     /// </summary>
     public static WebApplication Build(IPAddress address, int port, HttpProtocols protocols, X509Certificate2? cert, ILoggerFactory logs,
-        TimeSpan? keepAlive = null)
+        TimeSpan? keepAlive = null, TimeSpan? shutdownTimeout = null)
     {
         TimeSpan ping = keepAlive ?? DefaultKeepAlive;
         WebApplicationBuilder builder = WebApplication.CreateSlimBuilder();
@@ -47,7 +48,7 @@ public static class KestrelHost
                     listen.UseHttps(cert);
             });
         });
-        builder.WebHost.UseShutdownTimeout(TimeSpan.FromSeconds(5));
+        builder.WebHost.UseShutdownTimeout(shutdownTimeout ?? TimeSpan.FromSeconds(5));
         return builder.Build();
     }
 

@@ -41,6 +41,25 @@ public sealed class ServerCall
     /// <summary>Cancelled when the client cancels, the connection breaks, or the deadline passes.</summary>
     public CancellationToken CancellationToken { get; }
 
+    /// <summary>Cancelled when the server's shutdown ends this call (a watch stream at once, other calls after the drain period).</summary>
+    internal CancellationToken Shutdown { get; init; }
+
+    /// <summary>
+    /// What a flush to the client waits on: the client and the deadline, not the shutdown. Kestrel resets a stream whose
+    /// flush is cancelled (RST_STREAM INTERNAL_ERROR, which clients read as INTERNAL); at shutdown a stream instead
+    /// ends between two messages (<see cref="FlushAsync"/>), with a status after what it sent.
+    /// </summary>
+    internal CancellationToken WriteToken
+    {
+        get => _writeToken.CanBeCanceled ? _writeToken : CancellationToken;
+        init => _writeToken = value;
+    }
+
+    private readonly CancellationToken _writeToken;
+
+    /// <summary>True once the server's shutdown ended this call (its <see cref="CancellationToken"/> then fired for that).</summary>
+    public bool ShuttingDown => Shutdown.IsCancellationRequested;
+
     /// <summary>The deadline as wall-clock time (UTC), for display; use <see cref="TimeLeft"/> to budget work.</summary>
     public DateTime? Deadline { get; }
 
@@ -76,7 +95,7 @@ public sealed class ServerCall
     /// </summary>
     public async ValueTask<T?> ReadAsync<T>(Func<System.Buffers.ReadOnlySequence<byte>, T> decode) where T : class
     {
-        CancellationToken token = ArmStall();
+        CancellationToken token = ArmStall(CancellationToken);
         try
         {
             return await GrpcFraming.ReadAsync(_http.Request.BodyReader, decode, _maxReceiveBytes, _encoding, token).ConfigureAwait(false);
@@ -105,7 +124,7 @@ public sealed class ServerCall
 
     /// <summary>Writes a call's one response message and flushes it (unary and client-streaming answers: small, the last).</summary>
     internal ValueTask WriteLastAsync(IMessage message) =>
-        GrpcFraming.WriteAndFlushAsync(_http.Response.BodyWriter, message, CancellationToken);
+        GrpcFraming.WriteAndFlushAsync(_http.Response.BodyWriter, message, WriteToken);
 
     /// <summary>Writes one response message without flushing (several are sent together by the next flush).</summary>
     public void Write(IMessage message) => GrpcFraming.Write(_http.Response.BodyWriter, message);
@@ -113,7 +132,9 @@ public sealed class ServerCall
     /// <summary>Flushes what was written; bounded by <see cref="StallTimeout"/> as <see cref="WriteAsync"/> is.</summary>
     public async ValueTask FlushAsync()
     {
-        CancellationToken token = ArmStall();
+        // Shutting down: what was written goes out with the status that ends the stream.
+        Shutdown.ThrowIfCancellationRequested();
+        CancellationToken token = ArmStall(WriteToken);
         FlushResult result;
         try
         {
@@ -148,7 +169,9 @@ public sealed class ServerCall
 
     private CancellationTokenSource? _stall;
 
-    private bool StallFired => _stall is { IsCancellationRequested: true } && !CancellationToken.IsCancellationRequested;
+    private CancellationToken _stallBase;
+
+    private bool StallFired => _stall is { IsCancellationRequested: true } && !_stallBase.IsCancellationRequested;
 
     // A flush outwaited the stall timeout: the dispatcher resets the stream (Stalled) instead of sending a status.
     private RpcException WriteStalled()
@@ -158,14 +181,15 @@ public sealed class ServerCall
             $"{Method}: the client read nothing for {StallTimeout.TotalSeconds:0.#} s (stream_stall_timeout_s); its stream was reset");
     }
 
-    private CancellationToken ArmStall()
+    private CancellationToken ArmStall(CancellationToken baseToken)
     {
+        _stallBase = baseToken;
         if (StallTimeout == Timeout.InfiniteTimeSpan)
-            return CancellationToken;
+            return baseToken;
         // One source per operation: the timer of an earlier one (even a callback already on its way when that operation
         // completed) can never cancel this one, and no operation starts with a token that is already cancelled.
         _stall?.Dispose();
-        _stall = CancellationTokenSource.CreateLinkedTokenSource(CancellationToken);
+        _stall = CancellationTokenSource.CreateLinkedTokenSource(baseToken);
         _stall.CancelAfter(StallTimeout);
         return _stall.Token;
     }

@@ -23,6 +23,7 @@ public sealed class SidecarHost : IAsyncDisposable
     private readonly ILogger _log;
     private WebApplication? _grpc;
     private WebApplication? _metrics;
+    private GrpcDispatcher? _dispatcher;
     private int _activeCalls;
 
     private readonly IClusterStore? _clusterStore;
@@ -106,8 +107,9 @@ public sealed class SidecarHost : IAsyncDisposable
         }
         var dispatcher = new GrpcDispatcher(Router, tenants, Metrics, _logs.CreateLogger("kvfabric.rpc"), _options.MaxReceiveMessageBytes)
         {
-            StreamStallTimeout = _options.StreamStallTimeout,
+            StreamStallTimeout = _options.StreamStallTimeout, ServerName = $"node {_options.Node}",
         };
+        _dispatcher = dispatcher;
         X509Certificate2? cert = Tls ? X509Certificate2.CreateFromPemFile(_options.TlsCertificate!, _options.TlsKey) : null;
         _grpc = Build(_options.Port, HttpProtocols.Http2, cert);
         _grpc.Run(async http =>
@@ -161,7 +163,12 @@ public sealed class SidecarHost : IAsyncDisposable
             _options.Layout.Describe(), _tiers.Describe(), _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
     }
 
-    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert) => KestrelHost.Build(_options.Listen, port, protocols, cert, _logs, _options.KeepAlive);
+    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert) =>
+        KestrelHost.Build(_options.Listen, port, protocols, cert, _logs, _options.KeepAlive, StopLimit);
+
+    // Kestrel cuts off what still runs only after the dispatcher's drain period and its grace (a margin for the statuses
+    // to go out): the calls end with a status first.
+    private TimeSpan StopLimit => _options.ShutdownDrain + GrpcDispatcher.DrainEndGrace + TimeSpan.FromSeconds(2);
 
     private static IPEndPoint BoundEndpoint(WebApplication app) => KestrelHost.BoundEndpoint(app);
 
@@ -218,9 +225,14 @@ public sealed class SidecarHost : IAsyncDisposable
         Metrics.AddGauge("kvfabric_rpc_active_calls", "gRPC calls in progress (watch streams not counted): the node's load in Route.", [], () => [([], Volatile.Read(ref _activeCalls))]);
     }
 
+    /// <summary>
+    /// Graceful stop: health NOT_SERVING; new calls refused and watch streams ended at once (UNAVAILABLE); the listener
+    /// closed and GOAWAY sent; calls doing work get shutdown_drain_s, then end as UNAVAILABLE. Bounded by StopLimit.
+    /// </summary>
     public async Task StopAsync()
     {
         Health.SetAllNotServing();
+        Task drained = _dispatcher?.ShutdownAsync(_options.ShutdownDrain) ?? Task.CompletedTask;
         if (Cluster is not null)
         {
             await Cluster.DisposeAsync().ConfigureAwait(false); // leaves the cluster at once (revokes the lease)
@@ -228,7 +240,15 @@ public sealed class SidecarHost : IAsyncDisposable
         }
 
         if (_grpc is not null)
-            await _grpc.StopAsync().ConfigureAwait(false);
+        {
+            // Kestrel's stop closes the listener and sends GOAWAY (clients open no new streams here), then waits for the
+            // calls the dispatcher drains; only past StopLimit does it abort their connections.
+            using var limit = new CancellationTokenSource(StopLimit);
+            Task stopped = _grpc.StopAsync(limit.Token);
+            await drained.ConfigureAwait(false);
+            await stopped.ConfigureAwait(false);
+        }
+
         if (_metrics is not null)
             await _metrics.StopAsync().ConfigureAwait(false);
     }

@@ -68,6 +68,12 @@ public sealed record SidecarOptions
     /// call ends (Rpc.GrpcDispatcher.StreamStallTimeout). Keepalive catches dead peers; this catches live ones.
     /// </summary>
     public TimeSpan StreamStallTimeout { get; init; } = KvFabric.Rpc.GrpcDispatcher.DefaultStreamStallTimeout;
+
+    /// <summary>
+    /// At SIGTERM, how long calls doing work (Put, Get, Fetch, ...) get to finish; those still running then end as
+    /// UNAVAILABLE. Watch streams do not wait for it, and new calls are refused at once.
+    /// </summary>
+    public TimeSpan ShutdownDrain { get; init; } = TimeSpan.FromSeconds(5);
     public int MaxReceiveMessageBytes { get; init; } = 4 << 20;
     public int MaxSendMessageBytes { get; init; } = 4 << 20;
     public bool LockInRam { get; init; }
@@ -155,6 +161,8 @@ public sealed record SidecarOptions
             throw new ArgumentException($"keepalive_s must be at least 1 second; got {KeepAlive.TotalSeconds}");
         if (StreamStallTimeout < TimeSpan.FromSeconds(1))
             throw new ArgumentException($"stream_stall_timeout_s must be at least 1 second; got {StreamStallTimeout.TotalSeconds}");
+        if (ShutdownDrain < TimeSpan.Zero || ShutdownDrain > TimeSpan.FromHours(1))
+            throw new ArgumentException($"shutdown_drain_s must be 0 (end running calls at once) to 3600 seconds; got {ShutdownDrain.TotalSeconds}");
         if (MaxReceiveMessageBytes < 64 * 1024 || MaxSendMessageBytes < 64 * 1024)
             throw new ArgumentException("max message sizes must be at least 64 KiB");
         if (Cluster == "etcd" && Advertise is null && (Listen.Equals(IPAddress.Any) || Listen.Equals(IPAddress.IPv6Any)))
@@ -250,6 +258,7 @@ public sealed record SidecarOptions
             EventLogCapacity = Int(c, "event_log_capacity", d.EventLogCapacity),
             KeepAlive = Seconds(c, "keepalive_s") ?? d.KeepAlive,
             StreamStallTimeout = Seconds(c, "stream_stall_timeout_s") ?? d.StreamStallTimeout,
+            ShutdownDrain = Seconds(c, "shutdown_drain_s") ?? d.ShutdownDrain,
             MaxReceiveMessageBytes = c["max_receive_message"] is { } r ? MessageSize(r, "max_receive_message") : d.MaxReceiveMessageBytes,
             MaxSendMessageBytes = c["max_send_message"] is { } s ? MessageSize(s, "max_send_message") : d.MaxSendMessageBytes,
             LockInRam = Bool(c, "lock_in_ram"),
