@@ -25,7 +25,7 @@ public static class KvFabricCli
         // System.CommandLine's own SIGTERM/Ctrl-C handling returns (exit 143/130) 2 s after the signal whether or not the
         // action finished, which cut `serve` off in its drain before it closed the SSD tier and removed its shared-memory
         // segments; and a SIGTERM soon after READY could come before it had registered. `serve` handles the signals itself;
-        // its drain is bounded (5 s for calls, DisposeMoveTimeout for a tier move).
+        // its drain is bounded (shutdown_drain_s plus a grace for calls, DisposeMoveTimeout for a tier move).
         bool serve = parsed.CommandResult.Command.Name == "serve";
         return await parsed.InvokeAsync(serve ? new InvocationConfiguration { ProcessTerminationTimeout = null } : null);
     }

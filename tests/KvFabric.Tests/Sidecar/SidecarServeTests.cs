@@ -18,7 +18,7 @@ public sealed class SidecarServeTests
         int pid = sidecar.Pid;
         Assert.NotEmpty(Directory.EnumerateFiles("/dev/shm", $"kvfabric-{pid}-*"));
         using var client = new FabricClient(new RpcChannelOptions { Address = new Uri(sidecar.GrpcAddress), Tenant = "dev", Token = "dev" });
-        // A health watcher is a call that stays open through the whole drain (Kestrel waits for it up to its 5 s shutdown timeout).
+        // A health watcher hears NOT_SERVING before its stream ends (UNAVAILABLE: SidecarShutdownTests); it does not hold the stop.
         await using var watch = client.WatchHealth();
         Assert.Equal(HealthCheckResponse.Types.ServingStatus.Serving, (await watch.ReadAsync())?.Status);
 
