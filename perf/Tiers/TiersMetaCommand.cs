@@ -71,7 +71,9 @@ public static class TiersMetaCommand
             lists.Cpu.Add(operations / interval.CpuSeconds);
         }
         var tiers = new TierKind[chainLength];
-        for (int run = -1; run < runs; run++) // run -1 warms up
+        // Run -1 warms up, repeated for at least 2 s: with tiered compilation on (as users run it) the hot loops reach
+        // tier 1 only after some seconds; one pass would time part of the first runs on tier-0 or OSR code.
+        for (int run = -1, warm = Environment.TickCount; run < runs; run += run >= 0 || Environment.TickCount - warm >= 2000 ? 1 : 0)
         {
             // Put with room: every block is new, nothing is evicted.
             using var manager = NewManager(residentBlocks, blockBytes);
