@@ -15,8 +15,12 @@ public sealed record RpcChannelOptions
     public int MaxReceiveMessageBytes { get; init; } = 16 << 20;
     /// <summary>Used for calls that give no deadline of their own; null means none.</summary>
     public TimeSpan? DefaultDeadline { get; init; } = TimeSpan.FromSeconds(30);
-    /// <summary>Extra attempts for idempotent calls that failed with UNAVAILABLE before any response arrived.</summary>
+    /// <summary>
+    /// Extra attempts for idempotent unary calls that failed with UNAVAILABLE: the node could not be reached, or it
+    /// answered UNAVAILABLE (it is shutting down, a tier's store failed) without a response message.
+    /// </summary>
     public int MaxRetries { get; init; } = 3;
+    /// <summary>The wait before the first retry, doubled for each later one (at most <see cref="RpcChannel.MaxRetryBackoff"/>); at least 1 ms.</summary>
     public TimeSpan RetryBackoff { get; init; } = TimeSpan.FromMilliseconds(50);
     /// <summary>Accepts a server certificate that fails validation (a self-signed development certificate).</summary>
     public RemoteCertificateValidationCallback? ServerCertificateValidation { get; init; }
@@ -51,6 +55,14 @@ public sealed class RpcChannel : IDisposable
         ArgumentNullException.ThrowIfNull(options);
         if (options.Address.Scheme is not ("http" or "https"))
             throw new ArgumentException($"gRPC address must be http://host:port (h2c) or https://host:port (TLS); got {options.Address}", nameof(options));
+        if (options.MaxRetries < 0)
+            throw new ArgumentOutOfRangeException(nameof(options), options.MaxRetries, "MaxRetries must be 0 (no retries) or more");
+        if (options.MaxRetries > 0 && options.RetryBackoff < TimeSpan.FromMilliseconds(1))
+        {
+            throw new ArgumentOutOfRangeException(nameof(options), options.RetryBackoff,
+                "RetryBackoff must be at least 1 ms when MaxRetries is above 0: a smaller one retries a refusing node in a tight loop; set MaxRetries = 0 for no retries");
+        }
+
         Options = options;
         HttpMessageHandler handler;
         if (options.Handler is not null)
@@ -118,7 +130,10 @@ public sealed class RpcChannel : IDisposable
                 await call.ReadToEndAsync().ConfigureAwait(false);
                 return response;
             }
-            catch (RpcException e) when (idempotent && e.Status == StatusCode.Unavailable && !call.ResponseStarted
+            // No response message reached the caller (a unary call returns it only on success), so an idempotent call
+            // can go again whether the node was unreachable or answered UNAVAILABLE itself (a node shutting down
+            // refuses calls that raced its GOAWAY that way).
+            catch (RpcException e) when (idempotent && e.Status == StatusCode.Unavailable
                                          && attempt < Options.MaxRetries && !options.CancellationToken.IsCancellationRequested)
             {
                 TimeSpan backoff = RetryDelay(Options.RetryBackoff, attempt);
