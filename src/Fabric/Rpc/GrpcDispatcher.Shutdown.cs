@@ -13,7 +13,8 @@ public sealed partial class GrpcDispatcher
     /// <summary>How long calls told to end (the drain period is over) get to send their status.</summary>
     public static readonly TimeSpan DrainEndGrace = TimeSpan.FromSeconds(5);
 
-    private readonly CancellationTokenSource _stopping = new(); // new calls refused; watch streams end
+    private readonly CancellationTokenSource _stopping = new(); // new calls refused
+    private readonly CancellationTokenSource _watchesEnd = new(); // watch streams end (at once, and those opened later)
     private readonly CancellationTokenSource _drainOver = new(); // calls still running end
     private readonly Lock _shutdownLock = new();
     private Task? _shutdown;
@@ -39,12 +40,19 @@ public sealed partial class GrpcDispatcher
             {
                 _drain = drain;
                 _stopping.Cancel(); // calls counted before they checked it are waited for; later ones see it
+                _watchesEnd.Cancel();
                 _shutdown = DrainAsync(drain);
             }
 
             return _shutdown;
         }
     }
+
+    /// <summary>
+    /// Ends the watch streams (health Watch, SubscribeEvents) with UNAVAILABLE, now and any opened later, and nothing else:
+    /// for a server that drains its other calls itself (a worker) but must not have watchers hold its stop.
+    /// </summary>
+    public void EndWatchStreams() => _watchesEnd.Cancel();
 
     private async Task DrainAsync(TimeSpan drain)
     {

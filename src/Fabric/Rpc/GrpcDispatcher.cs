@@ -86,7 +86,7 @@ public sealed partial class GrpcDispatcher
         string? detail = null;
         bool routed = _router.TryGet(path, out var route);
         bool watch = routed && route.Watch;
-        CancellationToken shutdown = watch ? _stopping.Token : _drainOver.Token;
+        CancellationToken shutdown = watch ? _watchesEnd.Token : _drainOver.Token;
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted); // the client and the deadline
         using var callCts = CancellationTokenSource.CreateLinkedTokenSource(cts.Token, shutdown);
         ServerCall? call = null;

@@ -53,6 +53,7 @@ public sealed class WorkerServer : IAsyncDisposable
     // period to finish, then _drainOver ends them, also as UNAVAILABLE (the client did not cancel: retry elsewhere).
     private readonly CancellationTokenSource _drainOver = new();
     private int _draining, _calls;
+    private GrpcDispatcher? _dispatcher;
     private int _active, _queued;
     private long _completed, _failed, _retries, _fallbacks;
 
@@ -125,7 +126,11 @@ public sealed class WorkerServer : IAsyncDisposable
             router.ServerStreaming<GenerateRequest>(Service + "Generate", GenerateRequest.Parser, (r, call) => DrainedAsync(call, ct => GenerateAsync(r, call, ct)));
 
         var tenants = new TenantRegistry([new TenantConfig(_options.Tenant, _options.Token)]);
-        var dispatcher = new GrpcDispatcher(router, tenants, new MetricsRegistry(), _logs.CreateLogger("kvfabric.worker.rpc"), 64 << 20);
+        var dispatcher = new GrpcDispatcher(router, tenants, new MetricsRegistry(), _logs.CreateLogger("kvfabric.worker.rpc"), 64 << 20)
+        {
+            ServerName = $"worker {_options.Name}",
+        };
+        _dispatcher = dispatcher;
         _app = KestrelHost.Build(_options.Listen, _options.Port, HttpProtocols.Http2, null, _logs);
         _app.Run(async http =>
         {
@@ -685,6 +690,7 @@ public sealed class WorkerServer : IAsyncDisposable
         if (Interlocked.Exchange(ref _draining, 1) != 0)
             return;
         _health?.SetAllNotServing();
+        _dispatcher?.EndWatchStreams(); // health watchers see NOT_SERVING, then their stream ends: they do not hold the stop
         int running = Volatile.Read(ref _calls);
         if (running > 0)
             _log.LogInformation("worker {Name} is shutting down: {Calls} call(s) running get up to {Drain} s to finish; new calls are refused", _options.Name, running, _options.DrainTimeout.TotalSeconds);

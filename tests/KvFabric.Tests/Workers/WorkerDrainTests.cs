@@ -98,6 +98,24 @@ public sealed class WorkerDrainTests(ITestOutputHelper output) : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_health_watch_hears_not_serving_then_ends_unavailable_and_does_not_hold_the_stop()
+    {
+        await using ServiceProcess worker = await StartDecodeAsync("drain-watch", drainSeconds: 120);
+        using var client = new WorkerClient("drain-watch", worker.GrpcAddress, "dev", "dev");
+        await using var watch = client.Channel.ServerStreaming<Grpc.Health.V1.HealthCheckRequest, Grpc.Health.V1.HealthCheckResponse>(
+            "/grpc.health.v1.Health/Watch", new Grpc.Health.V1.HealthCheckRequest(), Grpc.Health.V1.HealthCheckResponse.Parser, Call);
+        Assert.Equal(Grpc.Health.V1.HealthCheckResponse.Types.ServingStatus.Serving, (await watch.ReadAsync())?.Status);
+
+        Task<int> stopped = worker.StopAsync(TimeSpan.FromSeconds(150));
+        Assert.Equal(Grpc.Health.V1.HealthCheckResponse.Types.ServingStatus.NotServing, (await watch.ReadAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30)))?.Status);
+        // Ended by the worker with a status that says where to go (not cut off when the server stops under it).
+        RpcException e = await Assert.ThrowsAsync<RpcException>(async () => await watch.ReadAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+        Assert.Equal(StatusCode.Unavailable, e.Status);
+        Assert.Contains("worker drain-watch is shutting down: this stream (/grpc.health.v1.Health/Watch) ended", e.Detail, StringComparison.Ordinal);
+        Assert.Equal(0, await stopped.WaitAsync(TimeSpan.FromSeconds(60)));
+    }
+
+    [Fact]
     public async Task A_stopping_decode_worker_refuses_new_calls_and_lets_a_stream_in_flight_finish()
     {
         await using ServiceProcess worker = await StartDecodeAsync("drain-finish", drainSeconds: 120);
