@@ -52,157 +52,160 @@ public sealed partial class GrpcDispatcher
 
     public async Task HandleAsync(HttpContext http)
     {
-        // Counted before the shutdown check inside: ShutdownAsync cancels first, then waits for the count.
+        // Counted before the shutdown check below: ShutdownAsync cancels first, then waits for the count. Counted in this
+        // frame (a wrapper would add an async frame to every call); the token sources are made only for a call that runs
+        // (none for a refused one), and a call without a deadline needs one, not two.
         Interlocked.Increment(ref _running);
+        CancellationTokenSource? deadlineCts = null; // the deadline (and the client): what writes wait on
+        CancellationTokenSource? callCts = null; // that and the shutdown: the call's token
         try
         {
-            await HandleCoreAsync(http).ConfigureAwait(false);
+            HttpRequest request = http.Request;
+            HttpResponse response = http.Response;
+            if (!HttpMethods.IsPost(request.Method) || !GrpcProtocol.IsGrpcContentType(request.ContentType))
+            {
+                response.StatusCode = StatusCodes.Status415UnsupportedMediaType;
+                response.Headers[GrpcProtocol.StatusHeader] = ((int)StatusCode.Internal).ToString(System.Globalization.CultureInfo.InvariantCulture);
+                response.Headers[GrpcProtocol.MessageHeader] = GrpcProtocol.EncodeMessage(
+                    $"this endpoint speaks gRPC: POST with content-type application/grpc; got {request.Method} with '{request.ContentType}'");
+                return;
+            }
+
+            string path = request.Path.Value ?? string.Empty;
+            long started = Time.GetTimestamp();
+            response.ContentType = GrpcProtocol.ContentType;
+            response.Headers[GrpcProtocol.AcceptEncodingHeader] = GrpcProtocol.SupportedEncodings;
+
+            StatusCode status = StatusCode.OK;
+            string? detail = null;
+            bool routed = _router.TryGet(path, out var route);
+            bool watch = routed && route.Watch;
+            CancellationToken shutdown = watch ? _watchesEnd.Token : _drainOver.Token;
+            ServerCall? call = null;
+            bool deadlineHit = false;
+            DateTime? deadline = null;
+            TimeSpan? budget = null; // the grpc-timeout, measured on the monotonic clock from `started`
+            try
+            {
+                if (_stopping.IsCancellationRequested)
+                    throw Refused(path);
+                if (!routed)
+                    throw new RpcException(StatusCode.Unimplemented, $"method {path} is not served here; served: {string.Join(", ", _router.Services)}");
+
+                string? timeout = request.Headers[GrpcProtocol.TimeoutHeader].FirstOrDefault();
+                if (timeout is not null)
+                {
+                    if (!GrpcProtocol.TryParseTimeout(timeout, out TimeSpan t))
+                        throw new RpcException(StatusCode.InvalidArgument, $"malformed grpc-timeout '{timeout}' (expected e.g. 500m or 2S)");
+                    if (t <= TimeSpan.Zero)
+                        throw new RpcException(StatusCode.DeadlineExceeded, "the call's deadline had already passed when it arrived");
+                    if (t < MaxTimer) // longer deadlines (grpc-timeout allows years) are no deadline in practice
+                    {
+                        budget = t;
+                        deadline = Time.GetUtcNow().UtcDateTime + t;
+                        deadlineCts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted);
+                        deadlineCts.CancelAfter(t);
+                    }
+                }
+
+                string? encoding = request.Headers[GrpcProtocol.EncodingHeader].FirstOrDefault();
+                if (encoding is not null && encoding != "identity" && !string.Equals(encoding, "gzip", StringComparison.OrdinalIgnoreCase))
+                    throw new RpcException(StatusCode.Unimplemented, $"grpc-encoding '{encoding}' is not supported; supported: {GrpcProtocol.SupportedEncodings}");
+
+                Tenant? tenant = route.Authenticated
+                    ? _tenants.Authenticate(request.Headers.Authorization.FirstOrDefault(), request.Headers[GrpcProtocol.TenantHeader].FirstOrDefault())
+                    : null;
+                // Writes wait on the client and the deadline; the call's token also on the shutdown (see ServerCall.WriteToken).
+                CancellationToken writeToken = deadlineCts?.Token ?? http.RequestAborted;
+                callCts = CancellationTokenSource.CreateLinkedTokenSource(writeToken, shutdown);
+                call = new ServerCall(http, path, tenant, callCts.Token, deadline, _maxReceiveBytes, Time, started, budget)
+                {
+                    StallTimeout = StreamStallTimeout, Shutdown = shutdown, WriteToken = writeToken,
+                };
+                try
+                {
+                    await route.Handler(call).ConfigureAwait(false);
+                }
+                catch (Exception e) when (e is OperationCanceledException or RpcException { Status: StatusCode.Cancelled }
+                                          && shutdown.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested
+                                          && !(budget is { } b && Time.GetElapsedTime(started) >= b))
+                {
+                    // The node is stopping, not the client cancelling: UNAVAILABLE says to go elsewhere.
+                    throw EndedByShutdown(path, watch);
+                }
+                catch (OperationCanceledException) when (deadlineCts is { IsCancellationRequested: true } && !http.RequestAborted.IsCancellationRequested)
+                {
+                    deadlineHit = true;
+                }
+                catch (RpcException) when (deadlineCts is { IsCancellationRequested: true } && !http.RequestAborted.IsCancellationRequested)
+                {
+                    deadlineHit = true;
+                }
+
+                if (deadlineHit)
+                    throw new RpcException(StatusCode.DeadlineExceeded, $"{path}: the deadline ({timeout}) passed before the call completed");
+            }
+            catch (RpcException e)
+            {
+                status = e.Status;
+                detail = e.Detail;
+            }
+            catch (Exception) when (http.RequestAborted.IsCancellationRequested && budget is { } b && Time.GetElapsedTime(started) >= b)
+            {
+                // The client reset the stream because its deadline passed (it gives up at the same moment we would).
+                status = StatusCode.DeadlineExceeded;
+                detail = "the deadline passed";
+            }
+            catch (OperationCanceledException) when (http.RequestAborted.IsCancellationRequested)
+            {
+                status = StatusCode.Cancelled;
+                detail = "the client cancelled the call";
+            }
+            catch (Exception e) when (http.RequestAborted.IsCancellationRequested)
+            {
+                status = StatusCode.Cancelled;
+                detail = $"the client went away ({e.GetType().Name})";
+            }
+            catch (Exception e)
+            {
+                status = StatusCode.Internal;
+                detail = $"{path} failed inside the server: {e.GetType().Name}: {e.Message}";
+                _log.LogError(e, "gRPC {Method} from {Peer} failed", path, http.Connection.RemoteIpAddress);
+            }
+
+            string method = routed ? path : "unknown";
+            _callSeries.GetOrAdd((method, status), k => _calls.WithLabels(k.Item1, k.Item2.ToString())).Add(1);
+            _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Time.GetElapsedTime(started).TotalSeconds);
+            if (status != StatusCode.OK && status != StatusCode.Cancelled)
+                _log.LogInformation("gRPC {Method} from {Peer}: {Status} {Detail}", path, http.Connection.RemoteIpAddress, status, detail);
+            call?.End();
+            if (http.RequestAborted.IsCancellationRequested)
+                return;
+            if (call?.Stalled == true)
+            {
+                http.Abort(); // its flow-control window is shut: a status would never get through; RST_STREAM does
+                return;
+            }
+
+            string code = ((int)status).ToString(System.Globalization.CultureInfo.InvariantCulture);
+            if (!response.HasStarted)
+            {
+                // Trailers-only response: the status goes in the headers of a response without a body.
+                response.Headers[GrpcProtocol.StatusHeader] = code;
+                if (detail is not null)
+                    response.Headers[GrpcProtocol.MessageHeader] = GrpcProtocol.EncodeMessage(detail);
+                return;
+            }
+
+            response.AppendTrailer(GrpcProtocol.StatusHeader, code);
+            if (detail is not null)
+                response.AppendTrailer(GrpcProtocol.MessageHeader, GrpcProtocol.EncodeMessage(detail));
         }
         finally
         {
+            callCts?.Dispose();
+            deadlineCts?.Dispose();
             Interlocked.Decrement(ref _running);
         }
-    }
-
-    private async Task HandleCoreAsync(HttpContext http)
-    {
-        HttpRequest request = http.Request;
-        HttpResponse response = http.Response;
-        if (!HttpMethods.IsPost(request.Method) || !GrpcProtocol.IsGrpcContentType(request.ContentType))
-        {
-            response.StatusCode = StatusCodes.Status415UnsupportedMediaType;
-            response.Headers[GrpcProtocol.StatusHeader] = ((int)StatusCode.Internal).ToString(System.Globalization.CultureInfo.InvariantCulture);
-            response.Headers[GrpcProtocol.MessageHeader] = GrpcProtocol.EncodeMessage(
-                $"this endpoint speaks gRPC: POST with content-type application/grpc; got {request.Method} with '{request.ContentType}'");
-            return;
-        }
-
-        string path = request.Path.Value ?? string.Empty;
-        long started = Time.GetTimestamp();
-        response.ContentType = GrpcProtocol.ContentType;
-        response.Headers[GrpcProtocol.AcceptEncodingHeader] = GrpcProtocol.SupportedEncodings;
-
-        StatusCode status = StatusCode.OK;
-        string? detail = null;
-        bool routed = _router.TryGet(path, out var route);
-        bool watch = routed && route.Watch;
-        CancellationToken shutdown = watch ? _watchesEnd.Token : _drainOver.Token;
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(http.RequestAborted); // the client and the deadline
-        using var callCts = CancellationTokenSource.CreateLinkedTokenSource(cts.Token, shutdown);
-        ServerCall? call = null;
-        bool deadlineHit = false;
-        DateTime? deadline = null;
-        TimeSpan? budget = null; // the grpc-timeout, measured on the monotonic clock from `started`
-        try
-        {
-            if (_stopping.IsCancellationRequested)
-                throw Refused(path);
-            if (!routed)
-                throw new RpcException(StatusCode.Unimplemented, $"method {path} is not served here; served: {string.Join(", ", _router.Services)}");
-
-            string? timeout = request.Headers[GrpcProtocol.TimeoutHeader].FirstOrDefault();
-            if (timeout is not null)
-            {
-                if (!GrpcProtocol.TryParseTimeout(timeout, out TimeSpan t))
-                    throw new RpcException(StatusCode.InvalidArgument, $"malformed grpc-timeout '{timeout}' (expected e.g. 500m or 2S)");
-                if (t <= TimeSpan.Zero)
-                    throw new RpcException(StatusCode.DeadlineExceeded, "the call's deadline had already passed when it arrived");
-                if (t < MaxTimer) // longer deadlines (grpc-timeout allows years) are no deadline in practice
-                {
-                    budget = t;
-                    deadline = Time.GetUtcNow().UtcDateTime + t;
-                    cts.CancelAfter(t);
-                }
-            }
-
-            string? encoding = request.Headers[GrpcProtocol.EncodingHeader].FirstOrDefault();
-            if (encoding is not null && encoding != "identity" && !string.Equals(encoding, "gzip", StringComparison.OrdinalIgnoreCase))
-                throw new RpcException(StatusCode.Unimplemented, $"grpc-encoding '{encoding}' is not supported; supported: {GrpcProtocol.SupportedEncodings}");
-
-            Tenant? tenant = route.Authenticated
-                ? _tenants.Authenticate(request.Headers.Authorization.FirstOrDefault(), request.Headers[GrpcProtocol.TenantHeader].FirstOrDefault())
-                : null;
-            call = new ServerCall(http, path, tenant, callCts.Token, deadline, _maxReceiveBytes, Time, started, budget)
-            {
-                StallTimeout = StreamStallTimeout, Shutdown = shutdown, WriteToken = cts.Token,
-            };
-            try
-            {
-                await route.Handler(call).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is OperationCanceledException or RpcException { Status: StatusCode.Cancelled }
-                                      && shutdown.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested
-                                      && !(budget is { } b && Time.GetElapsedTime(started) >= b))
-            {
-                // The node is stopping, not the client cancelling: UNAVAILABLE says to go elsewhere.
-                throw EndedByShutdown(path, watch);
-            }
-            catch (OperationCanceledException) when (cts.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
-            {
-                deadlineHit = true;
-            }
-            catch (RpcException) when (cts.IsCancellationRequested && !http.RequestAborted.IsCancellationRequested)
-            {
-                deadlineHit = true;
-            }
-
-            if (deadlineHit)
-                throw new RpcException(StatusCode.DeadlineExceeded, $"{path}: the deadline ({timeout}) passed before the call completed");
-        }
-        catch (RpcException e)
-        {
-            status = e.Status;
-            detail = e.Detail;
-        }
-        catch (Exception) when (http.RequestAborted.IsCancellationRequested && budget is { } b && Time.GetElapsedTime(started) >= b)
-        {
-            // The client reset the stream because its deadline passed (it gives up at the same moment we would).
-            status = StatusCode.DeadlineExceeded;
-            detail = "the deadline passed";
-        }
-        catch (OperationCanceledException) when (http.RequestAborted.IsCancellationRequested)
-        {
-            status = StatusCode.Cancelled;
-            detail = "the client cancelled the call";
-        }
-        catch (Exception e) when (http.RequestAborted.IsCancellationRequested)
-        {
-            status = StatusCode.Cancelled;
-            detail = $"the client went away ({e.GetType().Name})";
-        }
-        catch (Exception e)
-        {
-            status = StatusCode.Internal;
-            detail = $"{path} failed inside the server: {e.GetType().Name}: {e.Message}";
-            _log.LogError(e, "gRPC {Method} from {Peer} failed", path, http.Connection.RemoteIpAddress);
-        }
-
-        string method = routed ? path : "unknown";
-        _callSeries.GetOrAdd((method, status), k => _calls.WithLabels(k.Item1, k.Item2.ToString())).Add(1);
-        _latency.Observe(_latencySeries.GetOrAdd(method, m => _latency.WithLabels(m)), Time.GetElapsedTime(started).TotalSeconds);
-        if (status != StatusCode.OK && status != StatusCode.Cancelled)
-            _log.LogInformation("gRPC {Method} from {Peer}: {Status} {Detail}", path, http.Connection.RemoteIpAddress, status, detail);
-        call?.End();
-        if (http.RequestAborted.IsCancellationRequested)
-            return;
-        if (call?.Stalled == true)
-        {
-            http.Abort(); // its flow-control window is shut: a status would never get through; RST_STREAM does
-            return;
-        }
-
-        string code = ((int)status).ToString(System.Globalization.CultureInfo.InvariantCulture);
-        if (!response.HasStarted)
-        {
-            // Trailers-only response: the status goes in the headers of a response without a body.
-            response.Headers[GrpcProtocol.StatusHeader] = code;
-            if (detail is not null)
-                response.Headers[GrpcProtocol.MessageHeader] = GrpcProtocol.EncodeMessage(detail);
-            return;
-        }
-
-        response.AppendTrailer(GrpcProtocol.StatusHeader, code);
-        if (detail is not null)
-            response.AppendTrailer(GrpcProtocol.MessageHeader, GrpcProtocol.EncodeMessage(detail));
     }
 }
