@@ -111,7 +111,7 @@ public sealed class SidecarHost : IAsyncDisposable
         };
         _dispatcher = dispatcher;
         X509Certificate2? cert = Tls ? X509Certificate2.CreateFromPemFile(_options.TlsCertificate!, _options.TlsKey) : null;
-        _grpc = Build(_options.Port, HttpProtocols.Http2, cert);
+        _grpc = Build(_options.Port, HttpProtocols.Http2, cert, StopLimit);
         _grpc.Run(async http =>
         {
             // Long-lived watch streams (the cluster's event feeds, health watchers) are not work: they stay out of the load.
@@ -140,7 +140,9 @@ public sealed class SidecarHost : IAsyncDisposable
 
         if (_options.MetricsPort >= 0)
         {
-            _metrics = Build(_options.MetricsPort, HttpProtocols.Http1, null); // Prometheus scrapes over HTTP/1.1
+            // Prometheus scrapes over HTTP/1.1. A scrape has no drain period: its stop keeps Kestrel's 5 s, not StopLimit
+            // (up to shutdown_drain_s = 3600 s plus grace, which a stuck scraper would otherwise hold the stop for).
+            _metrics = Build(_options.MetricsPort, HttpProtocols.Http1, null, shutdownTimeout: null);
             _metrics.Run(async http =>
             {
                 if (http.Request.Path == "/metrics")
@@ -163,8 +165,8 @@ public sealed class SidecarHost : IAsyncDisposable
             _options.Layout.Describe(), _tiers.Describe(), _options.Dev ? "; DEV MODE: tenant 'dev', token 'dev', loopback only" : string.Empty);
     }
 
-    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert) =>
-        KestrelHost.Build(_options.Listen, port, protocols, cert, _logs, _options.KeepAlive, StopLimit);
+    private WebApplication Build(int port, HttpProtocols protocols, X509Certificate2? cert, TimeSpan? shutdownTimeout) =>
+        KestrelHost.Build(_options.Listen, port, protocols, cert, _logs, _options.KeepAlive, shutdownTimeout);
 
     // Kestrel cuts off what still runs only after the dispatcher's drain period and its grace (a margin for the statuses
     // to go out): the calls end with a status first.
