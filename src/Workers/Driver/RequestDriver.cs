@@ -141,11 +141,10 @@ public static class RequestDriver
             catch (WorkerFailedException e) when (!cancellationToken.IsCancellationRequested)
             {
                 (e is DecodeFailedException ? failedDecode : failedPrefill).Add(e is DecodeFailedException ? decode.Worker : prefill);
-                string? stop = attempt >= options.MaxAttempts ? $"{attempt} attempts made, the most allowed"
-                    : clock.Elapsed >= options.RequestDeadline ? $"its deadline ({options.RequestDeadline.TotalSeconds:0.#} s) passed"
-                    : !router.HasDecoderBesides(failedDecode) ? "no other decode worker to retry on"
+                string? stop = NotRetried(attempt, options, clock)
+                    ?? (!router.HasDecoderBesides(failedDecode) ? "no other decode worker to retry on"
                     : !router.HasPrefillBesides(failedPrefill) ? "no other prefill worker to retry on"
-                    : null;
+                    : null);
                 if (stop is not null)
                     return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, prefill.Name, decode.Worker.Name, attempt, $"{e.Message} (not retried: {stop})");
             }
@@ -155,6 +154,12 @@ public static class RequestDriver
             }
         }
     }
+
+    /// <summary>Why a failed attempt is the last one whatever workers remain (attempts or deadline used up); null: it may go again.</summary>
+    private static string? NotRetried(int attempt, DriverOptions options, Stopwatch clock) =>
+        attempt >= options.MaxAttempts ? $"{attempt} attempts made, the most allowed"
+        : clock.Elapsed >= options.RequestDeadline ? $"its deadline ({options.RequestDeadline.TotalSeconds:0.#} s) passed"
+        : null;
 
     /// <summary>What is left of the request's deadline (at least a millisecond: a call with none left fails at once as DEADLINE_EXCEEDED).</summary>
     private static TimeSpan Left(DriverOptions options, Stopwatch clock) =>
@@ -367,10 +372,7 @@ public static class RequestDriver
             catch (DecodeFailedException e) when (!cancellationToken.IsCancellationRequested)
             {
                 failed.Add(worker);
-                string? stop = attempt >= options.MaxAttempts ? $"{attempt} attempts made, the most allowed"
-                    : clock.Elapsed >= options.RequestDeadline ? $"its deadline ({options.RequestDeadline.TotalSeconds:0.#} s) passed"
-                    : failed.Count == workers.Count ? "no other worker to retry on"
-                    : null;
+                string? stop = NotRetried(attempt, options, clock) ?? (failed.Count == workers.Count ? "no other worker to retry on" : null);
                 if (stop is not null)
                     return new RequestResult(r.Id, [], 0, [], clock.Elapsed.TotalMilliseconds, null, worker.Name, worker.Name, attempt, $"{e.Message} (not retried: {stop})");
             }
