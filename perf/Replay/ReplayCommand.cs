@@ -30,6 +30,8 @@ public static class ReplayCommand
         public bool MicroBench { get; init; } = true;
         /// <summary>tier-manager: the real TierManager over key-only stores; simulator: PolicySimulatorCache.</summary>
         public string Engine { get; init; } = "tier-manager";
+        /// <summary>An experiment: first sightings are admitted only if listed in this file (FirstSightingDoor).</summary>
+        public string? FirstSightingDoor { get; init; }
     }
 
     public static Command Create()
@@ -45,9 +47,10 @@ public static class ReplayCommand
         var quick = new Option<bool>("--quick") { Description = $"CI-sized run: the first {QuickRequests} requests" };
         var json = new Option<string?>("--json") { Description = "write the result as JSON to this file" };
         var engine = new Option<string>("--engine") { Description = "tier-manager (the real TierManager, default) or simulator (the block-count simulator)", DefaultValueFactory = _ => "tier-manager" };
+        var door = new Option<string?>("--first-sighting-door") { Description = "experiment: a file of trace block ids; a block's first sighting enters a tier only if listed (perf/Replay/first_reuse_door.py writes it)" };
         var cmd = new Command("replay", "Token hit rate of an eviction policy on a request trace (prefix semantics), against LRU, Belady's MIN and an infinite cache.")
         {
-            trace, tpb, capacity, policy, ssdPolicy, blockBytes, requests, noMicro, quick, json, engine,
+            trace, tpb, capacity, policy, ssdPolicy, blockBytes, requests, noMicro, quick, json, engine, door,
         };
         cmd.SetAction(p =>
         {
@@ -62,6 +65,7 @@ public static class ReplayCommand
                 BlockBytes = checked((int)Sizes.Parse(p.GetValue(blockBytes)!)),
                 MaxRequests = max,
                 MicroBench = !p.GetValue(noMicro),
+                FirstSightingDoor = p.GetValue(door),
                 Engine = p.GetValue(engine) is "tier-manager" or "simulator" ? p.GetValue(engine)! : throw new ArgumentException($"--engine {p.GetValue(engine)}: use tier-manager or simulator"),
             };
             JsonReport.Write(p.GetValue(json), Run(o));
@@ -89,6 +93,7 @@ public static class ReplayCommand
     {
         TierKind[] kinds = o.CapacityBlocks.Length == 1 ? [TierKind.Host] : [TierKind.Gpu, TierKind.Host, TierKind.Ssd];
         var counters = new CountingPolicy[kinds.Length];
+        var admitted = o.FirstSightingDoor is null ? null : Replay.FirstSightingDoor.Load(o.FirstSightingDoor);
         var tiers = new SimulatedTier[kinds.Length];
         for (int t = 0; t < kinds.Length; t++)
         {
@@ -97,7 +102,8 @@ public static class ReplayCommand
             string[] perTier = policySpec.Split(',', StringSplitOptions.TrimEntries);
             string spec = kinds[t] == TierKind.Ssd && o.SsdPolicy is not null ? o.SsdPolicy : perTier[Math.Min(t, perTier.Length - 1)];
             bool middle = perTier.Length == 1 && t > 0 && t < kinds.Length - 1;
-            counters[t] = new CountingPolicy(PolicyFactory.Create(spec, o.CapacityBlocks[t], o.TokensPerBlock, middle));
+            var policy = PolicyFactory.Create(spec, o.CapacityBlocks[t], o.TokensPerBlock, middle);
+            counters[t] = new CountingPolicy(admitted is null ? policy : new FirstSightingDoor(policy, admitted));
             tiers[t] = new SimulatedTier(kinds[t], o.CapacityBlocks[t], counters[t]);
         }
         string name = string.Join(",", counters.Select(c => c.Name).Distinct());
@@ -127,14 +133,14 @@ public static class ReplayCommand
             testedSeconds = sw.Elapsed.TotalSeconds;
             testedCalls = counters.Sum(c => c.Calls);
             testedCache = cache;
-            if (o.Policy == "lru" && o.SsdPolicy is null)
+            if (o.Policy == "lru" && o.SsdPolicy is null && o.FirstSightingDoor is null)
             {
                 lru = tested;
             }
             else
             {
                 ctx.Status("replaying: lru (the baseline)");
-                lru = ReplayRunner.Run(trace, Build(o with { SsdPolicy = null }, "lru").Cache);
+                lru = ReplayRunner.Run(trace, Build(o with { SsdPolicy = null, FirstSightingDoor = null }, "lru").Cache);
             }
             ctx.Status($"oracle: Belady's MIN with bypass, {total} blocks");
             belady = ReplayOracles.Belady(trace, total);
@@ -159,6 +165,8 @@ public static class ReplayCommand
         report["trace"] = Path.GetFileName(o.TracePath);
         report["policy"] = tested.Name;
         report["engine"] = o.Engine;
+        if (o.FirstSightingDoor is not null)
+            report["first_sighting_door"] = Path.GetFileName(o.FirstSightingDoor);
         report["tokens_per_block"] = o.TokensPerBlock;
         report["block_bytes"] = o.BlockBytes;
         report["capacity_blocks"] = new JsonArray([.. o.CapacityBlocks.Select(c => (JsonNode)c)]);
