@@ -49,7 +49,7 @@ public sealed class Deployment : IAsyncDisposable
     private readonly List<ServiceProcess> _processes = [];
     private readonly Dictionary<string, ServiceProcess> _byName = new(StringComparer.Ordinal);
     private readonly List<WorkerClient> _clients = []; // every client made, also of a start that failed part-way
-    private nint? _affinityBefore; // this process's CPU mask before it pinned itself; restored on disposal
+    private ulong[]? _affinityBefore; // this process's CPU mask before it pinned itself; restored on disposal
 
     private Deployment(DeploymentOptions options)
     {
@@ -295,52 +295,81 @@ public sealed class Deployment : IAsyncDisposable
     }
 }
 
-/// <summary>CPU pinning of this process (every thread it has now; threads made later inherit their creator's set).</summary>
+/// <summary>
+/// CPU pinning of this process (every thread it has now; threads made later inherit their creator's set). On Linux the
+/// mask is as wide as the kernel's (sched_getaffinity), so CPUs past 63 count; elsewhere nothing is pinned and the
+/// first 64 CPUs are reported allowed.
+/// </summary>
 public static partial class CpuAffinity
 {
-    [LibraryImport("libc", EntryPoint = "sched_setaffinity", SetLastError = true)]
-    private static partial int SchedSetAffinity(int tid, nint size, ref ulong mask);
+    private const int InitialMaskWords = 16; // 1,024 CPUs, glibc's cpu_set_t
+    private const int MaxMaskWords = 1 << 12; // 262,144 CPUs: past the kernel's NR_CPUS limit
 
-    /// <summary>The CPUs this process may run on (its affinity; at most the first 64).</summary>
+    [LibraryImport("libc", EntryPoint = "sched_setaffinity", SetLastError = true)]
+    private static partial int SchedSetAffinity(int tid, nint size, ulong[] mask);
+
+    [LibraryImport("libc", EntryPoint = "sched_getaffinity", SetLastError = true)]
+    private static partial int SchedGetAffinity(int pid, nint size, ulong[] mask);
+
+    /// <summary>The CPUs this process may run on (its affinity), in ascending order.</summary>
     public static int[] Allowed()
     {
-        if (!OperatingSystem.IsLinux() && !OperatingSystem.IsWindows())
+        if (!OperatingSystem.IsLinux())
             return [.. Enumerable.Range(0, Math.Min(64, Environment.ProcessorCount))];
-        long mask = (long)System.Diagnostics.Process.GetCurrentProcess().ProcessorAffinity;
+        ulong[] mask = Current()!;
         var cpus = new List<int>();
-        for (int c = 0; c < 64; c++)
+        for (int c = 0; c < mask.Length * 64; c++)
         {
-            if ((mask & (1L << c)) != 0)
+            if ((mask[c >> 6] & (1UL << (c & 63))) != 0)
                 cpus.Add(c);
         }
 
         return [.. cpus];
     }
 
-    /// <summary>This process's CPU mask now (the first 64 CPUs), for <see cref="Restore"/>.</summary>
-    public static nint Current() => OperatingSystem.IsLinux() || OperatingSystem.IsWindows() ? System.Diagnostics.Process.GetCurrentProcess().ProcessorAffinity : -1;
+    /// <summary>This process's CPU mask now, for <see cref="Restore"/> (null where nothing is pinned: not Linux).</summary>
+    public static ulong[]? Current()
+    {
+        if (!OperatingSystem.IsLinux())
+            return null;
+        for (int words = InitialMaskWords; ; words *= 2)
+        {
+            var mask = new ulong[words];
+            if (SchedGetAffinity(0, words * sizeof(ulong), mask) == 0)
+                return mask;
+            int errno = Marshal.GetLastPInvokeError();
+            // EINVAL: the kernel's mask is wider than ours; try a wider one.
+            if (errno != 22 || words >= MaxMaskWords)
+                throw new InvalidOperationException($"sched_getaffinity failed (errno {errno}: {Marshal.GetPInvokeErrorMessage(errno)}); cannot read this process's CPU set to pin workers; run without CPU pinning");
+        }
+    }
 
     /// <summary>Gives every thread of this process the mask <see cref="Current"/> returned (undoes <see cref="PinCurrentProcess"/>).</summary>
-    public static void Restore(nint mask) => SetAll((ulong)mask);
+    public static void Restore(ulong[]? mask)
+    {
+        if (mask is not null)
+            SetAll(mask);
+    }
 
     public static void PinCurrentProcess(IReadOnlyList<int> cpus)
     {
-        if (cpus.Count == 0)
+        if (cpus.Count == 0 || !OperatingSystem.IsLinux())
             return;
-        ulong mask = 0;
+        var mask = new ulong[Math.Max(InitialMaskWords, cpus.Max() / 64 + 1)];
         foreach (int c in cpus)
-            mask |= c < 64 ? 1UL << c : 0;
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(c, nameof(cpus));
+            mask[c >> 6] |= 1UL << (c & 63);
+        }
         SetAll(mask);
     }
 
-    private static void SetAll(ulong mask)
+    private static void SetAll(ulong[] mask)
     {
-        if (!OperatingSystem.IsLinux())
-            return;
         foreach (string task in Directory.EnumerateDirectories("/proc/self/task"))
         {
             if (int.TryParse(Path.GetFileName(task), out int tid))
-                _ = SchedSetAffinity(tid, sizeof(ulong), ref mask); // a thread that just ended is no error
+                _ = SchedSetAffinity(tid, mask.Length * sizeof(ulong), mask); // a thread that just ended is no error
         }
     }
 }

@@ -63,4 +63,35 @@ public sealed class DeploymentTests
         Assert.Equal(before, CpuAffinity.Allowed());
         Assert.Empty(WorkerChildren());
     }
+
+    [Fact]
+    public void The_allowed_cpus_are_the_kernels_list_whatever_their_numbers()
+    {
+        // /proc/self/status lists the CPU set as ranges ("0-3,8,64-127"); Allowed reads the kernel's full-width mask, so
+        // the two agree on any machine, CPUs past 63 included.
+        string line = File.ReadLines("/proc/self/status").Single(l => l.StartsWith("Cpus_allowed_list:", StringComparison.Ordinal));
+        var expected = new List<int>();
+        foreach (string range in line["Cpus_allowed_list:".Length..].Trim().Split(',', StringSplitOptions.RemoveEmptyEntries))
+        {
+            string[] ends = range.Split('-');
+            int first = int.Parse(ends[0], System.Globalization.CultureInfo.InvariantCulture);
+            int last = int.Parse(ends[^1], System.Globalization.CultureInfo.InvariantCulture);
+            expected.AddRange(Enumerable.Range(first, last - first + 1));
+        }
+
+        Assert.Equal(expected, CpuAffinity.Allowed());
+        // A pin to one CPU reads back as that CPU, and Restore gives the whole set back.
+        ulong[]? before = CpuAffinity.Current();
+        try
+        {
+            CpuAffinity.PinCurrentProcess([expected[^1]]);
+            Assert.Equal([expected[^1]], CpuAffinity.Allowed());
+        }
+        finally
+        {
+            CpuAffinity.Restore(before);
+        }
+
+        Assert.Equal(expected, CpuAffinity.Allowed());
+    }
 }
