@@ -323,11 +323,17 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
         await _shutdown.CancelAsync().ConfigureAwait(false);
         try
         {
-            await _promoter.ConfigureAwait(false);
+            // Bounded as the move below: a promotion stuck in a store call that ignores the cancellation (a read or
+            // write stuck in the kernel) must not hang shutdown; the stores then stay open under it.
+            await _promoter.WaitAsync(_options.DisposeMoveTimeout).ConfigureAwait(false);
         }
         catch (OperationCanceledException)
         {
             // shutting down: queued promotions are abandoned
+        }
+        catch (TimeoutException) when (!_promoter.IsCompleted)
+        {
+            return;
         }
         // Let the running move finish and in-flight reads drain before the stores (and their memory) go away. Later
         // calls find _disposed set and throw ObjectDisposedException. Bounded: a move stuck on a device that no longer

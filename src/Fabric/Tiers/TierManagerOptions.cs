@@ -46,7 +46,8 @@ public sealed record TierManagerOptions
     public TimeProvider Time { get; init; } = TimeProvider.System;
     // Dispose the stores with the manager.
     public bool OwnsStores { get; init; } = true;
-    // How long disposal waits for a running move (a device that stopped answering); then the stores stay open under it.
+    // How long disposal waits for a running move or promotion (a device that stopped answering); then the stores stay
+    // open under it.
     public TimeSpan DisposeMoveTimeout { get; init; } = TimeSpan.FromSeconds(60);
 }
 

@@ -9,6 +9,8 @@ namespace KvFabric.Tests.Tiers;
 internal sealed class GatedWriteStore(InMemoryTestStore inner) : IBlockStore
 {
     public BlockKey? HoldKey { get; set; }
+    // As a write stuck in the kernel: the held write does not end when its caller cancels.
+    public bool IgnoreCancellation { get; init; }
     public TaskCompletionSource Gate { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
     public TaskCompletionSource Entered { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
@@ -23,7 +25,7 @@ internal sealed class GatedWriteStore(InMemoryTestStore inner) : IBlockStore
         if (HoldKey == key)
         {
             Entered.TrySetResult();
-            await Gate.Task.WaitAsync(TimeSpan.FromSeconds(30), cancellationToken);
+            await Gate.Task.WaitAsync(TimeSpan.FromSeconds(30), IgnoreCancellation ? CancellationToken.None : cancellationToken);
         }
         return await inner.WriteAsync(key, meta, block, cancellationToken);
     }
@@ -82,5 +84,24 @@ public sealed class TierStaleCorruptDropTests
         await rig.DisposeAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(30));
         gated.Gate.SetResult();
         await stuck.WaitAsync(TimeSpan.FromSeconds(30));
+    }
+
+    // The same for a promotion: the background promoter copying a block up into a store whose write never returns (and
+    // ignores the shutdown's cancellation, as a write stuck in the kernel does) must not hang disposal either.
+    [Fact]
+    public async Task Disposal_does_not_wait_forever_for_a_stuck_promotion()
+    {
+        GatedWriteStore? gated = null;
+        var rig = new TierRig([2, 4], promote: true,
+            configure: (o, i) => i == 0 ? o with { Store = gated = new GatedWriteStore((InMemoryTestStore)o.Store) { IgnoreCancellation = true } } : o,
+            configureManager: m => m with { DisposeMoveTimeout = TimeSpan.FromMilliseconds(200) });
+        await rig.Put(0, 2);
+        await rig.Put(10, 2); // 0 and 1 go to the host tier
+        gated!.HoldKey = new BlockKey(0, Hash(0));
+        Assert.Equal(2, (await rig.Get(0, 2)).Read); // queues their promotion to the GPU tier
+        await gated.Entered.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        // The held write gives up by itself after 30 s: disposal must be done well before that.
+        await rig.DisposeAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(15));
+        gated.Gate.SetResult();
     }
 }
