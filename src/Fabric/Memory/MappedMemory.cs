@@ -44,7 +44,7 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
             // An owner that unlinks on dispose keeps the file locked while it lives: the pid in a segment's name tells
             // nothing across PID namespaces, the lock does (SharedMemorySegment.RemoveStale).
             if (unlinkOnDispose && Libc.Flock(fd, Libc.LOCK_SH) != 0)
-                throw new IOException($"cannot lock '{path}' ({Libc.LastError()})");
+                throw new IOException($"cannot take the owner's file lock on '{path}' ({Libc.LastError()}); does the file system support flock? (segments live in /dev/shm)");
             if (Libc.Ftruncate(fd, length) != 0)
                 throw new IOException($"cannot size '{path}' to {length} bytes ({Libc.LastError()}); is the file system (or /dev/shm) full?");
             var mapped = MapFd(fd, path, length, kind, unlinkOnDispose, lockInRam);
@@ -104,7 +104,7 @@ public sealed unsafe class MappedMemory : INativeMemory, IDisposable
             {
                 string err = Libc.LastError();
                 Libc.Munmap(addr, (nuint)length);
-                throw new IOException($"cannot lock {length} bytes of '{path}' in RAM ({err}); raise 'ulimit -l' or run without locking");
+                throw new IOException($"cannot lock {length} bytes of '{path}' in RAM ({err}); raise 'ulimit -l' (memlock) or run without locking");
             }
             locked = true;
         }
