@@ -17,7 +17,8 @@ public enum KvEventKind : byte
 // One placement, move or drop. A move is two events: Stored in the new tier, then Removed from the old one.
 // Sequence numbers are per node, start at 1 and have no gaps at the source, so a consumer that sees a gap knows it
 // missed events (a full channel) and must resync from TierManager.SnapshotEvents. Parent is meaningful when Depth > 0.
-// One event names one block; the blocks of one put carry consecutive sequence numbers, so a consumer can batch them.
+// One event names one block; a put's Stored events come in chain order, with the evictions and write-through copies it
+// causes between them (in the order they happened).
 public readonly record struct KvEvent(
     ulong Sequence,
     KvEventKind Kind,

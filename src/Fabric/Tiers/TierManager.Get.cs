@@ -64,9 +64,11 @@ public sealed partial class TierManager
             // A store may also drop a block on its own (the SSD store's compaction drops a record that fails its checksum,
             // as a read would): a read that finds it absent repairs the metadata as after a corrupt read. A read that
             // failed (an I/O error) finds the block still in the store and leaves it.
-            if (corrupt || !ok && !_tiers[t].Store.Contains(key))
+            if (corrupt || !ok && !Volatile.Read(ref _disposed) && !_tiers[t].Store.Contains(key))
             {
-                await DropCorruptGatedAsync(b, key, t).ConfigureAwait(false);
+                // The repair waits for the mover, which a move stuck on a device may hold: the read waits only as long as
+                // its caller lets it, and the repair then goes on without it.
+                await DropCorruptGatedAsync(b, key, t).WaitAsync(cancellationToken).ConfigureAwait(false);
                 continue; // retry this block from another tier, if one still holds it
             }
             if (!ok)
@@ -110,16 +112,24 @@ public sealed partial class TierManager
         }
     }
 
-    // Not cancellable: the store has already dropped the bytes, so the metadata must follow.
-    private async ValueTask DropCorruptGatedAsync(int b, BlockKey key, int t)
+    // Cancelled only by the manager's shutdown: the store has already dropped the bytes, so the metadata must follow (a
+    // reader that gives up leaves this running). Until it has, a read of the block finds it absent and comes here again.
+    private async Task DropCorruptGatedAsync(int b, BlockKey key, int t)
     {
-        await _mover.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            await _mover.WaitAsync(_stopping).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException)
+        {
+            return; // shutting down: the metadata goes with the manager
+        }
         try
         {
             lock (_lock)
             {
-                // The block may have moved or been dropped while we waited for the gate.
-                if (!_index.TryGetValue(key, out int now) || now != b || !Holds(b, t))
+                // Disposed meanwhile (the stores may be closed), or the block moved or was dropped while we waited.
+                if (_disposed || !_index.TryGetValue(key, out int now) || now != b || !Holds(b, t))
                     return;
             }
             // The store dropped the corrupt bytes when it threw; if it holds the key again, a delete and a put ran while we

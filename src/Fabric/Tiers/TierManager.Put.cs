@@ -16,6 +16,8 @@ public sealed partial class TierManager
     {
         ArgumentNullException.ThrowIfNull(blocks);
         ValidateBlocks(blocks);
+        if (storedByThisCall is not null && storedByThisCall.Length < blocks.Count)
+            throw new ArgumentException($"storedByThisCall holds {storedByThisCall.Length} entries for {blocks.Count} blocks; pass one per block", nameof(storedByThisCall));
         await _mover.WaitAsync(cancellationToken).ConfigureAwait(false);
         int held = None;
         try

@@ -26,6 +26,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
     private readonly Channel<BlockKey>? _promotions;
     private readonly Task _promoter = Task.CompletedTask;
     private readonly CancellationTokenSource _shutdown = new();
+    // _shutdown's token, taken once: it stays readable (cancelled) after DisposeAsync disposes the source.
+    private readonly CancellationToken _stopping;
     private TaskCompletionSource? _idle;
     private int _pendingPromotions;
     private int _activeReads;
@@ -37,6 +39,7 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
 
     public TierManager(TierManagerOptions options)
     {
+        _stopping = _shutdown.Token;
         ArgumentNullException.ThrowIfNull(options);
         if (options.Tiers is null || options.Tiers.Count == 0)
             throw new ArgumentException("a tier manager needs at least one tier (Gpu, Host or Ssd, fastest first)", nameof(options));
@@ -299,7 +302,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
     {
         lock (_lock)
         {
-            if (_pendingPromotions == 0)
+            // Disposal abandons queued promotions: nothing will run them, so nobody may wait for them.
+            if (_pendingPromotions == 0 || _disposed)
                 return Task.CompletedTask;
             _idle ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
             return _idle.Task;
@@ -318,6 +322,8 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
             if (_disposed)
                 return;
             _disposed = true;
+            _idle?.TrySetResult(); // queued promotions are abandoned (WhenPromotionsIdleAsync)
+            _idle = null;
         }
         _promotions?.Writer.TryComplete();
         await _shutdown.CancelAsync().ConfigureAwait(false);

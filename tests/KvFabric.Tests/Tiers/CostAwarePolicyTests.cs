@@ -33,6 +33,31 @@ public sealed class CostAwarePolicyTests
         Assert.Equal(p.RecomputeCost(3) / (BlockBytes / (double)(1 << 20)), p.Value(3, BlockBytes), 9);
     }
 
+    // The manager may pick a victim and then not evict it (a reader took it during its copy, a pin landed): the pick alone
+    // must neither put the block in a ghost (its next use would adapt p as if it had been a miss) nor raise the clock.
+    [Fact]
+    public void A_victim_picked_but_not_evicted_leaves_no_ghost_and_does_not_age_the_others()
+    {
+        var p = Policy(8);
+        p.AdmitLeaf(0, 1);
+        double clock = p.Clock, target = p.ProbationTarget;
+        Assert.Equal(0, p.Victim());
+        Assert.Equal(clock, p.Clock);
+        p.OnSighting(Info(1)); // used again while still resident: no ghost hit
+        p.OnAccess(0);
+        Assert.Equal(target, p.ProbationTarget);
+
+        // Carried out, the same pick is an eviction: the clock rises to the victim's priority and a use of it afterwards
+        // is a probation ghost hit (p grows).
+        p.AdmitLeaf(1, 2);
+        Assert.Equal(1, p.Victim());
+        double priority = p.PriorityOf(1);
+        p.OnRemove(1);
+        Assert.Equal(priority, p.Clock);
+        p.OnSighting(Info(2));
+        Assert.True(p.ProbationTarget > target);
+    }
+
     [Fact]
     public void A_block_seen_before_enters_protected_and_a_hit_moves_a_first_sighting_there()
     {

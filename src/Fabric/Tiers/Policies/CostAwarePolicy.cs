@@ -96,6 +96,8 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     private int[] _bytes;
     private byte[] _segment;
     private int _probationCount;
+    // The handle TryPickVictim returned last, until it is removed (-1: none).
+    private int _picked = -1;
     private double _probationTarget;
     private double _clockL;
     private long _tick;
@@ -223,6 +225,8 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     public void OnAccess(int handle)
     {
         byte seg = SegmentOf(handle);
+        if (handle == _picked)
+            _picked = -1; // used again: a pending pick of it was not carried out
         _hasCountedByAdmission = false;
         int f = _sightingsReported ? ReportedFrequency(_key[handle]) : _sketch.Increment(_key[handle]);
         double priority = _clockL + f * Value(_depth[handle], _bytes[handle]);
@@ -246,6 +250,15 @@ public sealed class CostAwarePolicy : IEvictionPolicy
     public void OnRemove(int handle)
     {
         byte seg = SegmentOf(handle);
+        if (handle == _picked)
+        {
+            // The victim picked last has left: an eviction. Its ghost remembers it, and the GDSF clock rises to its
+            // priority, so what stays must keep being used to stay ahead. (A pick the manager did not carry out, e.g. a
+            // reader took the block during its copy, changes neither.)
+            _picked = -1;
+            (seg == Probation ? _probationGhost : _protectedGhost).Add(_key[handle]);
+            _clockL = Math.Max(_clockL, (seg == Probation ? _probation : _protected).PriorityOf(handle));
+        }
         if (seg == Probation)
         {
             _probation.Remove(handle);
@@ -273,9 +286,7 @@ public sealed class CostAwarePolicy : IEvictionPolicy
         var heap = fromProbation ? _probation : _protected;
         if (!heap.TryPeek(out handle))
             return false;
-        (fromProbation ? _probationGhost : _protectedGhost).Add(_key[handle]);
-        // GDSF: the clock rises to the victim's priority, so what stays must keep being used to stay ahead.
-        _clockL = Math.Max(_clockL, heap.PriorityOf(handle));
+        _picked = handle; // its ghost and the clock follow when it leaves (OnRemove)
         return true;
     }
 
