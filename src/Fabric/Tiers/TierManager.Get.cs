@@ -108,7 +108,7 @@ public sealed partial class TierManager
             if (t > 0)
                 QueuePromotion(key);
             tier = state.Kind;
-            return new BlockUseScope(this, [b], 1, read: true);
+            return new BlockUseScope(this, b);
         }
     }
 

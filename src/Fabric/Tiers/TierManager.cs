@@ -228,13 +228,13 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
 
     internal static readonly TimeSpan DisposeReadDrainTimeout = TimeSpan.FromSeconds(30);
 
-    internal void Release(int[] ids, int count, bool read)
+    internal void Release(ReadOnlySpan<int> ids, bool read)
     {
         lock (_lock)
         {
             Tick();
-            for (int i = 0; i < count; i++)
-                DropUse(ids[i]);
+            foreach (int b in ids)
+                DropUse(b);
             if (read && --_activeReads == 0 && _readsDrained is { } drained)
                 drained.TrySetResult();
         }
@@ -379,20 +379,32 @@ public sealed partial class TierManager : IDisposable, IAsyncDisposable
 public sealed class BlockUseScope : IDisposable
 {
     private TierManager? _owner;
-    private readonly int[] _ids;
+    private readonly int[]? _ids;
+    private readonly int _single; // the block of a one-block scope (no array: an in-place read opens one per block)
     private readonly bool _read;
 
-    // read: the scope is an in-place read (TryOpenInPlace), which disposing the manager waits for.
-    internal BlockUseScope(TierManager owner, int[] ids, int count, bool read = false)
+    internal BlockUseScope(TierManager owner, int[] ids, int count)
     {
         _owner = owner;
         _ids = ids;
         Count = count;
-        _read = read;
+    }
+
+    // One block, read in place (TryOpenInPlace), which disposing the manager waits for.
+    internal BlockUseScope(TierManager owner, int block)
+    {
+        _owner = owner;
+        _single = block;
+        Count = 1;
+        _read = true;
     }
 
     // How many leading blocks of the chain are held.
     public int Count { get; }
 
-    public void Dispose() => Interlocked.Exchange(ref _owner, null)?.Release(_ids, Count, _read);
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _owner, null) is { } owner)
+            owner.Release(_ids is null ? new ReadOnlySpan<int>(in _single) : _ids.AsSpan(0, Count), _read);
+    }
 }
