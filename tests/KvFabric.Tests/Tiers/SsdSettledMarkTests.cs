@@ -127,10 +127,11 @@ public sealed class SsdSettledMarkTests
         }
     }
 
-    // A v3 directory (the same records, no mark) is upgraded in place to v4, so that a v3 binary, which would place records
-    // below a mark it does not know, refuses it afterwards; older formats are still refused.
+    // A v3 directory (the same records, no mark) or a v4 one (no tombstone sectors) is upgraded in place to v5, so that a
+    // v3 binary, which would place records below a mark it does not know, or a v4 one, which would skip tombstone sectors,
+    // refuses it afterwards; older formats are still refused.
     [Fact]
-    public async Task A_v3_directory_is_upgraded_in_place_and_older_formats_are_refused()
+    public async Task V3_and_v4_directories_are_upgraded_in_place_and_older_formats_are_refused()
     {
         using var dir = new TempDir();
         string format = Path.Combine(dir.Path, "kvfabric-ssd.format");
@@ -139,8 +140,8 @@ public sealed class SsdSettledMarkTests
             for (int i = 0; i < 4; i++)
                 Assert.True(await Ssd.Write(store, i));
         }
-        Assert.StartsWith("kvfabric-ssd-log v4\n", File.ReadAllText(format), StringComparison.Ordinal);
-        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v4", "kvfabric-ssd-log v3", StringComparison.Ordinal));
+        Assert.StartsWith("kvfabric-ssd-log v5\n", File.ReadAllText(format), StringComparison.Ordinal);
+        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v5", "kvfabric-ssd-log v3", StringComparison.Ordinal));
         Ssd.ForgetSettledMark(dir.Path); // a v3 binary wrote none
         await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
         {
@@ -148,9 +149,17 @@ public sealed class SsdSettledMarkTests
             for (int i = 0; i < 4; i++)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         }
-        Assert.StartsWith("kvfabric-ssd-log v4\n", File.ReadAllText(format), StringComparison.Ordinal);
+        Assert.StartsWith("kvfabric-ssd-log v5\n", File.ReadAllText(format), StringComparison.Ordinal);
 
-        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v4", "kvfabric-ssd-log v2", StringComparison.Ordinal));
+        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v5", "kvfabric-ssd-log v4", StringComparison.Ordinal));
+        await using (var store = await SsdBlockStore.OpenAsync(Options(dir.Path)))
+        {
+            for (int i = 0; i < 4; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+        Assert.StartsWith("kvfabric-ssd-log v5\n", File.ReadAllText(format), StringComparison.Ordinal);
+
+        File.WriteAllText(format, File.ReadAllText(format).Replace("kvfabric-ssd-log v5", "kvfabric-ssd-log v2", StringComparison.Ordinal));
         var e = await Assert.ThrowsAsync<TierException>(() => SsdBlockStore.OpenAsync(Options(dir.Path)));
         Assert.Contains("kvfabric-ssd-log v2", e.Message);
         Assert.Contains("move the directory aside", e.Message);

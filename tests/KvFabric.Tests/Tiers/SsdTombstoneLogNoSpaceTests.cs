@@ -19,8 +19,8 @@ public sealed class RootFactAttribute : FactAttribute
     }
 }
 
-// A full file system under the tombstone log pauses removals' durability, as it pauses data writes, instead of
-// breaking removals (and writes) until a restart.
+// A full file system under the tombstone log pauses the log, as it pauses data writes, instead of breaking removals (and
+// writes) until a restart; meanwhile removals are made durable as tombstone sectors in the preallocated data segments.
 public sealed class SsdTombstoneLogNoSpaceTests
 {
     private static SsdBlockStoreOptions Options(string dir, Func<bool> full, Action<FaultyDevice>? created = null) =>
@@ -53,8 +53,21 @@ public sealed class SsdTombstoneLogNoSpaceTests
         }
     }
 
+    // Every block in `removed` is absent and every other one of 0..last reads back byte-exact (a crash image or a restart).
+    private static async Task AssertBlocks(SsdBlockStore store, int last, params int[] removed)
+    {
+        for (int i = 0; i <= last; i++)
+        {
+            if (removed.Contains(i))
+                Assert.Null(await Ssd.Read(store, i));
+            else
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+        }
+        Assert.Equal(0, store.RecoveredCorruptRecords);
+    }
+
     [Fact]
-    public async Task A_full_disk_pauses_removals_durability_and_they_become_durable_once_space_is_back()
+    public async Task A_full_disk_pauses_the_log_removals_stay_durable_as_tombstone_sectors_and_go_to_the_log_once_space_is_back()
     {
         using var dir = new TempDir();
         bool full = false;
@@ -66,8 +79,11 @@ public sealed class SsdTombstoneLogNoSpaceTests
         Assert.True(store.Remove(Ssd.Key(0)));
         await WaitFor(() => store.NoSpaceLogCommits > 0, "the commit found the disk full");
         Assert.True(store.RemovalsPaused);
-        Assert.True(store.Remove(Ssd.Key(1))); // while paused: waits in memory
-        Assert.Equal(2, store.RemovalsNotDurable);
+        Assert.True(store.Remove(Ssd.Key(1))); // while paused: waits in memory, and the committer writes its sector
+        // Durable as tombstone sectors at the data tail: one per removal the log has not committed.
+        await WaitFor(() => store.RemovalsNotDurable == 0, "the removals' tombstone sectors were written");
+        Assert.Equal(2, store.TombstoneSectorsWritten);
+        Assert.True(store.RemovalsPaused); // the log itself is still paused
 
         // The store keeps serving: reads, and writes (the data segments are not the log's file).
         Assert.False(store.WritesStopped);
@@ -76,16 +92,17 @@ public sealed class SsdTombstoneLogNoSpaceTests
             Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
         Assert.Null(await Ssd.Read(store, 0));
 
-        // Still full after the pause: the log is reopened and fails again, nothing is lost meanwhile.
+        // Still full after the pause: the log is reopened and fails again, and its tombstones need no second sector.
         await WaitFor(() => store.NoSpaceLogCommits > 1, "the paused log was tried again");
-        Assert.Equal(2, store.RemovalsNotDurable);
+        Assert.Equal(0, store.RemovalsNotDurable);
+        Assert.Equal(2, store.TombstoneSectorsWritten);
         using (var image = CrashImage(dir.Path))
         await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
         {
-            // A crash before the removals' commit brings their blocks back, intact (as before any commit); every
+            // A crash while the disk is still full: the sectors keep the removed blocks removed; every other
             // acknowledged block is there.
-            for (int i = 0; i <= 8; i++)
-                Assert.Equal(Ssd.Block(i), await Ssd.Read(crashed, i));
+            Assert.Equal(2, crashed.RecoveredTombstoneSectors);
+            await AssertBlocks(crashed, 8, 0, 1);
         }
 
         Volatile.Write(ref full, false);
@@ -93,15 +110,170 @@ public sealed class SsdTombstoneLogNoSpaceTests
         Assert.True(store.Remove(Ssd.Key(2))); // the reopened log takes new tombstones too
         await WaitFor(() => store.RemovalsNotDurable == 0, "the next removal was committed");
         Assert.False(store.WritesStopped);
+        Assert.Equal(2, store.TombstoneSectorsWritten); // the log takes tombstones again: no more sectors
+        using (var image = CrashImage(dir.Path))
+        await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
+            await AssertBlocks(crashed, 8, 0, 1, 2);
+    }
+
+    // A key removed and written again while the disk is full: its tombstone sector cancels only the copy it removed (the
+    // seal covers that address), never the new record above it, whichever of the two lands first.
+    [Fact]
+    public async Task A_key_written_again_after_its_removal_while_the_disk_is_full_survives_a_crash_with_its_new_bytes()
+    {
+        using var dir = new TempDir();
+        bool full = false;
+        await using var store = await SsdBlockStore.OpenAsync(Options(dir.Path, () => Volatile.Read(ref full)));
+        for (int i = 0; i < 6; i++)
+            Assert.True(await Ssd.Write(store, i));
+        Volatile.Write(ref full, true);
+        Assert.True(store.Remove(Ssd.Key(0)));
+        await WaitFor(() => store.RemovalsPaused && store.RemovalsNotDurable == 0, "the removal's tombstone sector was written");
+        // The new record lies above the sector; key 1's is written again before its sector may be.
+        byte[] new0 = Ssd.Block(100), new1 = Ssd.Block(101);
+        Assert.True(await store.WriteAsync(Ssd.Key(0), Ssd.Meta(0), new0));
+        Assert.True(store.Remove(Ssd.Key(1)));
+        Assert.True(await store.WriteAsync(Ssd.Key(1), Ssd.Meta(1), new1));
+        Assert.True(store.Remove(Ssd.Key(2)));
+        await WaitFor(() => store.RemovalsNotDurable == 0, "every removal's tombstone sector was written");
+        Assert.Equal(3, store.TombstoneSectorsWritten);
         using (var image = CrashImage(dir.Path))
         await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
         {
-            for (int i = 0; i < 3; i++)
-                Assert.Null(await Ssd.Read(crashed, i));
-            for (int i = 3; i <= 8; i++)
+            Assert.Equal(3, crashed.RecoveredTombstoneSectors);
+            Assert.Equal(new0, await Ssd.Read(crashed, 0));
+            Assert.Equal(new1, await Ssd.Read(crashed, 1));
+            Assert.Null(await Ssd.Read(crashed, 2));
+            for (int i = 3; i < 6; i++)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(crashed, i));
             Assert.Equal(0, crashed.RecoveredCorruptRecords);
         }
+
+        // Removed once more, still full: the second sector cancels the new record too.
+        Assert.True(store.Remove(Ssd.Key(0)));
+        await WaitFor(() => store.RemovalsNotDurable == 0, "the second removal's tombstone sector was written");
+        using (var image = CrashImage(dir.Path))
+        await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
+        {
+            Assert.Null(await Ssd.Read(crashed, 0));
+            Assert.Equal(new1, await Ssd.Read(crashed, 1));
+            Assert.Null(await Ssd.Read(crashed, 2));
+            for (int i = 3; i < 6; i++)
+                Assert.Equal(Ssd.Block(i), await Ssd.Read(crashed, i));
+        }
+    }
+
+    // A restart while the disk is still full (the store closed cleanly, its log never committed the removals): opened on
+    // the same full disk, the removed blocks stay removed.
+    [Fact]
+    public async Task A_restart_while_the_disk_is_still_full_keeps_removed_blocks_removed()
+    {
+        using var dir = new TempDir();
+        bool full = false;
+        var options = Options(dir.Path, () => Volatile.Read(ref full)) with { NoSpaceRetry = TimeSpan.FromHours(1) };
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            for (int i = 0; i < 6; i++)
+                Assert.True(await Ssd.Write(store, i));
+            Volatile.Write(ref full, true);
+            Assert.True(store.Remove(Ssd.Key(0)));
+            Assert.True(store.Remove(Ssd.Key(3)));
+            await WaitFor(() => store.RemovalsPaused && store.RemovalsNotDurable == 0, "the removals' tombstone sectors were written");
+        }
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+        {
+            Assert.Equal(2, store.RecoveredTombstoneSectors);
+            await AssertBlocks(store, 5, 0, 3);
+            Assert.Equal(0, store.NoSpaceLogCommits);
+        }
+        Volatile.Write(ref full, false);
+        await using (var store = await SsdBlockStore.OpenAsync(options))
+            await AssertBlocks(store, 5, 0, 3);
+    }
+
+    // The data segments cannot take the sectors either (full too): as without them, the removals wait in memory, are not
+    // durable, and are counted; a crash then brings the blocks back, intact; once space is back the log commits them.
+    [Fact]
+    public async Task Removals_stay_not_durable_and_counted_when_the_data_segments_cannot_take_their_sectors()
+    {
+        using var dir = new TempDir();
+        bool full = false;
+        var options = Options(dir.Path, () => Volatile.Read(ref full)) with
+        {
+            DataWriteFault = () => Volatile.Read(ref full) ? "ENOSPC (injected): No space left on device" : null,
+        };
+        await using var store = await SsdBlockStore.OpenAsync(options);
+        for (int i = 0; i < 4; i++)
+            Assert.True(await Ssd.Write(store, i));
+        Volatile.Write(ref full, true);
+        Assert.True(store.Remove(Ssd.Key(0)));
+        await WaitFor(() => store.RemovalsPaused && store.NoSpaceWrites > 0, "the tombstone sector found the data segment full");
+        Assert.Equal(1, store.RemovalsNotDurable);
+        Assert.Equal(0, store.TombstoneSectorsWritten);
+        Assert.False(store.WritesStopped);
+        using (var image = CrashImage(dir.Path))
+        await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
+            await AssertBlocks(crashed, 3);
+
+        Volatile.Write(ref full, false);
+        await WaitFor(() => !store.RemovalsPaused && store.RemovalsNotDurable == 0, "the removal was committed");
+        using (var image = CrashImage(dir.Path))
+        await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
+            await AssertBlocks(crashed, 3, 0);
+    }
+
+    // Compaction over segments that hold tombstone sectors, while the disk stays full: a sector's segment is retired only
+    // with or after the segments of the records it cancels (it lies above them), a cancelled record is never copied
+    // forward, and a crash image at each step keeps removed blocks removed and every other one byte-exact.
+    [Fact]
+    public async Task Compaction_over_tombstone_sectors_while_the_disk_is_full_never_brings_removed_blocks_back()
+    {
+        using var dir = new TempDir();
+        bool full = false;
+        // 4 MiB segments hold 60 records of 68 KiB; the default capacity (64 MiB) starts no compaction by itself here.
+        await using var store = await SsdBlockStore.OpenAsync(Options(dir.Path, () => Volatile.Read(ref full)));
+        for (int i = 0; i < 70; i++)
+            Assert.True(await Ssd.Write(store, i)); // 0..59 in segment 0, 60..69 in segment 1
+        Volatile.Write(ref full, true);
+        var removed = Enumerable.Range(0, 30).Concat(Enumerable.Range(60, 5)).ToArray();
+        foreach (int i in removed)
+            Assert.True(store.Remove(Ssd.Key(i)));
+        await WaitFor(() => store.RemovalsPaused && store.RemovalsNotDurable == 0, "the removals' tombstone sectors were written");
+        Assert.Equal(removed.Length, store.TombstoneSectorsWritten); // in segment 1, above every record they cancel
+        for (int i = 70; i < 120; i++)
+            Assert.True(await Ssd.Write(store, i)); // the tail moves on into segment 2
+
+        async Task CheckCrashImage(int sectors)
+        {
+            using var image = CrashImage(dir.Path);
+            await using var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false));
+            Assert.Equal(sectors, crashed.RecoveredTombstoneSectors);
+            await AssertBlocks(crashed, 119, removed);
+        }
+
+        await CheckCrashImage(removed.Length);
+        // Segment 0 (records 0..59: 30..59 copied forward, 0..29 cancelled, not copied) goes; the sectors stay, with the
+        // cancelled records 60..64 of segment 1.
+        await store.CompactOldestSegmentAsync();
+        Assert.Null(store.LastCompactionError);
+        Assert.False(File.Exists(Path.Combine(dir.Path, "blocks.data.0")));
+        await CheckCrashImage(removed.Length);
+        // Segment 1 goes, the sectors with the records they cancel.
+        await store.CompactOldestSegmentAsync();
+        Assert.Null(store.LastCompactionError);
+        Assert.False(File.Exists(Path.Combine(dir.Path, "blocks.data.1")));
+        await CheckCrashImage(0);
+        Assert.Equal(0, store.RemovalsNotDurable); // their records are gone: nothing left to cancel
+        await AssertBlocks(store, 119, removed);
+
+        Volatile.Write(ref full, false);
+        await WaitFor(() => !store.RemovalsPaused, "the log committed again");
+        Assert.True(store.Remove(Ssd.Key(119)));
+        await WaitFor(() => store.RemovalsNotDurable == 0, "the removal was committed");
+        Assert.Equal(removed.Length, store.TombstoneSectorsWritten);
+        using (var image = CrashImage(dir.Path))
+        await using (var crashed = await SsdBlockStore.OpenAsync(Ssd.Options(image.Path, compression: false)))
+            await AssertBlocks(crashed, 119, [.. removed, 119]);
     }
 
     [Fact]
@@ -156,6 +328,19 @@ public sealed class SsdTombstoneLogNoSpaceTests
             Assert.False(store.WritesStopped);
             for (int i = removed; i < Blocks; i++)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+            // The removals the log lost are durable as tombstone sectors in the preallocated data segment: a crash while
+            // the disk is still full keeps them removed.
+            await WaitFor(() => store.RemovalsNotDurable == 0, "the removals' tombstone sectors were written");
+            Assert.True(store.TombstoneSectorsWritten > 0);
+            using (var whileFull = CrashImage(dir))
+            await using (var reopened = await SsdBlockStore.OpenAsync(Ssd.Options(whileFull.Path, capacity: 4L << 20, compression: false)))
+            {
+                Assert.Equal(store.TombstoneSectorsWritten, reopened.RecoveredTombstoneSectors);
+                for (int i = 0; i < removed; i++)
+                    Assert.Null(await Ssd.Read(reopened, i));
+                for (int i = removed; i < Blocks; i++)
+                    Assert.Equal(Ssd.Block(i), await Ssd.Read(reopened, i));
+            }
 
             File.Delete(filler);
             await WaitFor(() => !store.RemovalsPaused && store.RemovalsNotDurable == 0, "the removals were committed");

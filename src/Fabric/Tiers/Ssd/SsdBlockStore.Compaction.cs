@@ -218,9 +218,12 @@ public sealed partial class SsdBlockStore
         lock (_lock)
             _dataBegin = until; // every live block below `until` is now in its copy
         // Every segment file below, not only down to the first gap: one left over by a retirement that failed earlier
-        // would otherwise outlive the tombstones truncated below, and its removed blocks would come back.
-        var retired = DataSegmentsOnDisk().Where(s => s < DataSegment(until)).Reverse().ToList();
+        // would otherwise outlive the tombstones truncated below, and its removed blocks would come back. Oldest first: a
+        // tombstone sector lies above the records it cancels, so a retirement that stops part-way (or a crash before the
+        // directory sync, which keeps the renames' order) never leaves a cancelled record behind without its sector.
+        var retired = DataSegmentsOnDisk().Where(s => s < DataSegment(until)).ToList();
         await _data.RetireSegmentsAsync(retired).ConfigureAwait(false); // retired for good before the log forgets their tombstones
+        bool truncated = false;
         lock (_lock)
         {
             SegmentsRetiredLocked(until);
@@ -233,9 +236,13 @@ public sealed partial class SsdBlockStore
                 long keepFrom = _tombstones.TryPeek(out var first) ? first.LogAddress : _log.TailAddress;
                 _log.TruncateUntilPageStart(keepFrom);
                 _dirty = true;
+                truncated = true;
             }
         }
-        await JoinCommit().ConfigureAwait(false);
+        // The commit makes the truncation durable. While the log is paused there is none, and the run goes on: freeing data
+        // segments is what gives a full disk room back (the tombstone sectors written meanwhile go with their segments).
+        if (truncated)
+            await JoinCommit().ConfigureAwait(false);
         Interlocked.Increment(ref _compactedSegments);
     }
 }

@@ -21,10 +21,12 @@ public sealed partial class SsdBlockStore
     public int NoSpaceLogCommits => Volatile.Read(ref _noSpaceLogCommits);
 
     /// <summary>True from a commit of the tombstone log that found its file system full until a commit succeeds again:
-    /// removals are done in this process meanwhile, but not durable.</summary>
+    /// removals are done in this process meanwhile, durable only as tombstone sectors in the data segments
+    /// (<see cref="RemovalsNotDurable"/> counts those not written yet).</summary>
     public bool RemovalsPaused => _removalsPaused;
 
-    /// <summary>Removals whose tombstone is not yet committed (a crash now would bring their blocks back).</summary>
+    /// <summary>Removals whose tombstone is neither committed to the log nor written as a tombstone sector in a data
+    /// segment (a crash now would bring their blocks back).</summary>
     public int RemovalsNotDurable
     {
         get
@@ -34,7 +36,7 @@ public sealed partial class SsdBlockStore
                 int n = 0;
                 foreach (var t in _tombstones)
                 {
-                    if (t.LogAddress >= _durableLogAddress)
+                    if (t.LogAddress >= _durableLogAddress && t.Seq >= _sectoredThrough)
                         n++;
                 }
                 return n;
@@ -76,8 +78,9 @@ public sealed partial class SsdBlockStore
     private TierException LogNoSpaceFailure(Exception? e)
     {
         string message = $"The tombstone log of the SSD tier in {Directory} found its file system full ({_logNoSpace}). Removed blocks are gone "
-            + "from this process, but their removal is not durable yet (a crash now would bring them back); the log is reopened and the "
-            + $"removals committed again every {_options.NoSpaceRetry.TotalSeconds:0.#} s until they fit: free space on that file system.";
+            + "from this process; their removals are made durable as tombstone sectors in the data segments where those fit (until then a "
+            + $"crash would bring them back), and the log is reopened and the removals committed again every {_options.NoSpaceRetry.TotalSeconds:0.#} s "
+            + "until they fit: free space on that file system.";
         return e is null ? new TierException(message) : new TierException(message, e);
     }
 
@@ -127,9 +130,9 @@ public sealed partial class SsdBlockStore
             lock (_lock)
             {
                 long durable = log.TailAddress;
-                var kept = new Queue<(long LogAddress, BlockKey Key, long DataAddress)>(_tombstones.Count);
+                var kept = new Queue<Tombstone>(_tombstones.Count);
                 foreach (var t in _tombstones)
-                    kept.Enqueue(t.LogAddress < durable ? t : (log.Enqueue(TombstoneEntry(t.Key, t.DataAddress)), t.Key, t.DataAddress));
+                    kept.Enqueue(t.LogAddress < durable ? t : t with { LogAddress = log.Enqueue(TombstoneEntry(t.Key, t.DataAddress)) });
                 (_tombstones, _device, _log, _logOpen, _durableLogAddress) = (kept, device, log, true, durable);
                 _logPaused = false;
                 _dirty = true;

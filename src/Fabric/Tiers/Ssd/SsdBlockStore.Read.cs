@@ -127,7 +127,8 @@ public sealed partial class SsdBlockStore
     /// <summary>
     /// Removes a block: it is gone from this process at once, and a tombstone record makes the removal durable at the next
     /// group commit (started right away). A crash before that commit can bring the block back, intact. While the log's
-    /// file system is full, that commit waits until space is back (<see cref="RemovalsNotDurable"/> counts such removals).
+    /// file system is full, the committer writes the tombstone as a sealed sector at the data tail instead, durable once
+    /// that write completes; <see cref="RemovalsNotDurable"/> counts the removals durable neither way yet.
     /// </summary>
     public bool Remove(BlockKey key)
     {
@@ -172,15 +173,16 @@ public sealed partial class SsdBlockStore
             return;
         if (_logPaused)
         {
-            // The log's file system was full: the tombstone waits here, and is appended when the log is reopened.
-            _tombstones.Enqueue((NotAppended, key, upTo));
+            // The log's file system was full: the tombstone waits here, and is appended when the log is reopened; the
+            // committer writes it as a tombstone sector meanwhile (SsdBlockStore.TombstoneSectors.cs).
+            _tombstones.Enqueue(new(NotAppended, key, upTo, _tombstoneSeq++));
             _dirty = true;
             return;
         }
         try
         {
             long logAddress = _log.Enqueue(TombstoneEntry(key, upTo));
-            _tombstones.Enqueue((logAddress, key, upTo));
+            _tombstones.Enqueue(new(logAddress, key, upTo, _tombstoneSeq++));
             _dirty = true;
         }
         catch (Exception e) when (e is not OutOfMemoryException)

@@ -10,7 +10,8 @@ public sealed partial class SsdBlockStore
     private const int ScanWindowBytes = 1 << 20;
     private const int RecoveryReadAttempts = 3;
 
-    private readonly record struct Found(BlockKey Key, Entry Entry);
+    // A block's record (Cancels -1), or a tombstone sector cancelling its key's copies up to Cancels.
+    private readonly record struct Found(BlockKey Key, Entry Entry, long Cancels);
 
     // Rebuilds the index: the committed tombstones say, per key, up to which data address its copies are cancelled; a scan
     // of every data segment finds the sealed records; each key's newest uncancelled copy whose payload verifies is live
@@ -22,13 +23,19 @@ public sealed partial class SsdBlockStore
         int corrupt = ReplayTombstones(cancelledUpTo);
         long settled = ReadMark();
         var (found, tail) = await ScanDataSegmentsAsync().ConfigureAwait(false);
+        // Tombstone sectors (written while the log's file system was full) cancel as the log's tombstones do.
+        foreach (var f in found.Where(f => f.Cancels >= 0))
+        {
+            cancelledUpTo[f.Key] = Math.Max(cancelledUpTo.GetValueOrDefault(f.Key, -1), f.Cancels);
+            RecoveredTombstoneSectors++;
+        }
         // New records go past the mark: one placed below it could be torn by a crash before the next mark, and be trusted.
         tail = Math.Max(tail, settled);
         // New records also go past every address a tombstone cancels: a record there would be cancelled at the next open.
         // (The segment of such an address may be gone, or its copy never landed: a removal during compaction's copy.)
         foreach (long cancelled in cancelledUpTo.Values)
             tail = Math.Max(tail, cancelled + SsdRecordHeader.SectorSize);
-        var copies = found.Where(f => f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
+        var copies = found.Where(f => f.Cancels < 0 && f.Entry.Address > cancelledUpTo.GetValueOrDefault(f.Key, -1))
             .GroupBy(f => f.Key)
             .ToDictionary(g => g.Key, g => new Queue<Entry>(g.Select(f => f.Entry).OrderByDescending(e => e.Address)));
         var (bad, incomplete, unreadable) = await VerifyRecoveredCopiesAsync(copies, _options.VerifyAllOnOpen ? 0 : settled).ConfigureAwait(false);
@@ -55,7 +62,8 @@ public sealed partial class SsdBlockStore
         _markLoop = Task.Run(MarkLoopAsync);
     }
 
-    // The committed log: tombstones, each cancelling its key's copies up to the data address it names.
+    // The committed log: tombstones, each cancelling its key's copies up to the data address it names. (Tombstone sectors
+    // in the data segments are found by the scan.)
     private int ReplayTombstones(Dictionary<BlockKey, long> cancelledUpTo)
     {
         int corrupt = 0;
@@ -70,7 +78,7 @@ public sealed partial class SsdBlockStore
                 if (SsdRecordHeader.TryParseTombstone(owner.Memory.Span[..length], out long dataAddress, out _) is { } tombstone)
                 {
                     cancelledUpTo[tombstone.Key] = Math.Max(cancelledUpTo.GetValueOrDefault(tombstone.Key, -1), dataAddress);
-                    _tombstones.Enqueue((address, tombstone.Key, dataAddress));
+                    _tombstones.Enqueue(new(address, tombstone.Key, dataAddress, _tombstoneSeq++));
                 }
                 else
                     corrupt++;
@@ -123,12 +131,12 @@ public sealed partial class SsdBlockStore
             {
                 var sector = buffer.Span(at, SsdRecordHeader.SectorSize);
                 if (!SsdRecordHeader.MayBeSector(sector)
-                    || SsdRecordHeader.TryParseSector(sector, position + at, _storeKey, out ulong checksum, out _) is not { } header)
+                    || SsdRecordHeader.TryParseSector(sector, position + at, _storeKey, out ulong checksum, out long cancels, out _) is not { } header)
                     continue;
                 var entry = new Entry(position + at, header.StoredLength, header.Codec, header.Meta, checksum);
                 if (entry.Address + entry.DataLength > end)
                     continue; // a record never straddles a segment
-                found.Add(new Found(header.Key, entry));
+                found.Add(new Found(header.Key, entry, cancels)); // a tombstone sector is one sector: the next follows it
                 tail = Math.Max(tail, entry.Address + entry.DataLength);
                 next = entry.Address + entry.DataLength; // the next sector read starts right after it
                 expectRecord = true;

@@ -328,8 +328,10 @@ public sealed partial class SsdBlockStore
                 Volatile.Write(ref _signalled, 0);
             if (_logPaused)
             {
+                // The removals the log has not committed are made durable as tombstone sectors in the data segments first.
+                await WriteTombstoneSectorsAsync().ConfigureAwait(false);
                 // Shutdown tries once more at once (space may be back), and gives up after a second failure: the removals
-                // not yet durable are then lost, as at a crash (docs/tiers-ssd.md).
+                // durable neither in the log nor as sectors are then lost, as at a crash (docs/tiers-ssd.md).
                 bool reopened = (_stopCommitter || Environment.TickCount64 >= Interlocked.Read(ref _logRetryAt)) && await ReopenLogAsync().ConfigureAwait(false);
                 if (!reopened)
                 {

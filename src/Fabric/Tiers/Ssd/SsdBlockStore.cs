@@ -48,9 +48,13 @@ public sealed partial class SsdBlockStore : IDurableBlockStore, IFixedSizeBlockS
     // Tombstones in the log, in log order: (log address, data address cancelled). The log is truncated below the first one
     // whose data address is still in a data segment (under _lock).
     // A tombstone appended while the log was paused (full file system) has no log address yet (NotAppended) until the log
-    // is reopened; so has one the log lost: reopening appends every tombstone past the last good commit again.
-    private Queue<(long LogAddress, BlockKey Key, long DataAddress)> _tombstones = new();
+    // is reopened; so has one the log lost: reopening appends every tombstone past the last good commit again. Seq numbers
+    // them in order (tombstone sectors written while the log is paused cover a prefix of them: _sectoredThrough).
+    private Queue<Tombstone> _tombstones = new();
+    private long _tombstoneSeq;
     private const long NotAppended = long.MaxValue;
+
+    private readonly record struct Tombstone(long LogAddress, BlockKey Key, long DataAddress, long Seq);
     private readonly ulong _storeKey;
 
     // Where a live block is: its record's data address (header sector, then payload) and what its header says, so a read

@@ -10,12 +10,15 @@ namespace KvFabric.Tiers.Ssd;
 internal static class SsdLogFormat
 {
     public const string FileName = "kvfabric-ssd.format";
-    // v4: self-describing records in data segments, tombstones in the FASTER log, and the settled mark (settled.slots),
-    // below which opening trusts records without reading them. v3 is the same without the mark: it is upgraded in place
-    // (a v3 binary, which would place records below a mark it does not know, then refuses the directory). A v2 directory
-    // (block references in the log) or v1 (payloads inline in the log) differs in this line and is refused, naming the version.
-    private const string Magic = "kvfabric-ssd-log v4";
-    private const string UpgradableMagic = "kvfabric-ssd-log v3";
+    // v5: self-describing records in data segments, tombstones in the FASTER log or, while its file system is full, as
+    // tombstone sectors in the data segments, and the settled mark (settled.slots), below which opening trusts records
+    // without reading them. v4 is the same without tombstone sectors, v3 without the mark either: both are upgraded in
+    // place (a v4 binary would skip the sectors, bring the removed blocks back and could place a record below an address a
+    // sector cancels; a v3 binary would place records below a mark it does not know: either then refuses the directory).
+    // A v2 directory (block references in the log) or v1 (payloads inline in the log) differs in this line and is refused,
+    // naming the version.
+    private const string Magic = "kvfabric-ssd-log v5";
+    private static readonly string[] UpgradableMagics = ["kvfabric-ssd-log v4", "kvfabric-ssd-log v3"];
     private const string KeyPrefix = "store_key=";
 
     /// <summary>Checks the directory's format against the options (or writes it for a new directory); returns the store's key.</summary>
@@ -27,7 +30,7 @@ internal static class SsdLogFormat
         {
             string actual = File.ReadAllText(path);
             int keyAt = actual.IndexOf(KeyPrefix, StringComparison.Ordinal);
-            if (keyAt >= 0 && actual[..keyAt] == Describe(options, UpgradableMagic))
+            if (keyAt >= 0 && UpgradableMagics.Any(m => actual[..keyAt] == Describe(options, m)))
             {
                 actual = expected + actual[keyAt..];
                 WriteDurably(dir, path, actual);

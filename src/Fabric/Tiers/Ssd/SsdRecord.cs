@@ -26,7 +26,8 @@ internal enum SsdCodec : byte
 // Version 3: a block is self-describing in its data segment. Its record is a 4 KiB header sector (this header, the
 // record's own data address, and a check of both keyed with the store's secret) followed by the payload, written with one
 // O_DIRECT | O_DSYNC write; recovery finds blocks by scanning the data segments. The FASTER log holds tombstones only:
-// the header of a removed block (kind 2) with the data address of the newest copy it cancels, and their check.
+// the header of a removed block (kind 2) with the data address of the newest copy it cancels, and their check. While the
+// log's file system is full, a tombstone is written as a sealed kind-2 sector in a data segment instead (WriteTombstoneSector).
 internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Codec, BlockKey Key, BlockMeta Meta, int StoredLength)
 {
     public const int Size = 64;
@@ -92,21 +93,55 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
     /// <summary>True when the sector starts with the magic number (a cheap filter while scanning for records).</summary>
     public static bool MayBeSector(ReadOnlySpan<byte> sector) => BinaryPrimitives.ReadUInt32LittleEndian(sector) == Magic;
 
+    /// <summary>Where a tombstone sector keeps the data address up to which it cancels its key's copies: right after the
+    /// seal. The header's checksum covers it (it is the tombstone's 8-byte payload), and the seal covers the checksum.</summary>
+    public const int CancelsOffset = AddressedSize;
+
     /// <summary>
     /// Parses a data segment's header sector found at <paramref name="dataAddress"/>: a block header whose own fields are
-    /// consistent, sealed for that address with this store's key. The payload's checksum is checked when it is read.
+    /// consistent, or a tombstone sector (kind 2) cancelling its key's copies up to <paramref name="cancelsUpTo"/> (always
+    /// below its own address), sealed for that address with this store's key. A block's payload checksum is checked when
+    /// the payload is read; a tombstone sector has no payload beyond its cancelled address, checked here.
     /// </summary>
-    public static SsdRecordHeader? TryParseSector(ReadOnlySpan<byte> sector, long dataAddress, ulong storeKey, out ulong checksum, out string problem)
+    public static SsdRecordHeader? TryParseSector(ReadOnlySpan<byte> sector, long dataAddress, ulong storeKey, out ulong checksum, out long cancelsUpTo,
+        out string problem)
     {
-        var header = TryParseAddressed(sector[..AddressedSize], storeKey, out long address, out checksum, out problem);
+        cancelsUpTo = -1;
+        var cancels = sector.Slice(CancelsOffset, sizeof(long));
+        var header = TryParseAddressed(sector[..AddressedSize], storeKey, cancels, out long address, out checksum, out problem);
         if (header is null)
             return null;
-        if (header.Value.Kind != SsdRecordKind.Block || address != dataAddress)
+        if (address != dataAddress)
         {
-            problem = $"header sector at {dataAddress} names kind {header.Value.Kind} at data address {address}";
+            problem = $"header sector at {dataAddress} is sealed for data address {address}";
             return null;
         }
+        if (header.Value.Kind == SsdRecordKind.Tombstone)
+        {
+            long upTo = BinaryPrimitives.ReadInt64LittleEndian(cancels);
+            if (upTo < 0 || upTo >= dataAddress || upTo % SectorSize != 0)
+            {
+                problem = $"tombstone sector at {dataAddress} cancels up to {upTo}, not below itself";
+                return null;
+            }
+            cancelsUpTo = upTo;
+        }
         return header;
+    }
+
+    /// <summary>
+    /// Fills a tombstone sector for <paramref name="dataAddress"/>: the key's tombstone header (kind 2, no payload) whose
+    /// checksum covers the data address up to which it cancels the key's copies (kept at <see cref="CancelsOffset"/>),
+    /// sealed for its own address with the store's key as a block's header sector is. Written at the data tail while the
+    /// tombstone log's file system is full, so always above every copy it cancels.
+    /// </summary>
+    public static void WriteTombstoneSector(Span<byte> sector, BlockKey key, long cancelsUpTo, long dataAddress, ulong storeKey)
+    {
+        Span<byte> cancels = stackalloc byte[sizeof(long)];
+        BinaryPrimitives.WriteInt64LittleEndian(cancels, cancelsUpTo);
+        Tombstone(key).Write(sector, cancels);
+        SealSector(sector, dataAddress, storeKey);
+        cancels.CopyTo(sector[CancelsOffset..]);
     }
 
     /// <summary>Writes a tombstone for the log: the key's header (kind 2) and the data address of the newest copy it cancels.</summary>
@@ -127,7 +162,7 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
             problem = $"log entry of {entry.Length} bytes, expected a {AddressedSize}-byte tombstone";
             return null;
         }
-        var header = TryParseAddressed(entry, 0, out dataAddress, out _, out problem);
+        var header = TryParseAddressed(entry, 0, default, out dataAddress, out _, out problem);
         if (header is { Kind: not SsdRecordKind.Tombstone })
         {
             problem = $"log entry of kind {header.Value.Kind}, expected a tombstone";
@@ -137,8 +172,10 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
     }
 
     // Header + u64 data address + u64 XXH3-64 of the 72 bytes before it (seeded with the store's key in header sectors, 0 in
-    // the log). Checks the magic, version, shape and check; the payload checksum is returned for the caller.
-    private static SsdRecordHeader? TryParseAddressed(ReadOnlySpan<byte> bytes, ulong seed, out long dataAddress, out ulong checksum, out string problem)
+    // the log). Checks the magic, version, shape and check; the payload checksum is returned for the caller. A tombstone's
+    // checksum covers its payload: nothing in the log, the cancelled data address in a tombstone sector.
+    private static SsdRecordHeader? TryParseAddressed(ReadOnlySpan<byte> bytes, ulong seed, ReadOnlySpan<byte> tombstonePayload, out long dataAddress,
+        out ulong checksum, out string problem)
     {
         dataAddress = 0;
         checksum = 0;
@@ -167,7 +204,7 @@ internal readonly record struct SsdRecordHeader(SsdRecordKind Kind, SsdCodec Cod
         bool shapeOk = kind switch
         {
             SsdRecordKind.Block => stored > 0 && raw > 0 && (codec != SsdCodec.None || stored == raw),
-            SsdRecordKind.Tombstone => stored == 0 && codec == SsdCodec.None && Checksum(h, default) == checksum,
+            SsdRecordKind.Tombstone => stored == 0 && codec == SsdCodec.None && Checksum(h, tombstonePayload) == checksum,
             _ => false,
         };
         if (!shapeOk || codec is not (SsdCodec.None or SsdCodec.Zstd) || raw < 0 || stored < 0 || depth < 0 || dataAddress < 0 || dataAddress % SectorSize != 0)
