@@ -191,10 +191,12 @@ public sealed class SidecarHost : IAsyncDisposable
             () => _tiers?.Ssd is { } ssd ? [([], ssd.WritesStopped ? 1 : 0)] : []);
         Metrics.AddCounter("kvfabric_ssd_no_space_writes", "SSD tier writes that found its file system full (writes then pause and resume by themselves).", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.NoSpaceWrites)] : []);
-        Metrics.AddCounter("kvfabric_ssd_no_space_log_commits", "SSD tier tombstone-log commits that found its file system full (removals then stay done but not durable until a retry fits).", [],
+        Metrics.AddCounter("kvfabric_ssd_no_space_log_commits", "SSD tier tombstone-log commits that found its file system full (removals then go to tombstone sectors in the data segments until a retry fits).", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.NoSpaceLogCommits)] : []);
-        Metrics.AddGauge("kvfabric_ssd_removals_not_durable", "SSD tier removals whose tombstone is not committed yet (a crash now would bring those blocks back).", [],
+        Metrics.AddGauge("kvfabric_ssd_removals_not_durable", "SSD tier removals whose tombstone is neither committed to the log nor written as a tombstone sector yet (a crash now would bring those blocks back).", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.RemovalsNotDurable)] : []);
+        Metrics.AddCounter("kvfabric_ssd_tombstone_sectors", "SSD tier tombstones written as 4 KiB sectors in the data segments because the tombstone log's file system was full.", [],
+            () => _tiers?.Ssd is { } ssd ? [([], ssd.TombstoneSectorsWritten)] : []);
         Metrics.AddCounter("kvfabric_ssd_writes_refused_compaction_behind", "SSD tier writes refused because compaction had fallen behind (the data segments would outgrow the disk reserved at start).", [],
             () => _tiers?.Ssd is { } ssd ? [([], ssd.WritesRefusedCompactionBehind)] : []);
         Metrics.AddCounter("kvfabric_ssd_compacted_segments", "SSD tier data segments freed by compaction.", [],

@@ -40,6 +40,8 @@ public sealed class TieredSidecarTests : IDisposable
         Dictionary<string, string> types = KvFabric.Tests.Sidecar.SidecarMetricsTests.CheckExposition(text);
         Assert.Equal("gauge", types["kvfabric_ssd_writes_stopped"]);
         Assert.Equal("counter", types["kvfabric_ssd_no_space_writes"]);
+        Assert.Equal("counter", types["kvfabric_ssd_tombstone_sectors"]);
+        Assert.Equal("gauge", types["kvfabric_ssd_removals_not_durable"]);
         Assert.Equal("counter", types["kvfabric_ssd_compacted_segments"]);
         Assert.Equal("counter", types["kvfabric_ssd_compaction_dropped_unreadable"]);
         Assert.Contains("kvfabric_ssd_writes_stopped 0\n", text, StringComparison.Ordinal);
