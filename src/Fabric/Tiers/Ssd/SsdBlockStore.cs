@@ -11,7 +11,8 @@ namespace KvFabric.Tiers.Ssd;
 /// The crash-safe SSD tier: every block is one self-describing record (a sealed header sector, then the payload) written
 /// with one O_DIRECT | O_DSYNC write into a data segment (blocks.data.N), and acknowledged once that write is on stable
 /// storage: the same I/O as fio's durable writes, with no commit on the write's path. Removals are tombstones in a FASTER
-/// log (<see cref="FasterLog"/>), durable at its next group commit. An in-memory index (key to data address) is rebuilt
+/// log (<see cref="FasterLog"/>), durable at its next group commit; while the log's file system is full, sealed tombstone
+/// sectors at the data tail instead. An in-memory index (key to data address) is rebuilt
 /// on open by scanning the data segments and replaying the committed tombstones; every read is checksum-verified.
 /// docs/tiers-ssd.md has the whole design.
 /// </summary>
