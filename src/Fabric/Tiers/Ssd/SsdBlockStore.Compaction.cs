@@ -219,8 +219,9 @@ public sealed partial class SsdBlockStore
             _dataBegin = until; // every live block below `until` is now in its copy
         // Every segment file below, not only down to the first gap: one left over by a retirement that failed earlier
         // would otherwise outlive the tombstones truncated below, and its removed blocks would come back. Oldest first: a
-        // tombstone sector lies above the records it cancels, so a retirement that stops part-way (or a crash before the
-        // directory sync, which keeps the renames' order) never leaves a cancelled record behind without its sector.
+        // tombstone sector lies above the records it cancels, so a retirement that stops part-way never leaves a cancelled
+        // record behind without its sector (nor does a crash before the directory sync, where the file system's journal
+        // keeps the renames in order, as ext4's and XFS's do).
         var retired = DataSegmentsOnDisk().Where(s => s < DataSegment(until)).ToList();
         await _data.RetireSegmentsAsync(retired).ConfigureAwait(false); // retired for good before the log forgets their tombstones
         bool truncated = false;
