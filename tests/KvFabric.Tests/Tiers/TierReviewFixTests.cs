@@ -5,37 +5,6 @@ using static KvFabric.Tests.Tiers.TierTestData;
 
 namespace KvFabric.Tests.Tiers;
 
-// A store whose writes can be held at a gate (a device that stops answering mid-copy).
-internal sealed class GatedTestStore(TierKind kind, long capacityBytes) : IBlockStore
-{
-    private readonly InMemoryTestStore _inner = new(kind, capacityBytes);
-    private TaskCompletionSource? _gate;
-
-    public TaskCompletionSource Entered { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
-    public void Arm() => _gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-    public void Open() => _gate?.TrySetResult();
-
-    public TierKind Kind => _inner.Kind;
-    public long CapacityBytes => _inner.CapacityBytes;
-    public long UsedBytes => _inner.UsedBytes;
-    public int Count => _inner.Count;
-    public bool Contains(BlockKey key) => _inner.Contains(key);
-    public bool Remove(BlockKey key) => _inner.Remove(key);
-    public void Dispose() => _inner.Dispose();
-    public ValueTask<bool> ReadAsync(BlockKey key, Memory<byte> destination, CancellationToken cancellationToken = default) =>
-        _inner.ReadAsync(key, destination, cancellationToken);
-
-    public async ValueTask<bool> WriteAsync(BlockKey key, BlockMeta meta, ReadOnlyMemory<byte> block, CancellationToken cancellationToken = default)
-    {
-        if (_gate is { } g)
-        {
-            Entered.TrySetResult();
-            await g.Task.ConfigureAwait(false);
-        }
-        return await _inner.WriteAsync(key, meta, block, cancellationToken).ConfigureAwait(false);
-    }
-}
-
 public sealed class TierReviewFixTests
 {
     private static async Task Put1(TierManager m, int n, int bytes = TierRig.BlockBytes, int? parent = null) =>
@@ -58,7 +27,7 @@ public sealed class TierReviewFixTests
     [Fact]
     public async Task Waiting_for_idle_promotions_ends_when_disposal_abandons_the_queued_ones()
     {
-        var gpu = new GatedTestStore(TierKind.Gpu, 1L * TierRig.BlockBytes);
+        var gpu = new GatedWriteStore(new InMemoryTestStore(TierKind.Gpu, 1L * TierRig.BlockBytes)) { IgnoreCancellation = true };
         var rig = new TierRig([1, 4], promote: true, configure: (o, i) => i == 0 ? o with { Store = gpu } : o);
         var m = rig.Manager;
         await Put1(m, 10);
@@ -66,13 +35,13 @@ public sealed class TierReviewFixTests
         await Put1(m, 12); // 11 demoted to host
         Assert.Equal(0b10, rig.Residency(10));
         Assert.Equal(0b10, rig.Residency(11));
-        gpu.Arm();
+        gpu.HoldKey = new BlockKey(0, Hash(10));
         Assert.Equal(1, (await rig.Get(10, 1)).Read); // queues promotion of 10; it sticks in the GPU write
         await gpu.Entered.Task.WaitAsync(TimeSpan.FromSeconds(5));
         Assert.Equal(1, (await rig.Get(11, 1)).Read); // queues promotion of 11 behind it
         Task idle = m.WhenPromotionsIdleAsync();
         Task dispose = m.DisposeAsync().AsTask();
-        gpu.Open();
+        gpu.Gate.SetResult();
         await dispose.WaitAsync(TimeSpan.FromSeconds(10));
         await idle.WaitAsync(TimeSpan.FromSeconds(5));
         await m.WhenPromotionsIdleAsync().WaitAsync(TimeSpan.FromSeconds(5));
@@ -83,13 +52,13 @@ public sealed class TierReviewFixTests
     [Fact]
     public async Task A_read_that_finds_a_corrupt_block_honors_its_cancellation_while_a_move_is_stuck()
     {
-        var gpu = new GatedTestStore(TierKind.Gpu, 1L * TierRig.BlockBytes);
+        var gpu = new GatedWriteStore(new InMemoryTestStore(TierKind.Gpu, 1L * TierRig.BlockBytes)) { IgnoreCancellation = true };
         await using var rig = new TierRig([1, 4], configure: (o, i) => i == 0 ? o with { Store = gpu } : o);
         var m = rig.Manager;
         await Put1(m, 10);
         await Put1(m, 11); // 10 demoted to host
         rig.Stores[1].CorruptOnRead.Add(new BlockKey(0, Hash(10)));
-        gpu.Arm();
+        gpu.HoldKey = new BlockKey(0, Hash(12));
         var put = m.PutAsync(0, null, [new BlockPut(Hash(12), Bytes(12, TierRig.BlockBytes))]).AsTask(); // holds the mover, stuck
         await gpu.Entered.Task.WaitAsync(TimeSpan.FromSeconds(5));
         using var cts = new CancellationTokenSource(TimeSpan.FromMilliseconds(200));
@@ -101,7 +70,7 @@ public sealed class TierReviewFixTests
         }
         finally
         {
-            gpu.Open();
+            gpu.Gate.SetResult();
             await put;
             try { await get; } catch (OperationCanceledException) { }
         }
