@@ -32,7 +32,7 @@ public sealed class SsdTombstoneLogNoSpaceTests
         }) with { NoSpaceRetry = TimeSpan.FromMilliseconds(200) };
 
     // What a crash would leave: the directory's files as they are on disk now, while the store still runs.
-    private static TempDir CrashImage(string dir)
+    internal static TempDir CrashImage(string dir)
     {
         var image = new TempDir();
         foreach (string f in Directory.EnumerateFiles(dir))
@@ -43,7 +43,7 @@ public sealed class SsdTombstoneLogNoSpaceTests
         return image;
     }
 
-    private static async Task WaitFor(Func<bool> condition, string what)
+    internal static async Task WaitFor(Func<bool> condition, string what)
     {
         var clock = Stopwatch.StartNew();
         while (!condition())

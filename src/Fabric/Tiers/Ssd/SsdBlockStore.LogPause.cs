@@ -65,6 +65,8 @@ public sealed partial class SsdBlockStore
     {
         lock (_lock)
         {
+            if (!_logPaused)
+                QueueUncommittedForSectorsLocked();
             _logPaused = true;
             _removalsPaused = true;
             _logRetryAt = Environment.TickCount64 + (long)_options.NoSpaceRetry.TotalMilliseconds;
@@ -135,6 +137,7 @@ public sealed partial class SsdBlockStore
                     kept.Enqueue(t.LogAddress < durable ? t : t with { LogAddress = log.Enqueue(TombstoneEntry(t.Key, t.DataAddress)) });
                 (_tombstones, _device, _log, _logOpen, _durableLogAddress) = (kept, device, log, true, durable);
                 _logPaused = false;
+                _awaitingSector.Clear(); // in the log again; a commit that fails now queues them again (PauseLog)
                 _dirty = true;
             }
             return true;

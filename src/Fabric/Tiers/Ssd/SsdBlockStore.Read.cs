@@ -175,7 +175,9 @@ public sealed partial class SsdBlockStore
         {
             // The log's file system was full: the tombstone waits here, and is appended when the log is reopened; the
             // committer writes it as a tombstone sector meanwhile (SsdBlockStore.TombstoneSectors.cs).
-            _tombstones.Enqueue(new(NotAppended, key, upTo, _tombstoneSeq++));
+            var waiting = new Tombstone(NotAppended, key, upTo, _tombstoneSeq++);
+            _tombstones.Enqueue(waiting);
+            _awaitingSector.Enqueue(waiting);
             _dirty = true;
             return;
         }

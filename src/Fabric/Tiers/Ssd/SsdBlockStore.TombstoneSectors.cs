@@ -13,6 +13,23 @@ public sealed partial class SsdBlockStore
     // reserved), its removal stays as without: not durable until the log takes it, counted in RemovalsNotDurable.
     private long _sectoredThrough;   // every tombstone with Seq below it has a durable sector or a commit (under _lock)
     private int _tombstoneSectorsWritten;
+    // The tombstones still waiting for a sector while the log is paused, in order (under _lock): the uncommitted suffix of
+    // _tombstones when the pause began, then every removal made during it. A batch takes them from the head, so it costs
+    // what it writes, not a pass over every tombstone the store holds (one per removed record not yet compacted away).
+    private readonly Queue<Tombstone> _awaitingSector = new();
+    // Batches per committer round: a stream of removals cannot keep the committer from reopening the log when it is due.
+    private const int SectorBatchesPerRound = 32;
+
+    // Under _lock, when the log pauses: every tombstone neither committed nor written as a sector yet waits for one.
+    private void QueueUncommittedForSectorsLocked()
+    {
+        _awaitingSector.Clear();
+        foreach (var t in _tombstones)
+        {
+            if (t.LogAddress >= _durableLogAddress && t.Seq >= _sectoredThrough)
+                _awaitingSector.Enqueue(t);
+        }
+    }
 
     /// <summary>Tombstones written as sectors in the data segments since opening, because the tombstone log's file system
     /// was full (each a 4 KiB sector; dead space once the log has committed its tombstone).</summary>
@@ -25,11 +42,12 @@ public sealed partial class SsdBlockStore
     private int SectorsPerWrite => (int)Math.Min(64, (SsdRecordHeader.SectorSize + DataBytes(_options.MaxBlockBytes)) / SsdRecordHeader.SectorSize);
 
     // The committer, while the log is paused: writes sectors for the tombstones the log has not committed, in their order,
-    // a batch at a time, until none is left or a write fails (tried again at the committer's next round).
+    // a batch at a time, until none is left or a write fails (tried again at the committer's next round), or after
+    // SectorBatchesPerRound batches: the committer then comes back at once, after trying the reopen if it is due.
     private async Task WriteTombstoneSectorsAsync()
     {
         const int S = SsdRecordHeader.SectorSize;
-        while (true)
+        for (int round = 0; round < SectorBatchesPerRound; round++)
         {
             long at;
             int n = 0;
@@ -45,10 +63,8 @@ public sealed partial class SsdBlockStore
                 long span = _spanLimit - (_dataTail - _dataBegin);
                 int max = (int)Math.Min(SectorsPerWrite, Math.Min(room, Math.Max(0, span)) / S);
                 at = _dataTail;
-                foreach (var t in _tombstones)
+                foreach (var t in _awaitingSector)
                 {
-                    if (t.Seq < _sectoredThrough || t.LogAddress < _durableLogAddress)
-                        continue;
                     if (n == max)
                     {
                         behind = max == 0;
@@ -92,7 +108,10 @@ public sealed partial class SsdBlockStore
                 _dataInFlight.Remove(at);
                 Interlocked.Add(ref _tombstoneSectorsWritten, n);
                 _sectoredThrough = Math.Max(_sectoredThrough, lastSeq + 1);
+                while (_awaitingSector.TryPeek(out var done) && done.Seq <= lastSeq)
+                    _awaitingSector.Dequeue();
             }
         }
+        Signal(); // more may wait: the next round comes at once
     }
 }
