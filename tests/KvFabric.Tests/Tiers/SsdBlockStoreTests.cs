@@ -320,9 +320,12 @@ public sealed class SsdBlockStoreTests
             Assert.Equal(0, store.NoSpaceLogCommits); // a device error, not a full disk: no pause and retry
             for (int i = 1; i < 5; i++)
                 Assert.Equal(Ssd.Block(i), await Ssd.Read(store, i));
+            // A removal after the log's device error is not durable either, and the gauge counts it.
+            Assert.True(store.Remove(Ssd.Key(1)));
+            Assert.Equal(2, store.RemovalsNotDurable);
             device.FailWrites = false;
         }
-        // The tombstone never reached the disk: block 0 is back, intact, as after a crash before the removal's commit.
+        // The tombstones never reached the disk: blocks 0 and 1 are back, intact, as after a crash before a removal's commit.
         await using (var store = await SsdBlockStore.OpenAsync(Ssd.Options(dir.Path)))
         {
             for (int i = 0; i < 5; i++)

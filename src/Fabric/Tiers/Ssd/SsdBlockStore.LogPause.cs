@@ -14,6 +14,7 @@ public sealed partial class SsdBlockStore
     private bool _logOpen = true;         // false between closing a paused log and opening it again (under _lock)
     private long _durableLogAddress;      // below it, every tombstone is committed (under _lock)
     private int _noSpaceLogCommits;
+    private int _removalsAfterLogFault;   // removals made after a log device error: never durable in this process (under _lock)
     private volatile string? _logNoSpace; // the last full-disk error of the log
 
     /// <summary>Commits of the tombstone log that found its file system full since opening (each pauses removals'
@@ -26,14 +27,14 @@ public sealed partial class SsdBlockStore
     public bool RemovalsPaused => _removalsPaused;
 
     /// <summary>Removals whose tombstone is neither committed to the log nor written as a tombstone sector in a data
-    /// segment (a crash now would bring their blocks back).</summary>
+    /// segment (a crash now would bring their blocks back), those made after a device error on the log included.</summary>
     public int RemovalsNotDurable
     {
         get
         {
             lock (_lock)
             {
-                int n = 0;
+                int n = _removalsAfterLogFault;
                 foreach (var t in _tombstones)
                 {
                     if (t.LogAddress >= _durableLogAddress && t.Seq >= _sectoredThrough)

@@ -170,7 +170,10 @@ public sealed partial class SsdBlockStore
     private void AppendTombstoneLocked(BlockKey key, long upTo)
     {
         if (_logFault is not null)
+        {
+            _removalsAfterLogFault++; // the log failed (a device error): this removal is not durable until a reopen
             return;
+        }
         if (_logPaused)
         {
             // The log's file system was full: the tombstone waits here, and is appended when the log is reopened; the
