@@ -34,11 +34,14 @@ internal sealed class LocalRegistry
         }
     }
 
+    /// <summary>Whether this very region (not just its id) is registered here, closing or not.</summary>
+    public bool Contains(RegisteredRegion region) => _byId.GetValueOrDefault(region.Id) == region;
+
     public void Remove(RegisteredRegion region)
     {
         lock (_lock)
         {
-            if (!_byId.ContainsKey(region.Id))
+            if (!_byId.TryGetValue(region.Id, out var found) || found != region)
                 throw new TransferException($"{region} is not registered with this agent");
             _byAddress = [.. _byAddress.Where(r => r.Id != region.Id)];
             var copy = new Dictionary<uint, RegisteredRegion>(_byId);

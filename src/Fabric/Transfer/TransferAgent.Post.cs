@@ -57,6 +57,8 @@ public sealed partial class TransferAgent
                 throw new TransferException($"descriptor {i}: local {l} and remote {r} differ in length");
             var region = _registry.Find(l.Address, l.Length)
                 ?? throw new TransferException($"local descriptor {i} {l} is not inside any region registered with agent '{Name}': register that memory first");
+            if (region.Closing)
+                throw new TransferException($"local descriptor {i} {l} is in {region}, which is being deregistered: it takes no new transfers");
             if (region.Device is not null)
             {
                 (deviceOf ??= new RegisteredRegion?[local.Length])[i] = region;
@@ -333,7 +335,7 @@ public sealed partial class TransferAgent
             var region = _registry.Find((ulong)c.Local, (ulong)c.Length);
             if (region is null || !region.TryAcquire())
             {
-                closed = $"local memory at 0x{c.Local:x} was deregistered after the request was prepared: prepare it again";
+                closed = $"local memory at 0x{c.Local:x} was deregistered (or is being deregistered) after the request was prepared: prepare it again";
                 return held;
             }
             if (!held.Contains(region))

@@ -58,8 +58,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
     /// <summary>Notifications from peers, each delivered after the bytes of its transfer were in place and verified.</summary>
     public ChannelReader<Notification> Notifications => _notifications.Reader;
     internal LocalRegistry Registry => _registry;
-    /// <summary>The regions registered by the user (the agent's own staging memory is left out).</summary>
-    public IReadOnlyList<RegisteredRegion> Regions => Array.FindAll(_registry.All, r => !r.Internal);
+    /// <summary>The regions registered by the user (the agent's own staging memory, and regions being deregistered, are left out).</summary>
+    public IReadOnlyList<RegisteredRegion> Regions => Array.FindAll(_registry.All, r => !r.Internal && !r.Closing);
     /// <summary>Whether this agent runs a UCX worker (EnableUcx was set and libucp initialised).</summary>
     public bool UcxAvailable => _ucx?.Available == true;
     /// <summary>Why UCX is not available: not enabled, libucp missing, or its initialisation failed; null when it is.</summary>
@@ -91,6 +91,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
         if (memory is UcxMemory ucx)
         {
             // AllocateUcx registered it already (with UCX's own mapping): registering is finding that region.
+            if (_registry.ById(ucx.Region.Id) == ucx.Region && ucx.Region.Closing)
+                throw new TransferException($"{ucx.Region} is being deregistered: retry DeregisterAsync until it returns, then allocate anew");
             return _registry.ById(ucx.Region.Id) == ucx.Region
                 ? ucx.Region
                 : throw new TransferException($"this UCX allocation belongs to another agent or was freed with its region ({ucx.Region}): allocate it with this agent's AllocateUcx");
@@ -171,13 +173,34 @@ public sealed partial class TransferAgent : IAsyncDisposable
         }
     }
 
-    /// <summary>Closes a region to new transfers and waits (bounded) for those in flight on it to finish.</summary>
+    /// <summary>
+    /// Closes a region to new transfers and waits (bounded) for those in flight on it to finish, then forgets it and
+    /// unmaps it from UCX. When they do not finish in time it throws <see cref="TimeoutException"/> and changes nothing
+    /// else: the region stays registered, closed to new transfers, and mapped, so the caller retries DeregisterAsync
+    /// (which waits again) and must not free or reuse the memory until a call returns.
+    /// </summary>
     public async Task DeregisterAsync(RegisteredRegion region, TimeSpan? timeout = null)
     {
         ArgumentNullException.ThrowIfNull(region);
-        _registry.Remove(region);
+        if (!_registry.Contains(region))
+            throw new TransferException($"{region} is not registered with this agent");
         await region.CloseAsync(timeout ?? TimeSpan.FromSeconds(30)).ConfigureAwait(false);
-        _ucx?.Unmap(region); // its rkey stops working (on RDMA hardware; see docs/transfer.md for emulated transports)
+        // Nothing uses it any more. Of concurrent (or retried) deregistrations one removes and unmaps it; the others
+        // return only once that is done, so none returns while UCX still maps the memory.
+        if (!region.TryClaimDeregistration(out var deregistered))
+        {
+            await deregistered.ConfigureAwait(false);
+            return;
+        }
+        try
+        {
+            _registry.Remove(region);
+            _ucx?.Unmap(region); // its rkey stops working (on RDMA hardware; see docs/transfer.md for emulated transports)
+        }
+        finally
+        {
+            region.Deregistered();
+        }
     }
 
     // ---- metadata ----
@@ -189,6 +212,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
         {
             if (_registry.ById(r.Id) != r || r.Internal)
                 throw new TransferException($"{r} is not registered with agent '{Name}'");
+            if (r.Closing)
+                throw new TransferException($"{r} is being deregistered from agent '{Name}': it cannot be exported");
             return new RemoteRegionInfo(r.Id, r.Kind, r.Address, r.Length, r.DeviceId, r.Key, r.MappedPath) { UcxRkey = _ucx?.RkeyOf(r.Id) ?? [] };
         }).ToArray();
         string host = Options.AdvertiseHost ?? TcpEndpoint.Address.ToString();

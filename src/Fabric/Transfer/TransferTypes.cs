@@ -128,29 +128,68 @@ public sealed class RegisteredRegion : IAddressRange
     // Transfers in flight hold a reference so deregistration waits for them instead of pulling memory from under a copy.
     private int _users;
     private int _closed;
+    // Completed once the region is closed and no transfer holds it; created before _closed is set (see CloseAsync).
+    private TaskCompletionSource? _idle;
+    private TaskCompletionSource? _deregistered;
+
+    /// <summary>Closed to new transfers: being deregistered (a deregistration may have timed out and be retried) or deregistered.</summary>
+    internal bool Closing => Volatile.Read(ref _closed) != 0;
 
     internal bool TryAcquire()
     {
         Interlocked.Increment(ref _users);
         if (Volatile.Read(ref _closed) == 0)
             return true;
-        Interlocked.Decrement(ref _users);
+        Release(); // may be the last reference a closing region waits on (its CloseAsync counted this one)
         return false;
     }
 
-    internal void Release() => Interlocked.Decrement(ref _users);
+    internal void Release()
+    {
+        // Interlocked.Decrement is a full fence: if CloseAsync set _closed before it, we see _closed and the _idle it
+        // published first; if after, CloseAsync sees our decrement when it counts the users.
+        if (Interlocked.Decrement(ref _users) == 0 && Volatile.Read(ref _closed) != 0)
+            Volatile.Read(ref _idle)?.TrySetResult();
+    }
 
+    /// <summary>
+    /// Closes the region to new transfers (for good) and waits, bounded, for the ones holding it to release it. A timeout
+    /// leaves it closed, and a later call waits again.
+    /// </summary>
     internal async Task CloseAsync(TimeSpan timeout)
     {
-        Interlocked.Exchange(ref _closed, 1); // a full fence: no TryAcquire can miss it while we count users
-        long start = System.Diagnostics.Stopwatch.GetTimestamp();
-        while (Volatile.Read(ref _users) > 0)
+        Interlocked.CompareExchange(ref _idle, new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously), null);
+        var idle = _idle!;
+        Interlocked.Exchange(ref _closed, 1); // a full fence: no TryAcquire or Release can miss it while we count users
+        if (Volatile.Read(ref _users) == 0)
+            idle.TrySetResult();
+        // WaitAsync takes at most about 49 days (and -1 ms for infinite): longer is infinite, negative is now.
+        var wait = timeout == Timeout.InfiniteTimeSpan || timeout.TotalMilliseconds >= uint.MaxValue - 1.0 ? Timeout.InfiniteTimeSpan
+            : timeout < TimeSpan.Zero ? TimeSpan.Zero : timeout;
+        try
         {
-            if (System.Diagnostics.Stopwatch.GetElapsedTime(start) > timeout)
-                throw new TimeoutException($"region {Id} is still in use by {Volatile.Read(ref _users)} transfer(s) after {timeout.TotalSeconds:0.#} s; deregistration gave up, the region stays closed to new transfers");
-            await Task.Delay(1).ConfigureAwait(false);
+            await idle.Task.WaitAsync(wait).ConfigureAwait(false);
+        }
+        catch (TimeoutException)
+        {
+            throw new TimeoutException($"a transfer still uses region {Id} after {timeout.TotalSeconds:0.###} s (still in use by {Volatile.Read(ref _users)}): "
+                + "it stays registered and closed to new transfers; retry DeregisterAsync, and do not free or reuse the memory until it returns");
         }
     }
+
+    /// <summary>
+    /// Claims the final step of deregistration (leaving the registry, unmapping): true for the one caller that gets
+    /// it, which completes <see cref="Deregistered"/> when done; false for any other, which awaits it.
+    /// </summary>
+    internal bool TryClaimDeregistration(out Task deregistered)
+    {
+        var mine = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var winner = Interlocked.CompareExchange(ref _deregistered, mine, null);
+        deregistered = (winner ?? mine).Task;
+        return winner is null;
+    }
+
+    internal void Deregistered() => Volatile.Read(ref _deregistered)?.TrySetResult();
 
     public override string ToString() => $"region {Id} ({Kind}) [0x{Address:x}, +{Length})";
 }

@@ -328,7 +328,8 @@ internal sealed class UcxBackend : ITransferBackend
     private WireStatus CheckRegion(uint id, ulong key, out RegisteredRegion? region)
     {
         region = _agent.Registry.ById(id);
-        if (region is null || region.Internal || RkeyOf(id) is null)
+        // A region being deregistered (its deregistration may have timed out) takes no new transfers.
+        if (region is null || region.Internal || region.Closing || RkeyOf(id) is null)
         {
             _agent.CountRefused();
             return WireStatus.UnknownRegion;
@@ -789,10 +790,13 @@ internal sealed class UcxBackend : ITransferBackend
     {
         lock (_lock)
         {
-            // Every allocation, including one whose deregistration timed out (out of the registry, still mapped).
+            // Every allocation, including one whose region's deregistration timed out (still registered and mapped).
             foreach (var allocation in _allocations)
                 allocation.MarkFreed();
             _allocations.Clear();
+            // The worker unmaps them all below: a later (retried) DeregisterAsync then finds nothing to unmap here
+            // instead of calling into a worker that is gone.
+            _mapped.Clear();
         }
         _worker?.Dispose(); // unmaps every memh, which frees UCX allocations
         return ValueTask.CompletedTask;
