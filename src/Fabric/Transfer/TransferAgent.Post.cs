@@ -8,7 +8,8 @@ namespace KvFabric.Transfer;
 
 public sealed partial class TransferAgent
 {
-    private const int MaxNotificationBytes = 1 << 20;
+    /// <summary>The largest notification (as over TCP, where it is the control frame limit): senders refuse more, targets drop it.</summary>
+    internal const int MaxNotificationBytes = 1 << 20;
     private static readonly TransferOptions DefaultOptions = new();
 
     /// <summary>

@@ -27,6 +27,8 @@ public sealed partial class TransferAgent : IAsyncDisposable
     private readonly Lock _stagingLock = new();
     private long _nextPostId;
     private int _disposed;
+    private long _queuedNotificationBytes;
+    private readonly NotificationReader _notificationReader;
 
     public TransferAgent(TransferAgentOptions? options = null)
     {
@@ -37,12 +39,15 @@ public sealed partial class TransferAgent : IAsyncDisposable
             throw new ArgumentOutOfRangeException(nameof(options), $"streams must be within 1..{TcpPeer.MaxStreams}");
         if (Options.StallTimeout <= TimeSpan.Zero || Options.StallTimeout.TotalMilliseconds > int.MaxValue)
             throw new ArgumentOutOfRangeException(nameof(options), Options.StallTimeout, "StallTimeout must be positive and at most int.MaxValue ms");
+        if (Options.NotificationQueueBytes < MaxNotificationBytes)
+            throw new ArgumentOutOfRangeException(nameof(options), Options.NotificationQueueBytes, $"NotificationQueueBytes must be at least {MaxNotificationBytes} (the largest notification)");
         AgentId = Guid.NewGuid();
         _notifications = Channel.CreateBounded<Notification>(new BoundedChannelOptions(Options.NotificationQueueCapacity)
         {
             SingleWriter = false,
             FullMode = BoundedChannelFullMode.Wait,
         });
+        _notificationReader = new NotificationReader(this, _notifications.Reader);
         SharedMemorySegment.RemoveStale();
         _tcp = new TcpBackend(this);
         _shm = new ShmBackend(this);
@@ -56,7 +61,7 @@ public sealed partial class TransferAgent : IAsyncDisposable
     public System.Net.IPEndPoint TcpEndpoint => _tcp.LocalEndPoint;
     public TransferStats Stats { get; } = new();
     /// <summary>Notifications from peers, each delivered after the bytes of its transfer were in place and verified.</summary>
-    public ChannelReader<Notification> Notifications => _notifications.Reader;
+    public ChannelReader<Notification> Notifications => _notificationReader;
     internal LocalRegistry Registry => _registry;
     /// <summary>The regions registered by the user (the agent's own staging memory, and regions being deregistered, are left out).</summary>
     public IReadOnlyList<RegisteredRegion> Regions => Array.FindAll(_registry.All, r => !r.Internal && !r.Closing);
@@ -281,7 +286,35 @@ public sealed partial class TransferAgent : IAsyncDisposable
 
     // ---- target-side hooks used by the backends ----
 
-    internal bool Deliver(Notification n) => _notifications.Writer.TryWrite(n);
+    /// <summary>Queues a notification unless the queue is full by count or by bytes (NotificationQueueBytes); false when refused.</summary>
+    internal bool Deliver(Notification n)
+    {
+        long size = n.Message.Length;
+        if (Interlocked.Add(ref _queuedNotificationBytes, size) <= Options.NotificationQueueBytes && _notifications.Writer.TryWrite(n))
+            return true;
+        Interlocked.Add(ref _queuedNotificationBytes, -size);
+        Interlocked.Increment(ref Stats.NotifyRefused);
+        return false;
+    }
+
+    /// <summary>The queue's reader, giving a notification's bytes back to the budget as it is read.</summary>
+    private sealed class NotificationReader(TransferAgent agent, ChannelReader<Notification> inner) : ChannelReader<Notification>
+    {
+        public override bool TryRead([System.Diagnostics.CodeAnalysis.MaybeNullWhen(false)] out Notification item)
+        {
+            if (!inner.TryRead(out item))
+                return false;
+            Interlocked.Add(ref agent._queuedNotificationBytes, -item.Message.Length);
+            return true;
+        }
+
+        public override ValueTask<bool> WaitToReadAsync(CancellationToken cancellationToken = default) => inner.WaitToReadAsync(cancellationToken);
+        public override Task Completion => inner.Completion;
+        public override bool CanCount => inner.CanCount;
+        public override int Count => inner.Count;
+        public override bool CanPeek => inner.CanPeek;
+        public override bool TryPeek([System.Diagnostics.CodeAnalysis.MaybeNullWhen(false)] out Notification item) => inner.TryPeek(out item);
+    }
     internal void CountRefused() => Interlocked.Increment(ref Stats.Refused);
     internal void CountMalformed() => Interlocked.Increment(ref Stats.Malformed);
 

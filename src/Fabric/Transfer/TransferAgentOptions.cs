@@ -25,6 +25,11 @@ public sealed record TransferAgentOptions
     public int DeviceStagingSlots { get; init; } = 16;
     /// <summary>Notifications waiting to be read; when full, senders get a clear QueueFull failure.</summary>
     public int NotificationQueueCapacity { get; init; } = 4096;
+    /// <summary>
+    /// Bytes of notification messages waiting to be read, at most (at least 1 MiB, the largest notification); beyond
+    /// it a notification is refused like one over the count, so a peer cannot park 4096 x 1 MiB here.
+    /// </summary>
+    public long NotificationQueueBytes { get; init; } = 64L << 20;
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(5);
     /// <summary>
     /// How long an inbound connection may make no progress inside a frame (none of a started frame's bytes arrive, or
@@ -81,7 +86,9 @@ public sealed class TransferFaults
 public sealed class TransferStats
 {
     internal long TcpSent, TcpReceived, ShmWritten, ShmRead, Refused, Malformed, Posts, Failures;
-    internal long UcxSent, UcxReceived, UcxEps, UcxTcpEps;
+    internal long UcxSent, UcxReceived, UcxEps, UcxTcpEps, NotifyRefused;
+    /// <summary>Notifications refused on arrival: the queue was full (by count or bytes) or the message was over 1 MiB.</summary>
+    public long RefusedNotifications => Interlocked.Read(ref NotifyRefused);
     public long UcxBytesSent => Interlocked.Read(ref UcxSent);
     public long UcxBytesReceived => Interlocked.Read(ref UcxReceived);
     /// <summary>UCX endpoints this agent created to peers.</summary>

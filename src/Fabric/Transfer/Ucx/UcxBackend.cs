@@ -33,6 +33,7 @@ internal sealed class UcxBackend : ITransferBackend
             return;
         _worker.OnRequest = OnRequest;
         _worker.OnReply = OnReply;
+        _worker.RefuseRequest = RefuseOversized;
         _worker.OnEndpointError = OnEndpointError;
     }
 
@@ -235,7 +236,7 @@ internal sealed class UcxBackend : ITransferBackend
     {
         WireStatus.UnknownRegion => $"'{remote.Name}' has no such region any more (it deregistered it): reload its metadata",
         WireStatus.KeyMismatch => $"'{remote.Name}' refused the region key (stale or forged metadata): reload its metadata",
-        WireStatus.QueueFull => $"the notification queue of '{remote.Name}' is full",
+        WireStatus.QueueFull => $"the notification queue of '{remote.Name}' is full (NotificationQueueCapacity messages or NotificationQueueBytes bytes waiting): it is not draining its notifications",
         WireStatus.OutOfRange => $"'{remote.Name}' found a range outside its region: reload its metadata",
         WireStatus.ChecksumUnsupported => $"'{remote.Name}': {FrameHeader.Describe(s)}",
         _ => $"'{remote.Name}' answered {s}",
@@ -405,7 +406,29 @@ internal sealed class UcxBackend : ITransferBackend
         return ((byte)WireStatus.Ok, reply);
     }
 
-    public async Task<(WireStatus Status, string? Error)> NotifyAsync(RemoteAgent remote, ReadOnlyMemory<byte> message, CancellationToken ct)
+    private int _oversizedLogged;
+
+    /// <summary>Target side, before the data is copied: a notification over the limit is refused, counted and (once) logged.</summary>
+    private bool RefuseOversized(byte kind, int length)
+    {
+        if (kind != KindNotify || length <= TransferAgent.MaxNotificationBytes)
+            return false;
+        Interlocked.Increment(ref _agent.Stats.NotifyRefused);
+        _agent.CountMalformed();
+        if (Interlocked.Exchange(ref _oversizedLogged, 1) == 0)
+            Console.Error.WriteLine($"kvfabric: '{_agent.Name}' refused a {length}-byte UCX notification: over the {TransferAgent.MaxNotificationBytes}-byte limit (counted in RefusedNotifications; logged once)");
+        return true;
+    }
+
+    public Task<(WireStatus Status, string? Error)> NotifyAsync(RemoteAgent remote, ReadOnlyMemory<byte> message, CancellationToken ct)
+    {
+        if (message.Length > TransferAgent.MaxNotificationBytes)
+            return Task.FromResult((WireStatus.Internal, (string?)$"a {message.Length}-byte notification exceeds the {TransferAgent.MaxNotificationBytes}-byte (1 MiB) limit of notifications: send bulk data as a transfer"));
+        return SendNotifyAsync(remote, message, ct);
+    }
+
+    /// <summary>Sends a notification without the sender's size check (tests use it to play a peer that ignores the limit).</summary>
+    internal async Task<(WireStatus Status, string? Error)> SendNotifyAsync(RemoteAgent remote, ReadOnlyMemory<byte> message, CancellationToken ct)
     {
         UcxEndpoint ep;
         try

@@ -66,6 +66,11 @@ internal sealed unsafe partial class UcxWorker : IDisposable
 
     /// <summary>Handles an inbound request AM (header, data) and returns the status byte, and optional data, sent back.</summary>
     public Func<ReadOnlyMemory<byte>, ReadOnlyMemory<byte>, (byte Status, byte[]? Payload)>? OnRequest { get; set; }
+    /// <summary>
+    /// Checked before a request AM's data is copied (kind byte, data length): true refuses it with Malformed, unread,
+    /// so an oversized message is never buffered.
+    /// </summary>
+    public Func<byte, int, bool>? RefuseRequest { get; set; }
     /// <summary>Handles a reply AM (sequence, status, data).</summary>
     public Action<ulong, byte, byte[]>? OnReply { get; set; }
     /// <summary>Called (on the progress thread) when an endpoint fails.</summary>
@@ -434,7 +439,9 @@ internal sealed unsafe partial class UcxWorker : IDisposable
             return;
         }
         (byte Status, byte[]? Payload) answer;
-        if (!whole)
+        if (RefuseRequest?.Invoke(header[8], length) == true)
+            answer = ((byte)Tcp.WireStatus.Malformed, null);
+        else if (!whole)
             answer = ((byte)Tcp.WireStatus.Malformed, null); // rendezvous data: we asked for eager, so refuse it
         else
         {
