@@ -27,6 +27,8 @@ public sealed class RemoteAgent
     public bool SameHost { get; }
     internal volatile bool Unloaded;
     private int _inflight;
+    // Completed once the remote is unloaded and no post is in it; created before Unloaded is set (see DrainAsync).
+    private TaskCompletionSource? _drained;
 
     /// <summary>Counts a post in; false when the remote is being unloaded (its mappings and connections are going).</summary>
     internal bool TryEnterPost()
@@ -34,20 +36,27 @@ public sealed class RemoteAgent
         Interlocked.Increment(ref _inflight);
         if (!Unloaded)
             return true;
-        Interlocked.Decrement(ref _inflight);
+        ExitPost(); // may be the count a draining DrainAsync waits on
         return false;
     }
 
-    internal void ExitPost() => Interlocked.Decrement(ref _inflight);
+    internal void ExitPost()
+    {
+        // A full fence: either DrainAsync's read of _inflight sees this decrement, or we see Unloaded (and _drained).
+        if (Interlocked.Decrement(ref _inflight) == 0 && Unloaded)
+            Volatile.Read(ref _drained)?.TrySetResult();
+    }
 
     /// <summary>Marks the remote unloaded and waits (bounded) until no post is using its connections or mappings.</summary>
     internal async Task DrainAsync(TimeSpan timeout)
     {
+        Interlocked.CompareExchange(ref _drained, new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously), null);
+        var drained = _drained!;
         Unloaded = true;
         Interlocked.MemoryBarrier();
-        var clock = System.Diagnostics.Stopwatch.StartNew();
-        while (Volatile.Read(ref _inflight) > 0 && clock.Elapsed < timeout)
-            await Task.Delay(1).ConfigureAwait(false);
+        if (Volatile.Read(ref _inflight) == 0)
+            drained.TrySetResult();
+        await drained.Task.WaitAsync(timeout).ConfigureAwait(ConfigureAwaitOptions.SuppressThrowing); // bounded: the caller goes on either way
     }
 
     // Per-backend peer state (connections, mappings), owned by the backends.
