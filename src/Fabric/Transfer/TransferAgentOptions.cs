@@ -32,9 +32,9 @@ public sealed record TransferAgentOptions
     public long NotificationQueueBytes { get; init; } = 64L << 20;
     public TimeSpan ConnectTimeout { get; init; } = TimeSpan.FromSeconds(5);
     /// <summary>
-    /// How long an inbound connection may make no progress inside a frame (none of a started frame's bytes arrive, or
-    /// the peer takes none of a reply) before it is closed, releasing the regions the frame held. Idle time between
-    /// frames is not a stall.
+    /// Bounds each frame an inbound connection has started: the frame (its payload received, or a READ's reply sent,
+    /// and the acknowledgement) must finish within this plus its length at 1 MiB/s, or the connection is closed,
+    /// releasing the regions the frame held. Idle time between frames is not a stall.
     /// </summary>
     public TimeSpan StallTimeout { get; init; } = TimeSpan.FromSeconds(30);
     /// <summary>Inbound connections served at once (each has a receive thread); more are refused.</summary>

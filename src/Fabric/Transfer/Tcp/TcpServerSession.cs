@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Net.Sockets;
 using KvFabric.Memory;
 
@@ -11,10 +12,27 @@ namespace KvFabric.Transfer.Tcp;
 internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
 {
     private const int MaxControlPayload = 1 << 20;
+
+    /// <summary>
+    /// The slowest a frame's payload may move once it started: a frame must finish within StallTimeout plus its length
+    /// at this rate. 1 MiB/s (8 Mbit/s) is far below what a congested data-centre link gives one connection, so it never
+    /// cuts off a live transfer that StallTimeout alone would not; for the default 4 MiB chunk it adds 4 s to the 30 s
+    /// StallTimeout, and it keeps a large MaxChunkBytes from being cut off merely for its size.
+    /// </summary>
+    internal const long MinFrameBytesPerSecond = 1 << 20;
+
     private readonly FrameChannel _channel = new(socket);
     private Cuda.SessionStaging? _staging; // device regions: their bytes pass through a host buffer on this side
     private string _peerName = "?";
     private Guid _peerId;
+    // One timer per session, re-armed per frame (no allocation per frame): it aborts the connection when the handshake or
+    // the frame in progress outlives its deadline. Socket timeouts bound each receive or send, not a frame: a peer that
+    // trickles a byte now and then would never trip them.
+    private Timer? _timer;
+    private long _deadlineAt = long.MaxValue; // Stopwatch timestamp; MaxValue when no deadline is armed
+    private volatile bool _expired;
+    private FrameType _frameType;
+    private uint _frameLength;
 
     private TransferAgent Agent => backend.Agent;
 
@@ -24,26 +42,25 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
     {
         try
         {
+            _timer = new Timer(OnDeadline);
             _channel.ReceiveTimeout = Agent.Options.ConnectTimeout; // a silent connection may not hold a session thread
             _channel.SendTimeout = Agent.Options.StallTimeout;
-            // Nor may a slow one: the receive timeout bounds each receive, this the whole handshake.
-            int handshake = 0; // 0 running, 1 done, 2 expired
-            using (new Timer(_ =>
-            {
-                if (Interlocked.CompareExchange(ref handshake, 2, 0) == 0)
-                    _channel.Abort();
-            }, null, Agent.Options.ConnectTimeout, Timeout.InfiniteTimeSpan))
-            {
-                var hello = _channel.ReadHeader();
-                if (hello.Type != FrameType.Hello || !AcceptHello(hello) || Interlocked.CompareExchange(ref handshake, 1, 0) != 0)
-                    return;
-            }
+            // Nor may a slow one: the receive timeout bounds each receive, the deadline the whole handshake.
+            Arm(FrameType.Hello, 0, Agent.Options.ConnectTimeout);
+            var hello = _channel.ReadHeader();
+            if (hello.Type != FrameType.Hello || !AcceptHello(hello))
+                return;
+            Disarm();
+            if (_expired)
+                return;
             // Idle between frames for as long as the peer likes; inside a frame (its payload received into a region,
-            // or a READ's reply sent from one) a stalled peer is dropped, so it cannot hold the region from deregistration.
+            // or a READ's reply sent from one) the frame has a deadline, so a stalled or trickling peer is dropped and
+            // cannot hold the region from deregistration. The receive timeout still ends a header that stops coming.
             _channel.ReceiveTimeout = Agent.Options.StallTimeout;
             while (true)
             {
                 var h = _channel.ReadHeader(mayIdle: true);
+                Arm(h.Type, h.Type is FrameType.Write or FrameType.ReadRequest or FrameType.Notify ? h.Length : 0, Agent.Options.StallTimeout);
                 switch (h.Type)
                 {
                     case FrameType.Write: OnWrite(h); break;
@@ -55,6 +72,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
                     default:
                         throw new InvalidDataException($"frame type {h.Type} is not valid from an initiator");
                 }
+                Disarm();
             }
         }
         catch (InvalidDataException e)
@@ -64,7 +82,14 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         }
         catch (Exception e) when (e is EndOfStreamException or SocketException or IOException or ObjectDisposedException)
         {
-            // The initiator went away or we are shutting down; its outstanding requests fail on its side.
+            // The initiator went away, we are shutting down, or a deadline closed the connection; its outstanding
+            // requests fail on its side.
+            if (_expired)
+            {
+                Console.Error.WriteLine(_frameType == FrameType.Hello
+                    ? $"kvfabric: agent '{Agent.Name}': closed an inbound connection whose handshake did not finish within {Agent.Options.ConnectTimeout.TotalSeconds:0.#} s"
+                    : $"kvfabric: agent '{Agent.Name}': closed the connection from '{_peerName}': a {_frameType} frame of {_frameLength} bytes did not finish within {FrameDeadline(_frameLength, Agent.Options.StallTimeout).TotalSeconds:0.#} s (StallTimeout plus {MinFrameBytesPerSecond >> 20} MiB/s)");
+            }
         }
         catch (Exception e)
         {
@@ -73,9 +98,61 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
         }
         finally
         {
+            _timer?.Dispose();
             _channel.Dispose();
             _staging?.Dispose();
         }
+    }
+
+    internal static TimeSpan FrameDeadline(uint length, TimeSpan stallTimeout) =>
+        stallTimeout + TimeSpan.FromSeconds((double)length / MinFrameBytesPerSecond);
+
+    private void Arm(FrameType type, uint length, TimeSpan baseline)
+    {
+        _frameType = type;
+        _frameLength = length;
+        TimeSpan span = type == FrameType.Hello ? baseline : FrameDeadline(length, baseline);
+        long ms = Math.Clamp((long)Math.Ceiling(span.TotalMilliseconds), 1, 0xFFFF_FFFEL);
+        Volatile.Write(ref _deadlineAt, Stopwatch.GetTimestamp() + ms * Stopwatch.Frequency / 1000);
+        _timer!.Change(ms, Timeout.Infinite);
+    }
+
+    private void Disarm()
+    {
+        Volatile.Write(ref _deadlineAt, long.MaxValue);
+        _timer!.Change(Timeout.Infinite, Timeout.Infinite);
+    }
+
+    /// <summary>Time left before the armed deadline (zero if it passed).</summary>
+    private TimeSpan Remaining()
+    {
+        long left = Volatile.Read(ref _deadlineAt) - Stopwatch.GetTimestamp();
+        return left <= 0 ? TimeSpan.Zero : TimeSpan.FromSeconds((double)left / Stopwatch.Frequency);
+    }
+
+    private void OnDeadline(object? state)
+    {
+        long deadline = Volatile.Read(ref _deadlineAt);
+        if (deadline == long.MaxValue)
+            return; // disarmed: the frame finished
+        long early = deadline - Stopwatch.GetTimestamp();
+        if (early > 0)
+        {
+            // The timer runs on a coarser clock and may fire a little early; or this firing was meant for an earlier
+            // frame and the timer was re-armed since. Wait for the rest (a re-arm racing this one corrects itself the
+            // same way, and one after a disarm finds no deadline).
+            try
+            {
+                _timer?.Change(Math.Max(1, early * 1000 / Stopwatch.Frequency + 1), Timeout.Infinite);
+            }
+            catch (ObjectDisposedException)
+            {
+                // The session ended meanwhile.
+            }
+            return;
+        }
+        _expired = true;
+        _channel.Abort(); // the session thread's receive or send fails at once; its finally releases the region
     }
 
     private bool AcceptHello(FrameHeader h)
