@@ -123,4 +123,33 @@ public sealed class TcpTargetStallTests
         Assert.Equal(TimeSpan.FromSeconds(30), TcpServerSession.FrameDeadline(0, TimeSpan.FromSeconds(30)));
         Assert.Equal(TimeSpan.FromSeconds(34), TcpServerSession.FrameDeadline(4 << 20, TimeSpan.FromSeconds(30)));
     }
+
+    [Fact]
+    public async Task A_hello_announcing_a_megabyte_is_refused_before_the_target_waits_for_it()
+    {
+        await using var target = new TransferAgent(new TransferAgentOptions { Name = "target", ConnectTimeout = TimeSpan.FromSeconds(30) });
+        using var client = new TcpClient();
+        await client.ConnectAsync(target.TcpEndpoint).WaitAsync(Bound);
+        var stream = client.GetStream();
+        // Unauthenticated: before the fix the target allocated the 1 MiB and waited for it (256 such peers: 256 MiB).
+        await SendAsync(stream, new FrameHeader { Type = FrameType.Hello, Length = 1 << 20 });
+        var b = new byte[FrameHeader.Size];
+        await stream.ReadExactlyAsync(b).AsTask().WaitAsync(TimeSpan.FromSeconds(20));
+        var h = FrameHeader.Read(b);
+        Assert.Equal(FrameType.Error, h.Type);
+        var text = new byte[h.Length];
+        await stream.ReadExactlyAsync(text).AsTask().WaitAsync(Bound);
+        Assert.Contains("HELLO payload of 1048576 bytes is malformed", Encoding.UTF8.GetString(text));
+        Assert.Equal(1, target.Stats.MalformedFrames);
+    }
+
+    [Fact]
+    public void A_long_agent_name_is_cut_at_a_character_boundary_in_the_hello()
+    {
+        string name = new string('a', TcpServerSession.MaxHelloNameBytes - 1) + "\u00e9\u00e9"; // 2-byte characters straddling the limit
+        byte[] cut = TcpConnection.HelloName(name);
+        Assert.Equal(TcpServerSession.MaxHelloNameBytes - 1, cut.Length);
+        Assert.Equal(new string('a', TcpServerSession.MaxHelloNameBytes - 1), Encoding.UTF8.GetString(cut));
+        Assert.Equal("prefill-0"u8.ToArray(), TcpConnection.HelloName("prefill-0"));
+    }
 }

@@ -91,7 +91,7 @@ internal sealed class TcpConnection
         new Thread(conn.ReceiveLoop) { IsBackground = true, Name = $"kvf-rx {md.Name}#{index}" }.Start();
         try
         {
-            byte[] name = Encoding.UTF8.GetBytes(agent.Name);
+            byte[] name = HelloName(agent.Name);
             byte[] hello = new byte[32 + name.Length];
             md.AgentId.TryWriteBytes(hello.AsSpan(0, 16));
             agent.AgentId.TryWriteBytes(hello.AsSpan(16, 16));
@@ -108,6 +108,18 @@ internal sealed class TcpConnection
         conn._transmitStarted = true;
         new Thread(conn.TransmitLoop) { IsBackground = true, Name = $"kvf-tx {md.Name}#{index}" }.Start();
         return conn;
+    }
+
+    /// <summary>The name as a HELLO carries it: UTF-8, cut at a character boundary to what targets accept.</summary>
+    internal static byte[] HelloName(string name)
+    {
+        byte[] bytes = Encoding.UTF8.GetBytes(name);
+        if (bytes.Length <= TcpServerSession.MaxHelloNameBytes)
+            return bytes;
+        int n = TcpServerSession.MaxHelloNameBytes;
+        while (n > 0 && (bytes[n] & 0xC0) == 0x80)
+            n--; // bytes[n] continues a character: cut before the character starts
+        return bytes[..n];
     }
 
     /// <summary>Queues this connection's stripe of a request (chunks i with i % streams == Index) to the transmit thread.</summary>

@@ -21,6 +21,9 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
     /// </summary>
     internal const long MinFrameBytesPerSecond = 1 << 20;
 
+    /// <summary>The longest initiator name a HELLO carries (initiators cut longer ones at a character boundary).</summary>
+    internal const int MaxHelloNameBytes = 1024;
+
     private readonly FrameChannel _channel = new(socket);
     private Cuda.SessionStaging? _staging; // device regions: their bytes pass through a host buffer on this side
     private string _peerName = "?";
@@ -157,8 +160,10 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
 
     private bool AcceptHello(FrameHeader h)
     {
-        if (h.Length is < 32 or > MaxControlPayload)
-            throw new InvalidDataException($"hello payload of {h.Length} bytes is malformed");
+        // Checked before anything is allocated: the peer is not known yet, and 256 connections announcing 1 MiB each
+        // would otherwise cost 256 MiB before one of them was checked.
+        if (h.Length is < 32 or > 32 + MaxHelloNameBytes)
+            throw new InvalidDataException($"a HELLO payload of {h.Length} bytes is malformed: it is two agent ids (32 bytes) and a name of at most {MaxHelloNameBytes} UTF-8 bytes");
         byte[] payload = _channel.ReceiveSmall((int)h.Length);
         var target = new Guid(payload.AsSpan(0, 16));
         _peerId = new Guid(payload.AsSpan(16, 16));
