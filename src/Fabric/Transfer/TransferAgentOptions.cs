@@ -70,6 +70,9 @@ public sealed class TransferFaults
     /// <summary>Corrupts one byte of the Nth payload this agent sends or copies (1-based; 0 never).</summary>
     public int CorruptNthPayload { get; init; }
 
+    /// <summary>Runs on a TCP target's session thread before a WRITE's payload is received into its region (tests freeze it there).</summary>
+    internal Action? BeforeWriteLands { get; init; }
+
     internal bool ShouldCorrupt() => CorruptNthPayload > 0 && Interlocked.Increment(ref _payloads) == CorruptNthPayload;
 
     /// <summary>A copy of the payload with one byte flipped: what a bad NIC or a torn buffer would deliver.</summary>

@@ -27,6 +27,8 @@ internal struct FrameHeader
     public const int Size = 64;
     public const uint Magic = 0x3146564B; // "KVF1"
     public const byte FlagChecksum = 1;
+    /// <summary>On HELLO: Chunk is the initiator's stream index, RegionKey its connection set, Aux the streams it abandoned.</summary>
+    public const byte FlagStreams = 2;
 
     public FrameType Type;
     public byte Flags;

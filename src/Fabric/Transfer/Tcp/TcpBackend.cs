@@ -132,6 +132,36 @@ internal sealed class TcpBackend : ITransferBackend
             await peer.DisposeAsync().ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// Aborts the sessions of <paramref name="newer"/>'s initiator and connection set whose stream is in
+    /// <paramref name="streams"/> and waits, up to <paramref name="wait"/>, until their threads ended: after that none
+    /// of them can land a byte. Returns null when all stopped, else how many did not.
+    /// </summary>
+    internal int? StopSuperseded(TcpServerSession newer, uint streams, TimeSpan wait)
+    {
+        List<Thread>? stopping = null;
+        foreach (var (session, thread) in _sessions)
+        {
+            if (session != newer && session.Identified && session.Stream >= 0 && (streams & (1u << session.Stream)) != 0
+                && session.PeerId == newer.PeerId && session.ConnectionSet == newer.ConnectionSet)
+            {
+                session.Abort();
+                (stopping ??= []).Add(thread);
+            }
+        }
+        if (stopping is null)
+            return null;
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        int late = 0;
+        foreach (var thread in stopping)
+        {
+            var left = wait - clock.Elapsed;
+            if (!thread.Join(left > TimeSpan.Zero ? left : TimeSpan.Zero))
+                late++;
+        }
+        return late == 0 ? null : late;
+    }
+
     private async Task AcceptLoopAsync()
     {
         int failures = 0;

@@ -56,7 +56,7 @@ internal sealed class TcpConnection
     public int Index { get; }
     public bool IsHealthy => _fault is null;
 
-    public static async Task<TcpConnection> ConnectAsync(TcpPeer peer, int index, CancellationToken ct)
+    public static async Task<TcpConnection> ConnectAsync(TcpPeer peer, int index, uint abandoned, CancellationToken ct)
     {
         var md = peer.Remote.Metadata;
         var agent = peer.Backend.Agent;
@@ -96,7 +96,14 @@ internal sealed class TcpConnection
             md.AgentId.TryWriteBytes(hello.AsSpan(0, 16));
             agent.AgentId.TryWriteBytes(hello.AsSpan(16, 16));
             name.CopyTo(hello, 32);
-            conn._channel.Send(new FrameHeader { Type = FrameType.Hello, Length = (uint)hello.Length }, hello); // small: never blocks
+            // Which stream of which connection set this is, and which of the set's streams we abandoned: the target
+            // stops their sessions (and this stream's older one) before answering, see docs/transfer.md.
+            var header = new FrameHeader
+            {
+                Type = FrameType.Hello, Flags = FrameHeader.FlagStreams, Chunk = (uint)index,
+                RegionKey = peer.ConnectionSet, Aux = abandoned, Length = (uint)hello.Length,
+            };
+            conn._channel.Send(header, hello); // small: never blocks
             if (await conn._hello.Task.WaitAsync(ct).ConfigureAwait(false) is { } refused)
                 throw new TransferException(refused);
         }

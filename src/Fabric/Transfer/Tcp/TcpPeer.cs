@@ -13,6 +13,9 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
     private long _nextControlId;
     private bool _disposed;
 
+    /// <summary>Names this peer view's connections at the target, so a reconnect supersedes only its own abandoned ones.</summary>
+    public ulong ConnectionSet { get; } = (ulong)Random.Shared.NextInt64(1, long.MaxValue);
+
     public TcpBackend Backend { get; } = backend;
     public RemoteAgent Remote { get; } = remote;
 
@@ -31,7 +34,15 @@ internal sealed class TcpPeer(TcpBackend backend, RemoteAgent remote)
                 throw new TransferException($"remote agent '{Remote.Name}' was unloaded");
             using var timeout = CancellationTokenSource.CreateLinkedTokenSource(ct);
             timeout.CancelAfter(Backend.Agent.Options.ConnectTimeout);
-            var conn = await TcpConnection.ConnectAsync(this, index, timeout.Token).ConfigureAwait(false);
+            // The streams whose connection we closed (a deadline, a cancellation, a failure) and have not replaced: the
+            // target stops their sessions before it accepts this one, so none of their late bytes can land after it.
+            uint abandoned = 0;
+            for (int i = 0; i < _connections.Length; i++)
+            {
+                if (i != index && _connections[i] is { IsHealthy: false })
+                    abandoned |= 1u << i;
+            }
+            var conn = await TcpConnection.ConnectAsync(this, index, abandoned, timeout.Token).ConfigureAwait(false);
             _connections[index] = conn;
             return conn;
         }

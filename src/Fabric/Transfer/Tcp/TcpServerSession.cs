@@ -39,6 +39,13 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
 
     private TransferAgent Agent => backend.Agent;
 
+    // Who this connection is, from its HELLO: an initiator's stream in one of its connection sets (Stream -1: an
+    // initiator that does not say). Identified once past the supersede step, just before HELLO_OK.
+    internal Guid PeerId => _peerId;
+    internal ulong ConnectionSet { get; private set; }
+    internal int Stream { get; private set; } = -1;
+    internal volatile bool Identified;
+
     public void Abort() => _channel.Abort();
 
     public void Run()
@@ -173,6 +180,21 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
             Fail($"this endpoint is agent '{Agent.Name}' ({Agent.AgentId}), not {target}: the metadata is stale (the agent restarted); reload it");
             return false;
         }
+        if ((h.Flags & FrameHeader.FlagStreams) != 0)
+        {
+            if (h.Chunk >= 32)
+                throw new InvalidDataException($"a HELLO names stream {h.Chunk}; streams are numbered below 32");
+            ConnectionSet = h.RegionKey;
+            Stream = (int)h.Chunk;
+            // This stream's older connection, and those the initiator abandoned, may still hold bytes of WRITEs that
+            // timed out on its side: stop their sessions before this connection can carry a WRITE that they could land over.
+            if (backend.StopSuperseded(this, h.Aux | (1u << Stream), Remaining()) is { } busy)
+            {
+                Fail($"{busy} of this initiator's older connections to agent '{Agent.Name}' did not stop in time: try again");
+                return false;
+            }
+        }
+        Identified = true;
         Reply(new FrameHeader { Type = FrameType.HelloOk });
         return true;
     }
@@ -223,6 +245,7 @@ internal sealed class TcpServerSession(TcpBackend backend, Socket socket)
                 }
                 else
                 {
+                    Agent.Options.Faults?.BeforeWriteLands?.Invoke();
                     _channel.Receive(dest, (int)h.Length);
                     if (h.HasChecksum && Checksums.Compute(h.ChecksumKind, dest, (int)h.Length) != h.Checksum)
                         status = WireStatus.ChecksumMismatch;
