@@ -4,6 +4,7 @@ using KvFabric.Memory;
 using KvFabric.Transfer;
 using KvFabric.Transfer.Tcp;
 using Xunit;
+using static KvFabric.Tests.Transfer.TcpTargetStallTests;
 
 namespace KvFabric.Tests.Transfer;
 
@@ -16,31 +17,6 @@ namespace KvFabric.Tests.Transfer;
 public sealed class DeregistrationRetryTests
 {
     private static readonly TimeSpan Bound = TimeSpan.FromSeconds(60);
-
-    private static async Task<NetworkStream> HandshakeAsync(TcpClient client, TransferAgent target)
-    {
-        await client.ConnectAsync(target.TcpEndpoint).WaitAsync(Bound);
-        var stream = client.GetStream();
-        byte[] name = Encoding.UTF8.GetBytes("trickler");
-        byte[] hello = new byte[32 + name.Length];
-        target.AgentId.TryWriteBytes(hello.AsSpan(0, 16));
-        Guid.NewGuid().TryWriteBytes(hello.AsSpan(16, 16));
-        name.CopyTo(hello, 32);
-        await SendAsync(stream, new FrameHeader { Type = FrameType.Hello, Length = (uint)hello.Length }, hello);
-        var b = new byte[FrameHeader.Size];
-        await stream.ReadExactlyAsync(b).AsTask().WaitAsync(Bound);
-        Assert.Equal(FrameType.HelloOk, FrameHeader.Read(b).Type);
-        return stream;
-    }
-
-    private static async Task SendAsync(NetworkStream stream, FrameHeader h, byte[]? payload = null)
-    {
-        var b = new byte[FrameHeader.Size];
-        h.Write(b);
-        await stream.WriteAsync(b);
-        if (payload is not null)
-            await stream.WriteAsync(payload);
-    }
 
     /// <summary>Starts a 4 KiB WRITE into the region, sends 100 bytes of it and waits until they landed: the target holds the region.</summary>
     private static async Task<TcpClient> HoldRegionAsync(TransferAgent target, RegisteredRegion region, Func<int, byte> byteAt)
