@@ -1,10 +1,9 @@
 using System.Net.Sockets;
-using System.Text;
 using KvFabric.Memory;
 using KvFabric.Transfer;
 using KvFabric.Transfer.Tcp;
 using Xunit;
-using static KvFabric.Tests.Transfer.TcpTargetStallTests;
+using static KvFabric.Tests.Transfer.TcpStallReviewTests;
 
 namespace KvFabric.Tests.Transfer;
 

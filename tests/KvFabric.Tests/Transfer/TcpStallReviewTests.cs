@@ -12,7 +12,8 @@ public sealed class TcpStallReviewTests
 {
     private static readonly TimeSpan Bound = TimeSpan.FromSeconds(60);
 
-    private static async Task<NetworkStream> HandshakeAsync(TcpClient client, TransferAgent target)
+    // A raw initiator's handshake and frames (also used by TcpTargetStallTests and DeregistrationRetryTests).
+    internal static async Task<NetworkStream> HandshakeAsync(TcpClient client, TransferAgent target)
     {
         await client.ConnectAsync(target.TcpEndpoint).WaitAsync(Bound);
         var stream = client.GetStream();
@@ -28,7 +29,7 @@ public sealed class TcpStallReviewTests
         return stream;
     }
 
-    private static async Task SendAsync(NetworkStream stream, FrameHeader h, byte[]? payload = null)
+    internal static async Task SendAsync(NetworkStream stream, FrameHeader h, byte[]? payload = null)
     {
         var b = new byte[FrameHeader.Size];
         h.Write(b);

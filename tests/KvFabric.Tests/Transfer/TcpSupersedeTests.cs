@@ -83,7 +83,7 @@ public sealed class TcpSupersedeTests
             h.RegionKey = set;
             h.Aux = abandoned;
         }
-        await TcpTargetStallTests.SendAsync(s, h, hello);
+        await TcpStallReviewTests.SendAsync(s, h, hello);
         var b = new byte[FrameHeader.Size];
         await s.ReadExactlyAsync(b).AsTask().WaitAsync(Bound);
         Assert.Equal(FrameType.HelloOk, FrameHeader.Read(b).Type);
@@ -95,7 +95,7 @@ public sealed class TcpSupersedeTests
         // A fence answered: alive. The end of the stream (or a reset): closed by the target.
         try
         {
-            await TcpTargetStallTests.SendAsync(s, new FrameHeader { Type = FrameType.Fence, RequestId = 9 });
+            await TcpStallReviewTests.SendAsync(s, new FrameHeader { Type = FrameType.Fence, RequestId = 9 });
             var b = new byte[FrameHeader.Size];
             int n = await s.ReadAsync(b).AsTask().WaitAsync(Bound);
             return n == 0;

@@ -4,6 +4,7 @@ using KvFabric.Memory;
 using KvFabric.Transfer;
 using KvFabric.Transfer.Tcp;
 using Xunit;
+using static KvFabric.Tests.Transfer.TcpStallReviewTests;
 
 namespace KvFabric.Tests.Transfer;
 
@@ -14,31 +15,6 @@ namespace KvFabric.Tests.Transfer;
 public sealed class TcpTargetStallTests
 {
     private static readonly TimeSpan Bound = TimeSpan.FromSeconds(60);
-
-    internal static async Task<NetworkStream> HandshakeAsync(TcpClient client, TransferAgent target)
-    {
-        await client.ConnectAsync(target.TcpEndpoint).WaitAsync(Bound);
-        var stream = client.GetStream();
-        byte[] name = Encoding.UTF8.GetBytes("trickler");
-        byte[] hello = new byte[32 + name.Length];
-        target.AgentId.TryWriteBytes(hello.AsSpan(0, 16));
-        Guid.NewGuid().TryWriteBytes(hello.AsSpan(16, 16));
-        name.CopyTo(hello, 32);
-        await SendAsync(stream, new FrameHeader { Type = FrameType.Hello, Length = (uint)hello.Length }, hello);
-        var b = new byte[FrameHeader.Size];
-        await stream.ReadExactlyAsync(b).AsTask().WaitAsync(Bound);
-        Assert.Equal(FrameType.HelloOk, FrameHeader.Read(b).Type);
-        return stream;
-    }
-
-    internal static async Task SendAsync(NetworkStream stream, FrameHeader h, byte[]? payload = null)
-    {
-        var b = new byte[FrameHeader.Size];
-        h.Write(b);
-        await stream.WriteAsync(b);
-        if (payload is not null)
-            await stream.WriteAsync(payload);
-    }
 
     // From the reviewer's XferReviewTests: SO_RCVTIMEO bounds each recv(), so one byte every StallTimeout/2 never tripped it.
     [Fact]
