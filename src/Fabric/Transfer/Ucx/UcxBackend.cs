@@ -454,11 +454,6 @@ internal sealed class UcxBackend : ITransferBackend
     /// </summary>
     internal Action<Action>? HoldOperation;
 
-    /// <summary>Test hook: runs on the progress thread when a post starts issuing its puts or gets (after the key check).</summary>
-    internal Action? BeforeIssue;
-
-    internal UcxWorker? Worker => _worker;
-
     private sealed class Post(UcxBackend backend, TransferRequest request, UcxEndpoint ep) : IUcxCompletion
     {
         private const int HeldTag = -2;
@@ -475,7 +470,6 @@ internal sealed class UcxBackend : ITransferBackend
 
         public void Issue(UcxWorker worker)
         {
-            backend.BeforeIssue?.Invoke();
             _issuing = true;
             var chunks = request.Chunks;
             var regions = request.Remote.Metadata.Regions;

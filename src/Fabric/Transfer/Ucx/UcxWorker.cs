@@ -26,8 +26,6 @@ internal sealed class UcxEndpoint(int id, string peerName)
     /// <summary>Whether UCX reports this peer's failure (error mode PEER); false where the transports cannot (shared memory in 1.13).</summary>
     public bool PeerErrorHandling { get; set; } = true;
     public bool Closed;
-    /// <summary>Operations started on this endpoint whose completion has not been seen yet (progress thread only).</summary>
-    public int Pending;
 }
 
 /// <summary>
@@ -54,15 +52,11 @@ internal sealed unsafe partial class UcxWorker : IDisposable
     // Operation slots: touched only on the progress thread.
     private IUcxCompletion?[] _owners = new IUcxCompletion?[1024];
     private int[] _tags = new int[1024];
-    private UcxEndpoint?[] _slotEndpoints = new UcxEndpoint?[1024];
     private readonly Stack<int> _free = new();
     private int _inUse;
     private readonly List<UcxEndpoint?> _endpoints = [];
     private readonly List<(nint Ep, nint Buffer, int PayloadLength)> _replies = [];
     private readonly List<nint> _memhs = [];
-    // Endpoints force-closed while operations were in flight whose close did not complete in time (the quarantine
-    // case): their rkeys stay alive until the close request and those operations complete (progress thread only).
-    private readonly List<(UcxEndpoint Ep, nint Request)> _closing = [];
 
     /// <summary>Handles an inbound request AM (header, data) and returns the status byte, and optional data, sent back.</summary>
     public Func<ReadOnlyMemory<byte>, ReadOnlyMemory<byte>, (byte Status, byte[]? Payload)>? OnRequest { get; set; }
@@ -75,11 +69,6 @@ internal sealed unsafe partial class UcxWorker : IDisposable
     public Action<ulong, byte, byte[]>? OnReply { get; set; }
     /// <summary>Called (on the progress thread) when an endpoint fails.</summary>
     public Action<UcxEndpoint, string>? OnEndpointError { get; set; }
-    /// <summary>Test hook: endpoint teardown steps, in order ("close N pending P", "closed N", "rkeys N destroyed", ...), on the progress thread.</summary>
-    internal Action<string>? Trace { get; set; }
-    /// <summary>Endpoints whose rkeys wait for a close that has not completed yet.</summary>
-    internal int ClosingEndpoints => Volatile.Read(ref _closingCount);
-    private int _closingCount;
 
     public byte[] Address { get; }
     public string Name { get; }
@@ -249,8 +238,6 @@ internal sealed unsafe partial class UcxWorker : IDisposable
             uint n = UcpNative.WorkerProgress(_worker);
             if (_replies.Count > 0)
                 SendReplies();
-            if (_closing.Count > 0)
-                ReapClosed();
             if (n != 0)
             {
                 idle = 0;
@@ -297,23 +284,19 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         return tcs.Task.GetAwaiter().GetResult(); // rethrows the original exception, not an AggregateException
     }
 
-    private int Rent(IUcxCompletion owner, int tag, UcxEndpoint? ep = null)
+    private int Rent(IUcxCompletion owner, int tag)
     {
         if (_free.Count == 0)
         {
             int old = _owners.Length;
             Array.Resize(ref _owners, old * 2);
             Array.Resize(ref _tags, old * 2);
-            Array.Resize(ref _slotEndpoints, old * 2);
             for (int i = _owners.Length - 1; i >= old; i--)
                 _free.Push(i);
         }
         int slot = _free.Pop();
         _owners[slot] = owner;
         _tags[slot] = tag;
-        _slotEndpoints[slot] = ep;
-        if (ep is not null)
-            ep.Pending++;
         _inUse++;
         return slot;
     }
@@ -322,9 +305,6 @@ internal sealed unsafe partial class UcxWorker : IDisposable
     {
         var owner = _owners[slot]!;
         int tag = _tags[slot];
-        if (_slotEndpoints[slot] is { } ep)
-            ep.Pending--;
-        _slotEndpoints[slot] = null;
         _owners[slot] = null;
         _free.Push(slot);
         _inUse--;
@@ -362,21 +342,21 @@ internal sealed unsafe partial class UcxWorker : IDisposable
 
     public void Put(UcxEndpoint ep, nint local, int length, ulong remote, nint rkey, IUcxCompletion owner, int tag)
     {
-        int slot = Rent(owner, tag, ep);
+        int slot = Rent(owner, tag);
         var p = Param(slot);
         Started(UcpNative.PutNbx(ep.Handle, local, (nuint)length, remote, rkey, &p), slot);
     }
 
     public void Get(UcxEndpoint ep, nint local, int length, ulong remote, nint rkey, IUcxCompletion owner, int tag)
     {
-        int slot = Rent(owner, tag, ep);
+        int slot = Rent(owner, tag);
         var p = Param(slot);
         Started(UcpNative.GetNbx(ep.Handle, local, (nuint)length, remote, rkey, &p), slot);
     }
 
     public void Flush(UcxEndpoint ep, IUcxCompletion owner, int tag)
     {
-        int slot = Rent(owner, tag, ep);
+        int slot = Rent(owner, tag);
         var p = Param(slot);
         Started(UcpNative.EpFlushNbx(ep.Handle, &p), slot);
     }
@@ -399,7 +379,7 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         header.CopyTo(new Span<byte>((void*)buf, header.Length));
         data.CopyTo(new Span<byte>((void*)(buf + header.Length), data.Length));
         var owner = new NativeBuffer(buf) { Then = then, ThenTag = thenTag };
-        int slot = Rent(owner, 0, ep);
+        int slot = Rent(owner, 0);
         var p = Param(slot);
         p.OpAttrMask |= Ucp.OpAttrFlags;
         p.Flags = Ucp.AmSendFlagReply | Ucp.AmSendFlagEager;
@@ -557,8 +537,6 @@ internal sealed unsafe partial class UcxWorker : IDisposable
 
     public nint Rkey(UcxEndpoint ep, int region, ReadOnlySpan<byte> packed)
     {
-        if (ep.Closed)
-            throw new TransferException($"the UCX endpoint to '{ep.PeerName}' is closed");
         if (ep.Rkeys.TryGetValue(region, out nint rkey))
             return rkey;
         if (packed.IsEmpty)
@@ -573,89 +551,26 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         return rkey;
     }
 
-    /// <summary>
-    /// Closes the endpoint (forced: in-flight operations complete with UCS_ERR_CANCELED), progressing until the close
-    /// completes (bounded), and destroys the rkeys unpacked for it. ucp.h: an rkey must be destroyed only after every
-    /// operation using it has completed, and before its endpoint is destroyed. With nothing in flight on the endpoint
-    /// both hold by destroying the rkeys first. With operations in flight they may still use the rkeys until the
-    /// forced close has completed them, so the rkeys go after the close. If the close does not complete within
-    /// <paramref name="timeout"/> (a stuck transport, the case where a post's memory is quarantined), the rkeys are
-    /// kept until the close request and those operations complete (<see cref="ReapClosed"/>), or the worker is disposed.
-    /// </summary>
+    /// <summary>Destroys the rkeys and closes the endpoint (forced: in-flight operations complete with an error), progressing until done.</summary>
     public void Close(UcxEndpoint ep, TimeSpan timeout)
     {
         if (ep.Closed)
             return;
         ep.Closed = true;
         ep.Failure ??= "the endpoint was closed";
-        Trace?.Invoke($"close {ep.Id} pending {ep.Pending}");
-        if (ep.Pending == 0)
-            DestroyRkeys(ep);
+        foreach (var rkey in ep.Rkeys.Values)
+            UcpNative.RkeyDestroy(rkey);
+        ep.Rkeys.Clear();
         var p = new UcpRequestParam { OpAttrMask = Ucp.OpAttrFlags, Flags = Ucp.EpCloseFlagForce };
         nint req = UcpNative.EpCloseNbx(ep.Handle, &p);
-        if (req != 0 && UcpNative.IsError(req, out _))
-            req = 0; // failed: UCX released the endpoint's resources already
-        if (req != 0)
+        if (req != 0 && !UcpNative.IsError(req, out _))
         {
             long start = Stopwatch.GetTimestamp();
             while (UcpNative.RequestCheckStatus(req) == Ucp.StatusInProgress && Stopwatch.GetElapsedTime(start) < timeout)
                 UcpNative.WorkerProgress(_worker);
-            if (UcpNative.RequestCheckStatus(req) != Ucp.StatusInProgress)
-            {
-                UcpNative.RequestFree(req);
-                req = 0;
-            }
+            UcpNative.RequestFree(req);
         }
         _endpoints[ep.Id] = null;
-        if (req == 0)
-            Trace?.Invoke($"closed {ep.Id}");
-        if (req == 0 && ep.Pending == 0)
-        {
-            DestroyRkeys(ep);
-            return;
-        }
-        if (ep.Rkeys.Count == 0)
-        {
-            if (req != 0)
-                UcpNative.RequestFree(req); // nothing to keep alive: UCX frees the request when the close completes
-            return;
-        }
-        if (req != 0)
-            Console.Error.WriteLine($"kvfabric: the UCX endpoint to '{ep.PeerName}' did not finish closing within {timeout.TotalSeconds:0.#} s "
-                + $"({ep.Pending} operation(s) still in flight): its {ep.Rkeys.Count} remote key(s) are kept until UCX completes them");
-        _closing.Add((ep, req));
-        Volatile.Write(ref _closingCount, _closing.Count);
-    }
-
-    /// <summary>Destroys the rkeys of endpoints whose close and operations have completed since <see cref="Close"/> gave up waiting.</summary>
-    private void ReapClosed()
-    {
-        for (int i = _closing.Count - 1; i >= 0; i--)
-        {
-            var (ep, req) = _closing[i];
-            if (req != 0 && UcpNative.RequestCheckStatus(req) != Ucp.StatusInProgress)
-            {
-                UcpNative.RequestFree(req);
-                _closing[i] = (ep, req = 0);
-                Trace?.Invoke($"closed {ep.Id}");
-            }
-            if (req == 0 && ep.Pending == 0)
-            {
-                DestroyRkeys(ep);
-                _closing.RemoveAt(i);
-            }
-        }
-        Volatile.Write(ref _closingCount, _closing.Count);
-    }
-
-    private void DestroyRkeys(UcxEndpoint ep)
-    {
-        if (ep.Rkeys.Count == 0)
-            return;
-        Trace?.Invoke($"rkeys {ep.Id} destroyed");
-        foreach (var rkey in ep.Rkeys.Values)
-            UcpNative.RkeyDestroy(rkey);
-        ep.Rkeys.Clear();
     }
 
     /// <summary>Progresses until no operation of <paramref name="done"/> is pending (bounded).</summary>
@@ -755,12 +670,7 @@ internal sealed unsafe partial class UcxWorker : IDisposable
                     if (ep is not null)
                         Close(ep, TimeSpan.FromSeconds(2));
                 }
-                ProgressUntil(() =>
-                {
-                    if (_closing.Count > 0)
-                        ReapClosed();
-                    return _inUse == 0 && _closing.Count == 0;
-                }, TimeSpan.FromSeconds(2));
+                ProgressUntil(() => _inUse == 0, TimeSpan.FromSeconds(2));
                 return 0;
             }, TimeSpan.FromSeconds(10));
         }
@@ -771,16 +681,6 @@ internal sealed unsafe partial class UcxWorker : IDisposable
         _stop = true;
         _wake.Set();
         _thread.Join(TimeSpan.FromSeconds(10));
-        // Endpoints whose close never completed: their rkeys come from the worker's pool, so they go before the worker.
-        foreach (var (ep, req) in _closing)
-        {
-            foreach (var rkey in ep.Rkeys.Values)
-                UcpNative.RkeyDestroy(rkey);
-            ep.Rkeys.Clear();
-            if (req != 0)
-                UcpNative.RequestFree(req);
-        }
-        _closing.Clear();
         foreach (var memh in _memhs)
             UcpNative.MemUnmap(_context, memh);
         _memhs.Clear();
